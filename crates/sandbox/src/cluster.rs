@@ -1,0 +1,291 @@
+//! A throwaway Postgres cluster on a free loopback port.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+/// Name of the superuser created by `initdb`.
+pub const SUPERUSER: &str = "postgres";
+/// How long a cluster may take to accept connections.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a fast shutdown may take before the postmaster is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running Postgres cluster that is stopped and deleted on drop.
+pub struct Cluster {
+    /// Keeps the data directory alive; removed on drop.
+    dir: tempfile::TempDir,
+    /// The postmaster; stopped on drop.
+    postmaster: Child,
+    port: u16,
+    password: String,
+}
+
+impl Cluster {
+    /// Creates and starts a cluster with SCRAM authentication on TCP.
+    ///
+    /// As root, `initdb` and `postgres` run as the `postgres` OS user.
+    pub fn start() -> anyhow::Result<Self> {
+        let bindir = find_postgres_bindir()?;
+        let owner = OsUser::for_postgres()?;
+        let dir = tempfile::Builder::new()
+            .prefix("authgres-pg-")
+            .tempdir()
+            .context("creating a temporary directory for the cluster")?;
+        owner.give(dir.path())?;
+        let password = random_hex(16);
+        let pwfile = dir.path().join("pwfile");
+        std::fs::write(&pwfile, format!("{password}\n"))?;
+        owner.give(&pwfile)?;
+        let data = dir.path().join("data");
+        let socket = dir.path().join("socket");
+        std::fs::create_dir(&socket)?;
+        owner.give(&socket)?;
+
+        let output = owner
+            .command(&bindir.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                SUPERUSER,
+                "--auth-host=scram-sha-256",
+                "--auth-local=trust",
+            ])
+            .args([
+                "--no-sync",
+                "--no-instructions",
+                "--no-locale",
+                "-E",
+                "UTF8",
+            ])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .stdin(Stdio::null())
+            .output()
+            .context("running initdb")?;
+        if !output.status.success() {
+            bail!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+
+        let mut last_error = None;
+        for _ in 0..3 {
+            let port = free_port()?;
+            let log = std::fs::File::create(dir.path().join("postgres.log"))?;
+            let mut postmaster = owner
+                .command(&bindir.join("postgres"))
+                .arg("-D")
+                .arg(&data)
+                .arg("-k")
+                .arg(&socket)
+                .args(["-p", &port.to_string()])
+                .args(["-c", "listen_addresses=127.0.0.1"])
+                .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+                .args(["-c", "full_page_writes=off", "-c", "max_connections=300"])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("starting postgres")?;
+            match wait_ready(&data, &mut postmaster) {
+                Ok(()) => {
+                    return Ok(Self {
+                        dir,
+                        postmaster,
+                        port,
+                        password,
+                    });
+                }
+                Err(error) => {
+                    let _ = postmaster.kill();
+                    let _ = postmaster.wait();
+                    last_error = Some(error);
+                }
+            }
+        }
+        let log = std::fs::read_to_string(dir.path().join("postgres.log")).unwrap_or_default();
+        Err(last_error
+            .unwrap_or_else(|| anyhow::anyhow!("postgres did not start"))
+            .context(format!("postgres log:\n{log}")))
+    }
+
+    /// The loopback address the cluster listens on.
+    pub fn host(&self) -> &'static str {
+        "127.0.0.1"
+    }
+
+    /// The TCP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The superuser's password.
+    pub fn superuser_password(&self) -> &str {
+        &self.password
+    }
+
+    /// A `postgres://` URL for the superuser in database `db`.
+    pub fn admin_url(&self, db: &str) -> String {
+        format!(
+            "postgres://{SUPERUSER}:{}@127.0.0.1:{}/{db}",
+            self.password, self.port
+        )
+    }
+
+    /// Connects as the superuser to `db`; the connection runs on a spawned task.
+    pub async fn admin(&self, db: &str) -> anyhow::Result<tokio_postgres::Client> {
+        let (client, connection) =
+            tokio_postgres::connect(&self.admin_url(db), tokio_postgres::NoTls)
+                .await
+                .context("connecting to the sandbox cluster as superuser")?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "sandbox admin connection ended");
+            }
+        });
+        Ok(client)
+    }
+
+    /// The server log so far (for failing tests).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        let Ok(raw) = i32::try_from(self.postmaster.id()) else {
+            let _ = self.postmaster.kill();
+            return;
+        };
+        // SIGINT is Postgres' "fast shutdown": backends are ended too, so no
+        // orphaned server process survives the test.
+        let _ = kill(Pid::from_raw(raw), Signal::SIGINT);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if matches!(self.postmaster.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.postmaster.kill();
+        let _ = self.postmaster.wait();
+    }
+}
+
+/// Waits until `postmaster.pid` says "ready" (Postgres 10+), bounded.
+fn wait_ready(data: &Path, postmaster: &mut Child) -> anyhow::Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    while Instant::now() < deadline {
+        if let Some(status) = postmaster.try_wait()? {
+            bail!("postgres exited during startup with {status}");
+        }
+        if let Ok(pid_file) = std::fs::read_to_string(data.join("postmaster.pid"))
+            && pid_file.lines().nth(7).is_some_and(|l| l.trim() == "ready")
+        {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    bail!("postgres did not become ready within {START_TIMEOUT:?}")
+}
+
+/// Finds the directory holding `initdb` and `postgres`: `$AUTHGRES_PG_BINDIR`,
+/// then `PATH`, then `pg_config --bindir`, then the newest
+/// `/usr/lib/postgresql/*/bin` (Debian).
+pub fn find_postgres_bindir() -> anyhow::Result<PathBuf> {
+    let has_both = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
+    if let Some(dir) = std::env::var_os("AUTHGRES_PG_BINDIR").map(PathBuf::from) {
+        if has_both(&dir) {
+            return Ok(dir);
+        }
+        bail!(
+            "AUTHGRES_PG_BINDIR={} has no initdb and postgres",
+            dir.display()
+        );
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            if has_both(&dir) {
+                return Ok(dir);
+            }
+        }
+    }
+    if let Ok(output) = Command::new("pg_config").arg("--bindir").output()
+        && output.status.success()
+    {
+        let dir = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+        if has_both(&dir) {
+            return Ok(dir);
+        }
+    }
+    let mut debian: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse().ok()?;
+            Some((version, entry.path().join("bin")))
+        })
+        .filter(|(_, dir)| has_both(dir))
+        .collect();
+    debian.sort();
+    debian.pop().map(|(_, dir)| dir).context(
+        "no Postgres server binaries found (initdb, postgres): install Debian's `postgresql` \
+         package or set AUTHGRES_PG_BINDIR",
+    )
+}
+
+/// The OS user that runs the cluster: ourselves, or `postgres` when root.
+struct OsUser {
+    ids: Option<(nix::unistd::Uid, nix::unistd::Gid)>,
+}
+
+impl OsUser {
+    fn for_postgres() -> anyhow::Result<Self> {
+        if !nix::unistd::geteuid().is_root() {
+            return Ok(Self { ids: None });
+        }
+        let user = nix::unistd::User::from_name("postgres")?.context(
+            "running as root needs the `postgres` OS user (Debian's postgresql package creates it)",
+        )?;
+        Ok(Self {
+            ids: Some((user.uid, user.gid)),
+        })
+    }
+
+    fn give(&self, path: &Path) -> anyhow::Result<()> {
+        if let Some((uid, gid)) = self.ids {
+            std::os::unix::fs::chown(path, Some(uid.as_raw()), Some(gid.as_raw()))
+                .with_context(|| format!("chown {} to postgres", path.display()))?;
+        }
+        Ok(())
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        use std::os::unix::process::CommandExt as _;
+        let mut command = Command::new(program);
+        if let Some((uid, gid)) = self.ids {
+            command.uid(uid.as_raw()).gid(gid.as_raw());
+            command.env("HOME", "/tmp");
+        }
+        command
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+pub(crate) fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    aws_lc_rs::rand::fill(&mut buf).expect("the system RNG is available");
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,152 @@
+//! Sans-IO encoding of the messages authgres itself sends to clients during
+//! the handshake: authentication requests, replayed ParameterStatus, the
+//! proxy's own BackendKeyData, ReadyForQuery and ErrorResponse.
+//!
+//! Formats: <https://www.postgresql.org/docs/current/protocol-message-formats.html>.
+//! Encoding uses `pgwire`'s message types; every function appends to the
+//! caller's buffer.
+
+use bytes::BytesMut;
+use pgwire::messages::Message;
+use pgwire::messages::response::{ErrorResponse, ReadyForQuery, TransactionStatus};
+use pgwire::messages::startup::{
+    Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey,
+};
+
+use crate::error::SqlState;
+
+/// Response byte refusing an SSLRequest or GSSENCRequest.
+pub const REFUSE_ENCRYPTION: u8 = b'N';
+/// Response byte accepting an SSLRequest.
+pub const ACCEPT_SSL: u8 = b'S';
+
+fn encode(message: &impl Message, buf: &mut BytesMut) {
+    // Every message built here is small and well-formed (bounded strings we
+    // produce ourselves), so encoding cannot fail on length limits; if it
+    // ever did, sending nothing makes the client see a closed connection
+    // rather than a malformed message.
+    if let Err(error) = message.encode(buf) {
+        tracing::error!(%error, "could not encode a backend message");
+    }
+}
+
+/// AuthenticationCleartextPassword: the JWT travels as the password.
+pub fn ask_cleartext_password(buf: &mut BytesMut) {
+    encode(&Authentication::CleartextPassword, buf);
+}
+
+/// AuthenticationOk.
+pub fn authentication_ok(buf: &mut BytesMut) {
+    encode(&Authentication::Ok, buf);
+}
+
+/// ParameterStatus, replayed from the upstream login.
+pub fn parameter_status(name: &str, value: &str, buf: &mut BytesMut) {
+    encode(
+        &ParameterStatus::new(name.to_owned(), value.to_owned()),
+        buf,
+    );
+}
+
+/// BackendKeyData carrying the proxy's own cancel key, never the upstream's.
+pub fn backend_key_data(pid: i32, key: i32, buf: &mut BytesMut) {
+    encode(&BackendKeyData::new(pid, SecretKey::I32(key)), buf);
+}
+
+/// ReadyForQuery in the idle state: the client may start.
+pub fn ready_for_query_idle(buf: &mut BytesMut) {
+    encode(&ReadyForQuery::new(TransactionStatus::Idle), buf);
+}
+
+/// NegotiateProtocolVersion: we speak 3.0 and none of the `_pq_` options.
+pub fn negotiate_protocol_version(unsupported_options: Vec<String>, buf: &mut BytesMut) {
+    encode(&NegotiateProtocolVersion::new(0, unsupported_options), buf);
+}
+
+/// A FATAL ErrorResponse; the connection is closed right after it.
+pub fn fatal_error(code: SqlState, message: &str, hint: Option<&str>, buf: &mut BytesMut) {
+    let mut fields = vec![
+        (b'S', "FATAL".to_owned()),
+        (b'V', "FATAL".to_owned()),
+        (b'C', code.code().to_owned()),
+        (b'M', message.to_owned()),
+    ];
+    if let Some(hint) = hint {
+        fields.push((b'H', hint.to_owned()));
+    }
+    encode(&ErrorResponse::new(fields), buf);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postgres_protocol::message::backend::Message as Parsed;
+
+    #[test]
+    fn handshake_messages_parse_as_postgres_sends_them() {
+        let mut buf = BytesMut::new();
+        ask_cleartext_password(&mut buf);
+        authentication_ok(&mut buf);
+        parameter_status("server_version", "15.8", &mut buf);
+        backend_key_data(17, -5, &mut buf);
+        ready_for_query_idle(&mut buf);
+        let mut seen = Vec::new();
+        while let Some(message) = Parsed::parse(&mut buf).expect("well-formed") {
+            seen.push(match message {
+                Parsed::AuthenticationCleartextPassword => "password".to_owned(),
+                Parsed::AuthenticationOk => "ok".to_owned(),
+                Parsed::ParameterStatus(body) => {
+                    format!(
+                        "{}={}",
+                        body.name().expect("name"),
+                        body.value().expect("value")
+                    )
+                }
+                Parsed::BackendKeyData(body) => {
+                    format!("key {} {}", body.process_id(), body.secret_key())
+                }
+                Parsed::ReadyForQuery(body) => format!("ready {}", char::from(body.status())),
+                _ => "other".to_owned(),
+            });
+        }
+        assert_eq!(
+            seen,
+            [
+                "password",
+                "ok",
+                "server_version=15.8",
+                "key 17 -5",
+                "ready I"
+            ]
+        );
+    }
+
+    #[test]
+    fn fatal_error_carries_code_message_and_hint() {
+        let mut buf = BytesMut::new();
+        fatal_error(
+            SqlState::InvalidPassword,
+            "token expired",
+            Some("get a new one"),
+            &mut buf,
+        );
+        let Some(Parsed::ErrorResponse(body)) = Parsed::parse(&mut buf).expect("well-formed")
+        else {
+            panic!("expected an ErrorResponse");
+        };
+        use fallible_iterator::FallibleIterator;
+        let fields: Vec<(u8, String)> = body
+            .fields()
+            .map(|f| {
+                Ok((
+                    f.type_(),
+                    String::from_utf8_lossy(f.value_bytes()).into_owned(),
+                ))
+            })
+            .collect()
+            .expect("fields");
+        assert!(fields.contains(&(b'C', "28P01".to_owned())));
+        assert!(fields.contains(&(b'M', "token expired".to_owned())));
+        assert!(fields.contains(&(b'H', "get a new one".to_owned())));
+    }
+}

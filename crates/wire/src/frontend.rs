@@ -1,0 +1,349 @@
+//! Sans-IO parsing of what a client sends before it is authenticated.
+//!
+//! Implements the untyped startup packets (StartupMessage, SSLRequest,
+//! GSSENCRequest, CancelRequest) and the PasswordMessage of the
+//! [Postgres frontend/backend protocol](https://www.postgresql.org/docs/current/protocol-message-formats.html).
+//! Functions take a buffer and return `Ok(None)` when more bytes are needed;
+//! they never touch a socket.
+
+use std::collections::BTreeMap;
+
+use bytes::{Buf, BytesMut};
+
+/// Largest startup-phase packet accepted, in bytes. Postgres itself refuses
+/// larger ones (`MAX_STARTUP_PACKET_LENGTH` in `pqcomm.h`).
+pub const MAX_STARTUP_PACKET: usize = 10_000;
+
+/// Largest PasswordMessage accepted, in bytes. The password is a JWT, and
+/// tokens with custom claims (org memberships, metadata) run to several KB.
+pub const MAX_PASSWORD_MESSAGE: usize = 64 * 1024;
+
+/// Request code of an SSLRequest.
+pub const SSL_REQUEST_CODE: i32 = 80_877_103;
+/// Request code of a GSSENCRequest.
+pub const GSSENC_REQUEST_CODE: i32 = 80_877_104;
+/// Request code of a CancelRequest.
+pub const CANCEL_REQUEST_CODE: i32 = 80_877_102;
+/// Protocol major version 3, the only one Postgres speaks since 7.4.
+const PROTOCOL_MAJOR_3: u16 = 3;
+/// Message tag of a PasswordMessage.
+const PASSWORD_TAG: u8 = b'p';
+
+/// A packet a client may send before its StartupMessage is accepted.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StartupPacket {
+    /// The client asks to switch to TLS.
+    SslRequest,
+    /// The client asks for GSSAPI encryption (always refused).
+    GssEncRequest,
+    /// The client asks to cancel a query running on another connection.
+    CancelRequest {
+        /// Process id the client was given in BackendKeyData.
+        pid: i32,
+        /// Secret key the client was given in BackendKeyData.
+        key: i32,
+    },
+    /// The StartupMessage proper.
+    Startup {
+        /// Minor protocol version the client asked for (major is always 3).
+        minor_version: u16,
+        /// Startup parameters (`user`, `database`, `options`, ...).
+        parameters: BTreeMap<String, String>,
+    },
+}
+
+/// Why a client's bytes could not be understood.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// A length field outside the allowed range.
+    #[error("{what} of {len} bytes is outside the allowed range (at most {max})")]
+    BadLength {
+        /// Which packet.
+        what: &'static str,
+        /// The length the client announced.
+        len: usize,
+        /// The largest length accepted.
+        max: usize,
+    },
+    /// An unknown request code or protocol version.
+    #[error("unsupported frontend protocol {major}.{minor}: this server supports 3.0")]
+    UnsupportedProtocol {
+        /// Major version (upper 16 bits of the code).
+        major: u16,
+        /// Minor version (lower 16 bits of the code).
+        minor: u16,
+    },
+    /// Any other malformed packet.
+    #[error("malformed {0}")]
+    Malformed(&'static str),
+    /// A message other than the one the protocol calls for.
+    #[error("expected a password message, got message type {0:?}")]
+    UnexpectedMessage(char),
+}
+
+/// Parses one startup-phase packet from the front of `buf`.
+///
+/// Returns `Ok(None)` until a whole packet is buffered; on success the packet
+/// is removed from `buf` and anything after it stays there.
+pub fn parse_startup_packet(buf: &mut BytesMut) -> Result<Option<StartupPacket>, FrameError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    let len = usize::try_from(len).unwrap_or(0);
+    if !(8..=MAX_STARTUP_PACKET).contains(&len) {
+        return Err(FrameError::BadLength {
+            what: "startup packet",
+            len,
+            max: MAX_STARTUP_PACKET,
+        });
+    }
+    if buf.len() < len {
+        buf.reserve(len - buf.len());
+        return Ok(None);
+    }
+    let mut packet = buf.split_to(len);
+    packet.advance(4);
+    let code = packet.get_i32();
+    let fixed = |expected: usize, what| {
+        if len == expected {
+            Ok(())
+        } else {
+            Err(FrameError::Malformed(what))
+        }
+    };
+    match code {
+        SSL_REQUEST_CODE => fixed(8, "SSLRequest").map(|()| Some(StartupPacket::SslRequest)),
+        GSSENC_REQUEST_CODE => {
+            fixed(8, "GSSENCRequest").map(|()| Some(StartupPacket::GssEncRequest))
+        }
+        CANCEL_REQUEST_CODE => {
+            fixed(16, "CancelRequest")?;
+            let pid = packet.get_i32();
+            let key = packet.get_i32();
+            Ok(Some(StartupPacket::CancelRequest { pid, key }))
+        }
+        _ => {
+            let major = (code >> 16) as u16;
+            let minor = (code & 0xffff) as u16;
+            if major != PROTOCOL_MAJOR_3 {
+                return Err(FrameError::UnsupportedProtocol { major, minor });
+            }
+            let parameters = parse_parameters(&packet)?;
+            Ok(Some(StartupPacket::Startup {
+                minor_version: minor,
+                parameters,
+            }))
+        }
+    }
+}
+
+/// Splits a StartupMessage body into name/value pairs: NUL-terminated
+/// strings, alternating, ending with an empty name.
+fn parse_parameters(body: &[u8]) -> Result<BTreeMap<String, String>, FrameError> {
+    let malformed = FrameError::Malformed("StartupMessage parameters");
+    let Some((&0, strings)) = body.split_last() else {
+        return Err(malformed);
+    };
+    let mut parameters = BTreeMap::new();
+    if strings.is_empty() {
+        return Ok(parameters);
+    }
+    let Some((&0, strings)) = strings.split_last() else {
+        return Err(malformed);
+    };
+    let mut parts = strings.split(|b| *b == 0);
+    while let Some(name) = parts.next() {
+        let value = parts
+            .next()
+            .ok_or(FrameError::Malformed("StartupMessage parameters"))?;
+        let name =
+            std::str::from_utf8(name).map_err(|_| FrameError::Malformed("parameter name"))?;
+        let value =
+            std::str::from_utf8(value).map_err(|_| FrameError::Malformed("parameter value"))?;
+        if name.is_empty() {
+            return Err(FrameError::Malformed("StartupMessage parameters"));
+        }
+        parameters.insert(name.to_owned(), value.to_owned());
+    }
+    Ok(parameters)
+}
+
+/// Parses a PasswordMessage from the front of `buf`, returning the password
+/// without its NUL terminator.
+///
+/// The caller learns nothing about the password's content from errors: they
+/// describe only the framing.
+pub fn parse_password_message(buf: &mut BytesMut) -> Result<Option<String>, FrameError> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    if buf[0] != PASSWORD_TAG {
+        return Err(FrameError::UnexpectedMessage(char::from(buf[0])));
+    }
+    let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    let len = usize::try_from(len).unwrap_or(0);
+    if !(5..=MAX_PASSWORD_MESSAGE).contains(&len) {
+        return Err(FrameError::BadLength {
+            what: "password message",
+            len,
+            max: MAX_PASSWORD_MESSAGE,
+        });
+    }
+    if buf.len() < len + 1 {
+        buf.reserve(len + 1 - buf.len());
+        return Ok(None);
+    }
+    let mut message = buf.split_to(len + 1);
+    message.advance(5);
+    match message.split_last() {
+        Some((0, body)) if !body.contains(&0) => String::from_utf8(body.to_vec())
+            .map(Some)
+            .map_err(|_| FrameError::Malformed("password message (not UTF-8)")),
+        _ => Err(FrameError::Malformed("password message (bad terminator)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BufMut;
+
+    fn startup_bytes(params: &[(&str, &str)]) -> BytesMut {
+        let mut buf = BytesMut::new();
+        postgres_protocol::message::frontend::startup_message(params.iter().copied(), &mut buf)
+            .expect("encodable");
+        buf
+    }
+
+    #[test]
+    fn startup_parses_parameters_and_keeps_trailing_bytes() {
+        let mut buf = startup_bytes(&[("user", "authenticated"), ("database", "app")]);
+        buf.put_slice(b"p-next");
+        let packet = parse_startup_packet(&mut buf)
+            .expect("valid")
+            .expect("complete");
+        let StartupPacket::Startup {
+            minor_version,
+            parameters,
+        } = packet
+        else {
+            panic!("expected startup, got {packet:?}");
+        };
+        assert_eq!(minor_version, 0);
+        assert_eq!(parameters["user"], "authenticated");
+        assert_eq!(parameters["database"], "app");
+        assert_eq!(&buf[..], b"p-next");
+    }
+
+    #[test]
+    fn startup_waits_for_whole_packet() {
+        let full = startup_bytes(&[("user", "u")]);
+        for cut in 0..full.len() {
+            let mut part = BytesMut::from(&full[..cut]);
+            assert_eq!(parse_startup_packet(&mut part), Ok(None), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn special_requests() {
+        let mut buf = BytesMut::new();
+        postgres_protocol::message::frontend::ssl_request(&mut buf);
+        postgres_protocol::message::frontend::cancel_request(7, 42, &mut buf);
+        buf.put_i32(8);
+        buf.put_i32(GSSENC_REQUEST_CODE);
+        assert_eq!(
+            parse_startup_packet(&mut buf),
+            Ok(Some(StartupPacket::SslRequest))
+        );
+        assert_eq!(
+            parse_startup_packet(&mut buf),
+            Ok(Some(StartupPacket::CancelRequest { pid: 7, key: 42 }))
+        );
+        assert_eq!(
+            parse_startup_packet(&mut buf),
+            Ok(Some(StartupPacket::GssEncRequest))
+        );
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn oversize_and_undersize_lengths_are_refused() {
+        for len in [-1i32, 0, 7, 10_001, i32::MAX] {
+            let mut buf = BytesMut::new();
+            buf.put_i32(len);
+            buf.put_i32(196_608);
+            assert!(
+                matches!(
+                    parse_startup_packet(&mut buf),
+                    Err(FrameError::BadLength { .. })
+                ),
+                "len {len}"
+            );
+        }
+    }
+
+    #[test]
+    fn startup_parameters_must_be_well_formed() {
+        for body in [&b"user\0"[..], b"user\0x\0", b"user\0x", b"\0x\0\0"] {
+            let mut buf = BytesMut::new();
+            buf.put_i32(8 + body.len() as i32);
+            buf.put_i32(196_608);
+            buf.put_slice(body);
+            assert!(
+                matches!(
+                    parse_startup_packet(&mut buf),
+                    Err(FrameError::Malformed(_))
+                ),
+                "{body:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_protocol_versions_are_refused() {
+        let mut buf = BytesMut::new();
+        buf.put_i32(9);
+        buf.put_i32(2 << 16);
+        buf.put_u8(0);
+        assert_eq!(
+            parse_startup_packet(&mut buf),
+            Err(FrameError::UnsupportedProtocol { major: 2, minor: 0 })
+        );
+    }
+
+    #[test]
+    fn password_message_round_trip_allows_large_tokens() {
+        let token = "x".repeat(20_000);
+        let mut buf = BytesMut::new();
+        postgres_protocol::message::frontend::password_message(token.as_bytes(), &mut buf)
+            .expect("encodable");
+        buf.put_u8(b'Q');
+        assert_eq!(parse_password_message(&mut buf), Ok(Some(token)));
+        assert_eq!(&buf[..], b"Q");
+    }
+
+    #[test]
+    fn password_message_limits() {
+        let mut buf = BytesMut::new();
+        buf.put_u8(b'p');
+        buf.put_i32((MAX_PASSWORD_MESSAGE + 1) as i32);
+        assert!(matches!(
+            parse_password_message(&mut buf),
+            Err(FrameError::BadLength { .. })
+        ));
+
+        let mut buf = BytesMut::from(&b"Q\0\0\0\x05\0"[..]);
+        assert_eq!(
+            parse_password_message(&mut buf),
+            Err(FrameError::UnexpectedMessage('Q'))
+        );
+
+        let mut buf = BytesMut::from(&b"p\0\0\0\x07a\0b"[..]);
+        assert!(matches!(
+            parse_password_message(&mut buf),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+}

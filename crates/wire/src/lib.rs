@@ -1,0 +1,28 @@
+//! The Postgres wire protocol side of authgres.
+//!
+//! A client connects as if to Postgres ([`server::serve`]); its session
+//! ([`Proxy`]) negotiates the transport ([`transport`]), parses the startup
+//! packets ([`frontend`]), asks for a cleartext password that is the JWT,
+//! has it verified (`authgres-jwt`), logs in to the real Postgres as the
+//! requested role ([`upstream`]), attaches the signed identity
+//! ([`identity`]), replays the upstream's startup replies with the proxy's own
+//! cancel key ([`backend`], [`cancel`]) and then relays bytes ([`relay`]).
+//!
+//! Protocol reference: <https://www.postgresql.org/docs/current/protocol.html>.
+
+pub mod backend;
+pub mod cancel;
+pub mod error;
+pub mod frontend;
+pub mod identity;
+mod params;
+pub mod relay;
+pub mod server;
+mod session;
+pub mod transport;
+pub mod upstream;
+
+pub use error::{ClientView, SessionError, SqlState};
+pub use identity::ClaimsKey;
+pub use session::{CleartextTokens, Proxy, ProxyConfig, RoleConfig};
+pub use upstream::UpstreamConfig;

@@ -1,0 +1,58 @@
+//! The TCP listener: accepts clients up to the connection limit and runs a
+//! session task for each until shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::backend;
+use crate::error::SqlState;
+use crate::session::Proxy;
+
+/// Accepts connections on `listener` until `shutdown` completes.
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let permits = Arc::new(Semaphore::new(proxy.config().max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            tokio::spawn(async move {
+                let mut tcp = tcp;
+                let mut out = BytesMut::new();
+                backend::fatal_error(
+                    SqlState::TooManyConnections,
+                    "sorry, too many clients already",
+                    None,
+                    &mut out,
+                );
+                let _ = tcp.write_all(&out).await;
+                tracing::warn!(%peer, "connection refused: too many clients");
+            });
+            continue;
+        };
+        let proxy = Arc::clone(&proxy);
+        tokio::spawn(async move {
+            proxy.handle_tcp(tcp, peer).await;
+            drop(permit);
+        });
+    }
+}

@@ -1,0 +1,426 @@
+//! The proxy's own login to the real Postgres, and the identity attach.
+//!
+//! Logs in as the role the client asked for with the proxy's credential for
+//! that role (SCRAM-SHA-256, MD5, cleartext or trust), collects the server's
+//! ParameterStatus and BackendKeyData, then stores the signed claims in the
+//! session (see [`crate::identity`]). Message codecs come from
+//! `postgres-protocol`; this module only drives them over a socket.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use fallible_iterator::FallibleIterator as _;
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::message::{backend::Message, frontend};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+use crate::error::{ClientView, SqlState};
+use crate::identity::{CLAIMS_SETTING, ClaimsKey, SIGNATURE_SETTING};
+
+/// Where the real Postgres is.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Host name or address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Time allowed to connect and log in.
+    pub connect_timeout: Duration,
+}
+
+/// Why the upstream login or identity attach failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpstreamError {
+    /// The server could not be reached.
+    #[error("cannot connect to upstream {address}: {source}")]
+    Connect {
+        /// host:port tried.
+        address: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Connecting and logging in took longer than the configured timeout.
+    #[error("upstream login timed out")]
+    Timeout,
+    /// The connection failed mid-conversation.
+    #[error("upstream I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// The server refused the login.
+    #[error("upstream refused login as {role:?}: {code} {message}")]
+    Refused {
+        /// Role we tried to log in as.
+        role: String,
+        /// SQLSTATE from the server.
+        code: String,
+        /// Server's message.
+        message: String,
+    },
+    /// The server asked for an authentication method we cannot do.
+    #[error("upstream asked for unsupported authentication {0}")]
+    UnsupportedAuth(&'static str),
+    /// The server asked for a password but the proxy has none for the role.
+    #[error("upstream wants a password for role {0:?}, and none is configured")]
+    NoPassword(String),
+    /// The identity could not be attached (auth schema missing or broken).
+    #[error("attaching the identity failed: {code} {message}")]
+    Attach {
+        /// SQLSTATE from the server.
+        code: String,
+        /// Server's message.
+        message: String,
+    },
+    /// The server sent something out of protocol.
+    #[error("upstream protocol error: {0}")]
+    Protocol(String),
+}
+
+impl UpstreamError {
+    /// What the client may see. Credentials and addresses stay in the log.
+    pub fn client_view(&self) -> ClientView {
+        let unreachable = |message: &str| ClientView {
+            code: SqlState::UnableToConnect,
+            message: message.to_owned(),
+            hint: None,
+        };
+        match self {
+            Self::Connect { .. } | Self::Timeout => {
+                unreachable("authgres could not reach the database server")
+            }
+            Self::Io(_) | Self::Protocol(_) => ClientView {
+                code: SqlState::ConnectionFailure,
+                message: "the database server connection failed during login".into(),
+                hint: None,
+            },
+            Self::Refused {
+                role,
+                code,
+                message,
+            } => match code.as_str() {
+                // Wrong proxy credentials are the operator's problem, not the
+                // client's token: never answer 28P01 for them.
+                "28P01" | "28000" => ClientView {
+                    code: SqlState::UnableToConnect,
+                    message: format!(
+                        "authgres could not log in to the database as \"{role}\": {message}"
+                    ),
+                    hint: Some(
+                        "the proxy's credentials for this role are wrong; run `authgres init-db`",
+                    ),
+                },
+                _ => ClientView {
+                    code: upstream_code(code),
+                    message: message.clone(),
+                    hint: None,
+                },
+            },
+            Self::UnsupportedAuth(_) | Self::NoPassword(_) => {
+                unreachable("authgres is not configured to log in to the database as this role")
+            }
+            Self::Attach { .. } => ClientView {
+                code: SqlState::Internal,
+                message: "authgres could not attach the identity to the session".into(),
+                hint: Some("is the auth schema installed in this database? run `authgres init-db`"),
+            },
+        }
+    }
+}
+
+fn upstream_code(code: &str) -> SqlState {
+    match <[u8; 5]>::try_from(code.as_bytes()) {
+        Ok(bytes) if bytes.iter().all(u8::is_ascii_alphanumeric) => SqlState::Upstream(bytes),
+        _ => SqlState::Internal,
+    }
+}
+
+/// A logged-in upstream connection, before relaying.
+pub struct Upstream {
+    /// The socket.
+    pub stream: TcpStream,
+    /// Bytes read past the last message handled (forwarded to the client).
+    pub read_buf: BytesMut,
+    /// ParameterStatus values, replayed to the client.
+    pub parameters: Vec<(String, String)>,
+    /// The backend's process id (for cancel).
+    pub pid: i32,
+    /// The backend's cancel key (never shown to the client).
+    pub secret_key: i32,
+}
+
+/// Connects and logs in as `role` to `database`.
+pub async fn connect(
+    config: &UpstreamConfig,
+    role: &str,
+    database: &str,
+    password: Option<&str>,
+    parameters: &[(String, String)],
+) -> Result<Upstream, UpstreamError> {
+    tokio::time::timeout(
+        config.connect_timeout,
+        login(config, role, database, password, parameters),
+    )
+    .await
+    .map_err(|_| UpstreamError::Timeout)?
+}
+
+async fn login(
+    config: &UpstreamConfig,
+    role: &str,
+    database: &str,
+    password: Option<&str>,
+    parameters: &[(String, String)],
+) -> Result<Upstream, UpstreamError> {
+    let address = format!("{}:{}", config.host, config.port);
+    let stream = TcpStream::connect(&address)
+        .await
+        .map_err(|source| UpstreamError::Connect {
+            address: address.clone(),
+            source,
+        })?;
+    stream.set_nodelay(true)?;
+    let mut conn = Upstream {
+        stream,
+        read_buf: BytesMut::with_capacity(8192),
+        parameters: Vec::new(),
+        pid: 0,
+        secret_key: 0,
+    };
+    let mut out = BytesMut::new();
+    let startup = [("user", role), ("database", database)]
+        .into_iter()
+        .chain(parameters.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    frontend::startup_message(startup, &mut out)?;
+    conn.send(&mut out).await?;
+
+    let password_for = |role: &str| password.ok_or_else(|| UpstreamError::NoPassword(role.into()));
+    let mut scram: Option<ScramSha256> = None;
+    loop {
+        match conn.next_message().await? {
+            Message::AuthenticationOk => break,
+            Message::AuthenticationCleartextPassword => {
+                frontend::password_message(password_for(role)?.as_bytes(), &mut out)?;
+                conn.send(&mut out).await?;
+            }
+            Message::AuthenticationMd5Password(body) => {
+                let hash = postgres_protocol::authentication::md5_hash(
+                    role.as_bytes(),
+                    password_for(role)?.as_bytes(),
+                    body.salt(),
+                );
+                frontend::password_message(hash.as_bytes(), &mut out)?;
+                conn.send(&mut out).await?;
+            }
+            Message::AuthenticationSasl(body) => {
+                let mut mechanisms = body.mechanisms();
+                let mut offered = false;
+                while let Some(mechanism) = mechanisms.next()? {
+                    offered |= mechanism == SCRAM_SHA_256;
+                }
+                if !offered {
+                    return Err(UpstreamError::UnsupportedAuth("SASL without SCRAM-SHA-256"));
+                }
+                let state = ScramSha256::new(
+                    password_for(role)?.as_bytes(),
+                    ChannelBinding::unsupported(),
+                );
+                frontend::sasl_initial_response(SCRAM_SHA_256, state.message(), &mut out)?;
+                conn.send(&mut out).await?;
+                scram = Some(state);
+            }
+            Message::AuthenticationSaslContinue(body) => {
+                let state = scram
+                    .as_mut()
+                    .ok_or_else(|| UpstreamError::Protocol("SASL continue before start".into()))?;
+                state.update(body.data())?;
+                frontend::sasl_response(state.message(), &mut out)?;
+                conn.send(&mut out).await?;
+            }
+            Message::AuthenticationSaslFinal(body) => {
+                // Verifies the server's signature: a server that does not
+                // know the verifier cannot impersonate the database.
+                scram
+                    .as_mut()
+                    .ok_or_else(|| UpstreamError::Protocol("SASL final before start".into()))?
+                    .finish(body.data())?;
+            }
+            Message::ErrorResponse(body) => {
+                let (code, message) = error_fields(&body)?;
+                return Err(UpstreamError::Refused {
+                    role: role.to_owned(),
+                    code,
+                    message,
+                });
+            }
+            Message::NoticeResponse(_) => {}
+            Message::AuthenticationKerberosV5
+            | Message::AuthenticationScmCredential
+            | Message::AuthenticationGss
+            | Message::AuthenticationGssContinue(_)
+            | Message::AuthenticationSspi => {
+                return Err(UpstreamError::UnsupportedAuth("GSS/SSPI/Kerberos"));
+            }
+            _ => {
+                return Err(UpstreamError::Protocol(
+                    "unexpected message during login".into(),
+                ));
+            }
+        }
+    }
+    loop {
+        match conn.next_message().await? {
+            Message::ParameterStatus(body) => {
+                conn.parameters
+                    .push((body.name()?.to_owned(), body.value()?.to_owned()));
+            }
+            Message::BackendKeyData(body) => {
+                conn.pid = body.process_id();
+                conn.secret_key = body.secret_key();
+            }
+            Message::ReadyForQuery(_) => return Ok(conn),
+            Message::NoticeResponse(_) => {}
+            Message::ErrorResponse(body) => {
+                let (code, message) = error_fields(&body)?;
+                return Err(UpstreamError::Refused {
+                    role: role.to_owned(),
+                    code,
+                    message,
+                });
+            }
+            _ => {
+                return Err(UpstreamError::Protocol(
+                    "unexpected message after login".into(),
+                ));
+            }
+        }
+    }
+}
+
+/// The statement that starts a new identity generation for this backend and
+/// returns the binding to sign. Schema-qualified: no search_path can divert it.
+const BEGIN_SESSION: &str = "select auth.begin_session()";
+
+/// The statement that stores claims and signature for the session. Explicit
+/// `pg_catalog` and typed parameters: no shadow function or operator applies.
+const ATTACH: &str = "select pg_catalog.set_config('authgres.claims', $1::pg_catalog.text, false), \
+                      pg_catalog.set_config('authgres.signature', $2::pg_catalog.text, false)";
+
+/// Text type OID, for the attach statement's parameters.
+const TEXT_OID: u32 = 25;
+
+impl Upstream {
+    /// Starts a new identity generation for this backend and, for a verified
+    /// token, stores its claims with a signature bound to that generation.
+    /// With `claims` `None` (anonymous) the session has no identity.
+    pub async fn attach_identity(
+        &mut self,
+        key: &ClaimsKey,
+        claims: Option<&str>,
+    ) -> Result<(), UpstreamError> {
+        debug_assert_eq!(CLAIMS_SETTING, "authgres.claims");
+        debug_assert_eq!(SIGNATURE_SETTING, "authgres.signature");
+        let mut out = BytesMut::new();
+        frontend::query(BEGIN_SESSION, &mut out)?;
+        self.send(&mut out).await?;
+        let binding = self.single_text_result().await?;
+        let Some(claims) = claims else {
+            return Ok(());
+        };
+        let signature = key.sign(&binding, claims);
+        frontend::parse("", ATTACH, [TEXT_OID, TEXT_OID], &mut out)?;
+        frontend::bind(
+            "",
+            "",
+            [0i16],
+            [claims.as_bytes(), signature.as_bytes()],
+            |value, buf| {
+                buf.extend_from_slice(value);
+                Ok(postgres_protocol::IsNull::No)
+            },
+            [0i16],
+            &mut out,
+        )
+        .map_err(|e| match e {
+            frontend::BindError::Conversion(e) => UpstreamError::Protocol(e.to_string()),
+            frontend::BindError::Serialization(e) => UpstreamError::Io(e),
+        })?;
+        frontend::execute("", 0, &mut out)?;
+        frontend::sync(&mut out);
+        self.send(&mut out).await?;
+        self.single_text_result().await.map(drop)
+    }
+
+    /// Reads the replies to one statement up to ReadyForQuery, returning the
+    /// first column of its first row.
+    async fn single_text_result(&mut self) -> Result<String, UpstreamError> {
+        let mut value = None;
+        let mut failure = None;
+        loop {
+            match self.next_message().await? {
+                Message::DataRow(row) if value.is_none() => {
+                    let mut ranges = row.ranges();
+                    if let Some(Some(range)) = ranges.next()? {
+                        value = Some(String::from_utf8_lossy(&row.buffer()[range]).into_owned());
+                    }
+                }
+                Message::ErrorResponse(body) => failure = Some(error_fields(&body)?),
+                Message::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        if let Some((code, message)) = failure {
+            return Err(UpstreamError::Attach { code, message });
+        }
+        value.ok_or_else(|| UpstreamError::Attach {
+            code: "XX000".into(),
+            message: "no value returned".into(),
+        })
+    }
+
+    async fn send(&mut self, out: &mut BytesMut) -> Result<(), UpstreamError> {
+        self.stream.write_all(out).await?;
+        out.clear();
+        Ok(())
+    }
+
+    async fn next_message(&mut self) -> Result<Message, UpstreamError> {
+        loop {
+            if let Some(message) = Message::parse(&mut self.read_buf)? {
+                return Ok(message);
+            }
+            if self.stream.read_buf(&mut self.read_buf).await? == 0 {
+                return Err(UpstreamError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+}
+
+fn error_fields(
+    body: &postgres_protocol::message::backend::ErrorResponseBody,
+) -> Result<(String, String), UpstreamError> {
+    let mut fields = body.fields();
+    let (mut code, mut message) = (String::new(), String::new());
+    while let Some(field) = fields.next()? {
+        match field.type_() {
+            b'C' => code = String::from_utf8_lossy(field.value_bytes()).into_owned(),
+            b'M' => message = String::from_utf8_lossy(field.value_bytes()).into_owned(),
+            _ => {}
+        }
+    }
+    Ok((code, message))
+}
+
+/// Forwards a cancel request to the upstream backend.
+pub async fn cancel(config: &UpstreamConfig, pid: i32, secret_key: i32) -> std::io::Result<()> {
+    let address = format!("{}:{}", config.host, config.port);
+    let mut stream = tokio::time::timeout(config.connect_timeout, TcpStream::connect(&address))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    let mut out = BytesMut::new();
+    frontend::cancel_request(pid, secret_key, &mut out);
+    stream.write_all(&out).await?;
+    // The server closes the connection once it has read the request.
+    let mut sink = [0u8; 1];
+    let _ = tokio::time::timeout(config.connect_timeout, stream.read(&mut sink)).await;
+    Ok(())
+}

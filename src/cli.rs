@@ -1,0 +1,90 @@
+//! Command-line interface.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+/// Postgres proxy: log in with your identity provider's JWT as the password,
+/// enforce Row-Level Security on its claims.
+#[derive(Parser)]
+#[command(name = "authgres", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Serve {
+        /// Configuration file.
+        #[arg(long, env = "AUTHGRES_CONFIG", default_value = "proxy.toml")]
+        config: PathBuf,
+    },
+    /// Install or upgrade the auth schema, the roles and the claims key in a database.
+    InitDb {
+        /// Configuration file (roles, secrets).
+        #[arg(long, env = "AUTHGRES_CONFIG", default_value = "proxy.toml")]
+        config: PathBuf,
+        /// Connection URL of a superuser or the database owner.
+        #[arg(long, env = "AUTHGRES_ADMIN_URL")]
+        admin_url: String,
+    },
+    /// Validate a configuration file and explain what it does.
+    CheckConfig {
+        /// Configuration file.
+        #[arg(long, env = "AUTHGRES_CONFIG", default_value = "proxy.toml")]
+        config: PathBuf,
+    },
+    /// Start a throwaway Postgres, a local token issuer and the proxy; Ctrl-C removes all.
+    Demo {
+        /// Also write PGHOST, PGPORT, ..., AUTHGRES_TOKEN_A/B to this file.
+        #[arg(long)]
+        env: Option<PathBuf>,
+        /// Address the demo proxy listens on.
+        #[arg(long, default_value = "127.0.0.1:6432")]
+        listen: String,
+        /// Directory for the demo's state (issuer keys, config).
+        #[arg(long, env = "AUTHGRES_DEMO_DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Mint a token from the running demo's issuer (development only).
+    Token {
+        /// The `sub` claim (user id).
+        #[arg(long)]
+        sub: String,
+        /// Lifetime, e.g. 60s, 1h.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Extra claim as key=value (value parsed as JSON when it is JSON).
+        #[arg(long = "claim", value_name = "KEY=VALUE")]
+        claims: Vec<String>,
+        /// The demo's state directory.
+        #[arg(long, env = "AUTHGRES_DEMO_DIR")]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+/// Runs the chosen command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { config } => crate::serve::serve(&config).await,
+        Command::InitDb { config, admin_url } => {
+            let loaded = crate::init_db::prepare_secrets(&config)?;
+            crate::init_db::init_db(&loaded, &admin_url).await
+        }
+        Command::CheckConfig { config } => crate::serve::check_config(&config),
+        Command::Demo {
+            env,
+            listen,
+            state_dir,
+        } => crate::demo::run(env, &listen, state_dir).await,
+        Command::Token {
+            sub,
+            ttl,
+            claims,
+            state_dir,
+        } => crate::token::run(&sub, ttl, &claims, state_dir),
+    }
+}

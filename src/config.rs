@@ -1,0 +1,383 @@
+//! `proxy.toml`: parsing, defaults, secrets, and conversion into the
+//! libraries' settings. Every key is documented in the repository's
+//! `proxy.toml`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use authgres_jwt::ProviderConfig;
+use authgres_wire::{ClaimsKey, CleartextTokens, ProxyConfig, RoleConfig, UpstreamConfig};
+use serde::Deserialize;
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// KEY=VALUE file with secrets; environment variables override it.
+    pub secrets_file: Option<PathBuf>,
+    #[serde(default)]
+    pub listen: Listen,
+    #[serde(default)]
+    pub upstream: Upstream,
+    #[serde(default)]
+    pub identity: Identity,
+    #[serde(default = "default_roles")]
+    pub roles: BTreeMap<String, Role>,
+    #[serde(default)]
+    pub providers: Vec<Provider>,
+}
+
+/// `[listen]`: the client-facing side.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    pub address: String,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub auth_timeout: Duration,
+    pub max_connections: usize,
+    pub cleartext_tokens: Cleartext,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self {
+            address: "127.0.0.1:6432".into(),
+            tls_cert: None,
+            tls_key: None,
+            auth_timeout: Duration::from_secs(15),
+            max_connections: 1000,
+            cleartext_tokens: Cleartext::Loopback,
+        }
+    }
+}
+
+/// `listen.cleartext_tokens`.
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub enum Cleartext {
+    Allow,
+    Loopback,
+    Refuse,
+}
+
+/// `[upstream]`: the real Postgres.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Upstream {
+    pub host: String,
+    pub port: u16,
+    pub databases: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 5432,
+            databases: Vec::new(),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `[identity]`: the claims-signing key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Identity {
+    pub claims_key_env: String,
+}
+
+impl Default for Identity {
+    fn default() -> Self {
+        Self {
+            claims_key_env: "AUTHGRES_CLAIMS_KEY".into(),
+        }
+    }
+}
+
+/// `[roles.NAME]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Role {
+    /// Environment variable (or secrets-file key) holding the password.
+    pub password_env: Option<String>,
+    /// "required" or "none".
+    #[serde(default = "token_required")]
+    pub token: TokenPolicy,
+}
+
+/// `roles.NAME.token`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenPolicy {
+    Required,
+    None,
+}
+
+fn token_required() -> TokenPolicy {
+    TokenPolicy::Required
+}
+
+fn default_roles() -> BTreeMap<String, Role> {
+    BTreeMap::from([
+        (
+            "authenticated".to_owned(),
+            Role {
+                password_env: Some("AUTHGRES_AUTHENTICATED_PASSWORD".into()),
+                token: TokenPolicy::Required,
+            },
+        ),
+        (
+            "anonymous".to_owned(),
+            Role {
+                password_env: Some("AUTHGRES_ANONYMOUS_PASSWORD".into()),
+                token: TokenPolicy::None,
+            },
+        ),
+    ])
+}
+
+/// `[[providers]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Provider {
+    pub name: String,
+    pub issuer: String,
+    pub jwks_url: String,
+    #[serde(default)]
+    pub audience: OneOrMany,
+    #[serde(default = "default_provider_roles")]
+    pub roles: Vec<String>,
+    pub algorithms: Option<Vec<String>>,
+    #[serde(default = "default_leeway", with = "humantime_serde")]
+    pub leeway: Duration,
+    #[serde(default = "default_jwks_ttl", with = "humantime_serde")]
+    pub jwks_ttl: Duration,
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+}
+
+/// A string or a list of strings.
+#[derive(Debug, Deserialize, Default)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    #[default]
+    None,
+    One(String),
+    Many(Vec<String>),
+}
+
+fn default_provider_roles() -> Vec<String> {
+    vec!["authenticated".into()]
+}
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_jwks_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+
+/// A config file with its secrets resolved.
+pub struct Loaded {
+    pub file: FileConfig,
+    /// Directory of the config file; relative paths are resolved from it.
+    pub base: PathBuf,
+    pub secrets: Secrets,
+}
+
+impl Loaded {
+    /// Reads and checks `path`.
+    pub fn from_path(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let file: FileConfig =
+            toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let secrets = Secrets::load(file.secrets_file.as_ref().map(|p| base.join(p)))?;
+        Ok(Self {
+            file,
+            base,
+            secrets,
+        })
+    }
+
+    /// Resolves a path from the config against the config's directory.
+    pub fn path(&self, relative: &Path) -> PathBuf {
+        self.base.join(relative)
+    }
+
+    /// The claims key, or an error naming where to put it.
+    pub fn claims_key(&self) -> anyhow::Result<ClaimsKey> {
+        let name = &self.file.identity.claims_key_env;
+        let hex = self
+            .secrets
+            .get(name)
+            .with_context(|| format!("{name} is not set: run `authgres init-db` or set it"))?;
+        ClaimsKey::from_hex(&hex).with_context(|| format!("{name} is not a valid claims key"))
+    }
+
+    /// Provider settings for the verifier.
+    pub fn providers(&self) -> anyhow::Result<Vec<ProviderConfig>> {
+        let mut out = Vec::new();
+        for p in &self.file.providers {
+            let mut config = ProviderConfig::new(&p.name, &p.issuer, &p.jwks_url, &[]);
+            config.roles = p.roles.clone();
+            config.audience = match &p.audience {
+                OneOrMany::None => Vec::new(),
+                OneOrMany::One(a) => vec![a.clone()],
+                OneOrMany::Many(list) => list.clone(),
+            };
+            if let Some(algorithms) = &p.algorithms {
+                config.algorithms = algorithms
+                    .iter()
+                    .map(|a| {
+                        a.parse().map_err(|_| {
+                            anyhow::anyhow!("provider {:?}: unknown algorithm {a:?}", p.name)
+                        })
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+            }
+            config.leeway = p.leeway;
+            config.jwks_ttl = p.jwks_ttl;
+            config.allow_insecure_http = p.allow_insecure_http;
+            for role in &config.roles {
+                if !self.file.roles.contains_key(role) {
+                    bail!(
+                        "provider {:?} lists role {role:?}, which is not under [roles]",
+                        p.name
+                    );
+                }
+            }
+            config.validate()?;
+            out.push(config);
+        }
+        Ok(out)
+    }
+
+    /// Wire settings.
+    pub fn proxy_config(&self) -> anyhow::Result<ProxyConfig> {
+        let mut roles = HashMap::new();
+        for (name, role) in &self.file.roles {
+            let password = match &role.password_env {
+                Some(var) => Some(self.secrets.get(var).with_context(|| {
+                    format!("role {name:?}: {var} is not set: run `authgres init-db` or set it")
+                })?),
+                None => None,
+            };
+            roles.insert(
+                name.clone(),
+                RoleConfig {
+                    password,
+                    requires_token: role.token == TokenPolicy::Required,
+                },
+            );
+        }
+        let listen = &self.file.listen;
+        Ok(ProxyConfig {
+            upstream: UpstreamConfig {
+                host: self.file.upstream.host.clone(),
+                port: self.file.upstream.port,
+                connect_timeout: self.file.upstream.connect_timeout,
+            },
+            roles,
+            databases: self.file.upstream.databases.clone(),
+            auth_timeout: listen.auth_timeout,
+            max_connections: listen.max_connections,
+            cleartext_tokens: match listen.cleartext_tokens {
+                Cleartext::Allow => CleartextTokens::Allow,
+                Cleartext::Loopback => CleartextTokens::LoopbackOnly,
+                Cleartext::Refuse => CleartextTokens::Refuse,
+            },
+        })
+    }
+
+    /// The TLS acceptor, when a certificate and key are configured.
+    pub fn tls(&self) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
+        match (&self.file.listen.tls_cert, &self.file.listen.tls_key) {
+            (Some(cert), Some(key)) => {
+                authgres_wire::transport::tls_acceptor(&self.path(cert), &self.path(key))
+                    .map(Some)
+                    .map_err(anyhow::Error::msg)
+            }
+            (None, None) => Ok(None),
+            _ => bail!("[listen] needs both tls_cert and tls_key, or neither"),
+        }
+    }
+}
+
+/// Secrets from the environment and the optional secrets file.
+pub struct Secrets {
+    file: Option<PathBuf>,
+    values: HashMap<String, String>,
+}
+
+impl Secrets {
+    fn load(file: Option<PathBuf>) -> anyhow::Result<Self> {
+        let mut values = HashMap::new();
+        if let Some(path) = &file
+            && path.exists()
+        {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading secrets file {}", path.display()))?;
+            values = parse_env_file(&text);
+        }
+        Ok(Self { file, values })
+    }
+
+    /// The secret `name`: the environment wins over the file.
+    pub fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .or_else(|| self.values.get(name).cloned())
+    }
+
+    /// The secrets file, if configured.
+    pub fn file(&self) -> Option<&Path> {
+        self.file.as_deref()
+    }
+}
+
+/// Parses `KEY=VALUE` lines; `#` comments, blank lines and `export ` allowed.
+pub fn parse_env_file(text: &str) -> HashMap<String, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| {
+            let l = l.strip_prefix("export ").unwrap_or(l);
+            let (k, v) = l.split_once('=')?;
+            let v = v.trim().trim_matches(|c| c == '"' || c == '\'');
+            Some((k.trim().to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repository_example_config_parses() {
+        let text = include_str!("../proxy.toml");
+        let file: FileConfig = toml::from_str(text).expect("proxy.toml parses");
+        assert!(file.roles.contains_key("authenticated"));
+        assert!(!file.providers.is_empty());
+    }
+
+    #[test]
+    fn env_file_lines() {
+        let parsed = parse_env_file("# c\nA=1\nexport B=\"two\"\n\nC = x=y\n");
+        assert_eq!(parsed["A"], "1");
+        assert_eq!(parsed["B"], "two");
+        assert_eq!(parsed["C"], "x=y");
+    }
+}

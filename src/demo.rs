@@ -1,0 +1,158 @@
+//! `authgres demo`: a throwaway Postgres with the seed's todos schema, a
+//! local token issuer and the proxy, all on loopback. Ctrl-C removes all.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use authgres_sandbox::{Cluster, Issuer, tls::TestCerts};
+
+use crate::config::Loaded;
+
+/// The issuer's keys, for `authgres token`.
+pub const ISSUER_FILE: &str = "issuer.json";
+/// The todos schema with RLS policies.
+const TODOS_SQL: &str = include_str!("../sql/demo_todos.sql");
+/// Database the demo serves.
+const DATABASE: &str = "app";
+
+/// Where the demo keeps its state unless told otherwise.
+pub fn default_state_dir() -> PathBuf {
+    std::env::temp_dir().join("authgres-demo")
+}
+
+/// Runs the demo until Ctrl-C or SIGTERM.
+pub async fn run(
+    env: Option<PathBuf>,
+    listen: &str,
+    state_dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let dir = state_dir.unwrap_or_else(default_state_dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let _cleanup = RemoveOnDrop(dir.clone());
+    eprintln!("starting a throwaway Postgres cluster...");
+    let cluster = tokio::task::spawn_blocking(Cluster::start).await??;
+    let issuer = Issuer::start().await?;
+    issuer.signer().save(&dir.join(ISSUER_FILE))?;
+    TestCerts::generate()?.write_to(&dir)?;
+
+    cluster
+        .admin("postgres")
+        .await?
+        .batch_execute(&format!("create database {DATABASE}"))
+        .await?;
+    let config_path = dir.join("proxy.toml");
+    std::fs::write(&config_path, demo_config(listen, &cluster, &issuer))?;
+    let loaded = crate::init_db::prepare_secrets(&config_path)?;
+    crate::init_db::init_db(&loaded, &cluster.admin_url(DATABASE)).await?;
+    cluster
+        .admin(DATABASE)
+        .await?
+        .batch_execute(TODOS_SQL)
+        .await
+        .context("creating the todos table")?;
+
+    let prepared = crate::serve::prepare(&Loaded::from_path(&config_path)?)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen} (use --listen to pick another address)"))?;
+    let address = listener.local_addr()?;
+    let token_a = issuer.token("user_alice");
+    let token_b = issuer.token("user_bob");
+    println!("{}", instructions(address, &token_a, &token_b, &dir));
+    if let Some(env) = &env {
+        write_env_file(env, address, &token_a, &token_b)?;
+        println!("wrote {}", env.display());
+    }
+    authgres_wire::server::serve(prepared.proxy, listener, crate::serve::shutdown_signal()).await?;
+    eprintln!("removing the demo cluster and its files");
+    drop(cluster);
+    Ok(())
+}
+
+fn demo_config(listen: &str, cluster: &Cluster, issuer: &Issuer) -> String {
+    format!(
+        r#"# Written by `authgres demo`.
+secrets_file = "authgres.env"
+
+[listen]
+address = "{listen}"
+tls_cert = "server.crt"
+tls_key = "server.key"
+
+[upstream]
+host = "{host}"
+port = {port}
+databases = ["{DATABASE}"]
+
+[[providers]]
+name = "demo"
+issuer = "{iss}"
+jwks_url = "{jwks}"
+roles = ["authenticated"]
+"#,
+        host = cluster.host(),
+        port = cluster.port(),
+        iss = issuer.issuer(),
+        jwks = issuer.jwks_url(),
+    )
+}
+
+fn instructions(address: std::net::SocketAddr, token_a: &str, token_b: &str, dir: &Path) -> String {
+    let (host, port) = (address.ip(), address.port());
+    let conn = format!("host={host} port={port} dbname={DATABASE} user=authenticated");
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nauthgres demo is running on {address} (Ctrl-C removes everything)\n"
+    );
+    let _ = writeln!(out, "As user_alice:");
+    let _ = writeln!(
+        out,
+        "  PGPASSWORD='{token_a}' psql \"{conn}\" -c \"insert into todos (task) values ('alice''s task')\" -c \"select id, user_id, task from todos\"\n"
+    );
+    let _ = writeln!(out, "As user_bob:");
+    let _ = writeln!(
+        out,
+        "  PGPASSWORD='{token_b}' psql \"{conn}\" -c \"select auth.user_id()\" -c \"select id, user_id, task from todos\"\n"
+    );
+    let _ = writeln!(out, "Anonymous (no token; auth.user_id() is NULL):");
+    let _ = writeln!(
+        out,
+        "  psql \"host={host} port={port} dbname={DATABASE} user=anonymous\" -c \"select auth.user_id()\"\n"
+    );
+    let _ = writeln!(
+        out,
+        "More tokens: authgres token --sub user_carol{}",
+        if dir == default_state_dir() {
+            String::new()
+        } else {
+            format!(" --state-dir {}", dir.display())
+        }
+    );
+    out
+}
+
+fn write_env_file(
+    path: &Path,
+    address: std::net::SocketAddr,
+    token_a: &str,
+    token_b: &str,
+) -> anyhow::Result<()> {
+    let text = format!(
+        "export PGHOST={}\nexport PGPORT={}\nexport PGDATABASE={DATABASE}\nexport PGUSER=authenticated\n\
+         export AUTHGRES_TOKEN_A={token_a}\nexport AUTHGRES_TOKEN_B={token_b}\n",
+        address.ip(),
+        address.port()
+    );
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Removes the demo's state directory however the demo ends.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
