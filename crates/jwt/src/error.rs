@@ -13,7 +13,10 @@ pub enum VerifyError {
     #[error("token issuer is not a configured identity provider")]
     UnknownIssuer,
     /// The provider's key set has no key with the token's `kid`.
-    #[error("token was signed with a key the identity provider does not publish (kid {kid:?})")]
+    #[error(
+        "token was signed with a key the identity provider does not publish ({})",
+        kid.as_deref().map_or_else(|| "no kid".to_owned(), |kid| format!("kid {kid:?}"))
+    )]
     UnknownKey {
         /// The `kid` from the token header, if any.
         kid: Option<String>,

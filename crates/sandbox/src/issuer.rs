@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
@@ -279,6 +280,8 @@ impl Signer {
 pub struct Issuer {
     signer: Signer,
     jwks_url: String,
+    /// JWKS requests served so far, for single-flight and refetch tests.
+    fetches: Arc<AtomicUsize>,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -290,10 +293,12 @@ impl Issuer {
         let base = format!("http://{}", listener.local_addr()?);
         let signer = Signer::generate(&base)?;
         let body = Arc::new(signer.jwks().to_string());
-        let server = tokio::spawn(serve_jwks(listener, body));
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let server = tokio::spawn(serve_jwks(listener, body, Arc::clone(&fetches)));
         Ok(Self {
             jwks_url: format!("{base}/.well-known/jwks.json"),
             signer,
+            fetches,
             server,
         })
     }
@@ -311,6 +316,11 @@ impl Issuer {
     /// Where the JWKS is served.
     pub fn jwks_url(&self) -> &str {
         &self.jwks_url
+    }
+
+    /// How many times the JWKS has been served.
+    pub fn jwks_fetches(&self) -> usize {
+        self.fetches.load(Ordering::SeqCst)
     }
 
     /// A one-hour RS256 token for `sub`.
@@ -332,12 +342,17 @@ impl Drop for Issuer {
 
 /// A minimal HTTP/1.1 responder: every GET of the JWKS path gets the JWKS,
 /// anything else 404. Enough for a JWKS client; not a general server.
-async fn serve_jwks(listener: tokio::net::TcpListener, body: Arc<String>) {
+async fn serve_jwks(
+    listener: tokio::net::TcpListener,
+    body: Arc<String>,
+    fetches: Arc<AtomicUsize>,
+) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             continue;
         };
         let body = Arc::clone(&body);
+        let fetches = Arc::clone(&fetches);
         tokio::spawn(async move {
             let mut request = Vec::new();
             let mut chunk = [0u8; 1024];
@@ -349,6 +364,9 @@ async fn serve_jwks(listener: tokio::net::TcpListener, body: Arc<String>) {
             }
             let line = String::from_utf8_lossy(&request);
             let found = line.starts_with("GET /.well-known/jwks.json ");
+            if found {
+                fetches.fetch_add(1, Ordering::SeqCst);
+            }
             let response = if found {
                 format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\

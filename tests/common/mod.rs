@@ -1,0 +1,345 @@
+//! The whole stack for end-to-end tests: a sandbox Postgres with the todos
+//! schema, a local issuer, and the real `authgres` binary in front.
+
+#![allow(dead_code, missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use authgres_sandbox::{Cluster, Issuer, tls::TestCerts};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+pub const DATABASE: &str = "app";
+pub const BIN: &str = env!("CARGO_BIN_EXE_authgres");
+
+/// Knobs that differ between tests.
+pub struct Options {
+    pub auth_timeout: &'static str,
+    pub cleartext_tokens: &'static str,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            auth_timeout: "2s",
+            cleartext_tokens: "loopback",
+        }
+    }
+}
+
+pub struct Stack {
+    pub cluster: Cluster,
+    pub issuer: Issuer,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub ca_pem: String,
+    proxy: Child,
+}
+
+impl Stack {
+    pub async fn start() -> Self {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(options: Options) -> Self {
+        let cluster = tokio::task::spawn_blocking(Cluster::start)
+            .await
+            .expect("join")
+            .expect("sandbox cluster starts");
+        let issuer = Issuer::start().await.expect("issuer starts");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs = TestCerts::generate().expect("certs");
+        certs.write_to(dir.path()).expect("write certs");
+        let port = free_port();
+        let config = format!(
+            r#"secrets_file = "authgres.env"
+[listen]
+address = "127.0.0.1:{port}"
+tls_cert = "server.crt"
+tls_key = "server.key"
+auth_timeout = "{auth_timeout}"
+cleartext_tokens = "{cleartext}"
+[upstream]
+host = "127.0.0.1"
+port = {pg_port}
+databases = ["{DATABASE}"]
+connect_timeout = "5s"
+[roles.authenticated]
+password_env = "AUTHGRES_AUTHENTICATED_PASSWORD"
+[roles.anonymous]
+password_env = "AUTHGRES_ANONYMOUS_PASSWORD"
+token = "none"
+[roles.reporting]
+password_env = "AUTHGRES_REPORTING_PASSWORD"
+[[providers]]
+name = "sandbox"
+issuer = "{iss}"
+jwks_url = "{jwks}"
+roles = ["authenticated"]
+"#,
+            auth_timeout = options.auth_timeout,
+            cleartext = options.cleartext_tokens,
+            pg_port = cluster.port(),
+            iss = issuer.issuer(),
+            jwks = issuer.jwks_url(),
+        );
+        let config_path = dir.path().join("proxy.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        cluster
+            .admin("postgres")
+            .await
+            .expect("admin")
+            .batch_execute(&format!("create database {DATABASE}"))
+            .await
+            .expect("create database");
+        let init = Command::new(BIN)
+            .args(["init-db", "--config"])
+            .arg(&config_path)
+            .args(["--admin-url", &cluster.admin_url(DATABASE)])
+            .output()
+            .expect("run init-db");
+        assert!(
+            init.status.success(),
+            "init-db failed: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        cluster
+            .admin(DATABASE)
+            .await
+            .expect("admin")
+            .batch_execute(include_str!("../../sql/demo_todos.sql"))
+            .await
+            .expect("todos schema");
+        let log = std::fs::File::create(dir.path().join("authgres.log")).expect("log file");
+        let proxy = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env("AUTHGRES_LOG", "info,authgres_wire=debug")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn authgres serve");
+        let stack = Self {
+            cluster,
+            issuer,
+            port,
+            ca_pem: certs.ca_pem,
+            proxy,
+            dir,
+        };
+        stack.wait_listening();
+        stack
+    }
+
+    fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("authgres did not listen; log:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("authgres.log")).unwrap_or_default()
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("proxy.toml")
+    }
+
+    /// A libpq-style connection string through the proxy.
+    pub fn conninfo(&self, user: &str, password: &str, extra: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} dbname={DATABASE} user={user} password='{}' {extra}",
+            self.port,
+            password.replace('\'', "\\'")
+        )
+    }
+
+    /// tokio-postgres without TLS.
+    pub async fn connect(&self, user: &str, token: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, connection) = tokio_postgres::connect(
+            &self.conninfo(user, token, "sslmode=disable"),
+            tokio_postgres::NoTls,
+        )
+        .await?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
+    /// tokio-postgres over TLS, trusting the test CA.
+    pub async fn connect_tls(
+        &self,
+        user: &str,
+        token: &str,
+        extra: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, connection) =
+            tokio_postgres::connect(&self.conninfo(user, token, extra), self.tls_connector()).await?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
+    pub fn tls_connector(&self) -> tokio_postgres_rustls::MakeRustlsConnect {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject as _;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+            roots.add(cert.expect("CA pem")).expect("add CA");
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"postgresql".to_vec()];
+        tokio_postgres_rustls::MakeRustlsConnect::new(config)
+    }
+
+    /// Runs the real psql with `token` as PGPASSWORD.
+    pub fn psql(&self, user: &str, token: Option<&str>, sql: &[&str]) -> std::process::Output {
+        let mut command = Command::new(psql_path());
+        command
+            .arg("-X")
+            .arg("-A")
+            .arg("-t")
+            .arg("-v")
+            .arg("ON_ERROR_STOP=1")
+            .arg(format!(
+                "host=127.0.0.1 port={} dbname={DATABASE} user={user}",
+                self.port
+            ))
+            .env_remove("PGPASSWORD")
+            .env("PGCONNECT_TIMEOUT", "10")
+            .stdin(Stdio::null());
+        if let Some(token) = token {
+            command.env("PGPASSWORD", token);
+        }
+        for statement in sql {
+            command.arg("-c").arg(statement);
+        }
+        command.output().expect("run psql")
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = self.proxy.kill();
+        let _ = self.proxy.wait();
+        if std::thread::panicking() {
+            eprintln!("--- authgres log ---\n{}", self.log());
+        }
+    }
+}
+
+pub fn psql_path() -> PathBuf {
+    if let Ok(dir) = authgres_sandbox::find_postgres_bindir()
+        && dir.join("psql").is_file()
+    {
+        return dir.join("psql");
+    }
+    PathBuf::from("psql")
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A hand-driven Postgres client for what drivers will not do: watching a
+/// connection close, sending bytes out of order, never answering.
+pub struct RawClient {
+    pub stream: tokio::net::TcpStream,
+}
+
+impl RawClient {
+    pub async fn connect(port: u16) -> Self {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        Self { stream }
+    }
+
+    pub async fn send_startup(&mut self, params: &[(&str, &str)]) {
+        let mut buf = bytes::BytesMut::new();
+        postgres_protocol::message::frontend::startup_message(params.iter().copied(), &mut buf)
+            .expect("encode");
+        self.stream.write_all(&buf).await.expect("write");
+    }
+
+    pub async fn send_password(&mut self, password: &str) {
+        let mut buf = bytes::BytesMut::new();
+        postgres_protocol::message::frontend::password_message(password.as_bytes(), &mut buf)
+            .expect("encode");
+        self.stream.write_all(&buf).await.expect("write");
+    }
+
+    /// Reads one backend message: (tag, body).
+    pub async fn read_message(&mut self) -> Option<(u8, Vec<u8>)> {
+        let mut header = [0u8; 5];
+        let read = tokio::time::timeout(Duration::from_secs(10), self.stream.read_exact(&mut header))
+            .await
+            .expect("no reply within 10s");
+        read.ok()?;
+        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        let mut body = vec![0u8; len.saturating_sub(4)];
+        self.stream.read_exact(&mut body).await.ok()?;
+        Some((header[0], body))
+    }
+
+    /// Reads until an ErrorResponse; returns its SQLSTATE and message.
+    pub async fn expect_error(&mut self) -> (String, String) {
+        loop {
+            let (tag, body) = self.read_message().await.expect("an ErrorResponse before EOF");
+            if tag == b'E' {
+                return error_fields(&body);
+            }
+        }
+    }
+
+    /// Whether the server closed the connection (EOF) within `wait`.
+    pub async fn closed_within(&mut self, wait: Duration) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(
+            tokio::time::timeout(wait, self.stream.read(&mut byte)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+}
+
+pub fn error_fields(body: &[u8]) -> (String, String) {
+    let (mut code, mut message) = (String::new(), String::new());
+    for field in body.split(|b| *b == 0).filter(|f| !f.is_empty()) {
+        let value = String::from_utf8_lossy(&field[1..]).into_owned();
+        match field[0] {
+            b'C' => code = value,
+            b'M' => message = value,
+            _ => {}
+        }
+    }
+    (code, message)
+}
+
+pub fn stdout(output: &std::process::Output) -> String {
+    assert!(
+        output.status.success(),
+        "psql failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+pub fn path_exists(path: &Path) -> bool {
+    path.exists()
+}

@@ -1,0 +1,97 @@
+//! `authgres demo` and `authgres token` as a new user runs them: the printed
+//! env file drives psql, each user sees only their own todos, and SIGTERM
+//! removes everything.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{BIN, psql_path};
+
+#[test]
+fn demo_serves_two_users_and_cleans_up_on_sigterm() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let state = scratch.path().join("state");
+    let env_file = scratch.path().join("demo.env");
+    let mut demo = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0", "--env"])
+        .arg(&env_file)
+        .arg("--state-dir")
+        .arg(&state)
+        .env("AUTHGRES_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start demo");
+    let guard = KillOnDrop(&mut demo);
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let env = loop {
+        if let Ok(text) = std::fs::read_to_string(&env_file)
+            && text.contains("AUTHGRES_TOKEN_B")
+        {
+            break authgres_env(&text);
+        }
+        assert!(Instant::now() < deadline, "demo did not write its env file");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let psql = |token: &str, sql: &str| {
+        let output = Command::new(psql_path())
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("PGPASSWORD", token)
+            .output()
+            .expect("psql");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    };
+    let get = |name: &str| env.iter().find(|(k, _)| k == name).expect(name).1.clone();
+    let (a, b) = (get("AUTHGRES_TOKEN_A"), get("AUTHGRES_TOKEN_B"));
+    assert_eq!(psql(&a, "insert into todos (task) values ('from a') returning user_id"), "user_alice\nINSERT 0 1");
+    assert_eq!(psql(&b, "select count(*) from todos"), "0");
+    assert_eq!(psql(&a, "select count(*) from todos"), "1");
+
+    let minted = Command::new(BIN)
+        .args(["token", "--sub", "user_carol", "--state-dir"])
+        .arg(&state)
+        .output()
+        .expect("authgres token");
+    assert!(minted.status.success(), "{}", String::from_utf8_lossy(&minted.stderr));
+    let carol = String::from_utf8_lossy(&minted.stdout).trim().to_owned();
+    assert_eq!(psql(&carol, "select auth.user_id()"), "user_carol");
+
+    drop(guard);
+    assert!(!state.exists(), "the demo left its state directory behind");
+}
+
+/// Parses the `export KEY=VALUE` lines the demo writes.
+fn authgres_env(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix("export ")?.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// Sends SIGTERM and waits, bounded; kills if the demo does not exit.
+struct KillOnDrop<'a>(&'a mut std::process::Child);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
