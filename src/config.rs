@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use authgres_jwt::ProviderConfig;
+use authgres_wire::transport::UpstreamTls;
 use authgres_wire::{ClaimsKey, CleartextTokens, ProxyConfig, RoleConfig, UpstreamConfig};
 use serde::Deserialize;
 
@@ -73,6 +74,8 @@ pub struct Upstream {
     pub databases: Vec<String>,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    pub tls: UpstreamTlsMode,
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Default for Upstream {
@@ -82,8 +85,18 @@ impl Default for Upstream {
             port: 5432,
             databases: Vec::new(),
             connect_timeout: Duration::from_secs(5),
+            tls: UpstreamTlsMode::Disable,
+            tls_ca_file: None,
         }
     }
+}
+
+/// `upstream.tls`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTlsMode {
+    Disable,
+    VerifyFull,
 }
 
 /// `[identity]`: the claims-signing key.
@@ -287,6 +300,18 @@ impl Loaded {
                 host: self.file.upstream.host.clone(),
                 port: self.file.upstream.port,
                 connect_timeout: self.file.upstream.connect_timeout,
+                tls: match self.file.upstream.tls {
+                    UpstreamTlsMode::Disable => UpstreamTls::Disable,
+                    UpstreamTlsMode::VerifyFull => UpstreamTls::verify_full(
+                        self.file
+                            .upstream
+                            .tls_ca_file
+                            .as_ref()
+                            .map(|p| self.path(p))
+                            .as_deref(),
+                    )
+                    .map_err(anyhow::Error::msg)?,
+                },
             },
             roles,
             databases: self.file.upstream.databases.clone(),

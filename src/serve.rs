@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use authgres_jwt::Verifier;
 use authgres_wire::Proxy;
 
-use crate::config::Loaded;
+use crate::config::{Loaded, TokenPolicy};
 
 /// Everything `serve` needs, built and checked from a config.
 pub struct Prepared {
@@ -64,44 +64,48 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Validates a config and prints what it means.
+/// Validates a config and prints what it means. Missing secrets are
+/// reported, not fatal: `init-db` may not have run yet.
 pub fn check_config(config: &Path) -> anyhow::Result<()> {
     let loaded = Loaded::from_path(config)?;
     let providers = loaded.providers()?;
-    let proxy = loaded.proxy_config()?;
-    let claims = loaded.claims_key().map(|_| "set").unwrap_or("MISSING");
+    let file = &loaded.file;
     let tls = loaded.tls()?.is_some();
-    println!("config {} is valid", config.display());
+    // Builds the upstream TLS settings too, so a bad CA file fails here.
+    let proxy = loaded.proxy_config();
+    println!("config {}", config.display());
     println!(
         "listen   {} (TLS {}), tokens over cleartext: {:?}",
-        loaded.file.listen.address,
+        file.listen.address,
         if tls { "on" } else { "off" },
-        proxy.cleartext_tokens
+        file.listen.cleartext_tokens
     );
     println!(
-        "upstream {}:{} databases: {}",
-        proxy.upstream.host,
-        proxy.upstream.port,
-        if proxy.databases.is_empty() {
+        "upstream {}:{} (TLS {:?}), databases: {}",
+        file.upstream.host,
+        file.upstream.port,
+        file.upstream.tls,
+        if file.upstream.databases.is_empty() {
             "any".to_owned()
         } else {
-            proxy.databases.join(", ")
+            file.upstream.databases.join(", ")
         }
     );
-    let mut roles: Vec<_> = proxy.roles.iter().collect();
-    roles.sort_by_key(|(name, _)| name.as_str());
-    for (name, role) in roles {
+    let mut missing = Vec::new();
+    for (name, role) in &file.roles {
+        let password = match &role.password_env {
+            Some(var) if loaded.secrets.get(var).is_some() => "set",
+            Some(var) => {
+                missing.push(var.clone());
+                "MISSING"
+            }
+            None => "none (trust)",
+        };
         println!(
-            "role     {name}: {}, upstream password {}",
-            if role.requires_token {
-                "token required"
-            } else {
-                "anonymous (no token)"
-            },
-            if role.password.is_some() {
-                "set"
-            } else {
-                "none (trust)"
+            "role     {name}: {}, upstream password {password}",
+            match role.token {
+                TokenPolicy::Required => "token required",
+                TokenPolicy::None => "anonymous (no token)",
             }
         );
     }
@@ -119,6 +123,19 @@ pub fn check_config(config: &Path) -> anyhow::Result<()> {
             }
         );
     }
-    println!("claims key {claims}");
+    if loaded.secrets.get(&file.identity.claims_key_env).is_none() {
+        missing.push(file.identity.claims_key_env.clone());
+    } else {
+        loaded.claims_key()?;
+    }
+    if missing.is_empty() {
+        proxy?;
+        println!("ok: the proxy can start with this config");
+    } else {
+        println!(
+            "missing secrets: {} (run `authgres init-db` or set them)",
+            missing.join(", ")
+        );
+    }
     Ok(())
 }

@@ -44,12 +44,22 @@ fn demo_serves_two_users_and_cleans_up_on_sigterm() {
             .env("PGPASSWORD", token)
             .output()
             .expect("psql");
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     };
     let get = |name: &str| env.iter().find(|(k, _)| k == name).expect(name).1.clone();
     let (a, b) = (get("AUTHGRES_TOKEN_A"), get("AUTHGRES_TOKEN_B"));
-    assert_eq!(psql(&a, "insert into todos (task) values ('from a') returning user_id"), "user_alice\nINSERT 0 1");
+    assert_eq!(
+        psql(
+            &a,
+            "insert into todos (task) values ('from a') returning user_id"
+        ),
+        "user_alice\nINSERT 0 1"
+    );
     assert_eq!(psql(&b, "select count(*) from todos"), "0");
     assert_eq!(psql(&a, "select count(*) from todos"), "1");
 
@@ -58,7 +68,11 @@ fn demo_serves_two_users_and_cleans_up_on_sigterm() {
         .arg(&state)
         .output()
         .expect("authgres token");
-    assert!(minted.status.success(), "{}", String::from_utf8_lossy(&minted.stderr));
+    assert!(
+        minted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&minted.stderr)
+    );
     let carol = String::from_utf8_lossy(&minted.stdout).trim().to_owned();
     assert_eq!(psql(&carol, "select auth.user_id()"), "user_carol");
 

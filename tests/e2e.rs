@@ -32,7 +32,10 @@ async fn psql_users_see_only_their_own_rows() {
     let out = stack.psql(
         "authenticated",
         Some(&bob),
-        &["insert into todos (task) values ('bob one')", "select auth.user_id()"],
+        &[
+            "insert into todos (task) values ('bob one')",
+            "select auth.user_id()",
+        ],
     );
     assert_eq!(stdout(&out), "INSERT 0 1\nuser_bob");
 
@@ -66,7 +69,9 @@ async fn psql_users_see_only_their_own_rows() {
 #[tokio::test(flavor = "multi_thread")]
 async fn tokio_postgres_connects_plain_with_tls_and_with_direct_tls() {
     let stack = Stack::start().await;
-    let token = stack.issuer.mint(&TokenSpec::new("user_es").key(KeyKind::Ec));
+    let token = stack
+        .issuer
+        .mint(&TokenSpec::new("user_es").key(KeyKind::Ec));
     let who = |client: tokio_postgres::Client| async move {
         let row = client
             .query_one("select auth.user_id(), current_user::text", &[])
@@ -84,11 +89,17 @@ async fn tokio_postgres_connects_plain_with_tls_and_with_direct_tls() {
         .expect("sslmode=require");
     assert_eq!(who(tls).await, expected);
     let direct = stack
-        .connect_tls("authenticated", &token, "sslmode=require sslnegotiation=direct")
+        .connect_tls(
+            "authenticated",
+            &token,
+            "sslmode=require sslnegotiation=direct",
+        )
         .await
         .expect("direct TLS");
     assert_eq!(who(direct).await, expected);
-    let eddsa = stack.issuer.mint(&TokenSpec::new("user_ed").key(KeyKind::Ed25519));
+    let eddsa = stack
+        .issuer
+        .mint(&TokenSpec::new("user_ed").key(KeyKind::Ed25519));
     let client = stack.connect("authenticated", &eddsa).await.expect("EdDSA");
     assert_eq!(who(client).await.0, "user_ed");
 }
@@ -104,9 +115,7 @@ async fn bad_tokens_are_refused_with_28p01_and_the_connection_closes() {
 
     let impostor = Signer::generate(issuer.issuer()).expect("keys");
     let stranger = Signer::generate("https://evil.example.com").expect("keys");
-    let claims = |sub: &str| {
-        json!({"sub": sub, "iss": issuer.issuer(), "exp": now_secs() + 3600, "iat": now_secs()})
-    };
+    let claims = |sub: &str| json!({"sub": sub, "iss": issuer.issuer(), "exp": now_secs() + 3600, "iat": now_secs()});
     let b64 = |v: &serde_json::Value| URL_SAFE_NO_PAD.encode(v.to_string());
 
     let valid = issuer.token("user_alice");
@@ -115,17 +124,37 @@ async fn bad_tokens_are_refused_with_28p01_and_the_connection_closes() {
     parts[1] = &changed_payload;
     let changed_sub = parts.join(".");
 
-    let signing_input = format!("{}.{}", b64(&json!({"alg": "HS256", "typ": "JWT"})), b64(&claims("user_alice")));
-    let hmac_key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &issuer.signer().rsa_public_der());
+    let signing_input = format!(
+        "{}.{}",
+        b64(&json!({"alg": "HS256", "typ": "JWT"})),
+        b64(&claims("user_alice"))
+    );
+    let hmac_key = aws_lc_rs::hmac::Key::new(
+        aws_lc_rs::hmac::HMAC_SHA256,
+        &issuer.signer().rsa_public_der(),
+    );
     let confused = format!(
         "{signing_input}.{}",
         URL_SAFE_NO_PAD.encode(aws_lc_rs::hmac::sign(&hmac_key, signing_input.as_bytes()))
     );
 
     let cases: Vec<(&str, String)> = vec![
-        ("wrong signature", impostor.mint(&TokenSpec::new("user_alice"))),
-        ("expired", issuer.mint(&TokenSpec::new("user_alice").issued_at(now - 2 * hour).ttl(hour))),
-        ("not yet valid", issuer.mint(&TokenSpec::new("user_alice").issued_at(now + hour))),
+        (
+            "wrong signature",
+            impostor.mint(&TokenSpec::new("user_alice")),
+        ),
+        (
+            "expired",
+            issuer.mint(
+                &TokenSpec::new("user_alice")
+                    .issued_at(now - 2 * hour)
+                    .ttl(hour),
+            ),
+        ),
+        (
+            "not yet valid",
+            issuer.mint(&TokenSpec::new("user_alice").issued_at(now + hour)),
+        ),
         ("wrong issuer", stranger.mint(&TokenSpec::new("user_alice"))),
         (
             "unknown kid",
@@ -143,14 +172,24 @@ async fn bad_tokens_are_refused_with_28p01_and_the_connection_closes() {
                 KeyKind::Ec,
             ),
         ),
-        ("alg none", format!("{}.{}.", b64(&json!({"alg": "none"})), b64(&claims("user_alice")))),
+        (
+            "alg none",
+            format!(
+                "{}.{}.",
+                b64(&json!({"alg": "none"})),
+                b64(&claims("user_alice"))
+            ),
+        ),
         ("HS256 with the public key", confused),
         ("changed sub", changed_sub),
-        ("no exp", issuer.signer().sign_raw(
-            &json!({"alg": "RS256", "kid": "rsa-1"}),
-            &json!({"sub": "user_alice", "iss": issuer.issuer()}),
-            KeyKind::Rsa,
-        )),
+        (
+            "no exp",
+            issuer.signer().sign_raw(
+                &json!({"alg": "RS256", "kid": "rsa-1"}),
+                &json!({"sub": "user_alice", "iss": issuer.issuer()}),
+                KeyKind::Rsa,
+            ),
+        ),
         ("garbage", "not-a-jwt".to_owned()),
         ("three garbage parts", "a.b.c".to_owned()),
     ];
@@ -159,19 +198,39 @@ async fn bad_tokens_are_refused_with_28p01_and_the_connection_closes() {
         raw.send_startup(&[("user", "authenticated"), ("database", common::DATABASE)])
             .await;
         let (tag, body) = raw.read_message().await.expect("password request");
-        assert_eq!((tag, &body[..]), (b'R', &[0, 0, 0, 3][..]), "{name}: cleartext password request");
+        assert_eq!(
+            (tag, &body[..]),
+            (b'R', &[0, 0, 0, 3][..]),
+            "{name}: cleartext password request"
+        );
         raw.send_password(&token).await;
         let (code, message) = raw.expect_error().await;
         assert_eq!(code, "28P01", "{name}: {message}");
-        assert!(!message.contains(&token), "{name}: the token leaked into the message");
-        assert!(raw.closed_within(Duration::from_secs(3)).await, "{name}: connection left open");
+        assert!(
+            !message.contains(&token),
+            "{name}: the token leaked into the message"
+        );
+        assert!(
+            raw.closed_within(Duration::from_secs(3)).await,
+            "{name}: connection left open"
+        );
     }
 
     // The same through a driver: the error surfaces as invalid_password.
-    let expired = issuer.mint(&TokenSpec::new("user_alice").issued_at(now - 2 * hour).ttl(hour));
-    let error = stack.connect("authenticated", &expired).await.err().expect("refused");
+    let expired = issuer.mint(
+        &TokenSpec::new("user_alice")
+            .issued_at(now - 2 * hour)
+            .ttl(hour),
+    );
+    let error = stack
+        .connect("authenticated", &expired)
+        .await
+        .expect_err("refused");
     assert_eq!(error.code(), Some(&SqlState::INVALID_PASSWORD), "{error}");
-    assert!(!stack.log().contains(&expired), "the token leaked into the log");
+    assert!(
+        !stack.log().contains(&expired),
+        "the token leaked into the log"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -179,15 +238,22 @@ async fn role_the_provider_may_not_use_and_unknown_roles_get_28000() {
     let stack = Stack::start().await;
     let token = stack.issuer.token("user_alice");
     for role in ["reporting", "postgres", "nobody"] {
-        let error = stack.connect(role, &token).await.err().expect("refused");
+        let error = stack.connect(role, &token).await.expect_err("refused");
         assert_eq!(
             error.code(),
             Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
             "{role}: {error}"
         );
     }
-    let error = stack.connect("authenticated", "").await.err().expect("refused");
-    assert_eq!(error.code(), Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION), "{error}");
+    let error = stack
+        .connect("authenticated", "")
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        error.code(),
+        Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+        "{error}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -315,14 +381,22 @@ async fn startup_options_cannot_set_identity_or_role() {
         "options='-c session_authorization=postgres'",
     ] {
         let (client, connection) = match tokio_postgres::connect(
-            &stack.conninfo("authenticated", &token, &format!("sslmode=disable {options}")),
+            &stack.conninfo(
+                "authenticated",
+                &token,
+                &format!("sslmode=disable {options}"),
+            ),
             tokio_postgres::NoTls,
         )
         .await
         {
             Ok(pair) => pair,
             Err(error) => {
-                assert_eq!(error.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{options}: {error}");
+                assert_eq!(
+                    error.code(),
+                    Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+                    "{options}: {error}"
+                );
                 continue;
             }
         };
@@ -364,7 +438,7 @@ async fn cancel_request_reaches_the_upstream_backend() {
         .await
         .expect("query ended after cancel")
         .expect("join");
-    let error = result.err().expect("cancelled");
+    let error = result.expect_err("cancelled");
     assert_eq!(error.code(), Some(&SqlState::QUERY_CANCELED), "{error}");
     assert!(started.elapsed() < Duration::from_secs(15));
 }
@@ -377,8 +451,15 @@ async fn cleartext_tokens_can_be_refused_entirely() {
     })
     .await;
     let token = stack.issuer.token("user_alice");
-    let error = stack.connect("authenticated", &token).await.err().expect("refused");
-    assert_eq!(error.code(), Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION), "{error}");
+    let error = stack
+        .connect("authenticated", &token)
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        error.code(),
+        Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+        "{error}"
+    );
     let client = stack
         .connect_tls("authenticated", &token, "sslmode=require")
         .await
@@ -399,4 +480,132 @@ fn now_secs() -> u64 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .expect("after 1970")
         .as_secs()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_tls_verify_full_encrypts_the_upstream_leg() {
+    let stack = Stack::start_with(common::Options {
+        upstream_tls: Some(true),
+        ..Default::default()
+    })
+    .await;
+    let client = stack
+        .connect("authenticated", &stack.issuer.token("user_alice"))
+        .await
+        .expect("connect");
+    let row = client
+        .query_one(
+            "select ssl, auth.user_id() from pg_stat_ssl where pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("query");
+    assert!(row.get::<_, bool>(0), "upstream leg is not TLS");
+    assert_eq!(row.get::<_, String>(1), "user_alice");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_certificate_from_an_unknown_ca_is_refused() {
+    let stack = Stack::start_with(common::Options {
+        upstream_tls: Some(false),
+        ..Default::default()
+    })
+    .await;
+    let error = stack
+        .connect("authenticated", &stack.issuer.token("user_alice"))
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        error.code(),
+        Some(&SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION),
+        "{error}"
+    );
+    assert!(stack.log().contains("upstream TLS"), "{}", stack.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn terminating_the_upstream_backend_closes_the_client() {
+    let stack = Stack::start().await;
+    let mut raw = RawClient::connect(stack.port).await;
+    raw.send_startup(&[
+        ("user", "authenticated"),
+        ("database", common::DATABASE),
+        ("application_name", "victim"),
+    ])
+    .await;
+    raw.read_message().await.expect("password request");
+    raw.send_password(&stack.issuer.token("user_alice")).await;
+    loop {
+        let (tag, _) = raw.read_message().await.expect("handshake");
+        if tag == b'Z' {
+            break;
+        }
+    }
+    let admin = stack.cluster.admin(common::DATABASE).await.expect("admin");
+    let terminated = admin
+        .query_one(
+            "select count(*) from (select pg_terminate_backend(pid) from pg_stat_activity \
+             where application_name = 'victim') t",
+            &[],
+        )
+        .await
+        .expect("terminate")
+        .get::<_, i64>(0);
+    assert_eq!(terminated, 1);
+    let (code, _) = raw.expect_error().await;
+    assert_eq!(code, "57P01", "admin_shutdown relayed");
+    assert!(raw.closed_within(Duration::from_secs(5)).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gssenc_is_declined_and_direct_tls_needs_alpn() {
+    let stack = Stack::start().await;
+    // GSSENCRequest gets 'N' and the startup continues in the clear.
+    let mut raw = RawClient::connect(stack.port).await;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    raw.stream
+        .write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30])
+        .await
+        .expect("write");
+    let mut answer = [0u8; 1];
+    raw.stream.read_exact(&mut answer).await.expect("answer");
+    assert_eq!(&answer, b"N");
+    raw.send_startup(&[("user", "anonymous"), ("database", common::DATABASE)])
+        .await;
+    let (tag, _) = raw.read_message().await.expect("AuthenticationOk");
+    assert_eq!(tag, b'R');
+
+    // Direct TLS without ALPN "postgresql" is dropped before startup.
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", stack.port))
+        .await
+        .expect("connect");
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject as _;
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(stack.ca_pem.as_bytes()) {
+        roots.add(cert.expect("pem")).expect("add");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    if let Ok(mut tls) = connector.connect(name, tcp).await {
+        let mut buf = bytes::BytesMut::new();
+        postgres_protocol::message::frontend::startup_message(
+            [("user", "anonymous"), ("database", common::DATABASE)],
+            &mut buf,
+        )
+        .expect("encode");
+        let _ = tls.write_all(&buf).await;
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut byte)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "a direct TLS client without ALPN got an answer"
+        );
+    }
 }

@@ -18,6 +18,9 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_authgres");
 pub struct Options {
     pub auth_timeout: &'static str,
     pub cleartext_tokens: &'static str,
+    /// Run the cluster with TLS and have the proxy use `verify-full`
+    /// against this CA: `Some(true)` the right CA, `Some(false)` a stranger's.
+    pub upstream_tls: Option<bool>,
 }
 
 impl Default for Options {
@@ -25,6 +28,7 @@ impl Default for Options {
         Self {
             auth_timeout: "2s",
             cleartext_tokens: "loopback",
+            upstream_tls: None,
         }
     }
 }
@@ -44,14 +48,35 @@ impl Stack {
     }
 
     pub async fn start_with(options: Options) -> Self {
-        let cluster = tokio::task::spawn_blocking(Cluster::start)
-            .await
-            .expect("join")
-            .expect("sandbox cluster starts");
+        let certs = TestCerts::generate().expect("certs");
+        let cluster = match options.upstream_tls {
+            None => tokio::task::spawn_blocking(Cluster::start).await,
+            Some(_) => {
+                let certs = TestCerts {
+                    ca_pem: certs.ca_pem.clone(),
+                    cert_pem: certs.cert_pem.clone(),
+                    key_pem: certs.key_pem.clone(),
+                };
+                tokio::task::spawn_blocking(move || Cluster::start_with_tls(&certs)).await
+            }
+        }
+        .expect("join")
+        .expect("sandbox cluster starts");
         let issuer = Issuer::start().await.expect("issuer starts");
         let dir = tempfile::tempdir().expect("tempdir");
-        let certs = TestCerts::generate().expect("certs");
         certs.write_to(dir.path()).expect("write certs");
+        let upstream_tls = match options.upstream_tls {
+            None => String::new(),
+            Some(right_ca) => {
+                let ca = if right_ca {
+                    certs.ca_pem.clone()
+                } else {
+                    TestCerts::generate().expect("other CA").ca_pem
+                };
+                std::fs::write(dir.path().join("upstream-ca.pem"), ca).expect("write CA");
+                "tls = \"verify-full\"\ntls_ca_file = \"upstream-ca.pem\"\n".to_owned()
+            }
+        };
         let port = free_port();
         let config = format!(
             r#"secrets_file = "authgres.env"
@@ -66,7 +91,7 @@ host = "127.0.0.1"
 port = {pg_port}
 databases = ["{DATABASE}"]
 connect_timeout = "5s"
-[roles.authenticated]
+{upstream_tls}[roles.authenticated]
 password_env = "AUTHGRES_AUTHENTICATED_PASSWORD"
 [roles.anonymous]
 password_env = "AUTHGRES_ANONYMOUS_PASSWORD"
@@ -164,7 +189,11 @@ roles = ["authenticated"]
     }
 
     /// tokio-postgres without TLS.
-    pub async fn connect(&self, user: &str, token: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    pub async fn connect(
+        &self,
+        user: &str,
+        token: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
         let (client, connection) = tokio_postgres::connect(
             &self.conninfo(user, token, "sslmode=disable"),
             tokio_postgres::NoTls,
@@ -182,7 +211,8 @@ roles = ["authenticated"]
         extra: &str,
     ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
         let (client, connection) =
-            tokio_postgres::connect(&self.conninfo(user, token, extra), self.tls_connector()).await?;
+            tokio_postgres::connect(&self.conninfo(user, token, extra), self.tls_connector())
+                .await?;
         tokio::spawn(connection);
         Ok(client)
     }
@@ -288,9 +318,10 @@ impl RawClient {
     /// Reads one backend message: (tag, body).
     pub async fn read_message(&mut self) -> Option<(u8, Vec<u8>)> {
         let mut header = [0u8; 5];
-        let read = tokio::time::timeout(Duration::from_secs(10), self.stream.read_exact(&mut header))
-            .await
-            .expect("no reply within 10s");
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), self.stream.read_exact(&mut header))
+                .await
+                .expect("no reply within 10s");
         read.ok()?;
         let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
         let mut body = vec![0u8; len.saturating_sub(4)];
@@ -301,7 +332,10 @@ impl RawClient {
     /// Reads until an ErrorResponse; returns its SQLSTATE and message.
     pub async fn expect_error(&mut self) -> (String, String) {
         loop {
-            let (tag, body) = self.read_message().await.expect("an ErrorResponse before EOF");
+            let (tag, body) = self
+                .read_message()
+                .await
+                .expect("an ErrorResponse before EOF");
             if tag == b'E' {
                 return error_fields(&body);
             }

@@ -34,7 +34,11 @@ async fn verifies_rs256_es256_and_eddsa_into_an_identity() {
         let claims: serde_json::Value =
             serde_json::from_str(&identity.claims_json).expect("claims json");
         assert_eq!(claims["iss"], issuer.issuer());
-        assert!(claims["sid"].as_str().is_some_and(|s| s.starts_with("sess_")));
+        assert!(
+            claims["sid"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("sess_"))
+        );
     }
 }
 
@@ -43,7 +47,11 @@ async fn expiry_and_not_before_follow_the_injected_clock_with_leeway() {
     let issuer = Issuer::start().await.expect("issuer");
     let verifier = verifier(&issuer, |p| p.leeway = Duration::from_secs(30));
     let issued = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-    let token = issuer.mint(&TokenSpec::new("u").issued_at(issued).ttl(Duration::from_secs(60)));
+    let token = issuer.mint(
+        &TokenSpec::new("u")
+            .issued_at(issued)
+            .ttl(Duration::from_secs(60)),
+    );
     let at = |secs: u64| issued + Duration::from_secs(secs);
     let before = |secs: u64| issued - Duration::from_secs(secs);
     let check = |now| verifier.verify(&token, "authenticated", now);
@@ -65,8 +73,14 @@ async fn audience_may_be_a_string_or_a_list() {
     let check = |token: String| async move { verifier.verify(&token, "authenticated", now).await };
     assert!(check(with_aud(json!("api://app"))).await.is_ok());
     assert!(check(with_aud(json!(["other", "api://app"]))).await.is_ok());
-    assert_eq!(check(with_aud(json!("other"))).await, Err(VerifyError::WrongAudience));
-    assert_eq!(check(with_aud(json!([]))).await, Err(VerifyError::WrongAudience));
+    assert_eq!(
+        check(with_aud(json!("other"))).await,
+        Err(VerifyError::WrongAudience)
+    );
+    assert_eq!(
+        check(with_aud(json!([]))).await,
+        Err(VerifyError::WrongAudience)
+    );
     assert_eq!(
         check(issuer.mint(&TokenSpec::new("u"))).await,
         Err(VerifyError::WrongAudience)
@@ -90,10 +104,14 @@ async fn roles_are_checked_against_the_provider() {
 #[tokio::test]
 async fn algorithms_outside_the_allow_list_are_refused() {
     let issuer = Issuer::start().await.expect("issuer");
-    let verifier = verifier(&issuer, |p| p.algorithms = vec![jsonwebtoken::Algorithm::RS256]);
+    let verifier = verifier(&issuer, |p| {
+        p.algorithms = vec![jsonwebtoken::Algorithm::RS256]
+    });
     let token = issuer.mint(&TokenSpec::new("u").key(KeyKind::Ec));
     assert!(matches!(
-        verifier.verify(&token, "authenticated", SystemTime::now()).await,
+        verifier
+            .verify(&token, "authenticated", SystemTime::now())
+            .await,
         Err(VerifyError::AlgorithmNotAllowed { .. })
     ));
 }

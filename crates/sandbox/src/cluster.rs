@@ -28,6 +28,16 @@ impl Cluster {
     ///
     /// As root, `initdb` and `postgres` run as the `postgres` OS user.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_inner(None)
+    }
+
+    /// Like [`start`](Self::start), with `ssl = on` using `certs`' server
+    /// certificate (for `localhost`, `127.0.0.1`, `::1`).
+    pub fn start_with_tls(certs: &crate::tls::TestCerts) -> anyhow::Result<Self> {
+        Self::start_inner(Some(certs))
+    }
+
+    fn start_inner(tls: Option<&crate::tls::TestCerts>) -> anyhow::Result<Self> {
         let bindir = find_postgres_bindir()?;
         let owner = OsUser::for_postgres()?;
         let dir = tempfile::Builder::new()
@@ -72,6 +82,24 @@ impl Cluster {
             );
         }
 
+        let mut tls_args = Vec::new();
+        if let Some(certs) = tls {
+            let cert = dir.path().join("server.crt");
+            let key = dir.path().join("server.key");
+            std::fs::write(&cert, &certs.cert_pem)?;
+            std::fs::write(&key, &certs.key_pem)?;
+            std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            owner.give(&cert)?;
+            owner.give(&key)?;
+            tls_args = vec![
+                "-c".to_owned(),
+                "ssl=on".to_owned(),
+                "-c".to_owned(),
+                format!("ssl_cert_file={}", cert.display()),
+                "-c".to_owned(),
+                format!("ssl_key_file={}", key.display()),
+            ];
+        }
         let mut last_error = None;
         for _ in 0..3 {
             let port = free_port()?;
@@ -86,6 +114,7 @@ impl Cluster {
                 .args(["-c", "listen_addresses=127.0.0.1"])
                 .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
                 .args(["-c", "full_page_writes=off", "-c", "max_connections=300"])
+                .args(&tls_args)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)

@@ -41,22 +41,32 @@ pub fn tls_acceptor(
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-/// A client connection, encrypted or not.
-pub enum ClientStream {
-    /// Plain TCP.
-    Plain(TcpStream),
-    /// TLS over TCP.
-    Tls(Box<TlsStream<TcpStream>>),
+/// A connection that is plain or TLS; both sides of the proxy use it.
+pub enum MaybeTls<P, T> {
+    /// Unencrypted.
+    Plain(P),
+    /// Encrypted (boxed: a TLS session is large and this enum is moved around).
+    Tls(Box<T>),
 }
 
-impl ClientStream {
+/// A client connection: TCP, or TLS accepted by the proxy.
+pub type ClientStream = MaybeTls<TcpStream, TlsStream<TcpStream>>;
+
+/// An upstream connection: TCP, or TLS the proxy started.
+pub type UpstreamStream = MaybeTls<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+
+impl<P, T> MaybeTls<P, T> {
     /// Whether the connection is encrypted.
     pub fn is_tls(&self) -> bool {
         matches!(self, Self::Tls(_))
     }
 }
 
-impl AsyncRead for ClientStream {
+impl<P, T> AsyncRead for MaybeTls<P, T>
+where
+    P: AsyncRead + Unpin,
+    T: AsyncRead + Unpin,
+{
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -69,7 +79,11 @@ impl AsyncRead for ClientStream {
     }
 }
 
-impl AsyncWrite for ClientStream {
+impl<P, T> AsyncWrite for MaybeTls<P, T>
+where
+    P: AsyncWrite + Unpin,
+    T: AsyncWrite + Unpin,
+{
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -111,5 +125,59 @@ impl AsyncWrite for ClientStream {
             Self::Plain(s) => s.is_write_vectored(),
             Self::Tls(s) => s.is_write_vectored(),
         }
+    }
+}
+
+/// How the proxy secures its connection to the upstream server.
+#[derive(Clone)]
+pub enum UpstreamTls {
+    /// No TLS (a server on the same host or a private network).
+    Disable,
+    /// TLS with the server certificate verified against `roots` for the
+    /// configured host name (libpq's `verify-full`).
+    VerifyFull(Arc<rustls::ClientConfig>),
+}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Disable => "disable",
+            Self::VerifyFull(_) => "verify-full",
+        })
+    }
+}
+
+impl UpstreamTls {
+    /// `verify-full` trusting the certificates in `ca_pem`, or the
+    /// platform's roots when `None`.
+    pub fn verify_full(ca_pem: Option<&std::path::Path>) -> Result<Self, String> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject as _;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?;
+        let config = match ca_pem {
+            Some(path) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_file_iter(path)
+                    .map_err(|e| format!("reading CA file {}: {e}", path.display()))?
+                {
+                    let cert = cert.map_err(|e| format!("CA file {}: {e}", path.display()))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("CA file {}: {e}", path.display()))?;
+                }
+                builder.with_root_certificates(roots).with_no_client_auth()
+            }
+            None => {
+                use rustls_platform_verifier::BuilderVerifierExt as _;
+                builder
+                    .with_platform_verifier()
+                    .map_err(|e| format!("loading the platform's CA roots: {e}"))?
+                    .with_no_client_auth()
+            }
+        };
+        Ok(Self::VerifyFull(Arc::new(config)))
     }
 }

@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 
 use crate::error::{ClientView, SqlState};
 use crate::identity::{CLAIMS_SETTING, ClaimsKey, SIGNATURE_SETTING};
+use crate::transport::{MaybeTls, UpstreamStream, UpstreamTls};
 
 /// Where the real Postgres is.
 #[derive(Debug, Clone)]
@@ -27,6 +28,8 @@ pub struct UpstreamConfig {
     pub port: u16,
     /// Time allowed to connect and log in.
     pub connect_timeout: Duration,
+    /// Whether and how to use TLS to the server.
+    pub tls: UpstreamTls,
 }
 
 /// Why the upstream login or identity attach failed.
@@ -57,6 +60,9 @@ pub enum UpstreamError {
         /// Server's message.
         message: String,
     },
+    /// TLS to the server is configured and the server refused or failed it.
+    #[error("upstream TLS: {0}")]
+    Tls(String),
     /// The server asked for an authentication method we cannot do.
     #[error("upstream asked for unsupported authentication {0}")]
     UnsupportedAuth(&'static str),
@@ -85,7 +91,7 @@ impl UpstreamError {
             hint: None,
         };
         match self {
-            Self::Connect { .. } | Self::Timeout => {
+            Self::Connect { .. } | Self::Timeout | Self::Tls(_) => {
                 unreachable("authgres could not reach the database server")
             }
             Self::Io(_) | Self::Protocol(_) => ClientView {
@@ -136,8 +142,8 @@ fn upstream_code(code: &str) -> SqlState {
 
 /// A logged-in upstream connection, before relaying.
 pub struct Upstream {
-    /// The socket.
-    pub stream: TcpStream,
+    /// The connection, TLS when configured.
+    pub stream: UpstreamStream,
     /// Bytes read past the last message handled (forwarded to the client).
     pub read_buf: BytesMut,
     /// ParameterStatus values, replayed to the client.
@@ -179,6 +185,7 @@ async fn login(
             source,
         })?;
     stream.set_nodelay(true)?;
+    let stream = secure(stream, config).await?;
     let mut conn = Upstream {
         stream,
         read_buf: BytesMut::with_capacity(8192),
@@ -294,6 +301,31 @@ async fn login(
             }
         }
     }
+}
+
+/// Negotiates TLS with SSLRequest when configured.
+async fn secure(
+    mut tcp: TcpStream,
+    config: &UpstreamConfig,
+) -> Result<UpstreamStream, UpstreamError> {
+    let UpstreamTls::VerifyFull(tls) = &config.tls else {
+        return Ok(MaybeTls::Plain(tcp));
+    };
+    let mut out = BytesMut::new();
+    frontend::ssl_request(&mut out);
+    tcp.write_all(&out).await?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await?;
+    if answer[0] != b'S' {
+        return Err(UpstreamError::Tls("the server does not accept TLS".into()));
+    }
+    let name = rustls::pki_types::ServerName::try_from(config.host.clone())
+        .map_err(|e| UpstreamError::Tls(format!("host {:?}: {e}", config.host)))?;
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::clone(tls))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| UpstreamError::Tls(e.to_string()))?;
+    Ok(MaybeTls::Tls(Box::new(stream)))
 }
 
 /// The statement that starts a new identity generation for this backend and
