@@ -16,7 +16,7 @@ fn warm_verification(c: &mut Criterion) {
     let verifier = Verifier::new(vec![ProviderConfig::new(
         "bench",
         issuer.issuer(),
-        issuer.jwks_url(),
+        &issuer.jwks_url(),
         &["authenticated"],
     )])
     .expect("verifier");

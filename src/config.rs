@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use authgres_jwt::ProviderConfig;
+use authgres_jwt::{ClaimPath, FetchSettings, KeySource, ProviderConfig};
 use authgres_wire::transport::UpstreamTls;
 use authgres_wire::{ClaimsKey, CleartextTokens, ProxyConfig, RoleConfig, UpstreamConfig};
+use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 
 /// The file as written.
@@ -99,17 +100,19 @@ pub enum UpstreamTlsMode {
     VerifyFull,
 }
 
-/// `[identity]`: the claims-signing key.
+/// `[identity]`: the claims-signing key and the verified-token cache.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Identity {
     pub claims_key_env: String,
+    pub verified_token_cache: u64,
 }
 
 impl Default for Identity {
     fn default() -> Self {
         Self {
             claims_key_env: "AUTHGRES_CLAIMS_KEY".into(),
+            verified_token_cache: 100_000,
         }
     }
 }
@@ -162,7 +165,7 @@ fn default_roles() -> BTreeMap<String, Role> {
 pub struct Provider {
     pub name: String,
     pub issuer: String,
-    pub jwks_url: String,
+    pub jwks_url: Option<String>,
     #[serde(default)]
     pub audience: OneOrMany,
     #[serde(default = "default_provider_roles")]
@@ -170,10 +173,63 @@ pub struct Provider {
     pub algorithms: Option<Vec<String>>,
     #[serde(default = "default_leeway", with = "humantime_serde")]
     pub leeway: Duration,
-    #[serde(default = "default_jwks_ttl", with = "humantime_serde")]
-    pub jwks_ttl: Duration,
+    #[serde(default)]
+    pub required_claims: Vec<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub max_token_age: Option<Duration>,
+    pub role_claim: Option<String>,
+    pub shared_secret_env: Option<String>,
+    #[serde(default = "defaults::min_ttl", with = "humantime_serde")]
+    pub jwks_min_ttl: Duration,
+    #[serde(default = "defaults::max_ttl", with = "humantime_serde")]
+    pub jwks_max_ttl: Duration,
+    #[serde(default = "defaults::unknown_kid_interval", with = "humantime_serde")]
+    pub unknown_kid_interval: Duration,
+    #[serde(default = "defaults::max_staleness", with = "humantime_serde")]
+    pub max_staleness: Duration,
+    #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
+    pub fetch_connect_timeout: Duration,
+    #[serde(default = "defaults::timeout", with = "humantime_serde")]
+    pub fetch_timeout: Duration,
+    #[serde(default = "defaults::retries")]
+    pub fetch_retries: u32,
+    #[serde(default = "defaults::max_body")]
+    pub max_jwks_bytes: usize,
+    pub ca_file: Option<PathBuf>,
     #[serde(default)]
     pub allow_insecure_http: bool,
+}
+
+/// Provider defaults, taken from the library so there is one source.
+mod defaults {
+    use std::time::Duration;
+
+    use authgres_jwt::FetchSettings;
+
+    pub fn min_ttl() -> Duration {
+        FetchSettings::default().min_ttl
+    }
+    pub fn max_ttl() -> Duration {
+        FetchSettings::default().max_ttl
+    }
+    pub fn unknown_kid_interval() -> Duration {
+        FetchSettings::default().unknown_kid_interval
+    }
+    pub fn max_staleness() -> Duration {
+        FetchSettings::default().max_staleness
+    }
+    pub fn connect_timeout() -> Duration {
+        FetchSettings::default().connect_timeout
+    }
+    pub fn timeout() -> Duration {
+        FetchSettings::default().timeout
+    }
+    pub fn retries() -> u32 {
+        FetchSettings::default().retries
+    }
+    pub fn max_body() -> usize {
+        FetchSettings::default().max_body
+    }
 }
 
 /// A string or a list of strings.
@@ -190,10 +246,7 @@ fn default_provider_roles() -> Vec<String> {
     vec!["authenticated".into()]
 }
 fn default_leeway() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_jwks_ttl() -> Duration {
-    Duration::from_secs(300)
+    authgres_jwt::DEFAULT_LEEWAY
 }
 
 /// A config file with its secrets resolved.
@@ -240,40 +293,95 @@ impl Loaded {
 
     /// Provider settings for the verifier.
     pub fn providers(&self) -> anyhow::Result<Vec<ProviderConfig>> {
-        let mut out = Vec::new();
-        for p in &self.file.providers {
-            let mut config = ProviderConfig::new(&p.name, &p.issuer, &p.jwks_url, &[]);
-            config.roles = p.roles.clone();
-            config.audience = match &p.audience {
-                OneOrMany::None => Vec::new(),
-                OneOrMany::One(a) => vec![a.clone()],
-                OneOrMany::Many(list) => list.clone(),
-            };
-            if let Some(algorithms) = &p.algorithms {
-                config.algorithms = algorithms
-                    .iter()
-                    .map(|a| {
-                        a.parse().map_err(|_| {
-                            anyhow::anyhow!("provider {:?}: unknown algorithm {a:?}", p.name)
-                        })
-                    })
-                    .collect::<anyhow::Result<_>>()?;
+        self.file
+            .providers
+            .iter()
+            .map(|p| self.provider(p))
+            .collect()
+    }
+
+    fn provider(&self, p: &Provider) -> anyhow::Result<ProviderConfig> {
+        let context = || format!("provider {:?}", p.name);
+        let shared_secret = match &p.shared_secret_env {
+            Some(var) => Some(
+                self.secrets
+                    .get(var)
+                    .with_context(|| format!("{var} (shared_secret_env) is not set"))
+                    .with_context(context)?
+                    .into_bytes(),
+            ),
+            None => None,
+        };
+        let mut config = ProviderConfig::new(&p.name, &p.issuer, "", &[]);
+        config.keys = match (&p.jwks_url, &shared_secret) {
+            (Some(url), _) => KeySource::Jwks(url.clone()),
+            (None, None) => KeySource::Discovery,
+            (None, Some(_)) => KeySource::SharedSecretOnly,
+        };
+        config.roles = p.roles.clone();
+        config.audience = match &p.audience {
+            OneOrMany::None => Vec::new(),
+            OneOrMany::One(a) => vec![a.clone()],
+            OneOrMany::Many(list) => list.clone(),
+        };
+        config.algorithms = match &p.algorithms {
+            Some(algorithms) => algorithms
+                .iter()
+                .map(|a| {
+                    a.parse()
+                        .map_err(|_| anyhow::anyhow!("unknown algorithm {a:?}"))
+                })
+                .collect::<anyhow::Result<_>>()
+                .with_context(context)?,
+            None if config.keys == KeySource::SharedSecretOnly => {
+                vec![Algorithm::HS256, Algorithm::HS384, Algorithm::HS512]
             }
-            config.leeway = p.leeway;
-            config.jwks_ttl = p.jwks_ttl;
-            config.allow_insecure_http = p.allow_insecure_http;
-            for role in &config.roles {
-                if !self.file.roles.contains_key(role) {
-                    bail!(
-                        "provider {:?} lists role {role:?}, which is not under [roles]",
-                        p.name
-                    );
-                }
+            None if shared_secret.is_some() => {
+                let mut all = config.algorithms.clone();
+                all.extend([Algorithm::HS256, Algorithm::HS384, Algorithm::HS512]);
+                all
             }
-            config.validate()?;
-            out.push(config);
+            None => config.algorithms.clone(),
+        };
+        config.leeway = p.leeway;
+        config.required_claims = p.required_claims.clone();
+        config.max_token_age = p.max_token_age;
+        config.role_claim = p
+            .role_claim
+            .as_deref()
+            .map(ClaimPath::parse)
+            .transpose()
+            .with_context(context)?;
+        config.shared_secret = shared_secret;
+        config.fetch = FetchSettings {
+            min_ttl: p.jwks_min_ttl,
+            max_ttl: p.jwks_max_ttl,
+            unknown_kid_interval: p.unknown_kid_interval,
+            max_staleness: p.max_staleness,
+            connect_timeout: p.fetch_connect_timeout,
+            timeout: p.fetch_timeout,
+            retries: p.fetch_retries,
+            max_body: p.max_jwks_bytes,
+            ca_pem: match &p.ca_file {
+                Some(path) => Some(
+                    std::fs::read(self.path(path))
+                        .with_context(|| format!("reading ca_file {}", path.display()))
+                        .with_context(context)?,
+                ),
+                None => None,
+            },
+            allow_insecure_http: p.allow_insecure_http,
+        };
+        for role in &config.roles {
+            if !self.file.roles.contains_key(role) {
+                bail!(
+                    "provider {:?} lists role {role:?}, which is not under [roles]",
+                    p.name
+                );
+            }
         }
-        Ok(out)
+        config.validate()?;
+        Ok(config)
     }
 
     /// Wire settings.

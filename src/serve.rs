@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use authgres_jwt::Verifier;
+use authgres_jwt::{KeySource, Verifier};
 use authgres_wire::Proxy;
 
 use crate::config::{Loaded, TokenPolicy};
@@ -12,6 +12,7 @@ use crate::config::{Loaded, TokenPolicy};
 /// Everything `serve` needs, built and checked from a config.
 pub struct Prepared {
     pub proxy: Arc<Proxy>,
+    pub verifier: Arc<Verifier>,
     pub address: String,
 }
 
@@ -21,15 +22,19 @@ pub fn prepare(loaded: &Loaded) -> anyhow::Result<Prepared> {
     if providers.is_empty() {
         tracing::warn!("no [[providers]] configured: only token-less roles can log in");
     }
-    let verifier = Arc::new(Verifier::new(providers)?);
+    let verifier = Arc::new(Verifier::with_token_cache(
+        providers,
+        loaded.file.identity.verified_token_cache,
+    )?);
     let proxy = Proxy::new(
         loaded.proxy_config()?,
-        verifier,
+        Arc::clone(&verifier),
         loaded.claims_key()?,
         loaded.tls()?,
     );
     Ok(Prepared {
         proxy: Arc::new(proxy),
+        verifier,
         address: loaded.file.listen.address.clone(),
     })
 }
@@ -42,6 +47,9 @@ pub async fn serve(config: &Path) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", prepared.address))?;
     tracing::info!(address = %prepared.address, "authgres listening");
+    // Warm the key caches without delaying the listener.
+    let verifier = Arc::clone(&prepared.verifier);
+    tokio::spawn(async move { verifier.prefetch(std::time::SystemTime::now()).await });
     authgres_wire::server::serve(prepared.proxy, listener, shutdown_signal()).await?;
     tracing::info!("shutting down");
     Ok(())
@@ -114,7 +122,11 @@ pub fn check_config(config: &Path) -> anyhow::Result<()> {
             "provider {}: iss {} keys {} roles [{}]{}",
             p.name,
             p.issuer,
-            p.jwks_url,
+            match &p.keys {
+                KeySource::Jwks(url) => url.clone(),
+                KeySource::Discovery => "via OIDC discovery".to_owned(),
+                KeySource::SharedSecretOnly => "shared secret only".to_owned(),
+            },
             p.roles.join(", "),
             if p.audience.is_empty() {
                 String::new()

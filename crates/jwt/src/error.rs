@@ -41,7 +41,10 @@ pub enum VerifyError {
     WrongAudience,
     /// A claim that must be present is missing or has the wrong type.
     #[error("token lacks a valid {0:?} claim")]
-    MissingClaim(&'static str),
+    MissingClaim(String),
+    /// `iat` is older than the provider's maximum token age.
+    #[error("token was issued too long ago")]
+    TooOld,
     /// The provider may not log in as the requested role.
     #[error("identity provider {provider:?} may not log in as role {role:?}")]
     RoleNotAllowed {

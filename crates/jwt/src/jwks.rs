@@ -1,32 +1,15 @@
-//! Fetching and caching a provider's JSON Web Key Set ([RFC 7517]).
+//! A provider's JSON Web Key Set ([RFC 7517]) as verification keys.
 //!
 //! [`KeySet::parse`] keeps only keys usable for signatures and skips keys it
 //! cannot parse instead of failing the whole set (providers publish
 //! encryption keys and exotic curves beside their signing keys).
-//! [`JwksCache`] fetches each provider's set once (single-flight: a burst of
-//! connections causes one fetch) and refetches at most once per
-//! [`UNKNOWN_KID_REFETCH_INTERVAL`] when a token names an unknown key.
 //!
 //! [RFC 7517]: https://www.rfc-editor.org/rfc/rfc7517
-
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 
-use crate::provider::ProviderConfig;
-
-/// Largest JWKS response body accepted.
-pub const MAX_JWKS_BODY: usize = 64 * 1024;
-/// Time allowed to connect to a JWKS endpoint.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Time allowed for a whole JWKS fetch.
-pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
-/// A token with an unknown `kid` triggers at most one refetch per provider in
-/// this interval, so a flood of forged kids cannot become a fetch storm.
-pub const UNKNOWN_KID_REFETCH_INTERVAL: Duration = Duration::from_secs(30);
+use crate::fetch::FetchError;
 
 /// One verification key and the algorithms it may verify.
 pub struct VerifyingKey {
@@ -43,6 +26,9 @@ pub struct VerifyingKey {
 pub struct KeySet {
     /// Keys in the order the provider published them.
     pub keys: Vec<VerifyingKey>,
+    /// Keys in the document that were not usable for signatures (encryption
+    /// keys, unsupported curves, malformed entries).
+    pub skipped: usize,
 }
 
 impl KeySet {
@@ -53,20 +39,23 @@ impl KeySet {
         struct Document {
             keys: Vec<serde_json::Value>,
         }
-        let document: Document =
-            serde_json::from_slice(body).map_err(|e| FetchError::NotJwks(e.to_string()))?;
+        let document: Document = serde_json::from_slice(body).map_err(|e| FetchError::Invalid {
+            what: "JWKS document",
+            detail: e.to_string(),
+        })?;
         let mut keys = Vec::with_capacity(document.keys.len());
+        let mut skipped = 0;
         for value in document.keys {
             let Ok(jwk) = serde_json::from_value::<Jwk>(value) else {
-                tracing::debug!("skipping a JWK that does not parse");
+                skipped += 1;
                 continue;
             };
             match verifying_key(&jwk) {
                 Some(key) => keys.push(key),
-                None => tracing::debug!(kid = ?jwk.common.key_id, "skipping a non-signature JWK"),
+                None => skipped += 1,
             }
         }
-        Ok(Self { keys })
+        Ok(Self { keys, skipped })
     }
 
     /// Keys that may verify a token with this `kid` and `alg`.
@@ -148,129 +137,6 @@ fn algorithm_of(declared: KeyAlgorithm) -> Option<Algorithm> {
     })
 }
 
-/// Why a JWKS could not be had.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum FetchError {
-    /// Connection, TLS or timeout failure.
-    #[error("request failed: {0}")]
-    Http(String),
-    /// The endpoint answered with a non-success status (redirects included).
-    #[error("endpoint answered HTTP {0}")]
-    Status(u16),
-    /// The body exceeded [`MAX_JWKS_BODY`].
-    #[error("response body exceeds {MAX_JWKS_BODY} bytes")]
-    TooLarge,
-    /// The body is not a JWKS document.
-    #[error("response is not a JWKS document: {0}")]
-    NotJwks(String),
-}
-
-/// Per-provider JWKS cache with single-flight fetches.
-pub struct JwksCache {
-    http: reqwest::Client,
-    sets: moka::future::Cache<String, Arc<KeySet>>,
-    /// When each provider last refetched for an unknown kid (unix seconds).
-    last_forced: Mutex<HashMap<String, u64>>,
-}
-
-impl JwksCache {
-    /// A cache whose entries live for `ttl`.
-    pub fn new(ttl: Duration) -> Result<Self, FetchError> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(FETCH_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| FetchError::Http(e.to_string()))?;
-        Ok(Self {
-            http,
-            sets: moka::future::Cache::builder()
-                .time_to_live(ttl)
-                .max_capacity(1024)
-                .build(),
-            last_forced: Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// The provider's key set, fetched if not cached. Concurrent callers
-    /// share one fetch; failures are not cached.
-    pub async fn get(&self, provider: &ProviderConfig) -> Result<Arc<KeySet>, Arc<FetchError>> {
-        self.sets
-            .try_get_with_by_ref(&provider.name, self.fetch(provider))
-            .await
-    }
-
-    /// Drops the cached set so the next [`get`](Self::get) fetches again,
-    /// unless this provider already refetched within
-    /// [`UNKNOWN_KID_REFETCH_INTERVAL`] of `now` (unix seconds). Returns
-    /// whether a refetch is allowed.
-    pub async fn allow_refetch(&self, provider: &ProviderConfig, now: u64) -> bool {
-        {
-            let mut last = self
-                .last_forced
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let previous = last.get(&provider.name).copied();
-            if previous.is_some_and(|t| now < t + UNKNOWN_KID_REFETCH_INTERVAL.as_secs()) {
-                return false;
-            }
-            last.insert(provider.name.clone(), now);
-        }
-        self.sets.invalidate(&provider.name).await;
-        true
-    }
-
-    async fn fetch(&self, provider: &ProviderConfig) -> Result<Arc<KeySet>, FetchError> {
-        let result = self.fetch_once(&provider.jwks_url).await;
-        match &result {
-            Ok(set) => tracing::info!(
-                provider = %provider.name,
-                keys = set.keys.len(),
-                "fetched JWKS"
-            ),
-            Err(error) => tracing::warn!(
-                provider = %provider.name,
-                url = %provider.jwks_url,
-                %error,
-                "could not fetch JWKS"
-            ),
-        }
-        result.map(Arc::new)
-    }
-
-    async fn fetch_once(&self, url: &str) -> Result<KeySet, FetchError> {
-        let mut response = self
-            .http
-            .get(url)
-            .header("accept", "application/json")
-            .send()
-            .await
-            .map_err(|e| FetchError::Http(e.to_string()))?;
-        if !response.status().is_success() {
-            return Err(FetchError::Status(response.status().as_u16()));
-        }
-        if response
-            .content_length()
-            .is_some_and(|len| len > MAX_JWKS_BODY as u64)
-        {
-            return Err(FetchError::TooLarge);
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| FetchError::Http(e.to_string()))?
-        {
-            if body.len() + chunk.len() > MAX_JWKS_BODY {
-                return Err(FetchError::TooLarge);
-            }
-            body.extend_from_slice(&chunk);
-        }
-        KeySet::parse(&body)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,6 +152,7 @@ mod tests {
         ]}"#;
         let set = KeySet::parse(body).expect("a JWKS");
         assert_eq!(set.keys.len(), 1);
+        assert_eq!(set.skipped, 2);
         assert_eq!(set.keys[0].kid.as_deref(), Some("p256"));
         assert_eq!(set.keys[0].algorithms, [Algorithm::ES256]);
         assert_eq!(set.candidates(Some("p256"), Algorithm::ES256).count(), 1);
@@ -295,10 +162,13 @@ mod tests {
 
     #[test]
     fn not_a_jwks_fails() {
-        assert!(matches!(KeySet::parse(b"[]"), Err(FetchError::NotJwks(_))));
+        assert!(matches!(
+            KeySet::parse(b"[]"),
+            Err(FetchError::Invalid { .. })
+        ));
         assert!(matches!(
             KeySet::parse(b"<html>"),
-            Err(FetchError::NotJwks(_))
+            Err(FetchError::Invalid { .. })
         ));
     }
 }

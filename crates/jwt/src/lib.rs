@@ -2,20 +2,29 @@
 //!
 //! A [`Verifier`] holds the configured [`ProviderConfig`]s. For each token it
 //! picks the provider by the token's `iss`, finds the signing key in that
-//! provider's JWKS (fetched over HTTP(S) and cached, see [`jwks`]), checks the
+//! provider's JWKS (fetched over HTTP(S) with safety limits, see
+//! [`fetch`], and cached, see the `keystore` module docs), checks the
 //! signature with an algorithm decided by the key and the provider's
-//! allow-list, validates `exp`/`nbf`/`aud` against an injected clock, and
-//! checks that the provider may log in as the requested database role.
+//! allow-list, validates `exp`/`nbf`/`iat`/`aud`/required claims against an
+//! injected clock, and resolves the database role. Tokens that verified are
+//! remembered (by SHA-256) until they expire, so reconnects skip the
+//! signature check.
 //!
 //! Specs: [RFC 7519](https://www.rfc-editor.org/rfc/rfc7519) (JWT),
 //! [RFC 7517](https://www.rfc-editor.org/rfc/rfc7517) (JWK),
-//! [RFC 8037](https://www.rfc-editor.org/rfc/rfc8037) (EdDSA in JOSE).
+//! [RFC 8037](https://www.rfc-editor.org/rfc/rfc8037) (EdDSA in JOSE),
+//! [OpenID Connect Discovery](https://openid.net/specs/openid-connect-discovery-1_0.html).
 
+mod claim_path;
 mod error;
+pub mod fetch;
 pub mod jwks;
+mod keystore;
 mod provider;
+mod token_cache;
 mod verify;
 
+pub use claim_path::{BadClaimPath, ClaimPath};
 pub use error::VerifyError;
-pub use provider::{ConfigError, ProviderConfig};
-pub use verify::{Identity, Verifier};
+pub use provider::{ConfigError, DEFAULT_LEEWAY, FetchSettings, KeySource, ProviderConfig};
+pub use verify::{Identity, MAX_TOKEN_LEN, Verifier};

@@ -4,10 +4,66 @@ use std::time::Duration;
 
 use jsonwebtoken::Algorithm;
 
+use crate::claim_path::ClaimPath;
+
 /// Default clock leeway applied to `exp` and `nbf`.
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
-/// Default lifetime of a fetched JWKS before it is fetched again.
-pub const DEFAULT_JWKS_TTL: Duration = Duration::from_secs(300);
+
+/// Where a provider's verification keys come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// A JWKS at this URL.
+    Jwks(String),
+    /// OIDC discovery: `{issuer}/.well-known/openid-configuration` names the JWKS.
+    Discovery,
+    /// No public keys: only the shared secret (HS256/384/512).
+    SharedSecretOnly,
+}
+
+/// How a provider's JWKS is fetched and kept.
+#[derive(Debug, Clone)]
+pub struct FetchSettings {
+    /// Shortest time fetched keys are used before a refresh (floor for
+    /// Cache-Control max-age, and the TTL when the provider sends none).
+    pub min_ttl: Duration,
+    /// Longest time fetched keys are used before a refresh (cap for max-age).
+    pub max_ttl: Duration,
+    /// A token with an unknown `kid` triggers at most one refetch per
+    /// provider in this interval.
+    pub unknown_kid_interval: Duration,
+    /// While the provider is unreachable, the last good keys keep working
+    /// this long after they were fetched.
+    pub max_staleness: Duration,
+    /// Time allowed to connect.
+    pub connect_timeout: Duration,
+    /// Time allowed for one whole request.
+    pub timeout: Duration,
+    /// Retries after a failed attempt (connection errors and 5xx only).
+    pub retries: u32,
+    /// Largest response body accepted.
+    pub max_body: usize,
+    /// PEM CA certificates to trust instead of the platform's roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Allow `http://` on hosts other than loopback (labs only).
+    pub allow_insecure_http: bool,
+}
+
+impl Default for FetchSettings {
+    fn default() -> Self {
+        Self {
+            min_ttl: Duration::from_secs(300),
+            max_ttl: Duration::from_secs(3600),
+            unknown_kid_interval: Duration::from_secs(30),
+            max_staleness: Duration::from_secs(24 * 3600),
+            connect_timeout: Duration::from_secs(2),
+            timeout: Duration::from_secs(5),
+            retries: 2,
+            max_body: 64 * 1024,
+            ca_pem: None,
+            allow_insecure_http: false,
+        }
+    }
+}
 
 /// An identity provider whose tokens may log in.
 #[derive(Debug, Clone)]
@@ -16,35 +72,44 @@ pub struct ProviderConfig {
     pub name: String,
     /// Exact `iss` claim of this provider's tokens; selects the provider.
     pub issuer: String,
-    /// Where the provider publishes its JWKS.
-    pub jwks_url: String,
+    /// Where the verification keys come from.
+    pub keys: KeySource,
     /// Accepted `aud` values; empty means `aud` is not checked.
     pub audience: Vec<String>,
     /// Database roles this provider's tokens may log in as.
     pub roles: Vec<String>,
     /// Signature algorithms accepted; the key still decides which one fits.
     pub algorithms: Vec<Algorithm>,
-    /// Clock skew tolerated on `exp` and `nbf`.
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`.
     pub leeway: Duration,
-    /// How long a fetched JWKS is used before it is fetched again.
-    pub jwks_ttl: Duration,
-    /// Allow `http://` JWKS URLs on hosts other than loopback (tests, labs).
-    pub allow_insecure_http: bool,
+    /// Claims every token must carry (beyond `iss`, `exp` and `sub`).
+    pub required_claims: Vec<String>,
+    /// Refuse tokens issued (`iat`) longer ago than this.
+    pub max_token_age: Option<Duration>,
+    /// Take the database role from this claim instead of the startup user.
+    pub role_claim: Option<ClaimPath>,
+    /// Shared secret for HS256/384/512 (Supabase's legacy JWT secret).
+    pub shared_secret: Option<Vec<u8>>,
+    /// JWKS fetching and caching.
+    pub fetch: FetchSettings,
 }
 
 impl ProviderConfig {
-    /// A provider with default leeway, TTL and every asymmetric algorithm.
+    /// A provider with a JWKS URL and defaults for everything else.
     pub fn new(name: &str, issuer: &str, jwks_url: &str, roles: &[&str]) -> Self {
         Self {
             name: name.to_owned(),
             issuer: issuer.to_owned(),
-            jwks_url: jwks_url.to_owned(),
+            keys: KeySource::Jwks(jwks_url.to_owned()),
             audience: Vec::new(),
             roles: roles.iter().map(|r| (*r).to_owned()).collect(),
             algorithms: ASYMMETRIC.to_vec(),
             leeway: DEFAULT_LEEWAY,
-            jwks_ttl: DEFAULT_JWKS_TTL,
-            allow_insecure_http: false,
+            required_claims: Vec::new(),
+            max_token_age: None,
+            role_claim: None,
+            shared_secret: None,
+            fetch: FetchSettings::default(),
         }
     }
 
@@ -62,23 +127,47 @@ impl ProviderConfig {
                 "roles is empty: the provider could log in as nothing".into()
             ));
         }
-        if self.algorithms.iter().any(|a| !ASYMMETRIC.contains(a)) {
+        if self.algorithms.is_empty() {
+            return Err(err("algorithms is empty".into()));
+        }
+        let symmetric = self.algorithms.iter().any(|a| SYMMETRIC.contains(a));
+        if symmetric && self.shared_secret.is_none() {
             return Err(err(
-                "only asymmetric algorithms (RS*, PS*, ES256, ES384, EdDSA) are supported".into(),
+                "HS256/384/512 need a shared secret; public keys never verify HMAC tokens".into(),
             ));
         }
-        let url = self.jwks_url.as_str();
-        if let Some(rest) = url.strip_prefix("http://") {
-            let host = rest.split(['/', '?']).next().unwrap_or("");
-            if !is_loopback_authority(host) && !self.allow_insecure_http {
-                return Err(err(format!(
-                    "jwks_url {url} uses http on a non-loopback host; use https"
-                )));
-            }
-        } else if !url.starts_with("https://") {
-            return Err(err(format!("jwks_url {url} is not an http(s) URL")));
+        if self.shared_secret.as_ref().is_some_and(|s| s.len() < 32) {
+            return Err(err("the shared secret must be at least 32 bytes".into()));
+        }
+        if self.keys == KeySource::SharedSecretOnly && self.shared_secret.is_none() {
+            return Err(err("no jwks_url, no discovery and no shared secret".into()));
+        }
+        let f = &self.fetch;
+        if f.min_ttl > f.max_ttl {
+            return Err(err("jwks_min_ttl is longer than jwks_max_ttl".into()));
+        }
+        match &self.keys {
+            KeySource::Jwks(url) => check_url(url, f.allow_insecure_http).map_err(err)?,
+            KeySource::Discovery => check_url(&self.issuer, f.allow_insecure_http)
+                .map_err(|reason| err(format!("discovery from the issuer: {reason}")))?,
+            KeySource::SharedSecretOnly => {}
         }
         Ok(())
+    }
+}
+
+/// A URL the fetcher may use: https, or http on a loopback host.
+pub(crate) fn check_url(url: &str, allow_insecure_http: bool) -> Result<(), String> {
+    if let Some(rest) = url.strip_prefix("http://") {
+        let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+        if !is_loopback_authority(host) && !allow_insecure_http {
+            return Err(format!("{url} uses http on a non-loopback host; use https"));
+        }
+        Ok(())
+    } else if url.starts_with("https://") {
+        Ok(())
+    } else {
+        Err(format!("{url} is not an http(s) URL"))
     }
 }
 
@@ -95,7 +184,13 @@ pub(crate) const ASYMMETRIC: [Algorithm; 9] = [
     Algorithm::EdDSA,
 ];
 
+/// HMAC algorithms: only with an explicitly configured shared secret.
+pub(crate) const SYMMETRIC: [Algorithm; 3] = [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
+
 fn is_loopback_authority(authority: &str) -> bool {
+    let authority = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
     let host = match authority.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or(""),
         None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
@@ -129,6 +224,18 @@ mod tests {
         assert!(ok("http://localhost/jwks").is_ok());
         assert!(ok("http://example.com/jwks").is_err());
         assert!(ok("http://127.0.0.1.example.com/jwks").is_err());
+        assert!(ok("http://127.0.0.1@example.com/jwks").is_err());
         assert!(ok("ftp://example.com/jwks").is_err());
+    }
+
+    #[test]
+    fn hmac_needs_a_long_enough_secret() {
+        let mut p = ProviderConfig::new("p", "iss", "https://x/jwks", &["authenticated"]);
+        p.algorithms = vec![Algorithm::HS256];
+        assert!(p.validate().is_err());
+        p.shared_secret = Some(vec![1; 16]);
+        assert!(p.validate().is_err());
+        p.shared_secret = Some(vec![1; 32]);
+        assert!(p.validate().is_ok());
     }
 }

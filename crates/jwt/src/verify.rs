@@ -1,16 +1,18 @@
-//! Token → [`Identity`]: provider selection, signature, claims, role.
+//! Token → [`Identity`]: provider selection, key and algorithm, signature,
+//! claims, role.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use jsonwebtoken::{Algorithm, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
 use crate::error::VerifyError;
-use crate::jwks::{JwksCache, KeySet};
-use crate::provider::{ConfigError, ProviderConfig};
+use crate::keystore::{Fetched, KeyStore};
+use crate::provider::{ConfigError, KeySource, ProviderConfig, SYMMETRIC};
+use crate::token_cache::{self, TokenCache, Verified};
 
 /// Largest token accepted, in bytes; matches the wire's password limit.
 pub const MAX_TOKEN_LEN: usize = 64 * 1024;
@@ -19,27 +21,40 @@ pub const MAX_TOKEN_LEN: usize = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     /// Name of the provider that issued the token.
-    pub provider: String,
+    pub provider: Arc<str>,
     /// The token's `sub`.
     pub subject: String,
+    /// The database role to log in as: the requested role, or the token's
+    /// role claim when the provider has `role_claim`.
+    pub role: String,
     /// The verified claims as compact, ASCII-only JSON (non-ASCII characters
     /// as `\u` escapes), exactly what SQL sees: ASCII survives any
     /// client_encoding conversion byte for byte, so the signature over it
     /// verifies in every database encoding.
-    pub claims_json: String,
+    pub claims_json: Arc<str>,
     /// The token's `exp` (unix seconds).
     pub expires_at: u64,
 }
 
 /// Verifies tokens against the configured providers.
 pub struct Verifier {
-    providers: Vec<ProviderConfig>,
-    jwks: JwksCache,
+    providers: Vec<Arc<ProviderConfig>>,
+    names: Vec<Arc<str>>,
+    keys: Arc<KeyStore>,
+    verified: TokenCache,
 }
 
 impl Verifier {
     /// A verifier for these providers; fails on a provider that cannot work.
     pub fn new(providers: Vec<ProviderConfig>) -> Result<Self, ConfigError> {
+        Self::with_token_cache(providers, token_cache::DEFAULT_CAPACITY)
+    }
+
+    /// Like [`new`](Self::new), remembering at most `capacity` verified tokens.
+    pub fn with_token_cache(
+        providers: Vec<ProviderConfig>,
+        capacity: u64,
+    ) -> Result<Self, ConfigError> {
         for provider in &providers {
             provider.validate()?;
         }
@@ -54,21 +69,39 @@ impl Verifier {
                 });
             }
         }
-        let ttl = providers
-            .iter()
-            .map(|p| p.jwks_ttl)
-            .min()
-            .unwrap_or(crate::provider::DEFAULT_JWKS_TTL);
-        let jwks = JwksCache::new(ttl).map_err(|e| ConfigError {
-            provider: String::new(),
-            reason: format!("cannot build the HTTP client for JWKS fetches: {e}"),
-        })?;
-        Ok(Self { providers, jwks })
+        let providers: Vec<_> = providers.into_iter().map(Arc::new).collect();
+        let keys = KeyStore::new(&providers)
+            .map_err(|(provider, reason)| ConfigError { provider, reason })?;
+        Ok(Self {
+            names: providers
+                .iter()
+                .map(|p| Arc::from(p.name.as_str()))
+                .collect(),
+            providers,
+            keys,
+            verified: TokenCache::new(capacity),
+        })
     }
 
     /// The configured providers.
-    pub fn providers(&self) -> &[ProviderConfig] {
-        &self.providers
+    pub fn providers(&self) -> impl Iterator<Item = &ProviderConfig> {
+        self.providers.iter().map(|p| p.as_ref())
+    }
+
+    /// Fetches every JWKS provider's keys now (at startup, so the first
+    /// logins do not wait); failures are logged and retried on use.
+    pub async fn prefetch(&self, now: SystemTime) {
+        let now = unix(now);
+        for (index, provider) in self.providers.iter().enumerate() {
+            if provider.keys != KeySource::SharedSecretOnly {
+                let _ = self.keys.keys(index, now).await;
+            }
+        }
+    }
+
+    /// Waits for background key refreshes to finish (tests, shutdown).
+    pub async fn settle(&self) {
+        self.keys.settle().await;
     }
 
     /// Verifies `token` for a login as `role` at time `now`.
@@ -78,74 +111,154 @@ impl Verifier {
         role: &str,
         now: SystemTime,
     ) -> Result<Identity, VerifyError> {
-        let now = now
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO)
-            .as_secs();
+        let now = unix(now);
         if token.len() > MAX_TOKEN_LEN {
             return Err(VerifyError::Malformed("token too long"));
         }
+        let cache_key = TokenCache::key(token);
+        if let Some(hit) = self.verified.get(&cache_key) {
+            if self.still_trusted(&hit).await {
+                let provider = &self.providers[hit.provider];
+                check_claims(&hit.claims, provider, now)?;
+                let mut identity = hit.identity.clone();
+                identity.role = resolve_role(provider, &hit.claims, role)?;
+                return Ok(identity);
+            }
+            self.verified.remove(&cache_key);
+        }
+        let verified = self.verify_uncached(token, now).await?;
+        let provider = &self.providers[verified.provider];
+        let role = resolve_role(provider, &verified.claims, role);
+        let mut identity = verified.identity.clone();
+        self.verified.insert(cache_key, verified);
+        identity.role = role?;
+        Ok(identity)
+    }
+
+    /// Whether a cached token's key is still published by its provider.
+    async fn still_trusted(&self, hit: &Verified) -> bool {
+        if hit.shared_secret {
+            return true;
+        }
+        match (&hit.kid, self.keys.cached(hit.provider).await) {
+            (Some(kid), Some(fetched)) => fetched.keys.has_kid(kid),
+            (None, Some(_)) => true,
+            (_, None) => false,
+        }
+    }
+
+    async fn verify_uncached(&self, token: &str, now: u64) -> Result<Verified, VerifyError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| VerifyError::Malformed("header is not a supported JWS header"))?;
         let issuer = unverified_issuer(token)?;
-        let provider = self
+        let index = self
             .providers
             .iter()
-            .find(|p| p.issuer == issuer)
+            .position(|p| p.issuer == issuer)
             .ok_or(VerifyError::UnknownIssuer)?;
-        if !provider.algorithms.contains(&header.alg) {
+        let provider = &self.providers[index];
+        let alg = header.alg;
+        if !provider.algorithms.contains(&alg) {
             return Err(VerifyError::AlgorithmNotAllowed {
-                alg: format!("{:?}", header.alg),
+                alg: format!("{alg:?}"),
             });
         }
-        let kid = header.kid.as_deref();
-        let mut keys = self.keys(provider).await?;
-        if keys.candidates(kid, header.alg).next().is_none() {
-            let unknown_kid = kid.is_some_and(|kid| !keys.has_kid(kid));
-            if unknown_kid && self.jwks.allow_refetch(provider, now).await {
-                keys = self.keys(provider).await?;
-            }
-            if keys.candidates(kid, header.alg).next().is_none() {
-                return Err(match kid {
-                    Some(kid) if keys.has_kid(kid) => VerifyError::AlgorithmNotAllowed {
-                        alg: format!("{:?}", header.alg),
-                    },
-                    _ => VerifyError::UnknownKey {
-                        kid: kid.map(str::to_owned),
-                    },
-                });
-            }
-        }
-        let claims = verify_signature(token, header.alg, &keys, kid)?;
+        let kid = header.kid;
+        let claims = if SYMMETRIC.contains(&alg) {
+            // validate() guarantees HS* is allowed only with a shared secret.
+            let secret =
+                provider
+                    .shared_secret
+                    .as_deref()
+                    .ok_or(VerifyError::AlgorithmNotAllowed {
+                        alg: format!("{alg:?}"),
+                    })?;
+            decode(
+                token,
+                alg,
+                std::iter::once(&DecodingKey::from_secret(secret)),
+            )?
+        } else {
+            let keys = self.keys_for(index, now, kid.as_deref(), alg).await?;
+            decode(
+                token,
+                alg,
+                keys.keys.candidates(kid.as_deref(), alg).map(|k| &k.key),
+            )?
+        };
         check_claims(&claims, provider, now)?;
-        if !provider.roles.iter().any(|r| r == role) {
-            return Err(VerifyError::RoleNotAllowed {
-                provider: provider.name.clone(),
-                role: role.to_owned(),
-            });
-        }
         let subject = match claims.get("sub") {
             Some(Value::String(sub)) if !sub.is_empty() => sub.clone(),
-            _ => return Err(VerifyError::MissingClaim("sub")),
+            _ => return Err(VerifyError::MissingClaim("sub".into())),
         };
         let expires_at = claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
-        let claims_json = ascii_json(&Value::Object(claims))?;
-        Ok(Identity {
-            provider: provider.name.clone(),
+        let identity = Identity {
+            provider: Arc::clone(&self.names[index]),
             subject,
-            claims_json,
+            role: String::new(),
+            claims_json: Arc::from(ascii_json(&claims)?),
             expires_at,
+        };
+        Ok(Verified {
+            provider: index,
+            shared_secret: SYMMETRIC.contains(&alg),
+            kid,
+            claims,
+            identity,
         })
     }
 
-    async fn keys(&self, provider: &ProviderConfig) -> Result<Arc<KeySet>, VerifyError> {
-        self.jwks
-            .get(provider)
+    /// The provider's keys holding a key for `kid` and `alg`, refetching
+    /// once (rate-limited) when the kid is unknown.
+    async fn keys_for(
+        &self,
+        index: usize,
+        now: u64,
+        kid: Option<&str>,
+        alg: Algorithm,
+    ) -> Result<Arc<Fetched>, VerifyError> {
+        let unavailable = || VerifyError::KeysUnavailable {
+            provider: self.providers[index].name.clone(),
+        };
+        let fetched = self
+            .keys
+            .keys(index, now)
             .await
-            .map_err(|_| VerifyError::KeysUnavailable {
-                provider: provider.name.clone(),
-            })
+            .map_err(|_| unavailable())?;
+        if fetched.keys.candidates(kid, alg).next().is_some() {
+            return Ok(fetched);
+        }
+        let known_kid = kid.is_none_or(|kid| fetched.keys.has_kid(kid));
+        let fetched = if known_kid {
+            fetched
+        } else {
+            match self
+                .keys
+                .refetch_for_unknown_kid(index, now, &fetched)
+                .await
+            {
+                Some(refetched) => refetched,
+                None => fetched,
+            }
+        };
+        if fetched.keys.candidates(kid, alg).next().is_some() {
+            return Ok(fetched);
+        }
+        Err(match kid {
+            Some(kid) if fetched.keys.has_kid(kid) => VerifyError::AlgorithmNotAllowed {
+                alg: format!("{alg:?}"),
+            },
+            _ => VerifyError::UnknownKey {
+                kid: kid.map(str::to_owned),
+            },
+        })
     }
+}
+
+fn unix(now: SystemTime) -> u64 {
+    now.duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs()
 }
 
 /// Reads `iss` from the unverified payload, only to pick the provider whose
@@ -166,14 +279,14 @@ fn unverified_issuer(token: &str) -> Result<String, VerifyError> {
     }
     let parsed: Issuer = serde_json::from_slice(&bytes)
         .map_err(|_| VerifyError::Malformed("payload is not a JSON object"))?;
-    parsed.iss.ok_or(VerifyError::MissingClaim("iss"))
+    parsed.iss.ok_or(VerifyError::MissingClaim("iss".into()))
 }
 
-fn verify_signature(
+/// Checks the signature with each candidate key in turn.
+fn decode<'a>(
     token: &str,
     alg: Algorithm,
-    keys: &KeySet,
-    kid: Option<&str>,
+    keys: impl Iterator<Item = &'a DecodingKey>,
 ) -> Result<Map<String, Value>, VerifyError> {
     let mut validation = Validation::new(alg);
     // Time and audience are checked by `check_claims` against the injected
@@ -183,8 +296,8 @@ fn verify_signature(
     validation.validate_aud = false;
     validation.required_spec_claims.clear();
     let mut last = VerifyError::BadSignature;
-    for key in keys.candidates(kid, alg) {
-        match jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &validation) {
+    for key in keys {
+        match jsonwebtoken::decode::<Map<String, Value>>(token, key, &validation) {
             Ok(data) => return Ok(data.claims),
             Err(error) => {
                 last = match error.kind() {
@@ -211,7 +324,7 @@ fn check_claims(
     if claims.get("iss").and_then(Value::as_str) != Some(provider.issuer.as_str()) {
         return Err(VerifyError::UnknownIssuer);
     }
-    let exp = numeric_date(claims, "exp")?.ok_or(VerifyError::MissingClaim("exp"))?;
+    let exp = numeric_date(claims, "exp")?.ok_or(VerifyError::MissingClaim("exp".into()))?;
     if now >= exp.saturating_add(leeway) {
         return Err(VerifyError::Expired);
     }
@@ -219,6 +332,15 @@ fn check_claims(
         && nbf > now.saturating_add(leeway)
     {
         return Err(VerifyError::NotYetValid);
+    }
+    // `iat` in the future is not refused (providers backdate `nbf` for clock
+    // skew, not `iat`); it only bounds the token's age when configured.
+    let iat = numeric_date(claims, "iat")?;
+    if let Some(max_age) = provider.max_token_age {
+        let iat = iat.ok_or(VerifyError::MissingClaim("iat".into()))?;
+        if now > iat.saturating_add(max_age.as_secs()).saturating_add(leeway) {
+            return Err(VerifyError::TooOld);
+        }
     }
     if !provider.audience.is_empty() {
         let accepted = |aud: &str| provider.audience.iter().any(|a| a == aud);
@@ -231,29 +353,56 @@ fn check_claims(
             return Err(VerifyError::WrongAudience);
         }
     }
+    for name in &provider.required_claims {
+        if claims.get(name).is_none_or(Value::is_null) {
+            return Err(VerifyError::MissingClaim(name.clone()));
+        }
+    }
     Ok(())
 }
 
-/// A NumericDate claim (RFC 7519 §2): seconds, possibly fractional.
-fn numeric_date(
+/// The role a login gets: the role claim when configured, otherwise the
+/// requested role; either way one the provider may use.
+fn resolve_role(
+    provider: &ProviderConfig,
     claims: &Map<String, Value>,
-    name: &'static str,
-) -> Result<Option<u64>, VerifyError> {
+    requested: &str,
+) -> Result<String, VerifyError> {
+    let role = match &provider.role_claim {
+        Some(path) => match path.lookup(claims) {
+            Some(Value::String(role)) if !role.is_empty() => role.as_str(),
+            _ => return Err(VerifyError::MissingClaim("role (role_claim)".into())),
+        },
+        None => requested,
+    };
+    if provider.roles.iter().any(|r| r == role) {
+        Ok(role.to_owned())
+    } else {
+        Err(VerifyError::RoleNotAllowed {
+            provider: provider.name.clone(),
+            role: role.to_owned(),
+        })
+    }
+}
+
+/// A NumericDate claim (RFC 7519 §2): seconds, possibly fractional.
+fn numeric_date(claims: &Map<String, Value>, name: &str) -> Result<Option<u64>, VerifyError> {
     match claims.get(name) {
         None => Ok(None),
         Some(Value::Number(n)) => n
             .as_u64()
             .or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
             .map(Some)
-            .ok_or(VerifyError::MissingClaim(name)),
-        Some(_) => Err(VerifyError::MissingClaim(name)),
+            .ok_or_else(|| VerifyError::MissingClaim(name.to_owned())),
+        Some(_) => Err(VerifyError::MissingClaim(name.to_owned())),
     }
 }
 
 /// Compact JSON with every non-ASCII character written as a `\u` escape.
 /// Refuses NUL, which Postgres text (and so jsonb) cannot hold.
-fn ascii_json(value: &Value) -> Result<String, VerifyError> {
-    let compact = value.to_string();
+fn ascii_json(claims: &Map<String, Value>) -> Result<String, VerifyError> {
+    let compact = serde_json::to_string(claims)
+        .map_err(|_| VerifyError::Malformed("claims do not serialize"))?;
     if compact.contains("\\u0000") {
         return Err(VerifyError::Malformed("claims contain a NUL character"));
     }
@@ -278,7 +427,7 @@ mod tests {
     #[test]
     fn claims_become_ascii_json_that_parses_back_the_same() {
         let value = serde_json::json!({"sub": "usér_😀", "q": "it's \\ \"x\""});
-        let ascii = ascii_json(&value).expect("no NUL");
+        let ascii = ascii_json(value.as_object().expect("object")).expect("no NUL");
         assert!(ascii.is_ascii(), "{ascii}");
         assert_eq!(serde_json::from_str::<Value>(&ascii).expect("json"), value);
     }
@@ -286,6 +435,6 @@ mod tests {
     #[test]
     fn nul_in_claims_is_refused() {
         let value = serde_json::json!({"sub": "a\u{0}b"});
-        assert!(ascii_json(&value).is_err());
+        assert!(ascii_json(value.as_object().expect("object")).is_err());
     }
 }

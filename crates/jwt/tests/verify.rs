@@ -12,7 +12,7 @@ fn verifier(issuer: &Issuer, configure: impl FnOnce(&mut ProviderConfig)) -> Ver
     let mut provider = ProviderConfig::new(
         "sandbox",
         issuer.issuer(),
-        issuer.jwks_url(),
+        &issuer.jwks_url(),
         &["authenticated"],
     );
     configure(&mut provider);
@@ -30,7 +30,7 @@ async fn verifies_rs256_es256_and_eddsa_into_an_identity() {
             .await
             .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
         assert_eq!(identity.subject, "user_1");
-        assert_eq!(identity.provider, "sandbox");
+        assert_eq!(&*identity.provider, "sandbox");
         let claims: serde_json::Value =
             serde_json::from_str(&identity.claims_json).expect("claims json");
         assert_eq!(claims["iss"], issuer.issuer());

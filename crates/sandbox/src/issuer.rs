@@ -2,8 +2,9 @@
 //! shaped like Clerk's session tokens.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
@@ -103,9 +104,18 @@ impl TokenSpec {
 
 struct Keys {
     issuer: String,
-    rsa: RsaKeyPair,
+    /// Published RSA keys by kid; the last one signs.
+    rsa: RwLock<Vec<(String, Arc<RsaKeyPair>)>>,
     ec: EcdsaKeyPair,
     ed: Ed25519KeyPair,
+}
+
+impl Keys {
+    fn current_rsa(&self) -> (String, Arc<RsaKeyPair>) {
+        let keys = self.rsa.read().unwrap_or_else(PoisonError::into_inner);
+        let (kid, key) = keys.last().expect("an RSA key always exists");
+        (kid.clone(), Arc::clone(key))
+    }
 }
 
 /// Mints tokens with the issuer's keys. Cheap to clone.
@@ -124,11 +134,29 @@ impl Signer {
         Ok(Self {
             keys: Arc::new(Keys {
                 issuer: issuer.to_owned(),
-                rsa,
+                rsa: RwLock::new(vec![(KeyKind::Rsa.kid().to_owned(), Arc::new(rsa))]),
                 ec,
                 ed,
             }),
         })
+    }
+
+    /// Rotates the RSA key: a new key (kid `rsa-N`) signs from now on and is
+    /// published; the previous key stays published only if `keep_old`.
+    /// Returns the new kid.
+    pub fn rotate_rsa(&self, keep_old: bool) -> anyhow::Result<String> {
+        let key = RsaKeyPair::generate(KeySize::Rsa2048).context("generating an RSA key")?;
+        let mut keys = self
+            .keys
+            .rsa
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let kid = format!("rsa-{}", keys.len() + 1);
+        if !keep_old {
+            keys.clear();
+        }
+        keys.push((kid.clone(), Arc::new(key)));
+        Ok(kid)
     }
 
     /// The `iss` of minted tokens.
@@ -157,17 +185,27 @@ impl Signer {
         for (name, value) in &spec.claims {
             claims.insert(name.clone(), value.clone());
         }
-        let header = json!({"alg": spec.key.alg(), "kid": spec.key.kid(), "typ": "JWT"});
+        let kid = match spec.key {
+            KeyKind::Rsa => self.keys.current_rsa().0,
+            other => other.kid().to_owned(),
+        };
+        let header = json!({"alg": spec.key.alg(), "kid": kid, "typ": "JWT"});
         self.sign_raw(&header, &Value::Object(claims), spec.key)
     }
 
     /// Signs any header and payload with one of the keys, for tests that
     /// forge tokens (wrong `alg`, missing claims, ...).
     pub fn sign_raw(&self, header: &Value, payload: &Value, key: KeyKind) -> String {
+        self.sign_raw_json(&header.to_string(), &payload.to_string(), key)
+    }
+
+    /// Signs header and payload JSON given as text, byte for byte (for
+    /// provider quirks such as Cognito's escaped slashes).
+    pub fn sign_raw_json(&self, header: &str, payload: &str, key: KeyKind) -> String {
         let signing_input = format!(
             "{}.{}",
-            URL_SAFE_NO_PAD.encode(header.to_string()),
-            URL_SAFE_NO_PAD.encode(payload.to_string())
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(payload)
         );
         let signature = self.sign_bytes(signing_input.as_bytes(), key);
         format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature))
@@ -177,10 +215,9 @@ impl Signer {
         let rng = aws_lc_rs::rand::SystemRandom::new();
         match key {
             KeyKind::Rsa => {
-                let mut signature = vec![0; self.keys.rsa.public_modulus_len()];
-                self.keys
-                    .rsa
-                    .sign(&RSA_PKCS1_SHA256, &rng, message, &mut signature)
+                let (_, rsa) = self.keys.current_rsa();
+                let mut signature = vec![0; rsa.public_modulus_len()];
+                rsa.sign(&RSA_PKCS1_SHA256, &rng, message, &mut signature)
                     .expect("RSA signing with a generated key succeeds");
                 signature
             }
@@ -197,25 +234,36 @@ impl Signer {
 
     /// The public keys as a JWKS document.
     pub fn jwks(&self) -> Value {
-        let rsa = self.keys.rsa.public_key();
         let ec_point = self.keys.ec.public_key().as_ref();
         // An uncompressed P-256 point: 0x04 || x (32 bytes) || y (32 bytes).
         let (x, y) = ec_point[1..].split_at(32);
-        json!({"keys": [
-            {"kty": "RSA", "use": "sig", "alg": "RS256", "kid": KeyKind::Rsa.kid(),
-             "n": URL_SAFE_NO_PAD.encode(rsa.modulus().big_endian_without_leading_zero()),
-             "e": URL_SAFE_NO_PAD.encode(rsa.exponent().big_endian_without_leading_zero())},
-            {"kty": "EC", "use": "sig", "alg": "ES256", "crv": "P-256", "kid": KeyKind::Ec.kid(),
-             "x": URL_SAFE_NO_PAD.encode(x), "y": URL_SAFE_NO_PAD.encode(y)},
-            {"kty": "OKP", "use": "sig", "alg": "EdDSA", "crv": "Ed25519", "kid": KeyKind::Ed25519.kid(),
-             "x": URL_SAFE_NO_PAD.encode(self.keys.ed.public_key().as_ref())},
-        ]})
+        let mut keys: Vec<Value> = self
+            .keys
+            .rsa
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(kid, rsa)| {
+                let public = rsa.public_key();
+                json!({"kty": "RSA", "use": "sig", "alg": "RS256", "kid": kid,
+                 "n": URL_SAFE_NO_PAD.encode(public.modulus().big_endian_without_leading_zero()),
+                 "e": URL_SAFE_NO_PAD.encode(public.exponent().big_endian_without_leading_zero())})
+            })
+            .collect();
+        keys.push(json!({"kty": "EC", "use": "sig", "alg": "ES256", "crv": "P-256",
+            "kid": KeyKind::Ec.kid(), "x": URL_SAFE_NO_PAD.encode(x), "y": URL_SAFE_NO_PAD.encode(y)}));
+        keys.push(
+            json!({"kty": "OKP", "use": "sig", "alg": "EdDSA", "crv": "Ed25519",
+            "kid": KeyKind::Ed25519.kid(),
+            "x": URL_SAFE_NO_PAD.encode(self.keys.ed.public_key().as_ref())}),
+        );
+        json!({ "keys": keys })
     }
 
     /// The RSA public key as DER (RFC 8017 `RSAPublicKey`), for key-confusion
     /// attacks that HMAC-sign with a public key.
     pub fn rsa_public_der(&self) -> Vec<u8> {
-        self.keys.rsa.public_key().as_ref().to_vec()
+        self.keys.current_rsa().1.public_key().as_ref().to_vec()
     }
 
     /// Saves the private keys (for `authgres token` beside a running demo).
@@ -223,7 +271,12 @@ impl Signer {
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
         use std::io::Write as _;
         use std::os::unix::fs::OpenOptionsExt as _;
-        let rsa = self.keys.rsa.as_der().context("exporting the RSA key")?;
+        let rsa = self
+            .keys
+            .current_rsa()
+            .1
+            .as_der()
+            .context("exporting the RSA key")?;
         let ec = self.keys.ec.to_pkcs8v1().context("exporting the EC key")?;
         let ed = self
             .keys
@@ -264,8 +317,13 @@ impl Signer {
         Ok(Self {
             keys: Arc::new(Keys {
                 issuer: issuer.to_owned(),
-                rsa: RsaKeyPair::from_pkcs8(&field("rsa")?)
-                    .map_err(|e| anyhow::anyhow!("RSA key: {e}"))?,
+                rsa: RwLock::new(vec![(
+                    KeyKind::Rsa.kid().to_owned(),
+                    Arc::new(
+                        RsaKeyPair::from_pkcs8(&field("rsa")?)
+                            .map_err(|e| anyhow::anyhow!("RSA key: {e}"))?,
+                    ),
+                )]),
                 ec: EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &field("ec")?)
                     .map_err(|e| anyhow::anyhow!("EC key: {e}"))?,
                 ed: Ed25519KeyPair::from_pkcs8(&field("ed25519")?)
@@ -275,62 +333,135 @@ impl Signer {
     }
 }
 
-/// A [`Signer`] whose JWKS is served over HTTP on loopback. The server stops
-/// on drop.
-pub struct Issuer {
+/// How the issuer's HTTP endpoint answers, for tests of provider failures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Behavior {
+    /// Serves the JWKS and the OIDC discovery document.
+    Normal,
+    /// Answers every request with HTTP 503.
+    Down,
+    /// Waits this long before answering normally.
+    Slow(Duration),
+    /// Serves a JWKS document larger than any sane limit (256 KiB).
+    Oversize,
+    /// Serves a body that is not JSON.
+    Malformed,
+    /// Redirects the JWKS path to this URL.
+    Redirect(String),
+}
+
+struct ServerState {
     signer: Signer,
-    jwks_url: String,
+    base: String,
+    behavior: Mutex<Behavior>,
+    /// `Cache-Control: max-age` sent with the JWKS, if any.
+    max_age: Mutex<Option<u64>>,
     /// JWKS requests served so far, for single-flight and refetch tests.
-    fetches: Arc<AtomicUsize>,
+    fetches: AtomicUsize,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// A [`Signer`] whose JWKS (`/.well-known/jwks.json`) and OIDC discovery
+/// document (`/.well-known/openid-configuration`) are served over HTTP or
+/// HTTPS on loopback. The server stops on drop.
+pub struct Issuer {
+    state: Arc<ServerState>,
     server: tokio::task::JoinHandle<()>,
 }
 
 impl Issuer {
-    /// Generates keys and serves `/.well-known/jwks.json` on 127.0.0.1.
-    /// The issuer (`iss`) is the server's base URL, like Clerk's frontend API.
+    /// Generates keys and serves them over HTTP on 127.0.0.1. The issuer
+    /// (`iss`) is the server's base URL, like Clerk's frontend API.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_inner(None).await
+    }
+
+    /// Like [`start`](Self::start), over HTTPS with `certs`' localhost
+    /// certificate; clients must trust `certs.ca_pem`.
+    pub async fn start_https(certs: &crate::tls::TestCerts) -> anyhow::Result<Self> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain = CertificateDer::pem_slice_iter(certs.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()?;
+        let key = PrivateKeyDer::from_pem_slice(certs.key_pem.as_bytes())?;
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+        Self::start_inner(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    async fn start_inner(tls: Option<tokio_rustls::TlsAcceptor>) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let base = format!("http://{}", listener.local_addr()?);
-        let signer = Signer::generate(&base)?;
-        let body = Arc::new(signer.jwks().to_string());
-        let fetches = Arc::new(AtomicUsize::new(0));
-        let server = tokio::spawn(serve_jwks(listener, body, Arc::clone(&fetches)));
-        Ok(Self {
-            jwks_url: format!("{base}/.well-known/jwks.json"),
-            signer,
-            fetches,
-            server,
-        })
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let port = listener.local_addr()?.port();
+        // HTTPS uses the name the test certificate is for.
+        let host = if tls.is_some() {
+            "localhost"
+        } else {
+            "127.0.0.1"
+        };
+        let base = format!("{scheme}://{host}:{port}");
+        let state = Arc::new(ServerState {
+            signer: Signer::generate(&base)?,
+            base,
+            behavior: Mutex::new(Behavior::Normal),
+            max_age: Mutex::new(Some(300)),
+            fetches: AtomicUsize::new(0),
+            tls,
+        });
+        let server = tokio::spawn(serve_http(listener, Arc::clone(&state)));
+        Ok(Self { state, server })
     }
 
     /// The token signer.
     pub fn signer(&self) -> &Signer {
-        &self.signer
+        &self.state.signer
     }
 
-    /// The `iss` of this issuer's tokens.
+    /// The `iss` of this issuer's tokens (the server's base URL).
     pub fn issuer(&self) -> &str {
-        self.signer.issuer()
+        self.state.signer.issuer()
     }
 
     /// Where the JWKS is served.
-    pub fn jwks_url(&self) -> &str {
-        &self.jwks_url
+    pub fn jwks_url(&self) -> String {
+        format!("{}/.well-known/jwks.json", self.state.base)
     }
 
     /// How many times the JWKS has been served.
     pub fn jwks_fetches(&self) -> usize {
-        self.fetches.load(Ordering::SeqCst)
+        self.state.fetches.load(Ordering::SeqCst)
+    }
+
+    /// Changes how the endpoint answers from the next request on.
+    pub fn set_behavior(&self, behavior: Behavior) {
+        *self
+            .state
+            .behavior
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = behavior;
+    }
+
+    /// Sets (or, with `None`, omits) the JWKS `Cache-Control: max-age`.
+    pub fn set_max_age(&self, seconds: Option<u64>) {
+        *self
+            .state
+            .max_age
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = seconds;
     }
 
     /// A one-hour RS256 token for `sub`.
     pub fn token(&self, sub: &str) -> String {
-        self.signer.mint(&TokenSpec::new(sub))
+        self.state.signer.mint(&TokenSpec::new(sub))
     }
 
     /// A token as `spec` says.
     pub fn mint(&self, spec: &TokenSpec) -> String {
-        self.signer.mint(spec)
+        self.state.signer.mint(spec)
     }
 }
 
@@ -340,44 +471,95 @@ impl Drop for Issuer {
     }
 }
 
-/// A minimal HTTP/1.1 responder: every GET of the JWKS path gets the JWKS,
-/// anything else 404. Enough for a JWKS client; not a general server.
-async fn serve_jwks(
-    listener: tokio::net::TcpListener,
-    body: Arc<String>,
-    fetches: Arc<AtomicUsize>,
-) {
+/// A minimal HTTP/1.1 responder, one request per connection: enough for a
+/// JWKS client; not a general server.
+async fn serve_http(listener: tokio::net::TcpListener, state: Arc<ServerState>) {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
+        let Ok((tcp, _)) = listener.accept().await else {
             continue;
         };
-        let body = Arc::clone(&body);
-        let fetches = Arc::clone(&fetches);
+        let state = Arc::clone(&state);
         tokio::spawn(async move {
-            let mut request = Vec::new();
-            let mut chunk = [0u8; 1024];
-            while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
-                match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk)).await {
-                    Ok(Ok(n)) if n > 0 => request.extend_from_slice(&chunk[..n]),
-                    _ => return,
+            match &state.tls {
+                Some(acceptor) => {
+                    if let Ok(tls) = acceptor.accept(tcp).await {
+                        answer(tls, &state).await;
+                    }
                 }
+                None => answer(tcp, &state).await,
             }
-            let line = String::from_utf8_lossy(&request);
-            let found = line.starts_with("GET /.well-known/jwks.json ");
-            if found {
-                fetches.fetch_add(1, Ordering::SeqCst);
-            }
-            let response = if found {
-                format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
-                     cache-control: max-age=300\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-            } else {
-                "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into()
-            };
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
         });
     }
+}
+
+async fn answer<S>(mut stream: S, state: &ServerState)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut request = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => request.extend_from_slice(&chunk[..n]),
+            _ => return,
+        }
+    }
+    let line = String::from_utf8_lossy(&request);
+    let path = line.split(' ').nth(1).unwrap_or("").to_owned();
+    let behavior = state
+        .behavior
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    if let Behavior::Slow(delay) = behavior {
+        tokio::time::sleep(delay).await;
+    }
+    let jwks_path = path == "/.well-known/jwks.json";
+    if jwks_path {
+        state.fetches.fetch_add(1, Ordering::SeqCst);
+    }
+    let max_age = *state.max_age.lock().unwrap_or_else(PoisonError::into_inner);
+    let (status, headers, body) = match (&behavior, path.as_str()) {
+        (Behavior::Down, _) => ("503 Service Unavailable", String::new(), String::new()),
+        (Behavior::Redirect(to), "/.well-known/jwks.json") => {
+            ("302 Found", format!("location: {to}\r\n"), String::new())
+        }
+        (Behavior::Oversize, "/.well-known/jwks.json") => {
+            let padding = "x".repeat(256 * 1024);
+            (
+                "200 OK",
+                String::new(),
+                format!("{{\"keys\":[],\"pad\":\"{padding}\"}}"),
+            )
+        }
+        (Behavior::Malformed, "/.well-known/jwks.json") => (
+            "200 OK",
+            String::new(),
+            "<html>maintenance</html>".to_owned(),
+        ),
+        (_, "/.well-known/jwks.json") => (
+            "200 OK",
+            max_age
+                .map(|age| format!("cache-control: public, max-age={age}\r\n"))
+                .unwrap_or_default(),
+            state.signer.jwks().to_string(),
+        ),
+        (_, "/.well-known/openid-configuration") => (
+            "200 OK",
+            String::new(),
+            json!({
+                "issuer": state.signer.issuer(),
+                "jwks_uri": format!("{}/.well-known/jwks.json", state.base),
+            })
+            .to_string(),
+        ),
+        _ => ("404 Not Found", String::new(), String::new()),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         {headers}connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }

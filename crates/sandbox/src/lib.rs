@@ -15,4 +15,4 @@ mod issuer;
 pub mod tls;
 
 pub use cluster::{Cluster, find_postgres_bindir};
-pub use issuer::{Issuer, KeyKind, Signer, TokenSpec};
+pub use issuer::{Behavior, Issuer, KeyKind, Signer, TokenSpec};

@@ -209,6 +209,7 @@ fn token_view(error: &VerifyError) -> Option<ClientView> {
         | VerifyError::Expired
         | VerifyError::NotYetValid
         | VerifyError::WrongAudience
+        | VerifyError::TooOld
         | VerifyError::MissingClaim(_) => (
             S::InvalidPassword,
             Some("get a fresh token from your identity provider and use it as the password"),

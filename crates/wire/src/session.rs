@@ -288,10 +288,7 @@ impl Proxy {
             )
             .await?;
             upstream
-                .attach_identity(
-                    &self.claims_key,
-                    identity.as_ref().map(|i| i.claims_json.as_str()),
-                )
+                .attach_identity(&self.claims_key, identity.as_ref().map(|i| &*i.claims_json))
                 .await?;
             Ok::<_, upstream::UpstreamError>(upstream)
         };
@@ -406,7 +403,17 @@ impl Proxy {
             .verifier
             .verify(&token, &startup.role, SystemTime::now())
             .await?;
-        tracing::Span::current().record("sub", identity.subject.as_str());
+        let span = tracing::Span::current();
+        span.record("sub", identity.subject.as_str());
+        let mut startup = startup;
+        if identity.role != startup.role {
+            // The provider's role_claim chose the role.
+            if !self.config.roles.contains_key(&identity.role) {
+                return Err(SessionError::UnknownRole(identity.role.clone()));
+            }
+            span.record("user", identity.role.as_str());
+            startup.role = identity.role.clone();
+        }
         Ok((startup, Some(identity)))
     }
 }

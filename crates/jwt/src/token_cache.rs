@@ -1,0 +1,95 @@
+//! Tokens already verified, so a reconnect with the same token (Clerk's
+//! session token across reconnects and HTTP requests) skips the signature.
+//!
+//! Keyed by SHA-256 of the whole token: a key derived from any part (the
+//! signature alone, say) would let a changed payload hit a valid entry.
+//! Entries are bounded in number and leave at the token's `exp`; only tokens
+//! that passed every check enter. Time-dependent checks (`exp`, `nbf`,
+//! token age) and the role check still run on every hit.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Map, Value};
+
+use crate::verify::Identity;
+
+/// Default number of tokens remembered.
+pub const DEFAULT_CAPACITY: u64 = 100_000;
+
+/// A token that verified.
+pub(crate) struct Verified {
+    /// Index of the provider that issued it.
+    pub provider: usize,
+    /// The key it was verified with (`None` for a shared secret or a JWK
+    /// without kid); a hit whose kid left the JWKS is dropped.
+    pub kid: Option<String>,
+    /// Whether it was verified with the provider's shared secret.
+    pub shared_secret: bool,
+    /// Its claims, for the time-dependent checks.
+    pub claims: Map<String, Value>,
+    /// The identity, role still unset.
+    pub identity: Identity,
+}
+
+pub(crate) type Key = [u8; 32];
+
+/// Bounded cache of verified tokens.
+pub(crate) struct TokenCache {
+    cache: moka::sync::Cache<Key, Arc<Verified>>,
+}
+
+struct UntilExp;
+
+impl moka::Expiry<Key, Arc<Verified>> for UntilExp {
+    fn expire_after_create(
+        &self,
+        _key: &Key,
+        value: &Arc<Verified>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_secs();
+        // Memory hygiene only: correctness comes from checking `exp` against
+        // the injected clock on every hit.
+        Some(Duration::from_secs(
+            value
+                .identity
+                .expires_at
+                .saturating_sub(wall)
+                .saturating_add(60),
+        ))
+    }
+}
+
+impl TokenCache {
+    pub fn new(capacity: u64) -> Self {
+        Self {
+            cache: moka::sync::Cache::builder()
+                .max_capacity(capacity)
+                .expire_after(UntilExp)
+                .build(),
+        }
+    }
+
+    pub fn key(token: &str) -> Key {
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+        let mut key = [0u8; 32];
+        key.copy_from_slice(digest.as_ref());
+        key
+    }
+
+    pub fn get(&self, key: &Key) -> Option<Arc<Verified>> {
+        self.cache.get(key)
+    }
+
+    pub fn insert(&self, key: Key, verified: Verified) {
+        self.cache.insert(key, Arc::new(verified));
+    }
+
+    pub fn remove(&self, key: &Key) {
+        self.cache.invalidate(key);
+    }
+}
