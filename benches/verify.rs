@@ -1,5 +1,6 @@
-//! Token verification with the provider's keys already cached: the cost a
-//! login pays on the hot path, per algorithm.
+//! Token verification on the login hot path: with the provider's keys warm
+//! (a new token: signature check), and a token seen before (verified-token
+//! cache hit: no signature check).
 
 #![allow(missing_docs)]
 
@@ -10,34 +11,48 @@ use authgres_jwt::{ProviderConfig, Verifier};
 use authgres_sandbox::{Issuer, KeyKind, TokenSpec};
 use criterion::{Criterion, criterion_group, criterion_main};
 
-fn warm_verification(c: &mut Criterion) {
+fn verification(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let issuer = runtime.block_on(Issuer::start()).expect("issuer");
-    let verifier = Verifier::new(vec![ProviderConfig::new(
+    let provider = ProviderConfig::new(
         "bench",
         issuer.issuer(),
         &issuer.jwks_url(),
         &["authenticated"],
-    )])
-    .expect("verifier");
-    let mut group = c.benchmark_group("verify_warm");
+    );
+    let uncached = Verifier::with_token_cache(vec![provider.clone()], 0).expect("verifier");
+    let cached = Verifier::new(vec![provider]).expect("verifier");
+    let mut group = c.benchmark_group("verify");
     for kind in [KeyKind::Rsa, KeyKind::Ec, KeyKind::Ed25519] {
         let token = issuer.mint(&TokenSpec::new("user_bench").key(kind));
-        runtime
-            .block_on(verifier.verify(&token, "authenticated", SystemTime::now()))
-            .expect("warm-up verifies");
-        group.bench_function(kind.alg(), |b| {
+        for verifier in [&uncached, &cached] {
+            runtime
+                .block_on(verifier.verify(&token, "authenticated", SystemTime::now()))
+                .expect("warm-up verifies");
+        }
+        group.bench_function(format!("warm_key/{}", kind.alg()), |b| {
             b.to_async(&runtime).iter(|| async {
                 black_box(
-                    verifier
+                    uncached
                         .verify(black_box(&token), "authenticated", SystemTime::now())
                         .await,
                 )
             })
         });
+        if kind == KeyKind::Rsa {
+            group.bench_function("cache_hit/RS256", |b| {
+                b.to_async(&runtime).iter(|| async {
+                    black_box(
+                        cached
+                            .verify(black_box(&token), "authenticated", SystemTime::now())
+                            .await,
+                    )
+                })
+            });
+        }
     }
     group.finish();
 }
 
-criterion_group!(benches, warm_verification);
+criterion_group!(benches, verification);
 criterion_main!(benches);

@@ -507,6 +507,30 @@ mod tests {
     }
 
     #[test]
+    fn commented_examples_in_proxy_toml_parse_too() {
+        let uncommented: String = include_str!("../proxy.toml")
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest)
+                    if rest == "[[providers]]"
+                        || rest.split_once(" = ").is_some_and(|(key, _)| {
+                            !key.is_empty()
+                                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                        }) =>
+                {
+                    rest
+                }
+                _ => line,
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let file: FileConfig = toml::from_str(&uncommented).expect("uncommented proxy.toml parses");
+        let names: Vec<_> = file.providers.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["clerk", "auth0", "supabase"]);
+        assert!(file.listen.tls_cert.is_some());
+    }
+
+    #[test]
     fn env_file_lines() {
         let parsed = parse_env_file("# c\nA=1\nexport B=\"two\"\n\nC = x=y\n");
         assert_eq!(parsed["A"], "1");

@@ -34,9 +34,9 @@ pub(crate) struct Verified {
 
 pub(crate) type Key = [u8; 32];
 
-/// Bounded cache of verified tokens.
+/// Bounded cache of verified tokens; `None` when disabled (capacity 0).
 pub(crate) struct TokenCache {
-    cache: moka::sync::Cache<Key, Arc<Verified>>,
+    cache: Option<moka::sync::Cache<Key, Arc<Verified>>>,
 }
 
 struct UntilExp;
@@ -67,11 +67,17 @@ impl moka::Expiry<Key, Arc<Verified>> for UntilExp {
 impl TokenCache {
     pub fn new(capacity: u64) -> Self {
         Self {
-            cache: moka::sync::Cache::builder()
-                .max_capacity(capacity)
-                .expire_after(UntilExp)
-                .build(),
+            cache: (capacity > 0).then(|| {
+                moka::sync::Cache::builder()
+                    .max_capacity(capacity)
+                    .expire_after(UntilExp)
+                    .build()
+            }),
         }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.cache.is_some()
     }
 
     pub fn key(token: &str) -> Key {
@@ -82,14 +88,25 @@ impl TokenCache {
     }
 
     pub fn get(&self, key: &Key) -> Option<Arc<Verified>> {
-        self.cache.get(key)
+        self.cache.as_ref()?.get(key)
     }
 
     pub fn insert(&self, key: Key, verified: Verified) {
-        self.cache.insert(key, Arc::new(verified));
+        if let Some(cache) = &self.cache {
+            cache.insert(key, Arc::new(verified));
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.cache.as_ref().map_or(0, |cache| {
+            cache.run_pending_tasks();
+            cache.entry_count()
+        })
     }
 
     pub fn remove(&self, key: &Key) {
-        self.cache.invalidate(key);
+        if let Some(cache) = &self.cache {
+            cache.invalidate(key);
+        }
     }
 }

@@ -348,6 +348,8 @@ pub enum Behavior {
     Malformed,
     /// Redirects the JWKS path to this URL.
     Redirect(String),
+    /// Serves this text as the JWKS (provider-shaped documents).
+    Document(String),
 }
 
 struct ServerState {

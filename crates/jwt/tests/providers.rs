@@ -1,0 +1,383 @@
+//! The JWKS cache and fetcher against a live local provider over HTTPS
+//! (certificate from a test CA), with time injected: rotation, unknown-kid
+//! storms, outages, slowness, bad responses, discovery, and the
+//! verified-token cache.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use authgres_jwt::{ClaimPath, KeySource, ProviderConfig, Verifier, VerifyError};
+use authgres_sandbox::tls::TestCerts;
+use authgres_sandbox::{Behavior, Issuer, KeyKind, TokenSpec};
+use serde_json::json;
+
+const ROLE: &str = "authenticated";
+
+async fn https_issuer() -> (Issuer, TestCerts) {
+    let certs = TestCerts::generate().expect("certs");
+    let issuer = Issuer::start_https(&certs).await.expect("issuer");
+    (issuer, certs)
+}
+
+fn provider(issuer: &Issuer, certs: &TestCerts) -> ProviderConfig {
+    let mut provider = ProviderConfig::new("test", issuer.issuer(), &issuer.jwks_url(), &[ROLE]);
+    provider.fetch.ca_pem = Some(certs.ca_pem.clone().into_bytes());
+    provider.fetch.retries = 0;
+    provider
+}
+
+fn token_at(issuer: &Issuer, sub: &str, at: SystemTime) -> String {
+    issuer.mint(
+        &TokenSpec::new(sub)
+            .issued_at(at)
+            .ttl(Duration::from_secs(24 * 3600)),
+    )
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn https_jwks_needs_the_configured_ca() {
+    let (issuer, certs) = https_issuer().await;
+    let verifier = Verifier::new(vec![provider(&issuer, &certs)]).expect("verifier");
+    let token = issuer.token("user_1");
+    let identity = verifier
+        .verify(&token, ROLE, SystemTime::now())
+        .await
+        .expect("verified");
+    assert_eq!(identity.subject, "user_1");
+
+    let mut untrusted = provider(&issuer, &certs);
+    untrusted.fetch.ca_pem = None;
+    let verifier = Verifier::new(vec![untrusted]).expect("verifier");
+    assert!(matches!(
+        verifier.verify(&token, ROLE, SystemTime::now()).await,
+        Err(VerifyError::KeysUnavailable { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn key_rotation_is_accepted_after_one_refetch_and_retired_keys_stop_working() {
+    let (issuer, certs) = https_issuer().await;
+    let verifier = Verifier::new(vec![provider(&issuer, &certs)]).expect("verifier");
+    let t0 = SystemTime::now();
+    let old = token_at(&issuer, "user_old", t0);
+    verifier.verify(&old, ROLE, t0).await.expect("old key");
+    assert_eq!(issuer.jwks_fetches(), 1);
+
+    let new_kid = issuer.signer().rotate_rsa(false).expect("rotate");
+    assert_eq!(new_kid, "rsa-2");
+    let new = token_at(&issuer, "user_new", t0);
+    verifier
+        .verify(&new, ROLE, t0)
+        .await
+        .expect("new key after one refetch");
+    assert_eq!(issuer.jwks_fetches(), 2);
+
+    // The old token was cached, but its key left the JWKS: refused now.
+    assert_eq!(
+        verifier.verify(&old, ROLE, t0).await,
+        Err(VerifyError::UnknownKey {
+            kid: Some("rsa-1".into())
+        })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_thousand_unknown_kids_cause_at_most_one_fetch_per_window() {
+    let (issuer, certs) = https_issuer().await;
+    let verifier = Verifier::new(vec![provider(&issuer, &certs)]).expect("verifier");
+    let t0 = SystemTime::now();
+    verifier
+        .verify(&issuer.token("warm"), ROLE, t0)
+        .await
+        .expect("warm");
+    let forged = |i: usize| {
+        issuer.signer().sign_raw(
+            &json!({"alg": "RS256", "kid": format!("forged-{i}")}),
+            &json!({"sub": "x", "iss": issuer.issuer(), "exp": 4_000_000_000u64}),
+            KeyKind::Rsa,
+        )
+    };
+    for window in 0..3u64 {
+        let now = t0 + secs(31 * window);
+        for i in 0..10_000 / 3 {
+            let result = verifier.verify(&forged(i), ROLE, now).await;
+            assert!(
+                matches!(result, Err(VerifyError::UnknownKey { .. })),
+                "{result:?}"
+            );
+        }
+        assert_eq!(issuer.jwks_fetches() as u64, 2 + window, "window {window}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provider_down_for_an_hour_still_verifies_known_keys() {
+    let (issuer, certs) = https_issuer().await;
+    let mut config = provider(&issuer, &certs);
+    config.fetch.max_staleness = secs(6 * 3600);
+    let verifier = Verifier::new(vec![config]).expect("verifier");
+    let t0 = SystemTime::now();
+    verifier
+        .verify(&token_at(&issuer, "a", t0), ROLE, t0)
+        .await
+        .expect("warm");
+
+    issuer.set_behavior(Behavior::Down);
+    let later = t0 + secs(3600);
+    let fresh = token_at(&issuer, "b", later);
+    let (logs, identity) = capture_logs(|| async {
+        let identity = verifier.verify(&fresh, ROLE, later).await;
+        verifier.settle().await;
+        identity
+    })
+    .await;
+    assert_eq!(identity.expect("stale keys still verify").subject, "b");
+    assert!(logs.contains("could not fetch JWKS"), "{logs}");
+    assert!(
+        logs.contains("still verifying with the last good keys"),
+        "{logs}"
+    );
+
+    // Past max_staleness the old keys are no longer trusted.
+    let much_later = t0 + secs(6 * 3600 + 1);
+    assert!(matches!(
+        verifier
+            .verify(&token_at(&issuer, "c", much_later), ROLE, much_later)
+            .await,
+        Err(VerifyError::KeysUnavailable { .. })
+    ));
+    // And when the provider is back, everything recovers.
+    issuer.set_behavior(Behavior::Normal);
+    verifier
+        .verify(&token_at(&issuer, "d", much_later), ROLE, much_later)
+        .await
+        .expect("recovered");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_provider_never_delays_tokens_whose_keys_are_cached() {
+    let (issuer, certs) = https_issuer().await;
+    let verifier = Verifier::new(vec![provider(&issuer, &certs)]).expect("verifier");
+    let t0 = SystemTime::now();
+    verifier
+        .verify(&token_at(&issuer, "a", t0), ROLE, t0)
+        .await
+        .expect("warm");
+    issuer.set_behavior(Behavior::Slow(secs(3)));
+    // In the refresh window (last fifth of the 300 s lifetime), and past it.
+    for (i, offset) in [250u64, 400].into_iter().enumerate() {
+        let now = t0 + secs(offset);
+        let started = Instant::now();
+        verifier
+            .verify(&token_at(&issuer, &format!("user_{i}"), now), ROLE, now)
+            .await
+            .expect("verified with cached keys");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "a login waited {:?} on a slow provider",
+            started.elapsed()
+        );
+    }
+    verifier.settle().await;
+    assert_eq!(issuer.jwks_fetches(), 2, "one background refresh");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversize_malformed_and_cross_origin_redirect_responses_are_refused() {
+    let (issuer, certs) = https_issuer().await;
+    let cases = [
+        (Behavior::Oversize, "response body exceeds 65536 bytes"),
+        (Behavior::Malformed, "response is not a valid JWKS document"),
+        (
+            Behavior::Redirect("https://127.0.0.1:9/jwks".into()),
+            "redirect refused",
+        ),
+    ];
+    for (behavior, expected) in cases {
+        issuer.set_behavior(behavior.clone());
+        let verifier = Verifier::new(vec![provider(&issuer, &certs)]).expect("verifier");
+        let (logs, result) = capture_logs(|| async {
+            verifier
+                .verify(&issuer.token("u"), ROLE, SystemTime::now())
+                .await
+        })
+        .await;
+        assert!(
+            matches!(result, Err(VerifyError::KeysUnavailable { .. })),
+            "{behavior:?}: {result:?}"
+        );
+        assert!(logs.contains(expected), "{behavior:?}: {logs}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cache_control_max_age_is_honoured_within_bounds() {
+    let (issuer, certs) = https_issuer().await;
+    for (max_age, fresh_for) in [
+        (Some(10), 300u64),
+        (Some(7200), 3600),
+        (None, 300),
+        (Some(900), 900),
+    ] {
+        issuer.set_max_age(max_age);
+        let verifier = Verifier::new(vec![provider(&issuer, &certs)]).expect("verifier");
+        let t0 = SystemTime::now();
+        let before = issuer.jwks_fetches();
+        verifier
+            .verify(&token_at(&issuer, "a", t0), ROLE, t0)
+            .await
+            .expect("warm");
+        // Before the refresh window: no fetch at all.
+        let quiet = t0 + secs(fresh_for * 4 / 5 - 1);
+        verifier
+            .verify(&token_at(&issuer, "b", quiet), ROLE, quiet)
+            .await
+            .expect("cached");
+        verifier.settle().await;
+        assert_eq!(issuer.jwks_fetches(), before + 1, "max-age {max_age:?}");
+        // Past the lifetime: a refresh.
+        let stale = t0 + secs(fresh_for + 1);
+        verifier
+            .verify(&token_at(&issuer, "c", stale), ROLE, stale)
+            .await
+            .expect("stale ok");
+        verifier.settle().await;
+        assert_eq!(issuer.jwks_fetches(), before + 2, "max-age {max_age:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oidc_discovery_finds_the_jwks() {
+    let (issuer, certs) = https_issuer().await;
+    let mut config = provider(&issuer, &certs);
+    config.keys = KeySource::Discovery;
+    let verifier = Verifier::new(vec![config]).expect("verifier");
+    let identity = verifier
+        .verify(&issuer.token("user_discovered"), ROLE, SystemTime::now())
+        .await
+        .expect("verified through discovery");
+    assert_eq!(identity.subject, "user_discovered");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verified_tokens_are_remembered_but_checked_for_time_and_role() {
+    let (issuer, certs) = https_issuer().await;
+    let verifier = Verifier::new(vec![provider(&issuer, &certs)]).expect("verifier");
+    let t0 = SystemTime::now();
+    let token = issuer.mint(&TokenSpec::new("u").issued_at(t0).ttl(secs(60)));
+    verifier.verify(&token, ROLE, t0).await.expect("first");
+    assert_eq!(verifier.verified_tokens(), 1);
+    verifier
+        .verify(&token, ROLE, t0 + secs(10))
+        .await
+        .expect("hit");
+    assert_eq!(verifier.verified_tokens(), 1);
+    assert!(matches!(
+        verifier.verify(&token, "postgres", t0).await,
+        Err(VerifyError::RoleNotAllowed { .. })
+    ));
+    assert_eq!(
+        verifier.verify(&token, ROLE, t0 + secs(91)).await,
+        Err(VerifyError::Expired)
+    );
+
+    // Failures never enter the cache.
+    let impostor = authgres_sandbox::Signer::generate(issuer.issuer()).expect("keys");
+    let forged = impostor.mint(&TokenSpec::new("u"));
+    for _ in 0..2 {
+        assert_eq!(
+            verifier.verify(&forged, ROLE, t0).await,
+            Err(VerifyError::BadSignature)
+        );
+    }
+    assert_eq!(verifier.verified_tokens(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn role_claim_required_claims_and_max_token_age() {
+    let (issuer, certs) = https_issuer().await;
+    let mut config = provider(&issuer, &certs);
+    config.roles = vec![ROLE.into(), "reporting".into()];
+    config.role_claim = Some(ClaimPath::parse("$.metadata.db_role").expect("path"));
+    config.required_claims = vec!["org_id".into()];
+    config.max_token_age = Some(secs(600));
+    let verifier = Verifier::new(vec![config]).expect("verifier");
+    let t0 = SystemTime::now();
+    let mint = |claims: serde_json::Value, at: SystemTime| {
+        let mut spec = TokenSpec::new("u").issued_at(at);
+        for (k, v) in claims.as_object().expect("object") {
+            spec = spec.claim(k, v.clone());
+        }
+        issuer.mint(&spec)
+    };
+    let ok = mint(
+        json!({"org_id": "org_1", "metadata": {"db_role": "reporting"}}),
+        t0,
+    );
+    let identity = verifier.verify(&ok, ROLE, t0).await.expect("verified");
+    assert_eq!(identity.role, "reporting");
+
+    let no_role = mint(json!({"org_id": "org_1"}), t0);
+    assert!(matches!(
+        verifier.verify(&no_role, ROLE, t0).await,
+        Err(VerifyError::MissingClaim(_))
+    ));
+    let superuser = mint(
+        json!({"org_id": "o", "metadata": {"db_role": "postgres"}}),
+        t0,
+    );
+    assert!(matches!(
+        verifier.verify(&superuser, ROLE, t0).await,
+        Err(VerifyError::RoleNotAllowed { .. })
+    ));
+    let no_org = mint(json!({"metadata": {"db_role": "reporting"}}), t0);
+    assert_eq!(
+        verifier.verify(&no_org, ROLE, t0).await,
+        Err(VerifyError::MissingClaim("org_id".into()))
+    );
+    assert_eq!(
+        verifier.verify(&ok, ROLE, t0 + secs(600 + 31)).await,
+        Err(VerifyError::TooOld)
+    );
+}
+
+/// Runs `f` and returns what was logged meanwhile. The subscriber is
+/// process-global (nextest runs one test per process) so that background
+/// refreshes on other threads log into it too.
+async fn capture_logs<F, Fut, T>(f: F) -> (String, T)
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+    impl Write for Buffer {
+        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(data);
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    static LOGS: std::sync::OnceLock<Buffer> = std::sync::OnceLock::new();
+    let buffer = LOGS.get_or_init(|| {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("first subscriber");
+        buffer
+    });
+    let start = buffer.0.lock().expect("lock").len();
+    let result = f().await;
+    let logs = String::from_utf8_lossy(&buffer.0.lock().expect("lock")[start..]).into_owned();
+    (logs, result)
+}
