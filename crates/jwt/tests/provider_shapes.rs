@@ -203,3 +203,47 @@ async fn regression_supabase_asymmetric_es256_jwks() {
         .expect("ES256");
     assert_eq!(identity.subject, "6f1c9a4e-1d2b-4c3a-9e8f-0a1b2c3d4e5f");
 }
+
+#[tokio::test]
+async fn rsa_keys_without_a_declared_alg_verify_ps256_and_rs512_but_a_declared_alg_binds() {
+    let issuer = Issuer::start().await.expect("issuer");
+    let now = SystemTime::now();
+    let pss = issuer.mint(&TokenSpec::new("pss").key(KeyKind::RsaPss));
+    let rs512 = issuer.mint(&TokenSpec::new("rs512").key(KeyKind::Rsa512));
+
+    // The sandbox publishes its RSA key with "alg": "RS256": other RSA
+    // algorithms do not fit that key.
+    let declared = verifier_for(&issuer, |_| {});
+    for token in [&pss, &rs512] {
+        assert!(matches!(
+            declared.verify(token, ROLE, now).await,
+            Err(VerifyError::AlgorithmNotAllowed { .. })
+        ));
+    }
+
+    // Without a declared alg, any RSA algorithm the provider allows fits.
+    let mut jwks = issuer.signer().jwks();
+    for key in jwks["keys"].as_array_mut().expect("keys") {
+        if key["kty"] == "RSA" {
+            key.as_object_mut().expect("object").remove("alg");
+        }
+    }
+    issuer.set_behavior(Behavior::Document(jwks.to_string()));
+    let open = verifier_for(&issuer, |_| {});
+    assert_eq!(
+        open.verify(&pss, ROLE, now).await.expect("PS256").subject,
+        "pss"
+    );
+    assert_eq!(
+        open.verify(&rs512, ROLE, now).await.expect("RS512").subject,
+        "rs512"
+    );
+    // ...unless the allow-list says otherwise.
+    let strict = verifier_for(&issuer, |p| {
+        p.algorithms = vec![jsonwebtoken::Algorithm::RS256]
+    });
+    assert!(matches!(
+        strict.verify(&pss, ROLE, now).await,
+        Err(VerifyError::AlgorithmNotAllowed { .. })
+    ));
+}

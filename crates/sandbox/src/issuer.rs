@@ -24,6 +24,10 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 pub enum KeyKind {
     /// RSA 2048, RS256, kid `rsa-1`.
     Rsa,
+    /// The same RSA key with RSASSA-PSS (PS256).
+    RsaPss,
+    /// The same RSA key with SHA-512 (RS512).
+    Rsa512,
     /// P-256, ES256, kid `ec-1`.
     Ec,
     /// Ed25519, EdDSA, kid `ed-1`.
@@ -35,6 +39,8 @@ impl KeyKind {
     pub fn alg(self) -> &'static str {
         match self {
             Self::Rsa => "RS256",
+            Self::RsaPss => "PS256",
+            Self::Rsa512 => "RS512",
             Self::Ec => "ES256",
             Self::Ed25519 => "EdDSA",
         }
@@ -43,7 +49,7 @@ impl KeyKind {
     /// The key's `kid` in the JWKS.
     pub fn kid(self) -> &'static str {
         match self {
-            Self::Rsa => "rsa-1",
+            Self::Rsa | Self::RsaPss | Self::Rsa512 => "rsa-1",
             Self::Ec => "ec-1",
             Self::Ed25519 => "ed-1",
         }
@@ -186,7 +192,7 @@ impl Signer {
             claims.insert(name.clone(), value.clone());
         }
         let kid = match spec.key {
-            KeyKind::Rsa => self.keys.current_rsa().0,
+            KeyKind::Rsa | KeyKind::RsaPss | KeyKind::Rsa512 => self.keys.current_rsa().0,
             other => other.kid().to_owned(),
         };
         let header = json!({"alg": spec.key.alg(), "kid": kid, "typ": "JWT"});
@@ -214,10 +220,15 @@ impl Signer {
     fn sign_bytes(&self, message: &[u8], key: KeyKind) -> Vec<u8> {
         let rng = aws_lc_rs::rand::SystemRandom::new();
         match key {
-            KeyKind::Rsa => {
+            KeyKind::Rsa | KeyKind::RsaPss | KeyKind::Rsa512 => {
+                let padding: &'static dyn aws_lc_rs::signature::RsaEncoding = match key {
+                    KeyKind::RsaPss => &aws_lc_rs::signature::RSA_PSS_SHA256,
+                    KeyKind::Rsa512 => &aws_lc_rs::signature::RSA_PKCS1_SHA512,
+                    _ => &RSA_PKCS1_SHA256,
+                };
                 let (_, rsa) = self.keys.current_rsa();
                 let mut signature = vec![0; rsa.public_modulus_len()];
-                rsa.sign(&RSA_PKCS1_SHA256, &rng, message, &mut signature)
+                rsa.sign(padding, &rng, message, &mut signature)
                     .expect("RSA signing with a generated key succeeds");
                 signature
             }
@@ -533,6 +544,9 @@ where
                 String::new(),
                 format!("{{\"keys\":[],\"pad\":\"{padding}\"}}"),
             )
+        }
+        (Behavior::Document(text), "/.well-known/jwks.json") => {
+            ("200 OK", String::new(), text.clone())
         }
         (Behavior::Malformed, "/.well-known/jwks.json") => (
             "200 OK",
