@@ -17,9 +17,17 @@
 --   no rows.
 
 create schema if not exists auth;
-comment on schema auth is 'authgres identity functions (schema version 1)';
+comment on schema auth is 'authgres identity functions';
 revoke all on schema auth from public;
 grant usage on schema auth to public;
+
+-- Which version of this file is installed; `authgres init-db` records it.
+create table if not exists auth.schema_version (
+    singleton boolean primary key default true check (singleton),
+    version integer not null,
+    installed_at timestamptz not null default now()
+);
+revoke all on table auth.schema_version from public;
 
 -- HMAC key(s) as (key xor ipad, key xor opad), 64 bytes each.
 create table if not exists auth.claims_keys (

@@ -30,6 +30,14 @@ enum Command {
         /// Connection URL of a superuser or the database owner.
         #[arg(long, env = "AUTHGRES_ADMIN_URL")]
         admin_url: String,
+        /// Start a claims-key rotation: generate a new key into the secrets
+        /// file and install it beside the current one. Restart the proxies,
+        /// then finish with --retire-old-keys.
+        #[arg(long, conflicts_with = "retire_old_keys")]
+        rotate_claims_key: bool,
+        /// Finish a rotation: remove every claims key but the configured one.
+        #[arg(long)]
+        retire_old_keys: bool,
     },
     /// Validate a configuration file and explain what it does.
     CheckConfig {
@@ -70,9 +78,22 @@ enum Command {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config } => crate::serve::serve(&config).await,
-        Command::InitDb { config, admin_url } => {
-            let loaded = crate::init_db::prepare_secrets(&config)?;
-            crate::init_db::init_db(&loaded, &admin_url).await
+        Command::InitDb {
+            config,
+            admin_url,
+            rotate_claims_key,
+            retire_old_keys,
+        } => {
+            let mut loaded = crate::init_db::prepare_secrets(&config)?;
+            if rotate_claims_key {
+                loaded = crate::init_db::rotate_claims_key(&config, &loaded)?;
+            }
+            let keys = if retire_old_keys {
+                crate::init_db::OldKeys::Retire
+            } else {
+                crate::init_db::OldKeys::Keep
+            };
+            crate::init_db::init_db(&loaded, &admin_url, keys).await
         }
         Command::CheckConfig { config } => crate::serve::check_config(&config),
         Command::Demo {

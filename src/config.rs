@@ -42,6 +42,7 @@ pub struct Listen {
     pub auth_timeout: Duration,
     pub max_connections: usize,
     pub cleartext_tokens: Cleartext,
+    pub enforce_token_expiry: bool,
 }
 
 impl Default for Listen {
@@ -53,6 +54,7 @@ impl Default for Listen {
             auth_timeout: Duration::from_secs(15),
             max_connections: 1000,
             cleartext_tokens: Cleartext::Loopback,
+            enforce_token_expiry: false,
         }
     }
 }
@@ -430,6 +432,7 @@ impl Loaded {
                 Cleartext::Loopback => CleartextTokens::LoopbackOnly,
                 Cleartext::Refuse => CleartextTokens::Refuse,
             },
+            enforce_token_expiry: listen.enforce_token_expiry,
         })
     }
 

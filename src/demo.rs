@@ -44,7 +44,12 @@ pub async fn run(
     let config_path = dir.join("proxy.toml");
     std::fs::write(&config_path, demo_config(listen, &cluster, &issuer))?;
     let loaded = crate::init_db::prepare_secrets(&config_path)?;
-    crate::init_db::init_db(&loaded, &cluster.admin_url(DATABASE)).await?;
+    crate::init_db::init_db(
+        &loaded,
+        &cluster.admin_url(DATABASE),
+        crate::init_db::OldKeys::Keep,
+    )
+    .await?;
     cluster
         .admin(DATABASE)
         .await?

@@ -53,8 +53,66 @@ pub fn prepare_secrets(config: &Path) -> anyhow::Result<Loaded> {
     Loaded::from_path(config)
 }
 
+/// What to do with claims keys other than the configured one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OldKeys {
+    /// Keep accepting them (a rotation is under way).
+    Keep,
+    /// Remove them (the rotation is finished).
+    Retire,
+}
+
+/// The schema version `sql/auth.sql` installs.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// Writes a fresh claims key into the secrets file, replacing the current
+/// one there; the database keeps accepting the old key until
+/// `--retire-old-keys`.
+pub fn rotate_claims_key(config: &Path, loaded: &Loaded) -> anyhow::Result<Loaded> {
+    let name = &loaded.file.identity.claims_key_env;
+    let Some(file) = loaded.secrets.file() else {
+        bail!("--rotate-claims-key needs a secrets_file to write the new key into");
+    };
+    if std::env::var_os(name).is_some() {
+        bail!(
+            "{name} is set in the environment, which would override the rotated key; \
+             unset it or rotate by setting it yourself"
+        );
+    }
+    replace_secret(file, name, &random_hex(32))?;
+    eprintln!("wrote a new {name} into {}", file.display());
+    Loaded::from_path(config)
+}
+
+/// Rewrites `name=...` in a KEY=VALUE file atomically, keeping mode 0600.
+fn replace_secret(file: &Path, name: &str, value: &str) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let mut lines: Vec<String> = text
+        .lines()
+        .filter(|line| {
+            let line = line.trim_start().trim_start_matches("export ");
+            line.split_once('=')
+                .is_none_or(|(key, _)| key.trim() != name)
+        })
+        .map(str::to_owned)
+        .collect();
+    lines.push(format!("{name}={value}"));
+    let tmp = file.with_extension("tmp");
+    let mut out = std::fs::OpenOptions::new();
+    out.write(true).create(true).truncate(true);
+    std::os::unix::fs::OpenOptionsExt::mode(&mut out, 0o600);
+    let mut out = out
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    writeln!(out, "{}", lines.join("\n"))?;
+    out.sync_all()?;
+    std::fs::rename(&tmp, file).with_context(|| format!("replacing {}", file.display()))?;
+    Ok(())
+}
+
 /// Installs everything into the database at `admin_url`.
-pub async fn init_db(loaded: &Loaded, admin_url: &str) -> anyhow::Result<()> {
+pub async fn init_db(loaded: &Loaded, admin_url: &str, old_keys: OldKeys) -> anyhow::Result<()> {
     let key = loaded.claims_key()?;
     let (mut client, connection) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls)
         .await
@@ -73,18 +131,59 @@ pub async fn init_db(loaded: &Loaded, admin_url: &str) -> anyhow::Result<()> {
         };
         ensure_role(&tx, name, password.as_deref()).await?;
     }
+    let previous = installed_version(&tx).await?;
     tx.batch_execute(AUTH_SQL)
         .await
         .context("installing the auth schema")?;
-    install_key(&tx, &key).await?;
+    tx.execute(
+        "insert into auth.schema_version (version) values ($1) \
+         on conflict (singleton) do update set version = excluded.version, installed_at = now()",
+        &[&SCHEMA_VERSION],
+    )
+    .await?;
+    let others = install_key(&tx, &key, old_keys).await?;
     for name in loaded.file.roles.keys() {
         grant_public_schema(&tx, name).await?;
     }
     tx.commit().await?;
     drop(client);
     let _ = connection.await;
-    eprintln!("auth schema, roles and claims key installed");
+    match previous {
+        Some(v) if v == SCHEMA_VERSION => eprintln!("auth schema v{v} re-applied"),
+        Some(v) => eprintln!("auth schema upgraded from v{v} to v{SCHEMA_VERSION}"),
+        None => eprintln!("auth schema v{SCHEMA_VERSION} installed"),
+    }
+    if others > 0 {
+        eprintln!(
+            "{others} older claims key(s) still accepted: once every proxy runs with the new \
+             key, run `authgres init-db --retire-old-keys`"
+        );
+    }
+    eprintln!("roles and claims key installed");
     Ok(())
+}
+
+/// The schema version installed before this run: `None` for a database
+/// without the auth schema, 0 for one from before versioning.
+async fn installed_version(tx: &tokio_postgres::Transaction<'_>) -> anyhow::Result<Option<i32>> {
+    let has_schema = tx
+        .query_opt("select 1 from pg_namespace where nspname = 'auth'", &[])
+        .await?
+        .is_some();
+    if !has_schema {
+        return Ok(None);
+    }
+    let has_table = tx
+        .query_one("select to_regclass('auth.schema_version') is not null", &[])
+        .await?
+        .get::<_, bool>(0);
+    if !has_table {
+        return Ok(Some(0));
+    }
+    let row = tx
+        .query_opt("select version from auth.schema_version", &[])
+        .await?;
+    Ok(Some(row.map_or(0, |r| r.get(0))))
 }
 
 /// Creates the role or resets its attributes: LOGIN and nothing privileged.
@@ -127,21 +226,35 @@ async fn ensure_role(
     Ok(())
 }
 
-async fn install_key(tx: &tokio_postgres::Transaction<'_>, key: &ClaimsKey) -> anyhow::Result<()> {
+/// Installs the configured key; returns how many other keys remain.
+async fn install_key(
+    tx: &tokio_postgres::Transaction<'_>,
+    key: &ClaimsKey,
+    old_keys: OldKeys,
+) -> anyhow::Result<i64> {
     let (ipad, opad) = key.pads();
-    // One key at a time for now: replacing the key invalidates sessions
-    // signed with the old one the next time they call auth.session().
-    tx.execute(
-        "delete from auth.claims_keys where (ipad, opad) <> ($1, $2)",
-        &[&&ipad[..], &&opad[..]],
-    )
-    .await?;
     tx.execute(
         "insert into auth.claims_keys (ipad, opad) values ($1, $2) on conflict do nothing",
         &[&&ipad[..], &&opad[..]],
     )
     .await?;
-    Ok(())
+    if old_keys == OldKeys::Retire {
+        let retired = tx
+            .execute(
+                "delete from auth.claims_keys where (ipad, opad) <> ($1, $2)",
+                &[&&ipad[..], &&opad[..]],
+            )
+            .await?;
+        eprintln!("retired {retired} older claims key(s)");
+    }
+    let others = tx
+        .query_one(
+            "select count(*) from auth.claims_keys where (ipad, opad) <> ($1, $2)",
+            &[&&ipad[..], &&opad[..]],
+        )
+        .await?
+        .get(0);
+    Ok(others)
 }
 
 /// The grants of the Neon Authorize guide: use the public schema and its

@@ -21,6 +21,7 @@ pub struct Options {
     /// Run the cluster with TLS and have the proxy use `verify-full`
     /// against this CA: `Some(true)` the right CA, `Some(false)` a stranger's.
     pub upstream_tls: Option<bool>,
+    pub enforce_token_expiry: bool,
 }
 
 impl Default for Options {
@@ -29,6 +30,7 @@ impl Default for Options {
             auth_timeout: "2s",
             cleartext_tokens: "loopback",
             upstream_tls: None,
+            enforce_token_expiry: false,
         }
     }
 }
@@ -86,6 +88,7 @@ tls_cert = "server.crt"
 tls_key = "server.key"
 auth_timeout = "{auth_timeout}"
 cleartext_tokens = "{cleartext}"
+enforce_token_expiry = {enforce}
 [upstream]
 host = "127.0.0.1"
 port = {pg_port}
@@ -106,6 +109,7 @@ roles = ["authenticated"]
 "#,
             auth_timeout = options.auth_timeout,
             cleartext = options.cleartext_tokens,
+            enforce = options.enforce_token_expiry,
             pg_port = cluster.port(),
             iss = issuer.issuer(),
             jwks = issuer.jwks_url(),
@@ -119,17 +123,7 @@ roles = ["authenticated"]
             .batch_execute(&format!("create database {DATABASE}"))
             .await
             .expect("create database");
-        let init = Command::new(BIN)
-            .args(["init-db", "--config"])
-            .arg(&config_path)
-            .args(["--admin-url", &cluster.admin_url(DATABASE)])
-            .output()
-            .expect("run init-db");
-        assert!(
-            init.status.success(),
-            "init-db failed: {}",
-            String::from_utf8_lossy(&init.stderr)
-        );
+        run_init_db(&config_path, &cluster.admin_url(DATABASE), &[]);
         cluster
             .admin(DATABASE)
             .await
@@ -137,17 +131,7 @@ roles = ["authenticated"]
             .batch_execute(include_str!("../../sql/demo_todos.sql"))
             .await
             .expect("todos schema");
-        let log = std::fs::File::create(dir.path().join("authgres.log")).expect("log file");
-        let proxy = Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(&config_path)
-            .env("AUTHGRES_LOG", "info,authgres_wire=debug")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn authgres serve");
+        let proxy = spawn_proxy(dir.path());
         let stack = Self {
             cluster,
             issuer,
@@ -158,6 +142,55 @@ roles = ["authenticated"]
         };
         stack.wait_listening();
         stack
+    }
+
+    /// Runs `authgres init-db` again with extra arguments; returns stderr.
+    pub fn init_db(&self, args: &[&str]) -> String {
+        run_init_db(&self.config_path(), &self.cluster.admin_url(DATABASE), args)
+    }
+
+    /// Stops and starts `authgres serve` (it re-reads config and secrets).
+    pub fn restart_proxy(&mut self) {
+        let _ = self.proxy.kill();
+        let _ = self.proxy.wait();
+        self.proxy = spawn_proxy(self.dir.path());
+        self.wait_listening();
+    }
+
+    /// Starts another `authgres serve` with the same config on another
+    /// port, as a second proxy in a fleet would run. Killed on drop.
+    pub fn second_proxy(&self) -> SecondProxy {
+        let port = free_port();
+        let config = std::fs::read_to_string(self.config_path())
+            .expect("config")
+            .replace(
+                &format!("127.0.0.1:{}", self.port),
+                &format!("127.0.0.1:{port}"),
+            );
+        let dir = self.dir.path().join(format!("second-{port}"));
+        std::fs::create_dir(&dir).expect("dir");
+        for file in ["authgres.env", "server.crt", "server.key", "ca.pem"] {
+            std::fs::copy(self.dir.path().join(file), dir.join(file)).expect("copy");
+        }
+        std::fs::write(dir.join("proxy.toml"), config).expect("config");
+        let child = spawn_proxy(&dir);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "second proxy did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        SecondProxy { child, port }
+    }
+
+    /// A secret from the stack's secrets file.
+    pub fn secret(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join("authgres.env")).expect("secrets");
+        text.lines()
+            .rev()
+            .filter_map(|l| l.split_once('='))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_owned())
+            .unwrap_or_else(|| panic!("{name} not in the secrets file"))
     }
 
     fn wait_listening(&self) {
@@ -194,11 +227,21 @@ roles = ["authenticated"]
         user: &str,
         token: &str,
     ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let (client, connection) = tokio_postgres::connect(
-            &self.conninfo(user, token, "sslmode=disable"),
-            tokio_postgres::NoTls,
-        )
-        .await?;
+        self.connect_port(self.port, user, token).await
+    }
+
+    /// tokio-postgres without TLS to a proxy on `port`.
+    pub async fn connect_port(
+        &self,
+        port: u16,
+        user: &str,
+        token: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let conninfo = self
+            .conninfo(user, token, "sslmode=disable")
+            .replace(&format!("port={} ", self.port), &format!("port={port} "));
+        let (client, connection) =
+            tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await?;
         tokio::spawn(connection);
         Ok(client)
     }
@@ -260,6 +303,19 @@ roles = ["authenticated"]
     }
 }
 
+/// A second proxy process; killed on drop.
+pub struct SecondProxy {
+    child: Child,
+    pub port: u16,
+}
+
+impl Drop for SecondProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Stack {
     fn drop(&mut self) {
         let _ = self.proxy.kill();
@@ -268,6 +324,37 @@ impl Drop for Stack {
             eprintln!("--- authgres log ---\n{}", self.log());
         }
     }
+}
+
+fn run_init_db(config: &Path, admin_url: &str, args: &[&str]) -> String {
+    let init = Command::new(BIN)
+        .args(["init-db", "--config"])
+        .arg(config)
+        .args(["--admin-url", admin_url])
+        .args(args)
+        .output()
+        .expect("run init-db");
+    let stderr = String::from_utf8_lossy(&init.stderr).into_owned();
+    assert!(init.status.success(), "init-db {args:?} failed: {stderr}");
+    stderr
+}
+
+fn spawn_proxy(dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("authgres.log"))
+        .expect("log file");
+    Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(dir.join("proxy.toml"))
+        .env("AUTHGRES_LOG", "info,authgres_wire=debug")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn authgres serve")
 }
 
 pub fn psql_path() -> PathBuf {

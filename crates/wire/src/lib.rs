@@ -17,6 +17,7 @@ pub mod frontend;
 pub mod identity;
 mod params;
 pub mod relay;
+pub mod scan;
 pub mod server;
 mod session;
 pub mod transport;

@@ -62,6 +62,10 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Policy for tokens over unencrypted connections.
     pub cleartext_tokens: CleartextTokens,
+    /// End sessions at the first transaction boundary after their token's
+    /// `exp` (by default a session outlives its token, like any password
+    /// login).
+    pub enforce_token_expiry: bool,
 }
 
 /// The proxy: configuration plus shared state of all sessions.
@@ -328,7 +332,17 @@ impl Proxy {
             authenticated = identity.is_some(),
             "session started"
         );
-        let ended = relay(stream, upstream.stream).await?;
+        let expiry = identity
+            .as_ref()
+            .filter(|_| self.config.enforce_token_expiry)
+            .map(|identity| {
+                let exp = std::time::UNIX_EPOCH + Duration::from_secs(identity.expires_at);
+                let left = exp
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO);
+                Instant::now() + left
+            });
+        let ended = relay(stream, upstream.stream, expiry).await?;
         tracing::debug!(?ended, "relay ended");
         drop(guard);
         Ok(())

@@ -1,0 +1,768 @@
+//! The attack suite: a hostile client behind authgres tries to forge,
+//! replay or escape its identity with SQL. Every attack must be refused or
+//! fail closed: `auth.user_id()` is the caller's own id or NULL, never
+//! anyone else's. Runs against a real Postgres through the real binary.
+
+mod common;
+
+use std::time::Duration;
+
+use authgres_sandbox::TokenSpec;
+use common::Stack;
+use serde_json::json;
+use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
+
+const ALICE: &str = "user_alice";
+const BOB: &str = "user_bob";
+
+async fn login(stack: &Stack, sub: &str) -> Client {
+    stack
+        .connect("authenticated", &stack.issuer.token(sub))
+        .await
+        .unwrap_or_else(|e| panic!("{sub} logs in: {e}"))
+}
+
+async fn user_id(client: &Client) -> Option<String> {
+    client
+        .query_one("select auth.user_id()", &[])
+        .await
+        .expect("auth.user_id()")
+        .get(0)
+}
+
+/// The identity is the caller's own or NULL, never anyone else's.
+async fn assert_not_forged(client: &Client, own: &str, attack: &str) {
+    let seen = user_id(client).await;
+    assert!(
+        seen.is_none() || seen.as_deref() == Some(own),
+        "{attack}: auth.user_id() became {seen:?}"
+    );
+    let jwt: Option<String> = client
+        .query_one("select auth.jwt()::text", &[])
+        .await
+        .expect("auth.jwt()")
+        .get(0);
+    if let Some(jwt) = jwt {
+        let jwt: serde_json::Value = serde_json::from_str(&jwt).expect("jwt json");
+        assert_eq!(jwt["sub"], own, "{attack}: auth.jwt() names someone else");
+    }
+}
+
+/// Alice's claims and signature as her session holds them.
+async fn capture(client: &Client) -> (String, String) {
+    let row = client
+        .query_one(
+            "select current_setting('authgres.claims'), current_setting('authgres.signature')",
+            &[],
+        )
+        .await
+        .expect("own settings are readable");
+    (row.get(0), row.get(1))
+}
+
+async fn replay(client: &Client, claims: &str, signature: &str) {
+    client
+        .query(
+            "select set_config('authgres.claims', $1, false), set_config('authgres.signature', $2, false)",
+            &[&claims, &signature],
+        )
+        .await
+        .expect("settings are writable; they just must not verify");
+}
+
+/// A token that still logs in for about two seconds: its `exp` passed 28 s
+/// ago, inside the default 30 s leeway.
+fn almost_expired(stack: &Stack, sub: &str) -> String {
+    let hour = Duration::from_secs(3600);
+    stack.issuer.mint(
+        &TokenSpec::new(sub)
+            .issued_at(std::time::SystemTime::now() - hour)
+            .ttl(hour - Duration::from_secs(28)),
+    )
+}
+
+fn forged_claims(sub: &str) -> String {
+    json!({"sub": sub, "iss": "whatever", "exp": 4_000_000_000u64}).to_string()
+}
+
+fn sql_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+// ---- rewriting the claim settings ----------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn set_claims_outside_a_transaction() {
+    let stack = Stack::start().await;
+    let carol = login(&stack, "user_carol").await;
+    carol
+        .batch_execute(&format!(
+            "set authgres.claims = {}",
+            sql_literal(&forged_claims(BOB))
+        ))
+        .await
+        .expect("set");
+    assert_not_forged(&carol, "user_carol", "SET authgres.claims").await;
+    assert_eq!(
+        user_id(&carol).await,
+        None,
+        "a rewritten claim fails closed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn set_config_of_claims_and_signature() {
+    let stack = Stack::start().await;
+    let carol = login(&stack, "user_carol").await;
+    let (_, signature) = capture(&carol).await;
+    for (claims, sig) in [
+        (forged_claims(BOB), signature.clone()),
+        (forged_claims(BOB), "0".repeat(64)),
+        (forged_claims(BOB), String::new()),
+        (forged_claims(BOB), "zz".repeat(32)),
+    ] {
+        replay(&carol, &claims, &sig).await;
+        assert_not_forged(&carol, "user_carol", "set_config").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn set_local_and_set_config_local_inside_a_transaction() {
+    let stack = Stack::start().await;
+    let mut carol = login(&stack, "user_carol").await;
+    for statement in [
+        format!(
+            "set local authgres.claims = {}",
+            sql_literal(&forged_claims(BOB))
+        ),
+        format!(
+            "select set_config('authgres.claims', {}, true)",
+            sql_literal(&forged_claims(BOB))
+        ),
+        "set local authgres.signature = ''".to_owned(),
+    ] {
+        let tx = carol.transaction().await.expect("begin");
+        tx.batch_execute(&statement).await.expect(&statement);
+        let inside: Option<String> = tx
+            .query_one("select auth.user_id()", &[])
+            .await
+            .expect("inside")
+            .get(0);
+        assert_eq!(inside, None, "{statement}");
+        tx.rollback().await.expect("rollback");
+        assert_eq!(
+            user_id(&carol).await.as_deref(),
+            Some("user_carol"),
+            "{statement}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reset_of_each_setting_and_reset_all_inside_and_outside_transactions() {
+    let stack = Stack::start().await;
+    for statement in [
+        "reset authgres.claims",
+        "reset authgres.signature",
+        "reset all",
+        "begin; reset all; commit",
+        "begin; set local authgres.claims = '{}'; reset all; commit",
+    ] {
+        let carol = login(&stack, "user_carol").await;
+        carol.batch_execute(statement).await.expect(statement);
+        assert_not_forged(&carol, "user_carol", statement).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn discard_all_and_discard_temp() {
+    let stack = Stack::start().await;
+    for statement in [
+        "discard all",
+        "discard temp",
+        "discard plans",
+        "discard sequences",
+    ] {
+        let carol = login(&stack, "user_carol").await;
+        carol.batch_execute(statement).await.expect(statement);
+        assert_not_forged(&carol, "user_carol", statement).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn do_blocks_functions_and_multi_statement_strings() {
+    let stack = Stack::start().await;
+    let carol = login(&stack, "user_carol").await;
+    let forged = sql_literal(&forged_claims(BOB));
+    carol
+        .batch_execute(&format!(
+            "do $$ begin perform set_config('authgres.claims', {forged}, false); end $$"
+        ))
+        .await
+        .expect("DO");
+    assert_not_forged(&carol, "user_carol", "DO block").await;
+    carol
+        .batch_execute(&format!(
+            "create function pg_temp.become() returns void language sql as \
+             $$ select set_config('authgres.claims', {forged}, false) $$; \
+             select pg_temp.become(); select auth.user_id()"
+        ))
+        .await
+        .expect("temp function");
+    assert_not_forged(&carol, "user_carol", "function in pg_temp").await;
+    // The same through the extended protocol.
+    let statement = carol
+        .prepare("select set_config('authgres.claims', $1, false)")
+        .await
+        .expect("prepare");
+    carol
+        .query(&statement, &[&forged_claims(BOB)])
+        .await
+        .expect("execute");
+    assert_not_forged(&carol, "user_carol", "extended protocol").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn copy_reports_only_the_own_identity() {
+    let stack = Stack::start().await;
+    let carol = login(&stack, "user_carol").await;
+    use futures_util::StreamExt as _;
+    let stream = carol
+        .copy_out("copy (select auth.user_id()) to stdout")
+        .await
+        .expect("copy out");
+    let chunks: Vec<_> = stream.collect().await;
+    let text: Vec<u8> = chunks
+        .into_iter()
+        .flat_map(|c| c.expect("chunk").to_vec())
+        .collect();
+    assert_eq!(String::from_utf8_lossy(&text), "user_carol\n");
+}
+
+// ---- escaping the role ---------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn set_role_to_any_other_role_is_refused() {
+    let stack = Stack::start().await;
+    let carol = login(&stack, "user_carol").await;
+    for role in [
+        "postgres",
+        "anonymous",
+        "reporting",
+        "pg_read_all_data",
+        "pg_signal_backend",
+    ] {
+        let error = carol
+            .batch_execute(&format!("set role {role}"))
+            .await
+            .expect_err(role);
+        assert_eq!(
+            error.code(),
+            Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+            "{role}: {error}"
+        );
+        let error = carol
+            .query(&format!("select set_config('role', '{role}', false)"), &[])
+            .await
+            .expect_err(role);
+        assert_eq!(
+            error.code(),
+            Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+            "{role}: {error}"
+        );
+    }
+    let current: String = carol
+        .query_one("select current_user::text", &[])
+        .await
+        .expect("current_user")
+        .get(0);
+    assert_eq!(current, "authenticated");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn set_role_none_and_reset_role_have_nothing_to_escape_to() {
+    let stack = Stack::start().await;
+    let carol = login(&stack, "user_carol").await;
+    for statement in ["set role none", "reset role", "set role authenticated"] {
+        carol.batch_execute(statement).await.expect(statement);
+        let row = carol
+            .query_one("select current_user::text, session_user::text", &[])
+            .await
+            .expect("users");
+        assert_eq!(
+            (row.get::<_, String>(0), row.get::<_, String>(1)),
+            ("authenticated".into(), "authenticated".into())
+        );
+        assert_eq!(
+            user_id(&carol).await.as_deref(),
+            Some("user_carol"),
+            "{statement}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn set_session_authorization_is_refused() {
+    let stack = Stack::start().await;
+    let carol = login(&stack, "user_carol").await;
+    for target in ["postgres", "anonymous"] {
+        let error = carol
+            .batch_execute(&format!("set session authorization {target}"))
+            .await
+            .expect_err(target);
+        assert_eq!(
+            error.code(),
+            Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+            "{target}: {error}"
+        );
+    }
+    assert_eq!(user_id(&carol).await.as_deref(), Some("user_carol"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn login_roles_are_unprivileged_and_belong_to_no_role() {
+    let stack = Stack::start().await;
+    let admin = stack.cluster.admin(common::DATABASE).await.expect("admin");
+    for role in ["authenticated", "anonymous"] {
+        let row = admin
+            .query_one(
+                "select rolcanlogin, rolsuper, rolbypassrls, rolcreaterole, rolcreatedb, rolreplication, \
+                 (select count(*) from pg_auth_members m where m.member = r.oid) \
+                 from pg_roles r where rolname = $1",
+                &[&role],
+            )
+            .await
+            .expect(role);
+        let flags: Vec<bool> = (0..6).map(|i| row.get(i)).collect();
+        assert_eq!(flags, [true, false, false, false, false, false], "{role}");
+        assert_eq!(row.get::<_, i64>(6), 0, "{role} is a member of some role");
+    }
+}
+
+// ---- replaying a captured claims + signature pair -------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_on_another_backend() {
+    let stack = Stack::start().await;
+    let alice = login(&stack, ALICE).await;
+    let (claims, signature) = capture(&alice).await;
+    let bob = login(&stack, BOB).await;
+    replay(&bob, &claims, &signature).await;
+    assert_not_forged(&bob, BOB, "replay on another backend").await;
+    assert_eq!(user_id(&bob).await, None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_on_the_same_backend_in_a_later_generation() {
+    let stack = Stack::start().await;
+    let alice = login(&stack, ALICE).await;
+    let (claims, signature) = capture(&alice).await;
+    // A new identity generation on this backend, as the proxy starts for
+    // every session (and, with pooling, for every reuse of the backend).
+    alice
+        .batch_execute("select auth.begin_session()")
+        .await
+        .expect("begin_session");
+    replay(&alice, &claims, &signature).await;
+    assert_eq!(
+        user_id(&alice).await,
+        None,
+        "an old generation's pair verified"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_after_the_token_expired() {
+    let stack = Stack::start().await;
+    let short = almost_expired(&stack, ALICE);
+    let alice = stack.connect("authenticated", &short).await.expect("alice");
+    let (claims, signature) = capture(&alice).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The expired token itself no longer logs in...
+    let error = stack
+        .connect("authenticated", &short)
+        .await
+        .expect_err("expired token");
+    assert_eq!(error.code(), Some(&SqlState::INVALID_PASSWORD));
+    // ...and its captured pair does not verify in anyone else's session.
+    let carol = login(&stack, "user_carol").await;
+    replay(&carol, &claims, &signature).await;
+    assert_eq!(user_id(&carol).await, None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_after_reconnecting_as_anonymous() {
+    let stack = Stack::start().await;
+    let alice = login(&stack, ALICE).await;
+    let (claims, signature) = capture(&alice).await;
+    let anonymous = stack.connect("anonymous", "").await.expect("anonymous");
+    assert_eq!(user_id(&anonymous).await, None);
+    replay(&anonymous, &claims, &signature).await;
+    assert_eq!(user_id(&anonymous).await, None, "anonymous became alice");
+}
+
+// ---- shadowing -------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shadow_objects_in_pg_temp_and_search_path_changes() {
+    let stack = Stack::start().await;
+    let carol = login(&stack, "user_carol").await;
+    carol
+        .batch_execute(
+            "create temp table session_generations (pid int, login_role name, generation bigint);
+             insert into pg_temp.session_generations values (pg_backend_pid(), 'authenticated', 1);
+             create temp table claims_keys (ipad bytea, opad bytea);
+             create function pg_temp.sha256(bytea) returns bytea language sql as $$ select $1 $$;
+             create function pg_temp.current_setting(text, boolean) returns text language sql
+                 as $$ select '{\"sub\":\"user_bob\"}' $$;
+             create function pg_temp.pg_backend_pid() returns int language sql as $$ select 1 $$;
+             create function pg_temp.decode(text, text) returns bytea language sql as $$ select ''::bytea $$;
+             set search_path = pg_temp, public, auth;",
+        )
+        .await
+        .expect("shadow objects");
+    assert_not_forged(&carol, "user_carol", "pg_temp shadows").await;
+    assert_eq!(user_id(&carol).await.as_deref(), Some("user_carol"));
+    // Operators too, where the server lets a client create them.
+    let operator = carol
+        .batch_execute(
+            "create function pg_temp.always(bytea, bytea) returns boolean language sql as $$ select true $$;
+             create operator pg_temp.= (leftarg = bytea, rightarg = bytea, function = pg_temp.always);",
+        )
+        .await;
+    if operator.is_ok() {
+        carol
+            .batch_execute(&format!(
+                "set authgres.claims = {}",
+                sql_literal(&forged_claims(BOB))
+            ))
+            .await
+            .expect("set");
+        assert_eq!(user_id(&carol).await, None, "a shadow = operator was used");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shadow_functions_in_public_are_refused_or_ignored() {
+    let stack = Stack::start().await;
+    let carol = login(&stack, "user_carol").await;
+    let created = carol
+        .batch_execute(
+            "create function public.current_setting(text, boolean) returns text language sql
+                 as $$ select '{\"sub\":\"user_bob\"}' $$;
+             set search_path = public, pg_catalog;",
+        )
+        .await;
+    if let Err(error) = &created {
+        assert_eq!(
+            error.code(),
+            Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+            "{error}"
+        );
+    }
+    assert_not_forged(&carol, "user_carol", "public shadow").await;
+    // Nothing can be created in the auth schema.
+    let error = carol
+        .batch_execute("create function auth.user_id(int) returns text language sql as $$ select 'user_bob' $$")
+        .await
+        .expect_err("create in auth");
+    assert_eq!(
+        error.code(),
+        Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+        "{error}"
+    );
+}
+
+// ---- reading or changing the key and the internal state ------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_key_table_and_internal_state_are_out_of_reach() {
+    let stack = Stack::start().await;
+    let carol = login(&stack, "user_carol").await;
+    for statement in [
+        "select * from auth.claims_keys",
+        "insert into auth.claims_keys (ipad, opad) values (decode(repeat('00', 64), 'hex'), decode(repeat('00', 64), 'hex'))",
+        "delete from auth.claims_keys",
+        "select * from auth.session_generations",
+        "update auth.session_generations set generation = 1",
+        "select nextval('auth.generation_seq')",
+        "select setval('auth.generation_seq', 1)",
+        "alter function auth.session() owner to authenticated",
+        "create or replace function auth.session() returns jsonb language sql as $$ select '{\"sub\":\"user_bob\"}'::jsonb $$",
+        "drop function auth.session()",
+    ] {
+        let error = carol.batch_execute(statement).await.expect_err(statement);
+        assert!(
+            matches!(error.code(), Some(c) if *c == SqlState::INSUFFICIENT_PRIVILEGE || *c == SqlState::UNDEFINED_FUNCTION),
+            "{statement}: {error}"
+        );
+    }
+    assert_eq!(user_id(&carol).await.as_deref(), Some("user_carol"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_key_never_shows_in_catalogs_settings_activity_plans_or_errors() {
+    let stack = Stack::start().await;
+    let key_hex = stack.secret("AUTHGRES_CLAIMS_KEY");
+    let key = authgres_wire::ClaimsKey::from_hex(&key_hex).expect("key");
+    let (ipad, opad) = key.pads();
+    let secrets = [key_hex.clone(), hex(&ipad), hex(&opad)];
+    let carol = login(&stack, "user_carol").await;
+    let alice = login(&stack, ALICE).await;
+    let mut seen = String::new();
+    for query in [
+        "select string_agg(coalesce(prosrc, ''), ' ') from pg_proc where pronamespace = 'auth'::regnamespace",
+        "select string_agg(coalesce(array_to_string(proconfig, ','), ''), ' ') from pg_proc",
+        "select string_agg(name || '=' || setting, ' ') from pg_settings",
+        "select string_agg(coalesce(query, ''), ' ') from pg_stat_activity",
+        "select current_setting('authgres.claims') || current_setting('authgres.signature')",
+        "select string_agg(obj_description(oid), ' ') from pg_class where relnamespace = 'auth'::regnamespace",
+    ] {
+        for row in carol.simple_query(query).await.expect(query) {
+            if let tokio_postgres::SimpleQueryMessage::Row(row) = row {
+                seen.push_str(row.get(0).unwrap_or(""));
+            }
+        }
+    }
+    for query in [
+        "explain (verbose, costs off) select auth.user_id()",
+        "show all",
+    ] {
+        for row in carol.simple_query(query).await.expect(query) {
+            if let tokio_postgres::SimpleQueryMessage::Row(row) = row {
+                for i in 0..row.len() {
+                    seen.push_str(row.get(i).unwrap_or(""));
+                }
+            }
+        }
+    }
+    for bad in [
+        "set authgres.signature = 'not hex'",
+        "select auth.session('x')",
+        "select * from auth.claims_keys",
+    ] {
+        if let Err(error) = carol.batch_execute(bad).await {
+            seen.push_str(&error.to_string());
+            if let Some(db) = error.as_db_error() {
+                seen.push_str(db.detail().unwrap_or(""));
+                seen.push_str(db.hint().unwrap_or(""));
+            }
+        }
+    }
+    let _ = alice;
+    for secret in &secrets {
+        assert!(!seen.contains(secret.as_str()), "the claims key leaked");
+    }
+    assert!(
+        !stack.log().contains(&key_hex),
+        "the claims key is in the proxy log"
+    );
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+// ---- claims with hostile content -------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unusual_subjects_round_trip_exactly() {
+    let stack = Stack::start().await;
+    let long = format!("user_{}", "x".repeat(4000));
+    let subjects = [
+        "o'brien",
+        "back\\slash\\\\",
+        "quote\"d",
+        "'; drop table todos; --",
+        "$$ select 1 $$",
+        "line\nbreak\ttab",
+        "ünïcødé 日本語 😀",
+        "\\u0041 is not A",
+        "e'\\x41'",
+        long.as_str(),
+        "6f1c9a4e-1d2b-4c3a-9e8f-0a1b2c3d4e5f",
+    ];
+    for sub in subjects {
+        let client = stack
+            .connect("authenticated", &stack.issuer.token(sub))
+            .await
+            .unwrap_or_else(|e| panic!("{sub:?}: {e}"));
+        assert_eq!(user_id(&client).await.as_deref(), Some(sub), "sub {sub:?}");
+    }
+    let client = stack
+        .connect(
+            "authenticated",
+            &stack.issuer.token("6f1c9a4e-1d2b-4c3a-9e8f-0a1b2c3d4e5f"),
+        )
+        .await
+        .expect("uuid sub");
+    let uid: Option<String> = client
+        .query_one("select auth.uid()::text", &[])
+        .await
+        .expect("uid")
+        .get(0);
+    assert_eq!(uid.as_deref(), Some("6f1c9a4e-1d2b-4c3a-9e8f-0a1b2c3d4e5f"));
+    let client = login(&stack, "user_not_a_uuid").await;
+    let uid: Option<String> = client
+        .query_one("select auth.uid()::text", &[])
+        .await
+        .expect("uid")
+        .get(0);
+    assert_eq!(uid, None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn overlong_claims_work_up_to_the_limit_and_are_refused_beyond() {
+    let stack = Stack::start().await;
+    let big = stack.issuer.mint(
+        &TokenSpec::new("user_big").claim("org_memberships", json!(vec!["org_0123456789"; 1500])),
+    );
+    assert!(big.len() > 16 * 1024, "token of {} bytes", big.len());
+    let client = stack
+        .connect("authenticated", &big)
+        .await
+        .expect("a 30 KB token");
+    assert_eq!(user_id(&client).await.as_deref(), Some("user_big"));
+    let huge = stack
+        .issuer
+        .mint(&TokenSpec::new("user_huge").claim("padding", json!("p".repeat(70 * 1024))));
+    let error = stack
+        .connect("authenticated", &huge)
+        .await
+        .expect_err("over the limit");
+    assert_eq!(error.code(), Some(&SqlState::PROTOCOL_VIOLATION), "{error}");
+}
+
+// ---- token lifetime --------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn by_default_a_session_outlives_its_token() {
+    let stack = Stack::start().await;
+    let short = almost_expired(&stack, ALICE);
+    let alice = stack.connect("authenticated", &short).await.expect("alice");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let error = stack
+        .connect("authenticated", &short)
+        .await
+        .expect_err("expired");
+    assert_eq!(error.code(), Some(&SqlState::INVALID_PASSWORD), "{error}");
+    assert_eq!(user_id(&alice).await.as_deref(), Some(ALICE));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enforced_expiry_ends_the_session_at_the_transaction_boundary() {
+    let stack = Stack::start_with(common::Options {
+        enforce_token_expiry: true,
+        ..Default::default()
+    })
+    .await;
+    let short = stack
+        .issuer
+        .mint(&TokenSpec::new(ALICE).ttl(Duration::from_secs(3)));
+    let mut alice = stack.connect("authenticated", &short).await.expect("alice");
+    let tx = alice.transaction().await.expect("begin");
+    tx.batch_execute("insert into todos (task) values ('before expiry')")
+        .await
+        .expect("insert");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Inside the transaction the session lives on, and may commit.
+    tx.batch_execute("insert into todos (task) values ('after expiry, same transaction')")
+        .await
+        .expect("insert in the open transaction");
+    let committed = tx.commit().await;
+    // The commit's result arrives; then the session ends.
+    committed.expect("commit");
+    let error = alice
+        .batch_execute("select 1")
+        .await
+        .expect_err("session ended");
+    assert!(
+        alice.is_closed() || error.is_closed() || error.code() == Some(&SqlState::INVALID_PASSWORD),
+        "{error}"
+    );
+    let admin = stack.cluster.admin(common::DATABASE).await.expect("admin");
+    let count: i64 = admin
+        .query_one("select count(*) from todos where user_id = $1", &[&ALICE])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(count, 2, "the transaction committed whole");
+}
+
+// ---- claims key rotation and schema upgrades --------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_claims_key_rotates_without_downtime() {
+    let stack = Stack::start().await;
+    let alice = login(&stack, ALICE).await;
+    let old_key = stack.secret("AUTHGRES_CLAIMS_KEY");
+    let out = stack.init_db(&["--rotate-claims-key"]);
+    assert!(out.contains("older claims key(s) still accepted"), "{out}");
+    let new_key = stack.secret("AUTHGRES_CLAIMS_KEY");
+    assert_ne!(old_key, new_key);
+
+    // The running proxy still signs with the old key: still accepted.
+    let bob_old = login(&stack, BOB).await;
+    assert_eq!(user_id(&bob_old).await.as_deref(), Some(BOB));
+    assert_eq!(user_id(&alice).await.as_deref(), Some(ALICE));
+    // A proxy started now signs with the new key: accepted too.
+    let second = stack.second_proxy();
+    let carol = stack
+        .connect_port(
+            second.port,
+            "authenticated",
+            &stack.issuer.token("user_carol"),
+        )
+        .await
+        .expect("carol via the new proxy");
+    assert_eq!(user_id(&carol).await.as_deref(), Some("user_carol"));
+
+    // Retiring the old key: sessions signed with it fail closed, new ones work.
+    stack.init_db(&["--retire-old-keys"]);
+    assert_eq!(user_id(&alice).await, None);
+    assert_eq!(user_id(&bob_old).await, None);
+    assert_eq!(user_id(&carol).await.as_deref(), Some("user_carol"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn init_db_upgrades_an_older_weaker_schema_in_place() {
+    let stack = Stack::start().await;
+    let admin = stack.cluster.admin(common::DATABASE).await.expect("admin");
+    // An older install: user_id() trusts a plain setting, no version table.
+    admin
+        .batch_execute(
+            "drop table auth.schema_version;
+             create or replace function auth.user_id() returns text language sql stable
+                 as $$ select nullif(current_setting('authgres.claims', true), '')::jsonb ->> 'sub' $$;",
+        )
+        .await
+        .expect("downgrade");
+    let carol = login(&stack, "user_carol").await;
+    carol
+        .batch_execute(&format!(
+            "set authgres.claims = {}",
+            sql_literal(&forged_claims(BOB))
+        ))
+        .await
+        .expect("set");
+    assert_eq!(
+        user_id(&carol).await.as_deref(),
+        Some(BOB),
+        "the old schema was weak"
+    );
+
+    let out = stack.init_db(&[]);
+    assert!(out.contains("upgraded from v0 to v1"), "{out}");
+    let carol = login(&stack, "user_carol").await;
+    carol
+        .batch_execute(&format!(
+            "set authgres.claims = {}",
+            sql_literal(&forged_claims(BOB))
+        ))
+        .await
+        .expect("set");
+    assert_eq!(user_id(&carol).await, None);
+    let out = stack.init_db(&[]);
+    assert!(out.contains("re-applied"), "{out}");
+}
