@@ -44,7 +44,10 @@ async fn measure() {
             "user_id = current_setting('authgres.claims', true)::jsonb ->> 'sub'",
         ),
         ("auth.user_id() per row", "user_id = auth.user_id()"),
-        ("(select auth.user_id())", "user_id = (select auth.user_id())"),
+        (
+            "(select auth.user_id())",
+            "user_id = (select auth.user_id())",
+        ),
     ];
     let mut baseline = None;
     println!("{ROWS}-row scan, median of {RUNS} runs, PostgreSQL through authgres");

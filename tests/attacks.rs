@@ -502,8 +502,20 @@ async fn the_key_table_and_internal_state_are_out_of_reach() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_key_never_shows_in_catalogs_settings_activity_plans_or_errors() {
-    let stack = Stack::start().await;
+async fn the_key_never_shows_in_catalogs_settings_activity_statements_plans_or_errors() {
+    let stack = Stack::start_with(common::Options {
+        server_settings: &["shared_preload_libraries=pg_stat_statements"],
+        ..Default::default()
+    })
+    .await;
+    stack
+        .cluster
+        .admin(common::DATABASE)
+        .await
+        .expect("admin")
+        .batch_execute("create extension pg_stat_statements")
+        .await
+        .expect("pg_stat_statements");
     let key_hex = stack.secret("AUTHGRES_CLAIMS_KEY");
     let key = authgres_wire::ClaimsKey::from_hex(&key_hex).expect("key");
     let (ipad, opad) = key.pads();
@@ -516,6 +528,7 @@ async fn the_key_never_shows_in_catalogs_settings_activity_plans_or_errors() {
         "select string_agg(coalesce(array_to_string(proconfig, ','), ''), ' ') from pg_proc",
         "select string_agg(name || '=' || setting, ' ') from pg_settings",
         "select string_agg(coalesce(query, ''), ' ') from pg_stat_activity",
+        "select string_agg(query, ' ') from pg_stat_statements",
         "select current_setting('authgres.claims') || current_setting('authgres.signature')",
         "select string_agg(obj_description(oid), ' ') from pg_class where relnamespace = 'auth'::regnamespace",
     ] {
@@ -550,7 +563,15 @@ async fn the_key_never_shows_in_catalogs_settings_activity_plans_or_errors() {
             }
         }
     }
-    let _ = alice;
+    assert!(
+        seen.contains("set_config"),
+        "pg_stat_statements shows the attach statement"
+    );
+    let (_, alice_signature) = capture(&alice).await;
+    assert!(
+        !seen.contains(&alice_signature),
+        "another session's signature leaked"
+    );
     for secret in &secrets {
         assert!(!seen.contains(secret.as_str()), "the claims key leaked");
     }

@@ -22,6 +22,8 @@ pub struct Options {
     /// against this CA: `Some(true)` the right CA, `Some(false)` a stranger's.
     pub upstream_tls: Option<bool>,
     pub enforce_token_expiry: bool,
+    /// Extra server settings for the sandbox cluster.
+    pub server_settings: &'static [&'static str],
 }
 
 impl Default for Options {
@@ -31,6 +33,7 @@ impl Default for Options {
             cleartext_tokens: "loopback",
             upstream_tls: None,
             enforce_token_expiry: false,
+            server_settings: &[],
         }
     }
 }
@@ -52,7 +55,10 @@ impl Stack {
     pub async fn start_with(options: Options) -> Self {
         let certs = TestCerts::generate().expect("certs");
         let cluster = match options.upstream_tls {
-            None => tokio::task::spawn_blocking(Cluster::start).await,
+            None => {
+                let settings = options.server_settings;
+                tokio::task::spawn_blocking(move || Cluster::start_with_settings(settings)).await
+            }
             Some(_) => {
                 let certs = TestCerts {
                     ca_pem: certs.ca_pem.clone(),

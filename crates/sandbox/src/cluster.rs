@@ -28,16 +28,23 @@ impl Cluster {
     ///
     /// As root, `initdb` and `postgres` run as the `postgres` OS user.
     pub fn start() -> anyhow::Result<Self> {
-        Self::start_inner(None)
+        Self::start_inner(None, &[])
     }
 
     /// Like [`start`](Self::start), with `ssl = on` using `certs`' server
     /// certificate (for `localhost`, `127.0.0.1`, `::1`).
     pub fn start_with_tls(certs: &crate::tls::TestCerts) -> anyhow::Result<Self> {
-        Self::start_inner(Some(certs))
+        Self::start_inner(Some(certs), &[])
     }
 
-    fn start_inner(tls: Option<&crate::tls::TestCerts>) -> anyhow::Result<Self> {
+    /// Like [`start`](Self::start), with extra server settings
+    /// (`name=value`, as `postgres -c` takes them), e.g.
+    /// `shared_preload_libraries=pg_stat_statements`.
+    pub fn start_with_settings(settings: &[&str]) -> anyhow::Result<Self> {
+        Self::start_inner(None, settings)
+    }
+
+    fn start_inner(tls: Option<&crate::tls::TestCerts>, settings: &[&str]) -> anyhow::Result<Self> {
         let bindir = find_postgres_bindir()?;
         let owner = OsUser::for_postgres()?;
         let dir = tempfile::Builder::new()
@@ -82,7 +89,7 @@ impl Cluster {
             );
         }
 
-        let mut tls_args = Vec::new();
+        let mut extra_args: Vec<String> = Vec::new();
         if let Some(certs) = tls {
             let cert = dir.path().join("server.crt");
             let key = dir.path().join("server.key");
@@ -91,7 +98,7 @@ impl Cluster {
             std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
             owner.give(&cert)?;
             owner.give(&key)?;
-            tls_args = vec![
+            extra_args = vec![
                 "-c".to_owned(),
                 "ssl=on".to_owned(),
                 "-c".to_owned(),
@@ -99,6 +106,10 @@ impl Cluster {
                 "-c".to_owned(),
                 format!("ssl_key_file={}", key.display()),
             ];
+        }
+        for setting in settings {
+            extra_args.push("-c".to_owned());
+            extra_args.push((*setting).to_owned());
         }
         let mut last_error = None;
         for _ in 0..3 {
@@ -114,7 +125,7 @@ impl Cluster {
                 .args(["-c", "listen_addresses=127.0.0.1"])
                 .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
                 .args(["-c", "full_page_writes=off", "-c", "max_connections=300"])
-                .args(&tls_args)
+                .args(&extra_args)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
