@@ -53,6 +53,9 @@ enum Command {
         /// Address the demo proxy listens on.
         #[arg(long, default_value = "127.0.0.1:6432")]
         listen: String,
+        /// Address of the demo's HTTP endpoint (/sql and WebSocket /v2).
+        #[arg(long, default_value = "127.0.0.1:8432")]
+        http_listen: String,
         /// Directory for the demo's state (issuer keys, config).
         #[arg(long, env = "AUTHGRES_DEMO_DIR")]
         state_dir: Option<PathBuf>,
@@ -99,8 +102,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo {
             env,
             listen,
+            http_listen,
             state_dir,
-        } => crate::demo::run(env, &listen, state_dir).await,
+        } => crate::demo::run(env, &listen, &http_listen, state_dir).await,
         Command::Token {
             sub,
             ttl,

@@ -29,6 +29,39 @@ pub struct FileConfig {
     pub roles: BTreeMap<String, Role>,
     #[serde(default)]
     pub providers: Vec<Provider>,
+    /// `[http]`: absent disables HTTP.
+    pub http: Option<Http>,
+}
+
+/// `[http]`: the /sql endpoint and WebSocket transport.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Http {
+    pub address: String,
+    #[serde(default)]
+    pub tls: bool,
+    #[serde(default = "http_defaults::max_bytes")]
+    pub max_request_bytes: usize,
+    #[serde(default = "http_defaults::max_bytes")]
+    pub max_response_bytes: usize,
+    #[serde(default = "http_defaults::pool_size")]
+    pub pool_size: usize,
+    #[serde(default = "http_defaults::checkout_timeout", with = "humantime_serde")]
+    pub checkout_timeout: Duration,
+}
+
+mod http_defaults {
+    use std::time::Duration;
+
+    pub fn max_bytes() -> usize {
+        authgres_http::DEFAULT_MAX_BYTES
+    }
+    pub fn pool_size() -> usize {
+        authgres_wire::pool::PoolLimits::default().max_per_key
+    }
+    pub fn checkout_timeout() -> Duration {
+        authgres_wire::pool::PoolLimits::default().checkout_timeout
+    }
 }
 
 /// `[listen]`: the client-facing side.
@@ -433,6 +466,18 @@ impl Loaded {
                 Cleartext::Refuse => CleartextTokens::Refuse,
             },
             enforce_token_expiry: listen.enforce_token_expiry,
+        })
+    }
+
+    /// HTTP settings, when `[http]` is present.
+    pub fn http(&self) -> Option<authgres_http::HttpConfig> {
+        self.file.http.as_ref().map(|h| authgres_http::HttpConfig {
+            max_request_bytes: h.max_request_bytes,
+            max_response_bytes: h.max_response_bytes,
+            pool: authgres_wire::pool::PoolLimits {
+                max_per_key: h.pool_size,
+                checkout_timeout: h.checkout_timeout,
+            },
         })
     }
 

@@ -25,6 +25,7 @@ pub fn default_state_dir() -> PathBuf {
 pub async fn run(
     env: Option<PathBuf>,
     listen: &str,
+    http_listen: &str,
     state_dir: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let dir = state_dir.unwrap_or_else(default_state_dir);
@@ -42,7 +43,11 @@ pub async fn run(
         .batch_execute(&format!("create database {DATABASE}"))
         .await?;
     let config_path = dir.join("proxy.toml");
-    std::fs::write(&config_path, demo_config(listen, &cluster, &issuer))?;
+    let http_address = concrete_address(http_listen)?;
+    std::fs::write(
+        &config_path,
+        demo_config(listen, &http_address, &cluster, &issuer),
+    )?;
     let loaded = crate::init_db::prepare_secrets(&config_path)?;
     crate::init_db::init_db(
         &loaded,
@@ -64,18 +69,35 @@ pub async fn run(
     let address = listener.local_addr()?;
     let token_a = issuer.token("user_alice");
     let token_b = issuer.token("user_bob");
-    println!("{}", instructions(address, &token_a, &token_b, &dir));
+    let http_url = format!("http://{http_address}/sql");
+    println!(
+        "{}",
+        instructions(address, &http_url, &token_a, &token_b, &dir)
+    );
     if let Some(env) = &env {
-        write_env_file(env, address, &token_a, &token_b)?;
+        write_env_file(env, address, &http_url, &token_a, &token_b)?;
         println!("wrote {}", env.display());
     }
-    authgres_wire::server::serve(prepared.proxy, listener, crate::serve::shutdown_signal()).await?;
+    crate::serve::run_listeners(prepared, listener).await?;
     eprintln!("removing the demo cluster and its files");
     drop(cluster);
     Ok(())
 }
 
-fn demo_config(listen: &str, cluster: &Cluster, issuer: &Issuer) -> String {
+/// Picks a free port when `address` asks for port 0, so the HTTP URL can be
+/// printed before the listener starts.
+fn concrete_address(address: &str) -> anyhow::Result<String> {
+    let parsed: std::net::SocketAddr = address
+        .parse()
+        .with_context(|| format!("{address} is not an address:port"))?;
+    if parsed.port() != 0 {
+        return Ok(address.to_owned());
+    }
+    let probe = std::net::TcpListener::bind(parsed)?;
+    Ok(probe.local_addr()?.to_string())
+}
+
+fn demo_config(listen: &str, http: &str, cluster: &Cluster, issuer: &Issuer) -> String {
     format!(
         r#"# Written by `authgres demo`.
 secrets_file = "authgres.env"
@@ -84,6 +106,9 @@ secrets_file = "authgres.env"
 address = "{listen}"
 tls_cert = "server.crt"
 tls_key = "server.key"
+
+[http]
+address = "{http}"
 
 [upstream]
 host = "{host}"
@@ -103,7 +128,13 @@ roles = ["authenticated"]
     )
 }
 
-fn instructions(address: std::net::SocketAddr, token_a: &str, token_b: &str, dir: &Path) -> String {
+fn instructions(
+    address: std::net::SocketAddr,
+    http_url: &str,
+    token_a: &str,
+    token_b: &str,
+    dir: &Path,
+) -> String {
     let (host, port) = (address.ip(), address.port());
     let conn = format!("host={host} port={port} dbname={DATABASE} user=authenticated");
     let mut out = String::new();
@@ -128,6 +159,14 @@ fn instructions(address: std::net::SocketAddr, token_a: &str, token_b: &str, dir
     );
     let _ = writeln!(
         out,
+        "Over HTTP, as the Neon serverless driver does (neonConfig.fetchEndpoint = '{http_url}'):"
+    );
+    let _ = writeln!(
+        out,
+        "  curl -s {http_url} -H 'Authorization: Bearer {token_a}' -H 'Neon-Connection-String: postgresql://authenticated@{address}/{DATABASE}' -d '{{\"query\": \"select * from todos\"}}'\n"
+    );
+    let _ = writeln!(
+        out,
         "More tokens: authgres token --sub user_carol{}",
         if dir == default_state_dir() {
             String::new()
@@ -141,12 +180,14 @@ fn instructions(address: std::net::SocketAddr, token_a: &str, token_b: &str, dir
 fn write_env_file(
     path: &Path,
     address: std::net::SocketAddr,
+    http_url: &str,
     token_a: &str,
     token_b: &str,
 ) -> anyhow::Result<()> {
     let text = format!(
         "export PGHOST={}\nexport PGPORT={}\nexport PGDATABASE={DATABASE}\nexport PGUSER=authenticated\n\
-         export AUTHGRES_TOKEN_A={token_a}\nexport AUTHGRES_TOKEN_B={token_b}\n",
+         export AUTHGRES_TOKEN_A={token_a}\nexport AUTHGRES_TOKEN_B={token_b}\n\
+         export AUTHGRES_HTTP_URL={http_url}\n",
         address.ip(),
         address.port()
     );

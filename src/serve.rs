@@ -14,6 +14,15 @@ pub struct Prepared {
     pub proxy: Arc<Proxy>,
     pub verifier: Arc<Verifier>,
     pub address: String,
+    /// HTTP listener settings, if `[http]` is configured.
+    pub http: Option<PreparedHttp>,
+}
+
+/// The HTTP side, ready to bind.
+pub struct PreparedHttp {
+    pub address: String,
+    pub state: Arc<authgres_http::HttpState>,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// Builds the proxy from a loaded config; fails with what to fix.
@@ -26,16 +35,32 @@ pub fn prepare(loaded: &Loaded) -> anyhow::Result<Prepared> {
         providers,
         loaded.file.identity.verified_token_cache,
     )?);
-    let proxy = Proxy::new(
+    let tls = loaded.tls()?;
+    let proxy = Arc::new(Proxy::new(
         loaded.proxy_config()?,
         Arc::clone(&verifier),
         loaded.claims_key()?,
-        loaded.tls()?,
-    );
+        tls.clone(),
+    ));
+    let http = match (loaded.http(), &loaded.file.http) {
+        (Some(config), Some(file)) => {
+            if file.tls && tls.is_none() {
+                anyhow::bail!("[http] tls = true needs [listen] tls_cert and tls_key");
+            }
+            let tls = if file.tls { tls } else { None };
+            Some(PreparedHttp {
+                address: file.address.clone(),
+                state: authgres_http::HttpState::new(Arc::clone(&proxy), config, tls.is_some()),
+                tls,
+            })
+        }
+        _ => None,
+    };
     Ok(Prepared {
-        proxy: Arc::new(proxy),
+        proxy,
         verifier,
         address: loaded.file.listen.address.clone(),
+        http,
     })
 }
 
@@ -50,8 +75,45 @@ pub async fn serve(config: &Path) -> anyhow::Result<()> {
     // Warm the key caches without delaying the listener.
     let verifier = Arc::clone(&prepared.verifier);
     tokio::spawn(async move { verifier.prefetch(std::time::SystemTime::now()).await });
-    authgres_wire::server::serve(prepared.proxy, listener, shutdown_signal()).await?;
+    run_listeners(prepared, listener).await
+}
+
+/// Serves the wire listener and, when configured, HTTP, until a signal.
+pub async fn run_listeners(
+    prepared: Prepared,
+    listener: tokio::net::TcpListener,
+) -> anyhow::Result<()> {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let wait = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    let http = match prepared.http {
+        Some(http) => {
+            let http_listener = tokio::net::TcpListener::bind(&http.address)
+                .await
+                .with_context(|| format!("listening for HTTP on {}", http.address))?;
+            tracing::info!(address = %http.address, tls = http.tls.is_some(), "authgres HTTP listening");
+            Some(tokio::spawn(authgres_http::serve(
+                http.state,
+                http_listener,
+                http.tls,
+                wait(stopped.clone()),
+            )))
+        }
+        None => None,
+    };
+    let wire = tokio::spawn(authgres_wire::server::serve(
+        prepared.proxy,
+        listener,
+        wait(stopped),
+    ));
+    shutdown_signal().await;
     tracing::info!("shutting down");
+    let _ = stop.send(true);
+    wire.await??;
+    if let Some(http) = http {
+        http.await??;
+    }
     Ok(())
 }
 

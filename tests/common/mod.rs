@@ -43,6 +43,8 @@ pub struct Stack {
     pub issuer: Issuer,
     pub dir: tempfile::TempDir,
     pub port: u16,
+    /// Port of the HTTP endpoint (/sql, WebSocket /v2).
+    pub http_port: u16,
     pub ca_pem: String,
     proxy: Child,
 }
@@ -86,6 +88,7 @@ impl Stack {
             }
         };
         let port = free_port();
+        let http_port = free_port();
         let config = format!(
             r#"secrets_file = "authgres.env"
 [listen]
@@ -100,7 +103,9 @@ host = "127.0.0.1"
 port = {pg_port}
 databases = ["{DATABASE}"]
 connect_timeout = "5s"
-{upstream_tls}[roles.authenticated]
+{upstream_tls}[http]
+address = "127.0.0.1:{http_port}"
+[roles.authenticated]
 password_env = "AUTHGRES_AUTHENTICATED_PASSWORD"
 [roles.anonymous]
 password_env = "AUTHGRES_ANONYMOUS_PASSWORD"
@@ -142,6 +147,7 @@ roles = ["authenticated"]
             cluster,
             issuer,
             port,
+            http_port,
             ca_pem: certs.ca_pem,
             proxy,
             dir,
@@ -199,10 +205,17 @@ roles = ["authenticated"]
             .unwrap_or_else(|| panic!("{name} not in the secrets file"))
     }
 
+    /// The /sql URL.
+    pub fn http_url(&self) -> String {
+        format!("http://127.0.0.1:{}/sql", self.http_port)
+    }
+
     fn wait_listening(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", self.http_port)).is_ok()
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -16,6 +16,7 @@ pub mod error;
 pub mod frontend;
 pub mod identity;
 mod params;
+pub mod pool;
 pub mod relay;
 pub mod scan;
 pub mod server;

@@ -57,6 +57,7 @@ where
             }
             client_waiting.store(true, Ordering::SeqCst);
             upstream_write.write_all(&buf[..n]).await?;
+            upstream_write.flush().await?;
         }
     };
     let upstream_to_client = async {
@@ -74,6 +75,7 @@ where
                     }
                     let status = scanner.feed(&buf[..n]);
                     client_write.write_all(&buf[..n]).await?;
+                    client_write.flush().await?;
                     if status.is_some() {
                         client_waiting.store(false, Ordering::SeqCst);
                     }
@@ -106,6 +108,7 @@ where
             &mut out,
         );
         let _ = client_write.write_all(&out).await;
+        let _ = client_write.flush().await;
         // Terminate ('X'): the backend ends cleanly instead of logging an
         // unexpected EOF.
         let _ = upstream_write.write_all(&[b'X', 0, 0, 0, 4]).await;

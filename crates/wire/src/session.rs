@@ -106,6 +106,85 @@ impl Proxy {
         &self.config
     }
 
+    /// The token verifier.
+    pub fn verifier(&self) -> &Verifier {
+        &self.verifier
+    }
+
+    /// The key that signs claims for SQL.
+    pub fn claims_key(&self) -> &ClaimsKey {
+        &self.claims_key
+    }
+
+    /// Serves a client on a stream whose transport is already settled (a
+    /// WebSocket): SSLRequest and GSSENCRequest are declined with 'N',
+    /// then the session proceeds as over TCP. `is_tls` tells whether the
+    /// transport underneath is encrypted.
+    pub async fn handle_stream<S>(self: Arc<Self>, mut stream: S, peer: SocketAddr, is_tls: bool)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let span = tracing::info_span!(
+            "session",
+            %peer,
+            transport = "websocket",
+            user = tracing::field::Empty,
+            db = tracing::field::Empty,
+            sub = tracing::field::Empty
+        );
+        async move {
+            let deadline = Instant::now() + self.config.auth_timeout;
+            let mut buf = BytesMut::with_capacity(1024);
+            let parameters = loop {
+                let packet =
+                    match timeout_at(deadline, read_startup_packet(&mut stream, &mut buf)).await {
+                        Ok(Ok(Some(packet))) => packet,
+                        Ok(Ok(None)) => return,
+                        Ok(Err(error)) => {
+                            refuse(&mut stream, &error).await;
+                            tracing::info!(%error, "session refused");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                match packet {
+                    StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+                        if write_flush(&mut stream, &[backend::REFUSE_ENCRYPTION])
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    StartupPacket::CancelRequest { pid, key } => {
+                        self.forward_cancel(pid, key).await;
+                        return;
+                    }
+                    StartupPacket::Startup {
+                        minor_version,
+                        parameters,
+                    } => {
+                        if minor_version != 0
+                            && negotiate_version(&mut stream, &parameters).await.is_err()
+                        {
+                            return;
+                        }
+                        break parameters;
+                    }
+                }
+            };
+            match self
+                .serve_session(stream, buf, parameters, peer, is_tls, deadline)
+                .await
+            {
+                Ok(()) => tracing::debug!("session ended"),
+                Err(error) => tracing::info!(%error, "session refused"),
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
     /// Serves one TCP client to the end, logging how it ended.
     pub async fn handle_tcp(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         let span = tracing::info_span!(
@@ -229,7 +308,9 @@ impl Proxy {
                     }
                 }
                 StartupPacket::GssEncRequest => {
-                    if let Err(error) = stream.write_all(&[backend::REFUSE_ENCRYPTION]).await {
+                    if let Err(error) =
+                        write_flush(&mut stream, &[backend::REFUSE_ENCRYPTION]).await
+                    {
                         return (None, Err(error.into()));
                     }
                 }
@@ -322,10 +403,10 @@ impl Proxy {
         backend::ready_for_query_idle(&mut out);
         // Anything the upstream sent past its ReadyForQuery (an async notice).
         out.extend_from_slice(&upstream.read_buf);
-        stream.write_all(&out).await?;
+        write_flush(&mut stream, &out).await?;
         // Anything the client pipelined after its password.
         if !buf.is_empty() {
-            upstream.stream.write_all(&buf).await?;
+            write_flush(&mut upstream.stream, &buf).await?;
         }
         tracing::info!(
             upstream_pid = upstream.pid,
@@ -399,7 +480,7 @@ impl Proxy {
         }
         let mut out = BytesMut::new();
         backend::ask_cleartext_password(&mut out);
-        stream.write_all(&out).await?;
+        write_flush(stream, &out).await?;
         let token = loop {
             if let Some(password) = frontend::parse_password_message(buf)? {
                 break password;
@@ -466,7 +547,7 @@ where
         .collect();
     let mut out = BytesMut::new();
     backend::negotiate_protocol_version(unsupported, &mut out);
-    stream.write_all(&out).await?;
+    write_flush(stream, &out).await?;
     Ok(())
 }
 
@@ -481,10 +562,20 @@ where
     let mut out = BytesMut::new();
     backend::fatal_error(view.code, &view.message, view.hint, &mut out);
     let _ = tokio::time::timeout(ERROR_WRITE_TIMEOUT, async {
-        stream.write_all(&out).await?;
+        write_flush(stream, &out).await?;
         stream.shutdown().await
     })
     .await;
+}
+
+/// Writes and flushes: streams that buffer (TLS, WebSocket frames) must not
+/// hold back a reply the peer is waiting for.
+pub(crate) async fn write_flush<S>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()>
+where
+    S: AsyncWrite + Unpin,
+{
+    stream.write_all(bytes).await?;
+    stream.flush().await
 }
 
 fn random_u64() -> u64 {

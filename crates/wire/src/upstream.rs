@@ -352,9 +352,7 @@ impl Upstream {
         debug_assert_eq!(CLAIMS_SETTING, "authgres.claims");
         debug_assert_eq!(SIGNATURE_SETTING, "authgres.signature");
         let mut out = BytesMut::new();
-        frontend::query(BEGIN_SESSION, &mut out)?;
-        self.send(&mut out).await?;
-        let binding = self.single_text_result().await?;
+        let binding = self.begin_session().await?;
         let Some(claims) = claims else {
             return Ok(());
         };
@@ -380,6 +378,15 @@ impl Upstream {
         frontend::sync(&mut out);
         self.send(&mut out).await?;
         self.single_text_result().await.map(drop)
+    }
+
+    /// Starts a new identity generation for this backend and returns the
+    /// binding to sign (see `sql/auth.sql`).
+    pub async fn begin_session(&mut self) -> Result<String, UpstreamError> {
+        let mut out = BytesMut::new();
+        frontend::query(BEGIN_SESSION, &mut out)?;
+        self.send(&mut out).await?;
+        self.single_text_result().await
     }
 
     /// Reads the replies to one statement up to ReadyForQuery, returning the
@@ -409,13 +416,15 @@ impl Upstream {
         })
     }
 
-    async fn send(&mut self, out: &mut BytesMut) -> Result<(), UpstreamError> {
+    /// Writes `out` to the server and clears it.
+    pub async fn send(&mut self, out: &mut BytesMut) -> Result<(), UpstreamError> {
         self.stream.write_all(out).await?;
         out.clear();
         Ok(())
     }
 
-    async fn next_message(&mut self) -> Result<Message, UpstreamError> {
+    /// Reads the next message from the server.
+    pub async fn next_message(&mut self) -> Result<Message, UpstreamError> {
         loop {
             if let Some(message) = Message::parse(&mut self.read_buf)? {
                 return Ok(message);
@@ -427,7 +436,8 @@ impl Upstream {
     }
 }
 
-fn error_fields(
+/// SQLSTATE and message of an ErrorResponse.
+pub fn error_fields(
     body: &postgres_protocol::message::backend::ErrorResponseBody,
 ) -> Result<(String, String), UpstreamError> {
     let mut fields = body.fields();
