@@ -15,7 +15,14 @@ fn demo_serves_two_users_and_cleans_up_on_sigterm() {
     let state = scratch.path().join("state");
     let env_file = scratch.path().join("demo.env");
     let mut demo = Command::new(BIN)
-        .args(["demo", "--listen", "127.0.0.1:0", "--env"])
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--env",
+        ])
         .arg(&env_file)
         .arg("--state-dir")
         .arg(&state)
@@ -30,7 +37,7 @@ fn demo_serves_two_users_and_cleans_up_on_sigterm() {
     let deadline = Instant::now() + Duration::from_secs(90);
     let env = loop {
         if let Ok(text) = std::fs::read_to_string(&env_file)
-            && text.contains("AUTHGRES_TOKEN_B")
+            && text.contains("AUTHGRES_HTTP_URL")
         {
             break authgres_env(&text);
         }
@@ -76,8 +83,35 @@ fn demo_serves_two_users_and_cleans_up_on_sigterm() {
     let carol = String::from_utf8_lossy(&minted.stdout).trim().to_owned();
     assert_eq!(psql(&carol, "select auth.user_id()"), "user_carol");
 
+    // The HTTP endpoint answers as the Neon driver expects.
+    let http_url = get("AUTHGRES_HTTP_URL");
+    let body = post_sql(&http_url, &b, "select auth.user_id() as me");
+    assert!(body.contains(r#""rows":[{"me":"user_bob"}]"#), "{body}");
+
     drop(guard);
     assert!(!state.exists(), "the demo left its state directory behind");
+}
+
+/// A minimal HTTP/1.1 POST to /sql, enough for one request.
+fn post_sql(url: &str, token: &str, query: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let rest = url.strip_prefix("http://").expect("http URL");
+    let (host, path) = rest.split_once('/').expect("path");
+    let body = format!(r#"{{"query": "{query}"}}"#);
+    let request = format!(
+        "POST /{path} HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {token}\r\n\
+         neon-connection-string: postgresql://authenticated@{host}/app\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = std::net::TcpStream::connect(host).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream.write_all(request.as_bytes()).expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    response
 }
 
 /// Parses the `export KEY=VALUE` lines the demo writes.

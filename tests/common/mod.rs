@@ -176,8 +176,12 @@ roles = ["authenticated"]
         let config = std::fs::read_to_string(self.config_path())
             .expect("config")
             .replace(
-                &format!("127.0.0.1:{}", self.port),
-                &format!("127.0.0.1:{port}"),
+                &format!("\"127.0.0.1:{}\"", self.port),
+                &format!("\"127.0.0.1:{port}\""),
+            )
+            .replace(
+                &format!("\"127.0.0.1:{}\"", self.http_port),
+                &format!("\"127.0.0.1:{}\"", free_port()),
             );
         let dir = self.dir.path().join(format!("second-{port}"));
         std::fs::create_dir(&dir).expect("dir");
@@ -188,7 +192,11 @@ roles = ["authenticated"]
         let child = spawn_proxy(&dir);
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "second proxy did not listen");
+            assert!(
+                Instant::now() < deadline,
+                "second proxy did not listen: {}",
+                std::fs::read_to_string(dir.join("authgres.log")).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         SecondProxy { child, port }
