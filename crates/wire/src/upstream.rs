@@ -152,6 +152,10 @@ pub struct Upstream {
     pub pid: i32,
     /// The backend's cancel key (never shown to the client).
     pub secret_key: i32,
+    /// A binding drawn ahead by `auth.begin_session()` and not used yet:
+    /// pooled connections draw the next generation while they are reset,
+    /// so a request needs no extra round trip for it.
+    pub next_binding: Option<String>,
 }
 
 /// Connects and logs in as `role` to `database`.
@@ -192,6 +196,7 @@ async fn login(
         parameters: Vec::new(),
         pid: 0,
         secret_key: 0,
+        next_binding: None,
     };
     let mut out = BytesMut::new();
     let startup = [("user", role), ("database", database)]
@@ -330,7 +335,7 @@ async fn secure(
 
 /// The statement that starts a new identity generation for this backend and
 /// returns the binding to sign. Schema-qualified: no search_path can divert it.
-const BEGIN_SESSION: &str = "select auth.begin_session()";
+pub const BEGIN_SESSION: &str = "select auth.begin_session()";
 
 /// The statement that stores claims and signature for the session. Explicit
 /// `pg_catalog` and typed parameters: no shadow function or operator applies.

@@ -1,0 +1,247 @@
+//! POST /sql through the real binary, at the protocol level: what a request
+//! leaves behind never reaches the next one on the pooled connection, the
+//! limits answer 413 and 507, typed rendering, CORS, and auth failures.
+
+mod common;
+
+use common::Stack;
+use serde_json::{Value, json};
+
+struct Http<'a> {
+    stack: &'a Stack,
+    client: reqwest::Client,
+}
+
+impl<'a> Http<'a> {
+    fn new(stack: &'a Stack) -> Self {
+        Self {
+            stack,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    async fn post(
+        &self,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Value,
+    ) -> (u16, Value) {
+        let mut request = self
+            .client
+            .post(self.stack.http_url())
+            .header(
+                "Neon-Connection-String",
+                format!(
+                    "postgresql://authenticated@127.0.0.1:{}/{}",
+                    self.stack.port,
+                    common::DATABASE
+                ),
+            )
+            .json(&body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn query(&self, token: &str, query: &str) -> Value {
+        let (status, body) = self
+            .post(
+                Some(token),
+                &[
+                    ("Neon-Array-Mode", "true"),
+                    ("Neon-Raw-Text-Output", "true"),
+                ],
+                json!({"query": query}),
+            )
+            .await;
+        assert_eq!(status, 200, "{query}: {body}");
+        body
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nothing_a_request_leaves_reaches_the_next_request() {
+    let stack = Stack::start().await;
+    let http = Http::new(&stack);
+    let alice = stack.issuer.token("user_alice");
+    let bob = stack.issuer.token("user_bob");
+    // Alice leaves everything she can in the session, at session level.
+    let leftovers = http
+        .query(
+            &alice,
+            "select set_config('search_path', 'pg_temp', false), \
+             set_config('authgres.claims', current_setting('authgres.claims'), false), \
+             set_config('authgres.signature', current_setting('authgres.signature'), false), \
+             set_config('application_name', 'alice-was-here', false), \
+             pg_advisory_lock(42), auth.user_id()",
+        )
+        .await;
+    assert_eq!(leftovers["rows"][0][5], "user_alice");
+    http.query(&alice, "create temp table alice_temp (x int)")
+        .await;
+    http.query(&alice, "prepare alice_stmt as select 1").await;
+    http.query(&alice, "listen alice_channel").await;
+    // Bob, many times over the same pooled connections.
+    for _ in 0..10 {
+        let seen = http
+            .query(
+                &bob,
+                "select auth.user_id(), current_setting('search_path'), current_setting('application_name'), \
+                 (select count(*) from pg_locks where locktype = 'advisory' and pid = pg_backend_pid()), \
+                 to_regclass('pg_temp.alice_temp') is null, \
+                 (select count(*) from pg_prepared_statements), \
+                 (select count(*) from pg_listening_channels())",
+            )
+            .await;
+        let row = &seen["rows"][0];
+        assert_eq!(row[0], "user_bob", "{seen}");
+        assert_ne!(row[1], "pg_temp");
+        assert_ne!(row[2], "alice-was-here");
+        assert_eq!(row[3], "0", "advisory lock leaked");
+        assert_eq!(row[4], "t", "temp table leaked");
+        assert_eq!(row[5], "0", "prepared statement leaked");
+        assert_eq!(row[6], "0", "LISTEN leaked");
+    }
+    // An anonymous request on a connection Alice used has no identity.
+    let (status, body) = http
+        .client
+        .post(stack.http_url())
+        .header(
+            "Neon-Connection-String",
+            format!(
+                "postgresql://anonymous@127.0.0.1:{}/{}",
+                stack.port,
+                common::DATABASE
+            ),
+        )
+        .json(&json!({"query": "select auth.user_id() as me"}))
+        .send()
+        .await
+        .map(|r| (r.status().as_u16(), r))
+        .expect("anonymous");
+    assert_eq!(status, 200);
+    let body: Value = body.json().await.expect("json");
+    assert_eq!(body["rows"][0]["me"], Value::Null);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_open_or_failed_transaction_is_rolled_back_before_reuse() {
+    let stack = Stack::start().await;
+    let http = Http::new(&stack);
+    let alice = stack.issuer.token("user_alice");
+    http.query(&alice, "begin").await;
+    let (status, _) = http
+        .post(Some(&alice), &[], json!({"queries": [{"query": "insert into todos (task) values ('x')"}, {"query": "select 1/0"}]}))
+        .await;
+    assert_eq!(status, 400);
+    let seen = http
+        .query(&alice, "select current_setting('transaction_isolation'), (select count(*) from todos), pg_current_xact_id_if_assigned() is null")
+        .await;
+    assert_eq!(
+        seen["rows"][0][1], "0",
+        "the failed batch's insert survived"
+    );
+    assert_eq!(seen["rows"][0][2], "t");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn typed_rendering_without_raw_text_output() {
+    let stack = Stack::start().await;
+    let http = Http::new(&stack);
+    let (status, body) = http
+        .post(
+            Some(&stack.issuer.token("user_alice")),
+            &[],
+            json!({"query": "select true as b, 7::int2 as s, 42 as i, 1.5::float8 as f, 'NaN'::float4 as nan, \
+                    9007199254740993::int8 as big, 12.50::numeric as num, '{\"k\": [1]}'::jsonb as j, \
+                    array[1,null,3] as a, array['x,y', null] as ta, null::text as n, $1::text as p",
+                   "params": [123]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["rows"][0],
+        json!({"b": true, "s": 7, "i": 42, "f": 1.5, "nan": "NaN", "big": "9007199254740993",
+               "num": "12.50", "j": {"k": [1]}, "a": [1, null, 3], "ta": ["x,y", null], "n": null, "p": "123"})
+    );
+    assert_eq!(body["rowAsArray"], false);
+    assert_eq!(body["command"], "SELECT");
+    assert_eq!(body["rowCount"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_auth_failures_and_cors() {
+    let stack = Stack::start().await;
+    let http = Http::new(&stack);
+    let alice = stack.issuer.token("user_alice");
+    // 413: a request body over 10 MiB.
+    let (status, _) = http
+        .post(
+            Some(&alice),
+            &[],
+            json!({"query": "select $1", "params": ["x".repeat(11 * 1024 * 1024)]}),
+        )
+        .await;
+    assert_eq!(status, 413);
+    // 507: a response over 10 MiB.
+    let (status, body) = http
+        .post(
+            Some(&alice),
+            &[],
+            json!({"query": "select repeat('x', 1024*1024) from generate_series(1, 12)"}),
+        )
+        .await;
+    assert_eq!(status, 507, "{body}");
+    // The connection that hit the limit is still fine for the next request.
+    assert_eq!(
+        http.query(&alice, "select auth.user_id()").await["rows"][0][0],
+        "user_alice"
+    );
+    // 401 without a token or with a bad one.
+    let (status, body) = http.post(None, &[], json!({"query": "select 1"})).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (401, Some("28000")),
+        "{body}"
+    );
+    let (status, body) = http
+        .post(Some("garbage"), &[], json!({"query": "select 1"}))
+        .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (401, Some("28P01")),
+        "{body}"
+    );
+    // CORS preflight and headers on answers.
+    let preflight = http
+        .client
+        .request(reqwest::Method::OPTIONS, stack.http_url())
+        .send()
+        .await
+        .expect("preflight");
+    assert_eq!(preflight.status().as_u16(), 204);
+    let allowed = preflight.headers()["access-control-allow-headers"]
+        .to_str()
+        .expect("ascii");
+    for header in [
+        "Authorization",
+        "Neon-Connection-String",
+        "Neon-Batch-Isolation-Level",
+    ] {
+        assert!(allowed.contains(header), "{allowed}");
+    }
+    let answer = http
+        .client
+        .post(stack.http_url())
+        .body("{}")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(answer.headers()["access-control-allow-origin"], "*");
+}
