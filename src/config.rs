@@ -112,6 +112,21 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     pub tls: UpstreamTlsMode,
     pub tls_ca_file: Option<PathBuf>,
+    pub pool_mode: PoolMode,
+    pub pool_size: usize,
+    #[serde(with = "humantime_serde")]
+    pub checkout_timeout: Duration,
+}
+
+/// `upstream.pool_mode`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// Each client gets a connection for its session; it is reset and kept
+    /// for the next client when the client leaves.
+    Session,
+    /// Each client gets a login of its own, closed when it leaves.
+    None,
 }
 
 impl Default for Upstream {
@@ -123,6 +138,9 @@ impl Default for Upstream {
             connect_timeout: Duration::from_secs(5),
             tls: UpstreamTlsMode::Disable,
             tls_ca_file: None,
+            pool_mode: PoolMode::Session,
+            pool_size: 100,
+            checkout_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -466,6 +484,12 @@ impl Loaded {
                 Cleartext::Refuse => CleartextTokens::Refuse,
             },
             enforce_token_expiry: listen.enforce_token_expiry,
+            pool: (self.file.upstream.pool_mode == PoolMode::Session).then_some(
+                authgres_wire::pool::PoolLimits {
+                    max_per_key: self.file.upstream.pool_size,
+                    checkout_timeout: self.file.upstream.checkout_timeout,
+                },
+            ),
         })
     }
 

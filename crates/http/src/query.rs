@@ -10,24 +10,12 @@
 //! nothing this request saw or set can verify there.
 
 use authgres_wire::ClaimsKey;
-use authgres_wire::upstream::{Upstream, UpstreamError};
+use authgres_wire::upstream::{IDLE, RESET_SESSION, Upstream, UpstreamError};
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator as _;
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use serde_json::{Map, Value};
-
-/// Clears what a request can leave in a session and draws the identity
-/// generation of the next request, in one message. It does what
-/// `DISCARD ALL` does except `DISCARD PLANS` (cached plans hold no request
-/// state, and keeping them spares re-planning `auth.session()` on every
-/// request) and `SET SESSION AUTHORIZATION DEFAULT` (the login role cannot
-/// change its session authorization, and init-db leaves it no role to `SET
-/// ROLE` to). When a transaction is still open it runs inside it, and the
-/// caller rolls back and repeats it.
-const RESET_SESSION: &str = "CLOSE ALL; RESET ALL; DEALLOCATE ALL; UNLISTEN *; \
-                             SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES; \
-                             SELECT auth.begin_session()";
 
 /// One statement of a request.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -278,26 +266,14 @@ pub async fn execute(
             _ => {}
         }
     }
-    let mut cleanup = read_replies(conn, 1).await?;
+    let reset = conn.finish_reset(1).await;
     if status != IDLE {
         // The request left a transaction open or failed inside one: the
         // pipelined reset ran inside it. Roll back and reset again.
-        frontend::query("ROLLBACK", &mut out)?;
-        frontend::query(RESET_SESSION, &mut out)?;
-        conn.send(&mut out).await?;
-        cleanup = read_replies(conn, 2).await?;
+        conn.reset().await?;
+    } else {
+        reset?;
     }
-    if let Some((code, message)) = cleanup.error {
-        return Err(ExecError::Upstream(UpstreamError::Protocol(format!(
-            "resetting the connection failed: {code} {message}"
-        ))));
-    }
-    if cleanup.status != IDLE || cleanup.binding.is_none() {
-        return Err(ExecError::Upstream(UpstreamError::Protocol(
-            "the connection did not return to idle".into(),
-        )));
-    }
-    conn.next_binding = cleanup.binding;
     if let Some(error) = failure {
         return Err(ExecError::Db(error));
     }
@@ -305,53 +281,6 @@ pub async fn execute(
         return Err(ExecError::TooLarge(max_bytes));
     }
     Ok(results)
-}
-
-/// ReadyForQuery status outside any transaction.
-const IDLE: u8 = b'I';
-
-/// What the clean-up statements answered.
-struct Cleanup {
-    /// The first error, if any.
-    error: Option<(String, String)>,
-    /// The binding `auth.begin_session()` returned.
-    binding: Option<String>,
-    /// Transaction status at the last ReadyForQuery.
-    status: u8,
-}
-
-/// Reads `count` simple-query replies up to their ReadyForQuery.
-async fn read_replies(conn: &mut Upstream, count: usize) -> Result<Cleanup, UpstreamError> {
-    let mut cleanup = Cleanup {
-        error: None,
-        binding: None,
-        status: IDLE,
-    };
-    for _ in 0..count {
-        loop {
-            match conn.next_message().await? {
-                Message::ReadyForQuery(body) => {
-                    cleanup.status = body.status();
-                    break;
-                }
-                Message::DataRow(row) => {
-                    let mut ranges = row.ranges();
-                    if let Some(Some(range)) = ranges.next()? {
-                        let text = String::from_utf8_lossy(&row.buffer()[range]).into_owned();
-                        if text.starts_with("authgres-v1:") {
-                            cleanup.binding = Some(text);
-                        }
-                    }
-                }
-                Message::ErrorResponse(body) => {
-                    let fields = authgres_wire::upstream::error_fields(&body)?;
-                    cleanup.error.get_or_insert(fields);
-                }
-                _ => {}
-            }
-        }
-    }
-    Ok(cleanup)
 }
 
 #[derive(Debug, PartialEq, Eq)]

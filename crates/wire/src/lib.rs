@@ -15,7 +15,7 @@ pub mod cancel;
 pub mod error;
 pub mod frontend;
 pub mod identity;
-mod params;
+pub mod params;
 pub mod pool;
 pub mod relay;
 pub mod scan;

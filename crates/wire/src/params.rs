@@ -58,8 +58,28 @@ pub fn forwarded_parameters(
 }
 
 /// Names of the settings an `options` string sets, split the way the server
-/// splits it (whitespace, with `\` escaping the next character).
+/// splits it (whitespace, with `\` escaping the next character). Any switch
+/// other than `-c` and `--` (`-d`, `-e`, ...) counts by its whole word, so an
+/// unknown form cannot hide a protected name.
 fn option_settings(options: &str) -> Vec<String> {
+    option_words(options)
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect()
+}
+
+/// The `name=value` settings of an `options` string (`-c name=value`,
+/// `-cname=value`, `--name=value`), for applying them with `SET` on a pooled
+/// connection. Other switches are left out.
+pub fn option_assignments(options: &str) -> Vec<(String, String)> {
+    option_words(options)
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, value?)))
+        .collect()
+}
+
+/// Each switch of `options` as (setting name, value when it is a setting).
+fn option_words(options: &str) -> Vec<(String, Option<String>)> {
     let mut words = Vec::new();
     let mut word = String::new();
     let mut chars = options.chars();
@@ -77,8 +97,8 @@ fn option_settings(options: &str) -> Vec<String> {
     if !word.is_empty() {
         words.push(word);
     }
-    let mut names = Vec::new();
-    let mut iter = words.into_iter().peekable();
+    let mut settings = Vec::new();
+    let mut iter = words.into_iter();
     while let Some(word) = iter.next() {
         let setting = if word == "-c" {
             iter.next()
@@ -87,16 +107,18 @@ fn option_settings(options: &str) -> Vec<String> {
         } else if let Some(rest) = word.strip_prefix("--") {
             Some(rest.to_owned())
         } else {
-            // Any other switch (-d, -e, ...) sets something too: keep its
-            // word so an unknown form cannot hide a protected name.
-            Some(word)
+            settings.push((word, None));
+            continue;
         };
         if let Some(setting) = setting {
-            let name = setting.split('=').next().unwrap_or("").replace('-', "_");
-            names.push(name);
+            let (name, value) = match setting.split_once('=') {
+                Some((name, value)) => (name.replace('-', "_"), Some(value.to_owned())),
+                None => (setting.replace('-', "_"), None),
+            };
+            settings.push((name, value));
         }
     }
-    names
+    settings
 }
 
 #[cfg(test)]
@@ -150,6 +172,22 @@ mod tests {
                 "{name}={value}"
             );
         }
+    }
+
+    #[test]
+    fn option_assignments_for_pooled_connections() {
+        assert_eq!(
+            option_assignments("-c statement_timeout=5s -cwork_mem=4MB --search-path=app -d 1"),
+            [
+                ("statement_timeout".to_owned(), "5s".to_owned()),
+                ("work_mem".to_owned(), "4MB".to_owned()),
+                ("search_path".to_owned(), "app".to_owned()),
+            ]
+        );
+        assert_eq!(
+            option_assignments("-c application_name=a\\ b"),
+            [("application_name".to_owned(), "a b".to_owned())]
+        );
     }
 
     #[test]

@@ -35,9 +35,29 @@ pub enum Ended {
     TokenExpired,
 }
 
-/// Relays until one side ends, then shuts down both. With `token_expiry`,
-/// the session ends at the first transaction boundary after that instant.
-pub async fn relay<C, U>(client: C, upstream: U, token_expiry: Option<Instant>) -> io::Result<Ended>
+/// How a relay ended, and whether the upstream connection can serve
+/// another client.
+#[derive(Debug)]
+pub struct Relayed {
+    /// Which side ended it.
+    pub ended: Ended,
+    /// The upstream sat between messages with no request in flight and the
+    /// client's Terminate was not forwarded: after a reset it is reusable.
+    pub reusable: bool,
+}
+
+/// Message tag of Terminate.
+const TERMINATE: u8 = b'X';
+
+/// Relays until one side ends. The client is shut down; the upstream is
+/// left to the caller (reset and pooled, or dropped), and never receives
+/// the client's Terminate. With `token_expiry`, the session ends at the
+/// first transaction boundary after that instant.
+pub async fn relay<C, U>(
+    client: C,
+    upstream: &mut U,
+    token_expiry: Option<Instant>,
+) -> io::Result<Relayed>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -47,22 +67,32 @@ where
     // The client has sent something since the last ReadyForQuery: a
     // request is in flight, so the session is not at a boundary.
     let client_waiting = AtomicBool::new(false);
+    let mut client_messages = MessageScanner::default();
+    let mut server_messages = MessageScanner::default();
 
     let client_to_upstream = async {
         let mut buf = vec![0u8; RELAY_BUFFER];
         loop {
             let n = client_read.read(&mut buf).await?;
             if n == 0 {
+                return Ok::<_, io::Error>(Ended::Client);
+            }
+            let (forward, terminated) = match client_messages.feed_until(&buf[..n], TERMINATE) {
+                Some(at) => (at, true),
+                None => (n, false),
+            };
+            if forward > 0 {
+                client_waiting.store(true, Ordering::SeqCst);
+                upstream_write.write_all(&buf[..forward]).await?;
+                upstream_write.flush().await?;
+            }
+            if terminated {
                 return Ok(Ended::Client);
             }
-            client_waiting.store(true, Ordering::SeqCst);
-            upstream_write.write_all(&buf[..n]).await?;
-            upstream_write.flush().await?;
         }
     };
     let upstream_to_client = async {
         let mut buf = vec![0u8; RELAY_BUFFER];
-        let mut scanner = MessageScanner::default();
         let mut expired = false;
         let expiry = tokio::time::sleep_until(token_expiry.unwrap_or_else(Instant::now));
         tokio::pin!(expiry);
@@ -71,22 +101,22 @@ where
                 read = upstream_read.read(&mut buf) => {
                     let n = read?;
                     if n == 0 {
-                        return Ok(Ended::Upstream);
+                        return Ok::<_, io::Error>(Ended::Upstream);
                     }
-                    let status = scanner.feed(&buf[..n]);
+                    let status = server_messages.feed(&buf[..n]);
                     client_write.write_all(&buf[..n]).await?;
                     client_write.flush().await?;
                     if status.is_some() {
                         client_waiting.store(false, Ordering::SeqCst);
                     }
-                    if expired && status == Some(IDLE) && scanner.at_boundary() {
+                    if expired && status == Some(IDLE) && server_messages.at_boundary() {
                         return Ok(Ended::TokenExpired);
                     }
                 }
                 () = &mut expiry, if token_expiry.is_some() && !expired => {
                     expired = true;
-                    let idle = scanner.last_status() == Some(IDLE)
-                        && scanner.at_boundary()
+                    let idle = server_messages.last_status() == Some(IDLE)
+                        && server_messages.at_boundary()
                         && !client_waiting.load(Ordering::SeqCst);
                     if idle {
                         return Ok(Ended::TokenExpired);
@@ -109,20 +139,83 @@ where
         );
         let _ = client_write.write_all(&out).await;
         let _ = client_write.flush().await;
-        // Terminate ('X'): the backend ends cleanly instead of logging an
-        // unexpected EOF.
-        let _ = upstream_write.write_all(&[b'X', 0, 0, 0, 4]).await;
     }
-    // Best effort: a side that already failed cannot be shut down cleanly.
+    // Best effort: a client that already failed cannot be shut down cleanly.
     let _ = client_write.shutdown().await;
-    let _ = upstream_write.shutdown().await;
-    outcome
+    let ended = outcome?;
+    let reusable = ended != Ended::Upstream
+        && server_messages.last_status().is_some()
+        && server_messages.at_boundary()
+        && client_messages.at_boundary()
+        && !client_waiting.load(Ordering::SeqCst);
+    Ok(Relayed { ended, reusable })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[tokio::test]
+    async fn terminate_is_not_forwarded_and_leaves_the_upstream_reusable() {
+        let (client, mut client_peer) = tokio::io::duplex(4096);
+        let (upstream, mut upstream_peer) = tokio::io::duplex(4096);
+        let relay = tokio::spawn(async move {
+            let mut upstream = upstream;
+            let relayed = relay(client, &mut upstream, None).await;
+            (relayed, upstream)
+        });
+        client_peer
+            .write_all(&message(b'Q', b"select 1\0"))
+            .await
+            .expect("write");
+        let mut query = vec![0u8; 14];
+        upstream_peer.read_exact(&mut query).await.expect("read");
+        upstream_peer
+            .write_all(&message(b'Z', b"I"))
+            .await
+            .expect("write");
+        let mut ready = [0u8; 6];
+        client_peer.read_exact(&mut ready).await.expect("read");
+        client_peer
+            .write_all(&message(b'X', b""))
+            .await
+            .expect("write");
+        let (relayed, upstream) = relay.await.expect("join");
+        let relayed = relayed.expect("relay");
+        assert_eq!(relayed.ended, Ended::Client);
+        assert!(relayed.reusable);
+        drop(upstream);
+        let mut rest = Vec::new();
+        upstream_peer.read_to_end(&mut rest).await.expect("read");
+        assert!(rest.is_empty(), "Terminate reached the upstream: {rest:?}");
+    }
+
+    #[tokio::test]
+    async fn a_client_leaving_mid_request_makes_the_upstream_unusable() {
+        let (client, mut client_peer) = tokio::io::duplex(4096);
+        let (upstream, mut upstream_peer) = tokio::io::duplex(4096);
+        let relay = tokio::spawn(async move {
+            let mut upstream = upstream;
+            relay(client, &mut upstream, None).await
+        });
+        upstream_peer
+            .write_all(&message(b'Z', b"I"))
+            .await
+            .expect("write");
+        let mut ready = [0u8; 6];
+        client_peer.read_exact(&mut ready).await.expect("read");
+        client_peer
+            .write_all(&message(b'Q', b"select pg_sleep(10)\0"))
+            .await
+            .expect("write");
+        let mut query = vec![0u8; 25];
+        upstream_peer.read_exact(&mut query).await.expect("read");
+        drop(client_peer);
+        let relayed = relay.await.expect("join").expect("relay");
+        assert_eq!(relayed.ended, Ended::Client);
+        assert!(!relayed.reusable, "a query was in flight");
+    }
 
     fn message(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut out = vec![tag];
@@ -135,7 +228,10 @@ mod tests {
     async fn relays_both_ways_and_closing_one_side_closes_the_other() {
         let (client, mut client_peer) = tokio::io::duplex(1024);
         let (upstream, mut upstream_peer) = tokio::io::duplex(1024);
-        let relay = tokio::spawn(relay(client, upstream, None));
+        let relay = tokio::spawn(async move {
+            let mut upstream = upstream;
+            relay(client, &mut upstream, None).await
+        });
         client_peer.write_all(b"Q-query").await.expect("write");
         let mut got = [0u8; 7];
         upstream_peer.read_exact(&mut got).await.expect("read");
@@ -146,7 +242,9 @@ mod tests {
         assert_eq!(&got, b"T-rows");
 
         drop(upstream_peer);
-        assert_eq!(relay.await.expect("join").expect("relay"), Ended::Upstream);
+        let relayed = relay.await.expect("join").expect("relay");
+        assert_eq!(relayed.ended, Ended::Upstream);
+        assert!(!relayed.reusable);
         let mut rest = Vec::new();
         client_peer.read_to_end(&mut rest).await.expect("clean EOF");
         assert!(rest.is_empty());
@@ -157,7 +255,10 @@ mod tests {
         let (client, mut client_peer) = tokio::io::duplex(4096);
         let (upstream, mut upstream_peer) = tokio::io::duplex(4096);
         let expiry = Instant::now() + Duration::from_secs(60);
-        let relay = tokio::spawn(relay(client, upstream, Some(expiry)));
+        let relay = tokio::spawn(async move {
+            let mut upstream = upstream;
+            relay(client, &mut upstream, Some(expiry)).await
+        });
         // A transaction is open when the token expires.
         upstream_peer
             .write_all(&message(b'Z', b"T"))
@@ -180,19 +281,17 @@ mod tests {
             .await
             .expect("write");
         assert_eq!(
-            relay.await.expect("join").expect("relay"),
+            relay.await.expect("join").expect("relay").ended,
             Ended::TokenExpired
         );
         let mut rest = Vec::new();
         client_peer.read_to_end(&mut rest).await.expect("read");
         let commit_and_ready = message(b'C', b"COMMIT\0").len() + 6;
         assert_eq!(rest[commit_and_ready], b'E', "an ErrorResponse follows");
-        let mut terminate = Vec::new();
-        upstream_peer
-            .read_to_end(&mut terminate)
-            .await
-            .expect("read");
-        assert_eq!(terminate, [b'X', 0, 0, 0, 4]);
+        // The upstream is the caller's to reset or close: nothing more was sent.
+        let mut rest = Vec::new();
+        upstream_peer.read_to_end(&mut rest).await.expect("read");
+        assert!(rest.is_empty());
     }
 
     #[tokio::test(start_paused = true)]
@@ -200,7 +299,10 @@ mod tests {
         let (client, mut client_peer) = tokio::io::duplex(4096);
         let (upstream, mut upstream_peer) = tokio::io::duplex(4096);
         let expiry = Instant::now() + Duration::from_secs(60);
-        let relay = tokio::spawn(relay(client, upstream, Some(expiry)));
+        let relay = tokio::spawn(async move {
+            let mut upstream = upstream;
+            relay(client, &mut upstream, Some(expiry)).await
+        });
         upstream_peer
             .write_all(&message(b'Z', b"I"))
             .await
@@ -211,7 +313,7 @@ mod tests {
         assert!(!relay.is_finished());
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(
-            relay.await.expect("join").expect("relay"),
+            relay.await.expect("join").expect("relay").ended,
             Ended::TokenExpired
         );
     }

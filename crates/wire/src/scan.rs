@@ -56,6 +56,26 @@ impl MessageScanner {
         completed
     }
 
+    /// Feeds bytes until a message with `tag` begins; returns its offset in
+    /// `bytes` (the scanner stops there) or `None` if none begins in them.
+    /// Used on the client's stream to find Terminate ('X').
+    pub fn feed_until(&mut self, bytes: &[u8], tag: u8) -> Option<usize> {
+        let mut offset = 0;
+        while offset < bytes.len() {
+            if self.at_boundary() && bytes[offset] == tag {
+                return Some(offset);
+            }
+            let end = if self.body_left > 0 {
+                offset + self.body_left.min(bytes.len() - offset)
+            } else {
+                offset + (5 - self.header_len).min(bytes.len() - offset)
+            };
+            self.feed(&bytes[offset..end]);
+            offset = end;
+        }
+        None
+    }
+
     /// The status of the last ReadyForQuery seen.
     pub fn last_status(&self) -> Option<u8> {
         self.last_status
@@ -98,6 +118,21 @@ mod tests {
         let mut bytewise = MessageScanner::default();
         let statuses: Vec<u8> = stream.iter().filter_map(|b| bytewise.feed(&[*b])).collect();
         assert_eq!(statuses, b"TI");
+    }
+
+    #[test]
+    fn finds_terminate_only_at_a_message_start() {
+        let mut stream = message(b'Q', b"select 'X'\0");
+        stream.extend(message(b'X', b""));
+        for split in 0..stream.len() {
+            let mut scanner = MessageScanner::default();
+            let (a, b) = stream.split_at(split);
+            let found = match scanner.feed_until(a, b'X') {
+                Some(at) => Some(at),
+                None => scanner.feed_until(b, b'X').map(|at| at + a.len()),
+            };
+            assert_eq!(found, Some(stream.len() - 5), "split at {split}");
+        }
     }
 
     #[test]

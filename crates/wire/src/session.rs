@@ -19,6 +19,7 @@ use crate::error::SessionError;
 use crate::frontend::{self, StartupPacket};
 use crate::identity::ClaimsKey;
 use crate::params::forwarded_parameters;
+use crate::pool::{CheckoutError, PoolLimits, Pooled, UpstreamPool};
 use crate::relay::relay;
 use crate::transport::{ALPN_POSTGRESQL, ClientStream, TLS_HANDSHAKE_BYTE};
 use crate::upstream::{self, UpstreamConfig};
@@ -66,15 +67,37 @@ pub struct ProxyConfig {
     /// `exp` (by default a session outlives its token, like any password
     /// login).
     pub enforce_token_expiry: bool,
+    /// Session pooling: a client's upstream connection is reset and kept
+    /// for the next client of the same database and role. `None` gives
+    /// every client a login of its own.
+    pub pool: Option<PoolLimits>,
 }
 
 /// The proxy: configuration plus shared state of all sessions.
 pub struct Proxy {
     config: ProxyConfig,
+    pool: Option<Arc<UpstreamPool>>,
     verifier: Arc<Verifier>,
     claims_key: ClaimsKey,
     tls: Option<tokio_rustls::TlsAcceptor>,
     cancels: CancelRegistry,
+}
+
+/// The upstream connection a session uses.
+enum Lease {
+    /// From the pool: reset and returned when the client leaves cleanly.
+    Pooled(Pooled),
+    /// A login of its own, closed when the client leaves.
+    Own(upstream::Upstream),
+}
+
+impl Lease {
+    fn conn(&mut self) -> &mut upstream::Upstream {
+        match self {
+            Self::Pooled(pooled) => pooled.conn(),
+            Self::Own(upstream) => upstream,
+        }
+    }
 }
 
 /// What the client asked for in its startup message.
@@ -93,6 +116,9 @@ impl Proxy {
         tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> Self {
         Self {
+            pool: config
+                .pool
+                .map(|limits| UpstreamPool::new(config.upstream.clone(), limits)),
             config,
             verifier,
             claims_key,
@@ -362,31 +388,17 @@ impl Proxy {
             }
         };
         let (startup, identity) = login;
-        let role = &self.config.roles[&startup.role];
-        let attached = async {
-            let mut upstream = upstream::connect(
-                &self.config.upstream,
-                &startup.role,
-                &startup.database,
-                role.password.as_deref(),
-                &startup.forwarded,
-            )
-            .await?;
-            upstream
-                .attach_identity(&self.claims_key, identity.as_ref().map(|i| &*i.claims_json))
-                .await?;
-            Ok::<_, upstream::UpstreamError>(upstream)
-        };
-        let mut upstream = match attached.await {
-            Ok(upstream) => upstream,
+        let claims = identity.as_ref().map(|i| &*i.claims_json);
+        let (mut lease, parameters) = match self.lease(&startup, claims).await {
+            Ok(leased) => leased,
             Err(error) => {
                 tracing::warn!(%error, "upstream login failed");
-                let error = SessionError::Upstream(error);
                 refuse(&mut stream, &error).await;
                 return Err(error);
             }
         };
-
+        let pooled = matches!(lease, Lease::Pooled(_));
+        let upstream = lease.conn();
         let guard = self.cancels.register(
             UpstreamKey {
                 pid: upstream.pid,
@@ -396,13 +408,14 @@ impl Proxy {
         );
         let mut out = BytesMut::with_capacity(512);
         backend::authentication_ok(&mut out);
-        for (name, value) in &upstream.parameters {
+        for (name, value) in &parameters {
             backend::parameter_status(name, value, &mut out);
         }
         backend::backend_key_data(guard.pid, guard.key, &mut out);
         backend::ready_for_query_idle(&mut out);
         // Anything the upstream sent past its ReadyForQuery (an async notice).
         out.extend_from_slice(&upstream.read_buf);
+        upstream.read_buf.clear();
         write_flush(&mut stream, &out).await?;
         // Anything the client pipelined after its password.
         if !buf.is_empty() {
@@ -411,6 +424,7 @@ impl Proxy {
         tracing::info!(
             upstream_pid = upstream.pid,
             authenticated = identity.is_some(),
+            pooled,
             "session started"
         );
         let expiry = identity
@@ -423,10 +437,78 @@ impl Proxy {
                     .unwrap_or(Duration::ZERO);
                 Instant::now() + left
             });
-        let ended = relay(stream, upstream.stream, expiry).await?;
-        tracing::debug!(?ended, "relay ended");
+        let relayed = relay(stream, &mut lease.conn().stream, expiry).await;
         drop(guard);
+        let relayed = relayed?;
+        tracing::debug!(ended = ?relayed.ended, reusable = relayed.reusable, "relay ended");
+        match lease {
+            Lease::Pooled(mut pooled) if relayed.reusable => match pooled.conn().reset().await {
+                Ok(()) => pooled.release(),
+                Err(error) => tracing::debug!(%error, "upstream not reusable after reset"),
+            },
+            Lease::Pooled(_) => {}
+            Lease::Own(mut upstream) => {
+                // Terminate ('X'): the backend ends without logging an EOF.
+                let _ = write_flush(&mut upstream.stream, &[b'X', 0, 0, 0, 4]).await;
+            }
+        }
         Ok(())
+    }
+
+    /// An upstream connection for this client, logged in as its role with
+    /// its settings and identity attached: from the pool when pooling is on,
+    /// otherwise a fresh login. Returns it with the ParameterStatus values
+    /// the client should see.
+    async fn lease(
+        &self,
+        startup: &Startup,
+        claims: Option<&str>,
+    ) -> Result<(Lease, Vec<(String, String)>), SessionError> {
+        let password = self.config.roles[&startup.role].password.as_deref();
+        let Some(pool) = &self.pool else {
+            let mut upstream = upstream::connect(
+                &self.config.upstream,
+                &startup.role,
+                &startup.database,
+                password,
+                &startup.forwarded,
+            )
+            .await?;
+            upstream.attach_identity(&self.claims_key, claims).await?;
+            let parameters = upstream.parameters.clone();
+            return Ok((Lease::Own(upstream), parameters));
+        };
+        let mut pooled = pool
+            .checkout(&startup.database, &startup.role, password)
+            .await
+            .map_err(|error| match error {
+                CheckoutError::Upstream(error) => SessionError::Upstream(error),
+                CheckoutError::Timeout(..) => SessionError::TooManyConnections,
+            })?;
+        let mut settings = Vec::new();
+        for (name, value) in &startup.forwarded {
+            if name == "options" {
+                settings.extend(crate::params::option_assignments(value));
+            } else {
+                settings.push((name.clone(), value.clone()));
+            }
+        }
+        let parameters = match pooled
+            .conn()
+            .attach_for_client(&self.claims_key, claims, &settings)
+            .await
+        {
+            Ok(parameters) => parameters,
+            Err(error) => {
+                // A failed setting leaves the connection in a clean state;
+                // reset it anyway before anyone else gets it.
+                if pooled.conn().reset().await.is_ok() {
+                    pooled.release();
+                }
+                return Err(error.into());
+            }
+        };
+        Ok((Lease::Pooled(pooled), parameters))
     }
 
     async fn authenticate<S>(

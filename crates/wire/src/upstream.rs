@@ -337,6 +337,21 @@ async fn secure(
 /// returns the binding to sign. Schema-qualified: no search_path can divert it.
 pub const BEGIN_SESSION: &str = "select auth.begin_session()";
 
+/// Clears what a client can leave in a session and draws the identity
+/// generation of the connection's next user, in one message. It does what
+/// `DISCARD ALL` does except `DISCARD PLANS` (cached plans hold no client
+/// state, and keeping them spares re-planning `auth.session()` for every
+/// user) and `SET SESSION AUTHORIZATION DEFAULT` (a login role without
+/// superuser cannot change its session authorization, and init-db leaves it
+/// no role to `SET ROLE` to). Inside an open transaction it runs inside it:
+/// roll back first.
+pub const RESET_SESSION: &str = "CLOSE ALL; RESET ALL; DEALLOCATE ALL; UNLISTEN *; \
+                                 SELECT pg_advisory_unlock_all(); DISCARD TEMP; \
+                                 DISCARD SEQUENCES; SELECT auth.begin_session()";
+
+/// ReadyForQuery status outside any transaction.
+pub const IDLE: u8 = b'I';
+
 /// The statement that stores claims and signature for the session. Explicit
 /// `pg_catalog` and typed parameters: no shadow function or operator applies.
 const ATTACH: &str = "select pg_catalog.set_config('authgres.claims', $1::pg_catalog.text, false), \
@@ -363,26 +378,76 @@ impl Upstream {
         };
         let signature = key.sign(&binding, claims);
         frontend::parse("", ATTACH, [TEXT_OID, TEXT_OID], &mut out)?;
-        frontend::bind(
-            "",
-            "",
-            [0i16],
-            [claims.as_bytes(), signature.as_bytes()],
-            |value, buf| {
-                buf.extend_from_slice(value);
-                Ok(postgres_protocol::IsNull::No)
-            },
-            [0i16],
-            &mut out,
-        )
-        .map_err(|e| match e {
-            frontend::BindError::Conversion(e) => UpstreamError::Protocol(e.to_string()),
-            frontend::BindError::Serialization(e) => UpstreamError::Io(e),
-        })?;
+        bind_text(&[claims, &signature], &mut out)?;
         frontend::execute("", 0, &mut out)?;
         frontend::sync(&mut out);
         self.send(&mut out).await?;
         self.single_text_result().await.map(drop)
+    }
+
+    /// Prepares a pooled connection for a new client in one round trip:
+    /// applies the client's startup settings with `set_config` (values as
+    /// parameters, never spliced into SQL) and attaches the identity, signed
+    /// for the generation the last reset drew. Returns the ParameterStatus
+    /// values the client should see.
+    pub async fn attach_for_client(
+        &mut self,
+        key: &ClaimsKey,
+        claims: Option<&str>,
+        settings: &[(String, String)],
+    ) -> Result<Vec<(String, String)>, UpstreamError> {
+        let binding = match self.next_binding.take() {
+            Some(binding) => binding,
+            None => self.begin_session().await?,
+        };
+        let mut out = BytesMut::new();
+        let bind_texts = |sql: &str, values: &[&str], out: &mut BytesMut| {
+            frontend::parse("", sql, std::iter::repeat_n(TEXT_OID, values.len()), out)?;
+            bind_text(values, out)?;
+            frontend::execute("", 0, out)?;
+            Ok::<_, UpstreamError>(())
+        };
+        for (name, value) in settings {
+            bind_texts(
+                "select pg_catalog.set_config($1::pg_catalog.text, $2::pg_catalog.text, false)",
+                &[name, value],
+                &mut out,
+            )?;
+        }
+        if let Some(claims) = claims {
+            let signature = key.sign(&binding, claims);
+            bind_texts(ATTACH, &[claims, &signature], &mut out)?;
+        }
+        frontend::sync(&mut out);
+        self.send(&mut out).await?;
+        let mut parameters = self.parameters.clone();
+        let mut failure = None;
+        loop {
+            match self.next_message().await? {
+                Message::ParameterStatus(body) => {
+                    let (name, value) = (body.name()?.to_owned(), body.value()?.to_owned());
+                    match parameters.iter_mut().find(|(n, _)| *n == name) {
+                        Some(entry) => entry.1 = value,
+                        None => parameters.push((name, value)),
+                    }
+                }
+                Message::ErrorResponse(body) => {
+                    failure.get_or_insert(error_fields(&body)?);
+                }
+                Message::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        match failure {
+            // A bad client setting (e.g. an unknown DateStyle) is the
+            // client's to see, as Postgres would report it at startup.
+            Some((code, message)) => Err(UpstreamError::Refused {
+                role: String::new(),
+                code,
+                message,
+            }),
+            None => Ok(parameters),
+        }
     }
 
     /// Starts a new identity generation for this backend and returns the
@@ -392,6 +457,60 @@ impl Upstream {
         frontend::query(BEGIN_SESSION, &mut out)?;
         self.send(&mut out).await?;
         self.single_text_result().await
+    }
+
+    /// Rolls back whatever is open and resets the session for the next
+    /// user (see [`RESET_SESSION`]); fails unless the connection ends idle
+    /// with the next generation drawn, in which case it must not be reused.
+    pub async fn reset(&mut self) -> Result<(), UpstreamError> {
+        let mut out = BytesMut::new();
+        frontend::query("ROLLBACK", &mut out)?;
+        frontend::query(RESET_SESSION, &mut out)?;
+        self.send(&mut out).await?;
+        self.finish_reset(2).await
+    }
+
+    /// Reads the replies of `count` simple queries ending with
+    /// [`RESET_SESSION`], keeping the binding it drew for the next user.
+    pub async fn finish_reset(&mut self, count: usize) -> Result<(), UpstreamError> {
+        let mut failure = None;
+        let mut binding = None;
+        let mut status = IDLE;
+        for _ in 0..count {
+            loop {
+                match self.next_message().await? {
+                    Message::ReadyForQuery(body) => {
+                        status = body.status();
+                        break;
+                    }
+                    Message::DataRow(row) => {
+                        let mut ranges = row.ranges();
+                        if let Some(Some(range)) = ranges.next()? {
+                            let text = String::from_utf8_lossy(&row.buffer()[range]);
+                            if text.starts_with("authgres-v1:") {
+                                binding = Some(text.into_owned());
+                            }
+                        }
+                    }
+                    Message::ErrorResponse(body) => {
+                        failure.get_or_insert(error_fields(&body)?);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if let Some((code, message)) = failure {
+            return Err(UpstreamError::Protocol(format!(
+                "resetting the connection failed: {code} {message}"
+            )));
+        }
+        if status != IDLE || binding.is_none() {
+            return Err(UpstreamError::Protocol(
+                "the connection did not return to idle after its reset".into(),
+            ));
+        }
+        self.next_binding = binding;
+        Ok(())
     }
 
     /// Reads the replies to one statement up to ReadyForQuery, returning the
@@ -439,6 +558,26 @@ impl Upstream {
             }
         }
     }
+}
+
+/// Binds text values to the unnamed statement, results in text.
+fn bind_text(values: &[&str], out: &mut BytesMut) -> Result<(), UpstreamError> {
+    frontend::bind(
+        "",
+        "",
+        [0i16],
+        values.iter(),
+        |value, buf| {
+            buf.extend_from_slice(value.as_bytes());
+            Ok(postgres_protocol::IsNull::No)
+        },
+        [0i16],
+        out,
+    )
+    .map_err(|e| match e {
+        frontend::BindError::Conversion(e) => UpstreamError::Protocol(e.to_string()),
+        frontend::BindError::Serialization(e) => UpstreamError::Io(e),
+    })
 }
 
 /// SQLSTATE and message of an ErrorResponse.

@@ -1,0 +1,128 @@
+//! Session pooling on the wire path: a client's upstream connection is
+//! reset when it leaves and serves the next client of the same role, and
+//! nothing of the first client reaches the second.
+
+mod common;
+
+use common::Stack;
+
+async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
+    client
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pooled_connection_carries_nothing_from_one_client_to_the_next() {
+    let stack = Stack::start().await;
+    let alice = stack
+        .connect("authenticated", &stack.issuer.token("user_alice"))
+        .await
+        .expect("alice");
+    let pid = backend_pid(&alice).await;
+    alice
+        .batch_execute(
+            "set search_path = pg_temp; set application_name = 'alice-was-here';
+             select set_config('authgres.claims', current_setting('authgres.claims'), false);
+             select pg_advisory_lock(42);
+             create temp table alice_temp (x int);
+             prepare alice_stmt as select 1;
+             listen alice_channel;
+             declare alice_cursor cursor with hold for select 1;",
+        )
+        .await
+        .expect("leave state behind");
+    drop(alice);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    let bob = stack
+        .connect("authenticated", &stack.issuer.token("user_bob"))
+        .await
+        .expect("bob");
+    assert_eq!(
+        backend_pid(&bob).await,
+        pid,
+        "the connection was not reused"
+    );
+    let row = bob
+        .query_one(
+            "select auth.user_id(), current_setting('search_path'), current_setting('application_name'), \
+             (select count(*) from pg_locks where locktype = 'advisory' and pid = pg_backend_pid()), \
+             to_regclass('pg_temp.alice_temp') is null, \
+             (select count(*) from pg_prepared_statements where name = 'alice_stmt'), \
+             (select count(*) from pg_listening_channels()), \
+             (select count(*) from pg_cursors where name = 'alice_cursor')",
+            &[],
+        )
+        .await
+        .expect("look around");
+    assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some("user_bob"));
+    assert_ne!(row.get::<_, String>(1), "pg_temp");
+    assert_ne!(row.get::<_, String>(2), "alice-was-here");
+    assert_eq!(row.get::<_, i64>(3), 0, "advisory lock");
+    assert!(row.get::<_, bool>(4), "temp table");
+    assert_eq!(row.get::<_, i64>(5), 0, "prepared statement");
+    assert_eq!(row.get::<_, i64>(6), 0, "LISTEN");
+    assert_eq!(row.get::<_, i64>(7), 0, "cursor");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_leaves_inside_a_transaction_leaves_nothing_committed() {
+    let stack = Stack::start().await;
+    let alice = stack
+        .connect("authenticated", &stack.issuer.token("user_alice"))
+        .await
+        .expect("alice");
+    alice
+        .batch_execute("begin; insert into todos (task) values ('uncommitted')")
+        .await
+        .expect("open transaction");
+    drop(alice);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let again = stack
+        .connect("authenticated", &stack.issuer.token("user_alice"))
+        .await
+        .expect("alice again");
+    let row = again
+        .query_one(
+            "select count(*), pg_current_xact_id_if_assigned() is null from todos",
+            &[],
+        )
+        .await
+        .expect("count");
+    assert_eq!(row.get::<_, i64>(0), 0);
+    assert!(row.get::<_, bool>(1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn startup_settings_apply_to_pooled_connections() {
+    let stack = Stack::start().await;
+    let token = stack.issuer.token("user_alice");
+    for (app, timeout) in [("first", "1234ms"), ("second", "5678ms")] {
+        let (client, connection) = tokio_postgres::connect(
+            &stack.conninfo(
+                "authenticated",
+                &token,
+                &format!("sslmode=disable application_name={app} options='-c statement_timeout={timeout}'"),
+            ),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .expect("connect");
+        tokio::spawn(connection);
+        let row = client
+            .query_one(
+                "select current_setting('application_name'), current_setting('statement_timeout')",
+                &[],
+            )
+            .await
+            .expect("settings");
+        assert_eq!(row.get::<_, String>(0), app);
+        assert_eq!(
+            row.get::<_, String>(1),
+            timeout.trim_end_matches("ms").to_owned() + "ms"
+        );
+    }
+}
