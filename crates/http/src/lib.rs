@@ -143,14 +143,7 @@ pub async fn serve(
     loop {
         let (tcp, peer) = tokio::select! {
             () = &mut shutdown => return Ok(()),
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "HTTP accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = authgres_wire::server::accept(&listener) => accepted,
         };
         let _ = tcp.set_nodelay(true);
         let app = app.clone();

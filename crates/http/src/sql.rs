@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use authgres_jwt::VerifyError;
+use authgres_jwt::{FailureClass, VerifyError};
 use authgres_wire::CleartextTokens;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -259,19 +259,10 @@ async fn run(
 }
 
 fn token_failure(error: VerifyError) -> Failure {
-    let (status, code) = match &error {
-        VerifyError::KeysUnavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "08001"),
-        VerifyError::RoleNotAllowed { .. } => (StatusCode::UNAUTHORIZED, "28000"),
-        VerifyError::Malformed(_)
-        | VerifyError::UnknownIssuer
-        | VerifyError::UnknownKey { .. }
-        | VerifyError::AlgorithmNotAllowed { .. }
-        | VerifyError::BadSignature
-        | VerifyError::Expired
-        | VerifyError::NotYetValid
-        | VerifyError::WrongAudience
-        | VerifyError::MissingClaim(_)
-        | VerifyError::TooOld => (StatusCode::UNAUTHORIZED, "28P01"),
+    let (status, code) = match error.class() {
+        FailureClass::BadToken => (StatusCode::UNAUTHORIZED, "28P01"),
+        FailureClass::RoleNotAllowed => (StatusCode::UNAUTHORIZED, "28000"),
+        FailureClass::KeysUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "08001"),
     };
     Failure::new(status, code, error.to_string())
 }

@@ -60,3 +60,35 @@ pub enum VerifyError {
         provider: String,
     },
 }
+
+/// What kind of failure a [`VerifyError`] is, for callers that answer in
+/// their own protocol (a SQLSTATE, an HTTP status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureClass {
+    /// The token is not acceptable: the client needs another token.
+    BadToken,
+    /// The token is fine but may not log in as the requested role.
+    RoleNotAllowed,
+    /// The provider's keys are unavailable: try again later.
+    KeysUnavailable,
+}
+
+impl VerifyError {
+    /// The failure's class. Exhaustive: a new variant must be classified.
+    pub fn class(&self) -> FailureClass {
+        match self {
+            Self::Malformed(_)
+            | Self::UnknownIssuer
+            | Self::UnknownKey { .. }
+            | Self::AlgorithmNotAllowed { .. }
+            | Self::BadSignature
+            | Self::Expired
+            | Self::NotYetValid
+            | Self::WrongAudience
+            | Self::MissingClaim(_)
+            | Self::TooOld => FailureClass::BadToken,
+            Self::RoleNotAllowed { .. } => FailureClass::RoleNotAllowed,
+            Self::KeysUnavailable { .. } => FailureClass::KeysUnavailable,
+        }
+    }
+}

@@ -25,6 +25,6 @@ mod token_cache;
 mod verify;
 
 pub use claim_path::{BadClaimPath, ClaimPath};
-pub use error::VerifyError;
+pub use error::{FailureClass, VerifyError};
 pub use provider::{ConfigError, DEFAULT_LEEWAY, FetchSettings, KeySource, ProviderConfig};
 pub use verify::{Identity, MAX_TOKEN_LEN, Verifier};

@@ -7,7 +7,7 @@
 
 use std::io;
 
-use authgres_jwt::VerifyError;
+use authgres_jwt::{FailureClass, VerifyError};
 
 use crate::frontend::FrameError;
 use crate::upstream::UpstreamError;
@@ -200,22 +200,13 @@ impl SessionError {
 
 fn token_view(error: &VerifyError) -> Option<ClientView> {
     use SqlState as S;
-    let (code, hint) = match error {
-        VerifyError::Malformed(_)
-        | VerifyError::UnknownIssuer
-        | VerifyError::UnknownKey { .. }
-        | VerifyError::AlgorithmNotAllowed { .. }
-        | VerifyError::BadSignature
-        | VerifyError::Expired
-        | VerifyError::NotYetValid
-        | VerifyError::WrongAudience
-        | VerifyError::TooOld
-        | VerifyError::MissingClaim(_) => (
+    let (code, hint) = match error.class() {
+        FailureClass::BadToken => (
             S::InvalidPassword,
             Some("get a fresh token from your identity provider and use it as the password"),
         ),
-        VerifyError::RoleNotAllowed { .. } => (S::InvalidAuthorization, None),
-        VerifyError::KeysUnavailable { .. } => (
+        FailureClass::RoleNotAllowed => (S::InvalidAuthorization, None),
+        FailureClass::KeysUnavailable => (
             S::UnableToConnect,
             Some("the identity provider's keys could not be fetched; try again shortly"),
         ),

@@ -24,15 +24,7 @@ pub async fn serve(
     loop {
         let (tcp, peer) = tokio::select! {
             () = &mut shutdown => return Ok(()),
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = accept(&listener) => accepted,
         };
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
             tokio::spawn(async move {
@@ -54,5 +46,19 @@ pub async fn serve(
             proxy.handle_tcp(tcp, peer).await;
             drop(permit);
         });
+    }
+}
+
+/// The next connection; accept errors (EMFILE and friends) are logged and
+/// retried after a short pause instead of spinning or ending the listener.
+pub async fn accept(listener: &TcpListener) -> (tokio::net::TcpStream, std::net::SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
     }
 }
