@@ -116,6 +116,29 @@ pub struct Upstream {
     pub pool_size: usize,
     #[serde(with = "humantime_serde")]
     pub checkout_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub server_lifetime: Duration,
+    #[serde(with = "humantime_serde")]
+    pub health_check_after: Duration,
+}
+
+impl Upstream {
+    /// Pool limits with this many connections per (database, role).
+    fn pool_limits(
+        &self,
+        size: usize,
+        checkout_timeout: Duration,
+    ) -> authgres_wire::pool::PoolLimits {
+        authgres_wire::pool::PoolLimits {
+            max_per_key: size,
+            checkout_timeout,
+            idle_timeout: self.idle_timeout,
+            server_lifetime: self.server_lifetime,
+            health_check_after: self.health_check_after,
+        }
+    }
 }
 
 /// `upstream.pool_mode`.
@@ -141,6 +164,9 @@ impl Default for Upstream {
             pool_mode: PoolMode::Session,
             pool_size: 100,
             checkout_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(600),
+            server_lifetime: Duration::from_secs(3600),
+            health_check_after: Duration::from_secs(30),
         }
     }
 }
@@ -484,12 +510,10 @@ impl Loaded {
                 Cleartext::Refuse => CleartextTokens::Refuse,
             },
             enforce_token_expiry: listen.enforce_token_expiry,
-            pool: (self.file.upstream.pool_mode == PoolMode::Session).then_some(
-                authgres_wire::pool::PoolLimits {
-                    max_per_key: self.file.upstream.pool_size,
-                    checkout_timeout: self.file.upstream.checkout_timeout,
-                },
-            ),
+            pool: (self.file.upstream.pool_mode == PoolMode::Session).then(|| {
+                let upstream = &self.file.upstream;
+                upstream.pool_limits(upstream.pool_size, upstream.checkout_timeout)
+            }),
         })
     }
 
@@ -498,10 +522,10 @@ impl Loaded {
         self.file.http.as_ref().map(|h| authgres_http::HttpConfig {
             max_request_bytes: h.max_request_bytes,
             max_response_bytes: h.max_response_bytes,
-            pool: authgres_wire::pool::PoolLimits {
-                max_per_key: h.pool_size,
-                checkout_timeout: h.checkout_timeout,
-            },
+            pool: self
+                .file
+                .upstream
+                .pool_limits(h.pool_size, h.checkout_timeout),
         })
     }
 

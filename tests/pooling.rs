@@ -126,3 +126,98 @@ async fn startup_settings_apply_to_pooled_connections() {
         );
     }
 }
+
+async fn role_backends(stack: &Stack) -> i64 {
+    stack
+        .cluster
+        .admin(common::DATABASE)
+        .await
+        .expect("admin")
+        .query_one(
+            "select count(*) from pg_stat_activity where usename = 'authenticated'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pooled_connection_that_died_while_idle_is_replaced() {
+    let stack = Stack::start().await;
+    let alice = stack
+        .connect("authenticated", &stack.issuer.token("user_alice"))
+        .await
+        .expect("alice");
+    let pid = backend_pid(&alice).await;
+    drop(alice);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let admin = stack.cluster.admin(common::DATABASE).await.expect("admin");
+    admin
+        .execute("select pg_terminate_backend($1)", &[&pid])
+        .await
+        .expect("terminate the idle backend");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let bob = stack
+        .connect("authenticated", &stack.issuer.token("user_bob"))
+        .await
+        .expect("bob gets a working connection");
+    assert_ne!(backend_pid(&bob).await, pid);
+    let me: Option<String> = bob
+        .query_one("select auth.user_id()", &[])
+        .await
+        .expect("query")
+        .get(0);
+    assert_eq!(me.as_deref(), Some("user_bob"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_close_after_the_idle_timeout() {
+    let stack = Stack::start_with(common::Options {
+        upstream_extra: "idle_timeout = \"1s\"",
+        ..Default::default()
+    })
+    .await;
+    let alice = stack
+        .connect("authenticated", &stack.issuer.token("user_alice"))
+        .await
+        .expect("alice");
+    drop(alice);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        role_backends(&stack).await,
+        1,
+        "kept idle in the pool: {}",
+        stack.log()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while role_backends(&stack).await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle connection never closed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn session_pooling_can_be_turned_off() {
+    let stack = Stack::start_with(common::Options {
+        upstream_extra: "pool_mode = \"none\"",
+        ..Default::default()
+    })
+    .await;
+    let alice = stack
+        .connect("authenticated", &stack.issuer.token("user_alice"))
+        .await
+        .expect("alice");
+    drop(alice);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while role_backends(&stack).await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backend outlived its client"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -24,6 +24,8 @@ pub struct Options {
     pub enforce_token_expiry: bool,
     /// Extra server settings for the sandbox cluster.
     pub server_settings: &'static [&'static str],
+    /// Extra lines for the config's [upstream] section.
+    pub upstream_extra: &'static str,
 }
 
 impl Default for Options {
@@ -34,6 +36,7 @@ impl Default for Options {
             upstream_tls: None,
             enforce_token_expiry: false,
             server_settings: &[],
+            upstream_extra: "",
         }
     }
 }
@@ -103,6 +106,7 @@ host = "127.0.0.1"
 port = {pg_port}
 databases = ["{DATABASE}"]
 connect_timeout = "5s"
+{upstream_extra}
 {upstream_tls}[http]
 address = "127.0.0.1:{http_port}"
 [roles.authenticated]
@@ -121,6 +125,7 @@ roles = ["authenticated"]
             auth_timeout = options.auth_timeout,
             cleartext = options.cleartext_tokens,
             enforce = options.enforce_token_expiry,
+            upstream_extra = options.upstream_extra,
             pg_port = cluster.port(),
             iss = issuer.issuer(),
             jwks = issuer.jwks_url(),

@@ -5,10 +5,14 @@
 //! bounded by `checkout_timeout`. A [`Pooled`] connection goes back only
 //! through [`Pooled::release`], which its user calls once the connection is
 //! known to be clean; dropping it closes the connection instead.
+//!
+//! Idle connections are closed after `idle_timeout`, every connection after
+//! `server_lifetime`, and one idle longer than `health_check_after` is
+//! checked with an empty query before it is handed out.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -23,6 +27,12 @@ pub struct PoolLimits {
     pub max_per_key: usize,
     /// How long a checkout waits for a free slot.
     pub checkout_timeout: Duration,
+    /// Idle connections older than this are closed.
+    pub idle_timeout: Duration,
+    /// Connections older than this are closed instead of reused.
+    pub server_lifetime: Duration,
+    /// A connection idle longer than this is checked before reuse.
+    pub health_check_after: Duration,
 }
 
 impl Default for PoolLimits {
@@ -30,13 +40,23 @@ impl Default for PoolLimits {
         Self {
             max_per_key: 20,
             checkout_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(600),
+            server_lifetime: Duration::from_secs(3600),
+            health_check_after: Duration::from_secs(30),
         }
     }
 }
 
+/// An idle connection and its ages.
+struct Idle {
+    conn: Upstream,
+    created: Instant,
+    since: Instant,
+}
+
 #[derive(Default)]
 struct Slot {
-    idle: Vec<Upstream>,
+    idle: Vec<Idle>,
     permits: Option<Arc<Semaphore>>,
 }
 
@@ -50,6 +70,8 @@ pub struct UpstreamPool {
 /// A checked-out connection.
 pub struct Pooled {
     conn: Option<Upstream>,
+    created: Instant,
+    reused: bool,
     key: Key,
     pool: Arc<UpstreamPool>,
     _permit: OwnedSemaphorePermit,
@@ -70,11 +92,31 @@ pub enum CheckoutError {
 impl UpstreamPool {
     /// An empty pool for the server in `config`.
     pub fn new(config: UpstreamConfig, limits: PoolLimits) -> Arc<Self> {
-        Arc::new(Self {
+        let pool = Arc::new(Self {
             config,
             limits,
             slots: Mutex::new(HashMap::new()),
-        })
+        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(reap(Arc::downgrade(&pool)));
+        }
+        pool
+    }
+
+    /// Closes idle connections past their idle timeout or lifetime.
+    fn prune(&self, now: Instant) -> usize {
+        let limits = self.limits;
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut closed = 0;
+        for slot in slots.values_mut() {
+            let before = slot.idle.len();
+            slot.idle.retain(|idle| {
+                now.duration_since(idle.since) < limits.idle_timeout
+                    && now.duration_since(idle.created) < limits.server_lifetime
+            });
+            closed += before - slot.idle.len();
+        }
+        closed
     }
 
     /// An idle connection for (`database`, `role`), or a new one.
@@ -104,18 +146,42 @@ impl UpstreamPool {
                     self.limits.checkout_timeout,
                 )
             })?;
-        let idle = self
-            .slots
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get_mut(&key)
-            .and_then(|slot| slot.idle.pop());
-        let conn = match idle {
-            Some(conn) => conn,
-            None => upstream::connect(&self.config, role, database, password, &[]).await?,
-        };
+        loop {
+            let idle = self
+                .slots
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_mut(&key)
+                .and_then(|slot| slot.idle.pop());
+            let Some(mut idle) = idle else {
+                break;
+            };
+            let now = Instant::now();
+            if now.duration_since(idle.created) >= self.limits.server_lifetime
+                || now.duration_since(idle.since) >= self.limits.idle_timeout
+            {
+                continue;
+            }
+            if now.duration_since(idle.since) >= self.limits.health_check_after
+                && let Err(error) = idle.conn.ping().await
+            {
+                tracing::debug!(%error, "idle upstream connection failed its health check");
+                continue;
+            }
+            return Ok(Pooled {
+                conn: Some(idle.conn),
+                created: idle.created,
+                reused: true,
+                key,
+                pool: Arc::clone(self),
+                _permit: permit,
+            });
+        }
+        let conn = upstream::connect(&self.config, role, database, password, &[]).await?;
         Ok(Pooled {
             conn: Some(conn),
+            created: Instant::now(),
+            reused: false,
             key,
             pool: Arc::clone(self),
             _permit: permit,
@@ -141,18 +207,53 @@ impl Pooled {
             .expect("a Pooled holds its connection until release or drop")
     }
 
+    /// Whether the connection served someone before (and so may have died
+    /// while idle).
+    pub fn reused(&self) -> bool {
+        self.reused
+    }
+
     /// Returns the connection to the pool; call only when it is idle and
-    /// holds no state of the request that used it.
+    /// holds no state of the request that used it. A connection past its
+    /// lifetime is closed instead.
     pub fn release(mut self) {
-        if let Some(conn) = self.conn.take() {
-            self.pool
-                .slots
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .entry(self.key.clone())
-                .or_default()
-                .idle
-                .push(conn);
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        let now = Instant::now();
+        if now.duration_since(self.created) >= self.pool.limits.server_lifetime {
+            return;
+        }
+        self.pool
+            .slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(self.key.clone())
+            .or_default()
+            .idle
+            .push(Idle {
+                conn,
+                created: self.created,
+                since: now,
+            });
+    }
+}
+
+/// Closes expired idle connections now and then, until the pool is gone.
+async fn reap(pool: Weak<UpstreamPool>) {
+    let period = match pool.upgrade() {
+        Some(pool) => (pool.limits.idle_timeout.min(pool.limits.server_lifetime) / 2)
+            .clamp(Duration::from_millis(100), Duration::from_secs(30)),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let closed = pool.prune(Instant::now());
+        if closed > 0 {
+            tracing::debug!(closed, "closed expired idle upstream connections");
         }
     }
 }

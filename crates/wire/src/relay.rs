@@ -68,7 +68,8 @@ where
     // request is in flight, so the session is not at a boundary.
     let client_waiting = AtomicBool::new(false);
     let mut client_messages = MessageScanner::default();
-    let mut server_messages = MessageScanner::default();
+    // The session starts idle: the proxy sent the handshake's ReadyForQuery.
+    let mut server_messages = MessageScanner::after_ready(IDLE);
 
     let client_to_upstream = async {
         let mut buf = vec![0u8; RELAY_BUFFER];

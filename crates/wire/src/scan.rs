@@ -21,6 +21,15 @@ pub struct MessageScanner {
 }
 
 impl MessageScanner {
+    /// A scanner for a stream whose last message was a ReadyForQuery with
+    /// this status (the proxy sent the handshake's own ReadyForQuery).
+    pub fn after_ready(status: u8) -> Self {
+        Self {
+            last_status: Some(status),
+            ..Self::default()
+        }
+    }
+
     /// Feeds the next bytes of the stream; returns the status of the last
     /// ReadyForQuery completed within them, if any.
     pub fn feed(&mut self, mut bytes: &[u8]) -> Option<u8> {

@@ -478,13 +478,6 @@ impl Proxy {
             let parameters = upstream.parameters.clone();
             return Ok((Lease::Own(upstream), parameters));
         };
-        let mut pooled = pool
-            .checkout(&startup.database, &startup.role, password)
-            .await
-            .map_err(|error| match error {
-                CheckoutError::Upstream(error) => SessionError::Upstream(error),
-                CheckoutError::Timeout(..) => SessionError::TooManyConnections,
-            })?;
         let mut settings = Vec::new();
         for (name, value) in &startup.forwarded {
             if name == "options" {
@@ -493,19 +486,37 @@ impl Proxy {
                 settings.push((name.clone(), value.clone()));
             }
         }
-        let parameters = match pooled
-            .conn()
-            .attach_for_client(&self.claims_key, claims, &settings)
-            .await
-        {
-            Ok(parameters) => parameters,
-            Err(error) => {
-                // A failed setting leaves the connection in a clean state;
-                // reset it anyway before anyone else gets it.
-                if pooled.conn().reset().await.is_ok() {
-                    pooled.release();
+        // A reused connection may have died while idle (server restart,
+        // pg_terminate_backend): then one more try with another.
+        let mut attempts = 2;
+        let (pooled, parameters) = loop {
+            attempts -= 1;
+            let mut pooled = pool
+                .checkout(&startup.database, &startup.role, password)
+                .await
+                .map_err(|error| match error {
+                    CheckoutError::Upstream(error) => SessionError::Upstream(error),
+                    CheckoutError::Timeout(..) => SessionError::TooManyConnections,
+                })?;
+            match pooled
+                .conn()
+                .attach_for_client(&self.claims_key, claims, &settings)
+                .await
+            {
+                Ok(parameters) => break (pooled, parameters),
+                Err(upstream::UpstreamError::Io(error)) if pooled.reused() && attempts > 0 => {
+                    tracing::debug!(%error, "pooled upstream connection was dead; retrying");
                 }
-                return Err(error.into());
+                Err(error) => {
+                    // A failed setting leaves the connection clean; reset
+                    // it anyway before anyone else gets it.
+                    if !matches!(error, upstream::UpstreamError::Io(_))
+                        && pooled.conn().reset().await.is_ok()
+                    {
+                        pooled.release();
+                    }
+                    return Err(error.into());
+                }
             }
         };
         Ok((Lease::Pooled(pooled), parameters))

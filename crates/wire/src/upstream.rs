@@ -459,6 +459,23 @@ impl Upstream {
         self.single_text_result().await
     }
 
+    /// Checks that the server still answers: an empty query.
+    pub async fn ping(&mut self) -> Result<(), UpstreamError> {
+        let mut out = BytesMut::new();
+        frontend::query("", &mut out)?;
+        self.send(&mut out).await?;
+        loop {
+            match self.next_message().await? {
+                Message::ReadyForQuery(_) => return Ok(()),
+                Message::ErrorResponse(body) => {
+                    let (code, message) = error_fields(&body)?;
+                    return Err(UpstreamError::Protocol(format!("{code} {message}")));
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Rolls back whatever is open and resets the session for the next
     /// user (see [`RESET_SESSION`]); fails unless the connection ends idle
     /// with the next generation drawn, in which case it must not be reused.
