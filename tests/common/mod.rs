@@ -218,6 +218,11 @@ roles = ["authenticated"]
             .unwrap_or_else(|| panic!("{name} not in the secrets file"))
     }
 
+    /// The proxy's process id.
+    pub fn proxy_pid(&self) -> u32 {
+        self.proxy.id()
+    }
+
     /// The /sql URL.
     pub fn http_url(&self) -> String {
         format!("http://127.0.0.1:{}/sql", self.http_port)

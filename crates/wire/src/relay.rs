@@ -18,8 +18,12 @@ use crate::backend;
 use crate::error::SqlState;
 use crate::scan::MessageScanner;
 
-/// Buffer size per direction.
-const RELAY_BUFFER: usize = 16 * 1024;
+/// Buffer for client-to-server bytes: queries and binds are small. Idle
+/// sessions hold both buffers, so they are sized for memory per session
+/// (`cargo bench --bench idle_memory`) as much as for throughput.
+const CLIENT_BUFFER: usize = 2 * 1024;
+/// Buffer for server-to-client bytes: result rows.
+const SERVER_BUFFER: usize = 8 * 1024;
 /// Transaction status of ReadyForQuery when no transaction is open.
 const IDLE: u8 = b'I';
 
@@ -72,7 +76,7 @@ where
     let mut server_messages = MessageScanner::after_ready(IDLE);
 
     let client_to_upstream = async {
-        let mut buf = vec![0u8; RELAY_BUFFER];
+        let mut buf = vec![0u8; CLIENT_BUFFER];
         loop {
             let n = client_read.read(&mut buf).await?;
             if n == 0 {
@@ -93,7 +97,7 @@ where
         }
     };
     let upstream_to_client = async {
-        let mut buf = vec![0u8; RELAY_BUFFER];
+        let mut buf = vec![0u8; SERVER_BUFFER];
         let mut expired = false;
         let expiry = tokio::time::sleep_until(token_expiry.unwrap_or_else(Instant::now));
         tokio::pin!(expiry);

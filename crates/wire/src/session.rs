@@ -421,6 +421,9 @@ impl Proxy {
         if !buf.is_empty() {
             write_flush(&mut upstream.stream, &buf).await?;
         }
+        // Idle sessions are many: hold no handshake buffers while relaying.
+        drop((buf, out, parameters));
+        upstream.read_buf = BytesMut::new();
         tracing::info!(
             upstream_pid = upstream.pid,
             authenticated = identity.is_some(),
