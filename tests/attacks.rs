@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use authgres_sandbox::TokenSpec;
-use common::Stack;
+use common::{Stack, user_id};
 use serde_json::json;
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
@@ -17,18 +17,7 @@ const ALICE: &str = "user_alice";
 const BOB: &str = "user_bob";
 
 async fn login(stack: &Stack, sub: &str) -> Client {
-    stack
-        .connect("authenticated", &stack.issuer.token(sub))
-        .await
-        .unwrap_or_else(|e| panic!("{sub} logs in: {e}"))
-}
-
-async fn user_id(client: &Client) -> Option<String> {
-    client
-        .query_one("select auth.user_id()", &[])
-        .await
-        .expect("auth.user_id()")
-        .get(0)
+    stack.login(sub).await
 }
 
 /// The identity is the caller's own or NULL, never anyone else's.

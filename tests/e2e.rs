@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use authgres_sandbox::{KeyKind, Signer, TokenSpec};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::{RawClient, Stack, stdout};
+use common::{RawClient, Stack, stdout, user_id};
 use serde_json::json;
 use tokio_postgres::error::SqlState;
 
@@ -294,14 +294,8 @@ async fn plaintext_after_sslrequest_is_refused() {
 #[tokio::test(flavor = "multi_thread")]
 async fn identity_settings_cannot_be_rewritten_reset_or_replayed() {
     let stack = Stack::start().await;
-    let alice = stack
-        .connect("authenticated", &stack.issuer.token("user_alice"))
-        .await
-        .expect("alice");
-    let bob = stack
-        .connect("authenticated", &stack.issuer.token("user_bob"))
-        .await
-        .expect("bob");
+    let alice = stack.login("user_alice").await;
+    let bob = stack.login("user_bob").await;
     let captured = alice
         .query_one(
             "select current_setting('authgres.claims'), current_setting('authgres.signature')",
@@ -330,10 +324,7 @@ async fn identity_settings_cannot_be_rewritten_reset_or_replayed() {
         "discard all".to_owned(),
         "reset authgres.signature".to_owned(),
     ] {
-        let client = stack
-            .connect("authenticated", &stack.issuer.token("user_carol"))
-            .await
-            .expect("carol");
+        let client = stack.login("user_carol").await;
         assert_eq!(user_id(&client).await.as_deref(), Some("user_carol"));
         client.batch_execute(&statement).await.expect(&statement);
         let now = user_id(&client).await;
@@ -343,10 +334,7 @@ async fn identity_settings_cannot_be_rewritten_reset_or_replayed() {
 
     // SET LOCAL inside a transaction: forged for the transaction (NULL),
     // and back to Carol's own identity afterwards.
-    let mut carol = stack
-        .connect("authenticated", &stack.issuer.token("user_carol"))
-        .await
-        .expect("carol");
+    let mut carol = stack.login("user_carol").await;
     let tx = carol.transaction().await.expect("begin");
     tx.batch_execute(&format!("set local authgres.claims = '{forged}'"))
         .await
@@ -422,10 +410,7 @@ async fn anonymous_logs_in_without_a_token_and_has_no_identity() {
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_request_reaches_the_upstream_backend() {
     let stack = Stack::start().await;
-    let client = stack
-        .connect("authenticated", &stack.issuer.token("user_alice"))
-        .await
-        .expect("connect");
+    let client = stack.login("user_alice").await;
     let cancel = client.cancel_token();
     let started = std::time::Instant::now();
     let sleeper = tokio::spawn(async move { client.batch_execute("select pg_sleep(30)").await });
@@ -467,14 +452,6 @@ async fn cleartext_tokens_can_be_refused_entirely() {
     client.simple_query("select 1").await.expect("query");
 }
 
-async fn user_id(client: &tokio_postgres::Client) -> Option<String> {
-    client
-        .query_one("select auth.user_id()", &[])
-        .await
-        .expect("auth.user_id()")
-        .get(0)
-}
-
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -489,10 +466,7 @@ async fn upstream_tls_verify_full_encrypts_the_upstream_leg() {
         ..Default::default()
     })
     .await;
-    let client = stack
-        .connect("authenticated", &stack.issuer.token("user_alice"))
-        .await
-        .expect("connect");
+    let client = stack.login("user_alice").await;
     let row = client
         .query_one(
             "select ssl, auth.user_id() from pg_stat_ssl where pid = pg_backend_pid()",

@@ -17,10 +17,7 @@ async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pooled_connection_carries_nothing_from_one_client_to_the_next() {
     let stack = Stack::start().await;
-    let alice = stack
-        .connect("authenticated", &stack.issuer.token("user_alice"))
-        .await
-        .expect("alice");
+    let alice = stack.login("user_alice").await;
     let pid = backend_pid(&alice).await;
     alice
         .batch_execute(
@@ -37,10 +34,7 @@ async fn a_pooled_connection_carries_nothing_from_one_client_to_the_next() {
     drop(alice);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
 
-    let bob = stack
-        .connect("authenticated", &stack.issuer.token("user_bob"))
-        .await
-        .expect("bob");
+    let bob = stack.login("user_bob").await;
     assert_eq!(
         backend_pid(&bob).await,
         pid,
@@ -71,20 +65,14 @@ async fn a_pooled_connection_carries_nothing_from_one_client_to_the_next() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_leaves_inside_a_transaction_leaves_nothing_committed() {
     let stack = Stack::start().await;
-    let alice = stack
-        .connect("authenticated", &stack.issuer.token("user_alice"))
-        .await
-        .expect("alice");
+    let alice = stack.login("user_alice").await;
     alice
         .batch_execute("begin; insert into todos (task) values ('uncommitted')")
         .await
         .expect("open transaction");
     drop(alice);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let again = stack
-        .connect("authenticated", &stack.issuer.token("user_alice"))
-        .await
-        .expect("alice again");
+    let again = stack.login("user_alice").await;
     let row = again
         .query_one(
             "select count(*), pg_current_xact_id_if_assigned() is null from todos",
@@ -145,10 +133,7 @@ async fn role_backends(stack: &Stack) -> i64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pooled_connection_that_died_while_idle_is_replaced() {
     let stack = Stack::start().await;
-    let alice = stack
-        .connect("authenticated", &stack.issuer.token("user_alice"))
-        .await
-        .expect("alice");
+    let alice = stack.login("user_alice").await;
     let pid = backend_pid(&alice).await;
     drop(alice);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
@@ -158,17 +143,9 @@ async fn a_pooled_connection_that_died_while_idle_is_replaced() {
         .await
         .expect("terminate the idle backend");
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let bob = stack
-        .connect("authenticated", &stack.issuer.token("user_bob"))
-        .await
-        .expect("bob gets a working connection");
+    let bob = stack.login("user_bob").await;
     assert_ne!(backend_pid(&bob).await, pid);
-    let me: Option<String> = bob
-        .query_one("select auth.user_id()", &[])
-        .await
-        .expect("query")
-        .get(0);
-    assert_eq!(me.as_deref(), Some("user_bob"));
+    assert_eq!(common::user_id(&bob).await.as_deref(), Some("user_bob"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -178,10 +155,7 @@ async fn idle_connections_close_after_the_idle_timeout() {
         ..Default::default()
     })
     .await;
-    let alice = stack
-        .connect("authenticated", &stack.issuer.token("user_alice"))
-        .await
-        .expect("alice");
+    let alice = stack.login("user_alice").await;
     drop(alice);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(
@@ -207,10 +181,7 @@ async fn session_pooling_can_be_turned_off() {
         ..Default::default()
     })
     .await;
-    let alice = stack
-        .connect("authenticated", &stack.issuer.token("user_alice"))
-        .await
-        .expect("alice");
+    let alice = stack.login("user_alice").await;
     drop(alice);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while role_backends(&stack).await > 0 {

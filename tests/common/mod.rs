@@ -267,6 +267,13 @@ roles = ["authenticated"]
         self.connect_port(self.port, user, token).await
     }
 
+    /// tokio-postgres as `authenticated` with a fresh token for `sub`.
+    pub async fn login(&self, sub: &str) -> tokio_postgres::Client {
+        self.connect("authenticated", &self.issuer.token(sub))
+            .await
+            .unwrap_or_else(|e| panic!("{sub} logs in: {e}"))
+    }
+
     /// tokio-postgres without TLS to a proxy on `port`.
     pub async fn connect_port(
         &self,
@@ -392,6 +399,15 @@ fn spawn_proxy(dir: &Path) -> Child {
         .stderr(log)
         .spawn()
         .expect("spawn authgres serve")
+}
+
+/// What `auth.user_id()` says in this session.
+pub async fn user_id(client: &tokio_postgres::Client) -> Option<String> {
+    client
+        .query_one("select auth.user_id()", &[])
+        .await
+        .expect("auth.user_id()")
+        .get(0)
 }
 
 pub fn psql_path() -> PathBuf {
