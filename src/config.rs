@@ -529,11 +529,21 @@ impl Loaded {
         })
     }
 
-    /// The TLS acceptor, when a certificate and key are configured.
+    /// The wire listener's TLS acceptor, when a certificate and key are
+    /// configured.
     pub fn tls(&self) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
+        self.tls_with_alpn(authgres_wire::transport::ALPN_POSTGRESQL)
+    }
+
+    /// The same certificate for HTTPS (ALPN http/1.1).
+    pub fn http_tls(&self) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
+        self.tls_with_alpn(authgres_wire::transport::ALPN_HTTP1)
+    }
+
+    fn tls_with_alpn(&self, alpn: &[u8]) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
         match (&self.file.listen.tls_cert, &self.file.listen.tls_key) {
             (Some(cert), Some(key)) => {
-                authgres_wire::transport::tls_acceptor(&self.path(cert), &self.path(key))
+                authgres_wire::transport::tls_acceptor(&self.path(cert), &self.path(key), alpn)
                     .map(Some)
                     .map_err(anyhow::Error::msg)
             }

@@ -36,18 +36,19 @@ pub fn prepare(loaded: &Loaded) -> anyhow::Result<Prepared> {
         loaded.file.identity.verified_token_cache,
     )?);
     let tls = loaded.tls()?;
+    let wire_tls = tls.is_some();
     let proxy = Arc::new(Proxy::new(
         loaded.proxy_config()?,
         Arc::clone(&verifier),
         loaded.claims_key()?,
-        tls.clone(),
+        tls,
     ));
     let http = match (loaded.http(), &loaded.file.http) {
         (Some(config), Some(file)) => {
-            if file.tls && tls.is_none() {
+            if file.tls && !wire_tls {
                 anyhow::bail!("[http] tls = true needs [listen] tls_cert and tls_key");
             }
-            let tls = if file.tls { tls } else { None };
+            let tls = if file.tls { loaded.http_tls()? } else { None };
             Some(PreparedHttp {
                 address: file.address.clone(),
                 state: authgres_http::HttpState::new(Arc::clone(&proxy), config, tls.is_some()),

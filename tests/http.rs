@@ -269,3 +269,43 @@ async fn limits_auth_failures_and_cors() {
         .expect("post");
     assert_eq!(answer.headers()["access-control-allow-origin"], "*");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn https_with_the_wire_listeners_certificate() {
+    let stack = Stack::start_with(common::Options {
+        http_tls: true,
+        ..Default::default()
+    })
+    .await;
+    let ca = reqwest::Certificate::from_pem(stack.ca_pem.as_bytes()).expect("CA");
+    let client = reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .build()
+        .expect("client");
+    let url = format!("https://localhost:{}/sql", stack.http_port);
+    let response = client
+        .post(&url)
+        .bearer_auth(stack.issuer.token("user_alice"))
+        .header(
+            "Neon-Connection-String",
+            format!(
+                "postgresql://authenticated@localhost:{}/{}",
+                stack.port,
+                common::DATABASE
+            ),
+        )
+        .json(&json!({"query": "select auth.user_id() as me"}))
+        .send()
+        .await
+        .expect("HTTPS request");
+    assert_eq!(response.status().as_u16(), 200);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["rows"][0]["me"], "user_alice");
+    // Plain HTTP on the HTTPS port gets no answer.
+    let plain = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{}/sql", stack.http_port))
+        .body("{}")
+        .send()
+        .await;
+    assert!(plain.is_err() || !plain.expect("response").status().is_success());
+}

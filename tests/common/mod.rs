@@ -26,6 +26,8 @@ pub struct Options {
     pub server_settings: &'static [&'static str],
     /// Extra lines for the config's [upstream] section.
     pub upstream_extra: &'static str,
+    /// Serve HTTPS instead of HTTP on the [http] address.
+    pub http_tls: bool,
 }
 
 impl Default for Options {
@@ -37,6 +39,7 @@ impl Default for Options {
             enforce_token_expiry: false,
             server_settings: &[],
             upstream_extra: "",
+            http_tls: false,
         }
     }
 }
@@ -109,6 +112,7 @@ connect_timeout = "5s"
 {upstream_extra}
 {upstream_tls}[http]
 address = "127.0.0.1:{http_port}"
+tls = {http_tls}
 [roles.authenticated]
 password_env = "AUTHGRES_AUTHENTICATED_PASSWORD"
 [roles.anonymous]
@@ -126,6 +130,7 @@ roles = ["authenticated"]
             cleartext = options.cleartext_tokens,
             enforce = options.enforce_token_expiry,
             upstream_extra = options.upstream_extra,
+            http_tls = options.http_tls,
             pg_port = cluster.port(),
             iss = issuer.issuer(),
             jwks = issuer.jwks_url(),

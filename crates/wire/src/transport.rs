@@ -15,10 +15,17 @@ pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 /// First byte of a TLS record carrying a handshake.
 pub const TLS_HANDSHAKE_BYTE: u8 = 0x16;
 
-/// Builds the TLS acceptor from PEM files: certificate chain and private key.
+/// ALPN protocol name of HTTP/1.1, for the HTTP listener.
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+
+/// Builds a TLS acceptor from PEM files (certificate chain and private key)
+/// that offers the `alpn` protocol: [`ALPN_POSTGRESQL`] for the wire
+/// listener, [`ALPN_HTTP1`] for HTTP. A client offering only other
+/// protocols is refused; one offering none is accepted.
 pub fn tls_acceptor(
     cert_pem: &std::path::Path,
     key_pem: &std::path::Path,
+    alpn: &[u8],
 ) -> Result<tokio_rustls::TlsAcceptor, String> {
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -37,7 +44,7 @@ pub fn tls_acceptor(
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| format!("TLS certificate and key do not fit: {e}"))?;
-    config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
