@@ -69,3 +69,209 @@ async fn psycopg_and_asyncpg() {
     let stack = stack().await;
     run(&stack, "python3", &["run.py"], "tests/compat/python").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokio_postgres_full_checklist() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_postgres::AsyncMessage;
+    use tokio_postgres::error::SqlState;
+
+    let stack = stack().await;
+    let alice = stack.issuer.token("user_alice");
+    let client = stack
+        .connect_tls("authenticated", &alice, "sslmode=require")
+        .await
+        .expect("TLS");
+    // Simple and parameterised queries, RLS.
+    client
+        .simple_query("insert into todos (task) values ('tokio-postgres')")
+        .await
+        .expect("simple");
+    let n: i32 = client
+        .query_one("select $1::int + 1", &[&41i32])
+        .await
+        .expect("param")
+        .get(0);
+    assert_eq!(n, 42);
+    let owners: Vec<String> = client
+        .query("select distinct user_id from todos", &[])
+        .await
+        .expect("rls")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(owners, ["user_alice"]);
+    // A prepared statement reused; a transaction rolled back.
+    let statement = client.prepare("select $1::int").await.expect("prepare");
+    for i in 0..200i32 {
+        let got: i32 = client
+            .query_one(&statement, &[&i])
+            .await
+            .expect("execute")
+            .get(0);
+        assert_eq!(got, i);
+    }
+    let mut client = client;
+    let tx = client.transaction().await.expect("begin");
+    tx.execute("insert into todos (task) values ('rolled back')", &[])
+        .await
+        .expect("insert");
+    tx.rollback().await.expect("rollback");
+    let count: i64 = client
+        .query_one("select count(*) from todos where task = 'rolled back'", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(count, 0);
+    // COPY both ways.
+    let sink = client
+        .copy_in("copy copy_target (task) from stdin")
+        .await
+        .expect("copy in");
+    futures_util::pin_mut!(sink);
+    for i in 0..1000 {
+        sink.send(bytes::Bytes::from(format!("tp {i}\n")))
+            .await
+            .expect("send");
+    }
+    assert_eq!(sink.finish().await.expect("finish"), 1000);
+    let out = client
+        .copy_out("copy (select task from copy_target where task like 'tp %') to stdout")
+        .await
+        .expect("copy out");
+    let chunks: Vec<_> = out.collect().await;
+    let text: Vec<u8> = chunks
+        .into_iter()
+        .flat_map(|c| c.expect("chunk").to_vec())
+        .collect();
+    assert_eq!(
+        text.split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count(),
+        1000
+    );
+    // A 100k-row result and an error with its SQLSTATE.
+    let rows = client
+        .query("select i from generate_series(1, 100000) i", &[])
+        .await
+        .expect("100k rows");
+    assert_eq!(rows.len(), 100_000);
+    let error = client.query("select 1/0", &[]).await.expect_err("error");
+    assert_eq!(error.code(), Some(&SqlState::DIVISION_BY_ZERO));
+
+    // LISTEN/NOTIFY across two connections.
+    let (listener, mut connection) = tokio_postgres::connect(
+        &stack.conninfo("authenticated", &alice, "sslmode=disable"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("listener");
+    let (notes_tx, mut notes) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let AsyncMessage::Notification(note) = message {
+                let _ = notes_tx.send(note.payload().to_owned());
+            }
+        }
+    });
+    listener
+        .batch_execute("listen tp_channel")
+        .await
+        .expect("listen");
+    let notifier = stack.login("user_bob").await;
+    notifier
+        .batch_execute("select pg_notify('tp_channel', 'hello')")
+        .await
+        .expect("notify");
+    let payload = tokio::time::timeout(std::time::Duration::from_secs(5), notes.recv())
+        .await
+        .expect("notification within 5 s")
+        .expect("payload");
+    assert_eq!(payload, "hello");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pgbench_and_psql_copy_through_the_proxy() {
+    let stack = stack().await;
+    let token = stack.issuer.token("user_alice");
+    let script = stack.dir.path().join("bench.sql");
+    std::fs::write(
+        &script,
+        "select count(*) from todos where user_id = (select auth.user_id());\n",
+    )
+    .expect("script");
+    let pgbench = common::psql_path().with_file_name("pgbench");
+    let pgbench = if pgbench.is_file() {
+        pgbench
+    } else {
+        "pgbench".into()
+    };
+    let output = Command::new(pgbench)
+        .args([
+            "-n", "-c", "4", "-j", "2", "-t", "50", "-M", "prepared", "-f",
+        ])
+        .arg(&script)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &stack.port.to_string(),
+            "-U",
+            "authenticated",
+            common::DATABASE,
+        ])
+        .env("PGPASSWORD", &token)
+        .output()
+        .expect("pgbench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("number of transactions actually processed: 200/200"),
+        "{stdout}"
+    );
+
+    // psql's \copy both ways (COPY FROM STDIN / TO STDOUT underneath).
+    let psql = |command: &str, input: &str| {
+        use std::io::Write as _;
+        let mut child = Command::new(common::psql_path())
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", command])
+            .arg(format!(
+                "host=127.0.0.1 port={} dbname={} user=authenticated",
+                stack.port,
+                common::DATABASE
+            ))
+            .env("PGPASSWORD", &token)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("psql");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write");
+        let output = child.wait_with_output().expect("psql");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    psql(
+        "\\copy copy_target (task) from stdin",
+        "psql one\npsql two\n\\.\n",
+    );
+    let out = psql(
+        "\\copy (select task from copy_target order by task) to stdout",
+        "",
+    );
+    assert_eq!(out, "psql one\npsql two\n");
+}

@@ -583,3 +583,37 @@ async fn gssenc_is_declined_and_direct_tls_needs_alpn() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_sends_the_password_without_waiting_for_the_request() {
+    let stack = Stack::start().await;
+    let mut raw = RawClient::connect(stack.port).await;
+    let mut buf = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::startup_message(
+        [("user", "authenticated"), ("database", common::DATABASE)],
+        &mut buf,
+    )
+    .expect("encode");
+    postgres_protocol::message::frontend::password_message(
+        stack.issuer.token("user_alice").as_bytes(),
+        &mut buf,
+    )
+    .expect("encode");
+    postgres_protocol::message::frontend::query("select auth.user_id()", &mut buf).expect("encode");
+    use tokio::io::AsyncWriteExt as _;
+    raw.stream.write_all(&buf).await.expect("one write");
+    let mut tags = Vec::new();
+    let mut user = None;
+    loop {
+        let (tag, body) = raw.read_message().await.expect("message");
+        tags.push(tag);
+        if tag == b'D' {
+            user = Some(String::from_utf8_lossy(&body[6..]).into_owned());
+        }
+        if tag == b'Z' && tags.contains(&b'C') {
+            break;
+        }
+    }
+    assert_eq!(tags[0], b'R', "the password is still asked for");
+    assert_eq!(user.as_deref(), Some("user_alice"), "{tags:?}");
+}
