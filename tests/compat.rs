@@ -275,3 +275,17 @@ async fn pgbench_and_psql_copy_through_the_proxy() {
     );
     assert_eq!(out, "psql one\npsql two\n");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pgjdbc() {
+    let jar = Path::new("/usr/share/java/postgresql.jar");
+    assert!(jar.is_file(), "pgjdbc is missing: apt-get install libpostgresql-jdbc-java");
+    let stack = stack().await;
+    run(
+        &stack,
+        "java",
+        &["-cp", "/usr/share/java/postgresql.jar", "Compat.java"],
+        "tests/compat/java",
+    )
+    .await;
+}
