@@ -279,7 +279,10 @@ async fn pgbench_and_psql_copy_through_the_proxy() {
 #[tokio::test(flavor = "multi_thread")]
 async fn pgjdbc() {
     let jar = Path::new("/usr/share/java/postgresql.jar");
-    assert!(jar.is_file(), "pgjdbc is missing: apt-get install libpostgresql-jdbc-java");
+    assert!(
+        jar.is_file(),
+        "pgjdbc is missing: apt-get install libpostgresql-jdbc-java"
+    );
     let stack = stack().await;
     run(
         &stack,
@@ -288,4 +291,131 @@ async fn pgjdbc() {
         "tests/compat/java",
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn psql_through_the_checklist() {
+    use std::process::Stdio;
+
+    let stack = stack().await;
+    let token = stack.issuer.token("user_alice");
+    let conninfo = |sslmode: &str| {
+        format!(
+            "host=127.0.0.1 port={} dbname={} user=authenticated sslmode={sslmode}",
+            stack.port,
+            common::DATABASE
+        )
+    };
+    let psql = |password: &str, sslmode: &str, commands: &[&str]| {
+        let mut command = Command::new(common::psql_path());
+        command
+            .args(["-X", "-A", "-t", "-q"])
+            .arg(conninfo(sslmode))
+            .env("PGPASSWORD", password)
+            .stdin(Stdio::null());
+        for c in commands {
+            command.args(["-c", c]);
+        }
+        command.output().expect("psql")
+    };
+    // Plaintext and TLS; RLS; a rolled-back transaction; 100k rows.
+    for sslmode in ["disable", "require"] {
+        let out = psql(
+            &token,
+            sslmode,
+            &[
+                "select auth.user_id(), (select ssl from pg_stat_ssl where pid = pg_backend_pid()) is not null",
+                "begin",
+                "insert into todos (task) values ('rolled back')",
+                "rollback",
+                "select count(*) from todos",
+                "select count(*) from (select generate_series(1, 100000)) s",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = stdout.lines().filter(|l| !l.is_empty()).collect();
+        assert_eq!(
+            lines,
+            ["user_alice|t", "0", "100000"],
+            "{sslmode}: {stdout}"
+        );
+    }
+    // A bad token: a readable message.
+    let out = psql("not-a-token", "disable", &["select 1"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("token is malformed"), "{stderr}");
+    // An error with its SQLSTATE.
+    let out = psql(
+        &token,
+        "disable",
+        &["\\set VERBOSITY verbose", "select 1/0"],
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("22012"));
+
+    // LISTEN in psql, NOTIFY from another connection; psql reports it after
+    // its next command.
+    let notifier = stack.login("user_bob").await;
+    let listener = Command::new(common::psql_path())
+        .args(["-X", "-A", "-t"])
+        .arg(conninfo("disable"))
+        .args([
+            "-c",
+            "listen psql_channel",
+            "-c",
+            "select pg_sleep(2)",
+            "-c",
+            "select 1",
+        ])
+        .env("PGPASSWORD", &token)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("psql listener");
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    notifier
+        .batch_execute("select pg_notify('psql_channel', 'hello')")
+        .await
+        .expect("notify");
+    let out = tokio::task::spawn_blocking(move || listener.wait_with_output())
+        .await
+        .expect("join")
+        .expect("psql");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("Asynchronous notification \"psql_channel\" with payload \"hello\""),
+        "{stdout}"
+    );
+
+    // Ctrl-C in psql sends a CancelRequest through the proxy.
+    let sleeper = Command::new(common::psql_path())
+        .args(["-X", "-A", "-t"])
+        .arg(conninfo("disable"))
+        .args(["-c", "select pg_sleep(30)"])
+        .env("PGPASSWORD", &token)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("psql sleeper");
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(sleeper.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let started = std::time::Instant::now();
+    let out = tokio::task::spawn_blocking(move || sleeper.wait_with_output())
+        .await
+        .expect("join")
+        .expect("psql");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("canceling statement due to user request"),
+        "{stderr}"
+    );
 }
