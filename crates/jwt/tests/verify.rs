@@ -20,10 +20,10 @@ fn verifier(issuer: &Issuer, configure: impl FnOnce(&mut ProviderConfig)) -> Ver
 }
 
 #[tokio::test]
-async fn verifies_rs256_es256_and_eddsa_into_an_identity() {
+async fn verifies_rs256_es256_es384_and_eddsa_into_an_identity() {
     let issuer = Issuer::start().await.expect("issuer");
     let verifier = verifier(&issuer, |_| {});
-    for kind in [KeyKind::Rsa, KeyKind::Ec, KeyKind::Ed25519] {
+    for kind in [KeyKind::Rsa, KeyKind::Ec, KeyKind::Ec384, KeyKind::Ed25519] {
         let token = issuer.mint(&TokenSpec::new("user_1").key(kind));
         let identity = verifier
             .verify(&token, "authenticated", SystemTime::now())

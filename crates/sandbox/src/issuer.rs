@@ -11,8 +11,8 @@ use anyhow::{Context as _, bail};
 use aws_lc_rs::encoding::AsDer as _;
 use aws_lc_rs::rsa::KeySize;
 use aws_lc_rs::signature::{
-    ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair as _, RSA_PKCS1_SHA256,
-    RsaKeyPair,
+    ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair,
+    KeyPair as _, RSA_PKCS1_SHA256, RsaKeyPair,
 };
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -30,6 +30,8 @@ pub enum KeyKind {
     Rsa512,
     /// P-256, ES256, kid `ec-1`.
     Ec,
+    /// P-384, ES384, kid `ec384-1`.
+    Ec384,
     /// Ed25519, EdDSA, kid `ed-1`.
     Ed25519,
 }
@@ -42,6 +44,7 @@ impl KeyKind {
             Self::RsaPss => "PS256",
             Self::Rsa512 => "RS512",
             Self::Ec => "ES256",
+            Self::Ec384 => "ES384",
             Self::Ed25519 => "EdDSA",
         }
     }
@@ -51,6 +54,7 @@ impl KeyKind {
         match self {
             Self::Rsa | Self::RsaPss | Self::Rsa512 => "rsa-1",
             Self::Ec => "ec-1",
+            Self::Ec384 => "ec384-1",
             Self::Ed25519 => "ed-1",
         }
     }
@@ -113,6 +117,7 @@ struct Keys {
     /// Published RSA keys by kid; the last one signs.
     rsa: RwLock<Vec<(String, Arc<RsaKeyPair>)>>,
     ec: EcdsaKeyPair,
+    ec384: EcdsaKeyPair,
     ed: Ed25519KeyPair,
 }
 
@@ -136,12 +141,15 @@ impl Signer {
         let rsa = RsaKeyPair::generate(KeySize::Rsa2048).context("generating an RSA key")?;
         let ec = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING)
             .context("generating a P-256 key")?;
+        let ec384 = EcdsaKeyPair::generate(&ECDSA_P384_SHA384_FIXED_SIGNING)
+            .context("generating a P-384 key")?;
         let ed = Ed25519KeyPair::generate().context("generating an Ed25519 key")?;
         Ok(Self {
             keys: Arc::new(Keys {
                 issuer: issuer.to_owned(),
                 rsa: RwLock::new(vec![(KeyKind::Rsa.kid().to_owned(), Arc::new(rsa))]),
                 ec,
+                ec384,
                 ed,
             }),
         })
@@ -232,13 +240,17 @@ impl Signer {
                     .expect("RSA signing with a generated key succeeds");
                 signature
             }
-            KeyKind::Ec => self
-                .keys
-                .ec
-                .sign(&rng, message)
-                .expect("ECDSA signing with a generated key succeeds")
-                .as_ref()
-                .to_vec(),
+            KeyKind::Ec | KeyKind::Ec384 => {
+                let key = if key == KeyKind::Ec {
+                    &self.keys.ec
+                } else {
+                    &self.keys.ec384
+                };
+                key.sign(&rng, message)
+                    .expect("ECDSA signing with a generated key succeeds")
+                    .as_ref()
+                    .to_vec()
+            }
             KeyKind::Ed25519 => self.keys.ed.sign(message).as_ref().to_vec(),
         }
     }
@@ -263,6 +275,13 @@ impl Signer {
             .collect();
         keys.push(json!({"kty": "EC", "use": "sig", "alg": "ES256", "crv": "P-256",
             "kid": KeyKind::Ec.kid(), "x": URL_SAFE_NO_PAD.encode(x), "y": URL_SAFE_NO_PAD.encode(y)}));
+        // An uncompressed P-384 point: 0x04 || x (48 bytes) || y (48 bytes).
+        let (x384, y384) = self.keys.ec384.public_key().as_ref()[1..].split_at(48);
+        keys.push(
+            json!({"kty": "EC", "use": "sig", "alg": "ES384", "crv": "P-384",
+            "kid": KeyKind::Ec384.kid(), "x": URL_SAFE_NO_PAD.encode(x384),
+            "y": URL_SAFE_NO_PAD.encode(y384)}),
+        );
         keys.push(
             json!({"kty": "OKP", "use": "sig", "alg": "EdDSA", "crv": "Ed25519",
             "kid": KeyKind::Ed25519.kid(),
@@ -289,6 +308,11 @@ impl Signer {
             .as_der()
             .context("exporting the RSA key")?;
         let ec = self.keys.ec.to_pkcs8v1().context("exporting the EC key")?;
+        let ec384 = self
+            .keys
+            .ec384
+            .to_pkcs8v1()
+            .context("exporting the P-384 key")?;
         let ed = self
             .keys
             .ed
@@ -298,6 +322,7 @@ impl Signer {
             "issuer": self.keys.issuer,
             "rsa": STANDARD.encode(rsa.as_ref()),
             "ec": STANDARD.encode(ec.as_ref()),
+            "ec384": STANDARD.encode(ec384.as_ref()),
             "ed25519": STANDARD.encode(ed.as_ref()),
         });
         let mut file = std::fs::OpenOptions::new()
@@ -337,6 +362,8 @@ impl Signer {
                 )]),
                 ec: EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &field("ec")?)
                     .map_err(|e| anyhow::anyhow!("EC key: {e}"))?,
+                ec384: EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &field("ec384")?)
+                    .map_err(|e| anyhow::anyhow!("P-384 key: {e}"))?,
                 ed: Ed25519KeyPair::from_pkcs8(&field("ed25519")?)
                     .map_err(|e| anyhow::anyhow!("Ed25519 key: {e}"))?,
             }),
