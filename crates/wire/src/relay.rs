@@ -160,16 +160,11 @@ where
 mod tests {
     use super::*;
     use std::time::Duration;
+    use tokio::io::DuplexStream;
 
     #[tokio::test]
     async fn terminate_is_not_forwarded_and_leaves_the_upstream_reusable() {
-        let (client, mut client_peer) = tokio::io::duplex(4096);
-        let (upstream, mut upstream_peer) = tokio::io::duplex(4096);
-        let relay = tokio::spawn(async move {
-            let mut upstream = upstream;
-            let relayed = relay(client, &mut upstream, None).await;
-            (relayed, upstream)
-        });
+        let (mut client_peer, mut upstream_peer, relay) = start_keeping_upstream(None);
         client_peer
             .write_all(&message(b'Q', b"select 1\0"))
             .await
@@ -198,12 +193,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_leaving_mid_request_makes_the_upstream_unusable() {
-        let (client, mut client_peer) = tokio::io::duplex(4096);
-        let (upstream, mut upstream_peer) = tokio::io::duplex(4096);
-        let relay = tokio::spawn(async move {
-            let mut upstream = upstream;
-            relay(client, &mut upstream, None).await
-        });
+        let (mut client_peer, mut upstream_peer, relay) = start(None);
         upstream_peer
             .write_all(&message(b'Z', b"I"))
             .await
@@ -222,6 +212,33 @@ mod tests {
         assert!(!relayed.reusable, "a query was in flight");
     }
 
+    type Relaying = tokio::task::JoinHandle<io::Result<Relayed>>;
+
+    /// A relay between two in-memory pipes: (client peer, upstream peer, relay).
+    fn start(expiry: Option<Instant>) -> (DuplexStream, DuplexStream, Relaying) {
+        let (client, client_peer) = tokio::io::duplex(4096);
+        let (mut upstream, upstream_peer) = tokio::io::duplex(4096);
+        let relay = tokio::spawn(async move { relay(client, &mut upstream, expiry).await });
+        (client_peer, upstream_peer, relay)
+    }
+
+    /// Like [`start`], handing back the upstream stream when the relay ends.
+    fn start_keeping_upstream(
+        expiry: Option<Instant>,
+    ) -> (
+        DuplexStream,
+        DuplexStream,
+        tokio::task::JoinHandle<(io::Result<Relayed>, DuplexStream)>,
+    ) {
+        let (client, client_peer) = tokio::io::duplex(4096);
+        let (mut upstream, upstream_peer) = tokio::io::duplex(4096);
+        let relay = tokio::spawn(async move {
+            let relayed = relay(client, &mut upstream, expiry).await;
+            (relayed, upstream)
+        });
+        (client_peer, upstream_peer, relay)
+    }
+
     fn message(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut out = vec![tag];
         out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
@@ -231,12 +248,7 @@ mod tests {
 
     #[tokio::test]
     async fn relays_both_ways_and_closing_one_side_closes_the_other() {
-        let (client, mut client_peer) = tokio::io::duplex(1024);
-        let (upstream, mut upstream_peer) = tokio::io::duplex(1024);
-        let relay = tokio::spawn(async move {
-            let mut upstream = upstream;
-            relay(client, &mut upstream, None).await
-        });
+        let (mut client_peer, mut upstream_peer, relay) = start(None);
         client_peer.write_all(b"Q-query").await.expect("write");
         let mut got = [0u8; 7];
         upstream_peer.read_exact(&mut got).await.expect("read");
@@ -257,13 +269,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_expired_token_ends_the_session_at_the_end_of_the_transaction() {
-        let (client, mut client_peer) = tokio::io::duplex(4096);
-        let (upstream, mut upstream_peer) = tokio::io::duplex(4096);
-        let expiry = Instant::now() + Duration::from_secs(60);
-        let relay = tokio::spawn(async move {
-            let mut upstream = upstream;
-            relay(client, &mut upstream, Some(expiry)).await
-        });
+        let (mut client_peer, mut upstream_peer, relay) =
+            start(Some(Instant::now() + Duration::from_secs(60)));
         // A transaction is open when the token expires.
         upstream_peer
             .write_all(&message(b'Z', b"T"))
@@ -274,8 +281,9 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(120)).await;
         assert!(!relay.is_finished(), "ended inside a transaction");
         // COMMIT completes: the next idle ReadyForQuery ends the session.
-        client_peer.write_all(b"Q-commit").await.expect("write");
-        let mut query = [0u8; 8];
+        let commit = message(b'Q', b"commit\0");
+        client_peer.write_all(&commit).await.expect("write");
+        let mut query = vec![0u8; commit.len()];
         upstream_peer.read_exact(&mut query).await.expect("read");
         upstream_peer
             .write_all(&message(b'C', b"COMMIT\0"))
@@ -301,13 +309,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_idle_session_ends_when_its_token_expires() {
-        let (client, mut client_peer) = tokio::io::duplex(4096);
-        let (upstream, mut upstream_peer) = tokio::io::duplex(4096);
-        let expiry = Instant::now() + Duration::from_secs(60);
-        let relay = tokio::spawn(async move {
-            let mut upstream = upstream;
-            relay(client, &mut upstream, Some(expiry)).await
-        });
+        let (mut client_peer, mut upstream_peer, relay) =
+            start(Some(Instant::now() + Duration::from_secs(60)));
         upstream_peer
             .write_all(&message(b'Z', b"I"))
             .await
