@@ -106,8 +106,10 @@ fn relay_throughput(c: &mut Criterion) {
                 let (client, mut client_peer) = tokio::io::duplex(256 * 1024);
                 let (upstream, mut upstream_peer) = tokio::io::duplex(256 * 1024);
                 let relay = tokio::spawn(async move {
-                    let mut upstream = upstream;
-                    relay::relay(client, &mut upstream, None).await
+                    let (mut client, mut upstream) = (client, upstream);
+                    relay::Relay::new(None)
+                        .run(&mut client, &mut upstream)
+                        .await
                 });
                 let writer = tokio::spawn(async move {
                     for _ in 0..rounds {

@@ -113,6 +113,7 @@ pub struct Upstream {
     pub tls: UpstreamTlsMode,
     pub tls_ca_file: Option<PathBuf>,
     pub pool_mode: PoolMode,
+    pub pool_mode_by_database: std::collections::HashMap<String, PoolMode>,
     pub pool_size: usize,
     #[serde(with = "humantime_serde")]
     pub checkout_timeout: Duration,
@@ -141,15 +142,27 @@ impl Upstream {
     }
 }
 
-/// `upstream.pool_mode`.
+/// `upstream.pool_mode` and the values of `upstream.pool_mode_by_database`.
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum PoolMode {
     /// Each client gets a connection for its session; it is reset and kept
     /// for the next client when the client leaves.
     Session,
+    /// Each client holds a connection for one transaction at a time.
+    Transaction,
     /// Each client gets a login of its own, closed when it leaves.
     None,
+}
+
+impl From<PoolMode> for authgres_wire::PoolMode {
+    fn from(mode: PoolMode) -> Self {
+        match mode {
+            PoolMode::Session => Self::Session,
+            PoolMode::Transaction => Self::Transaction,
+            PoolMode::None => Self::None,
+        }
+    }
 }
 
 impl Default for Upstream {
@@ -162,6 +175,7 @@ impl Default for Upstream {
             tls: UpstreamTlsMode::Disable,
             tls_ca_file: None,
             pool_mode: PoolMode::Session,
+            pool_mode_by_database: std::collections::HashMap::new(),
             pool_size: 100,
             checkout_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(600),
@@ -510,10 +524,14 @@ impl Loaded {
                 Cleartext::Refuse => CleartextTokens::Refuse,
             },
             enforce_token_expiry: listen.enforce_token_expiry,
-            pool: (self.file.upstream.pool_mode == PoolMode::Session).then(|| {
+            pool_mode: self.file.upstream.pool_mode.into(),
+            pool_mode_by_database: (self.file.upstream.pool_mode_by_database.iter())
+                .map(|(database, mode)| (database.clone(), (*mode).into()))
+                .collect(),
+            pool_limits: {
                 let upstream = &self.file.upstream;
                 upstream.pool_limits(upstream.pool_size, upstream.checkout_timeout)
-            }),
+            },
         })
     }
 

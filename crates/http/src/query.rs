@@ -156,6 +156,9 @@ pub async fn execute(
         .map(BatchOptions::begin)
         .transpose()
         .map_err(ExecError::Request)?;
+    // A connection that served anyone is reset before this request sees it.
+    conn.claim(authgres_wire::upstream::next_client_id())
+        .await?;
     let binding = match conn.next_binding.take() {
         Some(binding) => binding,
         None => conn.begin_session().await?,

@@ -199,7 +199,7 @@ async fn run(
         .and_then(|r| r.password.as_deref());
     let mut pooled = state
         .pool
-        .checkout(&database, &login_role, password)
+        .checkout(&database, &login_role, password, 0)
         .await
         .map_err(|error| {
             tracing::warn!(%error, "no upstream connection for /sql");

@@ -1,5 +1,12 @@
 //! Cancel keys: the proxy hands clients its own random (pid, key) and maps
 //! them to the upstream backend's, which never leave the proxy.
+//!
+//! In transaction pooling a client's backend changes from one transaction to
+//! the next, and between transactions it has none: the session retargets
+//! its entry as it takes and releases connections. A cancel is forwarded
+//! while holding the entry, and a session waits for that before releasing
+//! its connection, so a cancel never reaches a backend that has moved on to
+//! another client.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -13,26 +20,35 @@ pub struct UpstreamKey {
     pub secret_key: i32,
 }
 
+/// The backend currently serving a client, if any.
+pub type Target = Arc<tokio::sync::Mutex<Option<UpstreamKey>>>;
+
 /// Live sessions by the cancel key their client was given.
 #[derive(Default, Clone)]
 pub struct CancelRegistry {
-    sessions: Arc<Mutex<HashMap<i32, (i32, UpstreamKey)>>>,
+    sessions: Arc<Mutex<HashMap<i32, (i32, Target)>>>,
 }
 
 impl CancelRegistry {
-    /// Registers a session under a fresh random (pid, key); the entry is
-    /// removed when the returned guard drops.
-    pub fn register(&self, upstream: UpstreamKey, random: &mut impl FnMut() -> u64) -> CancelGuard {
+    /// Registers a session under a fresh random (pid, key), serving from
+    /// `upstream`; the entry is removed when the returned guard drops.
+    pub fn register(
+        &self,
+        upstream: Option<UpstreamKey>,
+        random: &mut impl FnMut() -> u64,
+    ) -> CancelGuard {
         let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        let target = Arc::new(tokio::sync::Mutex::new(upstream));
         loop {
             let bits = random();
             // Positive pids, as Postgres hands out, so clients print them sanely.
             let pid = ((bits >> 32) as i32) & i32::MAX;
             let key = bits as i32;
             if pid != 0 && !sessions.contains_key(&pid) {
-                sessions.insert(pid, (key, upstream));
+                sessions.insert(pid, (key, Arc::clone(&target)));
                 return CancelGuard {
                     registry: self.clone(),
+                    target,
                     pid,
                     key,
                 };
@@ -40,11 +56,12 @@ impl CancelRegistry {
         }
     }
 
-    /// The upstream key for a client's (pid, key), if both match a session.
-    pub fn lookup(&self, pid: i32, key: i32) -> Option<UpstreamKey> {
+    /// The target of the session with this exact (pid, key). Hold its lock
+    /// while forwarding the cancel.
+    pub fn lookup(&self, pid: i32, key: i32) -> Option<Target> {
         let sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
         match sessions.get(&pid) {
-            Some((expected, upstream)) if *expected == key => Some(*upstream),
+            Some((expected, target)) if *expected == key => Some(Arc::clone(target)),
             _ => None,
         }
     }
@@ -53,10 +70,19 @@ impl CancelRegistry {
 /// Keeps a session's cancel entry alive.
 pub struct CancelGuard {
     registry: CancelRegistry,
+    target: Target,
     /// The pid the client sees.
     pub pid: i32,
     /// The key the client sees.
     pub key: i32,
+}
+
+impl CancelGuard {
+    /// Points the client's cancel key at `upstream` (or at nothing); waits
+    /// for a cancel being forwarded to the old target to finish first.
+    pub async fn retarget(&self, upstream: Option<UpstreamKey>) {
+        *self.target.lock().await = upstream;
+    }
 }
 
 impl Drop for CancelGuard {
@@ -73,20 +99,56 @@ impl Drop for CancelGuard {
 mod tests {
     use super::*;
 
-    #[test]
-    fn maps_only_the_exact_key_and_forgets_on_drop() {
+    async fn resolve(registry: &CancelRegistry, pid: i32, key: i32) -> Option<UpstreamKey> {
+        match registry.lookup(pid, key) {
+            Some(target) => *target.lock().await,
+            None => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn maps_only_the_exact_key_follows_retargets_and_forgets_on_drop() {
         let registry = CancelRegistry::default();
         let upstream = UpstreamKey {
             pid: 100,
             secret_key: 5,
         };
         let mut values = [0x0000_0007_0000_0009u64].into_iter();
-        let guard = registry.register(upstream, &mut || values.next().unwrap_or(1));
+        let guard = registry.register(Some(upstream), &mut || values.next().unwrap_or(1));
         assert_eq!((guard.pid, guard.key), (7, 9));
-        assert_eq!(registry.lookup(7, 9), Some(upstream));
-        assert_eq!(registry.lookup(7, 10), None);
-        assert_eq!(registry.lookup(100, 5), None);
+        assert_eq!(resolve(&registry, 7, 9).await, Some(upstream));
+        assert_eq!(resolve(&registry, 7, 10).await, None);
+        assert_eq!(resolve(&registry, 100, 5).await, None);
+        guard.retarget(None).await;
+        assert_eq!(resolve(&registry, 7, 9).await, None);
         drop(guard);
-        assert_eq!(registry.lookup(7, 9), None);
+        assert!(registry.lookup(7, 9).is_none());
+    }
+
+    #[tokio::test]
+    async fn retargeting_waits_for_a_cancel_in_flight() {
+        let registry = CancelRegistry::default();
+        let upstream = UpstreamKey {
+            pid: 100,
+            secret_key: 5,
+        };
+        let guard = registry.register(Some(upstream), &mut || 0x0000_0007_0000_0009);
+        let target = registry.lookup(7, 9).expect("registered");
+        let forwarding = target.lock().await;
+        let mut retarget = Box::pin(guard.retarget(None));
+        assert!(futures_now(&mut retarget).is_none(), "did not wait");
+        drop(forwarding);
+        retarget.await;
+        assert_eq!(*target.lock().await, None);
+    }
+
+    /// Polls a future once.
+    fn futures_now<F: std::future::Future + Unpin>(future: &mut F) -> Option<F::Output> {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        match std::pin::Pin::new(future).poll(&mut cx) {
+            std::task::Poll::Ready(output) => Some(output),
+            std::task::Poll::Pending => None,
+        }
     }
 }

@@ -105,6 +105,22 @@ pub enum SessionError {
     /// Too many client connections.
     #[error("too many client connections")]
     TooManyConnections,
+    /// Every pooled connection for the client's database and role stayed
+    /// busy for the whole checkout timeout.
+    #[error(
+        "no upstream connection for database {database:?} role {role:?} became free within {waited:?}"
+    )]
+    PoolExhausted {
+        /// Database asked for.
+        database: String,
+        /// Role asked for.
+        role: String,
+        /// The checkout timeout.
+        waited: std::time::Duration,
+    },
+    /// The session's token expired and expiry is enforced.
+    #[error("the session's token expired")]
+    TokenExpired,
     /// Logging in upstream or attaching the identity failed.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
@@ -191,6 +207,19 @@ impl SessionError {
                 S::TooManyConnections,
                 "sorry, too many clients already".into(),
                 None,
+            ),
+            Self::PoolExhausted { waited, .. } => view(
+                S::TooManyConnections,
+                format!(
+                    "no database connection became free within {}s",
+                    waited.as_secs_f64()
+                ),
+                Some("the pool for this database and role is busy; raise pool_size or retry"),
+            ),
+            Self::TokenExpired => view(
+                S::InvalidPassword,
+                "the session's token expired".into(),
+                Some("reconnect with a fresh token"),
             ),
             Self::Upstream(error) => Some(error.client_view()),
             Self::ClientIo(_) => None,

@@ -6,6 +6,11 @@
 //! through [`Pooled::release`], which its user calls once the connection is
 //! known to be clean; dropping it closes the connection instead.
 //!
+//! A checkout may name the client asking: a connection that still holds
+//! that client's session (transaction pooling) is preferred, then a clean
+//! one; the caller resets a connection held for someone else
+//! ([`Upstream::claim`]).
+//!
 //! Idle connections are closed after `idle_timeout`, every connection after
 //! `server_lifetime`, and one idle longer than `health_check_after` is
 //! checked with an empty query before it is handed out.
@@ -16,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::upstream::{self, Upstream, UpstreamConfig, UpstreamError};
+use crate::upstream::{self, Owner, Upstream, UpstreamConfig, UpstreamError};
 
 type Key = (String, String);
 
@@ -119,12 +124,15 @@ impl UpstreamPool {
         closed
     }
 
-    /// An idle connection for (`database`, `role`), or a new one.
+    /// An idle connection for (`database`, `role`), or a new one: the one
+    /// holding `client`'s session if there is one, else a clean one, else
+    /// the most recently used.
     pub async fn checkout(
         self: &Arc<Self>,
         database: &str,
         role: &str,
         password: Option<&str>,
+        client: u64,
     ) -> Result<Pooled, CheckoutError> {
         let key = (database.to_owned(), role.to_owned());
         let permits = {
@@ -152,7 +160,14 @@ impl UpstreamPool {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .get_mut(&key)
-                .and_then(|slot| slot.idle.pop());
+                .and_then(|slot| {
+                    let held = |idle: &Idle| idle.conn.owner == Owner::Client(client);
+                    let clean = |idle: &Idle| idle.conn.owner == Owner::Nobody;
+                    let at = (slot.idle.iter().rposition(held))
+                        .or_else(|| slot.idle.iter().rposition(clean))
+                        .or_else(|| slot.idle.len().checked_sub(1))?;
+                    Some(slot.idle.remove(at))
+                });
             let Some(mut idle) = idle else {
                 break;
             };

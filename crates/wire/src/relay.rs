@@ -1,243 +1,370 @@
 //! Byte relay between an authenticated client and its upstream backend.
 //!
-//! After the handshake the proxy does not parse queries: bytes flow both ways
-//! until either side closes or fails, and then both are closed. Postgres has
-//! no use for half-open sessions, so the first side to end ends the session.
-//! The server-to-client direction follows message headers
-//! ([`MessageScanner`]) to know where transactions end, which is where an
-//! expired token ends the session when expiry is enforced.
+//! The proxy does not parse queries: bytes flow both ways untouched, in one
+//! task with one buffer per direction, until a side closes or fails or (in
+//! transaction pooling, or once an expired token must end the session) the
+//! session reaches an idle transaction boundary. [`Framer`]s follow the
+//! message headers as they pass, which tells where that boundary is: every
+//! Query, Sync and FunctionCall the client sent has been answered with a
+//! ReadyForQuery, the last one idle ('I'), and no extended-protocol message
+//! waits for a Sync. The client's Terminate is never forwarded, so the
+//! upstream connection survives the client for the pool.
 
+use std::future::poll_fn;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
-use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
-use tokio::time::Instant;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 
-use crate::backend;
-use crate::error::SqlState;
-use crate::scan::MessageScanner;
+use crate::scan::{Frame, Framer};
+use crate::track::Tracker;
 
-/// Buffer for client-to-server bytes: queries and binds are small. Idle
-/// sessions hold both buffers, so they are sized for memory per session
-/// (`cargo bench --bench idle_memory`) as much as for throughput.
+/// Buffer for client-to-server bytes: queries and binds are small.
 const CLIENT_BUFFER: usize = 2 * 1024;
 /// Buffer for server-to-client bytes: result rows.
 const SERVER_BUFFER: usize = 8 * 1024;
+/// Largest named Parse message whose text is kept for replay.
+const MAX_TRACKED_PARSE: usize = 256 * 1024;
 /// Transaction status of ReadyForQuery when no transaction is open.
 const IDLE: u8 = b'I';
 
-/// Which side ended the session.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Ended {
-    /// The client closed (normally after Terminate).
-    Client,
+/// Why [`Relay::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// The client closed its connection.
+    ClientClosed,
+    /// The client sent Terminate (not forwarded).
+    ClientTerminated,
     /// The upstream server closed (shutdown, FATAL, terminated backend).
-    Upstream,
-    /// The token expired and expiry is enforced: the proxy ended the session
-    /// at a transaction boundary.
-    TokenExpired,
+    UpstreamClosed,
+    /// The session reached an idle transaction boundary and was asked to
+    /// stop there ([`Relay::stop_at_idle`]); what the server sent is still
+    /// to be written to the client ([`Relay::flush_client`]).
+    Idle,
 }
 
-/// How a relay ended, and whether the upstream connection can serve
-/// another client.
-#[derive(Debug)]
-pub struct Relayed {
-    /// Which side ended it.
-    pub ended: Ended,
-    /// The upstream sat between messages with no request in flight and the
-    /// client's Terminate was not forwarded: after a reset it is reusable.
-    pub reusable: bool,
+/// One direction's buffer: bytes read and not yet written.
+struct Pipe {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    /// Written but not flushed (TLS and WebSocket streams buffer).
+    unflushed: bool,
 }
 
-/// Message tag of Terminate.
-const TERMINATE: u8 = b'X';
-
-/// Relays until one side ends. The client is shut down; the upstream is
-/// left to the caller (reset and pooled, or dropped), and never receives
-/// the client's Terminate. With `token_expiry`, the session ends at the
-/// first transaction boundary after that instant.
-pub async fn relay<C, U>(
-    client: C,
-    upstream: &mut U,
-    token_expiry: Option<Instant>,
-) -> io::Result<Relayed>
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
-{
-    let (mut client_read, mut client_write) = tokio::io::split(client);
-    let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
-    // The client has sent something since the last ReadyForQuery: a
-    // request is in flight, so the session is not at a boundary.
-    let client_waiting = AtomicBool::new(false);
-    let mut client_messages = MessageScanner::default();
-    // The session starts idle: the proxy sent the handshake's ReadyForQuery.
-    let mut server_messages = MessageScanner::after_ready(IDLE);
-
-    let client_to_upstream = async {
-        let mut buf = vec![0u8; CLIENT_BUFFER];
-        loop {
-            let n = client_read.read(&mut buf).await?;
-            if n == 0 {
-                return Ok::<_, io::Error>(Ended::Client);
-            }
-            let (forward, terminated) = match client_messages.feed_until(&buf[..n], TERMINATE) {
-                Some(at) => (at, true),
-                None => (n, false),
-            };
-            if forward > 0 {
-                client_waiting.store(true, Ordering::SeqCst);
-                upstream_write.write_all(&buf[..forward]).await?;
-                upstream_write.flush().await?;
-            }
-            if terminated {
-                return Ok(Ended::Client);
-            }
+impl Pipe {
+    fn new(size: usize) -> Self {
+        Self {
+            buf: vec![0; size].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            unflushed: false,
         }
-    };
-    let upstream_to_client = async {
-        let mut buf = vec![0u8; SERVER_BUFFER];
-        let mut expired = false;
-        let expiry = tokio::time::sleep_until(token_expiry.unwrap_or_else(Instant::now));
-        tokio::pin!(expiry);
-        loop {
-            tokio::select! {
-                read = upstream_read.read(&mut buf) => {
-                    let n = read?;
-                    if n == 0 {
-                        return Ok::<_, io::Error>(Ended::Upstream);
-                    }
-                    let status = server_messages.feed(&buf[..n]);
-                    client_write.write_all(&buf[..n]).await?;
-                    client_write.flush().await?;
-                    if status.is_some() {
-                        client_waiting.store(false, Ordering::SeqCst);
-                    }
-                    if expired && status == Some(IDLE) && server_messages.at_boundary() {
-                        return Ok(Ended::TokenExpired);
-                    }
-                }
-                () = &mut expiry, if token_expiry.is_some() && !expired => {
-                    expired = true;
-                    let idle = server_messages.last_status() == Some(IDLE)
-                        && server_messages.at_boundary()
-                        && !client_waiting.load(Ordering::SeqCst);
-                    if idle {
-                        return Ok(Ended::TokenExpired);
-                    }
-                }
-            }
-        }
-    };
-    let outcome = tokio::select! {
-        ended = client_to_upstream => ended,
-        ended = upstream_to_client => ended,
-    };
-    if let Ok(Ended::TokenExpired) = outcome {
-        let mut out = BytesMut::new();
-        backend::fatal_error(
-            SqlState::InvalidPassword,
-            "the session's token expired",
-            Some("reconnect with a fresh token"),
-            &mut out,
-        );
-        let _ = client_write.write_all(&out).await;
-        let _ = client_write.flush().await;
     }
-    // Best effort: a client that already failed cannot be shut down cleanly.
-    let _ = client_write.shutdown().await;
-    let ended = outcome?;
-    let reusable = ended != Ended::Upstream
-        && server_messages.last_status().is_some()
-        && server_messages.at_boundary()
-        && client_messages.at_boundary()
-        && !client_waiting.load(Ordering::SeqCst);
-    Ok(Relayed { ended, reusable })
+
+    fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    /// Reads into the empty buffer; `Ok(0)` is end of stream.
+    fn poll_fill<R: AsyncRead + Unpin + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+    ) -> Poll<io::Result<usize>> {
+        debug_assert!(self.is_empty());
+        let mut read = ReadBuf::new(&mut self.buf);
+        ready!(Pin::new(reader).poll_read(cx, &mut read))?;
+        let n = read.filled().len();
+        (self.start, self.end) = (0, n);
+        Poll::Ready(Ok(n))
+    }
+
+    /// Writes what is buffered and flushes; `Ready` once all of it is out.
+    fn poll_drain<W: AsyncWrite + Unpin + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        writer: &mut W,
+    ) -> Poll<io::Result<()>> {
+        while !self.is_empty() {
+            let n = ready!(Pin::new(&mut *writer).poll_write(cx, &self.buf[self.start..self.end]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.start += n;
+            self.unflushed = true;
+        }
+        if self.unflushed {
+            ready!(Pin::new(writer).poll_flush(cx))?;
+            self.unflushed = false;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn settled(&self) -> bool {
+        self.is_empty() && !self.unflushed
+    }
+}
+
+/// The state of one relayed stretch of a session: the buffers, where both
+/// streams stand in their messages, and what is in flight.
+pub struct Relay {
+    to_upstream: Pipe,
+    to_client: Pipe,
+    client_frames: Framer,
+    server_frames: Framer,
+    /// Query, Sync and FunctionCall messages sent and not yet answered by a
+    /// ReadyForQuery.
+    pending: u32,
+    /// An extended-protocol message was sent after the last Sync.
+    unsynced: bool,
+    /// The status of the last ReadyForQuery.
+    status: u8,
+    /// A ReadyForQuery arrived with nothing pending: the proxy no longer
+    /// knows where the session stands, so it is never released or reused.
+    lost: bool,
+    terminated: bool,
+    stop_at_idle: bool,
+    tracker: Option<Tracker>,
+}
+
+impl Relay {
+    /// A relay for a session sitting idle after a ReadyForQuery, as it is
+    /// after the handshake and between pooled transactions. With a
+    /// `tracker`, the named statements the client prepares and the commands
+    /// that leave session state are followed (transaction pooling).
+    pub fn new(tracker: Option<Tracker>) -> Self {
+        let (client_capture, server_capture): (&[u8], &[u8]) = match tracker {
+            Some(_) => (b"PC", b"ZC"),
+            None => (b"", b"Z"),
+        };
+        Self {
+            to_upstream: Pipe::new(CLIENT_BUFFER),
+            to_client: Pipe::new(SERVER_BUFFER),
+            client_frames: Framer::new(client_capture, MAX_TRACKED_PARSE),
+            server_frames: Framer::new(server_capture, 64),
+            pending: 0,
+            unsynced: false,
+            status: IDLE,
+            lost: false,
+            terminated: false,
+            stop_at_idle: false,
+            tracker,
+        }
+    }
+
+    /// Makes [`Relay::run`] return [`Stop::Idle`] at the next idle
+    /// transaction boundary (or at once if the session is at one).
+    pub fn stop_at_idle(&mut self, stop: bool) {
+        self.stop_at_idle = stop;
+    }
+
+    /// Forwards client bytes read before the relay started (pipelined
+    /// after the password, or the first bytes of a pooled transaction),
+    /// following them like any the relay reads. A Terminate among them ends
+    /// the relay at its start ([`Stop::ClientTerminated`]).
+    pub async fn forward<U>(&mut self, bytes: &[u8], upstream: &mut U) -> io::Result<()>
+    where
+        U: AsyncWrite + Unpin + ?Sized,
+    {
+        for chunk in bytes.chunks(CLIENT_BUFFER) {
+            if self.terminated {
+                break;
+            }
+            self.to_upstream.buf[..chunk.len()].copy_from_slice(chunk);
+            (self.to_upstream.start, self.to_upstream.end) = (0, chunk.len());
+            self.scan_client();
+            poll_fn(|cx| self.to_upstream.poll_drain(cx, upstream)).await?;
+        }
+        Ok(())
+    }
+
+    /// Relays until a side ends or the session stops at an idle boundary.
+    pub async fn run<C, U>(&mut self, client: &mut C, upstream: &mut U) -> io::Result<Stop>
+    where
+        C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+        U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    {
+        poll_fn(|cx| self.poll_run(cx, client, upstream)).await
+    }
+
+    fn poll_run<C, U>(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut C,
+        upstream: &mut U,
+    ) -> Poll<io::Result<Stop>>
+    where
+        C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+        U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    {
+        if self.stop_at_idle && self.is_idle() {
+            return Poll::Ready(Ok(Stop::Idle));
+        }
+        loop {
+            let mut progressed = false;
+            // Client to upstream.
+            if self.to_upstream.is_empty()
+                && !self.terminated
+                && let Poll::Ready(read) = self.to_upstream.poll_fill(cx, client)
+            {
+                if read? == 0 {
+                    return Poll::Ready(Ok(Stop::ClientClosed));
+                }
+                self.scan_client();
+                progressed = true;
+            }
+            if !self.to_upstream.settled() {
+                let before = self.to_upstream.start;
+                if let Poll::Ready(drained) = self.to_upstream.poll_drain(cx, upstream) {
+                    drained?;
+                    progressed = true;
+                }
+                progressed |= self.to_upstream.start != before;
+            }
+            if self.terminated && self.to_upstream.settled() {
+                return Poll::Ready(Ok(Stop::ClientTerminated));
+            }
+            // Upstream to client.
+            if self.to_client.is_empty()
+                && let Poll::Ready(read) = self.to_client.poll_fill(cx, upstream)
+            {
+                if read? == 0 {
+                    return Poll::Ready(Ok(Stop::UpstreamClosed));
+                }
+                self.scan_server();
+                if self.stop_at_idle && self.is_idle() {
+                    return Poll::Ready(Ok(Stop::Idle));
+                }
+                progressed = true;
+            }
+            if !self.to_client.settled() {
+                let before = self.to_client.start;
+                if let Poll::Ready(drained) = self.to_client.poll_drain(cx, client) {
+                    drained?;
+                    progressed = true;
+                }
+                progressed |= self.to_client.start != before;
+            }
+            if !progressed {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Writes what the server sent and the client has not received yet.
+    pub async fn flush_client<C>(&mut self, client: &mut C) -> io::Result<()>
+    where
+        C: AsyncWrite + Unpin + ?Sized,
+    {
+        poll_fn(|cx| self.to_client.poll_drain(cx, client)).await
+    }
+
+    /// Follows the client bytes just read: counts requests, tracks
+    /// statements, and cuts the stream before a Terminate.
+    fn scan_client(&mut self) {
+        let pipe = &mut self.to_upstream;
+        let mut at = pipe.start;
+        while at < pipe.end {
+            let (used, frame) = self.client_frames.next(&pipe.buf[at..pipe.end]);
+            at += used;
+            match frame {
+                None => break,
+                Some(Frame::Start(b'X')) => {
+                    self.terminated = true;
+                    pipe.end = at;
+                    break;
+                }
+                Some(Frame::Start(tag)) => match tag {
+                    // Query, Sync and FunctionCall each get one ReadyForQuery.
+                    b'Q' | b'S' | b'F' => {
+                        self.pending += 1;
+                        self.unsynced = false;
+                    }
+                    // COPY data belongs to the Query that started it; Flush
+                    // asks for nothing new.
+                    b'd' | b'c' | b'f' | b'H' => {}
+                    _ => self.unsynced = true,
+                },
+                Some(Frame::End(tag)) => {
+                    if let Some(tracker) = &mut self.tracker {
+                        tracker.client_message(tag, self.client_frames.body());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Follows the server bytes just read: transaction status and what the
+    /// tracker needs.
+    fn scan_server(&mut self) {
+        let pipe = &self.to_client;
+        let mut at = pipe.start;
+        while at < pipe.end {
+            let (used, frame) = self.server_frames.next(&pipe.buf[at..pipe.end]);
+            at += used;
+            let Some(Frame::End(tag)) = frame else {
+                if frame.is_none() {
+                    break;
+                }
+                continue;
+            };
+            let body = self.server_frames.body();
+            if tag == b'Z' {
+                match (self.pending.checked_sub(1), body) {
+                    (Some(pending), Some(&[status])) => {
+                        self.pending = pending;
+                        self.status = status;
+                    }
+                    _ => self.lost = true,
+                }
+            }
+            if let Some(tracker) = &mut self.tracker {
+                tracker.server_message(tag, body);
+            }
+        }
+    }
+
+    /// Whether the session sits at an idle transaction boundary: nothing in
+    /// flight either way except server bytes still to reach the client.
+    pub fn is_idle(&self) -> bool {
+        self.status == IDLE && self.between_requests()
+    }
+
+    /// Whether no request is in flight (in or out of a transaction), so a
+    /// reset can bring the connection back for another client.
+    pub fn between_requests(&self) -> bool {
+        !self.lost
+            && self.pending == 0
+            && !self.unsynced
+            && self.to_upstream.settled()
+            && self.client_frames.at_boundary()
+            && self.server_frames.at_boundary()
+    }
+
+    /// The statement tracker, handed back for the session's next
+    /// transaction.
+    pub fn into_tracker(self) -> Option<Tracker> {
+        self.tracker
+    }
+
+    /// The statement tracker in use.
+    pub fn tracker(&mut self) -> Option<&mut Tracker> {
+        self.tracker.as_mut()
+    }
+}
+
+/// Shuts the client down, best effort: a client that already failed cannot
+/// be shut down cleanly.
+pub async fn close_client<C: AsyncWrite + Unpin + ?Sized>(client: &mut C) {
+    let _ = client.shutdown().await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
-    use tokio::io::DuplexStream;
-
-    #[tokio::test]
-    async fn terminate_is_not_forwarded_and_leaves_the_upstream_reusable() {
-        let (mut client_peer, mut upstream_peer, relay) = start_keeping_upstream(None);
-        client_peer
-            .write_all(&message(b'Q', b"select 1\0"))
-            .await
-            .expect("write");
-        let mut query = vec![0u8; 14];
-        upstream_peer.read_exact(&mut query).await.expect("read");
-        upstream_peer
-            .write_all(&message(b'Z', b"I"))
-            .await
-            .expect("write");
-        let mut ready = [0u8; 6];
-        client_peer.read_exact(&mut ready).await.expect("read");
-        client_peer
-            .write_all(&message(b'X', b""))
-            .await
-            .expect("write");
-        let (relayed, upstream) = relay.await.expect("join");
-        let relayed = relayed.expect("relay");
-        assert_eq!(relayed.ended, Ended::Client);
-        assert!(relayed.reusable);
-        drop(upstream);
-        let mut rest = Vec::new();
-        upstream_peer.read_to_end(&mut rest).await.expect("read");
-        assert!(rest.is_empty(), "Terminate reached the upstream: {rest:?}");
-    }
-
-    #[tokio::test]
-    async fn a_client_leaving_mid_request_makes_the_upstream_unusable() {
-        let (mut client_peer, mut upstream_peer, relay) = start(None);
-        upstream_peer
-            .write_all(&message(b'Z', b"I"))
-            .await
-            .expect("write");
-        let mut ready = [0u8; 6];
-        client_peer.read_exact(&mut ready).await.expect("read");
-        client_peer
-            .write_all(&message(b'Q', b"select pg_sleep(10)\0"))
-            .await
-            .expect("write");
-        let mut query = vec![0u8; 25];
-        upstream_peer.read_exact(&mut query).await.expect("read");
-        drop(client_peer);
-        let relayed = relay.await.expect("join").expect("relay");
-        assert_eq!(relayed.ended, Ended::Client);
-        assert!(!relayed.reusable, "a query was in flight");
-    }
-
-    type Relaying = tokio::task::JoinHandle<io::Result<Relayed>>;
-
-    /// A relay between two in-memory pipes: (client peer, upstream peer, relay).
-    fn start(expiry: Option<Instant>) -> (DuplexStream, DuplexStream, Relaying) {
-        let (client, client_peer) = tokio::io::duplex(4096);
-        let (mut upstream, upstream_peer) = tokio::io::duplex(4096);
-        let relay = tokio::spawn(async move { relay(client, &mut upstream, expiry).await });
-        (client_peer, upstream_peer, relay)
-    }
-
-    /// Like [`start`], handing back the upstream stream when the relay ends.
-    fn start_keeping_upstream(
-        expiry: Option<Instant>,
-    ) -> (
-        DuplexStream,
-        DuplexStream,
-        tokio::task::JoinHandle<(io::Result<Relayed>, DuplexStream)>,
-    ) {
-        let (client, client_peer) = tokio::io::duplex(4096);
-        let (mut upstream, upstream_peer) = tokio::io::duplex(4096);
-        let relay = tokio::spawn(async move {
-            let relayed = relay(client, &mut upstream, expiry).await;
-            (relayed, upstream)
-        });
-        (client_peer, upstream_peer, relay)
-    }
+    use tokio::io::{AsyncReadExt as _, DuplexStream};
 
     fn message(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut out = vec![tag];
@@ -246,83 +373,153 @@ mod tests {
         out
     }
 
-    #[tokio::test]
-    async fn relays_both_ways_and_closing_one_side_closes_the_other() {
-        let (mut client_peer, mut upstream_peer, relay) = start(None);
-        client_peer.write_all(b"Q-query").await.expect("write");
-        let mut got = [0u8; 7];
-        upstream_peer.read_exact(&mut got).await.expect("read");
-        assert_eq!(&got, b"Q-query");
-        upstream_peer.write_all(b"T-rows").await.expect("write");
-        let mut got = [0u8; 6];
-        client_peer.read_exact(&mut got).await.expect("read");
-        assert_eq!(&got, b"T-rows");
+    type Relaying =
+        tokio::task::JoinHandle<(io::Result<Stop>, Relay, (DuplexStream, DuplexStream))>;
 
-        drop(upstream_peer);
-        let relayed = relay.await.expect("join").expect("relay");
-        assert_eq!(relayed.ended, Ended::Upstream);
-        assert!(!relayed.reusable);
-        let mut rest = Vec::new();
-        client_peer.read_to_end(&mut rest).await.expect("clean EOF");
-        assert!(rest.is_empty());
+    /// A relay between two in-memory pipes: (client peer, upstream peer,
+    /// relay), the relay handing back its state and the upstream end. With
+    /// `first_request`, the relay stops at idle boundaries (as in
+    /// transaction pooling) and starts with that request read.
+    fn start(first_request: Option<&[u8]>) -> (DuplexStream, DuplexStream, Relaying) {
+        let (mut client, client_peer) = tokio::io::duplex(4096);
+        let (mut upstream, upstream_peer) = tokio::io::duplex(4096);
+        let mut relay = Relay::new(None);
+        let first_request = first_request.map(<[u8]>::to_vec);
+        let relay = tokio::spawn(async move {
+            if let Some(request) = first_request {
+                relay.stop_at_idle(true);
+                relay
+                    .forward(&request, &mut upstream)
+                    .await
+                    .expect("forward");
+            }
+            let stopped = relay.run(&mut client, &mut upstream).await;
+            (stopped, relay, (client, upstream))
+        });
+        (client_peer, upstream_peer, relay)
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn an_expired_token_ends_the_session_at_the_end_of_the_transaction() {
-        let (mut client_peer, mut upstream_peer, relay) =
-            start(Some(Instant::now() + Duration::from_secs(60)));
-        // A transaction is open when the token expires.
-        upstream_peer
-            .write_all(&message(b'Z', b"T"))
+    async fn expect_read(stream: &mut DuplexStream, expected: &[u8]) {
+        let mut got = vec![0u8; expected.len()];
+        stream.read_exact(&mut got).await.expect("read");
+        assert_eq!(got, expected);
+    }
+
+    #[tokio::test]
+    async fn terminate_is_not_forwarded_and_leaves_the_upstream_reusable() {
+        let (mut client_peer, mut upstream_peer, relay) = start(None);
+        let query = message(b'Q', b"select 1\0");
+        client_peer.write_all(&query).await.expect("write");
+        expect_read(&mut upstream_peer, &query).await;
+        let ready = message(b'Z', b"I");
+        upstream_peer.write_all(&ready).await.expect("write");
+        expect_read(&mut client_peer, &ready).await;
+        client_peer
+            .write_all(&message(b'X', b""))
             .await
             .expect("write");
-        let mut got = vec![0u8; 6];
-        client_peer.read_exact(&mut got).await.expect("read");
-        tokio::time::sleep(Duration::from_secs(120)).await;
-        assert!(!relay.is_finished(), "ended inside a transaction");
-        // COMMIT completes: the next idle ReadyForQuery ends the session.
-        let commit = message(b'Q', b"commit\0");
-        client_peer.write_all(&commit).await.expect("write");
-        let mut query = vec![0u8; commit.len()];
-        upstream_peer.read_exact(&mut query).await.expect("read");
-        upstream_peer
-            .write_all(&message(b'C', b"COMMIT\0"))
-            .await
-            .expect("write");
-        upstream_peer
-            .write_all(&message(b'Z', b"I"))
-            .await
-            .expect("write");
-        assert_eq!(
-            relay.await.expect("join").expect("relay").ended,
-            Ended::TokenExpired
-        );
-        let mut rest = Vec::new();
-        client_peer.read_to_end(&mut rest).await.expect("read");
-        let commit_and_ready = message(b'C', b"COMMIT\0").len() + 6;
-        assert_eq!(rest[commit_and_ready], b'E', "an ErrorResponse follows");
-        // The upstream is the caller's to reset or close: nothing more was sent.
+        let (stopped, relay, (_, upstream)) = relay.await.expect("join");
+        assert_eq!(stopped.expect("relay"), Stop::ClientTerminated);
+        assert!(relay.between_requests());
+        drop(upstream);
         let mut rest = Vec::new();
         upstream_peer.read_to_end(&mut rest).await.expect("read");
-        assert!(rest.is_empty());
+        assert!(rest.is_empty(), "Terminate reached the upstream: {rest:?}");
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn an_idle_session_ends_when_its_token_expires() {
-        let (mut client_peer, mut upstream_peer, relay) =
-            start(Some(Instant::now() + Duration::from_secs(60)));
+    #[tokio::test]
+    async fn a_client_leaving_mid_request_leaves_the_upstream_unusable() {
+        let (mut client_peer, mut upstream_peer, relay) = start(None);
+        let query = message(b'Q', b"select pg_sleep(10)\0");
+        client_peer.write_all(&query).await.expect("write");
+        expect_read(&mut upstream_peer, &query).await;
+        drop(client_peer);
+        let (stopped, relay, _) = relay.await.expect("join");
+        assert_eq!(stopped.expect("relay"), Stop::ClientClosed);
+        assert!(!relay.between_requests(), "a query was in flight");
+    }
+
+    #[tokio::test]
+    async fn relays_both_ways_until_the_upstream_closes() {
+        let (mut client_peer, mut upstream_peer, relay) = start(None);
+        client_peer.write_all(b"Q-query").await.expect("write");
+        expect_read(&mut upstream_peer, b"Q-query").await;
+        upstream_peer.write_all(b"T-rows").await.expect("write");
+        expect_read(&mut client_peer, b"T-rows").await;
+        drop(upstream_peer);
+        let (stopped, relay, _) = relay.await.expect("join");
+        assert_eq!(stopped.expect("relay"), Stop::UpstreamClosed);
+        assert!(!relay.between_requests());
+    }
+
+    #[tokio::test]
+    async fn stops_only_when_every_pipelined_request_is_answered_outside_a_transaction() {
+        // Two queries in one write, then an extended-protocol batch whose
+        // Sync comes later.
+        let mut requests = message(b'Q', b"begin\0");
+        requests.extend(message(b'Q', b"commit\0"));
+        requests.extend(message(b'P', b"\0select 1\0\0\0"));
+        let (mut client_peer, mut upstream_peer, relay) = start(Some(&requests));
+        expect_read(&mut upstream_peer, &requests).await;
+        for status in [b"T", b"I"] {
+            upstream_peer
+                .write_all(&message(b'Z', status))
+                .await
+                .expect("write");
+        }
+        upstream_peer
+            .write_all(&message(b'1', b""))
+            .await
+            .expect("write");
+        let mut replies = message(b'Z', b"T");
+        replies.extend(message(b'Z', b"I"));
+        replies.extend(message(b'1', b""));
+        expect_read(&mut client_peer, &replies).await;
+        assert!(!relay.is_finished(), "stopped before the Parse was synced");
+        let sync = message(b'S', b"");
+        client_peer.write_all(&sync).await.expect("write");
+        expect_read(&mut upstream_peer, &sync).await;
         upstream_peer
             .write_all(&message(b'Z', b"I"))
             .await
             .expect("write");
-        let mut got = vec![0u8; 6];
-        client_peer.read_exact(&mut got).await.expect("read");
-        tokio::time::sleep(Duration::from_secs(59)).await;
-        assert!(!relay.is_finished());
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        assert_eq!(
-            relay.await.expect("join").expect("relay").ended,
-            Ended::TokenExpired
-        );
+        let (stopped, mut relay, (mut client, _)) = relay.await.expect("join");
+        assert_eq!(stopped.expect("relay"), Stop::Idle);
+        relay.flush_client(&mut client).await.expect("flush");
+        expect_read(&mut client_peer, &message(b'Z', b"I")).await;
+    }
+
+    #[tokio::test]
+    async fn a_transaction_left_open_does_not_stop_the_relay() {
+        let begin = message(b'Q', b"begin\0");
+        let (mut client_peer, mut upstream_peer, relay) = start(Some(&begin));
+        expect_read(&mut upstream_peer, &begin).await;
+        let ready = message(b'Z', b"T");
+        upstream_peer.write_all(&ready).await.expect("write");
+        expect_read(&mut client_peer, &ready).await;
+        tokio::task::yield_now().await;
+        assert!(!relay.is_finished(), "released inside a transaction");
+        drop(client_peer);
+        let (stopped, relay, _) = relay.await.expect("join");
+        assert_eq!(stopped.expect("relay"), Stop::ClientClosed);
+        assert!(relay.between_requests(), "rolled back by the reset");
+        assert!(!relay.is_idle());
+    }
+
+    #[tokio::test]
+    async fn a_terminate_among_forwarded_bytes_ends_the_relay_there() {
+        let (mut client, _client_peer) = tokio::io::duplex(4096);
+        let (mut upstream, mut upstream_peer) = tokio::io::duplex(4096);
+        let query = message(b'Q', b"select 1\0");
+        let mut bytes = query.clone();
+        bytes.extend(message(b'X', b""));
+        let mut relay = Relay::new(None);
+        relay.forward(&bytes, &mut upstream).await.expect("forward");
+        let stopped = relay.run(&mut client, &mut upstream).await.expect("run");
+        assert_eq!(stopped, Stop::ClientTerminated);
+        drop(upstream);
+        let mut sent = Vec::new();
+        upstream_peer.read_to_end(&mut sent).await.expect("read");
+        assert_eq!(sent, query);
     }
 }

@@ -1,57 +1,79 @@
-//! Sans-IO tracking of message boundaries in the server-to-client stream.
+//! Sans-IO message framing of a relayed byte stream.
 //!
-//! The relay forwards bytes untouched; this scanner only reads the 5-byte
-//! headers as they pass to learn each ReadyForQuery's transaction status,
-//! which marks a transaction boundary ('I' idle, 'T' in a transaction,
-//! 'E' failed transaction).
+//! The relay forwards bytes untouched; a [`Framer`] follows the 5-byte
+//! message headers as the bytes pass and reports where each message starts
+//! and ends, collecting the bodies of the few message kinds the proxy must
+//! read (ReadyForQuery's transaction status, command tags, named Parse
+//! messages), so the relay knows where transactions end without buffering
+//! whole messages.
 
-/// Message tag of ReadyForQuery.
-const READY_FOR_QUERY: u8 = b'Z';
+/// A message boundary found by [`Framer::next`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frame {
+    /// A message with this tag begins at the returned offset; its tag byte
+    /// is not consumed yet.
+    Start(u8),
+    /// The message with this tag ends at the returned offset; its body is in
+    /// [`Framer::body`] if its kind is captured and it fit.
+    End(u8),
+}
 
-/// Follows backend message framing across arbitrary chunk boundaries.
-#[derive(Debug, Default)]
-pub struct MessageScanner {
+/// Follows message framing across arbitrary chunk boundaries.
+#[derive(Debug)]
+pub struct Framer {
+    /// Tags whose bodies are collected, and the most collected per body.
+    capture: &'static [u8],
+    capture_limit: usize,
     header: [u8; 5],
     header_len: usize,
     /// Bytes of the current message body still to pass.
     body_left: usize,
-    /// The current message is a ReadyForQuery whose status byte is next.
-    status_next: bool,
-    last_status: Option<u8>,
+    /// The start of the current message was reported.
+    start_reported: bool,
+    /// The current body is being collected (it is captured and fits).
+    collecting: bool,
+    body: Vec<u8>,
+    /// Whether `body` holds the complete body of the message that just ended.
+    body_complete: bool,
 }
 
-impl MessageScanner {
-    /// A scanner for a stream whose last message was a ReadyForQuery with
-    /// this status (the proxy sent the handshake's own ReadyForQuery).
-    pub fn after_ready(status: u8) -> Self {
+impl Framer {
+    /// A framer collecting the bodies of messages tagged with one of
+    /// `capture`, up to `capture_limit` bytes each.
+    pub fn new(capture: &'static [u8], capture_limit: usize) -> Self {
         Self {
-            last_status: Some(status),
-            ..Self::default()
+            capture,
+            capture_limit,
+            header: [0; 5],
+            header_len: 0,
+            body_left: 0,
+            start_reported: false,
+            collecting: false,
+            body: Vec::new(),
+            body_complete: false,
         }
     }
 
-    /// Feeds the next bytes of the stream; returns the status of the last
-    /// ReadyForQuery completed within them, if any.
-    pub fn feed(&mut self, mut bytes: &[u8]) -> Option<u8> {
-        let mut completed = None;
-        while !bytes.is_empty() {
-            if self.body_left > 0 {
-                if self.status_next {
-                    self.status_next = false;
-                    self.last_status = Some(bytes[0]);
-                    completed = Some(bytes[0]);
-                }
-                let take = self.body_left.min(bytes.len());
-                self.body_left -= take;
-                bytes = &bytes[take..];
-                continue;
+    /// Consumes `bytes` up to the next message start or end; returns how
+    /// many were consumed and the boundary reached, if any (`None` means all
+    /// of `bytes` was consumed inside messages).
+    pub fn next(&mut self, bytes: &[u8]) -> (usize, Option<Frame>) {
+        let mut at = 0;
+        while at < bytes.len() {
+            if self.header_len == 0 && !self.start_reported {
+                self.start_reported = true;
+                self.body_complete = false;
+                return (at, Some(Frame::Start(bytes[at])));
             }
-            let take = (5 - self.header_len).min(bytes.len());
-            self.header[self.header_len..self.header_len + take].copy_from_slice(&bytes[..take]);
-            self.header_len += take;
-            bytes = &bytes[take..];
-            if self.header_len == 5 {
-                self.header_len = 0;
+            if self.header_len < 5 {
+                let take = (5 - self.header_len).min(bytes.len() - at);
+                self.header[self.header_len..self.header_len + take]
+                    .copy_from_slice(&bytes[at..at + take]);
+                self.header_len += take;
+                at += take;
+                if self.header_len < 5 {
+                    break;
+                }
                 let len = u32::from_be_bytes([
                     self.header[1],
                     self.header[2],
@@ -59,40 +81,41 @@ impl MessageScanner {
                     self.header[4],
                 ]) as usize;
                 self.body_left = len.saturating_sub(4);
-                self.status_next = self.header[0] == READY_FOR_QUERY && self.body_left == 1;
+                self.body.clear();
+                self.collecting =
+                    self.capture.contains(&self.header[0]) && self.body_left <= self.capture_limit;
+            }
+            let take = self.body_left.min(bytes.len() - at);
+            if self.collecting {
+                self.body.extend_from_slice(&bytes[at..at + take]);
+            }
+            self.body_left -= take;
+            at += take;
+            if self.body_left == 0 {
+                self.header_len = 0;
+                self.start_reported = false;
+                self.body_complete = self.collecting;
+                return (at, Some(Frame::End(self.header[0])));
             }
         }
-        completed
+        (at, None)
     }
 
-    /// Feeds bytes until a message with `tag` begins; returns its offset in
-    /// `bytes` (the scanner stops there) or `None` if none begins in them.
-    /// Used on the client's stream to find Terminate ('X').
-    pub fn feed_until(&mut self, bytes: &[u8], tag: u8) -> Option<usize> {
-        let mut offset = 0;
-        while offset < bytes.len() {
-            if self.at_boundary() && bytes[offset] == tag {
-                return Some(offset);
-            }
-            let end = if self.body_left > 0 {
-                offset + self.body_left.min(bytes.len() - offset)
-            } else {
-                offset + (5 - self.header_len).min(bytes.len() - offset)
-            };
-            self.feed(&bytes[offset..end]);
-            offset = end;
-        }
-        None
-    }
-
-    /// The status of the last ReadyForQuery seen.
-    pub fn last_status(&self) -> Option<u8> {
-        self.last_status
+    /// The body of the message that just ended, if its kind is captured and
+    /// it was within the limit.
+    pub fn body(&self) -> Option<&[u8]> {
+        self.body_complete.then_some(&self.body[..])
     }
 
     /// Whether the stream sits between messages (not inside one).
     pub fn at_boundary(&self) -> bool {
         self.header_len == 0 && self.body_left == 0
+    }
+
+    /// Releases the memory of collected bodies (for idle sessions).
+    pub fn shrink(&mut self) {
+        self.body = Vec::new();
+        self.body_complete = false;
     }
 }
 
@@ -107,47 +130,66 @@ mod tests {
         out
     }
 
+    /// Every boundary in `chunks`, as (absolute offset, frame, body).
+    fn frames(framer: &mut Framer, chunks: &[&[u8]]) -> Vec<(usize, Frame, Option<Vec<u8>>)> {
+        let mut found = Vec::new();
+        let mut base = 0;
+        for chunk in chunks {
+            let mut at = 0;
+            loop {
+                let (used, frame) = framer.next(&chunk[at..]);
+                at += used;
+                let Some(frame) = frame else { break };
+                let body = matches!(frame, Frame::End(_))
+                    .then(|| framer.body().map(<[u8]>::to_vec))
+                    .flatten();
+                found.push((base + at, frame, body));
+            }
+            base += chunk.len();
+        }
+        found
+    }
+
     #[test]
-    fn finds_ready_for_query_across_every_split() {
+    fn finds_every_boundary_and_captured_body_across_every_split() {
         let mut stream = message(b'T', &[0; 30]);
-        stream.extend(message(b'D', b"a row"));
         stream.extend(message(b'C', b"SELECT 1\0"));
-        stream.extend(message(b'Z', b"T"));
-        stream.extend(message(b'C', b"COMMIT\0"));
         stream.extend(message(b'Z', b"I"));
+        let whole = frames(&mut Framer::new(b"CZ", 64), &[&stream]);
+        assert_eq!(
+            whole,
+            vec![
+                (0, Frame::Start(b'T'), None),
+                (35, Frame::End(b'T'), None),
+                (35, Frame::Start(b'C'), None),
+                (49, Frame::End(b'C'), Some(b"SELECT 1\0".to_vec())),
+                (49, Frame::Start(b'Z'), None),
+                (55, Frame::End(b'Z'), Some(b"I".to_vec())),
+            ]
+        );
         for split in 0..stream.len() {
-            let mut scanner = MessageScanner::default();
             let (a, b) = stream.split_at(split);
-            let first = scanner.feed(a);
-            let second = scanner.feed(b);
-            assert_eq!(second.or(first), Some(b'I'), "split at {split}");
-            assert_eq!(scanner.last_status(), Some(b'I'));
-            assert!(scanner.at_boundary());
+            let mut framer = Framer::new(b"CZ", 64);
+            assert_eq!(frames(&mut framer, &[a, b]), whole, "split at {split}");
+            assert!(framer.at_boundary());
         }
-        let mut bytewise = MessageScanner::default();
-        let statuses: Vec<u8> = stream.iter().filter_map(|b| bytewise.feed(&[*b])).collect();
-        assert_eq!(statuses, b"TI");
+        let mut framer = Framer::new(b"CZ", 64);
+        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+        assert_eq!(frames(&mut framer, &bytes), whole);
     }
 
     #[test]
-    fn finds_terminate_only_at_a_message_start() {
-        let mut stream = message(b'Q', b"select 'X'\0");
-        stream.extend(message(b'X', b""));
-        for split in 0..stream.len() {
-            let mut scanner = MessageScanner::default();
-            let (a, b) = stream.split_at(split);
-            let found = match scanner.feed_until(a, b'X') {
-                Some(at) => Some(at),
-                None => scanner.feed_until(b, b'X').map(|at| at + a.len()),
-            };
-            assert_eq!(found, Some(stream.len() - 5), "split at {split}");
-        }
+    fn a_tag_byte_inside_a_body_is_not_a_message() {
+        let mut framer = Framer::new(b"Z", 64);
+        let found = frames(&mut framer, &[&message(b'D', b"Z\0\0\0\x05I")]);
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[1].1, Frame::End(b'D'));
     }
 
     #[test]
-    fn a_z_byte_inside_data_is_not_a_boundary() {
-        let mut scanner = MessageScanner::default();
-        assert_eq!(scanner.feed(&message(b'D', b"Z\0\0\0\x05I")), None);
-        assert_eq!(scanner.last_status(), None);
+    fn bodies_over_the_limit_are_not_captured() {
+        let mut framer = Framer::new(b"P", 4);
+        let found = frames(&mut framer, &[&message(b'P', b"too long")]);
+        assert_eq!(found[1], (13, Frame::End(b'P'), None));
     }
 }

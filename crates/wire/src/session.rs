@@ -14,13 +14,15 @@ use tokio::time::{Instant, timeout_at};
 use tracing::Instrument as _;
 
 use crate::backend;
-use crate::cancel::{CancelRegistry, UpstreamKey};
+use crate::cancel::{CancelGuard, CancelRegistry, UpstreamKey};
 use crate::error::SessionError;
 use crate::frontend::{self, StartupPacket};
 use crate::identity::ClaimsKey;
 use crate::params::forwarded_parameters;
 use crate::pool::{CheckoutError, PoolLimits, Pooled, UpstreamPool};
-use crate::relay::relay;
+use crate::relay::{self, Relay, Stop};
+use crate::track::Tracker;
+use crate::transaction::{self, PooledClient};
 use crate::transport::{ALPN_POSTGRESQL, ClientStream, TLS_HANDSHAKE_BYTE};
 use crate::upstream::{self, UpstreamConfig};
 
@@ -67,10 +69,35 @@ pub struct ProxyConfig {
     /// `exp` (by default a session outlives its token, like any password
     /// login).
     pub enforce_token_expiry: bool,
-    /// Session pooling: a client's upstream connection is reset and kept
-    /// for the next client of the same database and role. `None` gives
-    /// every client a login of its own.
-    pub pool: Option<PoolLimits>,
+    /// How clients share upstream connections, unless their database has
+    /// its own mode in `pool_mode_by_database`.
+    pub pool_mode: PoolMode,
+    /// Per-database pool modes.
+    pub pool_mode_by_database: HashMap<String, PoolMode>,
+    /// Limits of the upstream pool.
+    pub pool_limits: PoolLimits,
+}
+
+impl ProxyConfig {
+    /// The pool mode of `database`.
+    pub fn pool_mode_for(&self, database: &str) -> PoolMode {
+        self.pool_mode_by_database
+            .get(database)
+            .copied()
+            .unwrap_or(self.pool_mode)
+    }
+}
+
+/// How a database's clients share upstream connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolMode {
+    /// Every client gets a login of its own, closed when it leaves.
+    None,
+    /// A client holds a connection for its whole session; it is reset and
+    /// kept for the next client when the client leaves.
+    Session,
+    /// A client holds a connection for one transaction at a time.
+    Transaction,
 }
 
 /// The proxy: configuration plus shared state of all sessions.
@@ -107,6 +134,34 @@ struct Startup {
     forwarded: Vec<(String, String)>,
 }
 
+impl Startup {
+    /// The forwarded parameters as settings to apply with `set_config`,
+    /// `options` broken into its `-c name=value` assignments.
+    fn settings(&self) -> Vec<(String, String)> {
+        let mut settings = Vec::new();
+        for (name, value) in &self.forwarded {
+            if name == "options" {
+                settings.extend(crate::params::option_assignments(value));
+            } else {
+                settings.push((name.clone(), value.clone()));
+            }
+        }
+        settings
+    }
+}
+
+/// The error a client sees when the pool has no connection for it.
+fn checkout_error(error: CheckoutError) -> SessionError {
+    match error {
+        CheckoutError::Upstream(error) => SessionError::Upstream(error),
+        CheckoutError::Timeout(database, role, waited) => SessionError::PoolExhausted {
+            database,
+            role,
+            waited,
+        },
+    }
+}
+
 impl Proxy {
     /// A proxy with these settings.
     pub fn new(
@@ -116,9 +171,12 @@ impl Proxy {
         tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> Self {
         Self {
-            pool: config
-                .pool
-                .map(|limits| UpstreamPool::new(config.upstream.clone(), limits)),
+            pool: (config.pool_mode != PoolMode::None
+                || config
+                    .pool_mode_by_database
+                    .values()
+                    .any(|m| *m != PoolMode::None))
+            .then(|| UpstreamPool::new(config.upstream.clone(), config.pool_limits)),
             config,
             verifier,
             claims_key,
@@ -346,8 +404,15 @@ impl Proxy {
     }
 
     async fn forward_cancel(&self, pid: i32, key: i32) {
-        let Some(UpstreamKey { pid, secret_key }) = self.cancels.lookup(pid, key) else {
+        let Some(target) = self.cancels.lookup(pid, key) else {
             tracing::info!("cancel request with an unknown key ignored");
+            return;
+        };
+        // Held while forwarding: the session cannot hand its backend to
+        // another client until this cancel is delivered.
+        let target = target.lock().await;
+        let Some(UpstreamKey { pid, secret_key }) = *target else {
+            tracing::info!("cancel request for a client between transactions ignored");
             return;
         };
         match upstream::cancel(&self.config.upstream, pid, secret_key).await {
@@ -357,7 +422,7 @@ impl Proxy {
     }
 
     /// Authenticates, logs in upstream and relays. Generic over the client
-    /// stream so TCP, TLS and (later) WebSocket share one path.
+    /// stream so TCP, TLS and WebSocket share one path.
     pub async fn serve_session<S>(
         &self,
         mut stream: S,
@@ -388,8 +453,10 @@ impl Proxy {
             }
         };
         let (startup, identity) = login;
+        let mode = self.config.pool_mode_for(&startup.database);
         let claims = identity.as_ref().map(|i| &*i.claims_json);
-        let (mut lease, parameters) = match self.lease(&startup, claims).await {
+        let client_id = upstream::next_client_id();
+        let (mut lease, parameters) = match self.lease(&startup, claims, client_id, mode).await {
             Ok(leased) => leased,
             Err(error) => {
                 tracing::warn!(%error, "upstream login failed");
@@ -397,13 +464,13 @@ impl Proxy {
                 return Err(error);
             }
         };
-        let pooled = matches!(lease, Lease::Pooled(_));
         let upstream = lease.conn();
+        let upstream_key = UpstreamKey {
+            pid: upstream.pid,
+            secret_key: upstream.secret_key,
+        };
         let guard = self.cancels.register(
-            UpstreamKey {
-                pid: upstream.pid,
-                secret_key: upstream.secret_key,
-            },
+            (mode != PoolMode::Transaction).then_some(upstream_key),
             &mut random_u64,
         );
         let mut out = BytesMut::with_capacity(512);
@@ -417,35 +484,104 @@ impl Proxy {
         out.extend_from_slice(&upstream.read_buf);
         upstream.read_buf.clear();
         write_flush(&mut stream, &out).await?;
-        // Anything the client pipelined after its password.
-        if !buf.is_empty() {
-            write_flush(&mut upstream.stream, &buf).await?;
-        }
         // Idle sessions are many: hold no handshake buffers while relaying.
-        drop((buf, out, parameters));
+        drop((out, parameters));
         upstream.read_buf = BytesMut::new();
         tracing::info!(
             upstream_pid = upstream.pid,
             authenticated = identity.is_some(),
-            pooled,
+            pool_mode = ?mode,
             "session started"
         );
-        let expiry = identity
+        let expires = identity
             .as_ref()
             .filter(|_| self.config.enforce_token_expiry)
-            .map(|identity| {
-                let exp = std::time::UNIX_EPOCH + Duration::from_secs(identity.expires_at);
-                let left = exp
+            .map(|identity| transaction::expiry_time(identity.expires_at));
+        let Lease::Pooled(pooled) = lease else {
+            let relay = Relay::new(None);
+            return self.relay_to_end(stream, relay, buf, lease, expires).await;
+        };
+        if mode == PoolMode::Transaction {
+            pooled.release();
+            let client = PooledClient {
+                id: client_id,
+                claims: claims.map(str::to_owned),
+                settings: startup.settings(),
+                tracker: Tracker::default(),
+                expires,
+            };
+            drop(identity);
+            return self
+                .serve_transactions(stream, buf, &startup, client, guard)
+                .await;
+        }
+        self.relay_to_end(
+            stream,
+            Relay::new(None),
+            buf,
+            Lease::Pooled(pooled),
+            expires,
+        )
+        .await
+    }
+
+    /// Relays a session holding its upstream connection until it ends, then
+    /// resets and returns the connection to the pool if it can be reused.
+    /// `pipelined` is what the client sent past its last handled message.
+    /// With `expires`, the session ends at the first idle transaction
+    /// boundary after that time.
+    async fn relay_to_end<S>(
+        &self,
+        mut stream: S,
+        mut relay: Relay,
+        pipelined: BytesMut,
+        mut lease: Lease,
+        expires: Option<SystemTime>,
+    ) -> Result<(), SessionError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let conn = lease.conn();
+        relay.forward(&pipelined, &mut conn.stream).await?;
+        drop(pipelined);
+        let stopped = match expires {
+            None => relay.run(&mut stream, &mut conn.stream).await,
+            Some(at) => {
+                let left = at
                     .duration_since(SystemTime::now())
                     .unwrap_or(Duration::ZERO);
-                Instant::now() + left
-            });
-        let relayed = relay(stream, &mut lease.conn().stream, expiry).await;
-        drop(guard);
-        let relayed = relayed?;
-        tracing::debug!(ended = ?relayed.ended, reusable = relayed.reusable, "relay ended");
+                let ended = tokio::select! {
+                    stopped = relay.run(&mut stream, &mut conn.stream) => Some(stopped),
+                    () = tokio::time::sleep(left) => None,
+                };
+                match ended {
+                    Some(stopped) => stopped,
+                    None => {
+                        relay.stop_at_idle(true);
+                        relay.run(&mut stream, &mut conn.stream).await
+                    }
+                }
+            }
+        };
+        if matches!(stopped, Ok(Stop::Idle | Stop::UpstreamClosed)) {
+            relay.flush_client(&mut stream).await?;
+        }
+        if let Ok(Stop::Idle) = stopped {
+            // Only an expired token stops a session that holds its connection.
+            let mut out = BytesMut::new();
+            let view = SessionError::TokenExpired.client_view();
+            if let Some(view) = view {
+                backend::fatal_error(view.code, &view.message, view.hint, &mut out);
+                let _ = write_flush(&mut stream, &out).await;
+            }
+            tracing::info!("session ended: its token expired");
+        }
+        relay::close_client(&mut stream).await;
+        let stopped = stopped?;
+        let reusable = stopped != Stop::UpstreamClosed && relay.between_requests();
+        tracing::debug!(?stopped, reusable, "relay ended");
         match lease {
-            Lease::Pooled(mut pooled) if relayed.reusable => match pooled.conn().reset().await {
+            Lease::Pooled(mut pooled) if reusable => match pooled.conn().reset().await {
                 Ok(()) => pooled.release(),
                 Err(error) => tracing::debug!(%error, "upstream not reusable after reset"),
             },
@@ -458,6 +594,142 @@ impl Proxy {
         Ok(())
     }
 
+    /// Serves a client of a transaction-pooled database: it holds an
+    /// upstream connection from the first message of a transaction to the
+    /// idle ReadyForQuery that ends it (see [`crate::transaction`]).
+    async fn serve_transactions<S>(
+        &self,
+        mut stream: S,
+        pipelined: BytesMut,
+        startup: &Startup,
+        mut client: PooledClient,
+        cancel: CancelGuard,
+    ) -> Result<(), SessionError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut pipelined = Some(pipelined).filter(|b| !b.is_empty());
+        loop {
+            // Idle: no upstream connection, no buffers beyond this one.
+            let mut first = [0u8; 64];
+            let first = match pipelined.take() {
+                Some(bytes) => bytes.to_vec(),
+                None => {
+                    let n = stream.read(&mut first).await?;
+                    first[..n].to_vec()
+                }
+            };
+            // Between transactions the client is at a message boundary, so
+            // its first byte is a message tag.
+            if first.first().is_none_or(|&tag| tag == b'X') {
+                return Ok(());
+            }
+            if client.expired(SystemTime::now()) {
+                let error = SessionError::TokenExpired;
+                refuse(&mut stream, &error).await;
+                return Err(error);
+            }
+            let mut pooled = match self.checkout_for(startup, &client).await {
+                Ok(pooled) => pooled,
+                Err(error) => {
+                    tracing::warn!(%error, "no upstream connection for a transaction");
+                    refuse(&mut stream, &error).await;
+                    return Err(error);
+                }
+            };
+            let conn = pooled.conn();
+            cancel
+                .retarget(Some(UpstreamKey {
+                    pid: conn.pid,
+                    secret_key: conn.secret_key,
+                }))
+                .await;
+            let mut relay = Relay::new(Some(std::mem::take(&mut client.tracker)));
+            relay.stop_at_idle(true);
+            let stopped = match relay.forward(&first, &mut conn.stream).await {
+                Ok(()) => relay.run(&mut stream, &mut conn.stream).await,
+                Err(error) => Err(error),
+            };
+            if stopped.as_ref().is_ok_and(|s| *s == Stop::Idle) {
+                if let Some(tracker) = relay.tracker() {
+                    client.tracker = std::mem::take(tracker);
+                }
+                match client.settle(conn).await {
+                    Ok(None) => {
+                        cancel.retarget(None).await;
+                        pooled.release();
+                        relay.flush_client(&mut stream).await?;
+                        continue;
+                    }
+                    Ok(Some(reason)) => {
+                        tracing::info!(
+                            reason,
+                            "client keeps its upstream connection until it leaves"
+                        );
+                        relay.stop_at_idle(false);
+                        return self
+                            .relay_to_end(
+                                stream,
+                                relay,
+                                BytesMut::new(),
+                                Lease::Pooled(pooled),
+                                client.expires,
+                            )
+                            .await;
+                    }
+                    Err(error) => {
+                        // The connection broke after the transaction ended;
+                        // the client's next one gets another.
+                        tracing::debug!(%error, "upstream failed after a transaction");
+                        cancel.retarget(None).await;
+                        drop(pooled);
+                        relay.flush_client(&mut stream).await?;
+                        continue;
+                    }
+                }
+            }
+            cancel.retarget(None).await;
+            if matches!(stopped, Ok(Stop::UpstreamClosed)) {
+                relay.flush_client(&mut stream).await?;
+            }
+            relay::close_client(&mut stream).await;
+            let client_left = matches!(stopped, Ok(Stop::ClientClosed | Stop::ClientTerminated));
+            if client_left && relay.between_requests() {
+                match pooled.conn().reset().await {
+                    Ok(()) => pooled.release(),
+                    Err(error) => tracing::debug!(%error, "upstream not reusable after reset"),
+                }
+            }
+            return stopped.map(drop).map_err(Into::into);
+        }
+    }
+
+    /// A pooled connection holding `client`'s session, for its next
+    /// transaction.
+    async fn checkout_for(
+        &self,
+        startup: &Startup,
+        client: &PooledClient,
+    ) -> Result<Pooled, SessionError> {
+        let pool = self.pool.as_ref().ok_or(SessionError::TooManyConnections)?;
+        let password = self.config.roles[&startup.role].password.as_deref();
+        let mut attempts = 2;
+        loop {
+            attempts -= 1;
+            let mut pooled = pool
+                .checkout(&startup.database, &startup.role, password, client.id)
+                .await
+                .map_err(checkout_error)?;
+            match client.take(pooled.conn(), &self.claims_key).await {
+                Ok(()) => return Ok(pooled),
+                Err(upstream::UpstreamError::Io(error)) if pooled.reused() && attempts > 0 => {
+                    tracing::debug!(%error, "pooled upstream connection was dead; retrying");
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
     /// An upstream connection for this client, logged in as its role with
     /// its settings and identity attached: from the pool when pooling is on,
     /// otherwise a fresh login. Returns it with the ParameterStatus values
@@ -466,46 +738,46 @@ impl Proxy {
         &self,
         startup: &Startup,
         claims: Option<&str>,
+        client_id: u64,
+        mode: PoolMode,
     ) -> Result<(Lease, Vec<(String, String)>), SessionError> {
         let password = self.config.roles[&startup.role].password.as_deref();
-        let Some(pool) = &self.pool else {
-            let mut upstream = upstream::connect(
-                &self.config.upstream,
-                &startup.role,
-                &startup.database,
-                password,
-                &startup.forwarded,
-            )
-            .await?;
-            upstream.attach_identity(&self.claims_key, claims).await?;
-            let parameters = upstream.parameters.clone();
-            return Ok((Lease::Own(upstream), parameters));
-        };
-        let mut settings = Vec::new();
-        for (name, value) in &startup.forwarded {
-            if name == "options" {
-                settings.extend(crate::params::option_assignments(value));
-            } else {
-                settings.push((name.clone(), value.clone()));
+        let pool = match (&self.pool, mode) {
+            (Some(pool), PoolMode::Session | PoolMode::Transaction) => pool,
+            _ => {
+                let mut upstream = upstream::connect(
+                    &self.config.upstream,
+                    &startup.role,
+                    &startup.database,
+                    password,
+                    &startup.forwarded,
+                )
+                .await?;
+                let parameters = upstream
+                    .attach_for_client(&self.claims_key, claims, &[])
+                    .await?;
+                return Ok((Lease::Own(upstream), parameters));
             }
-        }
+        };
+        let settings = startup.settings();
         // A reused connection may have died while idle (server restart,
         // pg_terminate_backend): then one more try with another.
         let mut attempts = 2;
         let (pooled, parameters) = loop {
             attempts -= 1;
             let mut pooled = pool
-                .checkout(&startup.database, &startup.role, password)
+                .checkout(&startup.database, &startup.role, password, client_id)
                 .await
-                .map_err(|error| match error {
-                    CheckoutError::Upstream(error) => SessionError::Upstream(error),
-                    CheckoutError::Timeout(..) => SessionError::TooManyConnections,
-                })?;
-            match pooled
-                .conn()
-                .attach_for_client(&self.claims_key, claims, &settings)
-                .await
-            {
+                .map_err(checkout_error)?;
+            let conn = pooled.conn();
+            let attached = match conn.claim(client_id).await {
+                Ok(_) => {
+                    conn.attach_for_client(&self.claims_key, claims, &settings)
+                        .await
+                }
+                Err(error) => Err(error),
+            };
+            match attached {
                 Ok(parameters) => break (pooled, parameters),
                 Err(upstream::UpstreamError::Io(error)) if pooled.reused() && attempts > 0 => {
                     tracing::debug!(%error, "pooled upstream connection was dead; retrying");

@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use crate::error::{ClientView, SqlState};
-use crate::identity::{CLAIMS_SETTING, ClaimsKey, SIGNATURE_SETTING};
+use crate::identity::ClaimsKey;
 use crate::transport::{MaybeTls, UpstreamStream, UpstreamTls};
 
 /// Where the real Postgres is.
@@ -156,6 +156,28 @@ pub struct Upstream {
     /// pooled connections draw the next generation while they are reset,
     /// so a request needs no extra round trip for it.
     pub next_binding: Option<String>,
+    /// Whose session state the connection holds.
+    pub owner: Owner,
+    /// The claims and signature the proxy last attached.
+    attached: (Option<String>, Option<String>),
+}
+
+/// A process-unique id for a client of the pool (see [`Upstream::claim`]).
+pub fn next_client_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whose session state (identity, settings, statements) a pooled
+/// connection holds. Only a reset or a fresh login makes it [`Owner::Nobody`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// Clean: freshly logged in or reset.
+    Nobody,
+    /// This client's (transaction pooling, between its transactions).
+    Client(u64),
+    /// Someone's: it must be reset before anyone uses it.
+    Unknown,
 }
 
 /// Connects and logs in as `role` to `database`.
@@ -197,6 +219,8 @@ async fn login(
         pid: 0,
         secret_key: 0,
         next_binding: None,
+        owner: Owner::Nobody,
+        attached: (None, None),
     };
     let mut out = BytesMut::new();
     let startup = [("user", role), ("database", database)]
@@ -361,30 +385,6 @@ const ATTACH: &str = "select pg_catalog.set_config('authgres.claims', $1::pg_cat
 const TEXT_OID: u32 = 25;
 
 impl Upstream {
-    /// Starts a new identity generation for this backend and, for a verified
-    /// token, stores its claims with a signature bound to that generation.
-    /// With `claims` `None` (anonymous) the session has no identity.
-    pub async fn attach_identity(
-        &mut self,
-        key: &ClaimsKey,
-        claims: Option<&str>,
-    ) -> Result<(), UpstreamError> {
-        debug_assert_eq!(CLAIMS_SETTING, "authgres.claims");
-        debug_assert_eq!(SIGNATURE_SETTING, "authgres.signature");
-        let mut out = BytesMut::new();
-        let binding = self.begin_session().await?;
-        let Some(claims) = claims else {
-            return Ok(());
-        };
-        let signature = key.sign(&binding, claims);
-        frontend::parse("", ATTACH, [TEXT_OID, TEXT_OID], &mut out)?;
-        bind_text(&[claims, &signature], &mut out)?;
-        frontend::execute("", 0, &mut out)?;
-        frontend::sync(&mut out);
-        self.send(&mut out).await?;
-        self.single_text_result().await.map(drop)
-    }
-
     /// Prepares a pooled connection for a new client in one round trip:
     /// applies the client's startup settings with `set_config` (values as
     /// parameters, never spliced into SQL) and attaches the identity, signed
@@ -414,9 +414,14 @@ impl Upstream {
                 &mut out,
             )?;
         }
+        self.attached = (None, None);
+        if claims.is_none() && settings.is_empty() {
+            return Ok(self.parameters.clone());
+        }
         if let Some(claims) = claims {
             let signature = key.sign(&binding, claims);
             bind_texts(ATTACH, &[claims, &signature], &mut out)?;
+            self.attached = (Some(claims.to_owned()), Some(signature));
         }
         frontend::sync(&mut out);
         self.send(&mut out).await?;
@@ -527,7 +532,65 @@ impl Upstream {
             ));
         }
         self.next_binding = binding;
+        self.owner = Owner::Nobody;
+        self.attached = (None, None);
         Ok(())
+    }
+
+    /// The claims and signature the proxy attached for the current client.
+    pub fn attached_identity(&self) -> (Option<String>, Option<String>) {
+        self.attached.clone()
+    }
+
+    /// Prepares statements again from the Parse messages that created them
+    /// on another connection, each followed by its own Sync so one failure
+    /// does not skip the rest. A statement that no longer parses is left
+    /// out, as its client would find on any new connection.
+    pub async fn replay_statements<'a>(
+        &mut self,
+        parses: impl Iterator<Item = &'a [u8]>,
+    ) -> Result<(), UpstreamError> {
+        let mut out = BytesMut::new();
+        let mut count = 0;
+        for parse in parses {
+            out.extend_from_slice(parse);
+            frontend::sync(&mut out);
+            count += 1;
+        }
+        if count == 0 {
+            return Ok(());
+        }
+        self.send(&mut out).await?;
+        for _ in 0..count {
+            loop {
+                match self.next_message().await? {
+                    Message::ReadyForQuery(_) => break,
+                    Message::ErrorResponse(body) => {
+                        let (code, message) = error_fields(&body)?;
+                        tracing::debug!(%code, %message, "a tracked statement did not prepare again");
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Readies a pooled connection for `client`: one holding anyone else's
+    /// session is reset first. Returns whether it already holds this
+    /// client's session (identity, settings and statements in place).
+    pub async fn claim(&mut self, client: u64) -> Result<bool, UpstreamError> {
+        let held = match self.owner {
+            Owner::Client(id) if id == client => true,
+            Owner::Nobody => false,
+            Owner::Client(_) | Owner::Unknown => {
+                self.reset().await?;
+                false
+            }
+        };
+        // Whatever happens next happens in this client's session.
+        self.owner = Owner::Client(client);
+        Ok(held)
     }
 
     /// Reads the replies to one statement up to ReadyForQuery, returning the
@@ -626,4 +689,16 @@ pub async fn cancel(config: &UpstreamConfig, pid: i32, secret_key: i32) -> std::
     let mut sink = [0u8; 1];
     let _ = tokio::time::timeout(config.connect_timeout, stream.read(&mut sink)).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{CLAIMS_SETTING, SIGNATURE_SETTING};
+
+    #[test]
+    fn the_attach_statement_sets_the_settings_sql_reads() {
+        assert!(ATTACH.contains(&format!("'{CLAIMS_SETTING}'")));
+        assert!(ATTACH.contains(&format!("'{SIGNATURE_SETTING}'")));
+    }
 }

@@ -1,0 +1,263 @@
+//! What a client's session holds beyond one transaction, followed from the
+//! messages passing through the relay (transaction pooling).
+//!
+//! In transaction pooling a client's transactions may run on different
+//! upstream connections. The [`Tracker`] keeps what must follow the client
+//! there: its named prepared statements (the Parse messages that created
+//! them, committed only when the server answers ParseComplete, dropped on
+//! CloseComplete). It also notes commands whose effect outlives the
+//! transaction (SET, PREPARE, LISTEN, ...), after which the session asks the
+//! server what the client's session now holds (see `transaction.rs`).
+
+use std::collections::{HashMap, VecDeque};
+
+/// Most bytes of Parse messages kept per client; past it the client keeps
+/// its upstream connection instead.
+const MAX_STATEMENT_BYTES: usize = 4 * 1024 * 1024;
+
+/// Command tags whose effect can outlive the transaction that ran them.
+const SESSION_COMMANDS: &[&[u8]] = &[
+    b"SET",
+    b"RESET",
+    b"DISCARD",
+    b"PREPARE",
+    b"DEALLOCATE",
+    b"LISTEN",
+    b"UNLISTEN",
+    b"DECLARE CURSOR",
+    b"CREATE TABLE",
+    b"CREATE VIEW",
+    b"CREATE SEQUENCE",
+    b"CREATE FUNCTION",
+    b"CREATE TYPE",
+    b"CREATE INDEX",
+    b"LOAD",
+];
+
+/// A client request whose outcome a later server reply decides.
+#[derive(Debug)]
+enum Request {
+    /// Parse of a named statement (name, whole message), or of the unnamed.
+    Parse(Option<(String, Vec<u8>)>),
+    /// Close of a named statement, or of a portal / the unnamed statement.
+    Close(Option<String>),
+    /// Query, Sync or FunctionCall: answered by one ReadyForQuery.
+    Sync,
+}
+
+/// A client's named statements and session-state commands.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    statements: HashMap<String, Vec<u8>>,
+    statement_bytes: usize,
+    in_flight: VecDeque<Request>,
+    touched: bool,
+    untrackable: Option<&'static str>,
+}
+
+impl Tracker {
+    /// Notes a client message (its body when captured: Parse and Close).
+    pub fn client_message(&mut self, tag: u8, body: Option<&[u8]>) {
+        match tag {
+            b'P' => match body {
+                Some(body) => {
+                    let name = cstr(body).unwrap_or_default();
+                    let parse = (!name.is_empty()).then(|| {
+                        let mut message = Vec::with_capacity(body.len() + 5);
+                        message.push(b'P');
+                        message.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+                        message.extend_from_slice(body);
+                        (name.to_owned(), message)
+                    });
+                    self.in_flight.push_back(Request::Parse(parse));
+                }
+                None => {
+                    self.untrackable = Some("a prepared statement too large to track");
+                    self.in_flight.push_back(Request::Parse(None));
+                }
+            },
+            b'C' => {
+                let name = body
+                    .filter(|body| body.first() == Some(&b'S'))
+                    .and_then(|body| cstr(&body[1..]))
+                    .filter(|name| !name.is_empty())
+                    .map(str::to_owned);
+                self.in_flight.push_back(Request::Close(name));
+            }
+            b'Q' | b'S' | b'F' => self.in_flight.push_back(Request::Sync),
+            _ => {}
+        }
+    }
+
+    /// Notes a server message (its body when captured: CommandComplete and
+    /// ReadyForQuery).
+    pub fn server_message(&mut self, tag: u8, body: Option<&[u8]>) {
+        match tag {
+            // ParseComplete: the oldest Parse in flight succeeded.
+            b'1' => match self.in_flight.pop_front() {
+                Some(Request::Parse(Some((name, message)))) => self.commit(name, message),
+                Some(Request::Parse(None)) => {}
+                _ => self.untrackable = Some("replies out of order"),
+            },
+            // CloseComplete: the oldest Close in flight succeeded.
+            b'3' => match self.in_flight.pop_front() {
+                Some(Request::Close(Some(name))) => self.forget(&name),
+                Some(Request::Close(None)) => {}
+                _ => self.untrackable = Some("replies out of order"),
+            },
+            // ErrorResponse: the server skips to the next Sync, so every
+            // Parse and Close before it failed.
+            b'E' => {
+                while matches!(
+                    self.in_flight.front(),
+                    Some(Request::Parse(_) | Request::Close(_))
+                ) {
+                    self.in_flight.pop_front();
+                }
+            }
+            b'Z' => {
+                while let Some(request) = self.in_flight.pop_front() {
+                    if matches!(request, Request::Sync) {
+                        break;
+                    }
+                }
+            }
+            b'C' => {
+                let tag = body.map(|b| b.strip_suffix(b"\0").unwrap_or(b));
+                if tag.is_some_and(|tag| {
+                    SESSION_COMMANDS.iter().any(|command| {
+                        tag.strip_prefix(*command)
+                            .is_some_and(|rest| rest.is_empty() || rest[0] == b' ')
+                    })
+                }) {
+                    self.touched = true;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn commit(&mut self, name: String, message: Vec<u8>) {
+        self.forget(&name);
+        self.statement_bytes += message.len();
+        if self.statement_bytes > MAX_STATEMENT_BYTES {
+            self.untrackable = Some("prepared statements past the tracking limit");
+        }
+        self.statements.insert(name, message);
+    }
+
+    fn forget(&mut self, name: &str) {
+        if let Some(message) = self.statements.remove(name) {
+            self.statement_bytes -= message.len();
+        }
+    }
+
+    /// The Parse messages that recreate the client's named statements.
+    pub fn statements(&self) -> impl Iterator<Item = &[u8]> {
+        self.statements.values().map(Vec::as_slice)
+    }
+
+    /// Keeps only the statements the server still has (after a DEALLOCATE).
+    pub fn retain_statements(&mut self, present: &[String]) {
+        let gone: Vec<String> = self
+            .statements
+            .keys()
+            .filter(|name| !present.contains(name))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.forget(&name);
+        }
+    }
+
+    /// Whether a command that can leave session state ran since the last
+    /// call; clears the flag.
+    pub fn take_touched(&mut self) -> bool {
+        std::mem::take(&mut self.touched)
+    }
+
+    /// Why the client's state cannot be carried to another connection, if
+    /// it cannot.
+    pub fn untrackable(&self) -> Option<&'static str> {
+        self.untrackable
+    }
+}
+
+/// The NUL-terminated string at the start of `bytes`, if it is UTF-8.
+fn cstr(bytes: &[u8]) -> Option<&str> {
+    let end = bytes.iter().position(|&b| b == 0)?;
+    std::str::from_utf8(&bytes[..end]).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_body(name: &str, sql: &str) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(name.as_bytes());
+        body.push(0);
+        body.extend_from_slice(sql.as_bytes());
+        body.extend_from_slice(&[0, 0, 0]);
+        body
+    }
+
+    fn names(tracker: &Tracker) -> Vec<String> {
+        let mut names: Vec<String> = tracker.statements.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn keeps_statements_the_server_created_and_drops_closed_ones() {
+        let mut tracker = Tracker::default();
+        tracker.client_message(b'P', Some(&parse_body("s1", "select 1")));
+        tracker.client_message(b'P', Some(&parse_body("", "select 2")));
+        tracker.client_message(b'S', None);
+        tracker.server_message(b'1', None);
+        tracker.server_message(b'1', None);
+        tracker.server_message(b'Z', Some(b"I"));
+        assert_eq!(names(&tracker), ["s1"]);
+        let replay: Vec<&[u8]> = tracker.statements().collect();
+        assert_eq!(replay[0][0], b'P');
+        assert_eq!(
+            u32::from_be_bytes(replay[0][1..5].try_into().expect("length")) as usize,
+            replay[0].len() - 1
+        );
+
+        tracker.client_message(b'C', Some(b"Ss1\0"));
+        tracker.client_message(b'S', None);
+        tracker.server_message(b'3', None);
+        tracker.server_message(b'Z', Some(b"I"));
+        assert!(names(&tracker).is_empty());
+    }
+
+    #[test]
+    fn a_failed_parse_and_everything_after_it_until_sync_is_not_kept() {
+        let mut tracker = Tracker::default();
+        tracker.client_message(b'P', Some(&parse_body("bad", "selec 1")));
+        tracker.client_message(b'P', Some(&parse_body("skipped", "select 1")));
+        tracker.client_message(b'S', None);
+        tracker.client_message(b'P', Some(&parse_body("good", "select 1")));
+        tracker.client_message(b'S', None);
+        tracker.server_message(b'E', None);
+        tracker.server_message(b'Z', Some(b"I"));
+        tracker.server_message(b'1', None);
+        tracker.server_message(b'Z', Some(b"I"));
+        assert_eq!(names(&tracker), ["good"]);
+        assert_eq!(tracker.untrackable(), None);
+    }
+
+    #[test]
+    fn session_commands_are_noticed_by_their_tags() {
+        let mut tracker = Tracker::default();
+        tracker.server_message(b'C', Some(b"SELECT 1\0"));
+        tracker.server_message(b'C', Some(b"SETTINGS\0"));
+        assert!(!tracker.take_touched());
+        tracker.server_message(b'C', Some(b"SET\0"));
+        assert!(tracker.take_touched());
+        assert!(!tracker.take_touched());
+        tracker.server_message(b'C', Some(b"DECLARE CURSOR\0"));
+        assert!(tracker.take_touched());
+    }
+}

@@ -1,0 +1,315 @@
+//! Transaction pooling on the wire path: clients hold an upstream
+//! connection only for a transaction, more clients than connections share
+//! them, and each transaction runs as its own client with its own settings
+//! and prepared statements, whichever connection it lands on.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Stack;
+
+/// Transaction pooling for the test database, with `pool_size` connections.
+async fn start(extra: &'static str) -> Stack {
+    Stack::start_with(common::Options {
+        upstream_extra: extra,
+        ..Default::default()
+    })
+    .await
+}
+
+const POOL_OF_ONE: &str = "pool_mode_by_database = { app = \"transaction\" }\npool_size = 1";
+const POOL_OF_TWO: &str = "pool_mode_by_database = { app = \"transaction\" }\npool_size = 2";
+
+async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
+    client
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0)
+}
+
+async fn setting(client: &tokio_postgres::Client, name: &str) -> String {
+    client
+        .query_one("select current_setting($1)", &[&name])
+        .await
+        .expect("setting")
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn many_clients_share_two_connections_and_each_transaction_is_its_own_client() {
+    let stack = start(POOL_OF_TWO).await;
+    let mut tasks = Vec::new();
+    for n in 0..8 {
+        let client = stack.login(&format!("user_{n}")).await;
+        tasks.push(tokio::spawn(async move {
+            let me = format!("user_{n}");
+            let mut pids = std::collections::HashSet::new();
+            for round in 0..25 {
+                let row = client
+                    .query_one("select auth.user_id(), pg_backend_pid()", &[])
+                    .await
+                    .expect("autocommit query");
+                assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some(&*me));
+                pids.insert(row.get::<_, i32>(1));
+                client
+                    .batch_execute(&format!(
+                        "begin; insert into todos (task) values ('{me} {round}'); commit"
+                    ))
+                    .await
+                    .expect("transaction");
+            }
+            let own: i64 = client
+                .query_one("select count(*) from todos", &[])
+                .await
+                .expect("count")
+                .get(0);
+            (own, pids)
+        }));
+    }
+    let mut all_pids = std::collections::HashSet::new();
+    let mut moved = 0;
+    for task in tasks {
+        let (own, pids) = task.await.expect("client");
+        assert_eq!(own, 25, "RLS showed a client rows that are not its own");
+        moved += usize::from(pids.len() > 1);
+        all_pids.extend(pids);
+    }
+    assert!(
+        all_pids.len() <= 2,
+        "more backends than the pool holds: {all_pids:?}"
+    );
+    assert!(moved > 0, "no client ever moved to another connection");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn settings_follow_their_client_and_never_reach_another() {
+    let stack = start(POOL_OF_ONE).await;
+    let alice = stack.login("user_alice").await;
+    let bob = stack.login("user_bob").await;
+    alice
+        .batch_execute("set application_name = 'alice-app'; set statement_timeout = '7s'")
+        .await
+        .expect("alice sets");
+    // Alice's SET inside a committed transaction lasts too, SET LOCAL not.
+    alice
+        .batch_execute("begin; set work_mem = '3MB'; set local lock_timeout = '9s'; commit")
+        .await
+        .expect("alice sets in a transaction");
+    // One connection: Bob's transaction takes it from Alice.
+    assert_eq!(setting(&bob, "statement_timeout").await, "0");
+    assert_ne!(setting(&bob, "application_name").await, "alice-app");
+    assert_ne!(setting(&bob, "work_mem").await, "3MB");
+    assert_eq!(
+        common::user_id(&bob).await.as_deref(),
+        Some("user_bob"),
+        "Bob ran as someone else"
+    );
+    bob.batch_execute("set statement_timeout = '11s'")
+        .await
+        .expect("bob sets");
+    // And back: Alice's settings are hers again, Bob's are not.
+    assert_eq!(setting(&alice, "statement_timeout").await, "7s");
+    assert_eq!(setting(&alice, "application_name").await, "alice-app");
+    assert_eq!(setting(&alice, "work_mem").await, "3MB");
+    assert_eq!(setting(&alice, "lock_timeout").await, "0");
+    assert_eq!(common::user_id(&alice).await.as_deref(), Some("user_alice"));
+    assert_eq!(setting(&bob, "statement_timeout").await, "11s");
+    alice
+        .batch_execute("reset statement_timeout")
+        .await
+        .expect("reset");
+    bob.simple_query("select 1").await.expect("bob again");
+    assert_eq!(setting(&alice, "statement_timeout").await, "0");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn named_prepared_statements_work_on_whichever_connection_a_transaction_lands() {
+    let stack = start(POOL_OF_ONE).await;
+    let alice = stack.login("user_alice").await;
+    let bob = stack.login("user_bob").await;
+    // tokio-postgres prepares named statements ("s0", ...) on the server.
+    let mine = alice
+        .prepare("select auth.user_id(), $1::int + 1")
+        .await
+        .expect("prepare");
+    let first = alice.query_one(&mine, &[&1i32]).await.expect("execute");
+    assert_eq!(first.get::<_, i32>(1), 2);
+    // Rows hold their statement: the last one lets it close.
+    drop(first);
+    for round in 0..3i32 {
+        // Bob takes the only connection (and prepares his own "s0").
+        let bobs = bob
+            .prepare("select auth.user_id(), 'bob'")
+            .await
+            .expect("bob prepares");
+        let row = bob.query_one(&bobs, &[]).await.expect("bob executes");
+        assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some("user_bob"));
+        // Alice's statement is hers again, with her identity.
+        let row = alice.query_one(&mine, &[&round]).await.expect("execute");
+        assert_eq!(
+            row.get::<_, Option<String>>(0).as_deref(),
+            Some("user_alice")
+        );
+        assert_eq!(row.get::<_, i32>(1), round + 1);
+    }
+    // A closed statement is not prepared again.
+    drop(mine);
+    bob.simple_query("select 1").await.expect("bob");
+    let names: Vec<String> = alice
+        .query_one(
+            "select array_agg(statement order by name) from pg_prepared_statements",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(
+        names.len(),
+        1,
+        "only the statement of this very query: {names:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_open_transaction_holds_its_connection_until_it_ends() {
+    let stack = start(POOL_OF_ONE).await;
+    let alice = stack.login("user_alice").await;
+    let bob = stack.login("user_bob").await;
+    alice
+        .batch_execute("begin; insert into todos (task) values ('held')")
+        .await
+        .expect("begin");
+    let pid = backend_pid(&alice).await;
+    let waiting = tokio::spawn(async move {
+        let pid = backend_pid(&bob).await;
+        (pid, common::user_id(&bob).await)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "Bob ran inside Alice's transaction");
+    alice.batch_execute("commit").await.expect("commit");
+    let (bob_pid, bob_id) = waiting.await.expect("bob");
+    assert_eq!(bob_pid, pid);
+    assert_eq!(bob_id.as_deref(), Some("user_bob"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_waits_at_most_the_checkout_timeout_and_is_told_why() {
+    let stack = start(
+        "pool_mode_by_database = { app = \"transaction\" }\npool_size = 1\ncheckout_timeout = \"300ms\"",
+    )
+    .await;
+    let alice = stack.login("user_alice").await;
+    let bob = stack.login("user_bob").await;
+    alice.batch_execute("begin").await.expect("begin");
+    backend_pid(&alice).await;
+    let error = bob
+        .simple_query("select 1")
+        .await
+        .expect_err("no connection");
+    let db = error.as_db_error().expect("an error from the proxy");
+    assert_eq!(db.code().code(), "53300");
+    assert!(db.message().contains("no database connection became free"));
+    assert!(db.hint().is_some_and(|h| h.contains("pool_size")));
+    alice.batch_execute("commit").await.expect("alice goes on");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn listen_keeps_its_connection_and_notifications_arrive() {
+    let stack = start(POOL_OF_TWO).await;
+    let token = stack.issuer.token("user_alice");
+    let (alice, mut connection) = tokio_postgres::connect(
+        &stack.conninfo("authenticated", &token, "sslmode=disable"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("connect");
+    let (notes, mut received) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        use futures_util::StreamExt as _;
+        while let Some(Ok(message)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(note) = message {
+                let _ = notes.send(note.payload().to_owned());
+            }
+        }
+    });
+    alice.batch_execute("listen news").await.expect("listen");
+    let pid = backend_pid(&alice).await;
+    let bob = stack.login("user_bob").await;
+    for n in 0..3 {
+        bob.batch_execute(&format!("notify news, 'n{n}'"))
+            .await
+            .expect("notify");
+        assert_ne!(backend_pid(&bob).await, pid, "Bob got Alice's connection");
+    }
+    for n in 0..3 {
+        let note = tokio::time::timeout(Duration::from_secs(5), received.recv())
+            .await
+            .expect("notification in time")
+            .expect("notification");
+        assert_eq!(note, format!("n{n}"));
+    }
+    assert_eq!(backend_pid(&alice).await, pid, "Alice moved");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_reaches_the_transaction_running_now() {
+    let stack = start(POOL_OF_TWO).await;
+    let alice = stack.login("user_alice").await;
+    let cancel = alice.cancel_token();
+    let sleeping = tokio::spawn(async move { alice.simple_query("select pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cancel
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("cancel sent");
+    let error = tokio::time::timeout(Duration::from_secs(10), sleeping)
+        .await
+        .expect("cancelled in time")
+        .expect("join")
+        .expect_err("cancelled");
+    assert_eq!(
+        error.as_db_error().map(|e| e.code().code()),
+        Some("57014"),
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pgbench_prepared_with_more_clients_than_connections() {
+    let stack = start(POOL_OF_TWO).await;
+    let token = stack.issuer.token("user_bench");
+    let script = stack.dir.path().join("bench.sql");
+    std::fs::write(
+        &script,
+        "select count(*) from todos where user_id = (select auth.user_id());\n",
+    )
+    .expect("script");
+    let pgbench = common::psql_path().with_file_name("pgbench");
+    let output = std::process::Command::new(if pgbench.is_file() {
+        pgbench
+    } else {
+        "pgbench".into()
+    })
+    .args([
+        "-n", "-c", "6", "-j", "2", "-t", "50", "-M", "prepared", "-f",
+    ])
+    .arg(&script)
+    .args(["-h", "127.0.0.1", "-p", &stack.port.to_string()])
+    .args(["-U", "authenticated", common::DATABASE])
+    .env("PGPASSWORD", &token)
+    .output()
+    .expect("run pgbench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "pgbench failed: {stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("number of transactions actually processed: 300/300"),
+        "{stdout}"
+    );
+}
