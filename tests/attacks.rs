@@ -776,3 +776,86 @@ async fn init_db_upgrades_an_older_weaker_schema_in_place() {
     let out = stack.init_db(&[]);
     assert!(out.contains("re-applied"), "{out}");
 }
+
+// ---- transaction pooling: connections change hands between transactions --
+
+/// Transaction pooling with one connection: every transaction of one
+/// client runs on the backend the other client's last one used.
+async fn one_shared_connection(enforce_token_expiry: bool) -> Stack {
+    Stack::start_with(common::Options {
+        upstream_extra: "pool_mode = \"transaction\"\npool_size = 1",
+        enforce_token_expiry,
+        ..Default::default()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn transaction_pooling_never_hands_an_identity_to_the_next_client() {
+    let stack = one_shared_connection(false).await;
+    let alice = login(&stack, ALICE).await;
+    let bob = login(&stack, BOB).await;
+    let (claims, signature) = capture(&alice).await;
+    let attacks: &[(&str, &str)] = &[
+        (
+            "forged claims",
+            "set authgres.claims = '{\"sub\":\"user_bob\"}'",
+        ),
+        (
+            "claims set with set_config",
+            "select set_config('authgres.claims', '{\"sub\":\"user_bob\"}', false)",
+        ),
+        ("DISCARD ALL", "discard all"),
+        ("RESET ALL", "reset all"),
+        (
+            "a new generation drawn by hand",
+            "select auth.begin_session()",
+        ),
+        ("an open transaction left behind", "begin; select 1"),
+    ];
+    for (attack, sql) in attacks {
+        alice.batch_execute(sql).await.expect(attack);
+        assert_not_forged(&alice, ALICE, attack).await;
+        alice.batch_execute("rollback").await.expect("rollback");
+        // Bob's transactions take the only connection from Alice.
+        assert_eq!(user_id(&bob).await.as_deref(), Some(BOB), "after {attack}");
+        assert_not_forged(&bob, BOB, attack).await;
+        // Alice's captured pair, replayed on the connection Bob just used.
+        replay(&alice, &claims, &signature).await;
+        assert_not_forged(&alice, ALICE, attack).await;
+        assert_eq!(
+            user_id(&bob).await.as_deref(),
+            Some(BOB),
+            "after Alice's replay following {attack}"
+        );
+    }
+    // Whatever Alice did, each of her transactions on a connection she
+    // gets back from Bob carries her own identity again.
+    assert_eq!(user_id(&alice).await.as_deref(), Some(ALICE));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn transaction_pooling_refuses_the_first_transaction_after_an_enforced_expiry() {
+    let stack = one_shared_connection(true).await;
+    let short = stack
+        .issuer
+        .mint(&TokenSpec::new(ALICE).ttl(Duration::from_secs(3)));
+    let alice = stack.connect("authenticated", &short).await.expect("alice");
+    assert_eq!(user_id(&alice).await.as_deref(), Some(ALICE));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let error = alice
+        .batch_execute("insert into todos (task) values ('after expiry')")
+        .await
+        .expect_err("the token expired");
+    assert!(
+        alice.is_closed() || error.code() == Some(&SqlState::INVALID_PASSWORD),
+        "{error}"
+    );
+    let admin = stack.cluster.admin(common::DATABASE).await.expect("admin");
+    let count: i64 = admin
+        .query_one("select count(*) from todos where user_id = $1", &[&ALICE])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(count, 0, "a transaction ran after the token expired");
+}
