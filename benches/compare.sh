@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
-# Side by side on one machine: direct Postgres, pgbouncer (session pooling)
-# and authgres (session pooling, token logins), all on loopback, with
-# pgbench: steady select-only load at -c 1, 8 and 32 (simple and prepared
-# protocol) and connection churn (-C: a new connection per transaction).
+# Side by side on one machine: direct Postgres, pgbouncer and authgres (token
+# logins), each pooler in session and in transaction mode, all on loopback,
+# with pgbench: steady select-only load at -c 1, 8 and 32 (simple and
+# prepared protocol) and connection churn (-C: a new connection per
+# transaction). Prints TPS, average latency, and each target's TPS as a
+# ratio of direct Postgres's and of pgbouncer's in the same mode. Every
+# target is reached in plaintext (pgbouncer has no TLS here; authgres allows
+# cleartext tokens from loopback), so each does the same work per byte. A run
+# whose transactions fail (pgbouncer before 1.21 cannot run prepared
+# statements in transaction mode) prints "fail".
 #
-#   benches/compare.sh [seconds]
+#   benches/compare.sh [seconds] [modes]   (modes: "session transaction")
 #
 # Needs a release build, pgbench and pgbouncer (Debian's package).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-8}
+modes=${2:-session transaction}
 bin=target/release/authgres
-[ -x "$bin" ] || cargo build --release
+cargo build --release --quiet
 command -v pgbench >/dev/null || { echo "pgbench is missing: apt-get install postgresql-client" >&2; exit 1; }
 pgbouncer=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
 [ -x "$pgbouncer" ] || { echo "pgbouncer is missing: apt-get install pgbouncer" >&2; exit 1; }
@@ -20,6 +27,7 @@ work=$(mktemp -d)
 chmod 755 "$work"
 cleanup() {
     [ -n "${bouncer:-}" ] && kill "$bouncer" 2>/dev/null
+    [ -n "${txn:-}" ] && kill "$txn" 2>/dev/null
     kill "$demo" 2>/dev/null; wait "$demo" 2>/dev/null
     rm -rf "$work"
 }
@@ -41,6 +49,7 @@ TXT
 cat >"$work/pgbouncer.ini" <<INI
 [databases]
 app = host=127.0.0.1 port=$pg_port dbname=app
+app_txn = host=127.0.0.1 port=$pg_port dbname=app pool_mode=transaction
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = $bouncer_port
@@ -56,28 +65,58 @@ chmod 644 "$work"/*.ini "$work"/*.txt
 if [ "$(id -u)" = 0 ]; then as=(-u postgres); else as=(); fi
 "$pgbouncer" "${as[@]}" "$work/pgbouncer.ini" >"$work/pgbouncer.out" 2>&1 &
 bouncer=$!
+
+# A second authgres from the demo's configuration, in transaction mode.
+txn_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+python3 - "$work/state/proxy.toml" "$work/state/proxy-txn.toml" "$txn_port" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+text = re.sub(r'\[http\]\naddress = "[^"]*"\n', "", text)
+text = re.sub(r'(\[listen\]\naddress = ")[^"]*"', r'\g<1>127.0.0.1:' + sys.argv[3] + '"', text)
+text = text.replace("[upstream]\n", '[upstream]\npool_mode = "transaction"\n')
+open(sys.argv[2], "w").write(text)
+PY
+AUTHGRES_LOG=warn "$bin" serve --config "$work/state/proxy-txn.toml" >"$work/txn.out" 2>&1 &
+txn=$!
 sleep 1
 
 echo "select 1;" >"$work/select.sql"
-run() { # name port password args...
-    local name=$1 port=$2 password=$3; shift 3
+run() { # name port database password args...
+    local name=$1 port=$2 db=$3 password=$4; shift 4
     local out
-    out=$(PGPASSWORD=$password pgbench -n -h 127.0.0.1 -p "$port" -U authenticated -d app \
-        -f "$work/select.sql" -T "$seconds" -j 2 "$@" 2>&1 || true)
-    local tps lat
-    tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1)
+    local status=0
+    out=$(PGSSLMODE=disable PGPASSWORD=$password pgbench -n -h 127.0.0.1 -p "$port" \
+        -U authenticated -d "$db" -f "$work/select.sql" -T "$seconds" -j 2 "$@" 2>&1) || status=$?
+    tps=$(echo "$out" | sed -n 's/^tps = \([0-9]*\).*/\1/p' | head -1)
     lat=$(echo "$out" | sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' | head -1)
-    printf "%-10s %10s %10s\n" "$name" "${tps:-fail}" "${lat:-fail}"
+    if [ "$status" != 0 ] || [ -z "$tps" ] || echo "$out" | grep -q "aborted"; then
+        tps=0 lat=fail
+    fi
 }
+ratio() { python3 -c "import sys; a, b = map(float, sys.argv[1:]); print(f'{a / b:.2f}' if a and b else '-')" "$1" "$2"; }
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem/ {print $2}') GiB; ${seconds}s per run; select 1"
-for mode in "-c 1 -M simple" "-c 1 -M prepared" "-c 8 -M simple" "-c 8 -M prepared" \
+for load in "-c 1 -M simple" "-c 1 -M prepared" "-c 8 -M simple" "-c 8 -M prepared" \
             "-c 32 -M simple" "-c 32 -M prepared" "-c 8 -C -M simple"; do
-    echo "--- pgbench $mode"
-    printf "%-10s %10s %10s\n" target tps "latency ms"
+    echo "--- pgbench $load"
+    printf "%-22s %10s %11s %10s %12s\n" target tps "latency ms" "/ direct" "/ pgbouncer"
     # shellcheck disable=SC2086
-    run direct "$pg_port" "$role_password" $mode
-    # shellcheck disable=SC2086
-    run pgbouncer "$bouncer_port" "$role_password" $mode
-    # shellcheck disable=SC2086
-    run authgres "$PGPORT" "$AUTHGRES_TOKEN_A" $mode
+    run direct "$pg_port" app "$role_password" $load
+    direct_tps=$tps
+    printf "%-22s %10s %11s %10s %12s\n" direct "$tps" "$lat" 1.00 -
+    for mode in $modes; do
+        if [ "$mode" = session ]; then
+            bouncer_db=app authgres_port=$PGPORT
+        else
+            bouncer_db=app_txn authgres_port=$txn_port
+        fi
+        # shellcheck disable=SC2086
+        run pgbouncer "$bouncer_port" "$bouncer_db" "$role_password" $load
+        bouncer_tps=$tps
+        printf "%-22s %10s %11s %10s %12s\n" "pgbouncer $mode" "$tps" "$lat" \
+            "$(ratio "$tps" "$direct_tps")" "$(ratio "$tps" "$tps")"
+        # shellcheck disable=SC2086
+        run authgres "$authgres_port" app "$AUTHGRES_TOKEN_A" $load
+        printf "%-22s %10s %11s %10s %12s\n" "authgres $mode" "$tps" "$lat" \
+            "$(ratio "$tps" "$direct_tps")" "$(ratio "$tps" "$bouncer_tps")"
+    done
 done

@@ -1,10 +1,11 @@
 //! Memory the proxy holds per idle authenticated client: opens N sessions
-//! through the real binary, each logged in with a token and idle, and
-//! reports the proxy's RSS growth per session.
+//! through the real binary, each logged in with a token, one query run, then
+//! idle, and reports the proxy's RSS growth.
 //!
-//! Run: `cargo bench --bench idle_memory [-- N]` (default 250; in session
-//! pooling every client holds an upstream backend, so N is bounded by the
-//! sandbox's max_connections of 300).
+//! Run: `cargo bench --bench idle_memory -- [N] [transaction]`.
+//! In session pooling (default, N = 250) every client holds an upstream
+//! backend, so N is bounded by the sandbox's max_connections of 300. With
+//! `transaction`, clients share 20 connections and N defaults to 5,000.
 
 #![allow(missing_docs)]
 
@@ -21,14 +22,20 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn main() {
+    let transaction = std::env::args().any(|a| a == "transaction");
     let sessions: usize = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
-        .unwrap_or(250);
+        .unwrap_or(if transaction { 5000 } else { 250 });
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         let stack = common::Stack::start_with(common::Options {
-            upstream_extra: "pool_size = 1000",
+            upstream_extra: if transaction {
+                "pool_mode = \"transaction\"\npool_size = 20"
+            } else {
+                "pool_size = 1000"
+            },
+            listen_extra: "max_connections = 20000",
             ..Default::default()
         })
         .await;
@@ -41,16 +48,25 @@ fn main() {
         let before = rss_kib(stack.proxy_pid());
         let mut clients = Vec::with_capacity(sessions);
         for _ in 0..sessions {
-            let client = stack.connect("authenticated", &token).await.expect("connect");
+            let client = stack
+                .connect("authenticated", &token)
+                .await
+                .expect("connect");
             client.simple_query("select 1").await.expect("query");
             clients.push(client);
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         let after = rss_kib(stack.proxy_pid());
         let growth = after.saturating_sub(before);
+        let mode = if transaction {
+            "transaction"
+        } else {
+            "session"
+        };
         println!(
-            "{sessions} idle sessions: proxy RSS {before} KiB -> {after} KiB, +{growth} KiB, {:.1} KiB per session; \
-             5,000 sessions would add about {:.0} MiB",
+            "{sessions} idle sessions ({mode} pooling): proxy RSS {before} KiB -> {after} KiB, \
+             +{:.1} MiB, {:.1} KiB per session; at that rate 5,000 sessions add {:.0} MiB",
+            growth as f64 / 1024.0,
             growth as f64 / sessions as f64,
             growth as f64 / sessions as f64 * 5000.0 / 1024.0
         );

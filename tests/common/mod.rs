@@ -26,6 +26,8 @@ pub struct Options {
     pub server_settings: &'static [&'static str],
     /// Extra lines for the config's [upstream] section.
     pub upstream_extra: &'static str,
+    /// Extra lines for the config's [listen] section.
+    pub listen_extra: &'static str,
     /// Serve HTTPS instead of HTTP on the [http] address.
     pub http_tls: bool,
 }
@@ -39,6 +41,7 @@ impl Default for Options {
             enforce_token_expiry: false,
             server_settings: &[],
             upstream_extra: "",
+            listen_extra: "",
             http_tls: false,
         }
     }
@@ -104,6 +107,7 @@ tls_key = "server.key"
 auth_timeout = "{auth_timeout}"
 cleartext_tokens = "{cleartext}"
 enforce_token_expiry = {enforce}
+{listen_extra}
 [upstream]
 host = "127.0.0.1"
 port = {pg_port}
@@ -130,6 +134,7 @@ roles = ["authenticated"]
             cleartext = options.cleartext_tokens,
             enforce = options.enforce_token_expiry,
             upstream_extra = options.upstream_extra,
+            listen_extra = options.listen_extra,
             http_tls = options.http_tls,
             pg_port = cluster.port(),
             iss = issuer.issuer(),

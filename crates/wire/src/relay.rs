@@ -17,7 +17,7 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 
-use crate::scan::{Frame, Framer};
+use crate::scan::{Frame, Framer, Report};
 use crate::track::Tracker;
 
 /// Buffer for client-to-server bytes: queries and binds are small.
@@ -135,15 +135,17 @@ impl Relay {
     /// `tracker`, the named statements the client prepares and the commands
     /// that leave session state are followed (transaction pooling).
     pub fn new(tracker: Option<Tracker>) -> Self {
-        let (client_capture, server_capture): (&[u8], &[u8]) = match tracker {
-            Some(_) => (b"PC", b"ZC"),
-            None => (b"", b"Z"),
+        // The server's side is followed only where it matters: result rows
+        // pass without a stop.
+        let (client_capture, server_report, server_capture): (&[u8], _, &[u8]) = match tracker {
+            Some(_) => (b"PC", Report::Tags(b"Z123EC"), b"ZC"),
+            None => (b"", Report::Tags(b"Z"), b"Z"),
         };
         Self {
             to_upstream: Pipe::new(CLIENT_BUFFER),
             to_client: Pipe::new(SERVER_BUFFER),
-            client_frames: Framer::new(client_capture, MAX_TRACKED_PARSE),
-            server_frames: Framer::new(server_capture, 64),
+            client_frames: Framer::new(Report::All, client_capture, MAX_TRACKED_PARSE),
+            server_frames: Framer::new(server_report, server_capture, 64),
             pending: 0,
             unsynced: false,
             status: IDLE,

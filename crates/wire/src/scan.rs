@@ -18,9 +18,29 @@ pub enum Frame {
     End(u8),
 }
 
+/// Which messages a [`Framer`] reports.
+#[derive(Debug, Clone, Copy)]
+pub enum Report {
+    /// The start and end of every message.
+    All,
+    /// Only the start and end of messages with one of these tags (the rest
+    /// pass without a stop, which keeps result streams fast).
+    Tags(&'static [u8]),
+}
+
+impl Report {
+    fn includes(self, tag: u8) -> bool {
+        match self {
+            Self::All => true,
+            Self::Tags(tags) => tags.contains(&tag),
+        }
+    }
+}
+
 /// Follows message framing across arbitrary chunk boundaries.
 #[derive(Debug)]
 pub struct Framer {
+    report: Report,
     /// Tags whose bodies are collected, and the most collected per body.
     capture: &'static [u8],
     capture_limit: usize,
@@ -38,10 +58,12 @@ pub struct Framer {
 }
 
 impl Framer {
-    /// A framer collecting the bodies of messages tagged with one of
-    /// `capture`, up to `capture_limit` bytes each.
-    pub fn new(capture: &'static [u8], capture_limit: usize) -> Self {
+    /// A framer reporting the boundaries of the messages in `report` and
+    /// collecting the bodies of those tagged with one of `capture`, up to
+    /// `capture_limit` bytes each.
+    pub fn new(report: Report, capture: &'static [u8], capture_limit: usize) -> Self {
         Self {
+            report,
             capture,
             capture_limit,
             header: [0; 5],
@@ -63,7 +85,9 @@ impl Framer {
             if self.header_len == 0 && !self.start_reported {
                 self.start_reported = true;
                 self.body_complete = false;
-                return (at, Some(Frame::Start(bytes[at])));
+                if self.report.includes(bytes[at]) {
+                    return (at, Some(Frame::Start(bytes[at])));
+                }
             }
             if self.header_len < 5 {
                 let take = (5 - self.header_len).min(bytes.len() - at);
@@ -95,7 +119,9 @@ impl Framer {
                 self.header_len = 0;
                 self.start_reported = false;
                 self.body_complete = self.collecting;
-                return (at, Some(Frame::End(self.header[0])));
+                if self.report.includes(self.header[0]) {
+                    return (at, Some(Frame::End(self.header[0])));
+                }
             }
         }
         (at, None)
@@ -155,7 +181,7 @@ mod tests {
         let mut stream = message(b'T', &[0; 30]);
         stream.extend(message(b'C', b"SELECT 1\0"));
         stream.extend(message(b'Z', b"I"));
-        let whole = frames(&mut Framer::new(b"CZ", 64), &[&stream]);
+        let whole = frames(&mut Framer::new(Report::All, b"CZ", 64), &[&stream]);
         assert_eq!(
             whole,
             vec![
@@ -169,26 +195,43 @@ mod tests {
         );
         for split in 0..stream.len() {
             let (a, b) = stream.split_at(split);
-            let mut framer = Framer::new(b"CZ", 64);
+            let mut framer = Framer::new(Report::All, b"CZ", 64);
             assert_eq!(frames(&mut framer, &[a, b]), whole, "split at {split}");
             assert!(framer.at_boundary());
         }
-        let mut framer = Framer::new(b"CZ", 64);
+        let mut framer = Framer::new(Report::All, b"CZ", 64);
         let bytes: Vec<&[u8]> = stream.chunks(1).collect();
         assert_eq!(frames(&mut framer, &bytes), whole);
     }
 
     #[test]
     fn a_tag_byte_inside_a_body_is_not_a_message() {
-        let mut framer = Framer::new(b"Z", 64);
+        let mut framer = Framer::new(Report::All, b"Z", 64);
         let found = frames(&mut framer, &[&message(b'D', b"Z\0\0\0\x05I")]);
         assert_eq!(found.len(), 2);
         assert_eq!(found[1].1, Frame::End(b'D'));
     }
 
     #[test]
+    fn only_the_chosen_messages_are_reported() {
+        let mut stream = message(b'D', b"row");
+        stream.extend(message(b'Z', b"I"));
+        stream.extend(message(b'D', b"row"));
+        let mut framer = Framer::new(Report::Tags(b"Z"), b"Z", 64);
+        let found = frames(&mut framer, &[&stream]);
+        assert_eq!(
+            found,
+            vec![
+                (8, Frame::Start(b'Z'), None),
+                (14, Frame::End(b'Z'), Some(b"I".to_vec())),
+            ]
+        );
+        assert!(framer.at_boundary());
+    }
+
+    #[test]
     fn bodies_over_the_limit_are_not_captured() {
-        let mut framer = Framer::new(b"P", 4);
+        let mut framer = Framer::new(Report::All, b"P", 4);
         let found = frames(&mut framer, &[&message(b'P', b"too long")]);
         assert_eq!(found[1], (13, Frame::End(b'P'), None));
     }
