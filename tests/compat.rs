@@ -13,7 +13,19 @@ use common::Stack;
 /// A stack with what the checks need beyond the todos schema: a table
 /// without RLS (Postgres refuses COPY FROM into tables with RLS).
 async fn stack() -> Stack {
-    let stack = Stack::start().await;
+    stack_with("").await
+}
+
+/// Transaction pooling with two connections: the drivers' transactions
+/// move between backends while their sessions go on.
+const TRANSACTION_POOLING: &str = "pool_mode = \"transaction\"\npool_size = 2";
+
+async fn stack_with(upstream_extra: &'static str) -> Stack {
+    let stack = Stack::start_with(common::Options {
+        upstream_extra,
+        ..Default::default()
+    })
+    .await;
     stack
         .cluster
         .admin(common::DATABASE)
@@ -67,6 +79,18 @@ async fn node_postgres_and_postgres_js() {
 #[tokio::test(flavor = "multi_thread")]
 async fn psycopg_and_asyncpg() {
     let stack = stack().await;
+    run(&stack, "python3", &["run.py"], "tests/compat/python").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_postgres_and_postgres_js_in_transaction_pooling() {
+    let stack = stack_with(TRANSACTION_POOLING).await;
+    run(&stack, "node", &["run.mjs"], "tests/compat/node").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn psycopg_and_asyncpg_in_transaction_pooling() {
+    let stack = stack_with(TRANSACTION_POOLING).await;
     run(&stack, "python3", &["run.py"], "tests/compat/python").await;
 }
 
@@ -284,6 +308,18 @@ async fn pgjdbc() {
         "pgjdbc is missing: apt-get install libpostgresql-jdbc-java"
     );
     let stack = stack().await;
+    run(
+        &stack,
+        "java",
+        &["-cp", "/usr/share/java/postgresql.jar", "Compat.java"],
+        "tests/compat/java",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pgjdbc_in_transaction_pooling() {
+    let stack = stack_with(TRANSACTION_POOLING).await;
     run(
         &stack,
         "java",
