@@ -691,13 +691,11 @@ async fn enforced_expiry_ends_the_session_at_the_transaction_boundary() {
         alice.is_closed() || error.is_closed() || error.code() == Some(&SqlState::INVALID_PASSWORD),
         "{error}"
     );
-    let admin = stack.cluster.admin(common::DATABASE).await.expect("admin");
-    let count: i64 = admin
-        .query_one("select count(*) from todos where user_id = $1", &[&ALICE])
-        .await
-        .expect("count")
-        .get(0);
-    assert_eq!(count, 2, "the transaction committed whole");
+    assert_eq!(
+        common::todos_of(&stack, ALICE).await,
+        2,
+        "the transaction committed whole"
+    );
 }
 
 // ---- claims key rotation and schema upgrades --------------------------------
@@ -851,11 +849,9 @@ async fn transaction_pooling_refuses_the_first_transaction_after_an_enforced_exp
         alice.is_closed() || error.code() == Some(&SqlState::INVALID_PASSWORD),
         "{error}"
     );
-    let admin = stack.cluster.admin(common::DATABASE).await.expect("admin");
-    let count: i64 = admin
-        .query_one("select count(*) from todos where user_id = $1", &[&ALICE])
-        .await
-        .expect("count")
-        .get(0);
-    assert_eq!(count, 0, "a transaction ran after the token expired");
+    assert_eq!(
+        common::todos_of(&stack, ALICE).await,
+        0,
+        "a transaction ran after the token expired"
+    );
 }

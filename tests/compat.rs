@@ -97,7 +97,6 @@ async fn psycopg_and_asyncpg_in_transaction_pooling() {
 #[tokio::test(flavor = "multi_thread")]
 async fn tokio_postgres_full_checklist() {
     use futures_util::{SinkExt as _, StreamExt as _};
-    use tokio_postgres::AsyncMessage;
     use tokio_postgres::error::SqlState;
 
     let stack = stack().await;
@@ -184,21 +183,7 @@ async fn tokio_postgres_full_checklist() {
     assert_eq!(error.code(), Some(&SqlState::DIVISION_BY_ZERO));
 
     // LISTEN/NOTIFY across two connections.
-    let (listener, mut connection) = tokio_postgres::connect(
-        &stack.conninfo("authenticated", &alice, "sslmode=disable"),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .expect("listener");
-    let (notes_tx, mut notes) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(Ok(message)) = messages.next().await {
-            if let AsyncMessage::Notification(note) = message {
-                let _ = notes_tx.send(note.payload().to_owned());
-            }
-        }
-    });
+    let (listener, mut notes) = common::listening_client(&stack, &alice).await;
     listener
         .batch_execute("listen tp_channel")
         .await
@@ -219,45 +204,7 @@ async fn tokio_postgres_full_checklist() {
 async fn pgbench_and_psql_copy_through_the_proxy() {
     let stack = stack().await;
     let token = stack.issuer.token("user_alice");
-    let script = stack.dir.path().join("bench.sql");
-    std::fs::write(
-        &script,
-        "select count(*) from todos where user_id = (select auth.user_id());\n",
-    )
-    .expect("script");
-    let pgbench = common::psql_path().with_file_name("pgbench");
-    let pgbench = if pgbench.is_file() {
-        pgbench
-    } else {
-        "pgbench".into()
-    };
-    let output = Command::new(pgbench)
-        .args([
-            "-n", "-c", "4", "-j", "2", "-t", "50", "-M", "prepared", "-f",
-        ])
-        .arg(&script)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &stack.port.to_string(),
-            "-U",
-            "authenticated",
-            common::DATABASE,
-        ])
-        .env("PGPASSWORD", &token)
-        .output()
-        .expect("pgbench");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        stdout.contains("number of transactions actually processed: 200/200"),
-        "{stdout}"
-    );
+    common::pgbench_rls(&stack, &token, 4);
 
     // psql's \copy both ways (COPY FROM STDIN / TO STDOUT underneath).
     let psql = |command: &str, input: &str| {
@@ -300,33 +247,30 @@ async fn pgbench_and_psql_copy_through_the_proxy() {
     assert_eq!(out, "psql one\npsql two\n");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn pgjdbc() {
-    let jar = Path::new("/usr/share/java/postgresql.jar");
+/// Runs the pgjdbc checks (Debian's driver) against `stack`.
+async fn run_pgjdbc(stack: &Stack) {
+    let jar = "/usr/share/java/postgresql.jar";
     assert!(
-        jar.is_file(),
+        Path::new(jar).is_file(),
         "pgjdbc is missing: apt-get install libpostgresql-jdbc-java"
     );
-    let stack = stack().await;
     run(
-        &stack,
+        stack,
         "java",
-        &["-cp", "/usr/share/java/postgresql.jar", "Compat.java"],
+        &["-cp", jar, "Compat.java"],
         "tests/compat/java",
     )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn pgjdbc() {
+    run_pgjdbc(&stack().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn pgjdbc_in_transaction_pooling() {
-    let stack = stack_with(TRANSACTION_POOLING).await;
-    run(
-        &stack,
-        "java",
-        &["-cp", "/usr/share/java/postgresql.jar", "Compat.java"],
-        "tests/compat/java",
-    )
-    .await;
+    run_pgjdbc(&stack_with(TRANSACTION_POOLING).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -4,15 +4,7 @@
 
 mod common;
 
-use common::Stack;
-
-async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
-    client
-        .query_one("select pg_backend_pid()", &[])
-        .await
-        .expect("pid")
-        .get(0)
-}
+use common::{Stack, backend_pid};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pooled_connection_carries_nothing_from_one_client_to_the_next() {

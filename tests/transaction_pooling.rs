@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::Stack;
+use common::{Stack, backend_pid};
 
 /// Transaction pooling for the test database, with `pool_size` connections.
 async fn start(extra: &'static str) -> Stack {
@@ -20,14 +20,6 @@ async fn start(extra: &'static str) -> Stack {
 
 const POOL_OF_ONE: &str = "pool_mode_by_database = { app = \"transaction\" }\npool_size = 1";
 const POOL_OF_TWO: &str = "pool_mode_by_database = { app = \"transaction\" }\npool_size = 2";
-
-async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
-    client
-        .query_one("select pg_backend_pid()", &[])
-        .await
-        .expect("pid")
-        .get(0)
-}
 
 async fn setting(client: &tokio_postgres::Client, name: &str) -> String {
     client
@@ -219,22 +211,7 @@ async fn a_client_waits_at_most_the_checkout_timeout_and_is_told_why() {
 async fn listen_keeps_its_connection_and_notifications_arrive() {
     let stack = start(POOL_OF_TWO).await;
     let token = stack.issuer.token("user_alice");
-    let (alice, mut connection) = tokio_postgres::connect(
-        &stack.conninfo("authenticated", &token, "sslmode=disable"),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .expect("connect");
-    let (notes, mut received) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-        use futures_util::StreamExt as _;
-        while let Some(Ok(message)) = messages.next().await {
-            if let tokio_postgres::AsyncMessage::Notification(note) = message {
-                let _ = notes.send(note.payload().to_owned());
-            }
-        }
-    });
+    let (alice, mut received) = common::listening_client(&stack, &token).await;
     alice.batch_execute("listen news").await.expect("listen");
     let pid = backend_pid(&alice).await;
     let bob = stack.login("user_bob").await;
@@ -281,35 +258,5 @@ async fn cancel_reaches_the_transaction_running_now() {
 async fn pgbench_prepared_with_more_clients_than_connections() {
     let stack = start(POOL_OF_TWO).await;
     let token = stack.issuer.token("user_bench");
-    let script = stack.dir.path().join("bench.sql");
-    std::fs::write(
-        &script,
-        "select count(*) from todos where user_id = (select auth.user_id());\n",
-    )
-    .expect("script");
-    let pgbench = common::psql_path().with_file_name("pgbench");
-    let output = std::process::Command::new(if pgbench.is_file() {
-        pgbench
-    } else {
-        "pgbench".into()
-    })
-    .args([
-        "-n", "-c", "6", "-j", "2", "-t", "50", "-M", "prepared", "-f",
-    ])
-    .arg(&script)
-    .args(["-h", "127.0.0.1", "-p", &stack.port.to_string()])
-    .args(["-U", "authenticated", common::DATABASE])
-    .env("PGPASSWORD", &token)
-    .output()
-    .expect("run pgbench");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "pgbench failed: {stdout}\n{stderr}"
-    );
-    assert!(
-        stdout.contains("number of transactions actually processed: 300/300"),
-        "{stdout}"
-    );
+    common::pgbench_rls(&stack, &token, 6);
 }

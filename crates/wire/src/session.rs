@@ -465,12 +465,8 @@ impl Proxy {
             }
         };
         let upstream = lease.conn();
-        let upstream_key = UpstreamKey {
-            pid: upstream.pid,
-            secret_key: upstream.secret_key,
-        };
         let guard = self.cancels.register(
-            (mode != PoolMode::Transaction).then_some(upstream_key),
+            (mode != PoolMode::Transaction).then_some(upstream.cancel_key()),
             &mut random_u64,
         );
         let mut out = BytesMut::with_capacity(512);
@@ -638,12 +634,7 @@ impl Proxy {
                 }
             };
             let conn = pooled.conn();
-            cancel
-                .retarget(Some(UpstreamKey {
-                    pid: conn.pid,
-                    secret_key: conn.secret_key,
-                }))
-                .await;
+            cancel.retarget(Some(conn.cancel_key())).await;
             let mut relay = Relay::new(Some(std::mem::take(&mut client.tracker)));
             relay.stop_at_idle(true);
             let stopped = match relay.forward(&first, &mut conn.stream).await {

@@ -14,6 +14,8 @@ use std::collections::{HashMap, VecDeque};
 /// Most bytes of Parse messages kept per client; past it the client keeps
 /// its upstream connection instead.
 const MAX_STATEMENT_BYTES: usize = 4 * 1024 * 1024;
+/// What keeping one statement costs beyond its message (map entry, name).
+const STATEMENT_OVERHEAD: usize = 96;
 
 /// Command tags whose effect can outlive the transaction that ran them.
 const SESSION_COMMANDS: &[&[u8]] = &[
@@ -139,7 +141,7 @@ impl Tracker {
 
     fn commit(&mut self, name: String, message: Vec<u8>) {
         self.forget(&name);
-        self.statement_bytes += message.len();
+        self.statement_bytes += message.len() + STATEMENT_OVERHEAD;
         if self.statement_bytes > MAX_STATEMENT_BYTES {
             self.untrackable = Some("prepared statements past the tracking limit");
         }
@@ -148,7 +150,7 @@ impl Tracker {
 
     fn forget(&mut self, name: &str) {
         if let Some(message) = self.statements.remove(name) {
-            self.statement_bytes -= message.len();
+            self.statement_bytes -= message.len() + STATEMENT_OVERHEAD;
         }
     }
 

@@ -537,6 +537,14 @@ impl Upstream {
         Ok(())
     }
 
+    /// Where a cancel request for this backend goes.
+    pub fn cancel_key(&self) -> crate::cancel::UpstreamKey {
+        crate::cancel::UpstreamKey {
+            pid: self.pid,
+            secret_key: self.secret_key,
+        }
+    }
+
     /// The claims and signature the proxy attached for the current client.
     pub fn attached_identity(&self) -> (Option<String>, Option<String>) {
         self.attached.clone()
