@@ -345,15 +345,10 @@ impl Relay {
             && self.server_frames.at_boundary()
     }
 
-    /// The statement tracker, handed back for the session's next
-    /// transaction.
-    pub fn into_tracker(self) -> Option<Tracker> {
-        self.tracker
-    }
-
-    /// The statement tracker in use.
-    pub fn tracker(&mut self) -> Option<&mut Tracker> {
-        self.tracker.as_mut()
+    /// Takes the statement tracker back for the session's next
+    /// transaction; the relay follows nothing for it from then on.
+    pub fn take_tracker(&mut self) -> Option<Tracker> {
+        self.tracker.take()
     }
 }
 

@@ -137,12 +137,6 @@ impl Framer {
     pub fn at_boundary(&self) -> bool {
         self.header_len == 0 && self.body_left == 0
     }
-
-    /// Releases the memory of collected bodies (for idle sessions).
-    pub fn shrink(&mut self) {
-        self.body = Vec::new();
-        self.body_complete = false;
-    }
 }
 
 #[cfg(test)]

@@ -607,12 +607,12 @@ impl Proxy {
         let mut pipelined = Some(pipelined).filter(|b| !b.is_empty());
         loop {
             // Idle: no upstream connection, no buffers beyond this one.
-            let mut first = [0u8; 64];
+            let mut head = [0u8; 64];
             let first = match pipelined.take() {
                 Some(bytes) => bytes.to_vec(),
                 None => {
-                    let n = stream.read(&mut first).await?;
-                    first[..n].to_vec()
+                    let n = stream.read(&mut head).await?;
+                    head[..n].to_vec()
                 }
             };
             // Between transactions the client is at a message boundary, so
@@ -642,8 +642,8 @@ impl Proxy {
                 Err(error) => Err(error),
             };
             if stopped.as_ref().is_ok_and(|s| *s == Stop::Idle) {
-                if let Some(tracker) = relay.tracker() {
-                    client.tracker = std::mem::take(tracker);
+                if let Some(tracker) = relay.take_tracker() {
+                    client.tracker = tracker;
                 }
                 match client.settle(conn).await {
                     Ok(None) => {
