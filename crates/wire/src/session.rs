@@ -150,6 +150,19 @@ impl Startup {
     }
 }
 
+/// How a pooled connection is readied for a client.
+enum Readying<'a> {
+    /// At login: the identity attached and the startup settings applied,
+    /// after a reset if anyone used the connection before.
+    Login {
+        claims: Option<&'a str>,
+        settings: &'a [(String, String)],
+    },
+    /// For a transaction-pooled client's next transaction: its session
+    /// restored unless the connection holds it already.
+    Transaction(&'a PooledClient),
+}
+
 /// The error a client sees when the pool has no connection for it.
 fn checkout_error(error: CheckoutError) -> SessionError {
     match error {
@@ -702,21 +715,66 @@ impl Proxy {
         startup: &Startup,
         client: &PooledClient,
     ) -> Result<Pooled, SessionError> {
-        let pool = self.pool.as_ref().ok_or(SessionError::TooManyConnections)?;
+        let (pooled, _) = self
+            .checkout_with(startup, client.id, Readying::Transaction(client))
+            .await?;
+        Ok(pooled)
+    }
+
+    /// A connection from the pool for `startup`'s database and role,
+    /// readied for the client (see [`Readying`]), with the ParameterStatus
+    /// values a new client should see. A reused connection that turns out
+    /// to have died while idle (server restart, pg_terminate_backend) is
+    /// replaced once; one that fails otherwise is reset and returned to the
+    /// pool if it can be.
+    async fn checkout_with(
+        &self,
+        startup: &Startup,
+        client_id: u64,
+        readying: Readying<'_>,
+    ) -> Result<(Pooled, Vec<(String, String)>), SessionError> {
+        let pool = self.pool.as_ref().ok_or_else(|| {
+            SessionError::Upstream(upstream::UpstreamError::Protocol(
+                "no upstream pool is configured".into(),
+            ))
+        })?;
         let password = self.config.roles[&startup.role].password.as_deref();
         let mut attempts = 2;
         loop {
             attempts -= 1;
             let mut pooled = pool
-                .checkout(&startup.database, &startup.role, password, client.id)
+                .checkout(&startup.database, &startup.role, password, client_id)
                 .await
                 .map_err(checkout_error)?;
-            match client.take(pooled.conn(), &self.claims_key).await {
-                Ok(()) => return Ok(pooled),
+            let conn = pooled.conn();
+            let readied = match &readying {
+                Readying::Login { claims, settings } => match conn.claim(client_id).await {
+                    Ok(_) => {
+                        conn.attach_for_client(&self.claims_key, *claims, settings)
+                            .await
+                    }
+                    Err(error) => Err(error),
+                },
+                Readying::Transaction(client) => client
+                    .take(conn, &self.claims_key)
+                    .await
+                    .map(|()| Vec::new()),
+            };
+            match readied {
+                Ok(parameters) => return Ok((pooled, parameters)),
                 Err(upstream::UpstreamError::Io(error)) if pooled.reused() && attempts > 0 => {
                     tracing::debug!(%error, "pooled upstream connection was dead; retrying");
                 }
-                Err(error) => return Err(error.into()),
+                Err(error) => {
+                    // A failed setting leaves the connection clean; reset
+                    // it anyway before anyone else gets it.
+                    if !matches!(error, upstream::UpstreamError::Io(_))
+                        && pooled.conn().reset().await.is_ok()
+                    {
+                        pooled.release();
+                    }
+                    return Err(error.into());
+                }
             }
         }
     }
@@ -732,59 +790,27 @@ impl Proxy {
         client_id: u64,
         mode: PoolMode,
     ) -> Result<(Lease, Vec<(String, String)>), SessionError> {
-        let password = self.config.roles[&startup.role].password.as_deref();
-        let pool = match (&self.pool, mode) {
-            (Some(pool), PoolMode::Session | PoolMode::Transaction) => pool,
-            _ => {
-                let mut upstream = upstream::connect(
-                    &self.config.upstream,
-                    &startup.role,
-                    &startup.database,
-                    password,
-                    &startup.forwarded,
-                )
+        if self.pool.is_none() || mode == PoolMode::None {
+            let password = self.config.roles[&startup.role].password.as_deref();
+            let mut upstream = upstream::connect(
+                &self.config.upstream,
+                &startup.role,
+                &startup.database,
+                password,
+                &startup.forwarded,
+            )
+            .await?;
+            let parameters = upstream
+                .attach_for_client(&self.claims_key, claims, &[])
                 .await?;
-                let parameters = upstream
-                    .attach_for_client(&self.claims_key, claims, &[])
-                    .await?;
-                return Ok((Lease::Own(upstream), parameters));
-            }
-        };
+            return Ok((Lease::Own(upstream), parameters));
+        }
         let settings = startup.settings();
-        // A reused connection may have died while idle (server restart,
-        // pg_terminate_backend): then one more try with another.
-        let mut attempts = 2;
-        let (pooled, parameters) = loop {
-            attempts -= 1;
-            let mut pooled = pool
-                .checkout(&startup.database, &startup.role, password, client_id)
-                .await
-                .map_err(checkout_error)?;
-            let conn = pooled.conn();
-            let attached = match conn.claim(client_id).await {
-                Ok(_) => {
-                    conn.attach_for_client(&self.claims_key, claims, &settings)
-                        .await
-                }
-                Err(error) => Err(error),
-            };
-            match attached {
-                Ok(parameters) => break (pooled, parameters),
-                Err(upstream::UpstreamError::Io(error)) if pooled.reused() && attempts > 0 => {
-                    tracing::debug!(%error, "pooled upstream connection was dead; retrying");
-                }
-                Err(error) => {
-                    // A failed setting leaves the connection clean; reset
-                    // it anyway before anyone else gets it.
-                    if !matches!(error, upstream::UpstreamError::Io(_))
-                        && pooled.conn().reset().await.is_ok()
-                    {
-                        pooled.release();
-                    }
-                    return Err(error.into());
-                }
-            }
+        let readying = Readying::Login {
+            claims,
+            settings: &settings,
         };
+        let (pooled, parameters) = self.checkout_with(startup, client_id, readying).await?;
         Ok((Lease::Pooled(pooled), parameters))
     }
 
