@@ -184,3 +184,37 @@ async fn session_pooling_can_be_turned_off() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_granted_by_the_operator_and_set_by_a_client_does_not_reach_the_next() {
+    let stack = Stack::start().await;
+    // init-db grants the login roles nothing; an operator might.
+    stack
+        .cluster
+        .admin(common::DATABASE)
+        .await
+        .expect("admin")
+        .batch_execute("create role app_admin; grant app_admin to authenticated")
+        .await
+        .expect("grant");
+    let alice = stack.login("user_alice").await;
+    let pid = backend_pid(&alice).await;
+    alice
+        .batch_execute("set role app_admin")
+        .await
+        .expect("set role");
+    drop(alice);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let bob = stack.login("user_bob").await;
+    assert_eq!(
+        backend_pid(&bob).await,
+        pid,
+        "the connection was not reused"
+    );
+    let role: String = bob
+        .query_one("select current_user::text", &[])
+        .await
+        .expect("current_user")
+        .get(0);
+    assert_eq!(role, "authenticated");
+}

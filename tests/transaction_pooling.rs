@@ -84,6 +84,14 @@ async fn settings_follow_their_client_and_never_reach_another() {
         .batch_execute("set application_name = 'alice-app'; set statement_timeout = '7s'")
         .await
         .expect("alice sets");
+    // Custom settings, by SET and by set_config.
+    alice
+        .batch_execute(
+            "set app.tenant = 'alice-tenant'; \
+             select set_config('app.region', 'eu', false)",
+        )
+        .await
+        .expect("alice sets custom settings");
     // Alice's SET inside a committed transaction lasts too, SET LOCAL not.
     alice
         .batch_execute("begin; set work_mem = '3MB'; set local lock_timeout = '9s'; commit")
@@ -93,6 +101,14 @@ async fn settings_follow_their_client_and_never_reach_another() {
     assert_eq!(setting(&bob, "statement_timeout").await, "0");
     assert_ne!(setting(&bob, "application_name").await, "alice-app");
     assert_ne!(setting(&bob, "work_mem").await, "3MB");
+    for custom in ["app.tenant", "app.region"] {
+        let seen: Option<String> = bob
+            .query_one("select nullif(current_setting($1, true), '')", &[&custom])
+            .await
+            .expect("custom setting")
+            .get(0);
+        assert_eq!(seen, None, "Bob sees Alice's {custom}");
+    }
     assert_eq!(
         common::user_id(&bob).await.as_deref(),
         Some("user_bob"),
@@ -106,6 +122,8 @@ async fn settings_follow_their_client_and_never_reach_another() {
     assert_eq!(setting(&alice, "application_name").await, "alice-app");
     assert_eq!(setting(&alice, "work_mem").await, "3MB");
     assert_eq!(setting(&alice, "lock_timeout").await, "0");
+    assert_eq!(setting(&alice, "app.tenant").await, "alice-tenant");
+    assert_eq!(setting(&alice, "app.region").await, "eu");
     assert_eq!(common::user_id(&alice).await.as_deref(), Some("user_alice"));
     assert_eq!(setting(&bob, "statement_timeout").await, "11s");
     alice
@@ -259,4 +277,41 @@ async fn pgbench_prepared_with_more_clients_than_connections() {
     let stack = start(POOL_OF_TWO).await;
     let token = stack.issuer.token("user_bench");
     common::pgbench_rls(&stack, &token, 6);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_set_by_one_client_keeps_it_on_its_connection_and_away_from_others() {
+    let stack = start(POOL_OF_TWO).await;
+    stack
+        .cluster
+        .admin(common::DATABASE)
+        .await
+        .expect("admin")
+        .batch_execute("create role app_admin; grant app_admin to authenticated")
+        .await
+        .expect("grant");
+    let alice = stack.login("user_alice").await;
+    let bob = stack.login("user_bob").await;
+    let carol = stack.login("user_carol").await;
+    alice
+        .batch_execute("set role app_admin")
+        .await
+        .expect("set role");
+    let pid = backend_pid(&alice).await;
+    let current = async |client: &tokio_postgres::Client| -> String {
+        client
+            .query_one("select current_user::text", &[])
+            .await
+            .expect("current_user")
+            .get(0)
+    };
+    // Bob and Carol share the other connection; Alice's is never theirs.
+    for _ in 0..3 {
+        for other in [&bob, &carol] {
+            assert_eq!(current(other).await, "authenticated", "got Alice's role");
+            assert_ne!(backend_pid(other).await, pid, "got Alice's connection");
+        }
+        assert_eq!(current(&alice).await, "app_admin");
+        assert_eq!(backend_pid(&alice).await, pid, "Alice moved");
+    }
 }

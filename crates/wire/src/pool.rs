@@ -6,10 +6,10 @@
 //! through [`Pooled::release`], which its user calls once the connection is
 //! known to be clean; dropping it closes the connection instead.
 //!
-//! A checkout may name the client asking: a connection that still holds
-//! that client's session (transaction pooling) is preferred, then a clean
-//! one; the caller resets a connection held for someone else
-//! ([`Upstream::claim`]).
+//! A checkout names the client asking: a connection that still holds that
+//! client's session (transaction pooling) is preferred, then a clean one,
+//! then a new one while the pool may grow; only then is another client's
+//! taken over, which the caller resets ([`Upstream::claim`]).
 //!
 //! Idle connections are closed after `idle_timeout`, every connection after
 //! `server_lifetime`, and one idle longer than `health_check_after` is
@@ -125,8 +125,8 @@ impl UpstreamPool {
     }
 
     /// An idle connection for (`database`, `role`), or a new one: the one
-    /// holding `client`'s session if there is one, else a clean one, else
-    /// the most recently used.
+    /// holding `client`'s session if there is one, else a clean one, else a
+    /// new one while the pool may grow, else the one idle longest.
     pub async fn checkout(
         self: &Arc<Self>,
         database: &str,
@@ -143,17 +143,20 @@ impl UpstreamPool {
                     .get_or_insert_with(|| Arc::new(Semaphore::new(self.limits.max_per_key))),
             )
         };
-        let permit = tokio::time::timeout(self.limits.checkout_timeout, permits.acquire_owned())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .ok_or_else(|| {
-                CheckoutError::Timeout(
-                    database.to_owned(),
-                    role.to_owned(),
-                    self.limits.checkout_timeout,
-                )
-            })?;
+        let permit = tokio::time::timeout(
+            self.limits.checkout_timeout,
+            Arc::clone(&permits).acquire_owned(),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .ok_or_else(|| {
+            CheckoutError::Timeout(
+                database.to_owned(),
+                role.to_owned(),
+                self.limits.checkout_timeout,
+            )
+        })?;
         loop {
             let idle = self
                 .slots
@@ -163,9 +166,14 @@ impl UpstreamPool {
                 .and_then(|slot| {
                     let held = |idle: &Idle| idle.conn.owner == Owner::Client(client);
                     let clean = |idle: &Idle| idle.conn.owner == Owner::Nobody;
+                    // Another client's session is taken over (and reset)
+                    // only when the pool may not grow: the one idle longest,
+                    // whose client is the least likely to be back soon.
+                    let busy = self.limits.max_per_key - permits.available_permits();
+                    let full = busy + slot.idle.len() >= self.limits.max_per_key;
                     let at = (slot.idle.iter().rposition(held))
                         .or_else(|| slot.idle.iter().rposition(clean))
-                        .or_else(|| slot.idle.len().checked_sub(1))?;
+                        .or_else(|| (full && !slot.idle.is_empty()).then_some(0))?;
                     Some(slot.idle.remove(at))
                 });
             let Some(mut idle) = idle else {

@@ -138,7 +138,7 @@ impl Relay {
         // The server's side is followed only where it matters: result rows
         // pass without a stop.
         let (client_capture, server_report, server_capture): (&[u8], _, &[u8]) = match tracker {
-            Some(_) => (b"PC", Report::Tags(b"Z123EC"), b"ZC"),
+            Some(_) => (b"PCQ", Report::Tags(b"Z123EC"), b"ZC"),
             None => (b"", Report::Tags(b"Z"), b"Z"),
         };
         Self {

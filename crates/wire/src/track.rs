@@ -6,10 +6,13 @@
 //! there: its named prepared statements (the Parse messages that created
 //! them, committed only when the server answers ParseComplete, dropped on
 //! CloseComplete). It also notes commands whose effect outlives the
-//! transaction (SET, PREPARE, LISTEN, ...), after which the session asks the
-//! server what the client's session now holds (see `transaction.rs`).
+//! transaction (SET, PREPARE, LISTEN, ..., or a query that calls
+//! `set_config`), after which the session asks the server what the client's
+//! session now holds (see `transaction.rs`), and the dotted names the
+//! client's statements mention: Postgres lists no custom settings
+//! (`app.tenant`), so these are the ones it is asked about.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 /// Most bytes of Parse messages kept per client; past it the client keeps
 /// its upstream connection instead.
@@ -17,8 +20,15 @@ const MAX_STATEMENT_BYTES: usize = 4 * 1024 * 1024;
 /// What keeping one statement costs beyond its message (map entry, name).
 const STATEMENT_OVERHEAD: usize = 96;
 
+/// Most dotted names kept from one transaction's statements.
+const MAX_MENTIONED: usize = 64;
+/// Longest dotted name looked at (two identifiers of Postgres's 63 bytes).
+const MAX_NAME: usize = 127;
+
 /// Command tags whose effect can outlive the transaction that ran them.
 const SESSION_COMMANDS: &[&[u8]] = &[
+    b"DO",
+    b"CALL",
     b"SET",
     b"RESET",
     b"DISCARD",
@@ -54,12 +64,16 @@ pub struct Tracker {
     statement_bytes: usize,
     in_flight: VecDeque<Request>,
     touched: bool,
+    mentioned: BTreeSet<String>,
     untrackable: Option<&'static str>,
 }
 
 impl Tracker {
     /// Notes a client message (its body when captured: Parse and Close).
     pub fn client_message(&mut self, tag: u8, body: Option<&[u8]>) {
+        if let (b'Q' | b'P', Some(text)) = (tag, body) {
+            self.read_statement(text);
+        }
         match tag {
             b'P' => match body {
                 Some(body) => {
@@ -137,6 +151,38 @@ impl Tracker {
             }
             _ => {}
         }
+    }
+
+    /// Notes what a statement's text says about session state: a call of
+    /// `set_config`, and the dotted names that may be custom settings.
+    fn read_statement(&mut self, text: &[u8]) {
+        if text
+            .windows(b"set_config".len())
+            .any(|w| w.eq_ignore_ascii_case(b"set_config"))
+        {
+            self.touched = true;
+        }
+        let is_word = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'$' || *b == b'.';
+        for word in text.split(|b| !is_word(b)) {
+            if self.mentioned.len() >= MAX_MENTIONED {
+                break;
+            }
+            let parts = || word.split(|b| *b == b'.');
+            let is_name = word.len() <= MAX_NAME
+                && word.contains(&b'.')
+                && parts().all(|part| {
+                    part.first()
+                        .is_some_and(|b| b.is_ascii_alphabetic() || *b == b'_')
+                });
+            if is_name && let Ok(name) = std::str::from_utf8(word) {
+                self.mentioned.insert(name.to_ascii_lowercase());
+            }
+        }
+    }
+
+    /// The dotted names statements mentioned since the last call.
+    pub fn take_mentioned(&mut self) -> BTreeSet<String> {
+        std::mem::take(&mut self.mentioned)
     }
 
     fn commit(&mut self, name: String, message: Vec<u8>) {
@@ -248,6 +294,23 @@ mod tests {
         tracker.server_message(b'Z', Some(b"I"));
         assert_eq!(names(&tracker), ["good"]);
         assert_eq!(tracker.untrackable(), None);
+    }
+
+    #[test]
+    fn statements_calling_set_config_and_the_dotted_names_they_mention_are_noticed() {
+        let mut tracker = Tracker::default();
+        tracker.client_message(b'Q', Some(b"select t.id from todos t\0"));
+        assert!(!tracker.take_touched());
+        tracker.client_message(
+            b'Q',
+            Some(b"SELECT pg_catalog.SET_CONFIG('App.Tenant', '42', false), 1.5, x.\0"),
+        );
+        assert!(tracker.take_touched());
+        assert_eq!(
+            Vec::from_iter(tracker.take_mentioned()),
+            ["app.tenant", "pg_catalog.set_config", "t.id"]
+        );
+        assert!(tracker.take_mentioned().is_empty());
     }
 
     #[test]

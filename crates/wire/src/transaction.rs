@@ -18,14 +18,10 @@
 //!   statements, channels, cursors and temporary objects in one query. The
 //!   settings and statements are carried from then on; state that cannot
 //!   be carried (LISTEN, cursors WITH HOLD, temporary objects, SQL
-//!   `PREPARE`) pins the client to its connection until it leaves, as in
-//!   session pooling.
+//!   `PREPARE`, SET ROLE) pins the client to its connection until it
+//!   leaves, as in session pooling.
 
 use std::time::{Duration, SystemTime};
-
-use bytes::BytesMut;
-use fallible_iterator::FallibleIterator as _;
-use postgres_protocol::message::{backend::Message, frontend};
 
 use crate::identity::{CLAIMS_SETTING, SIGNATURE_SETTING};
 use crate::track::Tracker;
@@ -33,14 +29,21 @@ use crate::upstream::{Owner, Upstream, UpstreamError};
 
 /// One query that lists what a session holds beyond a transaction: its
 /// settings, prepared statements, channels, open cursors and temporary
-/// relations. Schema-qualified, with explicit operators: the client's
-/// search_path cannot divert it.
+/// relations (not counting this query's own unnamed portal). Custom settings (`app.tenant`) are not in `pg_settings`, so
+/// those named in `$1` (comma-separated: the identity's, the client's
+/// carried ones, and dotted names its statements mentioned) are read one by
+/// one. Schema-qualified, with explicit operators: the client's search_path
+/// cannot divert it.
 const SESSION_STATE: &str = "\
 select 's', name, pg_catalog.current_setting(name) from pg_catalog.pg_settings \
  where source operator(pg_catalog.=) 'session' \
+union all select 'x', n, pg_catalog.current_setting(n, true) \
+ from pg_catalog.unnest(pg_catalog.string_to_array($1::pg_catalog.text, ',')) n \
+ where not exists (select from pg_catalog.pg_settings g where g.name operator(pg_catalog.=) n) \
 union all select 'p', name, from_sql::pg_catalog.text from pg_catalog.pg_prepared_statements \
 union all select 'l', c, null from pg_catalog.pg_listening_channels() c \
 union all select 'c', name, null from pg_catalog.pg_cursors \
+ where name operator(pg_catalog.<>) '' \
 union all select 't', relname::pg_catalog.text, null from pg_catalog.pg_class \
  where relnamespace operator(pg_catalog.=) pg_catalog.pg_my_temp_schema()";
 
@@ -112,7 +115,22 @@ impl PooledClient {
         if !self.tracker.take_touched() {
             return Ok(None);
         }
-        let state = session_state(conn).await?;
+        // `role` is not in pg_settings either.
+        let mut names = vec![
+            CLAIMS_SETTING.to_owned(),
+            SIGNATURE_SETTING.to_owned(),
+            "role".to_owned(),
+        ];
+        names.extend(
+            (self.settings.iter())
+                .map(|(name, _)| name)
+                .filter(|name| name.contains('.'))
+                .cloned(),
+        );
+        names.extend(self.tracker.take_mentioned());
+        names.sort();
+        names.dedup();
+        let state = session_state(conn, &names).await?;
         if state.pinned_by.is_some() {
             return Ok(state.pinned_by);
         }
@@ -127,59 +145,42 @@ impl PooledClient {
     }
 }
 
-/// Runs [`SESSION_STATE`] on `conn`.
-async fn session_state(conn: &mut Upstream) -> Result<SessionState, UpstreamError> {
-    let mut out = BytesMut::new();
-    frontend::query(SESSION_STATE, &mut out)?;
-    conn.send(&mut out).await?;
+/// Runs [`SESSION_STATE`] on `conn`, reading the custom settings `names`
+/// too.
+async fn session_state(
+    conn: &mut Upstream,
+    names: &[String],
+) -> Result<SessionState, UpstreamError> {
+    let names = names.join(",");
+    let rows = conn.query_text(SESSION_STATE, &[&names]).await?;
     let mut state = SessionState::default();
-    let mut failure = None;
-    loop {
-        match conn.next_message().await? {
-            Message::DataRow(row) => {
-                let buffer = row.buffer();
-                let fields: Vec<Option<String>> = row
-                    .ranges()
-                    .map(
-                        |range| Ok(range.map(|r| String::from_utf8_lossy(&buffer[r]).into_owned())),
-                    )
-                    .collect()?;
-                let [Some(kind), Some(name), value] = <[Option<String>; 3]>::try_from(fields)
-                    .map_err(|_| UpstreamError::Protocol("session state row".into()))?
-                else {
-                    continue;
-                };
-                match (kind.as_str(), value) {
-                    ("s", Some(value)) if name == CLAIMS_SETTING => {
-                        state.identity.0 = Some(value).filter(|v| !v.is_empty());
-                    }
-                    ("s", Some(value)) if name == SIGNATURE_SETTING => {
-                        state.identity.1 = Some(value).filter(|v| !v.is_empty());
-                    }
-                    ("s", Some(value)) if carried(&name) => state.settings.push((name, value)),
-                    ("p", Some(from_sql)) if from_sql == "true" => {
-                        state.pinned_by = Some("a statement prepared with SQL PREPARE");
-                    }
-                    ("p", _) => state.protocol_statements.push(name),
-                    ("l", _) => state.pinned_by = Some("LISTEN"),
-                    ("c", _) => state.pinned_by = Some("a cursor open across transactions"),
-                    ("t", _) => state.pinned_by = Some("temporary objects"),
-                    _ => {}
-                }
+    for row in rows {
+        let Ok([Some(kind), Some(name), value]) = <[Option<String>; 3]>::try_from(row) else {
+            return Err(UpstreamError::Protocol("session state row".into()));
+        };
+        // A custom setting that was reset reads as empty.
+        let value = match kind.as_str() {
+            "x" => value.filter(|v| !v.is_empty()),
+            _ => value,
+        };
+        match (kind.as_str(), value) {
+            ("x", value) if name == CLAIMS_SETTING => state.identity.0 = value,
+            ("x", value) if name == SIGNATURE_SETTING => state.identity.1 = value,
+            ("x", Some(role)) if name == "role" && role != "none" => {
+                state.pinned_by = Some("SET ROLE");
             }
-            Message::ErrorResponse(body) => {
-                failure.get_or_insert(crate::upstream::error_fields(&body)?);
+            ("s" | "x", Some(value)) if carried(&name) => state.settings.push((name, value)),
+            ("p", Some(from_sql)) if from_sql == "true" => {
+                state.pinned_by = Some("a statement prepared with SQL PREPARE");
             }
-            Message::ReadyForQuery(_) => break,
+            ("p", _) => state.protocol_statements.push(name),
+            ("l", _) => state.pinned_by = Some("LISTEN"),
+            ("c", _) => state.pinned_by = Some("a cursor open across transactions"),
+            ("t", _) => state.pinned_by = Some("temporary objects"),
             _ => {}
         }
     }
-    match failure {
-        Some((code, message)) => Err(UpstreamError::Protocol(format!(
-            "reading the session's state failed: {code} {message}"
-        ))),
-        None => Ok(state),
-    }
+    Ok(state)
 }
 
 /// When a token expiring at `exp` (seconds since the epoch) expires.

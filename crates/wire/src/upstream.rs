@@ -366,10 +366,11 @@ pub const BEGIN_SESSION: &str = "select auth.begin_session()";
 /// `DISCARD ALL` does except `DISCARD PLANS` (cached plans hold no client
 /// state, and keeping them spares re-planning `auth.session()` for every
 /// user) and `SET SESSION AUTHORIZATION DEFAULT` (a login role without
-/// superuser cannot change its session authorization, and init-db leaves it
-/// no role to `SET ROLE` to). Inside an open transaction it runs inside it:
-/// roll back first.
-pub const RESET_SESSION: &str = "CLOSE ALL; RESET ALL; DEALLOCATE ALL; UNLISTEN *; \
+/// superuser cannot change its session authorization), which it replaces
+/// with `RESET ROLE`: `RESET ALL` leaves the role alone, and init-db gives
+/// the login roles no role to `SET ROLE` to, but an operator may grant one.
+/// Inside an open transaction it runs inside it: roll back first.
+pub const RESET_SESSION: &str = "CLOSE ALL; RESET ROLE; RESET ALL; DEALLOCATE ALL; UNLISTEN *; \
                                  SELECT pg_advisory_unlock_all(); DISCARD TEMP; \
                                  DISCARD SEQUENCES; SELECT auth.begin_session()";
 
@@ -535,6 +536,52 @@ impl Upstream {
         self.owner = Owner::Nobody;
         self.attached = (None, None);
         Ok(())
+    }
+
+    /// Runs one statement with text parameters (extended protocol, values
+    /// never spliced into SQL) and returns its rows as text; fails with the
+    /// server's error if it reports one.
+    pub async fn query_text(
+        &mut self,
+        sql: &str,
+        params: &[&str],
+    ) -> Result<Vec<Vec<Option<String>>>, UpstreamError> {
+        let mut out = BytesMut::new();
+        frontend::parse(
+            "",
+            sql,
+            std::iter::repeat_n(TEXT_OID, params.len()),
+            &mut out,
+        )?;
+        bind_text(params, &mut out)?;
+        frontend::execute("", 0, &mut out)?;
+        frontend::sync(&mut out);
+        self.send(&mut out).await?;
+        let mut rows = Vec::new();
+        let mut failure = None;
+        loop {
+            match self.next_message().await? {
+                Message::DataRow(row) => {
+                    let buffer = row.buffer();
+                    rows.push(
+                        row.ranges()
+                            .map(|range| {
+                                Ok(range.map(|r| String::from_utf8_lossy(&buffer[r]).into_owned()))
+                            })
+                            .collect()?,
+                    );
+                }
+                Message::ErrorResponse(body) => {
+                    failure.get_or_insert(error_fields(&body)?);
+                }
+                Message::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        match failure {
+            Some((code, message)) => Err(UpstreamError::Protocol(format!("{code} {message}"))),
+            None => Ok(rows),
+        }
     }
 
     /// Where a cancel request for this backend goes.
