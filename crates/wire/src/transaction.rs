@@ -112,6 +112,8 @@ impl PooledClient {
         if let Some(reason) = self.tracker.untrackable() {
             return Ok(Some(reason));
         }
+        // The names this transaction's statements mentioned.
+        let mentioned = self.tracker.take_mentioned();
         if !self.tracker.take_touched() {
             return Ok(None);
         }
@@ -127,7 +129,7 @@ impl PooledClient {
                 .filter(|name| name.contains('.'))
                 .cloned(),
         );
-        names.extend(self.tracker.take_mentioned());
+        names.extend(mentioned);
         names.sort();
         names.dedup();
         let state = session_state(conn, &names).await?;
