@@ -315,3 +315,21 @@ async fn a_role_set_by_one_client_keeps_it_on_its_connection_and_away_from_other
         assert_eq!(backend_pid(&alice).await, pid, "Alice moved");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_departed_clients_connection_serves_the_next_client_after_a_reset() {
+    let stack = start("pool_mode_by_database = { app = \"transaction\" }\npool_size = 5").await;
+    let alice = stack.login("user_alice").await;
+    alice
+        .batch_execute("set application_name = 'alice-app'")
+        .await
+        .expect("alice sets");
+    let pid = backend_pid(&alice).await;
+    drop(alice);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The pool could grow, but Alice will not be back for her connection.
+    let bob = stack.login("user_bob").await;
+    assert_eq!(backend_pid(&bob).await, pid, "a new connection was opened");
+    assert_eq!(common::user_id(&bob).await.as_deref(), Some("user_bob"));
+    assert_ne!(setting(&bob, "application_name").await, "alice-app");
+}

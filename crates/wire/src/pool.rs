@@ -8,8 +8,9 @@
 //!
 //! A checkout names the client asking: a connection that still holds that
 //! client's session (transaction pooling) is preferred, then a clean one,
-//! then a new one while the pool may grow; only then is another client's
-//! taken over, which the caller resets ([`Upstream::claim`]).
+//! then one whose client has left ([`UpstreamPool::disown`]), then a new one
+//! while the pool may grow; only then is another client's taken over. The
+//! caller resets a connection held for anyone else ([`Upstream::claim`]).
 //!
 //! Idle connections are closed after `idle_timeout`, every connection after
 //! `server_lifetime`, and one idle longer than `health_check_after` is
@@ -125,8 +126,9 @@ impl UpstreamPool {
     }
 
     /// An idle connection for (`database`, `role`), or a new one: the one
-    /// holding `client`'s session if there is one, else a clean one, else a
-    /// new one while the pool may grow, else the one idle longest.
+    /// holding `client`'s session if there is one, else a clean one, else
+    /// one whose client is gone, else a new one while the pool may grow,
+    /// else the one idle longest.
     pub async fn checkout(
         self: &Arc<Self>,
         database: &str,
@@ -166,6 +168,8 @@ impl UpstreamPool {
                 .and_then(|slot| {
                     let held = |idle: &Idle| idle.conn.owner == Owner::Client(client);
                     let clean = |idle: &Idle| idle.conn.owner == Owner::Nobody;
+                    // Left by a client that is gone: a reset away from clean.
+                    let orphaned = |idle: &Idle| idle.conn.owner == Owner::Unknown;
                     // Another client's session is taken over (and reset)
                     // only when the pool may not grow: the one idle longest,
                     // whose client is the least likely to be back soon.
@@ -173,6 +177,7 @@ impl UpstreamPool {
                     let full = busy + slot.idle.len() >= self.limits.max_per_key;
                     let at = (slot.idle.iter().rposition(held))
                         .or_else(|| slot.idle.iter().rposition(clean))
+                        .or_else(|| slot.idle.iter().rposition(orphaned))
                         .or_else(|| (full && !slot.idle.is_empty()).then_some(0))?;
                     Some(slot.idle.remove(at))
                 });
@@ -209,6 +214,18 @@ impl UpstreamPool {
             pool: Arc::clone(self),
             _permit: permit,
         })
+    }
+
+    /// Marks the idle connections holding `client`'s session as nobody's
+    /// to come back to (the client left); they are reset before reuse.
+    pub fn disown(&self, database: &str, role: &str, client: u64) {
+        let key = (database.to_owned(), role.to_owned());
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        for idle in slots.get_mut(&key).into_iter().flat_map(|s| &mut s.idle) {
+            if idle.conn.owner == Owner::Client(client) {
+                idle.conn.owner = Owner::Unknown;
+            }
+        }
     }
 
     /// Idle connections for (`database`, `role`).

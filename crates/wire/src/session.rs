@@ -520,9 +520,13 @@ impl Proxy {
                 expires,
             };
             drop(identity);
-            return self
+            let served = self
                 .serve_transactions(stream, buf, &startup, client, guard)
                 .await;
+            if let Some(pool) = &self.pool {
+                pool.disown(&startup.database, &startup.role, client_id);
+            }
+            return served;
         }
         self.relay_to_end(
             stream,
