@@ -12,16 +12,27 @@
 #
 #   benches/compare.sh [seconds] [modes]   (modes: "session transaction")
 #
-# Needs a release build, pgbench and pgbouncer (Debian's package).
+# Builds the release binary; installs pgbench and pgbouncer (Debian's
+# packages) when they are missing and this runs as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-8}
 modes=${2:-session transaction}
 bin=target/release/authgres
 cargo build --release --quiet
-command -v pgbench >/dev/null || { echo "pgbench is missing: apt-get install postgresql-client" >&2; exit 1; }
+need() { # command package
+    command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ] && return
+    if [ "$(id -u)" = 0 ]; then
+        echo "installing $2 for $1" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$2" >/dev/null
+    else
+        echo "$1 is missing: sudo apt-get install $2" >&2
+        exit 1
+    fi
+}
+need pgbench postgresql-client
+need pgbouncer pgbouncer
 pgbouncer=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
-[ -x "$pgbouncer" ] || { echo "pgbouncer is missing: apt-get install pgbouncer" >&2; exit 1; }
 
 work=$(mktemp -d)
 chmod 755 "$work"
