@@ -333,3 +333,27 @@ async fn a_departed_clients_connection_serves_the_next_client_after_a_reset() {
     assert_eq!(common::user_id(&bob).await.as_deref(), Some("user_bob"));
     assert_ne!(setting(&bob, "application_name").await, "alice-app");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn startup_settings_follow_their_client() {
+    let stack = start(POOL_OF_ONE).await;
+    let token = stack.issuer.token("user_alice");
+    let (alice, connection) = tokio_postgres::connect(
+        &stack.conninfo(
+            "authenticated",
+            &token,
+            "sslmode=disable application_name=alice-app options='-c statement_timeout=1234ms'",
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("connect");
+    tokio::spawn(connection);
+    let bob = stack.login("user_bob").await;
+    for _ in 0..2 {
+        assert_eq!(setting(&alice, "statement_timeout").await, "1234ms");
+        assert_eq!(setting(&alice, "application_name").await, "alice-app");
+        assert_eq!(setting(&bob, "statement_timeout").await, "0");
+        assert_ne!(setting(&bob, "application_name").await, "alice-app");
+    }
+}
