@@ -39,8 +39,8 @@ pub enum Stop {
     /// The upstream server closed (shutdown, FATAL, terminated backend).
     UpstreamClosed,
     /// The session reached an idle transaction boundary and was asked to
-    /// stop there ([`Relay::stop_at_idle`]); what the server sent is still
-    /// to be written to the client ([`Relay::flush_client`]).
+    /// stop there ([`Relay::stop_at_idle`]); the client has received all the
+    /// server sent.
     Idle,
 }
 
@@ -201,13 +201,18 @@ impl Relay {
         C: AsyncRead + AsyncWrite + Unpin + ?Sized,
         U: AsyncRead + AsyncWrite + Unpin + ?Sized,
     {
-        if self.stop_at_idle && self.is_idle() {
-            return Poll::Ready(Ok(Stop::Idle));
-        }
         loop {
+            // At the idle boundary it stops at, the relay reads neither side
+            // (what the client sends next belongs to its next transaction)
+            // and stops once the client has everything.
+            let stopping = self.stop_at_idle && self.is_idle();
+            if stopping && self.to_client.settled() {
+                return Poll::Ready(Ok(Stop::Idle));
+            }
             let mut progressed = false;
             // Client to upstream.
-            if self.to_upstream.is_empty()
+            if !stopping
+                && self.to_upstream.is_empty()
                 && !self.terminated
                 && let Poll::Ready(read) = self.to_upstream.poll_fill(cx, client)
             {
@@ -229,16 +234,14 @@ impl Relay {
                 return Poll::Ready(Ok(Stop::ClientTerminated));
             }
             // Upstream to client.
-            if self.to_client.is_empty()
+            if !stopping
+                && self.to_client.is_empty()
                 && let Poll::Ready(read) = self.to_client.poll_fill(cx, upstream)
             {
                 if read? == 0 {
                     return Poll::Ready(Ok(Stop::UpstreamClosed));
                 }
                 self.scan_server();
-                if self.stop_at_idle && self.is_idle() {
-                    return Poll::Ready(Ok(Stop::Idle));
-                }
                 progressed = true;
             }
             if !self.to_client.settled() {
@@ -480,10 +483,10 @@ mod tests {
             .write_all(&message(b'Z', b"I"))
             .await
             .expect("write");
-        let (stopped, mut relay, (mut client, _)) = relay.await.expect("join");
-        assert_eq!(stopped.expect("relay"), Stop::Idle);
-        relay.flush_client(&mut client).await.expect("flush");
+        // The client has its last ReadyForQuery when the relay stops.
         expect_read(&mut client_peer, &message(b'Z', b"I")).await;
+        let (stopped, _, _) = relay.await.expect("join");
+        assert_eq!(stopped.expect("relay"), Stop::Idle);
     }
 
     #[tokio::test]

@@ -576,7 +576,7 @@ impl Proxy {
                 }
             }
         };
-        if matches!(stopped, Ok(Stop::Idle | Stop::UpstreamClosed)) {
+        if matches!(stopped, Ok(Stop::UpstreamClosed)) {
             relay.flush_client(&mut stream).await?;
         }
         if let Ok(Stop::Idle) = stopped {
@@ -666,7 +666,6 @@ impl Proxy {
                     Ok(None) => {
                         cancel.retarget(None).await;
                         pooled.release();
-                        relay.flush_client(&mut stream).await?;
                         continue;
                     }
                     Ok(Some(reason)) => {
@@ -691,7 +690,6 @@ impl Proxy {
                         tracing::debug!(%error, "upstream failed after a transaction");
                         cancel.retarget(None).await;
                         drop(pooled);
-                        relay.flush_client(&mut stream).await?;
                         continue;
                     }
                 }
