@@ -10,12 +10,28 @@ use std::process::Command;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_neon_serverless_driver_works_against_authgres() {
+    run_checks(&common::Stack::start().await).await;
+}
+
+/// Its WebSocket `Pool` is a wire client like any other: the same checks with
+/// transaction pooling behind /v2.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_neon_serverless_driver_works_under_transaction_pooling() {
+    let stack = common::Stack::start_with(common::Options {
+        upstream_extra: "pool_mode = \"transaction\"\npool_size = 2",
+        ..Default::default()
+    })
+    .await;
+    run_checks(&stack).await;
+}
+
+/// Runs tests/neon/run.mjs against `stack`.
+async fn run_checks(stack: &common::Stack) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/neon");
     assert!(
         dir.join("node_modules/@neondatabase/serverless").is_dir(),
         "the Neon driver is not installed: run `npm ci --prefix tests/neon`"
     );
-    let stack = common::Stack::start().await;
     let output = tokio::task::spawn_blocking({
         let http_url = stack.http_url();
         let pg = format!("127.0.0.1:{}", stack.port);
