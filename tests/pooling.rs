@@ -189,14 +189,7 @@ async fn session_pooling_can_be_turned_off() {
 async fn a_role_granted_by_the_operator_and_set_by_a_client_does_not_reach_the_next() {
     let stack = Stack::start().await;
     // init-db grants the login roles nothing; an operator might.
-    stack
-        .cluster
-        .admin(common::DATABASE)
-        .await
-        .expect("admin")
-        .batch_execute("create role app_admin; grant app_admin to authenticated")
-        .await
-        .expect("grant");
+    common::grant_role_to_authenticated(&stack, "app_admin").await;
     let alice = stack.login("user_alice").await;
     let pid = backend_pid(&alice).await;
     alice

@@ -282,14 +282,7 @@ async fn pgbench_prepared_with_more_clients_than_connections() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_role_set_by_one_client_keeps_it_on_its_connection_and_away_from_others() {
     let stack = start(POOL_OF_TWO).await;
-    stack
-        .cluster
-        .admin(common::DATABASE)
-        .await
-        .expect("admin")
-        .batch_execute("create role app_admin; grant app_admin to authenticated")
-        .await
-        .expect("grant");
+    common::grant_role_to_authenticated(&stack, "app_admin").await;
     let alice = stack.login("user_alice").await;
     let bob = stack.login("user_bob").await;
     let carol = stack.login("user_carol").await;

@@ -457,6 +457,21 @@ pub async fn listening_client(
     (client, received)
 }
 
+/// Does what init-db never does and an operator might: creates `role` and
+/// makes `authenticated` a member of it.
+pub async fn grant_role_to_authenticated(stack: &Stack, role: &str) {
+    stack
+        .cluster
+        .admin(DATABASE)
+        .await
+        .expect("admin")
+        .batch_execute(&format!(
+            "create role {role}; grant {role} to authenticated"
+        ))
+        .await
+        .expect("grant");
+}
+
 /// Rows of `todos` owned by `sub`, counted by the superuser.
 pub async fn todos_of(stack: &Stack, sub: &str) -> i64 {
     stack

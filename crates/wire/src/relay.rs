@@ -364,14 +364,8 @@ pub async fn close_client<C: AsyncWrite + Unpin + ?Sized>(client: &mut C) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scan::tests::message;
     use tokio::io::{AsyncReadExt as _, DuplexStream};
-
-    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut out = vec![tag];
-        out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
-        out.extend_from_slice(body);
-        out
-    }
 
     type Relaying =
         tokio::task::JoinHandle<(io::Result<Stop>, Relay, (DuplexStream, DuplexStream))>;
