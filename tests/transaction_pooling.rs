@@ -350,3 +350,27 @@ async fn startup_settings_follow_their_client() {
         assert_ne!(setting(&bob, "application_name").await, "alice-app");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_notification_sent_right_after_listen_returns_is_not_lost() {
+    let stack = start(POOL_OF_TWO).await;
+    let bob = stack.login("user_bob").await;
+    // The proxy reads the session's state right after LISTEN returns; a
+    // notification arriving meanwhile must still reach the listener.
+    for round in 0..30 {
+        let token = stack.issuer.token("user_alice");
+        let (alice, mut received) = common::listening_client(&stack, &token).await;
+        alice
+            .batch_execute(&format!("listen race_{round}"))
+            .await
+            .expect("listen");
+        bob.batch_execute(&format!("notify race_{round}, 'n{round}'"))
+            .await
+            .expect("notify");
+        let note = tokio::time::timeout(Duration::from_secs(5), received.recv())
+            .await
+            .unwrap_or_else(|_| panic!("notification {round} lost"))
+            .expect("notification");
+        assert_eq!(note, format!("n{round}"));
+    }
+}

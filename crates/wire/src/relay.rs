@@ -182,6 +182,22 @@ impl Relay {
         Ok(())
     }
 
+    /// Delivers server bytes read outside the relay (by the proxy's own
+    /// queries on the connection) to the client, following them like any the
+    /// relay reads.
+    pub async fn deliver<C>(&mut self, bytes: &[u8], client: &mut C) -> io::Result<()>
+    where
+        C: AsyncWrite + Unpin + ?Sized,
+    {
+        for chunk in bytes.chunks(SERVER_BUFFER) {
+            self.to_client.buf[..chunk.len()].copy_from_slice(chunk);
+            (self.to_client.start, self.to_client.end) = (0, chunk.len());
+            self.scan_server();
+            poll_fn(|cx| self.to_client.poll_drain(cx, client)).await?;
+        }
+        Ok(())
+    }
+
     /// Relays until a side ends or the session stops at an idle boundary.
     pub async fn run<C, U>(&mut self, client: &mut C, upstream: &mut U) -> io::Result<Stop>
     where

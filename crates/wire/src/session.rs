@@ -490,8 +490,7 @@ impl Proxy {
         backend::backend_key_data(guard.pid, guard.key, &mut out);
         backend::ready_for_query_idle(&mut out);
         // Anything the upstream sent past its ReadyForQuery (an async notice).
-        out.extend_from_slice(&upstream.read_buf);
-        upstream.read_buf.clear();
+        out.extend_from_slice(&upstream.take_for_client());
         write_flush(&mut stream, &out).await?;
         // Idle sessions are many: hold no handshake buffers while relaying.
         drop((out, parameters));
@@ -654,6 +653,7 @@ impl Proxy {
             cancel.retarget(Some(conn.cancel_key())).await;
             let mut relay = Relay::new(Some(std::mem::take(&mut client.tracker)));
             relay.stop_at_idle(true);
+            relay.deliver(&conn.take_for_client(), &mut stream).await?;
             let stopped = match relay.forward(&first, &mut conn.stream).await {
                 Ok(()) => relay.run(&mut stream, &mut conn.stream).await,
                 Err(error) => Err(error),
@@ -662,7 +662,11 @@ impl Proxy {
                 if let Some(tracker) = relay.take_tracker() {
                     client.tracker = tracker;
                 }
-                match client.settle(conn).await {
+                let settled = client.settle(conn).await;
+                if settled.is_ok() {
+                    relay.deliver(&conn.take_for_client(), &mut stream).await?;
+                }
+                match settled {
                     Ok(None) => {
                         cancel.retarget(None).await;
                         pooled.release();

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{BufMut as _, BytesMut};
 use fallible_iterator::FallibleIterator as _;
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
 use postgres_protocol::message::{backend::Message, frontend};
@@ -160,6 +160,9 @@ pub struct Upstream {
     pub owner: Owner,
     /// The claims and signature the proxy last attached.
     attached: (Option<String>, Option<String>),
+    /// Notifications (LISTEN) that arrived while the proxy ran its own
+    /// queries, re-encoded for the client they belong to.
+    notifications: BytesMut,
 }
 
 /// A process-unique id for a client of the pool (see [`Upstream::claim`]).
@@ -221,6 +224,7 @@ async fn login(
         next_binding: None,
         owner: Owner::Nobody,
         attached: (None, None),
+        notifications: BytesMut::new(),
     };
     let mut out = BytesMut::new();
     let startup = [("user", role), ("database", database)]
@@ -535,7 +539,19 @@ impl Upstream {
         self.next_binding = binding;
         self.owner = Owner::Nobody;
         self.attached = (None, None);
+        // The previous client's, and it is gone.
+        self.notifications.clear();
         Ok(())
+    }
+
+    /// What the server sent for the client while the proxy ran its own
+    /// queries: notifications, then whatever arrived after the last reply
+    /// read. The client must get these before anything the relay reads.
+    pub fn take_for_client(&mut self) -> BytesMut {
+        let mut bytes = std::mem::take(&mut self.notifications);
+        bytes.extend_from_slice(&self.read_buf);
+        self.read_buf.clear();
+        bytes
     }
 
     /// Runs one statement with text parameters (extended protocol, values
@@ -683,10 +699,25 @@ impl Upstream {
     }
 
     /// Reads the next message from the server.
+    /// A notification is not the reply of any query the proxy runs: it is
+    /// kept for the client ([`Upstream::take_for_client`]).
     pub async fn next_message(&mut self) -> Result<Message, UpstreamError> {
         loop {
-            if let Some(message) = Message::parse(&mut self.read_buf)? {
-                return Ok(message);
+            match Message::parse(&mut self.read_buf)? {
+                Some(Message::NotificationResponse(body)) => {
+                    let (channel, payload) = (body.channel()?, body.message()?);
+                    let out = &mut self.notifications;
+                    out.put_u8(b'A');
+                    out.put_i32((4 + 4 + channel.len() + 1 + payload.len() + 1) as i32);
+                    out.put_i32(body.process_id());
+                    for text in [channel, payload] {
+                        out.put_slice(text.as_bytes());
+                        out.put_u8(0);
+                    }
+                    continue;
+                }
+                Some(message) => return Ok(message),
+                None => {}
             }
             if self.stream.read_buf(&mut self.read_buf).await? == 0 {
                 return Err(UpstreamError::Io(std::io::ErrorKind::UnexpectedEof.into()));
