@@ -305,7 +305,9 @@ impl Proxy {
         tcp.set_nodelay(true)?;
         let deadline = Instant::now() + self.config.auth_timeout;
         let mut buf = BytesMut::with_capacity(1024);
-        let negotiated = timeout_at(deadline, self.negotiate(tcp, &mut buf)).await;
+        // Boxed: the TLS handshake's future is large and done with before
+        // the session settles in; the task keeps only what idle needs.
+        let negotiated = timeout_at(deadline, Box::pin(self.negotiate(tcp, &mut buf))).await;
         let (mut stream, packet) = match negotiated {
             Err(_) => return Err(SessionError::AuthTimeout(self.config.auth_timeout)),
             Ok((stream, Err(error))) => {
@@ -450,18 +452,21 @@ impl Proxy {
     {
         let login = match timeout_at(
             deadline,
-            self.authenticate(&mut stream, &mut buf, &parameters, peer, is_tls),
+            // Boxed, as are the login and checkout futures below: token
+            // verification (with its JWKS fetch) and upstream logins are
+            // large, and an idle session's task should not carry their size.
+            Box::pin(self.authenticate(&mut stream, &mut buf, &parameters, peer, is_tls)),
         )
         .await
         {
             Ok(Ok(login)) => login,
             Ok(Err(error)) => {
-                refuse(&mut stream, &error).await;
+                Box::pin(refuse(&mut stream, &error)).await;
                 return Err(error);
             }
             Err(_) => {
                 let error = SessionError::AuthTimeout(self.config.auth_timeout);
-                refuse(&mut stream, &error).await;
+                Box::pin(refuse(&mut stream, &error)).await;
                 return Err(error);
             }
         };
@@ -469,11 +474,12 @@ impl Proxy {
         let mode = self.config.pool_mode_for(&startup.database);
         let claims = identity.as_ref().map(|i| &*i.claims_json);
         let client_id = upstream::next_client_id();
-        let (mut lease, parameters) = match self.lease(&startup, claims, client_id, mode).await {
+        let leased = Box::pin(self.lease(&startup, claims, client_id, mode)).await;
+        let (mut lease, parameters) = match leased {
             Ok(leased) => leased,
             Err(error) => {
                 tracing::warn!(%error, "upstream login failed");
-                refuse(&mut stream, &error).await;
+                Box::pin(refuse(&mut stream, &error)).await;
                 return Err(error);
             }
         };
@@ -507,7 +513,7 @@ impl Proxy {
             .map(|identity| transaction::expiry_time(identity.expires_at));
         let Lease::Pooled(pooled) = lease else {
             let relay = Relay::new(None);
-            return self.relay_to_end(stream, relay, buf, lease, expires).await;
+            return Box::pin(self.relay_to_end(stream, relay, buf, lease, expires)).await;
         };
         if mode == PoolMode::Transaction {
             pooled.release();
@@ -527,13 +533,13 @@ impl Proxy {
             }
             return served;
         }
-        self.relay_to_end(
+        Box::pin(self.relay_to_end(
             stream,
             Relay::new(None),
             buf,
             Lease::Pooled(pooled),
             expires,
-        )
+        ))
         .await
     }
 
@@ -638,14 +644,14 @@ impl Proxy {
             }
             if client.expired(SystemTime::now()) {
                 let error = SessionError::TokenExpired;
-                refuse(&mut stream, &error).await;
+                Box::pin(refuse(&mut stream, &error)).await;
                 return Err(error);
             }
-            let mut pooled = match self.checkout_for(startup, &client).await {
+            let mut pooled = match Box::pin(self.checkout_for(startup, &client)).await {
                 Ok(pooled) => pooled,
                 Err(error) => {
                     tracing::warn!(%error, "no upstream connection for a transaction");
-                    refuse(&mut stream, &error).await;
+                    Box::pin(refuse(&mut stream, &error)).await;
                     return Err(error);
                 }
             };
@@ -662,7 +668,10 @@ impl Proxy {
                 if let Some(tracker) = relay.take_tracker() {
                     client.tracker = tracker;
                 }
-                let settled = client.settle(conn).await;
+                let settled = match client.unsettled() {
+                    true => Box::pin(client.settle(conn)).await,
+                    false => Ok(None),
+                };
                 if settled.is_ok() {
                     relay.deliver(&conn.take_for_client(), &mut stream).await?;
                 }
@@ -678,15 +687,16 @@ impl Proxy {
                             "client keeps its upstream connection until it leaves"
                         );
                         relay.stop_at_idle(false);
-                        return self
-                            .relay_to_end(
-                                stream,
-                                relay,
-                                BytesMut::new(),
-                                Lease::Pooled(pooled),
-                                client.expires,
-                            )
-                            .await;
+                        // Boxed, like the other rare paths here: an idle
+                        // client's task carries only what idle needs.
+                        return Box::pin(self.relay_to_end(
+                            stream,
+                            relay,
+                            BytesMut::new(),
+                            Lease::Pooled(pooled),
+                            client.expires,
+                        ))
+                        .await;
                     }
                     Err(error) => {
                         // The connection broke after the transaction ended;
@@ -705,7 +715,7 @@ impl Proxy {
             relay::close_client(&mut stream).await;
             let client_left = matches!(stopped, Ok(Stop::ClientClosed | Stop::ClientTerminated));
             if client_left && relay.between_requests() {
-                match pooled.conn().reset().await {
+                match Box::pin(pooled.conn().reset()).await {
                     Ok(()) => pooled.release(),
                     Err(error) => tracing::debug!(%error, "upstream not reusable after reset"),
                 }

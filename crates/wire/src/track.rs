@@ -218,6 +218,12 @@ impl Tracker {
         }
     }
 
+    /// Whether a command that can leave session state ran since the flag
+    /// was last taken.
+    pub fn touched(&self) -> bool {
+        self.touched
+    }
+
     /// Whether a command that can leave session state ran since the last
     /// call; clears the flag.
     pub fn take_touched(&mut self) -> bool {

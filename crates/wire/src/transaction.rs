@@ -102,6 +102,16 @@ impl PooledClient {
         conn.replay_statements(self.tracker.statements()).await
     }
 
+    /// Whether the transaction that just ended needs [`PooledClient::settle`]
+    /// (most do not); if not, forgets the names it mentioned.
+    pub fn unsettled(&mut self) -> bool {
+        let unsettled = self.tracker.untrackable().is_some() || self.tracker.touched();
+        if !unsettled {
+            self.tracker.take_mentioned();
+        }
+        unsettled
+    }
+
     /// After a transaction ended idle: if it ran a command that can leave
     /// session state, reads that state and carries what can be carried.
     /// Returns why the client must keep this connection, if it must.
