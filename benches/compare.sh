@@ -10,7 +10,11 @@
 # whose transactions fail (pgbouncer before 1.21 cannot run prepared
 # statements in transaction mode) prints "fail".
 #
-#   benches/compare.sh [seconds] [modes]   (modes: "session transaction")
+#   benches/compare.sh [seconds] [modes] [loads] [rounds]
+#     modes: "session transaction" (default both)
+#     loads: pgbench options per load, separated by ";" (default: the seven
+#            loads below)
+#     rounds: how many times to run every load (default 1)
 #
 # Builds the release binary; installs pgbench and pgbouncer (Debian's
 # packages) when they are missing and this runs as root.
@@ -18,6 +22,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-8}
 modes=${2:-session transaction}
+IFS=';' read -r -a loads <<<"${3:--c 1 -M simple;-c 1 -M prepared;-c 8 -M simple;-c 8 -M prepared;-c 32 -M simple;-c 32 -M prepared;-c 8 -C -M simple}"
+rounds=${4:-1}
 bin=target/release/authgres
 cargo build --release --quiet
 need() { # command package
@@ -106,9 +112,11 @@ run() { # name port database password args...
 }
 ratio() { python3 -c "import sys; a, b = map(float, sys.argv[1:]); print(f'{a / b:.2f}' if a and b else '-')" "$1" "$2"; }
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem/ {print $2}') GiB; ${seconds}s per run; select 1"
-for load in "-c 1 -M simple" "-c 1 -M prepared" "-c 8 -M simple" "-c 8 -M prepared" \
-            "-c 32 -M simple" "-c 32 -M prepared" "-c 8 -C -M simple"; do
-    echo "--- pgbench $load"
+for round in $(seq 1 "$rounds"); do
+for load in "${loads[@]}"; do
+    label=""
+    [ "$rounds" -gt 1 ] && label=" (round $round of $rounds)"
+    echo "--- pgbench $load$label"
     printf "%-22s %10s %11s %10s %12s\n" target tps "latency ms" "/ direct" "/ pgbouncer"
     # shellcheck disable=SC2086
     run direct "$pg_port" app "$role_password" $load
@@ -130,4 +138,5 @@ for load in "-c 1 -M simple" "-c 1 -M prepared" "-c 8 -M simple" "-c 8 -M prepar
         printf "%-22s %10s %11s %10s %12s\n" "authgres $mode" "$tps" "$lat" \
             "$(ratio "$tps" "$direct_tps")" "$(ratio "$tps" "$bouncer_tps")"
     done
+done
 done

@@ -145,20 +145,24 @@ impl UpstreamPool {
                     .get_or_insert_with(|| Arc::new(Semaphore::new(self.limits.max_per_key))),
             )
         };
-        let permit = tokio::time::timeout(
-            self.limits.checkout_timeout,
-            Arc::clone(&permits).acquire_owned(),
-        )
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .ok_or_else(|| {
-            CheckoutError::Timeout(
-                database.to_owned(),
-                role.to_owned(),
+        // A free slot needs no timer: most checkouts take this path.
+        let permit = match Arc::clone(&permits).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => tokio::time::timeout(
                 self.limits.checkout_timeout,
+                Arc::clone(&permits).acquire_owned(),
             )
-        })?;
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| {
+                CheckoutError::Timeout(
+                    database.to_owned(),
+                    role.to_owned(),
+                    self.limits.checkout_timeout,
+                )
+            })?,
+        };
         loop {
             let idle = self
                 .slots
