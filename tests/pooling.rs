@@ -6,6 +6,23 @@ mod common;
 
 use common::{Stack, backend_pid};
 
+/// Alice leaves; Bob logs in and gets the backend she had (`pid`).
+async fn hand_over(
+    stack: &Stack,
+    alice: tokio_postgres::Client,
+    pid: i32,
+) -> tokio_postgres::Client {
+    drop(alice);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let bob = stack.login("user_bob").await;
+    assert_eq!(
+        backend_pid(&bob).await,
+        pid,
+        "the connection was not reused"
+    );
+    bob
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pooled_connection_carries_nothing_from_one_client_to_the_next() {
     let stack = Stack::start().await;
@@ -23,15 +40,7 @@ async fn a_pooled_connection_carries_nothing_from_one_client_to_the_next() {
         )
         .await
         .expect("leave state behind");
-    drop(alice);
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-
-    let bob = stack.login("user_bob").await;
-    assert_eq!(
-        backend_pid(&bob).await,
-        pid,
-        "the connection was not reused"
-    );
+    let bob = hand_over(&stack, alice, pid).await;
     let row = bob
         .query_one(
             "select auth.user_id(), current_setting('search_path'), current_setting('application_name'), \
@@ -196,14 +205,7 @@ async fn a_role_granted_by_the_operator_and_set_by_a_client_does_not_reach_the_n
         .batch_execute("set role app_admin")
         .await
         .expect("set role");
-    drop(alice);
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let bob = stack.login("user_bob").await;
-    assert_eq!(
-        backend_pid(&bob).await,
-        pid,
-        "the connection was not reused"
-    );
+    let bob = hand_over(&stack, alice, pid).await;
     let role: String = bob
         .query_one("select current_user::text", &[])
         .await
