@@ -102,6 +102,22 @@ impl Pipe {
         Poll::Ready(Ok(()))
     }
 
+    /// Drains what it can without waiting; returns whether anything moved.
+    fn poll_progress<W: AsyncWrite + Unpin + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        writer: &mut W,
+    ) -> io::Result<bool> {
+        if self.settled() {
+            return Ok(false);
+        }
+        let before = self.start;
+        match self.poll_drain(cx, writer) {
+            Poll::Ready(drained) => drained.map(|()| true),
+            Poll::Pending => Ok(self.start != before),
+        }
+    }
+
     fn settled(&self) -> bool {
         self.is_empty() && !self.unflushed
     }
@@ -238,14 +254,7 @@ impl Relay {
                 self.scan_client();
                 progressed = true;
             }
-            if !self.to_upstream.settled() {
-                let before = self.to_upstream.start;
-                if let Poll::Ready(drained) = self.to_upstream.poll_drain(cx, upstream) {
-                    drained?;
-                    progressed = true;
-                }
-                progressed |= self.to_upstream.start != before;
-            }
+            progressed |= self.to_upstream.poll_progress(cx, upstream)?;
             if self.terminated && self.to_upstream.settled() {
                 return Poll::Ready(Ok(Stop::ClientTerminated));
             }
@@ -260,14 +269,7 @@ impl Relay {
                 self.scan_server();
                 progressed = true;
             }
-            if !self.to_client.settled() {
-                let before = self.to_client.start;
-                if let Poll::Ready(drained) = self.to_client.poll_drain(cx, client) {
-                    drained?;
-                    progressed = true;
-                }
-                progressed |= self.to_client.start != before;
-            }
+            progressed |= self.to_client.poll_progress(cx, client)?;
             if !progressed {
                 return Poll::Pending;
             }
