@@ -3,8 +3,10 @@
 # logins), each pooler in session and in transaction mode, all on loopback,
 # with pgbench: steady select-only load at -c 1, 8 and 32 (simple and
 # prepared protocol) and connection churn (-C: a new connection per
-# transaction). Prints TPS, average latency, and each target's TPS as a
-# ratio of direct Postgres's and of pgbouncer's in the same mode. Every
+# transaction). Prints TPS, average latency, the latency each pooler adds
+# to direct Postgres, and each target's TPS as a ratio of direct Postgres's
+# and of pgbouncer's in the same mode; then each pooler's own CPU time per
+# transaction over a fixed count of transactions, measured from /proc. Every
 # target is reached in plaintext (pgbouncer has no TLS here; authgres allows
 # cleartext tokens from loopback), so each does the same work per byte. A run
 # whose transactions fail (pgbouncer before 1.21 cannot run prepared
@@ -98,45 +100,81 @@ txn=$!
 sleep 1
 
 echo "select 1;" >"$work/select.sql"
-run() { # name port database password args...
-    local name=$1 port=$2 db=$3 password=$4; shift 4
-    local out
-    local status=0
-    out=$(PGSSLMODE=disable PGPASSWORD=$password pgbench -n -h 127.0.0.1 -p "$port" \
-        -U authenticated -d "$db" -f "$work/select.sql" -T "$seconds" -j 2 "$@" 2>&1) || status=$?
+# pgbench takes the database as its last argument: its -d is --debug, which
+# prints every message and slows the load generator down by more than half.
+pgbench_run() { # port database password args...
+    local port=$1 db=$2 password=$3; shift 3
+    PGSSLMODE=disable PGPASSWORD=$password pgbench -n -h 127.0.0.1 -p "$port" \
+        -U authenticated -f "$work/select.sql" -j 2 "$@" "$db" 2>&1
+}
+run() { # port database password args...
+    local out status=0
+    out=$(pgbench_run "$@" -T "$seconds") || status=$?
     tps=$(echo "$out" | sed -n 's/^tps = \([0-9]*\).*/\1/p' | head -1)
     lat=$(echo "$out" | sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' | head -1)
     if [ "$status" != 0 ] || [ -z "$tps" ] || echo "$out" | grep -q "aborted"; then
         tps=0 lat=fail
     fi
 }
+# utime + stime of a process, in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+ticks_per_second=$(getconf CLK_TCK)
+# The proxy's own CPU per transaction over a fixed transaction count: on
+# two shared cores throughput mostly measures pgbench and Postgres, while
+# this is the proxy's cost alone.
+cpu_per_transaction() { # pid port database password transactions-per-client
+    local pid=$1 port=$2 db=$3 password=$4 per_client=$5 before after out
+    before=$(cpu_ticks "$pid")
+    out=$(pgbench_run "$port" "$db" "$password" -c 8 -M simple -t "$per_client") || true
+    after=$(cpu_ticks "$pid")
+    if ! echo "$out" | grep -q "actually processed: $((8 * per_client))/"; then
+        cpu_us=fail
+        return
+    fi
+    cpu_us=$(python3 -c "import sys; t, hz, n = map(float, sys.argv[1:]); print(f'{t / hz / n * 1e6:.1f}')" \
+        "$((after - before))" "$ticks_per_second" "$((8 * per_client))")
+}
 ratio() { python3 -c "import sys; a, b = map(float, sys.argv[1:]); print(f'{a / b:.2f}' if a and b else '-')" "$1" "$2"; }
+added() { python3 -c "import sys; a, b = sys.argv[1:]; print(f'{(float(a) - float(b)) * 1000:.0f}' if 'fail' not in (a, b) else '-')" "$1" "$2"; }
+target() { # mode -> bouncer_db authgres_port authgres_pid
+    if [ "$1" = session ]; then
+        bouncer_db=app authgres_port=$PGPORT authgres_pid=$demo
+    else
+        bouncer_db=app_txn authgres_port=$txn_port authgres_pid=$txn
+    fi
+}
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem/ {print $2}') GiB; ${seconds}s per run; select 1"
 for round in $(seq 1 "$rounds"); do
+label=""
+[ "$rounds" -gt 1 ] && label=" (round $round of $rounds)"
 for load in "${loads[@]}"; do
-    label=""
-    [ "$rounds" -gt 1 ] && label=" (round $round of $rounds)"
     echo "--- pgbench $load$label"
-    printf "%-22s %10s %11s %10s %12s\n" target tps "latency ms" "/ direct" "/ pgbouncer"
+    printf "%-22s %10s %11s %10s %10s %12s\n" target tps "latency ms" "added µs" "/ direct" "/ pgbouncer"
     # shellcheck disable=SC2086
-    run direct "$pg_port" app "$role_password" $load
-    direct_tps=$tps
-    printf "%-22s %10s %11s %10s %12s\n" direct "$tps" "$lat" 1.00 -
+    run "$pg_port" app "$role_password" $load
+    direct_tps=$tps direct_lat=$lat
+    printf "%-22s %10s %11s %10s %10s %12s\n" direct "$tps" "$lat" - 1.00 -
     for mode in $modes; do
-        if [ "$mode" = session ]; then
-            bouncer_db=app authgres_port=$PGPORT
-        else
-            bouncer_db=app_txn authgres_port=$txn_port
-        fi
+        target "$mode"
         # shellcheck disable=SC2086
-        run pgbouncer "$bouncer_port" "$bouncer_db" "$role_password" $load
+        run "$bouncer_port" "$bouncer_db" "$role_password" $load
         bouncer_tps=$tps
-        printf "%-22s %10s %11s %10s %12s\n" "pgbouncer $mode" "$tps" "$lat" \
-            "$(ratio "$tps" "$direct_tps")" "$(ratio "$tps" "$tps")"
+        printf "%-22s %10s %11s %10s %10s %12s\n" "pgbouncer $mode" "$tps" "$lat" \
+            "$(added "$lat" "$direct_lat")" "$(ratio "$tps" "$direct_tps")" 1.00
         # shellcheck disable=SC2086
-        run authgres "$authgres_port" app "$AUTHGRES_TOKEN_A" $load
-        printf "%-22s %10s %11s %10s %12s\n" "authgres $mode" "$tps" "$lat" \
-            "$(ratio "$tps" "$direct_tps")" "$(ratio "$tps" "$bouncer_tps")"
+        run "$authgres_port" app "$AUTHGRES_TOKEN_A" $load
+        printf "%-22s %10s %11s %10s %10s %12s\n" "authgres $mode" "$tps" "$lat" \
+            "$(added "$lat" "$direct_lat")" "$(ratio "$tps" "$direct_tps")" "$(ratio "$tps" "$bouncer_tps")"
     done
+done
+per_client=$(( seconds * 1000 ))
+echo "--- proxy CPU per transaction (utime+stime from /proc), pgbench -c 8 -M simple -t $per_client$label"
+printf "%-22s %10s\n" target "µs / tx"
+for mode in $modes; do
+    target "$mode"
+    cpu_per_transaction "$bouncer" "$bouncer_port" "$bouncer_db" "$role_password" "$per_client"
+    printf "%-22s %10s\n" "pgbouncer $mode" "$cpu_us"
+    cpu_per_transaction "$authgres_pid" "$authgres_port" app "$AUTHGRES_TOKEN_A" "$per_client"
+    printf "%-22s %10s\n" "authgres $mode" "$cpu_us"
 done
 done

@@ -165,15 +165,17 @@ fn instructions(
         out,
         "  curl -s {http_url} -H 'Authorization: Bearer {token_a}' -H 'Neon-Connection-String: postgresql://authenticated@{address}/{DATABASE}' -d '{{\"query\": \"select * from todos\"}}'\n"
     );
-    let _ = writeln!(
-        out,
-        "More tokens: authgres token --sub user_carol{}",
-        if dir == default_state_dir() {
-            String::new()
-        } else {
-            format!(" --state-dir {}", dir.display())
-        }
-    );
+    // The binary's own path works however the demo was started (`cargo run`
+    // puts nothing named authgres on PATH).
+    let exe = std::env::current_exe()
+        .map(|path| path.display().to_string())
+        .unwrap_or_else(|_| "authgres".to_owned());
+    let state = if dir == default_state_dir() {
+        String::new()
+    } else {
+        format!(" --state-dir {}", dir.display())
+    };
+    let _ = writeln!(out, "More tokens: {exe} token --sub user_carol{state}");
     out
 }
 

@@ -118,6 +118,10 @@ pub async fn init_db(loaded: &Loaded, admin_url: &str, old_keys: OldKeys) -> any
         .await
         .context("connecting with --admin-url")?;
     let connection = tokio::spawn(connection);
+    // Re-running is normal: "already exists, skipping" notices are noise.
+    client
+        .batch_execute("set client_min_messages = warning")
+        .await?;
     let tx = client.transaction().await?;
     for (name, role) in &loaded.file.roles {
         let password = match &role.password_env {

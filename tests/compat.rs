@@ -1,7 +1,8 @@
 //! Every driver unmodified through authgres: the real clients (node-postgres,
 //! postgres.js, psycopg 3, asyncpg) connect with a token as the password,
 //! over TLS and in the clear, and run the compatibility checks in
-//! tests/compat/<language>/. .ci/run installs them.
+//! tests/compat/<language>/, provisioned on first use (see
+//! `common::provision`).
 
 mod common;
 
@@ -43,6 +44,15 @@ async fn stack_with(upstream_extra: &'static str) -> Stack {
 async fn run(stack: &Stack, program: &str, args: &[&str], dir: &str) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
     let mut command = Command::new(program);
+    match program {
+        "node" => {
+            common::provision::node_modules("tests/compat/node");
+        }
+        "python3" => {
+            command.env("PYTHONPATH", common::provision::python_path());
+        }
+        _ => {}
+    }
     command
         .args(args)
         .current_dir(&dir)
@@ -67,11 +77,6 @@ async fn run(stack: &Stack, program: &str, args: &[&str], dir: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn node_postgres_and_postgres_js() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/compat/node/node_modules");
-    assert!(
-        dir.join("pg").is_dir(),
-        "run `npm ci --prefix tests/compat/node`"
-    );
     let stack = stack().await;
     run(&stack, "node", &["run.mjs"], "tests/compat/node").await;
 }
@@ -249,15 +254,10 @@ async fn pgbench_and_psql_copy_through_the_proxy() {
 
 /// Runs the pgjdbc checks (Debian's driver) against `stack`.
 async fn run_pgjdbc(stack: &Stack) {
-    let jar = "/usr/share/java/postgresql.jar";
-    assert!(
-        Path::new(jar).is_file(),
-        "pgjdbc is missing: apt-get install libpostgresql-jdbc-java"
-    );
     run(
         stack,
         "java",
-        &["-cp", jar, "Compat.java"],
+        &["-cp", common::provision::PGJDBC_JAR, "Compat.java"],
         "tests/compat/java",
     )
     .await;

@@ -11,9 +11,12 @@ use common::{BIN, psql_path};
 
 #[test]
 fn demo_serves_two_users_and_cleans_up_on_sigterm() {
+    common::provision::system();
     let scratch = tempfile::tempdir().expect("tempdir");
     let state = scratch.path().join("state");
     let env_file = scratch.path().join("demo.env");
+    let screen = scratch.path().join("screen.out");
+    let log = scratch.path().join("screen.err");
     let mut demo = Command::new(BIN)
         .args([
             "demo",
@@ -26,10 +29,11 @@ fn demo_serves_two_users_and_cleans_up_on_sigterm() {
         .arg(&env_file)
         .arg("--state-dir")
         .arg(&state)
-        .env("AUTHGRES_LOG", "warn")
+        // What a new user sees: the default log level.
+        .env_remove("AUTHGRES_LOG")
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stdout(std::fs::File::create(&screen).expect("stdout file"))
+        .stderr(std::fs::File::create(&log).expect("stderr file"))
         .spawn()
         .expect("start demo");
     let guard = KillOnDrop(&mut demo);
@@ -70,11 +74,25 @@ fn demo_serves_two_users_and_cleans_up_on_sigterm() {
     assert_eq!(psql(&b, "select count(*) from todos"), "0");
     assert_eq!(psql(&a, "select count(*) from todos"), "1");
 
-    let minted = Command::new(BIN)
-        .args(["token", "--sub", "user_carol", "--state-dir"])
-        .arg(&state)
+    // The first screen has nothing alarming the user did not cause.
+    let first_screen = std::fs::read_to_string(&log).expect("stderr");
+    for alarming in ["NOTICE", "WARN", "ERROR", "skipping"] {
+        assert!(
+            !first_screen.contains(alarming),
+            "the demo's own setup printed {alarming}:\n{first_screen}"
+        );
+    }
+
+    // "More tokens: ..." works exactly as printed.
+    let printed = std::fs::read_to_string(&screen).expect("stdout");
+    let command = printed
+        .lines()
+        .find_map(|line| line.strip_prefix("More tokens: "))
+        .unwrap_or_else(|| panic!("no token command in:\n{printed}"));
+    let minted = Command::new("sh")
+        .args(["-c", command])
         .output()
-        .expect("authgres token");
+        .expect("run the printed token command");
     assert!(
         minted.status.success(),
         "{}",

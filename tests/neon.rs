@@ -1,7 +1,7 @@
 //! The real @neondatabase/serverless driver (npm, on node) against authgres:
 //! /sql over HTTP and the Postgres protocol over WebSocket. The checks live
-//! in tests/neon/run.mjs; `npm ci --prefix tests/neon` installs the driver
-//! (.ci/run does).
+//! in tests/neon/run.mjs; the driver is installed from its lockfile on
+//! first use (see `common::provision`).
 
 mod common;
 
@@ -28,10 +28,7 @@ async fn the_neon_serverless_driver_works_under_transaction_pooling() {
 /// Runs tests/neon/run.mjs against `stack`.
 async fn run_checks(stack: &common::Stack) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/neon");
-    assert!(
-        dir.join("node_modules/@neondatabase/serverless").is_dir(),
-        "the Neon driver is not installed: run `npm ci --prefix tests/neon`"
-    );
+    common::provision::node_modules("tests/neon");
     let output = tokio::task::spawn_blocking({
         let http_url = stack.http_url();
         let pg = format!("127.0.0.1:{}", stack.port);

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use authgres_sandbox::{Cluster, Issuer, tls::TestCerts};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+pub mod provision;
+
 pub const DATABASE: &str = "app";
 pub const BIN: &str = env!("CARGO_BIN_EXE_authgres");
 
@@ -64,6 +66,7 @@ impl Stack {
     }
 
     pub async fn start_with(options: Options) -> Self {
+        provision::system();
         let certs = TestCerts::generate().expect("certs");
         let cluster = match options.upstream_tls {
             None => {
