@@ -3,6 +3,11 @@
 //! → the AuthenticationOk..ReadyForQuery replies; and bytes through the
 //! relay between two in-memory pipes.
 
+#![allow(
+    clippy::expect_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is a failing test"
+)]
 #![allow(missing_docs)]
 
 use std::hint::black_box;
@@ -10,7 +15,7 @@ use std::time::SystemTime;
 
 use authgres_jwt::{ProviderConfig, Verifier};
 use authgres_sandbox::Issuer;
-use authgres_wire::{backend, frontend, relay};
+use authgres_wire::internals::{Relay, backend, startup as frontend};
 use bytes::{BufMut, BytesMut};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -74,7 +79,7 @@ fn handshake(c: &mut Criterion) {
             for (name, value) in &parameters {
                 backend::parameter_status(name, value, &mut out);
             }
-            backend::backend_key_data(1234, 5678, &mut out);
+            backend::backend_key_data(1234, 5678i32.to_be_bytes(), &mut out);
             backend::ready_for_query_idle(&mut out);
             black_box((packet, identity, out));
         })
@@ -107,9 +112,7 @@ fn relay_throughput(c: &mut Criterion) {
                 let (upstream, mut upstream_peer) = tokio::io::duplex(256 * 1024);
                 let relay = tokio::spawn(async move {
                     let (mut client, mut upstream) = (client, upstream);
-                    relay::Relay::new(None)
-                        .run(&mut client, &mut upstream)
-                        .await
+                    Relay::new(None).run(&mut client, &mut upstream).await
                 });
                 let writer = tokio::spawn(async move {
                     for _ in 0..rounds {

@@ -6,6 +6,11 @@
 //!
 //! Run: `cargo bench --bench identity_cost`
 
+#![allow(
+    clippy::expect_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is a failing test"
+)]
 #![allow(missing_docs)]
 
 #[path = "../tests/common/mod.rs"]

@@ -7,6 +7,11 @@
 //! backend, so N is bounded by the sandbox's max_connections of 300. With
 //! `transaction`, clients share 20 connections and N defaults to 5,000.
 
+#![allow(
+    clippy::expect_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is a failing test"
+)]
 #![allow(missing_docs)]
 
 #[path = "../tests/common/mod.rs"]

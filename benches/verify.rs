@@ -2,6 +2,11 @@
 //! (a new token: signature check), and a token seen before (verified-token
 //! cache hit: no signature check).
 
+#![allow(
+    clippy::expect_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is a failing test"
+)]
 #![allow(missing_docs)]
 
 use std::hint::black_box;

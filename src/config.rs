@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use authgres_jwt::{ClaimPath, FetchSettings, KeySource, ProviderConfig};
-use authgres_wire::transport::UpstreamTls;
-use authgres_wire::{ClaimsKey, CleartextTokens, ProxyConfig, RoleConfig, UpstreamConfig};
+use authgres_wire::{
+    ClaimsKey, CleartextTokens, Policy, PoolLimits, ProxyConfig, RoleConfig, UpstreamConfig,
+    UpstreamTls, defaults as wire,
+};
 use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 
@@ -57,10 +59,10 @@ mod http_defaults {
         authgres_http::DEFAULT_MAX_BYTES
     }
     pub fn pool_size() -> usize {
-        authgres_wire::pool::PoolLimits::default().max_per_key
+        authgres_http::DEFAULT_POOL_SIZE
     }
     pub fn checkout_timeout() -> Duration {
-        authgres_wire::pool::PoolLimits::default().checkout_timeout
+        authgres_wire::defaults::CHECKOUT_TIMEOUT
     }
 }
 
@@ -84,8 +86,8 @@ impl Default for Listen {
             address: "127.0.0.1:6432".into(),
             tls_cert: None,
             tls_key: None,
-            auth_timeout: Duration::from_secs(15),
-            max_connections: 1000,
+            auth_timeout: wire::AUTH_TIMEOUT,
+            max_connections: wire::MAX_CONNECTIONS,
             cleartext_tokens: Cleartext::Loopback,
             enforce_token_expiry: false,
         }
@@ -123,21 +125,20 @@ pub struct Upstream {
     pub server_lifetime: Duration,
     #[serde(with = "humantime_serde")]
     pub health_check_after: Duration,
+    #[serde(with = "humantime_serde")]
+    pub internal_query_timeout: Duration,
 }
 
 impl Upstream {
     /// Pool limits with this many connections per (database, role).
-    fn pool_limits(
-        &self,
-        size: usize,
-        checkout_timeout: Duration,
-    ) -> authgres_wire::pool::PoolLimits {
-        authgres_wire::pool::PoolLimits {
+    fn pool_limits(&self, size: usize, checkout_timeout: Duration) -> PoolLimits {
+        PoolLimits {
             max_per_key: size,
             checkout_timeout,
             idle_timeout: self.idle_timeout,
             server_lifetime: self.server_lifetime,
             health_check_after: self.health_check_after,
+            internal_query_timeout: self.internal_query_timeout,
         }
     }
 }
@@ -171,16 +172,17 @@ impl Default for Upstream {
             host: "127.0.0.1".into(),
             port: 5432,
             databases: Vec::new(),
-            connect_timeout: Duration::from_secs(5),
+            connect_timeout: wire::CONNECT_TIMEOUT,
             tls: UpstreamTlsMode::Disable,
             tls_ca_file: None,
             pool_mode: PoolMode::Session,
             pool_mode_by_database: std::collections::HashMap::new(),
-            pool_size: 100,
-            checkout_timeout: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(600),
-            server_lifetime: Duration::from_secs(3600),
-            health_check_after: Duration::from_secs(30),
+            pool_size: wire::POOL_SIZE,
+            checkout_timeout: wire::CHECKOUT_TIMEOUT,
+            idle_timeout: wire::IDLE_TIMEOUT,
+            server_lifetime: wire::SERVER_LIFETIME,
+            health_check_after: wire::HEALTH_CHECK_AFTER,
+            internal_query_timeout: wire::INTERNAL_QUERY_TIMEOUT,
         }
     }
 }
@@ -511,18 +513,20 @@ impl Loaded {
                             .map(|p| self.path(p))
                             .as_deref(),
                     )
-                    .map_err(anyhow::Error::msg)?,
+                    .context("[upstream] tls")?,
                 },
             },
-            roles,
-            databases: self.file.upstream.databases.clone(),
+            admission: Policy {
+                roles,
+                databases: self.file.upstream.databases.clone(),
+                cleartext_tokens: match listen.cleartext_tokens {
+                    Cleartext::Allow => CleartextTokens::Allow,
+                    Cleartext::Loopback => CleartextTokens::LoopbackOnly,
+                    Cleartext::Refuse => CleartextTokens::Refuse,
+                },
+            },
             auth_timeout: listen.auth_timeout,
             max_connections: listen.max_connections,
-            cleartext_tokens: match listen.cleartext_tokens {
-                Cleartext::Allow => CleartextTokens::Allow,
-                Cleartext::Loopback => CleartextTokens::LoopbackOnly,
-                Cleartext::Refuse => CleartextTokens::Refuse,
-            },
             enforce_token_expiry: listen.enforce_token_expiry,
             pool_mode: self.file.upstream.pool_mode.into(),
             pool_mode_by_database: (self.file.upstream.pool_mode_by_database.iter())
@@ -550,20 +554,20 @@ impl Loaded {
     /// The wire listener's TLS acceptor, when a certificate and key are
     /// configured.
     pub fn tls(&self) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
-        self.tls_with_alpn(authgres_wire::transport::ALPN_POSTGRESQL)
+        self.tls_with_alpn(authgres_wire::ALPN_POSTGRESQL)
     }
 
     /// The same certificate for HTTPS (ALPN http/1.1).
     pub fn http_tls(&self) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
-        self.tls_with_alpn(authgres_wire::transport::ALPN_HTTP1)
+        self.tls_with_alpn(authgres_wire::ALPN_HTTP1)
     }
 
     fn tls_with_alpn(&self, alpn: &[u8]) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
         match (&self.file.listen.tls_cert, &self.file.listen.tls_key) {
             (Some(cert), Some(key)) => {
-                authgres_wire::transport::tls_acceptor(&self.path(cert), &self.path(key), alpn)
+                authgres_wire::tls_acceptor(&self.path(cert), &self.path(key), alpn)
                     .map(Some)
-                    .map_err(anyhow::Error::msg)
+                    .context("[listen] tls_cert and tls_key")
             }
             (None, None) => Ok(None),
             _ => bail!("[listen] needs both tls_cert and tls_key, or neither"),

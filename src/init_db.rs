@@ -291,6 +291,10 @@ fn quote_literal(value: &str) -> String {
 /// Random bytes as lowercase hex.
 pub fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
+    #[allow(
+        clippy::expect_used,
+        reason = "secrets cannot be generated without the system RNG"
+    )]
     getrandom::fill(&mut buf).expect("the system random number generator is available");
     hex::encode(buf)
 }

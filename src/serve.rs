@@ -88,8 +88,11 @@ pub async fn run_listeners(
     let wait = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|stop| *stop).await;
     };
+    // Closing idle upstream connections on time; ends with the process.
+    tokio::spawn(prepared.proxy.maintenance());
     let http = match prepared.http {
         Some(http) => {
+            tokio::spawn(http.state.maintenance());
             let http_listener = tokio::net::TcpListener::bind(&http.address)
                 .await
                 .with_context(|| format!("listening for HTTP on {}", http.address))?;

@@ -3,6 +3,12 @@
 //! fail closed: `auth.user_id()` is the caller's own id or NULL, never
 //! anyone else's. Runs against a real Postgres through the real binary.
 
+#![allow(
+    clippy::expect_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is a failing test"
+)]
+
 mod common;
 
 use std::time::Duration;

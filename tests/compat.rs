@@ -4,6 +4,12 @@
 //! tests/compat/<language>/, provisioned on first use (see
 //! `common::provision`).
 
+#![allow(
+    clippy::expect_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is a failing test"
+)]
+
 mod common;
 
 use std::path::Path;

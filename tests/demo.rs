@@ -2,6 +2,12 @@
 //! env file drives psql, each user sees only their own todos, and SIGTERM
 //! removes everything.
 
+#![allow(
+    clippy::expect_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is a failing test"
+)]
+
 mod common;
 
 use std::process::{Command, Stdio};

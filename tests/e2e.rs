@@ -3,6 +3,12 @@
 //! forbidden roles and silent clients are refused; the identity survives the
 //! basic attempts to rewrite it; cancel reaches the upstream backend.
 
+#![allow(
+    clippy::expect_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is a failing test"
+)]
+
 mod common;
 
 use std::time::{Duration, SystemTime};

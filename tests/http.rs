@@ -2,6 +2,12 @@
 //! leaves behind never reaches the next one on the pooled connection, the
 //! limits answer 413 and 507, typed rendering, CORS, and auth failures.
 
+#![allow(
+    clippy::expect_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is a failing test"
+)]
+
 mod common;
 
 use common::Stack;

@@ -3,6 +3,12 @@
 //! in tests/neon/run.mjs; the driver is installed from its lockfile on
 //! first use (see `common::provision`).
 
+#![allow(
+    clippy::expect_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is a failing test"
+)]
+
 mod common;
 
 use std::path::Path;

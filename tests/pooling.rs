@@ -2,6 +2,12 @@
 //! reset when it leaves and serves the next client of the same role, and
 //! nothing of the first client reaches the second.
 
+#![allow(
+    clippy::expect_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is a failing test"
+)]
+
 mod common;
 
 use common::{Stack, backend_pid};

@@ -3,6 +3,12 @@
 //! them, and each transaction runs as its own client with its own settings
 //! and prepared statements, whichever connection it lands on.
 
+#![allow(
+    clippy::expect_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is a failing test"
+)]
+
 mod common;
 
 use std::time::Duration;

@@ -20,8 +20,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use authgres_wire::Proxy;
-use authgres_wire::pool::{PoolLimits, UpstreamPool};
+use authgres_wire::{PoolLimits, Proxy, UpstreamPool};
 use axum::Router;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, State, WebSocketUpgrade};
 use axum::http::{HeaderValue, Request, StatusCode, header};
@@ -32,6 +31,8 @@ use tower::ServiceExt as _;
 
 /// Default request and response limit (10 MiB), as Neon's.
 pub const DEFAULT_MAX_BYTES: usize = 10 * 1024 * 1024;
+/// Default upstream connections per (database, role) kept for `/sql`.
+pub const DEFAULT_POOL_SIZE: usize = 20;
 
 /// HTTP settings.
 #[derive(Debug, Clone)]
@@ -49,7 +50,10 @@ impl Default for HttpConfig {
         Self {
             max_request_bytes: DEFAULT_MAX_BYTES,
             max_response_bytes: DEFAULT_MAX_BYTES,
-            pool: PoolLimits::default(),
+            pool: PoolLimits {
+                max_per_key: DEFAULT_POOL_SIZE,
+                ..PoolLimits::default()
+            },
         }
     }
 }
@@ -67,7 +71,8 @@ pub struct HttpState {
 }
 
 impl HttpState {
-    /// State for a listener in front of `proxy`.
+    /// State for a listener in front of `proxy`. Run
+    /// [`HttpState::maintenance`] beside it.
     pub fn new(proxy: Arc<Proxy>, config: HttpConfig, tls: bool) -> Arc<Self> {
         let pool = UpstreamPool::new(proxy.config().upstream.clone(), config.pool);
         Arc::new(Self {
@@ -76,6 +81,12 @@ impl HttpState {
             config,
             tls,
         })
+    }
+
+    /// Closes the `/sql` pool's idle connections on time; completes when
+    /// the state is gone.
+    pub fn maintenance(self: &Arc<Self>) -> impl Future<Output = ()> + Send + 'static {
+        authgres_wire::reap(Arc::downgrade(&self.pool))
     }
 }
 
@@ -127,7 +138,7 @@ async fn websocket(
     let proxy = Arc::clone(&state.proxy);
     let tls = state.tls;
     upgrade
-        .on_upgrade(move |socket| proxy.handle_stream(ws::WsStream::new(socket), peer, tls))
+        .on_upgrade(move |socket| proxy.serve_settled(ws::WsStream::new(socket), peer, tls))
         .into_response()
 }
 

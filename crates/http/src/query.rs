@@ -3,19 +3,18 @@
 //! One round trip, one pipelined write: `BEGIN` with the batch options (for
 //! a batch), the signed claims set *transaction-locally*, each query as
 //! Parse/Bind/Describe/Execute with text parameters, `COMMIT`, `Sync`; then
-//! `ROLLBACK` and `DISCARD ALL`, so the connection goes back to the pool
-//! with no transaction, setting, prepared statement, temp table, lock or
-//! LISTEN of this request; and `auth.begin_session()`, which starts the
-//! identity generation the *next* request on this connection signs for, so
-//! nothing this request saw or set can verify there.
+//! the connection's reset (which rolls back whatever is left open, clears
+//! the session and draws the identity generation the *next* request on
+//! this connection signs for, so nothing this request saw or set can verify
+//! there).
 
-use authgres_wire::ClaimsKey;
-use authgres_wire::upstream::{IDLE, RESET_SESSION, Upstream, UpstreamError};
+use authgres_wire::{AttachScope, ClaimsKey, ServerError, Upstream, UpstreamError};
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator as _;
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use serde_json::{Map, Value};
+use tokio::time::Instant;
 
 /// One statement of a request.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -39,7 +38,7 @@ pub struct BatchOptions {
 }
 
 impl BatchOptions {
-    fn begin(&self) -> Result<String, String> {
+    fn begin(&self) -> Result<String, ExecError> {
         let mut sql = "BEGIN".to_owned();
         if let Some(level) = &self.isolation {
             let level = match level.as_str() {
@@ -47,7 +46,7 @@ impl BatchOptions {
                 "RepeatableRead" => "REPEATABLE READ",
                 "ReadCommitted" => "READ COMMITTED",
                 "ReadUncommitted" => "READ UNCOMMITTED",
-                other => return Err(format!("unknown Neon-Batch-Isolation-Level {other:?}")),
+                other => return Err(ExecError::Isolation(other.to_owned())),
             };
             sql.push_str(" ISOLATION LEVEL ");
             sql.push_str(level);
@@ -94,56 +93,32 @@ pub struct StatementResult {
     pub row_count: Option<u64>,
 }
 
-/// A Postgres error, all its fields by their protocol code.
-#[derive(Debug, Default)]
-pub struct DbError {
-    /// Field code (`C`, `M`, `D`, ...) → value.
-    pub fields: Vec<(u8, String)>,
-}
-
-impl DbError {
-    /// The SQLSTATE.
-    pub fn code(&self) -> &str {
-        self.field(b'C').unwrap_or("XX000")
-    }
-
-    /// One field.
-    pub fn field(&self, code: u8) -> Option<&str> {
-        self.fields
-            .iter()
-            .find(|(c, _)| *c == code)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
 /// Why a request did not produce results.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
     /// Postgres reported an error (the request's fault, or a conflict).
     #[error("database error {}", .0.code())]
-    Db(DbError),
-    /// The request itself is not valid (bad batch option).
-    #[error("{0}")]
-    Request(String),
+    Db(ServerError),
+    /// A `Neon-Batch-Isolation-Level` that is not one of the four.
+    #[error("unknown Neon-Batch-Isolation-Level {0:?}")]
+    Isolation(String),
+    /// The request cannot be sent to Postgres (a NUL byte in its text).
+    #[error("cannot send this request to Postgres: {0}")]
+    Encode(std::io::Error),
     /// Results exceeded the response limit.
     #[error("response exceeds {0} bytes")]
     TooLarge(usize),
-    /// The connection failed; it must not be reused.
+    /// Readying the connection failed before anything of the request was
+    /// sent: another connection may serve it.
+    #[error("readying the connection failed: {0}")]
+    Readying(UpstreamError),
+    /// The connection failed; it is not reused.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
 }
 
-impl From<std::io::Error> for ExecError {
-    /// Encoding a message fails only on input it cannot carry (a NUL byte
-    /// in the query text): the request's fault.
-    fn from(error: std::io::Error) -> Self {
-        Self::Request(format!("cannot send this request to Postgres: {error}"))
-    }
-}
-
-/// Executes `statements` on `conn` with `claims` (if any) attached for the
-/// transaction. Returns the results, and whether the connection is clean
-/// enough to reuse.
+/// Executes `statements` on `conn` for `client` with `claims` (if any)
+/// attached for the transaction, each exchange due by `deadline`.
 pub async fn execute(
     conn: &mut Upstream,
     key: &ClaimsKey,
@@ -151,32 +126,26 @@ pub async fn execute(
     statements: &[Statement],
     batch: Option<&BatchOptions>,
     max_bytes: usize,
+    deadline: Instant,
 ) -> Result<Vec<StatementResult>, ExecError> {
-    let begin = batch
-        .map(BatchOptions::begin)
-        .transpose()
-        .map_err(ExecError::Request)?;
+    let begin = batch.map(BatchOptions::begin).transpose()?;
     // A connection that served anyone is reset before this request sees it.
-    conn.claim(authgres_wire::upstream::next_client_id())
-        .await?;
-    let binding = match conn.next_binding.take() {
-        Some(binding) => binding,
-        None => conn.begin_session().await?,
-    };
+    conn.claim(authgres_wire::next_client_id(), deadline)
+        .await
+        .map_err(ExecError::Readying)?;
+    let binding = conn
+        .take_binding(deadline)
+        .await
+        .map_err(ExecError::Readying)?;
     let mut out = BytesMut::with_capacity(1024);
     let mut steps = Vec::new();
     if let Some(begin) = &begin {
-        internal(begin, &[], &mut out)?;
+        authgres_wire::append_statement(&mut out, begin, &[]).map_err(encode_error)?;
         steps.push(Step::Internal);
     }
     if let Some(claims) = claims {
-        let signature = key.sign(&binding, claims);
-        internal(
-            "select pg_catalog.set_config('authgres.claims', $1::pg_catalog.text, true), \
-             pg_catalog.set_config('authgres.signature', $2::pg_catalog.text, true)",
-            &[Some(claims), Some(signature.as_str())],
-            &mut out,
-        )?;
+        authgres_wire::append_attach(&mut out, key, &binding, claims, AttachScope::Transaction)
+            .map_err(encode_error)?;
         steps.push(Step::Internal);
     }
     for statement in statements {
@@ -185,36 +154,76 @@ pub async fn execute(
             .iter()
             .map(crate::render::param_text)
             .collect();
-        frontend::parse("", &statement.query, std::iter::empty(), &mut out)?;
-        bind(&params, &mut out)?;
-        frontend::describe(b'P', "", &mut out)?;
-        frontend::execute("", 0, &mut out)?;
+        let params: Vec<Option<&str>> = params.iter().map(Option::as_deref).collect();
+        authgres_wire::append_described(&mut out, &statement.query, &params)
+            .map_err(encode_error)?;
         steps.push(Step::User);
     }
     if begin.is_some() {
-        internal("COMMIT", &[], &mut out)?;
+        authgres_wire::append_statement(&mut out, "COMMIT", &[]).map_err(encode_error)?;
         steps.push(Step::Internal);
     }
     frontend::sync(&mut out);
     // Clean-up for the pool and the next request's generation, pipelined.
-    frontend::query(RESET_SESSION, &mut out)?;
-    conn.send(&mut out).await?;
+    let reset = conn.append_reset(&mut out)?;
+    conn.send(&out).await?;
 
-    let mut results = Vec::new();
-    let mut failure: Option<DbError> = None;
-    let mut step = 0;
-    let mut current = StatementResult::default();
-    let mut size = 0usize;
-    let mut too_large = false;
-    let status;
-    loop {
-        match conn.next_message().await? {
-            Message::ParseComplete | Message::BindComplete | Message::NoData => {}
+    let mut collect = Collect {
+        steps: &steps,
+        step: 0,
+        current: StatementResult::default(),
+        results: Vec::new(),
+        size: 0,
+        max_bytes,
+        too_large: false,
+    };
+    let reply = conn
+        .read_reply(deadline, |message| collect.message(message))
+        .await?;
+    conn.finish_reset(reset, deadline).await?;
+    if let Some(error) = reply.error {
+        return Err(ExecError::Db(error));
+    }
+    if collect.too_large {
+        return Err(ExecError::TooLarge(max_bytes));
+    }
+    Ok(collect.results)
+}
+
+/// An encoding failure of a statement the request supplied.
+fn encode_error(error: UpstreamError) -> ExecError {
+    match error {
+        UpstreamError::Encode(error) => ExecError::Encode(error),
+        other => ExecError::Upstream(other),
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    Internal,
+    User,
+}
+
+/// Collects a request's results from the server's messages.
+struct Collect<'a> {
+    steps: &'a [Step],
+    step: usize,
+    current: StatementResult,
+    results: Vec<StatementResult>,
+    size: usize,
+    max_bytes: usize,
+    too_large: bool,
+}
+
+impl Collect<'_> {
+    fn message(&mut self, message: Message) -> Result<(), UpstreamError> {
+        let malformed = |_| UpstreamError::Protocol("a malformed result message");
+        match message {
             Message::RowDescription(body) => {
                 let mut fields = body.fields();
-                while let Some(field) = fields.next().map_err(UpstreamError::Io)? {
-                    size += field.name().len() + 64;
-                    current.fields.push(Field {
+                while let Some(field) = fields.next().map_err(malformed)? {
+                    self.size += field.name().len() + 64;
+                    self.current.fields.push(Field {
                         name: field.name().to_owned(),
                         table_oid: field.table_oid(),
                         column_id: field.column_id(),
@@ -225,119 +234,46 @@ pub async fn execute(
                 }
             }
             Message::DataRow(row) => {
-                if steps.get(step) != Some(&Step::User) || too_large {
-                    continue;
+                if self.steps.get(self.step) != Some(&Step::User) || self.too_large {
+                    return Ok(());
                 }
                 let buffer = row.buffer();
                 let mut ranges = row.ranges();
                 let mut values = Vec::new();
-                while let Some(range) = ranges.next().map_err(UpstreamError::Io)? {
-                    values.push(range.map(|r| {
-                        size += r.len() + 4;
-                        String::from_utf8_lossy(&buffer[r]).into_owned()
+                while let Some(range) = ranges.next().map_err(malformed)? {
+                    values.push(range.and_then(|r| buffer.get(r)).map(|bytes| {
+                        self.size += bytes.len() + 4;
+                        String::from_utf8_lossy(bytes).into_owned()
                     }));
                 }
-                if size > max_bytes {
-                    too_large = true;
-                    current.rows.clear();
+                if self.size > self.max_bytes {
+                    self.too_large = true;
+                    self.current.rows.clear();
                 } else {
-                    current.rows.push(values);
+                    self.current.rows.push(values);
                 }
             }
             Message::CommandComplete(body) => {
-                let tag = body.tag().map_err(UpstreamError::Io)?;
-                finish_step(&steps, &mut step, &mut current, &mut results, Some(tag));
+                let tag = body.tag().map_err(malformed)?.to_owned();
+                self.finish_step(Some(&tag));
             }
-            Message::EmptyQueryResponse => {
-                finish_step(&steps, &mut step, &mut current, &mut results, None);
-            }
-            Message::ErrorResponse(body) => {
-                let mut error = DbError::default();
-                let mut fields = body.fields();
-                while let Some(field) = fields.next().map_err(UpstreamError::Io)? {
-                    error.fields.push((
-                        field.type_(),
-                        String::from_utf8_lossy(field.value_bytes()).into_owned(),
-                    ));
-                }
-                failure.get_or_insert(error);
-            }
-            Message::ReadyForQuery(body) => {
-                status = body.status();
-                break;
-            }
+            Message::EmptyQueryResponse => self.finish_step(None),
             _ => {}
         }
+        Ok(())
     }
-    let reset = conn.finish_reset(1).await;
-    if status != IDLE {
-        // The request left a transaction open or failed inside one: the
-        // pipelined reset ran inside it. Roll back and reset again.
-        conn.reset().await?;
-    } else {
-        reset?;
-    }
-    if let Some(error) = failure {
-        return Err(ExecError::Db(error));
-    }
-    if too_large {
-        return Err(ExecError::TooLarge(max_bytes));
-    }
-    Ok(results)
-}
 
-#[derive(Debug, PartialEq, Eq)]
-enum Step {
-    Internal,
-    User,
-}
-
-fn finish_step(
-    steps: &[Step],
-    step: &mut usize,
-    current: &mut StatementResult,
-    results: &mut Vec<StatementResult>,
-    tag: Option<&str>,
-) {
-    let mut done = std::mem::take(current);
-    if steps.get(*step) == Some(&Step::User) {
-        if let Some(tag) = tag {
-            done.command = tag.split(' ').next().unwrap_or("").to_owned();
-            done.row_count = tag.rsplit(' ').next().and_then(|n| n.parse().ok());
-        }
-        results.push(done);
-    }
-    *step += 1;
-}
-
-fn internal(sql: &str, params: &[Option<&str>], out: &mut BytesMut) -> Result<(), UpstreamError> {
-    frontend::parse("", sql, std::iter::empty(), out)?;
-    let owned: Vec<Option<String>> = params.iter().map(|p| p.map(str::to_owned)).collect();
-    bind(&owned, out)?;
-    frontend::execute("", 0, out)?;
-    Ok(())
-}
-
-fn bind(params: &[Option<String>], out: &mut BytesMut) -> Result<(), UpstreamError> {
-    frontend::bind(
-        "",
-        "",
-        [0i16],
-        params.iter(),
-        |value, buf| match value {
-            Some(text) => {
-                buf.extend_from_slice(text.as_bytes());
-                Ok(postgres_protocol::IsNull::No)
+    fn finish_step(&mut self, tag: Option<&str>) {
+        let mut done = std::mem::take(&mut self.current);
+        if self.steps.get(self.step) == Some(&Step::User) {
+            if let Some(tag) = tag {
+                done.command = tag.split(' ').next().unwrap_or("").to_owned();
+                done.row_count = tag.rsplit(' ').next().and_then(|n| n.parse().ok());
             }
-            None => Ok(postgres_protocol::IsNull::Yes),
-        },
-        [0i16],
-        out,
-    )
-    .map_err(|e| match e {
-        frontend::BindError::Conversion(e) => UpstreamError::Protocol(e.to_string()),
-        frontend::BindError::Serialization(e) => UpstreamError::Io(e),
-    })
+            self.results.push(done);
+        }
+        self.step += 1;
+    }
 }
 
 /// A result as the Neon driver expects it.

@@ -5,13 +5,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use authgres_jwt::{FailureClass, VerifyError};
-use authgres_wire::CleartextTokens;
+use authgres_jwt::FailureClass;
+use authgres_wire::{Admitted, CheckoutError, Classify as _, Refusal, Request, Transport};
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::{Value, json};
+
+use tokio::time::Instant;
 
 use crate::HttpState;
 use crate::query::{self, BatchOptions, ExecError, Statement};
@@ -111,70 +113,30 @@ async fn run(
             "Neon-Connection-String needs a user and a database".into()
         ));
     }
-    let proxy = &state.proxy;
-    let config = proxy.config();
-    let role_config = config.roles.get(&role).ok_or_else(|| {
-        Failure::new(
-            StatusCode::UNAUTHORIZED,
-            "28000",
-            format!("role \"{role}\" is not served by this proxy"),
-        )
-    })?;
-    if !config.databases.is_empty() && !config.databases.contains(&database) {
-        return Err(Failure::new(
-            StatusCode::BAD_REQUEST,
-            "3D000",
-            format!("database \"{database}\" is not served by this proxy"),
-        ));
-    }
     let token = header(headers, "authorization")
         .and_then(|v| {
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         })
         .map(str::to_owned)
-        .or_else(|| url.password().map(decode))
-        .filter(|t| !t.is_empty());
-    let mut login_role = role.clone();
-    let identity = if role_config.requires_token {
-        let cleartext_ok = match config.cleartext_tokens {
-            CleartextTokens::Allow => true,
-            CleartextTokens::LoopbackOnly => peer.ip().is_loopback(),
-            CleartextTokens::Refuse => false,
-        };
-        if !state.tls && !cleartext_ok {
-            return Err(Failure::new(
-                StatusCode::UNAUTHORIZED,
-                "28000",
-                "token logins must use HTTPS from non-loopback addresses",
-            ));
-        }
-        let token = token.ok_or_else(|| {
-            Failure::new(
-                StatusCode::UNAUTHORIZED,
-                "28000",
-                format!("role \"{role}\" requires a token: send Authorization: Bearer <jwt>"),
-            )
-        })?;
-        let identity = proxy
-            .verifier()
-            .verify(&token, &role, SystemTime::now())
-            .await
-            .map_err(token_failure)?;
-        if identity.role != role {
-            if !config.roles.contains_key(&identity.role) {
-                return Err(Failure::new(
-                    StatusCode::UNAUTHORIZED,
-                    "28000",
-                    format!("role \"{}\" is not served by this proxy", identity.role),
-                ));
-            }
-            login_role = identity.role.clone();
-        }
-        Some(identity)
-    } else {
-        None
+        .or_else(|| url.password().map(decode));
+    let proxy = &state.proxy;
+    let request = Request {
+        role: &role,
+        database: &database,
+        peer: peer.ip(),
+        encrypted: state.tls,
+        transport: Transport::Http,
     };
+    let admitted = authgres_wire::admit(
+        &proxy.config().admission,
+        proxy.verifier(),
+        &request,
+        token.as_deref(),
+        SystemTime::now(),
+    )
+    .await
+    .map_err(|refusal| refused(&refusal))?;
     let body: Body = serde_json::from_slice(body).map_err(|e| {
         bad(format!(
             "request body is not {{query, params}} or {{queries}}: {e}"
@@ -193,82 +155,126 @@ async fn run(
             }),
         ),
     };
-    let password = config
-        .roles
-        .get(&login_role)
-        .and_then(|r| r.password.as_deref());
-    let mut pooled = state
-        .pool
-        .checkout(&database, &login_role, password, 0)
-        .await
-        .map_err(|error| {
-            tracing::warn!(%error, "no upstream connection for /sql");
-            Failure::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "08001",
-                "authgres could not get a database connection",
-            )
-        })?;
-    let outcome = query::execute(
-        pooled.conn(),
-        proxy.claims_key(),
-        identity.as_ref().map(|i| &*i.claims_json),
-        &statements,
-        batch.as_ref(),
-        state.config.max_response_bytes,
-    )
-    .await;
-    match outcome {
-        Ok(results) => {
-            pooled.release();
-            let mut rendered: Vec<Value> = results
-                .iter()
-                .map(|r| query::result_json(r, array_mode, raw))
-                .collect();
-            Ok(match batch {
-                Some(_) => json!({ "results": rendered }),
-                None => rendered.pop().unwrap_or(Value::Null),
-            })
-        }
-        Err(ExecError::Db(error)) => {
-            pooled.release();
-            Err(db_failure(&error))
-        }
-        Err(ExecError::Request(message)) => {
-            pooled.release();
-            Err(bad(message))
-        }
-        Err(ExecError::TooLarge(limit)) => {
-            pooled.release();
-            Err(Failure::new(
+    let claims = admitted.identity.as_ref().map(|i| &*i.claims_json);
+    let results = execute(state, &admitted, claims, &statements, batch.as_ref()).await?;
+    let mut rendered: Vec<Value> = results
+        .iter()
+        .map(|r| query::result_json(r, array_mode, raw))
+        .collect();
+    Ok(match batch {
+        Some(_) => json!({ "results": rendered }),
+        None => rendered.pop().unwrap_or(Value::Null),
+    })
+}
+
+/// Runs the request on a pooled connection; one that turns out dead (the
+/// server restarted) or fails its reset is replaced while nothing of the
+/// request has run, until the checkout timeout.
+async fn execute(
+    state: &HttpState,
+    admitted: &Admitted,
+    claims: Option<&str>,
+    statements: &[Statement],
+    batch: Option<&BatchOptions>,
+) -> Result<Vec<query::StatementResult>, Failure> {
+    let limits = *state.pool.limits();
+    let give_up = Instant::now() + limits.checkout_timeout;
+    let password = state.proxy.config().password(&admitted.role);
+    loop {
+        let mut pooled = state
+            .pool
+            .checkout(&admitted.database, &admitted.role, password, 0)
+            .await
+            .map_err(checkout_failure)?;
+        let deadline = Instant::now() + limits.internal_query_timeout;
+        let outcome = query::execute(
+            pooled.conn(),
+            state.proxy.claims_key(),
+            claims,
+            statements,
+            batch,
+            state.config.max_response_bytes,
+            deadline,
+        )
+        .await;
+        let failure = match outcome {
+            Ok(results) => {
+                pooled.release();
+                return Ok(results);
+            }
+            Err(ExecError::Readying(error))
+                if error.worth_another_connection() && Instant::now() < give_up =>
+            {
+                tracing::debug!(%error, "pooled connection unusable for /sql; trying another");
+                continue;
+            }
+            Err(ExecError::Db(error)) => db_failure(&error),
+            Err(error @ (ExecError::Isolation(_) | ExecError::Encode(_))) => {
+                Failure::new(StatusCode::BAD_REQUEST, "08P01", error.to_string())
+            }
+            Err(ExecError::TooLarge(limit)) => Failure::new(
                 StatusCode::INSUFFICIENT_STORAGE,
                 "54000",
                 format!("response is larger than the limit of {limit} bytes"),
-            ))
+            ),
+            Err(ExecError::Readying(error) | ExecError::Upstream(error)) => {
+                tracing::warn!(%error, "upstream failed during /sql");
+                Failure::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "08006",
+                    "the database connection failed",
+                )
+            }
+        };
+        // A connection whose exchange failed is marked broken and closed.
+        pooled.release();
+        return Err(failure);
+    }
+}
+
+/// A refused login as Neon's driver reads it.
+fn refused(refusal: &Refusal) -> Failure {
+    let status = match refusal {
+        Refusal::UnknownDatabase(_) => StatusCode::BAD_REQUEST,
+        Refusal::Token(error) if error.class() == FailureClass::KeysUnavailable => {
+            StatusCode::SERVICE_UNAVAILABLE
         }
-        Err(ExecError::Upstream(error)) => {
-            // The connection is in an unknown state: dropped, not reused.
-            tracing::warn!(%error, "upstream failed during /sql");
-            Err(Failure::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "08006",
-                "the database connection failed",
-            ))
+        Refusal::UnknownRole(_)
+        | Refusal::CleartextRefused(_)
+        | Refusal::MissingToken(..)
+        | Refusal::ClaimedRoleNotServed(_)
+        | Refusal::Token(_) => StatusCode::UNAUTHORIZED,
+    };
+    match refusal.client_view() {
+        Some(view) => Failure::new(status, view.code.code(), view.message),
+        None => Failure::new(status, "28000", refusal.to_string()),
+    }
+}
+
+/// No connection: the pool stayed busy, or the database is unreachable.
+fn checkout_failure(error: CheckoutError) -> Failure {
+    match error {
+        CheckoutError::Timeout(waited) => Failure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "53300",
+            format!(
+                "no database connection became free within {}s: the pool for this database \
+                 and role is busy",
+                waited.as_secs_f64()
+            ),
+        ),
+        CheckoutError::Upstream(error) => {
+            tracing::warn!(%error, "no upstream connection for /sql");
+            let message = error
+                .client_view()
+                .map_or_else(|| error.to_string(), |view| view.message);
+            Failure::new(StatusCode::SERVICE_UNAVAILABLE, "08001", message)
         }
     }
 }
 
-fn token_failure(error: VerifyError) -> Failure {
-    let (status, code) = match error.class() {
-        FailureClass::BadToken => (StatusCode::UNAUTHORIZED, "28P01"),
-        FailureClass::RoleNotAllowed => (StatusCode::UNAUTHORIZED, "28000"),
-        FailureClass::KeysUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "08001"),
-    };
-    Failure::new(status, code, error.to_string())
-}
-
 /// A Postgres error as Neon reports it: HTTP 400 with every field.
-fn db_failure(error: &query::DbError) -> Failure {
+fn db_failure(error: &authgres_wire::ServerError) -> Failure {
     let names: [(u8, &str); 17] = [
         (b'M', "message"),
         (b'C', "code"),

@@ -399,6 +399,10 @@ fn resolve_role(
 fn numeric_date(claims: &Map<String, Value>, name: &str) -> Result<Option<u64>, VerifyError> {
     match claims.get(name) {
         None => Ok(None),
+        #[allow(
+            clippy::cast_possible_truncation,
+            reason = "a fractional time claim counts in whole seconds; the cast saturates"
+        )]
         Some(Value::Number(n)) => n
             .as_u64()
             .or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))

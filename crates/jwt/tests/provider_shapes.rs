@@ -1,5 +1,11 @@
 //! Named regression tests for the token and key shapes real providers emit.
 
+#![allow(
+    clippy::expect_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is a failing test"
+)]
+
 use std::time::SystemTime;
 
 use authgres_jwt::{KeySource, ProviderConfig, Verifier, VerifyError};

@@ -3,6 +3,12 @@
 //! storms, outages, slowness, bad responses, discovery, and the
 //! verified-token cache.
 
+#![allow(
+    clippy::expect_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is a failing test"
+)]
+
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};

@@ -1,6 +1,12 @@
 //! The verifier against a real local issuer (JWKS over HTTP on loopback),
 //! with time injected so expiry checks are exact.
 
+#![allow(
+    clippy::expect_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is a failing test"
+)]
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 

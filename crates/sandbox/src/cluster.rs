@@ -17,10 +17,21 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Cluster {
     /// Keeps the data directory alive; removed on drop.
     dir: tempfile::TempDir,
-    /// The postmaster; stopped on drop.
-    postmaster: Child,
+    /// The postmaster while it runs; stopped on drop.
+    postmaster: Option<Child>,
     port: u16,
     password: String,
+    /// How to start the server again.
+    server: Server,
+}
+
+/// What starting the server takes.
+struct Server {
+    bindir: PathBuf,
+    owner: OsUser,
+    data: PathBuf,
+    /// `postgres` arguments besides `-D` and `-p`.
+    args: Vec<String>,
 }
 
 impl Cluster {
@@ -53,104 +64,101 @@ impl Cluster {
             .context("creating a temporary directory for the cluster")?;
         owner.give(dir.path())?;
         let password = random_hex(16);
-        let pwfile = dir.path().join("pwfile");
-        std::fs::write(&pwfile, format!("{password}\n"))?;
-        owner.give(&pwfile)?;
         let data = dir.path().join("data");
-        let socket = dir.path().join("socket");
-        std::fs::create_dir(&socket)?;
-        owner.give(&socket)?;
-
-        let output = owner
-            .command(&bindir.join("initdb"))
-            .arg("-D")
-            .arg(&data)
-            .args([
-                "-U",
-                SUPERUSER,
-                "--auth-host=scram-sha-256",
-                "--auth-local=trust",
-            ])
-            .args([
-                "--no-sync",
-                "--no-instructions",
-                "--no-locale",
-                "-E",
-                "UTF8",
-            ])
-            .arg(format!("--pwfile={}", pwfile.display()))
-            .stdin(Stdio::null())
-            .output()
-            .context("running initdb")?;
-        if !output.status.success() {
-            bail!(
-                "initdb failed: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
-
-        let mut extra_args: Vec<String> = Vec::new();
-        if let Some(certs) = tls {
-            let cert = dir.path().join("server.crt");
-            let key = dir.path().join("server.key");
-            std::fs::write(&cert, &certs.cert_pem)?;
-            std::fs::write(&key, &certs.key_pem)?;
-            std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-            owner.give(&cert)?;
-            owner.give(&key)?;
-            extra_args = vec![
-                "-c".to_owned(),
-                "ssl=on".to_owned(),
-                "-c".to_owned(),
-                format!("ssl_cert_file={}", cert.display()),
-                "-c".to_owned(),
-                format!("ssl_key_file={}", key.display()),
-            ];
-        }
+        init(&bindir, &owner, dir.path(), &data, &password)?;
+        let mut args = server_args(&owner, dir.path(), tls)?;
         for setting in settings {
-            extra_args.push("-c".to_owned());
-            extra_args.push((*setting).to_owned());
+            args.extend(["-c".to_owned(), (*setting).to_owned()]);
         }
+        let mut cluster = Self {
+            dir,
+            postmaster: None,
+            port: 0,
+            password,
+            server: Server {
+                bindir,
+                owner,
+                data,
+                args,
+            },
+        };
         let mut last_error = None;
         for _ in 0..3 {
-            let port = free_port()?;
-            let log = std::fs::File::create(dir.path().join("postgres.log"))?;
-            let mut postmaster = owner
-                .command(&bindir.join("postgres"))
-                .arg("-D")
-                .arg(&data)
-                .arg("-k")
-                .arg(&socket)
-                .args(["-p", &port.to_string()])
-                .args(["-c", "listen_addresses=127.0.0.1"])
-                .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
-                .args(["-c", "full_page_writes=off", "-c", "max_connections=300"])
-                .args(&extra_args)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-                .context("starting postgres")?;
-            match wait_ready(&data, &mut postmaster) {
-                Ok(()) => {
-                    return Ok(Self {
-                        dir,
-                        postmaster,
-                        port,
-                        password,
-                    });
-                }
-                Err(error) => {
-                    let _ = postmaster.kill();
-                    let _ = postmaster.wait();
-                    last_error = Some(error);
-                }
+            cluster.port = free_port()?;
+            match cluster.spawn() {
+                Ok(()) => return Ok(cluster),
+                Err(error) => last_error = Some(error),
             }
         }
-        let log = std::fs::read_to_string(dir.path().join("postgres.log")).unwrap_or_default();
         Err(last_error
             .unwrap_or_else(|| anyhow::anyhow!("postgres did not start"))
-            .context(format!("postgres log:\n{log}")))
+            .context(format!("postgres log:\n{}", cluster.log())))
+    }
+
+    /// Starts the postmaster on the cluster's port and waits until it is
+    /// ready.
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let server = &self.server;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("postgres.log"))?;
+        let mut postmaster = server
+            .owner
+            .command(&server.bindir.join("postgres"))
+            .arg("-D")
+            .arg(&server.data)
+            .args(["-p", &self.port.to_string()])
+            .args(&server.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting postgres")?;
+        match wait_ready(&server.data, &mut postmaster) {
+            Ok(()) => {
+                self.postmaster = Some(postmaster);
+                Ok(())
+            }
+            Err(error) => {
+                let _ = postmaster.kill();
+                let _ = postmaster.wait();
+                Err(error)
+            }
+        }
+    }
+
+    /// Restarts the server as `pg_ctl restart -m fast` does: every backend
+    /// is ended, then a new postmaster starts on the same port and data.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        self.spawn().context("restarting postgres")
+    }
+
+    /// Stops the server (fast shutdown), bounded; kills it if it lingers.
+    pub fn stop(&mut self) {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        let Some(mut postmaster) = self.postmaster.take() else {
+            return;
+        };
+        let Ok(raw) = i32::try_from(postmaster.id()) else {
+            let _ = postmaster.kill();
+            let _ = postmaster.wait();
+            return;
+        };
+        // SIGINT is Postgres' "fast shutdown": backends are ended too, so no
+        // orphaned server process survives.
+        let _ = kill(Pid::from_raw(raw), Signal::SIGINT);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if matches!(postmaster.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = postmaster.kill();
+        let _ = postmaster.wait();
     }
 
     /// The loopback address the cluster listens on.
@@ -198,25 +206,109 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        use nix::sys::signal::{Signal, kill};
-        use nix::unistd::Pid;
-        let Ok(raw) = i32::try_from(self.postmaster.id()) else {
-            let _ = self.postmaster.kill();
-            return;
-        };
-        // SIGINT is Postgres' "fast shutdown": backends are ended too, so no
-        // orphaned server process survives the test.
-        let _ = kill(Pid::from_raw(raw), Signal::SIGINT);
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            if matches!(self.postmaster.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.postmaster.kill();
-        let _ = self.postmaster.wait();
+        self.stop();
     }
+}
+
+/// Creates the data directory: SCRAM for TCP, trust on the local socket,
+/// the superuser's password from a file.
+fn init(
+    bindir: &Path,
+    owner: &OsUser,
+    dir: &Path,
+    data: &Path,
+    password: &str,
+) -> anyhow::Result<()> {
+    let pwfile = dir.join("pwfile");
+    std::fs::write(&pwfile, format!("{password}\n"))?;
+    owner.give(&pwfile)?;
+    let initdb = bindir.join("initdb");
+    let mut command = owner.command(&initdb);
+    command
+        .arg("-D")
+        .arg(data)
+        .args([
+            "-U",
+            SUPERUSER,
+            "--auth-host=scram-sha-256",
+            "--auth-local=trust",
+        ])
+        .args(["--no-sync", "--no-locale", "-E", "UTF8"])
+        .arg(format!("--pwfile={}", pwfile.display()))
+        .stdin(Stdio::null());
+    // `--no-instructions` exists from Postgres 14 on.
+    if major_version(&initdb)? >= 14 {
+        command.arg("--no-instructions");
+    }
+    let output = command.output().context("running initdb")?;
+    if !output.status.success() {
+        bail!(
+            "initdb failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The major version of a Postgres program (`initdb (PostgreSQL) 15.8`).
+fn major_version(program: &Path) -> anyhow::Result<u32> {
+    let output = Command::new(program)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("running {} --version", program.display()))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.split_whitespace()
+        .last()
+        .and_then(|version| version.split('.').next())
+        .and_then(|major| major.parse().ok())
+        .with_context(|| format!("{} --version said {text:?}", program.display()))
+}
+
+/// The server's arguments: loopback only, the socket in `dir`, durability
+/// off (throwaway data), TLS with `certs` when given.
+fn server_args(
+    owner: &OsUser,
+    dir: &Path,
+    tls: Option<&crate::tls::TestCerts>,
+) -> anyhow::Result<Vec<String>> {
+    let socket = dir.join("socket");
+    std::fs::create_dir(&socket)?;
+    owner.give(&socket)?;
+    let mut args: Vec<String> = [
+        "-k",
+        &socket.display().to_string(),
+        "-c",
+        "listen_addresses=127.0.0.1",
+        "-c",
+        "fsync=off",
+        "-c",
+        "synchronous_commit=off",
+        "-c",
+        "full_page_writes=off",
+        "-c",
+        "max_connections=300",
+    ]
+    .iter()
+    .map(|arg| (*arg).to_owned())
+    .collect();
+    if let Some(certs) = tls {
+        let cert = dir.join("server.crt");
+        let key = dir.join("server.key");
+        std::fs::write(&cert, &certs.cert_pem)?;
+        std::fs::write(&key, &certs.key_pem)?;
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        owner.give(&cert)?;
+        owner.give(&key)?;
+        args.extend([
+            "-c".to_owned(),
+            "ssl=on".to_owned(),
+            "-c".to_owned(),
+            format!("ssl_cert_file={}", cert.display()),
+            "-c".to_owned(),
+            format!("ssl_key_file={}", key.display()),
+        ]);
+    }
+    Ok(args)
 }
 
 /// Waits until `postmaster.pid` says "ready" (Postgres 10+), bounded.
@@ -326,6 +418,10 @@ fn free_port() -> anyhow::Result<u16> {
 
 pub(crate) fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
+    #[allow(
+        clippy::expect_used,
+        reason = "nothing here can go on without the system RNG"
+    )]
     aws_lc_rs::rand::fill(&mut buf).expect("the system RNG is available");
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }

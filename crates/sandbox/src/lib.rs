@@ -12,7 +12,9 @@
 
 mod cluster;
 mod issuer;
+mod signer;
 pub mod tls;
 
 pub use cluster::{Cluster, find_postgres_bindir};
-pub use issuer::{Behavior, Issuer, KeyKind, Signer, TokenSpec};
+pub use issuer::{Behavior, Issuer};
+pub use signer::{KeyKind, Signer, TokenSpec};

@@ -11,28 +11,24 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-/// Where a client's cancel request must go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UpstreamKey {
-    /// Upstream backend pid.
-    pub pid: i32,
-    /// Upstream backend secret key.
-    pub secret_key: i32,
-}
+use crate::upstream::UpstreamKey;
 
 /// The backend currently serving a client, if any.
-pub type Target = Arc<tokio::sync::Mutex<Option<UpstreamKey>>>;
+pub(crate) type Target = Arc<tokio::sync::Mutex<Option<UpstreamKey>>>;
+
+/// Live sessions by the pid their client was given: its key and target.
+type Sessions = HashMap<i32, ([u8; 4], Target)>;
 
 /// Live sessions by the cancel key their client was given.
 #[derive(Default, Clone)]
-pub struct CancelRegistry {
-    sessions: Arc<Mutex<HashMap<i32, (i32, Target)>>>,
+pub(crate) struct CancelRegistry {
+    sessions: Arc<Mutex<Sessions>>,
 }
 
 impl CancelRegistry {
     /// Registers a session under a fresh random (pid, key), serving from
     /// `upstream`; the entry is removed when the returned guard drops.
-    pub fn register(
+    pub(crate) fn register(
         &self,
         upstream: Option<UpstreamKey>,
         random: &mut impl FnMut() -> u64,
@@ -40,10 +36,10 @@ impl CancelRegistry {
         let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
         let target = Arc::new(tokio::sync::Mutex::new(upstream));
         loop {
-            let bits = random();
+            let [a, b, c, d, e, f, g, h] = random().to_be_bytes();
             // Positive pids, as Postgres hands out, so clients print them sanely.
-            let pid = ((bits >> 32) as i32) & i32::MAX;
-            let key = bits as i32;
+            let pid = i32::from_be_bytes([a, b, c, d]) & i32::MAX;
+            let key = [e, f, g, h];
             if pid != 0 && !sessions.contains_key(&pid) {
                 sessions.insert(pid, (key, Arc::clone(&target)));
                 return CancelGuard {
@@ -58,29 +54,33 @@ impl CancelRegistry {
 
     /// The target of the session with this exact (pid, key). Hold its lock
     /// while forwarding the cancel.
-    pub fn lookup(&self, pid: i32, key: i32) -> Option<Target> {
+    pub(crate) fn lookup(&self, pid: i32, key: &[u8]) -> Option<Target> {
         let sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
         match sessions.get(&pid) {
-            Some((expected, target)) if *expected == key => Some(Arc::clone(target)),
+            Some((expected, target))
+                if aws_lc_rs::constant_time::verify_slices_are_equal(expected, key).is_ok() =>
+            {
+                Some(Arc::clone(target))
+            }
             _ => None,
         }
     }
 }
 
 /// Keeps a session's cancel entry alive.
-pub struct CancelGuard {
+pub(crate) struct CancelGuard {
     registry: CancelRegistry,
     target: Target,
     /// The pid the client sees.
-    pub pid: i32,
+    pub(crate) pid: i32,
     /// The key the client sees.
-    pub key: i32,
+    pub(crate) key: [u8; 4],
 }
 
 impl CancelGuard {
     /// Points the client's cancel key at `upstream` (or at nothing); waits
     /// for a cancel being forwarded to the old target to finish first.
-    pub async fn retarget(&self, upstream: Option<UpstreamKey>) {
+    pub(crate) async fn retarget(&self, upstream: Option<UpstreamKey>) {
         *self.target.lock().await = upstream;
     }
 }
@@ -99,41 +99,40 @@ impl Drop for CancelGuard {
 mod tests {
     use super::*;
 
-    async fn resolve(registry: &CancelRegistry, pid: i32, key: i32) -> Option<UpstreamKey> {
-        match registry.lookup(pid, key) {
-            Some(target) => *target.lock().await,
+    async fn resolve(registry: &CancelRegistry, pid: i32, key: u32) -> Option<UpstreamKey> {
+        match registry.lookup(pid, &key.to_be_bytes()) {
+            Some(target) => target.lock().await.clone(),
             None => None,
+        }
+    }
+
+    fn upstream() -> UpstreamKey {
+        UpstreamKey {
+            pid: 100,
+            secret: Arc::from(&5i32.to_be_bytes()[..]),
         }
     }
 
     #[tokio::test]
     async fn maps_only_the_exact_key_follows_retargets_and_forgets_on_drop() {
         let registry = CancelRegistry::default();
-        let upstream = UpstreamKey {
-            pid: 100,
-            secret_key: 5,
-        };
         let mut values = [0x0000_0007_0000_0009u64].into_iter();
-        let guard = registry.register(Some(upstream), &mut || values.next().unwrap_or(1));
-        assert_eq!((guard.pid, guard.key), (7, 9));
-        assert_eq!(resolve(&registry, 7, 9).await, Some(upstream));
+        let guard = registry.register(Some(upstream()), &mut || values.next().unwrap_or(1));
+        assert_eq!((guard.pid, guard.key), (7, 9u32.to_be_bytes()));
+        assert_eq!(resolve(&registry, 7, 9).await, Some(upstream()));
         assert_eq!(resolve(&registry, 7, 10).await, None);
         assert_eq!(resolve(&registry, 100, 5).await, None);
         guard.retarget(None).await;
         assert_eq!(resolve(&registry, 7, 9).await, None);
         drop(guard);
-        assert!(registry.lookup(7, 9).is_none());
+        assert!(registry.lookup(7, &9u32.to_be_bytes()).is_none());
     }
 
     #[tokio::test]
     async fn retargeting_waits_for_a_cancel_in_flight() {
         let registry = CancelRegistry::default();
-        let upstream = UpstreamKey {
-            pid: 100,
-            secret_key: 5,
-        };
-        let guard = registry.register(Some(upstream), &mut || 0x0000_0007_0000_0009);
-        let target = registry.lookup(7, 9).expect("registered");
+        let guard = registry.register(Some(upstream()), &mut || 0x0000_0007_0000_0009);
+        let target = registry.lookup(7, &9u32.to_be_bytes()).expect("registered");
         let forwarding = target.lock().await;
         let mut retarget = Box::pin(guard.retarget(None));
         assert!(futures_now(&mut retarget).is_none(), "did not wait");

@@ -1,16 +1,22 @@
-//! What a client is told when its connection is refused, and why.
+//! Every way a session can fail, and one classification of each.
 //!
-//! [`SessionError`] names every way a session can fail. Its
-//! [`SessionError::client_view`] is an exhaustive `match`: a new variant must
-//! decide its SQLSTATE and the words a client may see, so internal details
-//! (upstream addresses, provider responses) and tokens never leak.
+//! [`Classify`] decides, by an exhaustive `match` per error type, three
+//! things at once: what the client is told ([`ClientView`]: a SQLSTATE and
+//! words that never carry upstream addresses, provider responses or
+//! tokens), how loudly it is logged ([`Severity`]: a client's mistake is
+//! not a service fault), and the label it is counted under. A new variant
+//! does not compile until it is classified.
 
 use std::io;
+use std::time::Duration;
 
-use authgres_jwt::{FailureClass, VerifyError};
-
-use crate::frontend::FrameError;
-use crate::upstream::UpstreamError;
+use crate::admission::Refusal;
+use crate::proto::ledger::Violation;
+use crate::proto::login::LoginError;
+use crate::proto::negotiate;
+use crate::proto::scram::ScramError;
+use crate::proto::server_error::ServerError;
+use crate::proto::startup::FrameError;
 
 /// The SQLSTATEs authgres sends itself (see DESIGN.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,7 +32,7 @@ pub enum SqlState {
     TooManyConnections,
     /// `08P01` protocol_violation.
     ProtocolViolation,
-    /// `08006` connection_failure: upstream went away during the handshake.
+    /// `08006` connection_failure: the upstream went away.
     ConnectionFailure,
     /// `08001` sqlclient_unable_to_establish_sqlconnection: upstream unreachable.
     UnableToConnect,
@@ -34,6 +40,8 @@ pub enum SqlState {
     FeatureNotSupported,
     /// `42501` insufficient_privilege.
     InsufficientPrivilege,
+    /// `57P01` admin_shutdown: the proxy is shutting down.
+    AdminShutdown,
     /// `XX000` internal_error.
     Internal,
     /// A code relayed from the upstream server as is (five ASCII characters).
@@ -53,10 +61,79 @@ impl SqlState {
             Self::UnableToConnect => "08001",
             Self::FeatureNotSupported => "0A000",
             Self::InsufficientPrivilege => "42501",
+            Self::AdminShutdown => "57P01",
             Self::Internal => "XX000",
             Self::Upstream(code) => std::str::from_utf8(code).unwrap_or("XX000"),
         }
     }
+
+    /// A code the server reported, if it is five ASCII alphanumerics.
+    pub fn from_server(code: &str) -> Self {
+        match <[u8; 5]>::try_from(code.as_bytes()) {
+            Ok(bytes) if bytes.iter().all(u8::is_ascii_alphanumeric) => Self::Upstream(bytes),
+            _ => Self::Internal,
+        }
+    }
+}
+
+/// The part of an error a client may see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientView {
+    /// SQLSTATE sent in the ErrorResponse.
+    pub code: SqlState,
+    /// What went wrong, in the client's terms.
+    pub message: String,
+    /// What to do about it, when we can say.
+    pub hint: Option<&'static str>,
+}
+
+impl ClientView {
+    fn new(code: SqlState, message: impl Into<String>, hint: Option<&'static str>) -> Option<Self> {
+        Some(Self {
+            code,
+            message: message.into(),
+            hint,
+        })
+    }
+}
+
+/// How loudly an error is logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    /// Part of normal operation (a client hung up, a token expired):
+    /// debug.
+    Routine,
+    /// A client's mistake or an attack, refused: info, rate-limited.
+    Client,
+    /// A fault the operator should look at (the database unreachable, the
+    /// proxy misconfigured, a pool exhausted): warn.
+    Service,
+}
+
+/// What the classification of an error decides.
+pub trait Classify {
+    /// What the client is told, if anything (`None`: the connection just
+    /// closes, as when the client is gone).
+    fn client_view(&self) -> Option<ClientView>;
+    /// How loudly it is logged.
+    fn severity(&self) -> Severity;
+    /// The label it is counted under (a Prometheus label value).
+    fn label(&self) -> &'static str;
+}
+
+/// How a client broke the protocol.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolViolation {
+    /// A startup-phase packet could not be parsed.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The transport negotiation was refused.
+    #[error(transparent)]
+    Negotiation(#[from] negotiate::Refusal),
+    /// A message the relay must not forward.
+    #[error(transparent)]
+    Relay(#[from] Violation),
 }
 
 /// Every reason a client session ends before or instead of relaying.
@@ -65,43 +142,28 @@ impl SqlState {
 pub enum SessionError {
     /// The client's bytes broke the protocol.
     #[error("protocol violation: {0}")]
-    Frame(#[from] FrameError),
-    /// Plaintext arrived after SSLRequest, before the TLS handshake.
-    #[error("data arrived after SSLRequest before the TLS handshake")]
-    DataBeforeTls,
+    Protocol(#[from] ProtocolViolation),
     /// The client connected with direct TLS but did not offer ALPN "postgresql".
     #[error("direct TLS without ALPN \"postgresql\"")]
     MissingAlpn,
-    /// TLS handshake failed.
+    /// The TLS handshake failed.
     #[error("TLS handshake failed: {0}")]
     Tls(io::Error),
-    /// The client asked for TLS where none is configured, then kept talking.
+    /// The startup message names no user.
     #[error("startup message missing the user parameter")]
     MissingUser,
     /// The startup asked for a replication connection.
     #[error("replication connections are not supported")]
     Replication,
-    /// A startup option tried to set a protected setting.
+    /// A startup parameter tried to set a protected setting.
     #[error("startup parameter {0:?} is not allowed")]
     ForbiddenParameter(String),
-    /// The role is not one the proxy serves.
-    #[error("role {0:?} is not served by this proxy")]
-    UnknownRole(String),
-    /// The database is not one the proxy serves.
-    #[error("database {0:?} is not served by this proxy")]
-    UnknownDatabase(String),
-    /// The role needs a token and the client sent an empty password.
-    #[error("no token given for role {0:?}")]
-    MissingToken(String),
-    /// Cleartext (non-TLS) login of a token role from a non-loopback peer.
-    #[error("token login over an unencrypted connection refused")]
-    CleartextRefused,
-    /// The token did not verify or may not log in as the role.
-    #[error("token rejected: {0}")]
-    Token(#[from] VerifyError),
+    /// Admission refused the client.
+    #[error("{0}")]
+    Refused(#[from] Refusal),
     /// The client did not finish the handshake in time.
     #[error("client did not authenticate within {0:?}")]
-    AuthTimeout(std::time::Duration),
+    AuthTimeout(Duration),
     /// Too many client connections.
     #[error("too many client connections")]
     TooManyConnections,
@@ -116,12 +178,12 @@ pub enum SessionError {
         /// Role asked for.
         role: String,
         /// The checkout timeout.
-        waited: std::time::Duration,
+        waited: Duration,
     },
     /// The session's token expired and expiry is enforced.
     #[error("the session's token expired")]
     TokenExpired,
-    /// Logging in upstream or attaching the identity failed.
+    /// Logging in upstream or readying the connection failed.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
     /// The client connection failed.
@@ -129,86 +191,48 @@ pub enum SessionError {
     ClientIo(#[from] io::Error),
 }
 
-/// The part of an error a client may see.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClientView {
-    /// SQLSTATE sent in the ErrorResponse.
-    pub code: SqlState,
-    /// Message: what went wrong, in the client's terms.
-    pub message: String,
-    /// What to do about it, when we can say.
-    pub hint: Option<&'static str>,
-}
-
-impl SessionError {
-    /// What the client is told. Exhaustive on purpose: see the module doc.
-    pub fn client_view(&self) -> Option<ClientView> {
+impl Classify for SessionError {
+    fn client_view(&self) -> Option<ClientView> {
         use SqlState as S;
-        let view = |code, message: String, hint| {
-            Some(ClientView {
-                code,
-                message,
-                hint,
-            })
-        };
         match self {
-            Self::Frame(error) => view(S::ProtocolViolation, error.to_string(), None),
-            Self::DataBeforeTls => view(
+            Self::Protocol(ProtocolViolation::Negotiation(
+                negotiate::Refusal::DataBeforeEncryption,
+            )) => ClientView::new(
                 S::ProtocolViolation,
-                "received unencrypted data after SSL request".into(),
+                "received unencrypted data after SSL request",
                 None,
             ),
-            Self::MissingAlpn => None,
-            Self::Tls(_) => None,
-            Self::MissingUser => view(
+            Self::Protocol(violation) => {
+                ClientView::new(S::ProtocolViolation, violation.to_string(), None)
+            }
+            Self::MissingAlpn | Self::Tls(_) | Self::ClientIo(_) => None,
+            Self::MissingUser => ClientView::new(
                 S::InvalidAuthorization,
-                "no PostgreSQL user name specified in startup packet".into(),
+                "no PostgreSQL user name specified in startup packet",
                 Some("connect as user \"authenticated\" with your token as the password"),
             ),
-            Self::Replication => view(
+            Self::Replication => ClientView::new(
                 S::FeatureNotSupported,
-                "replication connections are not supported by authgres".into(),
+                "replication connections are not supported by authgres",
                 None,
             ),
-            Self::ForbiddenParameter(name) => view(
+            Self::ForbiddenParameter(name) => ClientView::new(
                 S::InsufficientPrivilege,
                 format!("startup parameter \"{name}\" may not be set through authgres"),
                 Some("remove it from the connection options"),
             ),
-            Self::UnknownRole(role) => view(
-                S::InvalidAuthorization,
-                format!("role \"{role}\" is not served by this proxy"),
-                Some(
-                    "connect as one of the roles in the proxy's [roles] configuration, e.g. \"authenticated\"",
-                ),
-            ),
-            Self::UnknownDatabase(db) => view(
-                S::UnknownDatabase,
-                format!("database \"{db}\" is not served by this proxy"),
-                None,
-            ),
-            Self::MissingToken(role) => view(
-                S::InvalidAuthorization,
-                format!("role \"{role}\" requires a token: send your JWT as the password"),
-                None,
-            ),
-            Self::CleartextRefused => view(
-                S::InvalidAuthorization,
-                "token logins must use TLS from non-loopback addresses".into(),
-                Some("connect with sslmode=require"),
-            ),
-            Self::Token(error) => token_view(error),
-            Self::AuthTimeout(_) => view(
+            Self::Refused(refusal) => refusal.client_view(),
+            Self::AuthTimeout(_) => ClientView::new(
                 S::ProtocolViolation,
-                "authentication timed out: no password was sent".into(),
+                "authentication timed out: no password was sent",
                 None,
             ),
-            Self::TooManyConnections => view(
+            Self::TooManyConnections => ClientView::new(
                 S::TooManyConnections,
-                "sorry, too many clients already".into(),
+                "sorry, too many clients already",
                 None,
             ),
-            Self::PoolExhausted { waited, .. } => view(
+            Self::PoolExhausted { waited, .. } => ClientView::new(
                 S::TooManyConnections,
                 format!(
                     "no database connection became free within {}s",
@@ -216,33 +240,282 @@ impl SessionError {
                 ),
                 Some("the pool for this database and role is busy; raise pool_size or retry"),
             ),
-            Self::TokenExpired => view(
+            Self::TokenExpired => ClientView::new(
                 S::InvalidPassword,
-                "the session's token expired".into(),
+                "the session's token expired",
                 Some("reconnect with a fresh token"),
             ),
-            Self::Upstream(error) => Some(error.client_view()),
-            Self::ClientIo(_) => None,
+            Self::Upstream(error) => error.client_view(),
+        }
+    }
+
+    fn severity(&self) -> Severity {
+        match self {
+            Self::TokenExpired | Self::ClientIo(_) => Severity::Routine,
+            Self::Protocol(_)
+            | Self::MissingAlpn
+            | Self::Tls(_)
+            | Self::MissingUser
+            | Self::Replication
+            | Self::ForbiddenParameter(_)
+            | Self::AuthTimeout(_) => Severity::Client,
+            Self::TooManyConnections | Self::PoolExhausted { .. } => Severity::Service,
+            Self::Refused(refusal) => refusal.severity(),
+            Self::Upstream(error) => error.severity(),
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Protocol(_) => "protocol_violation",
+            Self::MissingAlpn => "tls_alpn",
+            Self::Tls(_) => "tls_handshake",
+            Self::MissingUser => "missing_user",
+            Self::Replication => "replication",
+            Self::ForbiddenParameter(_) => "forbidden_parameter",
+            Self::Refused(refusal) => refusal.label(),
+            Self::AuthTimeout(_) => "auth_timeout",
+            Self::TooManyConnections => "too_many_connections",
+            Self::PoolExhausted { .. } => "pool_exhausted",
+            Self::TokenExpired => "token_expired",
+            Self::Upstream(error) => error.label(),
+            Self::ClientIo(_) => "client_io",
         }
     }
 }
 
-fn token_view(error: &VerifyError) -> Option<ClientView> {
-    use SqlState as S;
-    let (code, hint) = match error.class() {
-        FailureClass::BadToken => (
-            S::InvalidPassword,
-            Some("get a fresh token from your identity provider and use it as the password"),
-        ),
-        FailureClass::RoleNotAllowed => (S::InvalidAuthorization, None),
-        FailureClass::KeysUnavailable => (
-            S::UnableToConnect,
-            Some("the identity provider's keys could not be fetched; try again shortly"),
-        ),
-    };
-    Some(ClientView {
-        code,
-        message: error.to_string(),
-        hint,
-    })
+/// Why an upstream login, or an exchange the proxy ran, failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpstreamError {
+    /// The server could not be reached.
+    #[error("cannot connect to upstream {address}: {source}")]
+    Connect {
+        /// host:port tried.
+        address: String,
+        /// Cause.
+        source: io::Error,
+    },
+    /// Connecting and logging in took longer than `connect_timeout`.
+    #[error("upstream connect and login timed out")]
+    ConnectTimeout,
+    /// TLS is configured and the server does not offer it.
+    #[error("upstream does not accept TLS")]
+    TlsRefused,
+    /// The configured host is not a name TLS can verify.
+    #[error("upstream host {0:?} is not a valid TLS server name")]
+    TlsName(String),
+    /// The TLS handshake with the server failed (certificate, protocol).
+    #[error("upstream TLS: {0}")]
+    Tls(io::Error),
+    /// The server refused the login.
+    #[error("upstream refused login as {role:?}: {error}")]
+    LoginRefused {
+        /// Role we tried to log in as.
+        role: String,
+        /// What the server said.
+        error: ServerError,
+    },
+    /// The server asked for an authentication method the proxy does not speak.
+    #[error("upstream asked for unsupported authentication {0}")]
+    UnsupportedAuth(&'static str),
+    /// The server asked for a password and the proxy has none for the role.
+    #[error("upstream wants a password for role {0:?}, and none is configured")]
+    NoPassword(String),
+    /// SCRAM failed: the server did not prove it knows the verifier, or
+    /// refused the proxy's proof.
+    #[error("upstream SCRAM: {0}")]
+    Scram(ScramError),
+    /// The connection failed mid-exchange.
+    #[error("upstream I/O: {0}")]
+    Io(#[from] io::Error),
+    /// The server closed the connection.
+    #[error("the upstream server closed the connection")]
+    Closed,
+    /// An exchange the proxy started did not finish before its deadline.
+    #[error("the upstream server did not answer within the deadline")]
+    Deadline,
+    /// The server sent something out of the protocol.
+    #[error("upstream protocol error: {0}")]
+    Protocol(&'static str),
+    /// A message could not be encoded (text with a NUL byte).
+    #[error("cannot encode the message for Postgres: {0}")]
+    Encode(io::Error),
+    /// Drawing or attaching the identity failed (auth schema missing or broken).
+    #[error("attaching the identity failed: {0}")]
+    Attach(ServerError),
+    /// One of the client's startup settings was refused by the server.
+    #[error("a startup setting was refused: {0}")]
+    Setting(ServerError),
+    /// Resetting the connection for its next user failed.
+    #[error("resetting the connection failed: {0}")]
+    Reset(ServerError),
+}
+
+impl UpstreamError {
+    /// The error of a failed login as `role`.
+    pub(crate) fn login(role: &str, error: LoginError) -> Self {
+        match error {
+            LoginError::Refused(error) => Self::LoginRefused {
+                role: role.to_owned(),
+                error,
+            },
+            LoginError::UnsupportedAuth(method) => Self::UnsupportedAuth(method),
+            LoginError::NoPassword => Self::NoPassword(role.to_owned()),
+            LoginError::Scram(error) => Self::Scram(error),
+            LoginError::Protocol(what) => Self::Protocol(what),
+        }
+    }
+
+    /// Whether the failure is the connection's (it died while idle in a
+    /// pool, it missed a deadline, its reset failed), so a request that has
+    /// sent nothing of its client's yet can try another connection.
+    pub fn worth_another_connection(&self) -> bool {
+        matches!(
+            self,
+            Self::Io(_) | Self::Closed | Self::Deadline | Self::Reset(_) | Self::Protocol(_)
+        )
+    }
+}
+
+impl Classify for UpstreamError {
+    fn client_view(&self) -> Option<ClientView> {
+        use SqlState as S;
+        let unreachable = || {
+            ClientView::new(
+                S::UnableToConnect,
+                "authgres could not reach the database server",
+                None,
+            )
+        };
+        match self {
+            Self::Connect { .. } | Self::ConnectTimeout | Self::TlsRefused | Self::Tls(_) => {
+                unreachable()
+            }
+            Self::TlsName(_) | Self::UnsupportedAuth(_) | Self::NoPassword(_) => ClientView::new(
+                S::UnableToConnect,
+                "authgres is not configured to log in to the database as this role",
+                None,
+            ),
+            Self::Scram(_) => ClientView::new(
+                S::UnableToConnect,
+                "the database server failed authgres's SCRAM check",
+                Some("is [upstream] pointing at the right server?"),
+            ),
+            Self::LoginRefused { role, error } => match error.code() {
+                // Wrong proxy credentials are the operator's problem, not
+                // the client's token: never answer 28P01 for them.
+                "28P01" | "28000" => ClientView::new(
+                    S::UnableToConnect,
+                    format!(
+                        "authgres could not log in to the database as \"{role}\": {}",
+                        error.message()
+                    ),
+                    Some("the proxy's credentials for this role are wrong; run `authgres init-db`"),
+                ),
+                code => ClientView::new(S::from_server(code), error.message(), None),
+            },
+            Self::Io(_) | Self::Closed | Self::Deadline | Self::Protocol(_) | Self::Reset(_) => {
+                ClientView::new(
+                    S::ConnectionFailure,
+                    "the database server connection failed",
+                    None,
+                )
+            }
+            Self::Encode(error) => ClientView::new(S::ProtocolViolation, error.to_string(), None),
+            Self::Attach(_) => ClientView::new(
+                S::Internal,
+                "authgres could not attach the identity to the session",
+                Some("is the auth schema installed in this database? run `authgres init-db`"),
+            ),
+            // A bad client setting (an unknown DateStyle) is the client's
+            // to see, as Postgres reports it at startup.
+            Self::Setting(error) => {
+                ClientView::new(S::from_server(error.code()), error.message(), None)
+            }
+        }
+    }
+
+    fn severity(&self) -> Severity {
+        match self {
+            Self::LoginRefused { error, .. } if error.code() == "3D000" => Severity::Client,
+            Self::Encode(_) | Self::Setting(_) => Severity::Client,
+            Self::Connect { .. }
+            | Self::ConnectTimeout
+            | Self::TlsRefused
+            | Self::TlsName(_)
+            | Self::Tls(_)
+            | Self::LoginRefused { .. }
+            | Self::UnsupportedAuth(_)
+            | Self::NoPassword(_)
+            | Self::Scram(_)
+            | Self::Io(_)
+            | Self::Closed
+            | Self::Deadline
+            | Self::Protocol(_)
+            | Self::Attach(_)
+            | Self::Reset(_) => Severity::Service,
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Connect { .. } => "upstream_unreachable",
+            Self::ConnectTimeout => "upstream_connect_timeout",
+            Self::TlsRefused | Self::TlsName(_) | Self::Tls(_) => "upstream_tls",
+            Self::LoginRefused { .. } => "upstream_login_refused",
+            Self::UnsupportedAuth(_) | Self::NoPassword(_) => "upstream_auth_config",
+            Self::Scram(_) => "upstream_scram",
+            Self::Io(_) | Self::Closed => "upstream_connection_lost",
+            Self::Deadline => "upstream_deadline",
+            Self::Protocol(_) => "upstream_protocol",
+            Self::Encode(_) => "encode",
+            Self::Attach(_) => "identity_attach",
+            Self::Setting(_) => "client_setting",
+            Self::Reset(_) => "upstream_reset",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_credentials_problems_never_look_like_a_bad_token() {
+        let refused = UpstreamError::LoginRefused {
+            role: "authenticated".into(),
+            error: ServerError::parse(b"C28P01\0Mpassword authentication failed\0\0"),
+        };
+        let view = refused.client_view().expect("a view");
+        assert_eq!(view.code, SqlState::UnableToConnect);
+        assert_eq!(refused.severity(), Severity::Service);
+        let missing_db = UpstreamError::LoginRefused {
+            role: "authenticated".into(),
+            error: ServerError::parse(b"C3D000\0Mdatabase \"x\" does not exist\0\0"),
+        };
+        assert_eq!(
+            missing_db.client_view().map(|v| v.code),
+            Some(SqlState::from_server("3D000"))
+        );
+        assert_eq!(missing_db.severity(), Severity::Client);
+    }
+
+    #[test]
+    fn addresses_stay_in_the_log() {
+        let error = UpstreamError::Connect {
+            address: "10.1.2.3:5432".into(),
+            source: io::ErrorKind::ConnectionRefused.into(),
+        };
+        let view = error.client_view().expect("a view");
+        assert!(!view.message.contains("10.1.2.3"));
+        assert!(error.to_string().contains("10.1.2.3"));
+    }
+
+    #[test]
+    fn server_codes_are_relayed_only_when_well_formed() {
+        assert_eq!(SqlState::from_server("53300").code(), "53300");
+        assert_eq!(SqlState::from_server("5330").code(), "XX000");
+        assert_eq!(SqlState::from_server("53\"00").code(), "XX000");
+    }
 }

@@ -1,34 +1,63 @@
-//! The Postgres wire protocol side of authgres.
+//! The Postgres wire protocol side of authgres: a client connects as if to
+//! Postgres, logs in with a JWT, and is relayed to the real server as its
+//! role with its identity attached.
 //!
-//! A client connects as if to Postgres ([`server::serve`]); its session
-//! ([`Proxy`]) negotiates the transport ([`transport`]), parses the startup
-//! packets ([`frontend`]), asks for a cleartext password that is the JWT,
-//! has it verified (`authgres-jwt`), logs in to the real Postgres as the
-//! requested role ([`upstream`]), attaches the signed identity
-//! ([`identity`]), replays the upstream's startup replies with the proxy's own
-//! cancel key ([`backend`], [`cancel`]) and then relays bytes ([`relay`]),
-//! holding a pooled connection ([`pool`]) for the whole session or, in
-//! transaction pooling, one transaction at a time ([`transaction`]).
+//! A connection's life is [`session`]'s (negotiate, handshake, lease,
+//! hold or transactions), over the sans-IO protocol pieces of `proto`.
+//! Around it: [`admission`] decides who may log in, for every transport;
+//! `upstream` is one connection to the real Postgres and the exchanges
+//! the proxy runs on it; `pool` keeps those connections; `relay` moves
+//! bytes and follows message boundaries; `transaction` carries a
+//! transaction-pooled client's session between connections; [`server`]
+//! accepts TCP clients.
 //!
 //! Protocol reference: <https://www.postgresql.org/docs/current/protocol.html>.
 
-pub mod backend;
-pub mod cancel;
-pub mod error;
-pub mod frontend;
-pub mod identity;
-pub mod params;
-pub mod pool;
-pub mod relay;
-pub mod scan;
-pub mod server;
+mod admission;
+mod cancel;
+mod config;
+mod error;
+mod identity;
+mod params;
+mod pool;
+mod proto;
+mod random;
+mod relay;
 mod session;
-pub mod track;
-pub mod transaction;
-pub mod transport;
-pub mod upstream;
+mod transaction;
+mod transport;
+mod upstream;
 
-pub use error::{ClientView, SessionError, SqlState};
-pub use identity::ClaimsKey;
-pub use session::{CleartextTokens, PoolMode, Proxy, ProxyConfig, RoleConfig};
-pub use upstream::UpstreamConfig;
+pub mod server;
+
+pub use admission::{Admitted, Need, Policy, Refusal, Request, Transport, admit, check};
+pub use config::{CleartextTokens, PoolLimits, PoolMode, ProxyConfig, RoleConfig, defaults};
+pub use error::{
+    Classify, ClientView, ProtocolViolation, SessionError, Severity, SqlState, UpstreamError,
+};
+pub use identity::{BadClaimsKey, CLAIMS_KEY_LEN, ClaimsKey};
+pub use pool::{CheckoutError, Pooled, UpstreamPool, reap};
+pub use proto::ledger::Violation;
+pub use proto::negotiate::Refusal as NegotiationRefusal;
+pub use proto::scram::ScramError;
+pub use proto::server_error::ServerError;
+pub use proto::startup::FrameError;
+pub use session::Proxy;
+pub use transport::{ALPN_HTTP1, ALPN_POSTGRESQL, TlsConfigError, UpstreamTls, tls_acceptor};
+pub use upstream::{
+    AttachScope, Attached, IDLE, Owner, PendingReset, Reply, Upstream, UpstreamConfig, UpstreamKey,
+    append_attach, append_described, append_statement, next_client_id,
+};
+
+/// The message-level pieces the fuzz targets and benchmarks drive, behind
+/// the `internals` feature. Not a stable API.
+#[cfg(feature = "internals")]
+pub mod internals {
+    pub use crate::proto::backend;
+    pub use crate::proto::framer::{Frame, Framer, TagSet};
+    pub use crate::proto::ledger::{Ledger, Outcome, Request, model};
+    pub use crate::proto::login::{Login, Step, startup_message};
+    pub use crate::proto::startup;
+    pub use crate::relay::{Relay, Stop};
+    pub use crate::transaction::Tracker;
+}

@@ -57,6 +57,20 @@ pub fn forwarded_parameters(
     Ok(forwarded)
 }
 
+/// The forwarded parameters as settings to apply with `set_config` on a
+/// pooled connection, `options` broken into its `-c name=value` parts.
+pub fn settings(forwarded: &[(String, String)]) -> Vec<(String, String)> {
+    let mut settings = Vec::new();
+    for (name, value) in forwarded {
+        if name == "options" {
+            settings.extend(option_assignments(value));
+        } else {
+            settings.push((name.clone(), value.clone()));
+        }
+    }
+    settings
+}
+
 /// Names of the settings an `options` string sets, split the way the server
 /// splits it (whitespace, with `\` escaping the next character). Any switch
 /// other than `-c` and `--` (`-d`, `-e`, ...) counts by its whole word, so an

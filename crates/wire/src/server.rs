@@ -4,14 +4,11 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use bytes::BytesMut;
-use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::backend;
-use crate::error::SqlState;
-use crate::session::Proxy;
+use crate::error::SessionError;
+use crate::session::{Proxy, refuse};
 
 /// Accepts connections on `listener` until `shutdown` completes.
 pub async fn serve(
@@ -29,21 +26,14 @@ pub async fn serve(
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
             tokio::spawn(async move {
                 let mut tcp = tcp;
-                let mut out = BytesMut::new();
-                backend::fatal_error(
-                    SqlState::TooManyConnections,
-                    "sorry, too many clients already",
-                    None,
-                    &mut out,
-                );
-                let _ = tcp.write_all(&out).await;
+                refuse(&mut tcp, &SessionError::TooManyConnections).await;
                 tracing::warn!(%peer, "connection refused: too many clients");
             });
             continue;
         };
         let proxy = Arc::clone(&proxy);
         tokio::spawn(async move {
-            proxy.handle_tcp(tcp, peer).await;
+            proxy.serve_tcp(tcp, peer).await;
             drop(permit);
         });
     }

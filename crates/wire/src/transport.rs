@@ -2,9 +2,12 @@
 //! direct TLS (first byte 0x16 with ALPN "postgresql", Postgres 17+).
 
 use std::io;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+
+use rustls::pki_types::pem;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -18,32 +21,75 @@ pub const TLS_HANDSHAKE_BYTE: u8 = 0x16;
 /// ALPN protocol name of HTTP/1.1, for the HTTP listener.
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 
+/// Why TLS settings could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsConfigError {
+    /// A PEM file could not be read or parsed.
+    #[error("reading {what} {}: {source}", path.display())]
+    Read {
+        /// Which file ("TLS certificate", "TLS key", "CA file").
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        source: pem::Error,
+    },
+    /// The certificate file holds no certificate.
+    #[error("{} holds no certificate", .0.display())]
+    NoCertificate(PathBuf),
+    /// A CA certificate is not usable.
+    #[error("CA file {}: {source}", path.display())]
+    BadCa {
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        source: rustls::Error,
+    },
+    /// The certificate and key do not fit together.
+    #[error("TLS certificate and key do not fit: {0}")]
+    Mismatch(rustls::Error),
+    /// The platform's CA roots could not be loaded, or another TLS setting
+    /// failed.
+    #[error("TLS setup: {0}")]
+    Setup(rustls::Error),
+}
+
 /// Builds a TLS acceptor from PEM files (certificate chain and private key)
 /// that offers the `alpn` protocol: [`ALPN_POSTGRESQL`] for the wire
 /// listener, [`ALPN_HTTP1`] for HTTP. A client offering only other
 /// protocols is refused; one offering none is accepted.
 pub fn tls_acceptor(
-    cert_pem: &std::path::Path,
-    key_pem: &std::path::Path,
+    cert_pem: &Path,
+    key_pem: &Path,
     alpn: &[u8],
-) -> Result<tokio_rustls::TlsAcceptor, String> {
+) -> Result<tokio_rustls::TlsAcceptor, TlsConfigError> {
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    fn read<'a>(
+        what: &'static str,
+        path: &'a Path,
+    ) -> impl FnOnce(pem::Error) -> TlsConfigError + 'a {
+        move |source| TlsConfigError::Read {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
     let certs = CertificateDer::pem_file_iter(cert_pem)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("reading TLS certificate {}: {e}", cert_pem.display()))?;
+        .map_err(read("TLS certificate", cert_pem))?;
     if certs.is_empty() {
-        return Err(format!("{} holds no certificate", cert_pem.display()));
+        return Err(TlsConfigError::NoCertificate(cert_pem.to_path_buf()));
     }
-    let key = PrivateKeyDer::from_pem_file(key_pem)
-        .map_err(|e| format!("reading TLS key {}: {e}", key_pem.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key_pem).map_err(read("TLS key", key_pem))?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(TlsConfigError::Setup)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| format!("TLS certificate and key do not fit: {e}"))?;
+        .map_err(TlsConfigError::Mismatch)?;
     config.alpn_protocols = vec![alpn.to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
@@ -62,10 +108,13 @@ pub type ClientStream = MaybeTls<TcpStream, TlsStream<TcpStream>>;
 /// An upstream connection: TCP, or TLS the proxy started.
 pub type UpstreamStream = MaybeTls<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
 
-impl<P, T> MaybeTls<P, T> {
-    /// Whether the connection is encrypted.
-    pub fn is_tls(&self) -> bool {
-        matches!(self, Self::Tls(_))
+impl UpstreamStream {
+    /// The TCP connection underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Self::Plain(tcp) => tcp,
+            Self::Tls(tls) => tls.get_ref().0,
+        }
     }
 }
 
@@ -157,23 +206,28 @@ impl std::fmt::Debug for UpstreamTls {
 impl UpstreamTls {
     /// `verify-full` trusting the certificates in `ca_pem`, or the
     /// platform's roots when `None`.
-    pub fn verify_full(ca_pem: Option<&std::path::Path>) -> Result<Self, String> {
+    pub fn verify_full(ca_pem: Option<&Path>) -> Result<Self, TlsConfigError> {
         use rustls::pki_types::CertificateDer;
         use rustls::pki_types::pem::PemObject as _;
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?;
+            .map_err(TlsConfigError::Setup)?;
         let config = match ca_pem {
             Some(path) => {
+                let read = |source| TlsConfigError::Read {
+                    what: "CA file",
+                    path: path.to_path_buf(),
+                    source,
+                };
                 let mut roots = rustls::RootCertStore::empty();
-                for cert in CertificateDer::pem_file_iter(path)
-                    .map_err(|e| format!("reading CA file {}: {e}", path.display()))?
-                {
-                    let cert = cert.map_err(|e| format!("CA file {}: {e}", path.display()))?;
+                for cert in CertificateDer::pem_file_iter(path).map_err(read)? {
                     roots
-                        .add(cert)
-                        .map_err(|e| format!("CA file {}: {e}", path.display()))?;
+                        .add(cert.map_err(read)?)
+                        .map_err(|source| TlsConfigError::BadCa {
+                            path: path.to_path_buf(),
+                            source,
+                        })?;
                 }
                 builder.with_root_certificates(roots).with_no_client_auth()
             }
@@ -181,7 +235,7 @@ impl UpstreamTls {
                 use rustls_platform_verifier::BuilderVerifierExt as _;
                 builder
                     .with_platform_verifier()
-                    .map_err(|e| format!("loading the platform's CA roots: {e}"))?
+                    .map_err(TlsConfigError::Setup)?
                     .with_no_client_auth()
             }
         };

@@ -24,6 +24,9 @@ pub const SSL_REQUEST_CODE: i32 = 80_877_103;
 pub const GSSENC_REQUEST_CODE: i32 = 80_877_104;
 /// Request code of a CancelRequest.
 pub const CANCEL_REQUEST_CODE: i32 = 80_877_102;
+/// Longest cancel key a CancelRequest may carry (protocol 3.2 allows up to
+/// 256 bytes; 3.0 keys are 4).
+pub const MAX_CANCEL_KEY: usize = 256;
 /// Protocol major version 3, the only one Postgres speaks since 7.4.
 const PROTOCOL_MAJOR_3: u16 = 3;
 /// Message tag of a PasswordMessage.
@@ -40,8 +43,9 @@ pub enum StartupPacket {
     CancelRequest {
         /// Process id the client was given in BackendKeyData.
         pid: i32,
-        /// Secret key the client was given in BackendKeyData.
-        key: i32,
+        /// Secret key the client was given in BackendKeyData (4 bytes in
+        /// protocol 3.0, up to [`MAX_CANCEL_KEY`] in 3.2).
+        key: Vec<u8>,
     },
     /// The StartupMessage proper.
     Startup {
@@ -87,10 +91,10 @@ pub enum FrameError {
 /// Returns `Ok(None)` until a whole packet is buffered; on success the packet
 /// is removed from `buf` and anything after it stays there.
 pub fn parse_startup_packet(buf: &mut BytesMut) -> Result<Option<StartupPacket>, FrameError> {
-    if buf.len() < 4 {
+    let Some(&length) = buf.first_chunk::<4>() else {
         return Ok(None);
-    }
-    let len = i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    };
+    let len = i32::from_be_bytes(length);
     let len = usize::try_from(len).unwrap_or(0);
     if !(8..=MAX_STARTUP_PACKET).contains(&len) {
         return Err(FrameError::BadLength {
@@ -119,14 +123,16 @@ pub fn parse_startup_packet(buf: &mut BytesMut) -> Result<Option<StartupPacket>,
             fixed(8, "GSSENCRequest").map(|()| Some(StartupPacket::GssEncRequest))
         }
         CANCEL_REQUEST_CODE => {
-            fixed(16, "CancelRequest")?;
+            if !(16..=12 + MAX_CANCEL_KEY).contains(&len) {
+                return Err(FrameError::Malformed("CancelRequest"));
+            }
             let pid = packet.get_i32();
-            let key = packet.get_i32();
+            let key = packet.to_vec();
             Ok(Some(StartupPacket::CancelRequest { pid, key }))
         }
         _ => {
-            let major = (code >> 16) as u16;
-            let minor = (code & 0xffff) as u16;
+            let [a, b, c, d] = code.to_be_bytes();
+            let (major, minor) = (u16::from_be_bytes([a, b]), u16::from_be_bytes([c, d]));
             if major != PROTOCOL_MAJOR_3 {
                 return Err(FrameError::UnsupportedProtocol { major, minor });
             }
@@ -176,13 +182,13 @@ fn parse_parameters(body: &[u8]) -> Result<BTreeMap<String, String>, FrameError>
 /// The caller learns nothing about the password's content from errors: they
 /// describe only the framing.
 pub fn parse_password_message(buf: &mut BytesMut) -> Result<Option<String>, FrameError> {
-    if buf.len() < 5 {
+    let Some(&[tag, a, b, c, d]) = buf.first_chunk::<5>() else {
         return Ok(None);
+    };
+    if tag != PASSWORD_TAG {
+        return Err(FrameError::UnexpectedMessage(char::from(tag)));
     }
-    if buf[0] != PASSWORD_TAG {
-        return Err(FrameError::UnexpectedMessage(char::from(buf[0])));
-    }
-    let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    let len = i32::from_be_bytes([a, b, c, d]);
     let len = usize::try_from(len).unwrap_or(0);
     if !(5..=MAX_PASSWORD_MESSAGE).contains(&len) {
         return Err(FrameError::BadLength {
@@ -205,10 +211,22 @@ pub fn parse_password_message(buf: &mut BytesMut) -> Result<Option<String>, Fram
     }
 }
 
+/// A CancelRequest for backend `pid` with cancel `key` (4 bytes in
+/// protocol 3.0, longer in 3.2).
+pub fn cancel_request(pid: i32, key: &[u8]) -> Vec<u8> {
+    let length = i32::try_from(12 + key.len()).unwrap_or(i32::MAX);
+    let mut out = Vec::with_capacity(12 + key.len());
+    out.extend_from_slice(&length.to_be_bytes());
+    out.extend_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
+    out.extend_from_slice(&pid.to_be_bytes());
+    out.extend_from_slice(key);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::BufMut;
+    use bytes::BufMut as _;
 
     fn startup_bytes(params: &[(&str, &str)]) -> BytesMut {
         let mut buf = BytesMut::new();
@@ -259,13 +277,29 @@ mod tests {
         );
         assert_eq!(
             parse_startup_packet(&mut buf),
-            Ok(Some(StartupPacket::CancelRequest { pid: 7, key: 42 }))
+            Ok(Some(StartupPacket::CancelRequest {
+                pid: 7,
+                key: 42i32.to_be_bytes().to_vec()
+            }))
         );
         assert_eq!(
             parse_startup_packet(&mut buf),
             Ok(Some(StartupPacket::GssEncRequest))
         );
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn cancel_requests_round_trip_with_short_and_long_keys() {
+        for key in [vec![1, 2, 3, 4], vec![9; 32]] {
+            let mut buf = BytesMut::from(&cancel_request(77, &key)[..]);
+            assert_eq!(
+                parse_startup_packet(&mut buf),
+                Ok(Some(StartupPacket::CancelRequest { pid: 77, key }))
+            );
+        }
+        let mut short = BytesMut::from(&cancel_request(77, &[1, 2])[..]);
+        assert!(parse_startup_packet(&mut short).is_err());
     }
 
     #[test]
@@ -288,7 +322,7 @@ mod tests {
     fn startup_parameters_must_be_well_formed() {
         for body in [&b"user\0"[..], b"user\0x\0", b"user\0x", b"\0x\0\0"] {
             let mut buf = BytesMut::new();
-            buf.put_i32(8 + body.len() as i32);
+            buf.put_i32(8 + i32::try_from(body.len()).expect("short"));
             buf.put_i32(196_608);
             buf.put_slice(body);
             assert!(
@@ -328,7 +362,7 @@ mod tests {
     fn password_message_limits() {
         let mut buf = BytesMut::new();
         buf.put_u8(b'p');
-        buf.put_i32((MAX_PASSWORD_MESSAGE + 1) as i32);
+        buf.put_i32(i32::try_from(MAX_PASSWORD_MESSAGE + 1).expect("fits"));
         assert!(matches!(
             parse_password_message(&mut buf),
             Err(FrameError::BadLength { .. })

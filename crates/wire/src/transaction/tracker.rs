@@ -4,15 +4,18 @@
 //! In transaction pooling a client's transactions may run on different
 //! upstream connections. The [`Tracker`] keeps what must follow the client
 //! there: its named prepared statements (the Parse messages that created
-//! them, committed only when the server answers ParseComplete, dropped on
-//! CloseComplete). It also notes commands whose effect outlives the
-//! transaction (SET, PREPARE, LISTEN, ..., or a query that calls
-//! `set_config`), after which the session asks the server what the client's
-//! session now holds (see `transaction.rs`), and the dotted names the
-//! client's statements mention: Postgres lists no custom settings
-//! (`app.tenant`), so these are the ones it is asked about.
+//! them, kept once the ledger retires them as done, dropped when a Close of
+//! them is). It also notes commands whose effect outlives the transaction
+//! (SET, PREPARE, LISTEN, ..., or a query that calls `set_config`), after
+//! which the session asks the server what the client's session now holds
+//! (see `state.rs`), and the dotted names the client's statements mention:
+//! Postgres lists no custom settings (`app.tenant`), so these are the ones
+//! it is asked about.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+
+use crate::proto::framer::TagSet;
+use crate::proto::ledger::{Outcome, Request};
 
 /// Most bytes of Parse messages kept per client; past it the client keeps
 /// its upstream connection instead.
@@ -46,15 +49,13 @@ const SESSION_COMMANDS: &[&[u8]] = &[
     b"LOAD",
 ];
 
-/// A client request whose outcome a later server reply decides.
+/// A Parse or Close sent and not yet retired by the ledger.
 #[derive(Debug)]
-enum Request {
+enum Pending {
     /// Parse of a named statement (name, whole message), or of the unnamed.
     Parse(Option<(String, Vec<u8>)>),
     /// Close of a named statement, or of a portal / the unnamed statement.
     Close(Option<String>),
-    /// Query, Sync or FunctionCall: answered by one ReadyForQuery.
-    Sync,
 }
 
 /// A client's named statements and session-state commands.
@@ -62,14 +63,24 @@ enum Request {
 pub struct Tracker {
     statements: HashMap<String, Vec<u8>>,
     statement_bytes: usize,
-    in_flight: VecDeque<Request>,
+    /// Parse and Close messages in the order sent; the ledger retires them
+    /// in the same order.
+    in_flight: VecDeque<Pending>,
     touched: bool,
     mentioned: BTreeSet<String>,
     untrackable: Option<&'static str>,
 }
 
 impl Tracker {
-    /// Notes a client message (its body when captured: Parse and Close).
+    /// Client messages whose bodies the tracker reads: Parse (to replay),
+    /// Close (which statement), Query (what its text mentions).
+    pub const CLIENT_BODIES: TagSet = TagSet::of(b"PCQ");
+    /// Server messages the tracker reads: CommandComplete's tag.
+    pub const SERVER_REPORTED: TagSet = TagSet::of(b"C");
+    /// Server message bodies it reads.
+    pub const SERVER_BODIES: TagSet = TagSet::of(b"C");
+
+    /// Notes a client message (its body when captured: Parse, Close, Query).
     pub fn client_message(&mut self, tag: u8, body: Option<&[u8]>) {
         if let (b'Q' | b'P', Some(text)) = (tag, body) {
             self.read_statement(text);
@@ -81,15 +92,16 @@ impl Tracker {
                     let parse = (!name.is_empty()).then(|| {
                         let mut message = Vec::with_capacity(body.len() + 5);
                         message.push(b'P');
-                        message.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+                        let length = u32::try_from(body.len() + 4).unwrap_or(u32::MAX);
+                        message.extend_from_slice(&length.to_be_bytes());
                         message.extend_from_slice(body);
                         (name.to_owned(), message)
                     });
-                    self.in_flight.push_back(Request::Parse(parse));
+                    self.in_flight.push_back(Pending::Parse(parse));
                 }
                 None => {
                     self.untrackable = Some("a prepared statement too large to track");
-                    self.in_flight.push_back(Request::Parse(None));
+                    self.in_flight.push_back(Pending::Parse(None));
                 }
             },
             b'C' => {
@@ -98,58 +110,44 @@ impl Tracker {
                     .and_then(|body| cstr(&body[1..]))
                     .filter(|name| !name.is_empty())
                     .map(str::to_owned);
-                self.in_flight.push_back(Request::Close(name));
+                self.in_flight.push_back(Pending::Close(name));
             }
-            b'Q' | b'S' | b'F' => self.in_flight.push_back(Request::Sync),
             _ => {}
         }
     }
 
-    /// Notes a server message (its body when captured: CommandComplete and
-    /// ReadyForQuery).
+    /// Notes how the server dealt with a client message, as the ledger
+    /// retires it: a Parse done keeps its statement, a Close done drops
+    /// one; failed and skipped ones change nothing.
+    pub fn retired(&mut self, request: Request, outcome: Outcome) {
+        if !matches!(request, Request::Parse | Request::Close) {
+            return;
+        }
+        match (self.in_flight.pop_front(), request, outcome) {
+            (Some(Pending::Parse(Some((name, message)))), Request::Parse, Outcome::Done) => {
+                self.commit(name, message);
+            }
+            (Some(Pending::Close(Some(name))), Request::Close, Outcome::Done) => self.forget(&name),
+            (Some(Pending::Parse(_)), Request::Parse, _)
+            | (Some(Pending::Close(_)), Request::Close, _) => {}
+            _ => self.untrackable = Some("replies out of order"),
+        }
+    }
+
+    /// Notes a server message (its body when captured: CommandComplete).
     pub fn server_message(&mut self, tag: u8, body: Option<&[u8]>) {
-        match tag {
-            // ParseComplete: the oldest Parse in flight succeeded.
-            b'1' => match self.in_flight.pop_front() {
-                Some(Request::Parse(Some((name, message)))) => self.commit(name, message),
-                Some(Request::Parse(None)) => {}
-                _ => self.untrackable = Some("replies out of order"),
-            },
-            // CloseComplete: the oldest Close in flight succeeded.
-            b'3' => match self.in_flight.pop_front() {
-                Some(Request::Close(Some(name))) => self.forget(&name),
-                Some(Request::Close(None)) => {}
-                _ => self.untrackable = Some("replies out of order"),
-            },
-            // ErrorResponse: the server skips to the next Sync, so every
-            // Parse and Close before it failed.
-            b'E' => {
-                while matches!(
-                    self.in_flight.front(),
-                    Some(Request::Parse(_) | Request::Close(_))
-                ) {
-                    self.in_flight.pop_front();
-                }
-            }
-            b'Z' => {
-                while let Some(request) = self.in_flight.pop_front() {
-                    if matches!(request, Request::Sync) {
-                        break;
-                    }
-                }
-            }
-            b'C' => {
-                let tag = body.map(|b| b.strip_suffix(b"\0").unwrap_or(b));
-                if tag.is_some_and(|tag| {
-                    SESSION_COMMANDS.iter().any(|command| {
-                        tag.strip_prefix(*command)
-                            .is_some_and(|rest| rest.is_empty() || rest[0] == b' ')
-                    })
-                }) {
-                    self.touched = true;
-                }
-            }
-            _ => {}
+        if tag != b'C' {
+            return;
+        }
+        let command = body.map(|b| b.strip_suffix(b"\0").unwrap_or(b));
+        if command.is_some_and(|command| {
+            SESSION_COMMANDS.iter().any(|session_command| {
+                command
+                    .strip_prefix(*session_command)
+                    .is_some_and(|rest| rest.first().is_none_or(|&b| b == b' '))
+            })
+        }) {
+            self.touched = true;
         }
     }
 
@@ -267,10 +265,8 @@ mod tests {
         let mut tracker = Tracker::default();
         tracker.client_message(b'P', Some(&parse_body("s1", "select 1")));
         tracker.client_message(b'P', Some(&parse_body("", "select 2")));
-        tracker.client_message(b'S', None);
-        tracker.server_message(b'1', None);
-        tracker.server_message(b'1', None);
-        tracker.server_message(b'Z', Some(b"I"));
+        tracker.retired(Request::Parse, Outcome::Done);
+        tracker.retired(Request::Parse, Outcome::Done);
         assert_eq!(names(&tracker), ["s1"]);
         let replay: Vec<&[u8]> = tracker.statements().collect();
         assert_eq!(replay[0][0], b'P');
@@ -280,26 +276,46 @@ mod tests {
         );
 
         tracker.client_message(b'C', Some(b"Ss1\0"));
-        tracker.client_message(b'S', None);
-        tracker.server_message(b'3', None);
-        tracker.server_message(b'Z', Some(b"I"));
+        tracker.retired(Request::Close, Outcome::Done);
         assert!(names(&tracker).is_empty());
     }
 
     #[test]
-    fn a_failed_parse_and_everything_after_it_until_sync_is_not_kept() {
+    fn a_failed_parse_and_everything_skipped_after_it_is_not_kept() {
         let mut tracker = Tracker::default();
         tracker.client_message(b'P', Some(&parse_body("bad", "selec 1")));
         tracker.client_message(b'P', Some(&parse_body("skipped", "select 1")));
-        tracker.client_message(b'S', None);
         tracker.client_message(b'P', Some(&parse_body("good", "select 1")));
-        tracker.client_message(b'S', None);
-        tracker.server_message(b'E', None);
-        tracker.server_message(b'Z', Some(b"I"));
-        tracker.server_message(b'1', None);
-        tracker.server_message(b'Z', Some(b"I"));
+        tracker.retired(Request::Parse, Outcome::Failed);
+        tracker.retired(Request::Bind, Outcome::Skipped);
+        tracker.retired(Request::Parse, Outcome::Skipped);
+        tracker.retired(Request::Sync, Outcome::Done);
+        tracker.retired(Request::Parse, Outcome::Done);
         assert_eq!(names(&tracker), ["good"]);
         assert_eq!(tracker.untrackable(), None);
+    }
+
+    #[test]
+    fn the_whole_path_through_the_ledger_keeps_only_what_the_server_created() {
+        use crate::proto::ledger::Ledger;
+        let mut ledger = Ledger::default();
+        let mut tracker = Tracker::default();
+        let client = |ledger: &mut Ledger, tracker: &mut Tracker, tag, body: Option<&[u8]>| {
+            tracker.client_message(tag, body);
+            ledger.client_message(tag, &mut |r, o| tracker.retired(r, o));
+        };
+        let bad = parse_body("bad", "selec 1");
+        let good = parse_body("good", "select 1");
+        client(&mut ledger, &mut tracker, b'P', Some(&bad));
+        client(&mut ledger, &mut tracker, b'S', None);
+        ledger.server_message(b'E', None, &mut |r, o| tracker.retired(r, o));
+        ledger.server_message(b'Z', Some(b"I"), &mut |r, o| tracker.retired(r, o));
+        client(&mut ledger, &mut tracker, b'P', Some(&good));
+        client(&mut ledger, &mut tracker, b'S', None);
+        ledger.server_message(b'1', None, &mut |r, o| tracker.retired(r, o));
+        ledger.server_message(b'Z', Some(b"I"), &mut |r, o| tracker.retired(r, o));
+        assert!(ledger.idle());
+        assert_eq!(names(&tracker), ["good"]);
     }
 
     #[test]

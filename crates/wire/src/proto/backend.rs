@@ -15,11 +15,6 @@ use pgwire::messages::startup::{
 
 use crate::error::SqlState;
 
-/// Response byte refusing an SSLRequest or GSSENCRequest.
-pub const REFUSE_ENCRYPTION: u8 = b'N';
-/// Response byte accepting an SSLRequest.
-pub const ACCEPT_SSL: u8 = b'S';
-
 fn encode(message: &impl Message, buf: &mut BytesMut) {
     // Every message built here is small and well-formed (bounded strings we
     // produce ourselves), so encoding cannot fail on length limits; if it
@@ -49,8 +44,11 @@ pub fn parameter_status(name: &str, value: &str, buf: &mut BytesMut) {
 }
 
 /// BackendKeyData carrying the proxy's own cancel key, never the upstream's.
-pub fn backend_key_data(pid: i32, key: i32, buf: &mut BytesMut) {
-    encode(&BackendKeyData::new(pid, SecretKey::I32(key)), buf);
+pub fn backend_key_data(pid: i32, key: [u8; 4], buf: &mut BytesMut) {
+    encode(
+        &BackendKeyData::new(pid, SecretKey::I32(i32::from_be_bytes(key))),
+        buf,
+    );
 }
 
 /// ReadyForQuery in the idle state: the client may start.
@@ -58,9 +56,17 @@ pub fn ready_for_query_idle(buf: &mut BytesMut) {
     encode(&ReadyForQuery::new(TransactionStatus::Idle), buf);
 }
 
+/// The protocol version code of 3.0, as NegotiateProtocolVersion carries
+/// it: the whole code, which libpq 18 requires (a bare minor version of 0
+/// reads to it as a downgrade to before 3.0).
+const PROTOCOL_3_0: i32 = 3 << 16;
+
 /// NegotiateProtocolVersion: we speak 3.0 and none of the `_pq_` options.
 pub fn negotiate_protocol_version(unsupported_options: Vec<String>, buf: &mut BytesMut) {
-    encode(&NegotiateProtocolVersion::new(0, unsupported_options), buf);
+    encode(
+        &NegotiateProtocolVersion::new(PROTOCOL_3_0, unsupported_options),
+        buf,
+    );
 }
 
 /// A FATAL ErrorResponse; the connection is closed right after it.
@@ -88,7 +94,7 @@ mod tests {
         ask_cleartext_password(&mut buf);
         authentication_ok(&mut buf);
         parameter_status("server_version", "15.8", &mut buf);
-        backend_key_data(17, -5, &mut buf);
+        backend_key_data(17, (-5i32).to_be_bytes(), &mut buf);
         ready_for_query_idle(&mut buf);
         let mut seen = Vec::new();
         while let Some(message) = Parsed::parse(&mut buf).expect("well-formed") {

@@ -5,7 +5,44 @@
 //! and ends, collecting the bodies of the few message kinds the proxy must
 //! read (ReadyForQuery's transaction status, command tags, named Parse
 //! messages), so the relay knows where transactions end without buffering
-//! whole messages.
+//! whole messages. Which messages are reported and which bodies are kept
+//! are [`TagSet`]s, built at compile time by whoever needs them.
+
+/// A set of message tags, as a 256-bit map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TagSet([u64; 4]);
+
+impl TagSet {
+    /// No tag.
+    pub const NONE: Self = Self([0; 4]);
+    /// Every tag.
+    pub const ALL: Self = Self([u64::MAX; 4]);
+
+    /// The set of `tags`.
+    #[allow(clippy::indexing_slicing, reason = "i < tags.len(), and tag >> 6 < 4")]
+    pub const fn of(tags: &[u8]) -> Self {
+        let mut bits = [0u64; 4];
+        let mut i = 0;
+        while i < tags.len() {
+            let tag = tags[i];
+            bits[(tag >> 6) as usize] |= 1 << (tag & 63);
+            i += 1;
+        }
+        Self(bits)
+    }
+
+    /// Tags in either set.
+    pub const fn union(self, other: Self) -> Self {
+        let (a, b) = (self.0, other.0);
+        Self([a[0] | b[0], a[1] | b[1], a[2] | b[2], a[3] | b[3]])
+    }
+
+    /// Whether `tag` is in the set.
+    #[allow(clippy::indexing_slicing, reason = "tag >> 6 < 4")]
+    pub const fn contains(self, tag: u8) -> bool {
+        self.0[(tag >> 6) as usize] & (1 << (tag & 63)) != 0
+    }
+}
 
 /// A message boundary found by [`Framer::next`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,38 +51,24 @@ pub enum Frame {
     /// is not consumed yet.
     Start(u8),
     /// The message with this tag ends at the returned offset; its body is in
-    /// [`Framer::body`] if its kind is captured and it fit.
+    /// [`Framer::body`] if its kind is captured and it fit, and its length
+    /// field in [`Framer::length`].
     End(u8),
-}
-
-/// Which messages a [`Framer`] reports.
-#[derive(Debug, Clone, Copy)]
-pub enum Report {
-    /// The start and end of every message.
-    All,
-    /// Only the start and end of messages with one of these tags (the rest
-    /// pass without a stop, which keeps result streams fast).
-    Tags(&'static [u8]),
-}
-
-impl Report {
-    fn includes(self, tag: u8) -> bool {
-        match self {
-            Self::All => true,
-            Self::Tags(tags) => tags.contains(&tag),
-        }
-    }
 }
 
 /// Follows message framing across arbitrary chunk boundaries.
 #[derive(Debug)]
 pub struct Framer {
-    report: Report,
-    /// Tags whose bodies are collected, and the most collected per body.
-    capture: &'static [u8],
+    /// Messages whose start and end are reported; the rest pass without a
+    /// stop, which keeps result streams fast.
+    report: TagSet,
+    /// Messages whose bodies are collected, up to `capture_limit` bytes.
+    capture: TagSet,
     capture_limit: usize,
     header: [u8; 5],
     header_len: usize,
+    /// The length field of the current (or just ended) message.
+    length: u32,
     /// Bytes of the current message body still to pass.
     body_left: usize,
     /// The start of the current message was reported.
@@ -59,15 +82,16 @@ pub struct Framer {
 
 impl Framer {
     /// A framer reporting the boundaries of the messages in `report` and
-    /// collecting the bodies of those tagged with one of `capture`, up to
-    /// `capture_limit` bytes each.
-    pub fn new(report: Report, capture: &'static [u8], capture_limit: usize) -> Self {
+    /// collecting the bodies of those in `capture`, up to `capture_limit`
+    /// bytes each.
+    pub fn new(report: TagSet, capture: TagSet, capture_limit: usize) -> Self {
         Self {
             report,
             capture,
             capture_limit,
             header: [0; 5],
             header_len: 0,
+            length: 0,
             body_left: 0,
             start_reported: false,
             collecting: false,
@@ -81,37 +105,39 @@ impl Framer {
     /// of `bytes` was consumed inside messages).
     pub fn next(&mut self, bytes: &[u8]) -> (usize, Option<Frame>) {
         let mut at = 0;
-        while at < bytes.len() {
+        while let Some(&first) = bytes.get(at) {
             if self.header_len == 0 && !self.start_reported {
                 self.start_reported = true;
                 self.body_complete = false;
-                if self.report.includes(bytes[at]) {
-                    return (at, Some(Frame::Start(bytes[at])));
+                if self.report.contains(first) {
+                    return (at, Some(Frame::Start(first)));
                 }
             }
             if self.header_len < 5 {
-                let take = (5 - self.header_len).min(bytes.len() - at);
-                self.header[self.header_len..self.header_len + take]
-                    .copy_from_slice(&bytes[at..at + take]);
+                let rest = bytes.get(at..).unwrap_or_default();
+                let take = (5 - self.header_len).min(rest.len());
+                let into = self.header.get_mut(self.header_len..self.header_len + take);
+                if let (Some(into), Some(from)) = (into, rest.get(..take)) {
+                    into.copy_from_slice(from);
+                }
                 self.header_len += take;
                 at += take;
                 if self.header_len < 5 {
                     break;
                 }
-                let len = u32::from_be_bytes([
-                    self.header[1],
-                    self.header[2],
-                    self.header[3],
-                    self.header[4],
-                ]) as usize;
-                self.body_left = len.saturating_sub(4);
+                let [_, a, b, c, d] = self.header;
+                self.length = u32::from_be_bytes([a, b, c, d]);
+                self.body_left =
+                    usize::try_from(self.length.saturating_sub(4)).unwrap_or(usize::MAX);
                 self.body.clear();
                 self.collecting =
-                    self.capture.contains(&self.header[0]) && self.body_left <= self.capture_limit;
+                    self.capture.contains(self.header[0]) && self.body_left <= self.capture_limit;
             }
-            let take = self.body_left.min(bytes.len() - at);
+            let rest = bytes.get(at..).unwrap_or_default();
+            let take = self.body_left.min(rest.len());
             if self.collecting {
-                self.body.extend_from_slice(&bytes[at..at + take]);
+                self.body
+                    .extend_from_slice(rest.get(..take).unwrap_or_default());
             }
             self.body_left -= take;
             at += take;
@@ -119,7 +145,7 @@ impl Framer {
                 self.header_len = 0;
                 self.start_reported = false;
                 self.body_complete = self.collecting;
-                if self.report.includes(self.header[0]) {
+                if self.report.contains(self.header[0]) {
                     return (at, Some(Frame::End(self.header[0])));
                 }
             }
@@ -131,6 +157,12 @@ impl Framer {
     /// it was within the limit.
     pub fn body(&self) -> Option<&[u8]> {
         self.body_complete.then_some(&self.body[..])
+    }
+
+    /// The length field of the message that just ended (4 for an empty
+    /// body).
+    pub fn length(&self) -> u32 {
+        self.length
     }
 
     /// Whether the stream sits between messages (not inside one).
@@ -146,7 +178,8 @@ pub(crate) mod tests {
     /// A protocol message: tag, length, body.
     pub(crate) fn message(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut out = vec![tag];
-        out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        let length = u32::try_from(body.len() + 4).expect("test message fits");
+        out.extend_from_slice(&length.to_be_bytes());
         out.extend_from_slice(body);
         out
     }
@@ -172,11 +205,23 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn tag_sets_hold_exactly_their_tags() {
+        let set = TagSet::of(b"Z1\xff\0");
+        for tag in 0..=255u8 {
+            assert_eq!(set.contains(tag), b"Z1\xff\0".contains(&tag), "{tag}");
+        }
+        let both = TagSet::of(b"a").union(TagSet::of(b"b"));
+        assert!(both.contains(b'a') && both.contains(b'b') && !both.contains(b'c'));
+        assert!(TagSet::ALL.contains(0) && !TagSet::NONE.contains(b'Z'));
+    }
+
+    #[test]
     fn finds_every_boundary_and_captured_body_across_every_split() {
         let mut stream = message(b'T', &[0; 30]);
         stream.extend(message(b'C', b"SELECT 1\0"));
         stream.extend(message(b'Z', b"I"));
-        let whole = frames(&mut Framer::new(Report::All, b"CZ", 64), &[&stream]);
+        let capture = TagSet::of(b"CZ");
+        let whole = frames(&mut Framer::new(TagSet::ALL, capture, 64), &[&stream]);
         assert_eq!(
             whole,
             vec![
@@ -190,18 +235,18 @@ pub(crate) mod tests {
         );
         for split in 0..stream.len() {
             let (a, b) = stream.split_at(split);
-            let mut framer = Framer::new(Report::All, b"CZ", 64);
+            let mut framer = Framer::new(TagSet::ALL, capture, 64);
             assert_eq!(frames(&mut framer, &[a, b]), whole, "split at {split}");
             assert!(framer.at_boundary());
         }
-        let mut framer = Framer::new(Report::All, b"CZ", 64);
+        let mut framer = Framer::new(TagSet::ALL, capture, 64);
         let bytes: Vec<&[u8]> = stream.chunks(1).collect();
         assert_eq!(frames(&mut framer, &bytes), whole);
     }
 
     #[test]
     fn a_tag_byte_inside_a_body_is_not_a_message() {
-        let mut framer = Framer::new(Report::All, b"Z", 64);
+        let mut framer = Framer::new(TagSet::ALL, TagSet::of(b"Z"), 64);
         let found = frames(&mut framer, &[&message(b'D', b"Z\0\0\0\x05I")]);
         assert_eq!(found.len(), 2);
         assert_eq!(found[1].1, Frame::End(b'D'));
@@ -212,7 +257,7 @@ pub(crate) mod tests {
         let mut stream = message(b'D', b"row");
         stream.extend(message(b'Z', b"I"));
         stream.extend(message(b'D', b"row"));
-        let mut framer = Framer::new(Report::Tags(b"Z"), b"Z", 64);
+        let mut framer = Framer::new(TagSet::of(b"Z"), TagSet::of(b"Z"), 64);
         let found = frames(&mut framer, &[&stream]);
         assert_eq!(
             found,
@@ -225,9 +270,10 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn bodies_over_the_limit_are_not_captured() {
-        let mut framer = Framer::new(Report::All, b"P", 4);
+    fn bodies_over_the_limit_are_not_captured_and_lengths_are_kept() {
+        let mut framer = Framer::new(TagSet::ALL, TagSet::of(b"P"), 4);
         let found = frames(&mut framer, &[&message(b'P', b"too long")]);
         assert_eq!(found[1], (13, Frame::End(b'P'), None));
+        assert_eq!(framer.length(), 12);
     }
 }

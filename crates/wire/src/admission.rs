@@ -1,0 +1,263 @@
+//! Who may log in, decided once for every transport: the Postgres protocol
+//! over TCP, TLS and WebSocket, and `/sql`.
+//!
+//! [`check`] is pure: from the policy and what the client asked for (role,
+//! database, where it connects from, whether the transport is encrypted)
+//! it decides whether a token is needed, before the client is asked for
+//! one, so a token is never requested over a connection it may not travel
+//! on. [`admit`] then verifies the token (the one step that may wait, for
+//! a provider's keys) against `now` and resolves the login role, which a
+//! provider's `role_claim` may choose. Refusals are classified once
+//! ([`Refusal`]); each transport words them in its own terms.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+use authgres_jwt::{FailureClass, Identity, Verifier, VerifyError};
+
+use crate::config::{CleartextTokens, RoleConfig};
+use crate::error::{Classify, ClientView, Severity, SqlState};
+
+/// What admission decides on.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Roles served, by name.
+    pub roles: HashMap<String, RoleConfig>,
+    /// Databases served; empty serves any.
+    pub databases: Vec<String>,
+    /// Whether a token may travel over an unencrypted connection.
+    pub cleartext_tokens: CleartextTokens,
+}
+
+/// How a client reached the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// The Postgres protocol over TCP (TLS or not).
+    Wire,
+    /// The Postgres protocol over a WebSocket.
+    WebSocket,
+    /// `POST /sql`.
+    Http,
+}
+
+impl Transport {
+    /// The label of the transport in logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Wire => "tcp",
+            Self::WebSocket => "websocket",
+            Self::Http => "http",
+        }
+    }
+}
+
+/// What a client asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// The role (the startup packet's `user`).
+    pub role: &'a str,
+    /// The database.
+    pub database: &'a str,
+    /// Where the client connects from.
+    pub peer: IpAddr,
+    /// Whether the transport is encrypted.
+    pub encrypted: bool,
+    /// Which transport it came over.
+    pub transport: Transport,
+}
+
+/// What admission needs from the client to decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Nothing: the role is anonymous.
+    Nothing,
+    /// A token.
+    Token,
+}
+
+/// A client admitted to log in.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    /// The role to log in upstream as (the requested one, or the one the
+    /// token's `role_claim` chose).
+    pub role: String,
+    /// The database.
+    pub database: String,
+    /// The verified identity; `None` for an anonymous role.
+    pub identity: Option<Identity>,
+}
+
+/// Why a client may not log in.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The role is not one the proxy serves.
+    #[error("role {0:?} is not served by this proxy")]
+    UnknownRole(String),
+    /// The database is not one the proxy serves.
+    #[error("database {0:?} is not served by this proxy")]
+    UnknownDatabase(String),
+    /// A token would travel unencrypted from a peer that may not send one so.
+    #[error("token login over an unencrypted connection refused")]
+    CleartextRefused(Transport),
+    /// The role needs a token and none was given.
+    #[error("no token given for role {0:?}")]
+    MissingToken(String, Transport),
+    /// The token did not verify, or may not log in as the role.
+    #[error("token rejected: {0}")]
+    Token(VerifyError),
+    /// The token's `role_claim` names a role the proxy does not serve.
+    #[error("the token's role {0:?} is not served by this proxy")]
+    ClaimedRoleNotServed(String),
+}
+
+/// Decides whether `request` may go on, and whether it needs a token.
+pub fn check(policy: &Policy, request: &Request<'_>) -> Result<Need, Refusal> {
+    let role = policy
+        .roles
+        .get(request.role)
+        .ok_or_else(|| Refusal::UnknownRole(request.role.to_owned()))?;
+    if !policy.databases.is_empty() && !policy.databases.iter().any(|d| d == request.database) {
+        return Err(Refusal::UnknownDatabase(request.database.to_owned()));
+    }
+    if !role.requires_token {
+        return Ok(Need::Nothing);
+    }
+    let cleartext_ok = match policy.cleartext_tokens {
+        CleartextTokens::Allow => true,
+        CleartextTokens::LoopbackOnly => request.peer.is_loopback(),
+        CleartextTokens::Refuse => false,
+    };
+    if !request.encrypted && !cleartext_ok {
+        return Err(Refusal::CleartextRefused(request.transport));
+    }
+    Ok(Need::Token)
+}
+
+/// Admits `request` with `token` (ignored for anonymous roles), verified
+/// at `now`.
+pub async fn admit(
+    policy: &Policy,
+    verifier: &Verifier,
+    request: &Request<'_>,
+    token: Option<&str>,
+    now: SystemTime,
+) -> Result<Admitted, Refusal> {
+    let admitted = |role: &str, identity| Admitted {
+        role: role.to_owned(),
+        database: request.database.to_owned(),
+        identity,
+    };
+    if check(policy, request)? == Need::Nothing {
+        return Ok(admitted(request.role, None));
+    }
+    let token = token
+        .filter(|token| !token.is_empty())
+        .ok_or_else(|| Refusal::MissingToken(request.role.to_owned(), request.transport))?;
+    let identity = verifier
+        .verify(token, request.role, now)
+        .await
+        .map_err(Refusal::Token)?;
+    if identity.role != request.role && !policy.roles.contains_key(&identity.role) {
+        return Err(Refusal::ClaimedRoleNotServed(identity.role));
+    }
+    let role = identity.role.clone();
+    Ok(admitted(&role, Some(identity)))
+}
+
+impl Classify for Refusal {
+    fn client_view(&self) -> Option<ClientView> {
+        use SqlState as S;
+        let view = |code, message: String, hint| {
+            Some(ClientView {
+                code,
+                message,
+                hint,
+            })
+        };
+        match self {
+            Self::UnknownRole(role) | Self::ClaimedRoleNotServed(role) => view(
+                S::InvalidAuthorization,
+                format!("role \"{role}\" is not served by this proxy"),
+                Some(
+                    "connect as one of the roles in the proxy's [roles] configuration, e.g. \"authenticated\"",
+                ),
+            ),
+            Self::UnknownDatabase(db) => view(
+                S::UnknownDatabase,
+                format!("database \"{db}\" is not served by this proxy"),
+                None,
+            ),
+            Self::CleartextRefused(Transport::Http) => view(
+                S::InvalidAuthorization,
+                "token logins must use HTTPS from non-loopback addresses".into(),
+                None,
+            ),
+            Self::CleartextRefused(_) => view(
+                S::InvalidAuthorization,
+                "token logins must use TLS from non-loopback addresses".into(),
+                Some("connect with sslmode=require"),
+            ),
+            Self::MissingToken(role, Transport::Http) => view(
+                S::InvalidAuthorization,
+                format!("role \"{role}\" requires a token: send Authorization: Bearer <jwt>"),
+                None,
+            ),
+            Self::MissingToken(role, _) => view(
+                S::InvalidAuthorization,
+                format!("role \"{role}\" requires a token: send your JWT as the password"),
+                None,
+            ),
+            Self::Token(error) => {
+                let (code, hint) = match error.class() {
+                    FailureClass::BadToken => (
+                        S::InvalidPassword,
+                        Some(
+                            "get a fresh token from your identity provider and use it as the password",
+                        ),
+                    ),
+                    FailureClass::RoleNotAllowed => (S::InvalidAuthorization, None),
+                    FailureClass::KeysUnavailable => (
+                        S::UnableToConnect,
+                        Some(
+                            "the identity provider's keys could not be fetched; try again shortly",
+                        ),
+                    ),
+                };
+                view(code, error.to_string(), hint)
+            }
+        }
+    }
+
+    fn severity(&self) -> Severity {
+        match self {
+            Self::Token(error) if error.class() == FailureClass::KeysUnavailable => {
+                Severity::Service
+            }
+            Self::UnknownRole(_)
+            | Self::UnknownDatabase(_)
+            | Self::CleartextRefused(_)
+            | Self::MissingToken(..)
+            | Self::Token(_)
+            | Self::ClaimedRoleNotServed(_) => Severity::Client,
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            Self::UnknownRole(_) => "unknown_role",
+            Self::UnknownDatabase(_) => "unknown_database",
+            Self::CleartextRefused(_) => "cleartext_refused",
+            Self::MissingToken(..) => "missing_token",
+            Self::ClaimedRoleNotServed(_) => "claimed_role_not_served",
+            Self::Token(error) => match error.class() {
+                FailureClass::BadToken => "bad_token",
+                FailureClass::RoleNotAllowed => "role_not_allowed",
+                FailureClass::KeysUnavailable => "keys_unavailable",
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,200 @@
+use std::net::{IpAddr, Ipv4Addr};
+
+use authgres_jwt::ProviderConfig;
+use authgres_sandbox::{Issuer, TokenSpec};
+use serde_json::json;
+
+use super::*;
+
+const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const REMOTE: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7));
+
+fn policy(cleartext_tokens: CleartextTokens, databases: &[&str]) -> Policy {
+    let role = |requires_token| RoleConfig {
+        password: None,
+        requires_token,
+    };
+    Policy {
+        roles: HashMap::from([
+            ("authenticated".to_owned(), role(true)),
+            ("anonymous".to_owned(), role(false)),
+            ("reporting".to_owned(), role(true)),
+        ]),
+        databases: databases.iter().map(|d| (*d).to_owned()).collect(),
+        cleartext_tokens,
+    }
+}
+
+fn request<'a>(role: &'a str, database: &'a str, peer: IpAddr, encrypted: bool) -> Request<'a> {
+    Request {
+        role,
+        database,
+        peer,
+        encrypted,
+        transport: Transport::Wire,
+    }
+}
+
+#[test]
+fn roles_databases_and_the_cleartext_policy_over_the_whole_matrix() {
+    use CleartextTokens::{Allow, LoopbackOnly, Refuse};
+    for (cleartext, peer, encrypted, token_allowed) in [
+        (Allow, REMOTE, false, true),
+        (LoopbackOnly, LOOPBACK, false, true),
+        (LoopbackOnly, REMOTE, false, false),
+        (LoopbackOnly, REMOTE, true, true),
+        (Refuse, LOOPBACK, false, false),
+        (Refuse, LOOPBACK, true, true),
+    ] {
+        let policy = policy(cleartext, &["app"]);
+        let asked = request("authenticated", "app", peer, encrypted);
+        let expected = match token_allowed {
+            true => Ok(Need::Token),
+            false => Err(Refusal::CleartextRefused(Transport::Wire)),
+        };
+        assert_eq!(
+            check(&policy, &asked),
+            expected,
+            "{cleartext:?} {peer} tls={encrypted}"
+        );
+        // An anonymous role needs no token, so no cleartext policy applies.
+        let anonymous = request("anonymous", "app", peer, encrypted);
+        assert_eq!(check(&policy, &anonymous), Ok(Need::Nothing));
+        assert_eq!(
+            check(&policy, &request("postgres", "app", peer, encrypted)),
+            Err(Refusal::UnknownRole("postgres".into()))
+        );
+        assert_eq!(
+            check(&policy, &request("authenticated", "other", peer, encrypted)),
+            Err(Refusal::UnknownDatabase("other".into()))
+        );
+    }
+    let any_database = policy(Allow, &[]);
+    assert_eq!(
+        check(
+            &any_database,
+            &request("authenticated", "whatever", REMOTE, false)
+        ),
+        Ok(Need::Token)
+    );
+}
+
+async fn verifier(issuer: &Issuer, role_claim: Option<&str>) -> Verifier {
+    let mut provider = ProviderConfig::new(
+        "sandbox",
+        issuer.issuer(),
+        &issuer.jwks_url(),
+        &["authenticated", "reporting"],
+    );
+    provider.role_claim = role_claim
+        .map(|path| authgres_jwt::ClaimPath::parse(path).unwrap_or_else(|e| panic!("{path}: {e}")));
+    Verifier::new(vec![provider]).expect("provider")
+}
+
+#[tokio::test]
+async fn tokens_are_verified_against_the_clock_and_the_role_claim_is_checked() {
+    let issuer = Issuer::start().await.expect("issuer");
+    let verifier_with_role_claim = verifier(&issuer, Some("$.db_role")).await;
+    let verifier = verifier(&issuer, None).await;
+    let policy = policy(CleartextTokens::LoopbackOnly, &["app"]);
+    let asked = request("authenticated", "app", LOOPBACK, false);
+    let now = SystemTime::now();
+
+    let token = issuer.mint(&TokenSpec::new("user_1"));
+    let admitted = admit(&policy, &verifier, &asked, Some(&token), now)
+        .await
+        .expect("admitted");
+    assert_eq!(
+        (admitted.role.as_str(), admitted.database.as_str()),
+        ("authenticated", "app")
+    );
+    assert_eq!(
+        admitted.identity.map(|i| i.subject),
+        Some("user_1".to_owned())
+    );
+
+    for missing in [None, Some("")] {
+        assert_eq!(
+            admit(&policy, &verifier, &asked, missing, now).await.err(),
+            Some(Refusal::MissingToken(
+                "authenticated".into(),
+                Transport::Wire
+            ))
+        );
+    }
+    let expired = issuer
+        .mint(&TokenSpec::new("user_1").issued_at(now - std::time::Duration::from_secs(7200)));
+    assert!(matches!(
+        admit(&policy, &verifier, &asked, Some(&expired), now).await,
+        Err(Refusal::Token(VerifyError::Expired))
+    ));
+    // The token's role claim picks another served role.
+    let reporting = issuer.mint(&TokenSpec::new("user_2").claim("db_role", json!("reporting")));
+    let admitted = admit(
+        &policy,
+        &verifier_with_role_claim,
+        &asked,
+        Some(&reporting),
+        now,
+    )
+    .await
+    .expect("admitted as reporting");
+    assert_eq!(admitted.role, "reporting");
+    // An anonymous login ignores a token and has no identity.
+    let anonymous = request("anonymous", "app", LOOPBACK, false);
+    let admitted = admit(&policy, &verifier, &anonymous, Some("not a token"), now)
+        .await
+        .expect("anonymous");
+    assert!(admitted.identity.is_none());
+    // Refusals come before verification.
+    let remote = Policy {
+        cleartext_tokens: CleartextTokens::Refuse,
+        ..policy.clone()
+    };
+    assert_eq!(
+        admit(&remote, &verifier, &asked, Some(&token), now)
+            .await
+            .err(),
+        Some(Refusal::CleartextRefused(Transport::Wire))
+    );
+}
+
+#[tokio::test]
+async fn a_claimed_role_the_proxy_does_not_serve_is_refused() {
+    let issuer = Issuer::start().await.expect("issuer");
+    let verifier = verifier(&issuer, Some("$.db_role")).await;
+    let mut policy = policy(CleartextTokens::Allow, &[]);
+    policy.roles.remove("reporting");
+    let token = issuer.mint(&TokenSpec::new("user_2").claim("db_role", json!("reporting")));
+    let asked = request("authenticated", "app", LOOPBACK, false);
+    assert_eq!(
+        admit(&policy, &verifier, &asked, Some(&token), SystemTime::now())
+            .await
+            .err(),
+        Some(Refusal::ClaimedRoleNotServed("reporting".into()))
+    );
+}
+
+#[test]
+fn each_transport_words_a_refusal_its_own_way_with_one_code() {
+    let wire = Refusal::MissingToken("authenticated".into(), Transport::Wire).client_view();
+    let http = Refusal::MissingToken("authenticated".into(), Transport::Http).client_view();
+    let (wire, http) = (wire.expect("view"), http.expect("view"));
+    assert_eq!(wire.code, http.code);
+    assert!(wire.message.contains("password") && http.message.contains("Bearer"));
+    assert_eq!(
+        Refusal::UnknownDatabase("x".into()).label(),
+        "unknown_database"
+    );
+    assert_eq!(
+        Refusal::Token(VerifyError::KeysUnavailable {
+            provider: "p".into()
+        })
+        .severity(),
+        Severity::Service
+    );
+    assert_eq!(
+        Refusal::Token(VerifyError::Expired).severity(),
+        Severity::Client
+    );
+}

@@ -1,0 +1,148 @@
+//! The settings a proxy runs with, and their defaults, defined once here:
+//! the binary's `proxy.toml` parser takes its defaults from [`defaults`].
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::admission::Policy;
+use crate::upstream::UpstreamConfig;
+
+/// Every default, in one place.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// From accept until the password must have arrived.
+    pub const AUTH_TIMEOUT: Duration = Duration::from_secs(15);
+    /// Concurrent client connections, all listeners together.
+    pub const MAX_CONNECTIONS: usize = 1000;
+    /// Time allowed to connect and log in upstream.
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Deadline of each exchange the proxy starts on its own on an upstream
+    /// connection (reset, identity attach, health check, session-state
+    /// read); a connection that misses it is closed.
+    pub const INTERNAL_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Upstream connections per (database, role) for Postgres clients.
+    pub const POOL_SIZE: usize = 100;
+    /// How long a client waits for a pooled connection.
+    pub const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Idle pooled connections older than this are closed.
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+    /// Pooled connections older than this are closed instead of reused.
+    pub const SERVER_LIFETIME: Duration = Duration::from_secs(3600);
+    /// A pooled connection idle longer than this is checked before reuse.
+    pub const HEALTH_CHECK_AFTER: Duration = Duration::from_secs(30);
+}
+
+/// A database role clients may log in as.
+#[derive(Debug, Clone)]
+pub struct RoleConfig {
+    /// The proxy's password for this role upstream (`None`: trust).
+    pub password: Option<String>,
+    /// Whether a verified token is required (`false`: anonymous access,
+    /// no password asked, no identity attached).
+    pub requires_token: bool,
+}
+
+/// Whether a token may travel over an unencrypted connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CleartextTokens {
+    /// Always allowed.
+    Allow,
+    /// Allowed only from loopback peers (default).
+    LoopbackOnly,
+    /// Never: token logins need TLS.
+    Refuse,
+}
+
+/// How a database's clients share upstream connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolMode {
+    /// Every client gets a login of its own, closed when it leaves.
+    None,
+    /// A client holds a connection for its whole session; it is reset and
+    /// kept for the next client when the client leaves.
+    Session,
+    /// A client holds a connection for one transaction at a time.
+    Transaction,
+}
+
+/// Limits of an upstream pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolLimits {
+    /// Connections per (database, role), busy and idle together.
+    pub max_per_key: usize,
+    /// How long a checkout waits for a free slot.
+    pub checkout_timeout: Duration,
+    /// Idle connections older than this are closed.
+    pub idle_timeout: Duration,
+    /// Connections older than this are closed instead of reused.
+    pub server_lifetime: Duration,
+    /// A connection idle longer than this is checked before reuse.
+    pub health_check_after: Duration,
+    /// Deadline of the proxy's own exchanges on a connection.
+    pub internal_query_timeout: Duration,
+}
+
+impl Default for PoolLimits {
+    fn default() -> Self {
+        Self {
+            max_per_key: defaults::POOL_SIZE,
+            checkout_timeout: defaults::CHECKOUT_TIMEOUT,
+            idle_timeout: defaults::IDLE_TIMEOUT,
+            server_lifetime: defaults::SERVER_LIFETIME,
+            health_check_after: defaults::HEALTH_CHECK_AFTER,
+            internal_query_timeout: defaults::INTERNAL_QUERY_TIMEOUT,
+        }
+    }
+}
+
+/// Everything a session needs to know.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// The real Postgres.
+    pub upstream: UpstreamConfig,
+    /// Who may log in.
+    pub admission: Policy,
+    /// Time from accept until the password must have arrived.
+    pub auth_timeout: Duration,
+    /// Maximum concurrent client connections, all listeners together.
+    pub max_connections: usize,
+    /// End sessions at the first transaction boundary after their token's
+    /// `exp` (by default a session outlives its token, like any password
+    /// login).
+    pub enforce_token_expiry: bool,
+    /// How clients share upstream connections, unless their database has
+    /// its own mode in `pool_mode_by_database`.
+    pub pool_mode: PoolMode,
+    /// Per-database pool modes.
+    pub pool_mode_by_database: HashMap<String, PoolMode>,
+    /// Limits of the upstream pool.
+    pub pool_limits: PoolLimits,
+}
+
+impl ProxyConfig {
+    /// The pool mode of `database`.
+    pub fn pool_mode_for(&self, database: &str) -> PoolMode {
+        self.pool_mode_by_database
+            .get(database)
+            .copied()
+            .unwrap_or(self.pool_mode)
+    }
+
+    /// Whether any database is pooled.
+    pub fn pools(&self) -> bool {
+        self.pool_mode != PoolMode::None
+            || self
+                .pool_mode_by_database
+                .values()
+                .any(|m| *m != PoolMode::None)
+    }
+
+    /// The proxy's password for `role` upstream.
+    pub fn password(&self, role: &str) -> Option<&str> {
+        self.admission
+            .roles
+            .get(role)
+            .and_then(|role| role.password.as_deref())
+    }
+}

@@ -1,0 +1,98 @@
+//! Which idle connection a checkout takes: a pure function of the idle
+//! list, the client asking and the time, so the policy is tested without
+//! sockets or a clock.
+
+use std::time::Instant;
+
+use crate::config::PoolLimits;
+use crate::upstream::Owner;
+
+/// What the choice looks at in an idle connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Candidate {
+    /// Whose session state it holds.
+    pub(crate) owner: Owner,
+    /// When it logged in.
+    pub(crate) created: Instant,
+    /// Since when it has been idle.
+    pub(crate) since: Instant,
+}
+
+impl Candidate {
+    /// Whether it must be closed at `now` rather than reused.
+    pub(crate) fn expired(&self, limits: &PoolLimits, now: Instant) -> bool {
+        now.duration_since(self.since) >= limits.idle_timeout
+            || now.duration_since(self.created) >= limits.server_lifetime
+    }
+
+    /// Whether it must answer a health check before it is handed out.
+    pub(crate) fn needs_check(&self, limits: &PoolLimits, now: Instant) -> bool {
+        now.duration_since(self.since) >= limits.health_check_after
+    }
+}
+
+/// The idle connection (index into `idle`, oldest first) a checkout for
+/// `client` takes, most preferred first: one holding `client`'s own
+/// session; a clean one; one whose client has left; none while the pool
+/// `may_grow` (a new login beats taking over a session); else the one idle
+/// longest, whose client is the least likely to be back soon.
+pub(crate) fn pick(idle: &[Candidate], client: u64, may_grow: bool) -> Option<usize> {
+    let with = |owner: Owner| idle.iter().rposition(|c| c.owner == owner);
+    with(Owner::Client(client))
+        .or_else(|| with(Owner::Nobody))
+        .or_else(|| with(Owner::Unknown))
+        .or_else(|| (!may_grow && !idle.is_empty()).then_some(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn at(base: Instant, owner: Owner, idle_since_secs: u64) -> Candidate {
+        Candidate {
+            owner,
+            created: base,
+            since: base + Duration::from_secs(idle_since_secs),
+        }
+    }
+
+    #[test]
+    fn own_then_clean_then_orphaned_then_grow_then_the_longest_idle() {
+        let base = Instant::now();
+        let idle = [
+            at(base, Owner::Client(2), 0),
+            at(base, Owner::Unknown, 1),
+            at(base, Owner::Nobody, 2),
+            at(base, Owner::Client(1), 3),
+        ];
+        assert_eq!(pick(&idle, 1, true), Some(3));
+        assert_eq!(pick(&idle, 9, true), Some(2));
+        assert_eq!(pick(&idle[..2], 9, true), Some(1));
+        assert_eq!(
+            pick(&idle[..1], 9, true),
+            None,
+            "grow rather than take over"
+        );
+        assert_eq!(pick(&idle[..1], 9, false), Some(0));
+        assert_eq!(pick(&[], 9, false), None);
+    }
+
+    #[test]
+    fn expiry_and_health_checks_follow_the_given_time() {
+        let base = Instant::now();
+        let limits = PoolLimits {
+            idle_timeout: Duration::from_secs(60),
+            server_lifetime: Duration::from_secs(600),
+            health_check_after: Duration::from_secs(30),
+            ..PoolLimits::default()
+        };
+        let idle = at(base, Owner::Nobody, 0);
+        let later = |secs| base + Duration::from_secs(secs);
+        assert!(!idle.expired(&limits, later(59)) && idle.expired(&limits, later(60)));
+        assert!(!idle.needs_check(&limits, later(29)) && idle.needs_check(&limits, later(30)));
+        let old = at(base, Owner::Nobody, 590);
+        assert!(!old.expired(&limits, later(599)) && old.expired(&limits, later(600)));
+    }
+}

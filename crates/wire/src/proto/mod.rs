@@ -1,0 +1,26 @@
+//! The Postgres protocol, sans-IO: bytes in, messages or decisions out, no
+//! sockets. Everything here parses what a client or a server controls, so
+//! slicing is checked (`clippy::indexing_slicing`) and every piece is
+//! fuzzed (`fuzz/`).
+//!
+//! - [`startup`]: the packets a client sends before it is authenticated;
+//! - [`negotiate`]: what the proxy answers to SSLRequest and friends;
+//! - [`backend`]: the messages the proxy itself sends to clients;
+//! - [`framer`]: message boundaries in a relayed byte stream;
+//! - [`ledger`]: which of a client's messages the server still owes a
+//!   reply, so a backend is handed on only when it is idle;
+//! - [`login`] and [`scram`]: the proxy's own login to the upstream server;
+//! - [`server_error`]: ErrorResponse fields.
+//!
+//! Reference: <https://www.postgresql.org/docs/current/protocol.html>.
+
+#![warn(clippy::indexing_slicing)]
+
+pub mod backend;
+pub mod framer;
+pub mod ledger;
+pub mod login;
+pub mod negotiate;
+pub mod scram;
+pub mod server_error;
+pub mod startup;

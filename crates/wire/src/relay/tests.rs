@@ -1,0 +1,195 @@
+use tokio::io::{AsyncReadExt as _, DuplexStream};
+
+use super::*;
+use crate::proto::framer::tests::message;
+
+type Relaying = tokio::task::JoinHandle<(io::Result<Stop>, Relay, (DuplexStream, DuplexStream))>;
+
+/// A relay between two in-memory pipes: (client peer, upstream peer,
+/// relay), the relay handing back its state and the upstream end. With
+/// `first_request`, the relay stops at idle boundaries (as in transaction
+/// pooling) and starts with that request read.
+fn start(first_request: Option<&[u8]>) -> (DuplexStream, DuplexStream, Relaying) {
+    let (mut client, client_peer) = tokio::io::duplex(4096);
+    let (mut upstream, upstream_peer) = tokio::io::duplex(4096);
+    let mut relay = Relay::new(None);
+    let first_request = first_request.map(<[u8]>::to_vec);
+    let relay = tokio::spawn(async move {
+        if let Some(request) = first_request {
+            relay.stop_at_idle(true);
+            relay
+                .forward(&request, &mut upstream)
+                .await
+                .expect("forward");
+        }
+        let stopped = relay.run(&mut client, &mut upstream).await;
+        (stopped, relay, (client, upstream))
+    });
+    (client_peer, upstream_peer, relay)
+}
+
+async fn expect_read(stream: &mut DuplexStream, expected: &[u8]) {
+    let mut got = vec![0u8; expected.len()];
+    stream.read_exact(&mut got).await.expect("read");
+    assert_eq!(got, expected);
+}
+
+async fn send(stream: &mut DuplexStream, tag: u8, body: &[u8]) {
+    stream.write_all(&message(tag, body)).await.expect("write");
+}
+
+#[tokio::test]
+async fn terminate_is_not_forwarded_and_leaves_the_upstream_reusable() {
+    let (mut client_peer, mut upstream_peer, relay) = start(None);
+    let query = message(b'Q', b"select 1\0");
+    client_peer.write_all(&query).await.expect("write");
+    expect_read(&mut upstream_peer, &query).await;
+    send(&mut upstream_peer, b'Z', b"I").await;
+    expect_read(&mut client_peer, &message(b'Z', b"I")).await;
+    send(&mut client_peer, b'X', b"").await;
+    let (stopped, relay, (_, upstream)) = relay.await.expect("join");
+    assert_eq!(stopped.expect("relay"), Stop::ClientTerminated);
+    assert!(relay.between_requests());
+    drop(upstream);
+    let mut rest = Vec::new();
+    upstream_peer.read_to_end(&mut rest).await.expect("read");
+    assert!(rest.is_empty(), "Terminate reached the upstream: {rest:?}");
+}
+
+#[tokio::test]
+async fn a_client_leaving_mid_request_leaves_the_upstream_unusable() {
+    let (mut client_peer, mut upstream_peer, relay) = start(None);
+    let query = message(b'Q', b"select pg_sleep(10)\0");
+    client_peer.write_all(&query).await.expect("write");
+    expect_read(&mut upstream_peer, &query).await;
+    drop(client_peer);
+    let (stopped, relay, _) = relay.await.expect("join");
+    assert_eq!(stopped.expect("relay"), Stop::ClientClosed);
+    assert!(!relay.between_requests(), "a query was in flight");
+}
+
+#[tokio::test]
+async fn relays_both_ways_until_the_upstream_closes() {
+    let (mut client_peer, mut upstream_peer, relay) = start(None);
+    client_peer.write_all(b"Q-query").await.expect("write");
+    expect_read(&mut upstream_peer, b"Q-query").await;
+    upstream_peer.write_all(b"T-rows").await.expect("write");
+    expect_read(&mut client_peer, b"T-rows").await;
+    drop(upstream_peer);
+    let (stopped, relay, _) = relay.await.expect("join");
+    assert_eq!(stopped.expect("relay"), Stop::UpstreamClosed);
+    assert!(!relay.between_requests());
+}
+
+#[tokio::test]
+async fn stops_only_when_every_pipelined_request_is_answered_outside_a_transaction() {
+    // Two queries in one write, then an extended-protocol batch whose Sync
+    // comes later.
+    let mut requests = message(b'Q', b"begin\0");
+    requests.extend(message(b'Q', b"commit\0"));
+    requests.extend(message(b'P', b"\0select 1\0\0\0"));
+    let (mut client_peer, mut upstream_peer, relay) = start(Some(&requests));
+    expect_read(&mut upstream_peer, &requests).await;
+    for status in [b"T", b"I"] {
+        send(&mut upstream_peer, b'Z', status).await;
+    }
+    send(&mut upstream_peer, b'1', b"").await;
+    let mut replies = message(b'Z', b"T");
+    replies.extend(message(b'Z', b"I"));
+    replies.extend(message(b'1', b""));
+    expect_read(&mut client_peer, &replies).await;
+    tokio::task::yield_now().await;
+    assert!(!relay.is_finished(), "stopped before the Parse was synced");
+    let sync = message(b'S', b"");
+    client_peer.write_all(&sync).await.expect("write");
+    expect_read(&mut upstream_peer, &sync).await;
+    send(&mut upstream_peer, b'Z', b"I").await;
+    // The client has its last ReadyForQuery when the relay stops.
+    expect_read(&mut client_peer, &message(b'Z', b"I")).await;
+    let (stopped, _, _) = relay.await.expect("join");
+    assert_eq!(stopped.expect("relay"), Stop::Idle);
+}
+
+#[tokio::test]
+async fn a_transaction_left_open_does_not_stop_the_relay() {
+    let begin = message(b'Q', b"begin\0");
+    let (mut client_peer, mut upstream_peer, relay) = start(Some(&begin));
+    expect_read(&mut upstream_peer, &begin).await;
+    send(&mut upstream_peer, b'Z', b"T").await;
+    expect_read(&mut client_peer, &message(b'Z', b"T")).await;
+    tokio::task::yield_now().await;
+    assert!(!relay.is_finished(), "released inside a transaction");
+    drop(client_peer);
+    let (stopped, relay, _) = relay.await.expect("join");
+    assert_eq!(stopped.expect("relay"), Stop::ClientClosed);
+    assert!(relay.between_requests(), "rolled back by the reset");
+    assert!(!relay.is_idle());
+}
+
+#[tokio::test]
+async fn a_terminate_among_forwarded_bytes_ends_the_relay_there() {
+    let (mut client, _client_peer) = tokio::io::duplex(4096);
+    let (mut upstream, mut upstream_peer) = tokio::io::duplex(4096);
+    let query = message(b'Q', b"select 1\0");
+    let mut bytes = query.clone();
+    bytes.extend(message(b'X', b""));
+    let mut relay = Relay::new(None);
+    relay.forward(&bytes, &mut upstream).await.expect("forward");
+    let stopped = relay.run(&mut client, &mut upstream).await.expect("run");
+    assert_eq!(stopped, Stop::ClientTerminated);
+    drop(upstream);
+    let mut sent = Vec::new();
+    upstream_peer.read_to_end(&mut sent).await.expect("read");
+    assert_eq!(sent, query);
+}
+
+#[tokio::test]
+async fn a_malformed_flush_is_not_forwarded_and_ends_the_relay() {
+    // The attack of issue 13: a Flush with a stray byte makes the server
+    // skip everything up to a Sync that never comes.
+    let (mut client_peer, mut upstream_peer, relay) = start(None);
+    let query = message(b'Q', b"select 1\0");
+    let mut bytes = query.clone();
+    bytes.extend(message(b'H', b"x"));
+    client_peer.write_all(&bytes).await.expect("write");
+    let (stopped, relay, (_, upstream)) = relay.await.expect("join");
+    assert_eq!(
+        stopped.expect("relay"),
+        Stop::Violation(Violation::NotEmpty("Flush"))
+    );
+    assert!(!relay.between_requests(), "never reused");
+    drop(upstream);
+    let mut sent = Vec::new();
+    upstream_peer.read_to_end(&mut sent).await.expect("read");
+    assert_eq!(sent, query, "only the well-formed query reached the server");
+}
+
+#[tokio::test]
+async fn a_message_type_the_protocol_has_not_is_refused() {
+    let (mut client_peer, _upstream_peer, relay) = start(None);
+    send(&mut client_peer, b'p', b"a password mid-session\0").await;
+    let (stopped, _, _) = relay.await.expect("join");
+    assert_eq!(
+        stopped.expect("relay"),
+        Stop::Violation(Violation::UnknownMessage(b'p'))
+    );
+}
+
+#[tokio::test]
+async fn an_extended_error_without_a_sync_never_looks_idle() {
+    // Parse fails; the server skips to a Sync. A Flush asks for nothing.
+    let parse = message(b'P', b"\0selec 1\0\0\0");
+    let (mut client_peer, mut upstream_peer, relay) = start(Some(&parse));
+    expect_read(&mut upstream_peer, &parse).await;
+    send(&mut upstream_peer, b'E', b"SERROR\0C42601\0Msyntax\0\0").await;
+    send(&mut client_peer, b'H', b"").await;
+    expect_read(&mut upstream_peer, &message(b'H', b"")).await;
+    tokio::task::yield_now().await;
+    assert!(
+        !relay.is_finished(),
+        "released while the server skips to a Sync"
+    );
+    drop(client_peer);
+    let (_, relay, _) = relay.await.expect("join");
+    assert!(!relay.between_requests());
+}

@@ -1,0 +1,163 @@
+//! From the StartupMessage to ReadyForQuery: the protocol version, the
+//! startup parameters, admission (asking for the token only where it may
+//! travel), and, once an upstream connection is leased, the greeting with
+//! the proxy's own cancel key.
+
+use std::time::SystemTime;
+
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt as _;
+
+use super::lease::Lease;
+use super::{ClientIo, Session, write_flush};
+use crate::admission::{self, Admitted, Need};
+use crate::cancel::CancelGuard;
+use crate::config::PoolMode;
+use crate::error::{ProtocolViolation, SessionError};
+use crate::params;
+use crate::proto::backend;
+use crate::proto::negotiate::Startup;
+use crate::proto::startup::parse_password_message;
+use crate::upstream;
+
+/// A client admitted to log in, with what it asked for at startup.
+pub(super) struct Login {
+    /// Who logs in, to which database, with which identity.
+    pub(super) admitted: Admitted,
+    /// Startup parameters forwarded to an upstream login of its own.
+    pub(super) forwarded: Vec<(String, String)>,
+    /// The same as settings to apply with `set_config` on a pooled
+    /// connection (`options` broken into its `-c name=value` parts).
+    pub(super) settings: Vec<(String, String)>,
+    /// The process-unique id of this client for the pool.
+    pub(super) client_id: u64,
+}
+
+impl Login {
+    /// The verified claims, for anonymous roles `None`.
+    pub(super) fn claims(&self) -> Option<&str> {
+        self.admitted.identity.as_ref().map(|i| &*i.claims_json)
+    }
+}
+
+/// A session after its greeting: the leased connection and the entry that
+/// routes the client's cancel requests.
+pub(super) struct Greeted {
+    pub(super) lease: Lease,
+    pub(super) cancel: CancelGuard,
+}
+
+impl<S: ClientIo> Session<'_, S> {
+    /// Runs the startup phase to an admitted login.
+    pub(super) async fn handshake(&mut self, startup: Startup) -> Result<Login, SessionError> {
+        let parameters = startup.parameters;
+        let unsupported: Vec<String> = parameters
+            .keys()
+            .filter(|name| name.starts_with("_pq_."))
+            .cloned()
+            .collect();
+        if startup.minor_version != 0 || !unsupported.is_empty() {
+            // We speak 3.0 and none of the options, as Postgres would say.
+            let mut out = BytesMut::new();
+            backend::negotiate_protocol_version(unsupported, &mut out);
+            write_flush(&mut self.client, &out).await?;
+        }
+        let role = parameters
+            .get("user")
+            .filter(|user| !user.is_empty())
+            .ok_or(SessionError::MissingUser)?;
+        let database = parameters
+            .get("database")
+            .filter(|db| !db.is_empty())
+            .unwrap_or(role);
+        let span = tracing::Span::current();
+        span.record("user", role.as_str());
+        span.record("db", database.as_str());
+        let forwarded = params::forwarded_parameters(&parameters)?;
+        let request = admission::Request {
+            role,
+            database,
+            peer: self.peer.ip(),
+            encrypted: self.encrypted,
+            transport: self.transport,
+        };
+        let policy = &self.proxy.config.admission;
+        let token = match admission::check(policy, &request)? {
+            Need::Nothing => None,
+            Need::Token => Some(self.ask_token().await?),
+        };
+        let admitted = admission::admit(
+            policy,
+            &self.proxy.verifier,
+            &request,
+            token.as_deref(),
+            SystemTime::now(),
+        )
+        .await?;
+        if let Some(identity) = &admitted.identity {
+            span.record("sub", identity.subject.as_str());
+            span.record("user", admitted.role.as_str());
+        }
+        let settings = params::settings(&forwarded);
+        Ok(Login {
+            admitted,
+            forwarded,
+            settings,
+            client_id: upstream::next_client_id(),
+        })
+    }
+
+    /// Asks for a cleartext password and reads it: the token.
+    async fn ask_token(&mut self) -> Result<String, SessionError> {
+        let mut out = BytesMut::new();
+        backend::ask_cleartext_password(&mut out);
+        write_flush(&mut self.client, &out).await?;
+        loop {
+            if let Some(password) =
+                parse_password_message(&mut self.inbox).map_err(ProtocolViolation::from)?
+            {
+                return Ok(password);
+            }
+            if self.client.read_buf(&mut self.inbox).await? == 0 {
+                return Err(SessionError::ClientIo(
+                    std::io::ErrorKind::UnexpectedEof.into(),
+                ));
+            }
+        }
+    }
+
+    /// Tells the client it is in: AuthenticationOk, the server's
+    /// parameters, the proxy's own cancel key, ReadyForQuery, then anything
+    /// the upstream sent past its ReadyForQuery.
+    pub(super) async fn greet(
+        &mut self,
+        leased: (Lease, Vec<(String, String)>),
+        mode: PoolMode,
+        authenticated: bool,
+    ) -> Result<Greeted, SessionError> {
+        let (mut lease, parameters) = leased;
+        let conn = lease.conn();
+        // In transaction pooling the client has no backend between
+        // transactions: its cancel key points nowhere until one starts.
+        let target = (mode != PoolMode::Transaction).then(|| conn.cancel_key());
+        let cancel = self.proxy.cancels.register(target, &mut crate::random::u64);
+        let mut out = BytesMut::with_capacity(512);
+        backend::authentication_ok(&mut out);
+        for (name, value) in &parameters {
+            backend::parameter_status(name, value, &mut out);
+        }
+        backend::backend_key_data(cancel.pid, cancel.key, &mut out);
+        backend::ready_for_query_idle(&mut out);
+        out.extend_from_slice(&conn.take_for_client());
+        write_flush(&mut self.client, &out).await?;
+        // Idle sessions are many: hold no handshake buffers while relaying.
+        conn.shrink();
+        tracing::info!(
+            upstream_pid = conn.pid(),
+            authenticated,
+            pool_mode = ?mode,
+            "session started"
+        );
+        Ok(Greeted { lease, cancel })
+    }
+}

@@ -1,0 +1,128 @@
+//! A session that holds its upstream connection to the end (session
+//! pooling, a login of its own, or a transaction-pooled client pinned to
+//! its connection): relay until a side leaves, then reset the connection
+//! and return it to the pool if the backend is proven settled, or close it.
+//!
+//! With `enforce_token_expiry`, the session ends at the first idle
+//! transaction boundary after its token's `exp`.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::BytesMut;
+use tokio::time::Instant;
+
+use super::handshake::{Greeted, Login};
+use super::lease::Lease;
+use super::{ClientIo, Session, write_flush};
+use crate::error::{Classify as _, ProtocolViolation, SessionError};
+use crate::proto::backend;
+use crate::relay::{self, Relay, Stop};
+
+/// Serves a session that keeps its connection, from its greeting on.
+pub(super) async fn serve<S: ClientIo>(
+    session: Session<'_, S>,
+    login: &Login,
+    greeted: Greeted,
+) -> Result<(), SessionError> {
+    let expires = session.expiry(login);
+    let Greeted { lease, cancel } = greeted;
+    let result = Box::pin(relay_to_end(session, Relay::new(None), lease, expires)).await;
+    drop(cancel);
+    result
+}
+
+impl<S: ClientIo> Session<'_, S> {
+    /// When the session must end, if its token's expiry is enforced.
+    pub(super) fn expiry(&self, login: &Login) -> Option<SystemTime> {
+        login
+            .admitted
+            .identity
+            .as_ref()
+            .filter(|_| self.proxy.config.enforce_token_expiry)
+            .map(|identity| crate::transaction::expiry_time(identity.expires_at))
+    }
+}
+
+/// Relays until the session ends, then resets and returns the connection
+/// to the pool if it can be reused. `relay` may have followed part of the
+/// session already (a transaction-pooled client pinned to its connection).
+pub(super) async fn relay_to_end<S: ClientIo>(
+    mut session: Session<'_, S>,
+    mut relay: Relay,
+    mut lease: Lease,
+    expires: Option<SystemTime>,
+) -> Result<(), SessionError> {
+    let pipelined = std::mem::take(&mut session.inbox);
+    let client = &mut session.client;
+    let conn = lease.conn();
+    relay.forward(&pipelined, conn.stream()).await?;
+    drop(pipelined);
+    let stopped = match expires {
+        None => relay.run(client, conn.stream()).await,
+        Some(at) => {
+            let left = at
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            let ended = tokio::select! {
+                stopped = relay.run(client, conn.stream()) => Some(stopped),
+                () = tokio::time::sleep(left) => None,
+            };
+            match ended {
+                Some(stopped) => stopped,
+                None => {
+                    relay.stop_at_idle(true);
+                    relay.run(client, conn.stream()).await
+                }
+            }
+        }
+    };
+    let reusable = matches!(
+        stopped,
+        Ok(Stop::ClientClosed | Stop::ClientTerminated | Stop::Idle)
+    ) && relay.between_requests();
+    let ended = match stopped {
+        Ok(Stop::UpstreamClosed) => relay.flush_client(client).await.map(|()| Ok(())),
+        // Only an expired token stops a session that holds its connection.
+        Ok(Stop::Idle) => {
+            tracing::info!("session ended: its token expired");
+            Ok(Err(SessionError::TokenExpired))
+        }
+        Ok(Stop::Violation(violation)) => Ok(Err(ProtocolViolation::Relay(violation).into())),
+        Ok(Stop::ClientClosed | Stop::ClientTerminated) => Ok(Ok(())),
+        Err(error) => Err(error),
+    };
+    if let Ok(Err(error)) = &ended
+        && let Some(view) = error.client_view()
+    {
+        let mut out = BytesMut::new();
+        backend::fatal_error(view.code, &view.message, view.hint, &mut out);
+        let _ = write_flush(client, &out).await;
+    }
+    relay::close_client(client).await;
+    if let Some(why) = relay.lost() {
+        tracing::debug!(
+            why,
+            "upstream connection closed: its state could not be followed"
+        );
+    }
+    finish(session.proxy, lease, reusable).await;
+    ended?
+}
+
+/// Returns a connection the session is done with: reset and back to the
+/// pool when `reusable`, otherwise closed.
+pub(super) async fn finish(proxy: &super::Proxy, lease: Lease, reusable: bool) {
+    match lease {
+        Lease::Pooled(mut pooled) if reusable => {
+            let deadline = Instant::now() + proxy.config.pool_limits.internal_query_timeout;
+            match pooled.conn().reset(deadline).await {
+                Ok(()) => pooled.release(),
+                Err(error) => {
+                    tracing::debug!(%error, "upstream connection not reusable after its reset")
+                }
+            }
+        }
+        Lease::Pooled(_) => {}
+        Lease::Own(upstream) => upstream.terminate().await,
+    }
+}

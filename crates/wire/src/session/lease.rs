@@ -1,0 +1,156 @@
+//! An upstream connection for a session, readied for its client: a login
+//! of its own (`pool_mode = "none"`), or one from the pool with the
+//! client's identity attached and its startup settings applied, after a
+//! reset if anyone else used it.
+//!
+//! A pooled connection can turn out dead (the server restarted, the
+//! backend was terminated) or fail its reset; nothing of the client's has
+//! been sent on it yet, so the checkout tries another, or a new login,
+//! until `checkout_timeout`.
+
+use tokio::time::Instant;
+
+use super::Proxy;
+use super::handshake::Login;
+use crate::config::PoolMode;
+use crate::error::{SessionError, UpstreamError};
+use crate::pool::{CheckoutError, Pooled};
+use crate::transaction::PooledClient;
+use crate::upstream::{self, Upstream};
+
+/// The upstream connection a session uses.
+pub(super) enum Lease {
+    /// From the pool: reset and returned when the client leaves cleanly.
+    Pooled(Pooled),
+    /// A login of its own, closed when the client leaves.
+    Own(Upstream),
+}
+
+impl Lease {
+    pub(super) fn conn(&mut self) -> &mut Upstream {
+        match self {
+            Self::Pooled(pooled) => pooled.conn(),
+            Self::Own(upstream) => upstream,
+        }
+    }
+}
+
+/// How a pooled connection is readied for a client.
+pub(super) enum Readying<'a> {
+    /// At login: the identity attached and the startup settings applied.
+    Login {
+        claims: Option<&'a str>,
+        settings: &'a [(String, String)],
+    },
+    /// For a transaction-pooled client's next transaction: its session
+    /// restored unless the connection holds it already.
+    Transaction(&'a PooledClient),
+}
+
+/// A connection for `login`, readied, with the ParameterStatus values the
+/// client should see.
+pub(super) async fn lease(
+    proxy: &Proxy,
+    login: &Login,
+    mode: PoolMode,
+) -> Result<(Lease, Vec<(String, String)>), SessionError> {
+    let admitted = &login.admitted;
+    if mode == PoolMode::None || proxy.pool.is_none() {
+        let config = &proxy.config;
+        let mut conn = upstream::connect(
+            &config.upstream,
+            &admitted.role,
+            &admitted.database,
+            config.password(&admitted.role),
+            &login.forwarded,
+        )
+        .await?;
+        let deadline = Instant::now() + config.pool_limits.internal_query_timeout;
+        let parameters = conn
+            .attach(&proxy.claims_key, login.claims(), &[], deadline)
+            .await?;
+        return Ok((Lease::Own(conn), parameters));
+    }
+    let readying = Readying::Login {
+        claims: login.claims(),
+        settings: &login.settings,
+    };
+    let (pooled, parameters) = checkout(
+        proxy,
+        &admitted.database,
+        &admitted.role,
+        login.client_id,
+        readying,
+    )
+    .await?;
+    Ok((Lease::Pooled(pooled), parameters))
+}
+
+/// A pooled connection for (`database`, `role`) readied for `client`,
+/// trying others while the one it got fails before anything of the
+/// client's was sent on it.
+pub(super) async fn checkout(
+    proxy: &Proxy,
+    database: &str,
+    role: &str,
+    client: u64,
+    readying: Readying<'_>,
+) -> Result<(Pooled, Vec<(String, String)>), SessionError> {
+    let Some(pool) = proxy.pool.as_ref() else {
+        return Err(SessionError::Upstream(UpstreamError::Protocol(
+            "no pool for a pooled database",
+        )));
+    };
+    let limits = *pool.limits();
+    let give_up = Instant::now() + limits.checkout_timeout;
+    let password = proxy.config.password(role);
+    loop {
+        let mut pooled = pool
+            .checkout(database, role, password, client)
+            .await
+            .map_err(|error| match error {
+                CheckoutError::Timeout(waited) => SessionError::PoolExhausted {
+                    database: database.to_owned(),
+                    role: role.to_owned(),
+                    waited,
+                },
+                CheckoutError::Upstream(error) => SessionError::Upstream(error),
+            })?;
+        let deadline = Instant::now() + limits.internal_query_timeout;
+        let readied = ready(proxy, pooled.conn(), client, &readying, deadline).await;
+        match readied {
+            Ok(parameters) => return Ok((pooled, parameters)),
+            Err(error) if error.worth_another_connection() && Instant::now() < give_up => {
+                tracing::debug!(%error, "pooled connection unusable; trying another");
+            }
+            Err(error) => {
+                // A refused client setting leaves the connection clean:
+                // reset it for the next client all the same.
+                if !pooled.conn().is_broken() && pooled.conn().reset(deadline).await.is_ok() {
+                    pooled.release();
+                }
+                return Err(error.into());
+            }
+        }
+    }
+}
+
+async fn ready(
+    proxy: &Proxy,
+    conn: &mut Upstream,
+    client: u64,
+    readying: &Readying<'_>,
+    deadline: Instant,
+) -> Result<Vec<(String, String)>, UpstreamError> {
+    match readying {
+        Readying::Login { claims, settings } => {
+            conn.claim(client, deadline).await?;
+            conn.attach(&proxy.claims_key, *claims, settings, deadline)
+                .await
+        }
+        Readying::Transaction(pooled_client) => pooled_client
+            .take(conn, &proxy.claims_key, deadline)
+            .await
+            .map(|()| Vec::new()),
+    }
+}

@@ -1,0 +1,202 @@
+//! Transaction pooling: the client holds an upstream connection from the
+//! first message of a transaction to the idle ReadyForQuery that ends it
+//! (see [`crate::transaction`] for how its session follows it).
+//!
+//! Between transactions the client's task holds nothing but a small read
+//! buffer. A transaction checks a connection out for the client (its own
+//! if free), points the client's cancel key at it, relays until the ledger
+//! proves the backend idle, settles what the transaction left in the
+//! session, and releases the connection. A client whose session cannot
+//! move (LISTEN, SET ROLE, ...) keeps its connection to the end.
+
+use std::time::SystemTime;
+
+use tokio::io::AsyncReadExt as _;
+use tokio::time::Instant;
+
+use super::handshake::{Greeted, Login};
+use super::hold::{self, relay_to_end};
+use super::lease::{self, Lease, Readying};
+use super::{ClientIo, Session, refuse};
+use crate::cancel::CancelGuard;
+use crate::error::{ProtocolViolation, SessionError};
+use crate::pool::Pooled;
+use crate::relay::{self, Relay, Stop};
+use crate::transaction::{PooledClient, Tracker};
+
+/// Serves a transaction-pooled client from its greeting on.
+pub(super) async fn serve<S: ClientIo>(
+    mut session: Session<'_, S>,
+    login: Login,
+    greeted: Greeted,
+) -> Result<(), SessionError> {
+    let Greeted { lease, cancel } = greeted;
+    if let Lease::Pooled(pooled) = lease {
+        pooled.release();
+    }
+    let client = PooledClient {
+        id: login.client_id,
+        claims: login.claims().map(str::to_owned),
+        expires: session.expiry(&login),
+        settings: login.settings,
+        tracker: Tracker::default(),
+    };
+    let (database, role) = (login.admitted.database, login.admitted.role);
+    drop(login.admitted.identity);
+    let proxy = session.proxy;
+    let served = serve_transactions(&mut session, &database, &role, client, &cancel).await;
+    if let Some(pool) = proxy.pool() {
+        pool.disown(&database, &role, login.client_id);
+    }
+    match served {
+        Ok(Some((relay, pooled, expires))) => {
+            Box::pin(relay_to_end(session, relay, Lease::Pooled(pooled), expires)).await
+        }
+        Ok(None) => Ok(()),
+        Err(error) => {
+            refuse(&mut session.client, &error).await;
+            Err(error)
+        }
+    }
+}
+
+/// A client pinned to its connection: the relay and connection to go on
+/// with, and the token expiry.
+type Pinned = (Relay, Pooled, Option<SystemTime>);
+
+/// Runs the client's transactions until it leaves (`None`) or its session
+/// pins it to a connection.
+async fn serve_transactions<S: ClientIo>(
+    session: &mut Session<'_, S>,
+    database: &str,
+    role: &str,
+    mut client: PooledClient,
+    cancel: &CancelGuard,
+) -> Result<Option<Pinned>, SessionError> {
+    let mut first = std::mem::take(&mut session.inbox).to_vec();
+    loop {
+        if first.is_empty() {
+            // Idle: no upstream connection, no buffers beyond this one.
+            let mut head = [0u8; 64];
+            let n = session.client.read(&mut head).await?;
+            first = head.get(..n).unwrap_or_default().to_vec();
+        }
+        // Between transactions the client is at a message boundary, so
+        // its first byte is a message tag.
+        if first.first().is_none_or(|&tag| tag == b'X') {
+            return Ok(None);
+        }
+        if client.expired(SystemTime::now()) {
+            return Err(SessionError::TokenExpired);
+        }
+        let readying = Readying::Transaction(&client);
+        let proxy = session.proxy;
+        let (mut pooled, _) =
+            Box::pin(lease::checkout(proxy, database, role, client.id, readying)).await?;
+        let conn = pooled.conn();
+        cancel.retarget(Some(conn.cancel_key())).await;
+        let mut relay = Relay::new(Some(std::mem::take(&mut client.tracker)));
+        relay.stop_at_idle(true);
+        relay
+            .deliver(&conn.take_for_client(), &mut session.client)
+            .await?;
+        let stopped = match relay
+            .forward(&std::mem::take(&mut first), conn.stream())
+            .await
+        {
+            Ok(()) => relay.run(&mut session.client, conn.stream()).await,
+            Err(error) => Err(error),
+        };
+        if let Ok(Stop::Idle) = stopped {
+            if let Some(tracker) = relay.take_tracker() {
+                client.tracker = tracker;
+            }
+            match Box::pin(settle(session, &mut client, &mut pooled, &mut relay)).await? {
+                Settled::Released => {
+                    cancel.retarget(None).await;
+                    pooled.release();
+                }
+                Settled::Pinned(reason) => {
+                    tracing::info!(
+                        reason,
+                        "client keeps its upstream connection until it leaves"
+                    );
+                    relay.stop_at_idle(false);
+                    return Ok(Some((relay, pooled, client.expires)));
+                }
+                Settled::Lost => cancel.retarget(None).await,
+            }
+            continue;
+        }
+        cancel.retarget(None).await;
+        return finish_transaction(session, relay, pooled, stopped).await;
+    }
+}
+
+/// What became of the connection after a transaction ended idle.
+enum Settled {
+    /// It can go back to the pool.
+    Released,
+    /// The client's session cannot move: it keeps the connection.
+    Pinned(&'static str),
+    /// It broke after the transaction; the client's next one gets another.
+    Lost,
+}
+
+async fn settle<S: ClientIo>(
+    session: &mut Session<'_, S>,
+    client: &mut PooledClient,
+    pooled: &mut Pooled,
+    relay: &mut Relay,
+) -> Result<Settled, SessionError> {
+    if !client.unsettled() {
+        return Ok(Settled::Released);
+    }
+    let deadline = Instant::now() + session.proxy.config.pool_limits.internal_query_timeout;
+    let conn = pooled.conn();
+    match client.settle(conn, deadline).await {
+        Ok(pinned) => {
+            relay
+                .deliver(&conn.take_for_client(), &mut session.client)
+                .await?;
+            Ok(pinned.map_or(Settled::Released, Settled::Pinned))
+        }
+        Err(error) => {
+            tracing::debug!(%error, "upstream failed after a transaction");
+            Ok(Settled::Lost)
+        }
+    }
+}
+
+/// A transaction that did not end at an idle boundary ended the session:
+/// the client left, the server closed, or the client broke the protocol.
+async fn finish_transaction<S: ClientIo>(
+    session: &mut Session<'_, S>,
+    mut relay: Relay,
+    pooled: Pooled,
+    stopped: std::io::Result<Stop>,
+) -> Result<Option<Pinned>, SessionError> {
+    if matches!(stopped, Ok(Stop::UpstreamClosed)) {
+        relay.flush_client(&mut session.client).await?;
+    }
+    let client_left = matches!(stopped, Ok(Stop::ClientClosed | Stop::ClientTerminated));
+    if let Some(why) = relay.lost() {
+        tracing::debug!(
+            why,
+            "upstream connection closed: its state could not be followed"
+        );
+    }
+    hold::finish(
+        session.proxy,
+        Lease::Pooled(pooled),
+        client_left && relay.between_requests(),
+    )
+    .await;
+    match stopped? {
+        Stop::Violation(violation) => Err(ProtocolViolation::Relay(violation).into()),
+        _ => {
+            relay::close_client(&mut session.client).await;
+            Ok(None)
+        }
+    }
+}

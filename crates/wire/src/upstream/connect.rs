@@ -1,0 +1,183 @@
+//! Opening an upstream connection: TCP, TLS when configured (SSLRequest,
+//! then verify-full), and the login driven over the socket. Also the
+//! CancelRequest the proxy forwards to a backend.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use postgres_protocol::message::backend::Header;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout_at};
+
+use super::{Attached, Owner, Upstream, UpstreamKey};
+use crate::error::UpstreamError;
+use crate::proto::login::{self, Login, Step};
+use crate::transport::{MaybeTls, UpstreamStream, UpstreamTls};
+
+/// Where the real Postgres is and how to reach it.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Host name or address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Time allowed to connect and log in.
+    pub connect_timeout: Duration,
+    /// Whether and how to use TLS to the server.
+    pub tls: UpstreamTls,
+}
+
+impl UpstreamConfig {
+    /// `host:port`.
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// Largest message accepted during login (the server's are small).
+const MAX_LOGIN_MESSAGE: usize = 64 * 1024;
+
+/// Connects and logs in as `role` to `database` with `password` (`None`:
+/// trust) and the startup `parameters`, within `connect_timeout`.
+pub async fn connect(
+    config: &UpstreamConfig,
+    role: &str,
+    database: &str,
+    password: Option<&str>,
+    parameters: &[(String, String)],
+) -> Result<Upstream, UpstreamError> {
+    let deadline = Instant::now() + config.connect_timeout;
+    let address = config.address();
+    let tcp = match timeout_at(deadline, TcpStream::connect(&address)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(source)) => return Err(UpstreamError::Connect { address, source }),
+        Err(_) => return Err(UpstreamError::ConnectTimeout),
+    };
+    tcp.set_nodelay(true)?;
+    let stream = timeout_at(deadline, secure(tcp, config))
+        .await
+        .map_err(|_| UpstreamError::ConnectTimeout)??;
+    let mut conn = Upstream {
+        stream,
+        inbox: BytesMut::with_capacity(8192),
+        key: UpstreamKey {
+            pid: 0,
+            secret: Arc::from(&[][..]),
+        },
+        parameters: Vec::new(),
+        next_binding: None,
+        owner: Owner::Nobody,
+        attached: Attached::default(),
+        for_client: BytesMut::new(),
+        broken: false,
+    };
+    match timeout_at(
+        deadline,
+        log_in(&mut conn, role, database, password, parameters),
+    )
+    .await
+    {
+        Ok(result) => result.map(|()| conn),
+        Err(_) => Err(UpstreamError::ConnectTimeout),
+    }
+}
+
+async fn log_in(
+    conn: &mut Upstream,
+    role: &str,
+    database: &str,
+    password: Option<&str>,
+    parameters: &[(String, String)],
+) -> Result<(), UpstreamError> {
+    let mut out = BytesMut::new();
+    login::startup_message(role, database, parameters, 0, &mut out);
+    let mut login = Login::new(role, password, 0, crate::random::scram_nonce());
+    loop {
+        if !out.is_empty() {
+            conn.stream.write_all(&out).await?;
+            out.clear();
+        }
+        let (tag, body) = read_frame(conn).await?;
+        match login.message(tag, &body, &mut out) {
+            Ok(Step::Continue) => {}
+            Ok(Step::Ready) => break,
+            Err(error) => return Err(UpstreamError::login(role, error)),
+        }
+    }
+    let established = login.established();
+    conn.parameters = established.parameters;
+    conn.key = UpstreamKey {
+        pid: established.pid,
+        secret: Arc::from(established.cancel_key),
+    };
+    Ok(())
+}
+
+/// Reads one whole message off the connection during login.
+async fn read_frame(conn: &mut Upstream) -> Result<(u8, BytesMut), UpstreamError> {
+    loop {
+        if let Some(header) = Header::parse(&conn.inbox)
+            .map_err(|_| UpstreamError::Protocol("a malformed message header"))?
+        {
+            let length = usize::try_from(header.len()).unwrap_or(usize::MAX);
+            if length > MAX_LOGIN_MESSAGE {
+                return Err(UpstreamError::Protocol("an oversized login message"));
+            }
+            if conn.inbox.len() > length {
+                let mut frame = conn.inbox.split_to(length + 1);
+                let body = frame.split_off(5);
+                return Ok((header.tag(), body));
+            }
+        }
+        if conn.stream.read_buf(&mut conn.inbox).await? == 0 {
+            return Err(UpstreamError::Closed);
+        }
+    }
+}
+
+/// Negotiates TLS with SSLRequest when configured.
+async fn secure(
+    mut tcp: TcpStream,
+    config: &UpstreamConfig,
+) -> Result<UpstreamStream, UpstreamError> {
+    let UpstreamTls::VerifyFull(tls) = &config.tls else {
+        return Ok(MaybeTls::Plain(tcp));
+    };
+    let mut out = BytesMut::new();
+    postgres_protocol::message::frontend::ssl_request(&mut out);
+    tcp.write_all(&out).await?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await?;
+    if answer != [b'S'] {
+        return Err(UpstreamError::TlsRefused);
+    }
+    let name = rustls::pki_types::ServerName::try_from(config.host.clone())
+        .map_err(|_| UpstreamError::TlsName(config.host.clone()))?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::clone(tls))
+        .connect(name, tcp)
+        .await
+        .map_err(UpstreamError::Tls)?;
+    Ok(MaybeTls::Tls(Box::new(stream)))
+}
+
+/// Forwards a CancelRequest for `key` to the server, within
+/// `connect_timeout`.
+pub async fn cancel(config: &UpstreamConfig, key: &UpstreamKey) -> Result<(), UpstreamError> {
+    let deadline = Instant::now() + config.connect_timeout;
+    let address = config.address();
+    let mut stream = match timeout_at(deadline, TcpStream::connect(&address)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(source)) => return Err(UpstreamError::Connect { address, source }),
+        Err(_) => return Err(UpstreamError::ConnectTimeout),
+    };
+    let out = crate::proto::startup::cancel_request(key.pid, &key.secret);
+    timeout_at(deadline, stream.write_all(&out))
+        .await
+        .map_err(|_| UpstreamError::Deadline)??;
+    // The server closes the connection once it has read the request.
+    let mut sink = [0u8; 1];
+    let _ = timeout_at(deadline, stream.read(&mut sink)).await;
+    Ok(())
+}
