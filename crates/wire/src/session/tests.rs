@@ -1,1 +1,323 @@
+//! Phase tests: an in-process [`Proxy`] in front of the sandbox's real
+//! Postgres, clients over `tokio::io::duplex` (the settled-transport path
+//! the WebSocket uses), tokens from the sandbox's local issuer. No binary.
 
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use authgres_jwt::{ProviderConfig, Verifier};
+use authgres_sandbox::{Cluster, Issuer};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
+
+use super::*;
+use crate::admission::Policy;
+use crate::config::{CleartextTokens, PoolLimits, RoleConfig};
+use crate::proto::framer::tests::message;
+use crate::transport::UpstreamTls;
+use crate::upstream::UpstreamConfig;
+
+const PASSWORD: &str = "phase-test-password";
+const PEER: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 40000);
+
+struct Harness {
+    cluster: Cluster,
+    issuer: Issuer,
+    proxy: Arc<Proxy>,
+}
+
+/// A database `app` with the auth schema, the role `authenticated` and a
+/// claims key, and a proxy in front of it.
+async fn harness(mode: PoolMode, pool_size: usize) -> Harness {
+    let cluster = tokio::task::spawn_blocking(Cluster::start)
+        .await
+        .expect("join")
+        .expect("cluster");
+    let admin = cluster.admin("postgres").await.expect("admin");
+    admin
+        .batch_execute("create database app")
+        .await
+        .expect("database");
+    admin
+        .batch_execute(&format!(
+            "create role authenticated login password '{PASSWORD}'"
+        ))
+        .await
+        .expect("role");
+    let key = ClaimsKey::from_bytes([7; 32]);
+    let (ipad, opad) = key.pads();
+    let app = cluster.admin("app").await.expect("admin app");
+    app.batch_execute(include_str!("../../../../sql/auth.sql"))
+        .await
+        .expect("auth schema");
+    app.execute(
+        "insert into auth.claims_keys (ipad, opad) values ($1, $2)",
+        &[&&ipad[..], &&opad[..]],
+    )
+    .await
+    .expect("claims key");
+    let issuer = Issuer::start().await.expect("issuer");
+    let provider = ProviderConfig::new(
+        "sandbox",
+        issuer.issuer(),
+        &issuer.jwks_url(),
+        &["authenticated"],
+    );
+    let verifier = Arc::new(Verifier::new(vec![provider]).expect("verifier"));
+    let role = RoleConfig {
+        password: Some(PASSWORD.to_owned()),
+        requires_token: true,
+    };
+    let config = ProxyConfig {
+        upstream: UpstreamConfig {
+            host: cluster.host().to_owned(),
+            port: cluster.port(),
+            connect_timeout: Duration::from_secs(5),
+            tls: UpstreamTls::Disable,
+        },
+        admission: Policy {
+            roles: HashMap::from([("authenticated".to_owned(), role)]),
+            databases: vec!["app".to_owned()],
+            cleartext_tokens: CleartextTokens::LoopbackOnly,
+        },
+        auth_timeout: Duration::from_secs(5),
+        max_connections: 100,
+        enforce_token_expiry: false,
+        pool_mode: mode,
+        pool_mode_by_database: HashMap::new(),
+        pool_limits: PoolLimits {
+            max_per_key: pool_size,
+            checkout_timeout: Duration::from_secs(2),
+            internal_query_timeout: Duration::from_secs(2),
+            ..PoolLimits::default()
+        },
+    };
+    let proxy = Arc::new(Proxy::new(config, verifier, key, None));
+    Harness {
+        cluster,
+        issuer,
+        proxy,
+    }
+}
+
+/// A proxy session on one end of an in-memory pipe; the other end is the
+/// client's.
+fn pipe(harness: &Harness) -> DuplexStream {
+    let (client, proxy_side) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(Arc::clone(&harness.proxy).serve_settled(proxy_side, PEER, false));
+    client
+}
+
+/// tokio-postgres logged in as `sub` through the proxy.
+async fn login(harness: &Harness, sub: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::Config::new()
+        .user("authenticated")
+        .dbname("app")
+        .password(harness.issuer.token(sub))
+        .connect_raw(pipe(harness), tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("{sub} logs in: {e}"));
+    tokio::spawn(connection);
+    client
+}
+
+async fn text(client: &tokio_postgres::Client, sql: &str) -> Option<String> {
+    client.query_one(sql, &[]).await.expect(sql).get(0)
+}
+
+async fn pid(client: &tokio_postgres::Client) -> i32 {
+    client
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lease_and_reset_hand_one_backend_to_the_next_client_clean() {
+    let harness = harness(PoolMode::Session, 1).await;
+    let alice = login(&harness, "user_alice").await;
+    assert_eq!(
+        text(&alice, "select auth.user_id()").await.as_deref(),
+        Some("user_alice")
+    );
+    let backend = pid(&alice).await;
+    alice
+        .batch_execute(
+            "set application_name = 'alice-was-here'; select setseed(0.5); \
+             create temp table alice_temp (x int); prepare alice_stmt as select 1",
+        )
+        .await
+        .expect("leave state behind");
+    drop(alice);
+    let bob = login(&harness, "user_bob").await;
+    assert_eq!(pid(&bob).await, backend, "the one pooled backend");
+    assert_eq!(
+        text(&bob, "select auth.user_id()").await.as_deref(),
+        Some("user_bob")
+    );
+    assert_ne!(
+        text(&bob, "select current_setting('application_name')")
+            .await
+            .as_deref(),
+        Some("alice-was-here")
+    );
+    let leftovers: i64 = bob
+        .query_one(
+            "select (select count(*) from pg_prepared_statements where name = 'alice_stmt') + \
+             (select count(*) from pg_class where relname = 'alice_temp')",
+            &[],
+        )
+        .await
+        .expect("leftovers")
+        .get(0);
+    assert_eq!(leftovers, 0);
+    // What random() returns first after setseed(0.5), on this server.
+    let admin = harness.cluster.admin("app").await.expect("admin");
+    admin
+        .batch_execute("select setseed(0.5)")
+        .await
+        .expect("seed");
+    let predicted: f64 = admin
+        .query_one("select random()", &[])
+        .await
+        .expect("random")
+        .get(0);
+    let drawn: f64 = bob
+        .query_one("select random()", &[])
+        .await
+        .expect("random")
+        .get(0);
+    assert_ne!(drawn, predicted, "the reset must reseed what alice seeded");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn transaction_pooling_gives_every_transaction_its_own_clients_identity() {
+    let harness = harness(PoolMode::Transaction, 1).await;
+    let mut clients = Vec::new();
+    for sub in ["user_a", "user_b", "user_c"] {
+        clients.push((sub, login(&harness, sub).await));
+    }
+    let mut backends = std::collections::BTreeSet::new();
+    for round in 0..3 {
+        for (sub, client) in &clients {
+            let me = text(client, "select auth.user_id()").await;
+            assert_eq!(me.as_deref(), Some(*sub), "round {round}");
+            backends.insert(pid(client).await);
+        }
+    }
+    assert_eq!(backends.len(), 1, "one backend served all three");
+}
+
+/// A raw client through the proxy: startup and password sent, replies read
+/// up to the first ReadyForQuery.
+async fn raw_login(harness: &Harness, sub: &str) -> DuplexStream {
+    let mut stream = pipe(harness);
+    let mut out = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::startup_message(
+        [("user", "authenticated"), ("database", "app")],
+        &mut out,
+    )
+    .expect("startup");
+    postgres_protocol::message::frontend::password_message(
+        harness.issuer.token(sub).as_bytes(),
+        &mut out,
+    )
+    .expect("password");
+    stream.write_all(&out).await.expect("write");
+    read_until(&mut stream, b'Z').await;
+    stream
+}
+
+/// Reads messages until one with `tag`; returns the tags seen.
+async fn read_until(stream: &mut DuplexStream, tag: u8) -> Vec<u8> {
+    let mut seen = Vec::new();
+    loop {
+        let mut header = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut header))
+            .await
+            .expect("a reply within 10s")
+            .expect("read");
+        let [got, a, b, c, d] = header;
+        let mut body =
+            vec![0u8; usize::try_from(u32::from_be_bytes([a, b, c, d]) - 4).expect("len")];
+        stream.read_exact(&mut body).await.expect("body");
+        seen.push(got);
+        if got == tag {
+            return seen;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_flush_is_refused_and_its_backend_never_returns() {
+    let harness = harness(PoolMode::Session, 1).await;
+    let mut attacker = raw_login(&harness, "user_b").await;
+    attacker
+        .write_all(&message(b'H', b"x"))
+        .await
+        .expect("write");
+    let seen = read_until(&mut attacker, b'E').await;
+    assert_eq!(seen, [b'E']);
+    drop(attacker);
+    // The one pooled backend is free again (closed, not leaked).
+    let next = tokio::time::timeout(Duration::from_secs(10), login(&harness, "user_a"))
+        .await
+        .expect("the next client is served");
+    assert_eq!(
+        text(&next, "select auth.user_id()").await.as_deref(),
+        Some("user_a")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_leaves_inside_copy_does_not_hold_the_backend() {
+    let harness = harness(PoolMode::Session, 1).await;
+    let admin = harness.cluster.admin("app").await.expect("admin");
+    admin
+        .batch_execute("create table sink (x text); grant insert on sink to authenticated")
+        .await
+        .expect("table");
+    let mut client = raw_login(&harness, "user_b").await;
+    client
+        .write_all(&message(b'Q', b"copy sink from stdin\0"))
+        .await
+        .expect("write");
+    assert_eq!(read_until(&mut client, b'G').await, [b'G']);
+    client
+        .write_all(&message(b'd', b"half a row"))
+        .await
+        .expect("write");
+    drop(client);
+    let next = tokio::time::timeout(Duration::from_secs(10), login(&harness, "user_a"))
+        .await
+        .expect("the next client is served");
+    assert_eq!(
+        text(&next, "select auth.user_id()").await.as_deref(),
+        Some("user_a")
+    );
+    let rows: i64 = admin
+        .query_one("select count(*) from sink", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(rows, 0, "the unfinished COPY committed nothing");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn negotiation_declines_encryption_on_a_settled_transport_and_refuses_data_after_it() {
+    let harness = harness(PoolMode::Session, 1).await;
+    let mut stream = pipe(&harness);
+    let mut out = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::ssl_request(&mut out);
+    stream.write_all(&out).await.expect("write");
+    let mut answer = [0u8; 1];
+    stream.read_exact(&mut answer).await.expect("answer");
+    assert_eq!(&answer, b"N");
+    // An SSLRequest with bytes behind it, before its answer: refused.
+    let mut stream = pipe(&harness);
+    out.extend_from_slice(b"Qinjected");
+    stream.write_all(&out).await.expect("write");
+    assert_eq!(read_until(&mut stream, b'E').await, [b'E']);
+}
