@@ -12,13 +12,11 @@ pub enum VerifyError {
     /// No configured provider has the token's `iss`.
     #[error("token issuer is not a configured identity provider")]
     UnknownIssuer,
-    /// The provider's key set has no key with the token's `kid`.
-    #[error(
-        "token was signed with a key the identity provider does not publish ({})",
-        kid.as_deref().map_or_else(|| "no kid".to_owned(), |kid| format!("kid {kid:?}"))
-    )]
+    /// The provider's key set has no key with the token's `kid`. The
+    /// message does not repeat the `kid`: it is the client's text.
+    #[error("token was signed with a key the identity provider does not publish")]
     UnknownKey {
-        /// The `kid` from the token header, if any.
+        /// The `kid` from the token header, if any (for logs and tests).
         kid: Option<String>,
     },
     /// The header's `alg` does not fit the key or is not allowed.
