@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use authgres_jwt::{ClaimPath, FetchSettings, KeySource, ProviderConfig};
 use authgres_wire::{
-    ClaimsKey, CleartextTokens, Policy, PoolLimits, ProxyConfig, RoleConfig, UpstreamConfig,
-    UpstreamTls, defaults as wire,
+    ClaimsKey, CleartextTokens, ClientLimits, ConnectionLimits, Policy, PoolLimits, ProxyConfig,
+    RoleConfig, UpstreamConfig, UpstreamTls, defaults as wire,
 };
 use jsonwebtoken::Algorithm;
 use serde::Deserialize;
@@ -50,10 +50,21 @@ pub struct Http {
     pub pool_size: usize,
     #[serde(default = "http_defaults::checkout_timeout", with = "humantime_serde")]
     pub checkout_timeout: Duration,
+    #[serde(default = "http_defaults::header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+    #[serde(default = "http_defaults::body_timeout", with = "humantime_serde")]
+    pub body_timeout: Duration,
 }
 
 mod http_defaults {
     use std::time::Duration;
+
+    pub fn header_timeout() -> Duration {
+        authgres_http::DEFAULT_HEADER_TIMEOUT
+    }
+    pub fn body_timeout() -> Duration {
+        authgres_http::DEFAULT_BODY_TIMEOUT
+    }
 
     pub fn max_bytes() -> usize {
         authgres_http::DEFAULT_MAX_BYTES
@@ -76,8 +87,17 @@ pub struct Listen {
     #[serde(with = "humantime_serde")]
     pub auth_timeout: Duration,
     pub max_connections: usize,
+    pub max_unauthenticated: usize,
+    pub max_unauthenticated_per_source: usize,
     pub cleartext_tokens: Cleartext,
     pub enforce_token_expiry: bool,
+    /// "0s" disables each of these.
+    #[serde(with = "humantime_serde")]
+    pub idle_transaction_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub client_write_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub tcp_keepalive: Duration,
 }
 
 impl Default for Listen {
@@ -88,8 +108,13 @@ impl Default for Listen {
             tls_key: None,
             auth_timeout: wire::AUTH_TIMEOUT,
             max_connections: wire::MAX_CONNECTIONS,
+            max_unauthenticated: wire::MAX_UNAUTHENTICATED,
+            max_unauthenticated_per_source: wire::MAX_UNAUTHENTICATED_PER_SOURCE,
             cleartext_tokens: Cleartext::Loopback,
             enforce_token_expiry: false,
+            idle_transaction_timeout: wire::IDLE_TRANSACTION_TIMEOUT,
+            client_write_timeout: wire::CLIENT_WRITE_TIMEOUT,
+            tcp_keepalive: wire::TCP_KEEPALIVE,
         }
     }
 }
@@ -515,6 +540,7 @@ impl Loaded {
                     )
                     .context("[upstream] tls")?,
                 },
+                tcp_keepalive: enabled(listen.tcp_keepalive),
             },
             admission: Policy {
                 roles,
@@ -526,7 +552,16 @@ impl Loaded {
                 },
             },
             auth_timeout: listen.auth_timeout,
-            max_connections: listen.max_connections,
+            connections: ConnectionLimits {
+                max_connections: listen.max_connections,
+                max_unauthenticated: listen.max_unauthenticated.min(listen.max_connections),
+                max_unauthenticated_per_source: listen.max_unauthenticated_per_source,
+            },
+            client_limits: ClientLimits {
+                idle_in_transaction: enabled(listen.idle_transaction_timeout),
+                stalled_reader: enabled(listen.client_write_timeout),
+            },
+            tcp_keepalive: enabled(listen.tcp_keepalive),
             enforce_token_expiry: listen.enforce_token_expiry,
             pool_mode: self.file.upstream.pool_mode.into(),
             pool_mode_by_database: (self.file.upstream.pool_mode_by_database.iter())
@@ -548,6 +583,8 @@ impl Loaded {
                 .file
                 .upstream
                 .pool_limits(h.pool_size, h.checkout_timeout),
+            header_timeout: h.header_timeout,
+            body_timeout: h.body_timeout,
         })
     }
 
@@ -573,6 +610,11 @@ impl Loaded {
             _ => bail!("[listen] needs both tls_cert and tls_key, or neither"),
         }
     }
+}
+
+/// A duration setting where zero means "off".
+fn enabled(duration: Duration) -> Option<Duration> {
+    (!duration.is_zero()).then_some(duration)
 }
 
 /// Secrets from the environment and the optional secrets file.

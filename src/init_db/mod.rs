@@ -13,8 +13,10 @@ use authgres_wire::ClaimsKey;
 
 use crate::config::Loaded;
 
+mod shared_role;
+
 /// The auth schema, applied verbatim.
-pub const AUTH_SQL: &str = include_str!("../sql/auth.sql");
+pub const AUTH_SQL: &str = include_str!("../../sql/auth.sql");
 
 /// Loads the config and generates any missing secret into the secrets file.
 pub fn prepare_secrets(config: &Path) -> anyhow::Result<Loaded> {
@@ -149,6 +151,7 @@ pub async fn init_db(loaded: &Loaded, admin_url: &str, old_keys: OldKeys) -> any
     for name in loaded.file.roles.keys() {
         grant_public_schema(&tx, name).await?;
     }
+    shared_role::close(&tx).await?;
     tx.commit().await?;
     drop(client);
     let _ = connection.await;

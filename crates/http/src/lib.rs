@@ -3,13 +3,17 @@
 //!
 //! `POST /sql` ([`sql`]) takes the driver's headers (`Neon-Connection-String`,
 //! `Authorization: Bearer <jwt>`, `Neon-Array-Mode`, `Neon-Raw-Text-Output`,
-//! `Neon-Batch-*`) and body (`{query, params}` or `{queries}`), verifies the
-//! token, runs the statements on a pooled upstream connection with the
-//! identity attached for the transaction only ([`query`]), and answers in
-//! Neon's JSON shape ([`render`]). `GET /v2` upgrades to a WebSocket whose
-//! binary frames carry the Postgres protocol ([`ws`]), served by the same
-//! session code as TCP. Every response carries the CORS headers browsers
-//! need, and `OPTIONS` answers preflight.
+//! `Neon-Batch-*`) and body (`{query, params}` or `{queries}`), admits the
+//! request from its headers before reading the body, runs the statements on
+//! a pooled upstream connection with the identity attached for the
+//! transaction only ([`query`]), and answers in Neon's JSON shape
+//! ([`render`]). `GET /v2` upgrades to a WebSocket carrying the Postgres
+//! protocol as a byte stream ([`ws`]), served by the same session code as
+//! TCP. Every HTTP connection holds a place in the proxy's one connection
+//! budget, counted as unauthenticated until a request on it (or its
+//! WebSocket session) authenticates; headers and bodies are read under
+//! deadlines. Every response carries the CORS headers browsers need, and
+//! `OPTIONS` answers preflight.
 
 pub mod query;
 pub mod render;
@@ -18,21 +22,28 @@ pub mod ws;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
-use authgres_wire::{PoolLimits, Proxy, UpstreamPool};
+use authgres_wire::{PoolLimits, Proxy, Ticket, UpstreamPool};
 use axum::Router;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, State, WebSocketUpgrade};
-use axum::http::{HeaderValue, Request, StatusCode, header};
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Extension, State};
+use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt as _;
 use tower::ServiceExt as _;
 
 /// Default request and response limit (10 MiB), as Neon's.
 pub const DEFAULT_MAX_BYTES: usize = 10 * 1024 * 1024;
 /// Default upstream connections per (database, role) kept for `/sql`.
 pub const DEFAULT_POOL_SIZE: usize = 20;
+/// Default time a client has to send a request's headers.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a client has to send a request's body.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// HTTP settings.
 #[derive(Debug, Clone)]
@@ -43,6 +54,11 @@ pub struct HttpConfig {
     pub max_response_bytes: usize,
     /// Upstream pool limits for /sql.
     pub pool: PoolLimits,
+    /// Time allowed for a request's headers (also the idle time allowed
+    /// between requests on a kept-alive connection).
+    pub header_timeout: Duration,
+    /// Time allowed for a request's body.
+    pub body_timeout: Duration,
 }
 
 impl Default for HttpConfig {
@@ -54,6 +70,8 @@ impl Default for HttpConfig {
                 max_per_key: DEFAULT_POOL_SIZE,
                 ..PoolLimits::default()
             },
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
         }
     }
 }
@@ -90,13 +108,39 @@ impl HttpState {
     }
 }
 
+/// An HTTP connection's place in the connection budget, shared with the
+/// requests on it: a WebSocket takes it over for its session, a `/sql`
+/// request that authenticates marks it.
+#[derive(Clone, Default)]
+pub struct ConnectionTicket(Arc<Mutex<Option<Ticket>>>);
+
+impl ConnectionTicket {
+    fn new(ticket: Ticket) -> Self {
+        Self(Arc::new(Mutex::new(Some(ticket))))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Ticket>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A request on the connection authenticated.
+    pub fn authenticated(&self) {
+        if let Some(ticket) = self.lock().as_mut() {
+            ticket.authenticated();
+        }
+    }
+
+    fn take(&self) -> Option<Ticket> {
+        self.lock().take()
+    }
+}
+
 /// The routes.
 pub fn router(state: Arc<HttpState>) -> Router {
     Router::new()
         .route("/sql", post(sql::handle).options(preflight))
         .route("/v2", get(websocket))
         .route("/", get(websocket))
-        .layer(DefaultBodyLimit::max(state.config.max_request_bytes))
         .layer(axum::middleware::map_response(cors))
         .with_state(state)
 }
@@ -130,16 +174,66 @@ async fn cors(mut response: Response) -> Response {
     response
 }
 
+/// The `Sec-WebSocket-Key` of a well-formed WebSocket upgrade request.
+fn upgrade_key(headers: &HeaderMap) -> Option<&str> {
+    let has = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .any(|part| part.trim().eq_ignore_ascii_case(token))
+    };
+    let version_13 = headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v == "13");
+    (has(header::UPGRADE, "websocket") && has(header::CONNECTION, "upgrade") && version_13)
+        .then(|| headers.get(header::SEC_WEBSOCKET_KEY)?.to_str().ok())
+        .flatten()
+}
+
 async fn websocket(
     State(state): State<Arc<HttpState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    upgrade: WebSocketUpgrade,
+    Extension(ticket): Extension<ConnectionTicket>,
+    mut request: Request<Body>,
 ) -> Response {
+    let Some(accept) = upgrade_key(request.headers()).map(ws::accept_key) else {
+        return (StatusCode::BAD_REQUEST, "expected a WebSocket upgrade").into_response();
+    };
+    let Some(ticket) = ticket.take() else {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    };
+    let upgrade = hyper::upgrade::on(&mut request);
     let proxy = Arc::clone(&state.proxy);
     let tls = state.tls;
-    upgrade
-        .on_upgrade(move |socket| proxy.serve_settled(ws::WsStream::new(socket), peer, tls))
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => {
+                let stream = ws::WsStream::new(TokioIo::new(upgraded));
+                proxy.serve_settled(stream, peer, tls, ticket).await;
+            }
+            Err(error) => tracing::debug!(%error, %peer, "WebSocket upgrade failed"),
+        }
+    });
+    (
+        StatusCode::SWITCHING_PROTOCOLS,
+        [
+            (header::UPGRADE, HeaderValue::from_static("websocket")),
+            (header::CONNECTION, HeaderValue::from_static("Upgrade")),
+        ],
+        [(header::SEC_WEBSOCKET_ACCEPT, accept)],
+    )
         .into_response()
+}
+
+/// What a connection the budget has no room for is told.
+const FULL: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+
+/// Tells a connection there is no room for it, and closes it.
+async fn refuse(mut tcp: tokio::net::TcpStream) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(FULL)).await;
 }
 
 /// Serves HTTP (or HTTPS with `tls`) on `listener` until `shutdown`.
@@ -149,31 +243,56 @@ pub async fn serve(
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let app = router(state);
+    let app = router(Arc::clone(&state));
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
             () = &mut shutdown => return Ok(()),
             accepted = authgres_wire::server::accept(&listener) => accepted,
         };
+        let entry = match state.proxy.budget().enter(peer.ip()) {
+            Ok(entry) => entry,
+            Err(full) => {
+                state.proxy.log_refusal(peer, &full);
+                tokio::spawn(refuse(tcp));
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let app = app.clone();
         let tls = tls.clone();
+        let header_timeout = state.config.header_timeout;
+        let proxy = Arc::clone(&state.proxy);
         tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + header_timeout;
+            let ticket = match entry.admit(deadline).await {
+                Ok(ticket) => ConnectionTicket::new(ticket),
+                Err(full) => {
+                    proxy.log_refusal(peer, &full);
+                    refuse(tcp).await;
+                    return;
+                }
+            };
             let service =
                 hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
                     request.extensions_mut().insert(ConnectInfo(peer));
+                    request.extensions_mut().insert(ticket.clone());
                     app.clone().oneshot(request)
                 });
             let result = match tls {
-                Some(acceptor) => match acceptor.accept(tcp).await {
-                    Ok(stream) => serve_connection(TokioIo::new(stream), service).await,
-                    Err(error) => {
-                        tracing::debug!(%error, %peer, "HTTPS handshake failed");
-                        return;
+                Some(acceptor) => {
+                    match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            serve_connection(TokioIo::new(stream), service, header_timeout).await
+                        }
+                        Ok(Err(error)) => {
+                            tracing::debug!(%error, %peer, "HTTPS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
                     }
-                },
-                None => serve_connection(TokioIo::new(tcp), service).await,
+                }
+                None => serve_connection(TokioIo::new(tcp), service, header_timeout).await,
             };
             if let Err(error) = result {
                 tracing::debug!(%error, %peer, "HTTP connection ended");
@@ -182,7 +301,11 @@ pub async fn serve(
     }
 }
 
-async fn serve_connection<I, S>(io: I, service: S) -> Result<(), hyper::Error>
+async fn serve_connection<I, S>(
+    io: I,
+    service: S,
+    header_timeout: Duration,
+) -> Result<(), hyper::Error>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: hyper::service::Service<
@@ -194,6 +317,8 @@ where
     S::Future: Send + 'static,
 {
     hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
         .serve_connection(io, service)
         .with_upgrades()
         .await

@@ -6,22 +6,24 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use authgres_jwt::FailureClass;
-use authgres_wire::{Admitted, CheckoutError, Classify as _, Refusal, Request, Transport};
-use axum::extract::{ConnectInfo, State};
+use authgres_wire::{Admitted, CheckoutError, Classify as _, Refusal, Transport};
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Extension, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use http_body_util::BodyExt as _;
 use serde_json::{Value, json};
 
 use tokio::time::Instant;
 
-use crate::HttpState;
 use crate::query::{self, BatchOptions, ExecError, Statement};
+use crate::{ConnectionTicket, HttpState};
 
 /// The request body: one statement, or a batch run as one transaction.
 #[derive(serde::Deserialize)]
 #[serde(untagged)]
-enum Body {
+enum Request {
     Batch { queries: Vec<Statement> },
     Single(Statement),
 }
@@ -59,10 +61,11 @@ fn flag(headers: &HeaderMap, name: &str) -> Option<bool> {
 pub async fn handle(
     State(state): State<Arc<HttpState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(ticket): Extension<ConnectionTicket>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    match run(&state, peer, &headers, &body).await {
+    match run(&state, peer, &ticket, &headers, body).await {
         Ok(value) => match serde_json::to_vec(&value) {
             Ok(bytes) if bytes.len() > state.config.max_response_bytes => Failure::new(
                 StatusCode::INSUFFICIENT_STORAGE,
@@ -92,8 +95,9 @@ pub async fn handle(
 async fn run(
     state: &HttpState,
     peer: SocketAddr,
+    ticket: &ConnectionTicket,
     headers: &HeaderMap,
-    body: &[u8],
+    body: Body,
 ) -> Result<Value, Failure> {
     let bad = |message: String| Failure::new(StatusCode::BAD_REQUEST, "08P01", message);
     let connection = header(headers, "neon-connection-string")
@@ -121,7 +125,7 @@ async fn run(
         .map(str::to_owned)
         .or_else(|| url.password().map(decode));
     let proxy = &state.proxy;
-    let request = Request {
+    let request = authgres_wire::Request {
         role: &role,
         database: &database,
         peer: peer.ip(),
@@ -137,7 +141,10 @@ async fn run(
     )
     .await
     .map_err(|refusal| refused(&refusal))?;
-    let body: Body = serde_json::from_slice(body).map_err(|e| {
+    ticket.authenticated();
+    // Only an admitted request gets its body read.
+    let body = read_body(state, body).await?;
+    let body: Request = serde_json::from_slice(&body).map_err(|e| {
         bad(format!(
             "request body is not {{query, params}} or {{queries}}: {e}"
         ))
@@ -145,8 +152,8 @@ async fn run(
     let array_mode = flag(headers, "neon-array-mode").unwrap_or(false);
     let raw = flag(headers, "neon-raw-text-output").unwrap_or(false);
     let (statements, batch) = match body {
-        Body::Single(statement) => (vec![statement], None),
-        Body::Batch { queries } => (
+        Request::Single(statement) => (vec![statement], None),
+        Request::Batch { queries } => (
             queries,
             Some(BatchOptions {
                 isolation: header(headers, "neon-batch-isolation-level").map(str::to_owned),
@@ -165,6 +172,33 @@ async fn run(
         Some(_) => json!({ "results": rendered }),
         None => rendered.pop().unwrap_or(Value::Null),
     })
+}
+
+/// Reads a request's body within the size limit and the body timeout.
+async fn read_body(state: &HttpState, body: Body) -> Result<Bytes, Failure> {
+    let limit = state.config.max_request_bytes;
+    let limited = http_body_util::Limited::new(body, limit);
+    match tokio::time::timeout(state.config.body_timeout, limited.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(Failure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "54000",
+            format!("request body is larger than the limit of {limit} bytes"),
+        )),
+        Ok(Err(_)) => Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            "08P01",
+            "the request body could not be read",
+        )),
+        Err(_) => Err(Failure::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "08P01",
+            format!(
+                "the request body did not arrive within {}s",
+                state.config.body_timeout.as_secs_f64()
+            ),
+        )),
+    }
 }
 
 /// Runs the request on a pooled connection; one that turns out dead (the

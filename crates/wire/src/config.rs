@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::admission::Policy;
+pub use crate::budget::Limits as ConnectionLimits;
+pub use crate::relay::Watch as ClientLimits;
 use crate::upstream::UpstreamConfig;
 
 /// Every default, in one place.
@@ -15,6 +17,18 @@ pub mod defaults {
     pub const AUTH_TIMEOUT: Duration = Duration::from_secs(15);
     /// Concurrent client connections, all listeners together.
     pub const MAX_CONNECTIONS: usize = 1000;
+    /// Of those, connections that have not authenticated yet.
+    pub const MAX_UNAUTHENTICATED: usize = 200;
+    /// Unauthenticated connections from one source address.
+    pub const MAX_UNAUTHENTICATED_PER_SOURCE: usize = 20;
+    /// How long a client may sit idle inside a transaction block, holding
+    /// its backend (and its locks).
+    pub const IDLE_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(300);
+    /// How long a client may leave results unread.
+    pub const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+    /// Idle time before TCP keepalive probes, on client and upstream
+    /// sockets alike.
+    pub const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
     /// Time allowed to connect and log in upstream.
     pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
     /// Deadline of each exchange the proxy starts on its own on an upstream
@@ -105,8 +119,12 @@ pub struct ProxyConfig {
     pub admission: Policy,
     /// Time from accept until the password must have arrived.
     pub auth_timeout: Duration,
-    /// Maximum concurrent client connections, all listeners together.
-    pub max_connections: usize,
+    /// How many client connections the proxy holds, all listeners together.
+    pub connections: ConnectionLimits,
+    /// Limits on clients that hold a backend without using it.
+    pub client_limits: ClientLimits,
+    /// Idle time before TCP keepalive probes (`None`: the system's).
+    pub tcp_keepalive: Option<Duration>,
     /// End sessions at the first transaction boundary after their token's
     /// `exp` (by default a session outlives its token, like any password
     /// login).

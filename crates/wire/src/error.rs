@@ -42,6 +42,8 @@ pub enum SqlState {
     InsufficientPrivilege,
     /// `57P01` admin_shutdown: the proxy is shutting down.
     AdminShutdown,
+    /// `25P03` idle_in_transaction_session_timeout.
+    IdleInTransactionTimeout,
     /// `XX000` internal_error.
     Internal,
     /// A code relayed from the upstream server as is (five ASCII characters).
@@ -62,6 +64,7 @@ impl SqlState {
             Self::FeatureNotSupported => "0A000",
             Self::InsufficientPrivilege => "42501",
             Self::AdminShutdown => "57P01",
+            Self::IdleInTransactionTimeout => "25P03",
             Self::Internal => "XX000",
             Self::Upstream(code) => std::str::from_utf8(code).unwrap_or("XX000"),
         }
@@ -183,6 +186,12 @@ pub enum SessionError {
     /// The session's token expired and expiry is enforced.
     #[error("the session's token expired")]
     TokenExpired,
+    /// The client sat idle inside a transaction past the limit.
+    #[error("the client was idle inside a transaction for {0:?}")]
+    IdleInTransaction(Duration),
+    /// The client left results unread past the limit.
+    #[error("the client did not read its results for {0:?}")]
+    ClientStalled(Duration),
     /// Logging in upstream or readying the connection failed.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
@@ -245,6 +254,22 @@ impl Classify for SessionError {
                 "the session's token expired",
                 Some("reconnect with a fresh token"),
             ),
+            Self::IdleInTransaction(limit) => ClientView::new(
+                S::IdleInTransactionTimeout,
+                format!(
+                    "terminating connection: idle inside a transaction for {}s",
+                    limit.as_secs_f64()
+                ),
+                Some("commit or roll back promptly; the limit is idle_transaction_timeout"),
+            ),
+            Self::ClientStalled(limit) => ClientView::new(
+                S::ConnectionFailure,
+                format!(
+                    "terminating connection: results unread for {}s",
+                    limit.as_secs_f64()
+                ),
+                None,
+            ),
             Self::Upstream(error) => error.client_view(),
         }
     }
@@ -258,7 +283,9 @@ impl Classify for SessionError {
             | Self::MissingUser
             | Self::Replication
             | Self::ForbiddenParameter(_)
-            | Self::AuthTimeout(_) => Severity::Client,
+            | Self::AuthTimeout(_)
+            | Self::IdleInTransaction(_)
+            | Self::ClientStalled(_) => Severity::Client,
             Self::TooManyConnections | Self::PoolExhausted { .. } => Severity::Service,
             Self::Refused(refusal) => refusal.severity(),
             Self::Upstream(error) => error.severity(),
@@ -278,6 +305,8 @@ impl Classify for SessionError {
             Self::TooManyConnections => "too_many_connections",
             Self::PoolExhausted { .. } => "pool_exhausted",
             Self::TokenExpired => "token_expired",
+            Self::IdleInTransaction(_) => "idle_in_transaction",
+            Self::ClientStalled(_) => "client_stalled",
             Self::Upstream(error) => error.label(),
             Self::ClientIo(_) => "client_io",
         }

@@ -14,10 +14,12 @@
 //! Protocol reference: <https://www.postgresql.org/docs/current/protocol.html>.
 
 mod admission;
+mod budget;
 mod cancel;
 mod config;
 mod error;
 mod identity;
+mod log_limit;
 mod params;
 mod pool;
 mod proto;
@@ -31,11 +33,16 @@ mod upstream;
 pub mod server;
 
 pub use admission::{Admitted, Need, Policy, Refusal, Request, Transport, admit, check};
-pub use config::{CleartextTokens, PoolLimits, PoolMode, ProxyConfig, RoleConfig, defaults};
+pub use budget::{Budget, Entry, Full, Ticket};
+pub use config::{
+    CleartextTokens, ClientLimits, ConnectionLimits, PoolLimits, PoolMode, ProxyConfig, RoleConfig,
+    defaults,
+};
 pub use error::{
     Classify, ClientView, ProtocolViolation, SessionError, Severity, SqlState, UpstreamError,
 };
 pub use identity::{BadClaimsKey, CLAIMS_KEY_LEN, ClaimsKey};
+pub use log_limit::LogLimiter;
 pub use pool::{CheckoutError, Pooled, UpstreamPool, reap};
 pub use proto::ledger::Violation;
 pub use proto::negotiate::Refusal as NegotiationRefusal;

@@ -12,12 +12,14 @@
 //! survives the client for the pool; a message the ledger refuses is not
 //! forwarded either, and ends the relay.
 
-use std::future::poll_fn;
+use std::future::{Future as _, poll_fn};
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
 use crate::proto::framer::{Frame, Framer, TagSet};
 use crate::proto::ledger::{self, Ledger, Violation};
@@ -45,6 +47,30 @@ pub enum Stop {
     Idle,
     /// The client sent a message that must not reach the server.
     Violation(Violation),
+    /// The client sat idle inside a transaction block past
+    /// [`Watch::idle_in_transaction`].
+    IdleInTransaction,
+    /// The client left results unread past [`Watch::stalled_reader`].
+    ClientStalled,
+}
+
+/// Limits on a client that holds its backend without using it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Watch {
+    /// How long a client may sit idle inside a transaction block.
+    pub idle_in_transaction: Option<Duration>,
+    /// How long a client may leave results unread.
+    pub stalled_reader: Option<Duration>,
+}
+
+/// The timer behind a [`Watch`], armed only while a limit can run out.
+struct Watchdog {
+    watch: Watch,
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// When the client last sent something.
+    last_read: Instant,
+    /// When the client last accepted bytes, or bytes started waiting for it.
+    last_written: Instant,
 }
 
 /// One direction's buffer: bytes read and not yet written.
@@ -151,6 +177,7 @@ pub struct Relay {
     terminated: bool,
     violation: Option<Violation>,
     stop_at_idle: bool,
+    watchdog: Watchdog,
 }
 
 impl Relay {
@@ -178,7 +205,19 @@ impl Relay {
             terminated: false,
             violation: None,
             stop_at_idle: false,
+            watchdog: Watchdog {
+                watch: Watch::default(),
+                sleep: None,
+                last_read: Instant::now(),
+                last_written: Instant::now(),
+            },
         }
+    }
+
+    /// Ends the relay when the client holds its backend without using it
+    /// for longer than `watch` allows.
+    pub fn watch(&mut self, watch: Watch) {
+        self.watchdog.watch = watch;
     }
 
     /// Makes [`Relay::run`] return [`Stop::Idle`] at the next idle
@@ -259,6 +298,7 @@ impl Relay {
                 if read? == 0 {
                     return Poll::Ready(Ok(Stop::ClientClosed));
                 }
+                self.watchdog.last_read = Instant::now();
                 self.scan_client();
                 progressed = true;
             }
@@ -279,12 +319,57 @@ impl Relay {
                 if read? == 0 {
                     return Poll::Ready(Ok(Stop::UpstreamClosed));
                 }
+                self.watchdog.last_written = Instant::now();
                 self.scan_server();
                 progressed = true;
             }
-            progressed |= self.to_client.poll_progress(cx, client)?;
+            let before = self.to_client.start;
+            let moved = self.to_client.poll_progress(cx, client)?;
+            if moved && self.to_client.start != before {
+                self.watchdog.last_written = Instant::now();
+            }
+            progressed |= moved;
             if !progressed {
-                return Poll::Pending;
+                return match self.poll_watchdog(cx) {
+                    Some(stop) => Poll::Ready(Ok(stop)),
+                    None => Poll::Pending,
+                };
+            }
+        }
+    }
+
+    /// Whether a [`Watch`] limit ran out; otherwise arms the timer for the
+    /// nearest one that can.
+    fn poll_watchdog(&mut self, cx: &mut Context<'_>) -> Option<Stop> {
+        loop {
+            let dog = &self.watchdog;
+            let idle_in_transaction = self.ledger.settled()
+                && self.ledger.status() != ledger::IDLE
+                && self.to_upstream.is_empty()
+                && self.client_frames.at_boundary();
+            let idle = (dog.watch.idle_in_transaction)
+                .filter(|_| idle_in_transaction)
+                .map(|limit| (dog.last_read + limit, Stop::IdleInTransaction));
+            let stalled = (dog.watch.stalled_reader)
+                .filter(|_| !self.to_client.is_empty())
+                .map(|limit| (dog.last_written + limit, Stop::ClientStalled));
+            let next = match (idle, stalled) {
+                (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+                (a, b) => a.or(b),
+            };
+            let (at, stop) = next?;
+            if Instant::now() >= at {
+                return Some(stop);
+            }
+            let sleep = self
+                .watchdog
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            if sleep.deadline() != at {
+                sleep.as_mut().reset(at);
+            }
+            if sleep.as_mut().poll(cx).is_pending() {
+                return None;
             }
         }
     }

@@ -5,7 +5,6 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::error::SessionError;
 use crate::session::{Proxy, refuse};
@@ -16,26 +15,24 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let permits = Arc::new(Semaphore::new(proxy.config().max_connections));
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
             () = &mut shutdown => return Ok(()),
             accepted = accept(&listener) => accepted,
         };
-        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            tokio::spawn(async move {
-                let mut tcp = tcp;
-                refuse(&mut tcp, &SessionError::TooManyConnections).await;
-                tracing::warn!(%peer, "connection refused: too many clients");
-            });
-            continue;
-        };
-        let proxy = Arc::clone(&proxy);
-        tokio::spawn(async move {
-            proxy.serve_tcp(tcp, peer).await;
-            drop(permit);
-        });
+        match proxy.budget().enter(peer.ip()) {
+            Ok(entry) => {
+                tokio::spawn(Arc::clone(&proxy).serve_tcp(tcp, peer, entry));
+            }
+            Err(full) => {
+                proxy.log_refusal(peer, &full);
+                tokio::spawn(async move {
+                    let mut tcp = tcp;
+                    refuse(&mut tcp, &SessionError::TooManyConnections).await;
+                });
+            }
+        }
     }
 }
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use rustls::pki_types::pem;
 
@@ -92,6 +93,26 @@ pub fn tls_acceptor(
         .map_err(TlsConfigError::Mismatch)?;
     config.alpn_protocols = vec![alpn.to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Keepalive probes sent before a silent peer is given up on.
+const KEEPALIVE_PROBES: u32 = 6;
+
+/// Readies a TCP socket for Postgres traffic: no Nagle delay, and with
+/// `keepalive`, probes after that much idle time (then every sixth of it,
+/// [`KEEPALIVE_PROBES`] times), so a peer that vanished without a FIN is
+/// noticed within about twice `keepalive` instead of hours.
+pub(crate) fn tune(tcp: &TcpStream, keepalive: Option<Duration>) {
+    let _ = tcp.set_nodelay(true);
+    if let Some(idle) = keepalive {
+        let probes = socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval((idle / 6).max(Duration::from_secs(1)))
+            .with_retries(KEEPALIVE_PROBES);
+        if let Err(error) = socket2::SockRef::from(tcp).set_tcp_keepalive(&probes) {
+            tracing::debug!(%error, "cannot set TCP keepalive");
+        }
+    }
 }
 
 /// A connection that is plain or TLS; both sides of the proxy use it.
@@ -240,5 +261,36 @@ impl UpstreamTls {
             }
         };
         Ok(Self::VerifyFull(Arc::new(config)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tuned_sockets_probe_idle_peers() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        tune(&client, Some(Duration::from_secs(60)));
+        let socket = socket2::SockRef::from(&client);
+        assert!(socket.tcp_nodelay().expect("nodelay"));
+        assert!(socket.keepalive().expect("keepalive"));
+        assert_eq!(
+            socket.tcp_keepalive_time().expect("time"),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            socket.tcp_keepalive_interval().expect("interval"),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            socket.tcp_keepalive_retries().expect("retries"),
+            KEEPALIVE_PROBES
+        );
     }
 }

@@ -426,6 +426,11 @@ impl Ledger {
             && !self.batch_open
     }
 
+    /// The status of the last ReadyForQuery.
+    pub fn status(&self) -> u8 {
+        self.status
+    }
+
     /// Whether the backend is settled outside any transaction block: the
     /// boundary where transaction pooling hands it back.
     pub fn idle(&self) -> bool {

@@ -94,6 +94,7 @@ impl<S: ClientIo> Session<'_, S> {
             SystemTime::now(),
         )
         .await?;
+        self.ticket.authenticated();
         if let Some(identity) = &admitted.identity {
             span.record("sub", identity.subject.as_str());
             span.record("user", admitted.role.as_str());

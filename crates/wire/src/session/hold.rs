@@ -26,7 +26,9 @@ pub(super) async fn serve<S: ClientIo>(
 ) -> Result<(), SessionError> {
     let expires = session.expiry(login);
     let Greeted { lease, cancel } = greeted;
-    let result = Box::pin(relay_to_end(session, Relay::new(None), lease, expires)).await;
+    let mut relay = Relay::new(None);
+    relay.watch(session.proxy.config.client_limits);
+    let result = Box::pin(relay_to_end(session, relay, lease, expires)).await;
     drop(cancel);
     result
 }
@@ -78,8 +80,9 @@ pub(super) async fn relay_to_end<S: ClientIo>(
     };
     let reusable = matches!(
         stopped,
-        Ok(Stop::ClientClosed | Stop::ClientTerminated | Stop::Idle)
+        Ok(Stop::ClientClosed | Stop::ClientTerminated | Stop::Idle | Stop::IdleInTransaction)
     ) && relay.between_requests();
+    let limits = session.proxy.config.client_limits;
     let ended = match stopped {
         Ok(Stop::UpstreamClosed) => relay.flush_client(client).await.map(|()| Ok(())),
         // Only an expired token stops a session that holds its connection.
@@ -88,15 +91,22 @@ pub(super) async fn relay_to_end<S: ClientIo>(
             Ok(Err(SessionError::TokenExpired))
         }
         Ok(Stop::Violation(violation)) => Ok(Err(ProtocolViolation::Relay(violation).into())),
+        Ok(Stop::IdleInTransaction) => Ok(Err(SessionError::IdleInTransaction(
+            limits.idle_in_transaction.unwrap_or_default(),
+        ))),
+        Ok(Stop::ClientStalled) => Ok(Err(SessionError::ClientStalled(
+            limits.stalled_reader.unwrap_or_default(),
+        ))),
         Ok(Stop::ClientClosed | Stop::ClientTerminated) => Ok(Ok(())),
         Err(error) => Err(error),
     };
-    if let Ok(Err(error)) = &ended
-        && let Some(view) = error.client_view()
-    {
-        let mut out = BytesMut::new();
-        backend::fatal_error(view.code, &view.message, view.hint, &mut out);
-        let _ = write_flush(client, &out).await;
+    if let Ok(Err(error)) = &ended {
+        session.proxy.report(error);
+        if let Some(view) = error.client_view() {
+            let mut out = BytesMut::new();
+            backend::fatal_error(view.code, &view.message, view.hint, &mut out);
+            let _ = write_flush(client, &out).await;
+        }
     }
     relay::close_client(client).await;
     if let Some(why) = relay.lost() {
@@ -106,7 +116,8 @@ pub(super) async fn relay_to_end<S: ClientIo>(
         );
     }
     finish(session.proxy, lease, reusable).await;
-    ended?
+    // A failure was reported above, before the client was told.
+    ended.map(drop).map_err(SessionError::from)
 }
 
 /// Returns a connection the session is done with: reset and back to the

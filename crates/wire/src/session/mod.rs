@@ -30,10 +30,12 @@ use tokio::time::{Instant, timeout_at};
 use tracing::Instrument as _;
 
 use crate::admission::Transport;
+use crate::budget::{Budget, Entry, Ticket};
 use crate::cancel::CancelRegistry;
 use crate::config::{PoolMode, ProxyConfig};
 use crate::error::{Classify as _, SessionError, Severity};
 use crate::identity::ClaimsKey;
+use crate::log_limit::LogLimiter;
 use crate::pool::UpstreamPool;
 use crate::proto::backend;
 use crate::proto::negotiate::Startup;
@@ -56,6 +58,10 @@ pub struct Proxy {
     /// Upstream connections, when any database is pooled.
     pool: Option<Arc<UpstreamPool>>,
     cancels: CancelRegistry,
+    /// Client connections held, by every listener.
+    budget: Arc<Budget>,
+    /// Log lines about refused clients, limited.
+    refusals: LogLimiter,
 }
 
 impl Proxy {
@@ -70,12 +76,27 @@ impl Proxy {
             .pools()
             .then(|| UpstreamPool::new(config.upstream.clone(), config.pool_limits));
         Self {
+            budget: Budget::new(config.connections),
             config,
             verifier,
             claims_key,
             tls,
             pool,
             cancels: CancelRegistry::default(),
+            refusals: LogLimiter::default(),
+        }
+    }
+
+    /// The connection budget every listener draws from.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
+    }
+
+    /// Logs that a connection was refused before it became a session (at
+    /// info, limited: floods of refusals make a few lines).
+    pub fn log_refusal(&self, peer: SocketAddr, why: &dyn std::fmt::Display) {
+        if let Some(suppressed) = self.refusals.allow(Instant::now()) {
+            tracing::info!(%peer, reason = %why, suppressed, "connection refused");
         }
     }
 
@@ -110,27 +131,45 @@ impl Proxy {
         }
     }
 
-    /// Serves one TCP client to the end.
-    pub async fn serve_tcp(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+    /// Serves one TCP client to the end; `entry` is its place in the
+    /// connection budget.
+    pub async fn serve_tcp(self: Arc<Self>, mut tcp: TcpStream, peer: SocketAddr, entry: Entry) {
         let span = session_span(peer, Transport::Wire);
         async move {
-            let _ = tcp.set_nodelay(true);
             let deadline = Instant::now() + self.config.auth_timeout;
+            let ticket = match entry.admit(deadline).await {
+                Ok(ticket) => ticket,
+                Err(full) => {
+                    self.log_refusal(peer, &full);
+                    refuse(&mut tcp, &SessionError::TooManyConnections).await;
+                    return;
+                }
+            };
+            crate::transport::tune(&tcp, self.config.tcp_keepalive);
             let opened = timeout_at(deadline, negotiate::over_tcp(tcp, self.tls.as_ref())).await;
             let result = match opened {
-                Ok(opened) => self.open(opened, peer, Transport::Wire, deadline).await,
+                Ok(opened) => {
+                    self.open(opened, peer, Transport::Wire, deadline, ticket)
+                        .await
+                }
                 Err(_) => Err(SessionError::AuthTimeout(self.config.auth_timeout)),
             };
-            log_end(&result);
+            self.log_end(&result);
         }
         .instrument(span)
         .await;
     }
 
     /// Serves a client on a stream whose transport is settled (a
-    /// WebSocket); `encrypted` tells whether it runs over TLS.
-    pub async fn serve_settled<S>(self: Arc<Self>, stream: S, peer: SocketAddr, encrypted: bool)
-    where
+    /// WebSocket); `encrypted` tells whether it runs over TLS, `ticket` is
+    /// its place in the connection budget.
+    pub async fn serve_settled<S>(
+        self: Arc<Self>,
+        stream: S,
+        peer: SocketAddr,
+        encrypted: bool,
+        ticket: Ticket,
+    ) where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
         let span = session_span(peer, Transport::WebSocket);
@@ -139,15 +178,39 @@ impl Proxy {
             let opened = timeout_at(deadline, negotiate::settled(stream, encrypted)).await;
             let result = match opened {
                 Ok(opened) => {
-                    self.open(opened, peer, Transport::WebSocket, deadline)
+                    self.open(opened, peer, Transport::WebSocket, deadline, ticket)
                         .await
                 }
                 Err(_) => Err(SessionError::AuthTimeout(self.config.auth_timeout)),
             };
-            log_end(&result);
+            self.log_end(&result);
         }
         .instrument(span)
         .await;
+    }
+
+    /// Logs how a session ended, as loudly as its classification says.
+    fn log_end(&self, result: &Result<(), SessionError>) {
+        match result {
+            Ok(()) => tracing::debug!("session ended"),
+            Err(error) => self.report(error),
+        }
+    }
+
+    /// Logs why a session failed, as loudly as its classification says;
+    /// clients' mistakes are limited like other refusals. Called before
+    /// the client is told, so the log never lags what the client saw.
+    fn report(&self, error: &SessionError) {
+        let reason = error.label();
+        match error.severity() {
+            Severity::Routine => tracing::debug!(%error, reason, "session ended"),
+            Severity::Client => {
+                if let Some(suppressed) = self.refusals.allow(Instant::now()) {
+                    tracing::info!(%error, reason, suppressed, "session refused");
+                }
+            }
+            Severity::Service => tracing::warn!(%error, reason, "session failed"),
+        }
     }
 
     /// After the negotiation: a session, a cancel, or nothing.
@@ -157,6 +220,7 @@ impl Proxy {
         peer: SocketAddr,
         transport: Transport,
         auth_deadline: Instant,
+        ticket: Ticket,
     ) -> Result<(), SessionError> {
         match opened {
             Ok(Opened::Session {
@@ -173,6 +237,7 @@ impl Proxy {
                     transport,
                     encrypted,
                     auth_deadline,
+                    ticket,
                 };
                 session.run(startup).await
             }
@@ -182,10 +247,11 @@ impl Proxy {
             }
             Ok(Opened::Closed) => Ok(()),
             Err(Failed { stream, error }) => {
+                self.report(&error);
                 if let Some(mut stream) = stream {
                     refuse(&mut stream, &error).await;
                 }
-                Err(error)
+                Ok(())
             }
         }
     }
@@ -222,6 +288,8 @@ pub(crate) struct Session<'p, S> {
     encrypted: bool,
     /// When the client must have authenticated.
     auth_deadline: Instant,
+    /// Its place in the connection budget, marked once it authenticates.
+    ticket: Ticket,
 }
 
 impl<S: ClientIo> Session<'_, S> {
@@ -252,10 +320,12 @@ impl<S: ClientIo> Session<'_, S> {
         }
     }
 
-    /// Tells the client why it is refused, then ends the session.
+    /// Reports why the session is refused, tells the client, and ends the
+    /// session.
     async fn refused(mut self, error: SessionError) -> Result<(), SessionError> {
+        self.proxy.report(&error);
         refuse(&mut self.client, &error).await;
-        Err(error)
+        Ok(())
     }
 }
 
@@ -269,20 +339,6 @@ fn session_span(peer: SocketAddr, transport: Transport) -> tracing::Span {
         db = tracing::field::Empty,
         sub = tracing::field::Empty
     )
-}
-
-/// Logs how a session ended, as loudly as its classification says.
-fn log_end(result: &Result<(), SessionError>) {
-    let Err(error) = result else {
-        tracing::debug!("session ended");
-        return;
-    };
-    let reason = error.label();
-    match error.severity() {
-        Severity::Routine => tracing::debug!(%error, reason, "session ended"),
-        Severity::Client => tracing::info!(%error, reason, "session refused"),
-        Severity::Service => tracing::warn!(%error, reason, "session failed"),
-    }
 }
 
 /// Sends the client-safe form of `error` (if any) and closes, best effort.

@@ -75,6 +75,7 @@ async fn harness(mode: PoolMode, pool_size: usize) -> Harness {
             port: cluster.port(),
             connect_timeout: Duration::from_secs(5),
             tls: UpstreamTls::Disable,
+            tcp_keepalive: None,
         },
         admission: Policy {
             roles: HashMap::from([("authenticated".to_owned(), role)]),
@@ -82,7 +83,13 @@ async fn harness(mode: PoolMode, pool_size: usize) -> Harness {
             cleartext_tokens: CleartextTokens::LoopbackOnly,
         },
         auth_timeout: Duration::from_secs(5),
-        max_connections: 100,
+        connections: crate::config::ConnectionLimits {
+            max_connections: 100,
+            max_unauthenticated: 100,
+            max_unauthenticated_per_source: 100,
+        },
+        client_limits: crate::config::ClientLimits::default(),
+        tcp_keepalive: None,
         enforce_token_expiry: false,
         pool_mode: mode,
         pool_mode_by_database: HashMap::new(),
@@ -105,7 +112,13 @@ async fn harness(mode: PoolMode, pool_size: usize) -> Harness {
 /// client's.
 fn pipe(harness: &Harness) -> DuplexStream {
     let (client, proxy_side) = tokio::io::duplex(64 * 1024);
-    tokio::spawn(Arc::clone(&harness.proxy).serve_settled(proxy_side, PEER, false));
+    let proxy = Arc::clone(&harness.proxy);
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let entry = proxy.budget().enter(PEER.ip()).expect("room");
+        let ticket = entry.admit(deadline).await.expect("room");
+        proxy.serve_settled(proxy_side, PEER, false, ticket).await;
+    });
     client
 }
 

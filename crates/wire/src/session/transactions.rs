@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use super::handshake::{Greeted, Login};
 use super::hold::{self, relay_to_end};
 use super::lease::{self, Lease, Readying};
-use super::{ClientIo, Session, refuse};
+use super::{ClientIo, Session};
 use crate::cancel::CancelGuard;
 use crate::error::{ProtocolViolation, SessionError};
 use crate::pool::Pooled;
@@ -53,10 +53,7 @@ pub(super) async fn serve<S: ClientIo>(
             Box::pin(relay_to_end(session, relay, Lease::Pooled(pooled), expires)).await
         }
         Ok(None) => Ok(()),
-        Err(error) => {
-            refuse(&mut session.client, &error).await;
-            Err(error)
-        }
+        Err(error) => session.refused(error).await,
     }
 }
 
@@ -96,6 +93,7 @@ async fn serve_transactions<S: ClientIo>(
         let conn = pooled.conn();
         cancel.retarget(Some(conn.cancel_key())).await;
         let mut relay = Relay::new(Some(std::mem::take(&mut client.tracker)));
+        relay.watch(proxy.config.client_limits);
         relay.stop_at_idle(true);
         relay
             .deliver(&conn.take_for_client(), &mut session.client)

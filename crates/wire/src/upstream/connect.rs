@@ -27,6 +27,8 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Whether and how to use TLS to the server.
     pub tls: UpstreamTls,
+    /// Idle time before TCP keepalive probes (`None`: the system's).
+    pub tcp_keepalive: Option<Duration>,
 }
 
 impl UpstreamConfig {
@@ -55,7 +57,7 @@ pub async fn connect(
         Ok(Err(source)) => return Err(UpstreamError::Connect { address, source }),
         Err(_) => return Err(UpstreamError::ConnectTimeout),
     };
-    tcp.set_nodelay(true)?;
+    crate::transport::tune(&tcp, config.tcp_keepalive);
     let stream = timeout_at(deadline, secure(tcp, config))
         .await
         .map_err(|_| UpstreamError::ConnectTimeout)??;

@@ -1,0 +1,330 @@
+//! How many client connections the proxy holds: one budget for every
+//! listener (Postgres over TCP, HTTP, WebSocket), and inside it a smaller
+//! one, capped per source address too, for connections that have not
+//! authenticated yet.
+//!
+//! A new connection takes its places at once when they are free
+//! ([`Budget::enter`]). When its source's share or the unauthenticated
+//! budget is full, it may wait for a place until its authentication
+//! deadline ([`Entry::admit`]), in a queue as long as the unauthenticated
+//! budget; a waiting connection holds no place. So a burst of legitimate
+//! connections (a pool warming up, two hundred parallel `fetch`es) queues
+//! for a moment, while stalled or garbage connections from one source hold
+//! only that source's share and cannot lock anyone else out.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, timeout_at};
+
+/// The limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Client connections in all, every listener together.
+    pub max_connections: usize,
+    /// Of those, connections that have not authenticated yet; also how
+    /// many may wait for such a place.
+    pub max_unauthenticated: usize,
+    /// Unauthenticated connections from one source address.
+    pub max_unauthenticated_per_source: usize,
+}
+
+/// Why a connection was not let in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Full {
+    /// The proxy holds `max_connections`.
+    #[error("too many client connections")]
+    Connections,
+    /// No place among the unauthenticated came free before the deadline,
+    /// or too many connections wait for one.
+    #[error("too many connections waiting to authenticate")]
+    Unauthenticated,
+    /// No place for this source came free before the deadline.
+    #[error("too many connections from one address waiting to authenticate")]
+    Source,
+}
+
+/// The connection budget.
+#[derive(Debug)]
+pub struct Budget {
+    limits: Limits,
+    connections: Arc<Semaphore>,
+    unauthenticated: Arc<Semaphore>,
+    /// Places of unauthenticated connections, per source address.
+    sources: Mutex<HashMap<IpAddr, Arc<Semaphore>>>,
+    /// Connections waiting for a place.
+    waiting: Arc<Semaphore>,
+}
+
+/// A new connection: admitted already, or waiting to be.
+#[derive(Debug)]
+pub struct Entry {
+    budget: Arc<Budget>,
+    source: IpAddr,
+    state: EntryState,
+}
+
+#[derive(Debug)]
+enum EntryState {
+    Admitted(Ticket),
+    /// Holds a place in the waiting queue.
+    Waiting(OwnedSemaphorePermit),
+}
+
+/// A connection's places in the budget; given back on drop.
+#[derive(Debug)]
+pub struct Ticket {
+    _connection: OwnedSemaphorePermit,
+    /// Held until the connection authenticates.
+    pending: Option<Pending>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    /// The places (unauthenticated, source); given back first on drop.
+    permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    budget: Arc<Budget>,
+    source: IpAddr,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        drop(self.permits.take());
+        self.budget.forget_idle_source(self.source);
+    }
+}
+
+impl Budget {
+    /// A budget with these limits.
+    pub fn new(limits: Limits) -> Arc<Self> {
+        Arc::new(Self {
+            limits,
+            connections: Arc::new(Semaphore::new(limits.max_connections)),
+            unauthenticated: Arc::new(Semaphore::new(limits.max_unauthenticated)),
+            sources: Mutex::new(HashMap::new()),
+            waiting: Arc::new(Semaphore::new(limits.max_unauthenticated)),
+        })
+    }
+
+    fn sources(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Arc<Semaphore>>> {
+        self.sources.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn source(&self, source: IpAddr) -> Arc<Semaphore> {
+        let per_source = self.limits.max_unauthenticated_per_source;
+        Arc::clone(
+            self.sources()
+                .entry(source)
+                .or_insert_with(|| Arc::new(Semaphore::new(per_source))),
+        )
+    }
+
+    /// Drops the entry of a source nobody holds a place of or waits for.
+    fn forget_idle_source(&self, source: IpAddr) {
+        let mut sources = self.sources();
+        if sources
+            .get(&source)
+            .is_some_and(|s| Arc::strong_count(s) == 1)
+        {
+            sources.remove(&source);
+        }
+    }
+
+    /// Lets a new connection from `source` in: with its places at once
+    /// when they are free, else into the waiting queue, else refused.
+    pub fn enter(self: &Arc<Self>, source: IpAddr) -> Result<Entry, Full> {
+        let per_source = self.source(source);
+        let places = Arc::clone(&per_source)
+            .try_acquire_owned()
+            .ok()
+            .zip(Arc::clone(&self.unauthenticated).try_acquire_owned().ok());
+        drop(per_source);
+        let state = match places {
+            Some(permits) => EntryState::Admitted(self.ticket(permits, source)?),
+            None => {
+                self.forget_idle_source(source);
+                EntryState::Waiting(
+                    Arc::clone(&self.waiting)
+                        .try_acquire_owned()
+                        .map_err(|_| Full::Unauthenticated)?,
+                )
+            }
+        };
+        Ok(Entry {
+            budget: Arc::clone(self),
+            source,
+            state,
+        })
+    }
+
+    /// A ticket with its unauthenticated places, taking its place in the
+    /// total.
+    fn ticket(
+        self: &Arc<Self>,
+        (source_place, place): (OwnedSemaphorePermit, OwnedSemaphorePermit),
+        source: IpAddr,
+    ) -> Result<Ticket, Full> {
+        let pending = Pending {
+            permits: Some((place, source_place)),
+            budget: Arc::clone(self),
+            source,
+        };
+        let connection = Arc::clone(&self.connections)
+            .try_acquire_owned()
+            .map_err(|_| Full::Connections)?;
+        Ok(Ticket {
+            _connection: connection,
+            pending: Some(pending),
+        })
+    }
+
+    /// Connections held now, and how many of them are authenticating.
+    pub fn in_use(&self) -> (usize, usize) {
+        let held = self.limits.max_connections - self.connections.available_permits();
+        let pending = self.limits.max_unauthenticated - self.unauthenticated.available_permits();
+        (held, pending)
+    }
+}
+
+impl Entry {
+    /// The connection's ticket: at once if it was admitted on entry, else
+    /// once places come free, waiting at most until `deadline`.
+    pub async fn admit(self, deadline: Instant) -> Result<Ticket, Full> {
+        let Self {
+            budget,
+            source,
+            state,
+        } = self;
+        let waiting = match state {
+            EntryState::Admitted(ticket) => return Ok(ticket),
+            EntryState::Waiting(waiting) => waiting,
+        };
+        let per_source = budget.source(source);
+        let source_place = timeout_at(deadline, per_source.acquire_owned()).await;
+        let result = match source_place {
+            Ok(Ok(source_place)) => {
+                let unauthenticated = Arc::clone(&budget.unauthenticated);
+                match timeout_at(deadline, unauthenticated.acquire_owned()).await {
+                    Ok(Ok(place)) => budget.ticket((source_place, place), source),
+                    _ => Err(Full::Unauthenticated),
+                }
+            }
+            _ => Err(Full::Source),
+        };
+        drop(waiting);
+        if result.is_err() {
+            budget.forget_idle_source(source);
+        }
+        result
+    }
+}
+
+impl Ticket {
+    /// The connection authenticated: it no longer counts against the
+    /// unauthenticated budget.
+    pub fn authenticated(&mut self) {
+        self.pending = None;
+    }
+
+    /// Whether the connection has authenticated.
+    pub fn is_authenticated(&self) -> bool {
+        self.pending.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+    use std::time::Duration;
+
+    use super::*;
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 0, 0, last))
+    }
+
+    fn budget(total: usize, unauthenticated: usize, per_source: usize) -> Arc<Budget> {
+        Budget::new(Limits {
+            max_connections: total,
+            max_unauthenticated: unauthenticated,
+            max_unauthenticated_per_source: per_source,
+        })
+    }
+
+    async fn admit(budget: &Arc<Budget>, source: u8, wait_ms: u64) -> Result<Ticket, Full> {
+        let deadline = Instant::now() + Duration::from_millis(wait_ms);
+        budget.enter(ip(source))?.admit(deadline).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_source_holds_only_its_share_and_others_still_get_in() {
+        let budget = budget(100, 4, 2);
+        let _stalled: Vec<Ticket> = vec![
+            admit(&budget, 1, 0).await.expect("first"),
+            admit(&budget, 1, 0).await.expect("second"),
+        ];
+        assert_eq!(admit(&budget, 1, 1000).await.err(), Some(Full::Source));
+        let mut other = admit(&budget, 2, 0).await.expect("another source");
+        other.authenticated();
+        assert!(other.is_authenticated());
+        assert_eq!(budget.in_use(), (3, 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_waits_for_places_instead_of_being_refused() {
+        let budget = budget(100, 2, 2);
+        let first = admit(&budget, 1, 0).await.expect("first");
+        let second = admit(&budget, 1, 0).await.expect("second");
+        let waiting = {
+            let budget = Arc::clone(&budget);
+            tokio::spawn(async move { admit(&budget, 1, 5000).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished());
+        let mut first = first;
+        first.authenticated();
+        assert!(
+            waiting.await.expect("join").is_ok(),
+            "let in once a place freed"
+        );
+        drop(second);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_connections_hold_no_place_and_their_queue_is_bounded() {
+        let budget = budget(6, 2, 1);
+        let _stalled = admit(&budget, 1, 0).await.expect("first");
+        let queued: Vec<Entry> = (0..2)
+            .map(|_| budget.enter(ip(1)).expect("queued"))
+            .collect();
+        assert_eq!(
+            budget.enter(ip(1)).err(),
+            Some(Full::Unauthenticated),
+            "queue full"
+        );
+        assert_eq!(budget.in_use(), (1, 1), "the queued hold nothing");
+        // Another source is let in at once, past the queue.
+        assert!(admit(&budget, 2, 0).await.is_ok());
+        drop(queued);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_total_refuses_at_once_and_sources_are_forgotten() {
+        let budget = budget(2, 2, 2);
+        let mut held = Vec::new();
+        for source in [1, 2] {
+            let mut ticket = admit(&budget, source, 0).await.expect("room");
+            ticket.authenticated();
+            held.push(ticket);
+        }
+        assert_eq!(admit(&budget, 3, 0).await.err(), Some(Full::Connections));
+        assert!(
+            budget.sources().is_empty(),
+            "no source waits or holds a place"
+        );
+        held.pop();
+        assert!(admit(&budget, 3, 0).await.is_ok());
+    }
+}

@@ -1,0 +1,176 @@
+//! Closing what Postgres scopes to "the same role": every user of the proxy
+//! logs in as the same role, so any view or function whose check is "a
+//! session of the same role" is a channel between users.
+//!
+//! Read from the Postgres sources (13 to 18), those are:
+//! * other sessions' activity, query text included: `pg_stat_activity`,
+//!   `pg_stat_ssl`, `pg_stat_gssapi`, the `pg_stat_progress_*` views and the
+//!   `pg_stat_get_backend_*` / `pg_stat_get_activity` /
+//!   `pg_stat_get_progress_info` functions under them;
+//! * `pg_stat_statements` (query texts of the same user), when installed;
+//! * signalling another session: `pg_cancel_backend`,
+//!   `pg_terminate_backend`;
+//! * large objects, whose owner (the shared role) may read, write and
+//!   unlink them.
+//!
+//! Each is revoked from PUBLIC, since a grant to PUBLIC cannot be taken
+//! from one role alone, and granted back to the predefined role that
+//! administrators' tools already use for it: `pg_read_all_stats` (in
+//! `pg_monitor`) for statistics, `pg_signal_backend` for signals, and the
+//! database owner for large objects. Superusers are not affected. Before
+//! Postgres 15, PUBLIC may also CREATE in schema `public`; that is revoked
+//! too, with CREATE granted back to the database owner.
+
+use anyhow::Context as _;
+
+/// Statistics functions that show other sessions of the same role.
+const ACTIVITY_FUNCTIONS: &[&str] = &[
+    "pg_stat_get_activity",
+    "pg_stat_get_backend_activity",
+    "pg_stat_get_backend_activity_start",
+    "pg_stat_get_backend_xact_start",
+    "pg_stat_get_backend_start",
+    "pg_stat_get_backend_client_addr",
+    "pg_stat_get_backend_client_port",
+    "pg_stat_get_backend_wait_event",
+    "pg_stat_get_backend_wait_event_type",
+    "pg_stat_get_backend_subxact",
+    "pg_stat_get_progress_info",
+];
+/// Views over them.
+const ACTIVITY_VIEWS: &[&str] = &[
+    "pg_stat_activity",
+    "pg_stat_ssl",
+    "pg_stat_gssapi",
+    "pg_stat_progress_analyze",
+    "pg_stat_progress_basebackup",
+    "pg_stat_progress_cluster",
+    "pg_stat_progress_copy",
+    "pg_stat_progress_create_index",
+    "pg_stat_progress_vacuum",
+];
+/// Functions that signal another session of the same role.
+const SIGNAL_FUNCTIONS: &[&str] = &["pg_cancel_backend", "pg_terminate_backend"];
+/// The large-object functions.
+const LARGE_OBJECT_FUNCTIONS: &[&str] = &[
+    "lo_open",
+    "lo_close",
+    "loread",
+    "lowrite",
+    "lo_lseek",
+    "lo_lseek64",
+    "lo_tell",
+    "lo_tell64",
+    "lo_truncate",
+    "lo_truncate64",
+    "lo_creat",
+    "lo_create",
+    "lo_unlink",
+    "lo_import",
+    "lo_export",
+    "lo_from_bytea",
+    "lo_get",
+    "lo_put",
+];
+
+/// Revokes every channel from PUBLIC and grants it back to the roles
+/// administrators use (see the module docs).
+pub async fn close(tx: &tokio_postgres::Transaction<'_>) -> anyhow::Result<()> {
+    let owner: String = tx
+        .query_one(
+            "select pg_catalog.quote_ident(r.rolname) from pg_catalog.pg_database d \
+             join pg_catalog.pg_roles r on r.oid = d.datdba where d.datname = current_database()",
+            &[],
+        )
+        .await?
+        .get(0);
+    for (functions, grantee) in [
+        (ACTIVITY_FUNCTIONS, "pg_read_all_stats"),
+        (SIGNAL_FUNCTIONS, "pg_signal_backend"),
+        (LARGE_OBJECT_FUNCTIONS, owner.as_str()),
+    ] {
+        revoke_functions(tx, "pg_catalog", functions, grantee).await?;
+    }
+    revoke_views(tx, "pg_catalog", ACTIVITY_VIEWS, "pg_read_all_stats").await?;
+    // pg_stat_statements lives wherever it was installed.
+    let installed = tx
+        .query_opt(
+            "select n.nspname from pg_catalog.pg_extension e \
+             join pg_catalog.pg_namespace n on n.oid = e.extnamespace \
+             where e.extname = 'pg_stat_statements'",
+            &[],
+        )
+        .await?;
+    if let Some(row) = installed {
+        let schema: String = row.get(0);
+        let statements = &["pg_stat_statements"];
+        revoke_functions(tx, &schema, statements, "pg_read_all_stats").await?;
+        revoke_views(tx, &schema, statements, "pg_read_all_stats").await?;
+    }
+    // Before Postgres 15 any role may create objects in `public`, where
+    // one user's function or table could stand in for what another's
+    // statements name.
+    tx.batch_execute(&format!(
+        "revoke create on schema public from public; grant create on schema public to {owner}"
+    ))
+    .await
+    .context("revoking CREATE on schema public from PUBLIC")?;
+    Ok(())
+}
+
+/// Revokes EXECUTE on every overload of `names` in `schema` from PUBLIC
+/// and grants it to `grantee`.
+async fn revoke_functions(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &str,
+    names: &[&str],
+    grantee: &str,
+) -> anyhow::Result<()> {
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let signatures = tx
+        .query(
+            "select p.oid::pg_catalog.regprocedure::pg_catalog.text from pg_catalog.pg_proc p \
+             join pg_catalog.pg_namespace n on n.oid = p.pronamespace \
+             where n.nspname = $1 and p.proname = any($2)",
+            &[&schema, &names],
+        )
+        .await?;
+    for row in signatures {
+        let signature: String = row.get(0);
+        tx.batch_execute(&format!(
+            "revoke execute on function {signature} from public; \
+             grant execute on function {signature} to {grantee}"
+        ))
+        .await
+        .with_context(|| format!("closing {signature} to the login roles"))?;
+    }
+    Ok(())
+}
+
+/// Revokes SELECT on the views `names` in `schema` that exist from PUBLIC
+/// and grants it to `grantee`.
+async fn revoke_views(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &str,
+    names: &[&str],
+    grantee: &str,
+) -> anyhow::Result<()> {
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let views = tx
+        .query(
+            "select c.oid::pg_catalog.regclass::pg_catalog.text from pg_catalog.pg_class c \
+             join pg_catalog.pg_namespace n on n.oid = c.relnamespace \
+             where n.nspname = $1 and c.relname = any($2)",
+            &[&schema, &names],
+        )
+        .await?;
+    for row in views {
+        let view: String = row.get(0);
+        tx.batch_execute(&format!(
+            "revoke select on {view} from public; grant select on {view} to {grantee}"
+        ))
+        .await
+        .with_context(|| format!("closing {view} to the login roles"))?;
+    }
+    Ok(())
+}
