@@ -32,6 +32,8 @@ pub struct Options {
     pub listen_extra: &'static str,
     /// Serve HTTPS instead of HTTP on the [http] address.
     pub http_tls: bool,
+    /// Extra lines for the config's [http] section.
+    pub http_extra: &'static str,
 }
 
 impl Default for Options {
@@ -45,6 +47,7 @@ impl Default for Options {
             upstream_extra: "",
             listen_extra: "",
             http_tls: false,
+            http_extra: "",
         }
     }
 }
@@ -120,6 +123,7 @@ connect_timeout = "5s"
 {upstream_tls}[http]
 address = "127.0.0.1:{http_port}"
 tls = {http_tls}
+{http_extra}
 [roles.authenticated]
 password_env = "AUTHGRES_AUTHENTICATED_PASSWORD"
 [roles.anonymous]
@@ -139,6 +143,7 @@ roles = ["authenticated"]
             upstream_extra = options.upstream_extra,
             listen_extra = options.listen_extra,
             http_tls = options.http_tls,
+            http_extra = options.http_extra,
             pg_port = cluster.port(),
             iss = issuer.issuer(),
             jwks = issuer.jwks_url(),
@@ -560,6 +565,57 @@ impl RawClient {
         Self { stream }
     }
 
+    /// Connects from the loopback address `source` (127.0.0.0/8 is all
+    /// local on Linux), to act as another host.
+    pub async fn connect_from(port: u16, source: [u8; 4]) -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind((std::net::Ipv4Addr::from(source), 0).into())
+            .expect("bind");
+        let stream = socket
+            .connect(([127, 0, 0, 1], port).into())
+            .await
+            .expect("connect");
+        Self { stream }
+    }
+
+    /// Logs in as `user` (with `token` when the role needs one) and reads
+    /// up to the first ReadyForQuery.
+    pub async fn login(port: u16, user: &str, token: Option<&str>) -> Self {
+        let mut raw = Self::connect(port).await;
+        raw.send_startup(&[("user", user), ("database", DATABASE)])
+            .await;
+        if let Some(token) = token {
+            raw.send_password(token).await;
+        }
+        raw.read_until(b'Z').await;
+        raw
+    }
+
+    /// Sends raw bytes.
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    /// Reads messages up to and including one tagged `tag`; returns their
+    /// tags.
+    pub async fn read_until(&mut self, tag: u8) -> Vec<u8> {
+        let mut tags = Vec::new();
+        loop {
+            let (got, body) = self
+                .read_message()
+                .await
+                .unwrap_or_else(|| panic!("closed before {:?}; saw {tags:?}", char::from(tag)));
+            if got == b'E' && tag != b'E' && error_fields(&body).0.starts_with("08") {
+                panic!("connection error: {:?}", error_fields(&body));
+            }
+            tags.push(got);
+            if got == tag {
+                return tags;
+            }
+        }
+    }
+
     pub async fn send_startup(&mut self, params: &[(&str, &str)]) {
         let mut buf = bytes::BytesMut::new();
         postgres_protocol::message::frontend::startup_message(params.iter().copied(), &mut buf)
@@ -609,6 +665,14 @@ impl RawClient {
             Ok(Ok(0)) | Ok(Err(_))
         )
     }
+}
+
+/// A frontend message: tag, length, body.
+pub fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend_from_slice(&u32::try_from(body.len() + 4).expect("fits").to_be_bytes());
+    out.extend_from_slice(body);
+    out
 }
 
 pub fn error_fields(body: &[u8]) -> (String, String) {

@@ -486,10 +486,10 @@ impl Relay {
     }
 }
 
-/// Shuts the client down, best effort: a client that already failed cannot
-/// be shut down cleanly.
+/// Shuts the client down, best effort and bounded: a client that already
+/// failed, or stopped reading, cannot be shut down cleanly.
 pub async fn close_client<C: AsyncWrite + Unpin + ?Sized>(client: &mut C) {
-    let _ = client.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.shutdown()).await;
 }
 
 #[cfg(test)]

@@ -8,14 +8,12 @@
 
 use std::time::{Duration, SystemTime};
 
-use bytes::BytesMut;
 use tokio::time::Instant;
 
 use super::handshake::{Greeted, Login};
 use super::lease::Lease;
-use super::{ClientIo, Session, write_flush};
-use crate::error::{Classify as _, ProtocolViolation, SessionError};
-use crate::proto::backend;
+use super::{ClientIo, Session, refuse};
+use crate::error::{ProtocolViolation, SessionError};
 use crate::relay::{self, Relay, Stop};
 
 /// Serves a session that keeps its connection, from its greeting on.
@@ -84,40 +82,48 @@ pub(super) async fn relay_to_end<S: ClientIo>(
     ) && relay.between_requests();
     let limits = session.proxy.config.client_limits;
     let ended = match stopped {
-        Ok(Stop::UpstreamClosed) => relay.flush_client(client).await.map(|()| Ok(())),
+        Ok(Stop::UpstreamClosed | Stop::ClientClosed | Stop::ClientTerminated) => None,
         // Only an expired token stops a session that holds its connection.
         Ok(Stop::Idle) => {
             tracing::info!("session ended: its token expired");
-            Ok(Err(SessionError::TokenExpired))
+            Some(SessionError::TokenExpired)
         }
-        Ok(Stop::Violation(violation)) => Ok(Err(ProtocolViolation::Relay(violation).into())),
-        Ok(Stop::IdleInTransaction) => Ok(Err(SessionError::IdleInTransaction(
+        Ok(Stop::Violation(violation)) => Some(ProtocolViolation::Relay(violation).into()),
+        Ok(Stop::IdleInTransaction) => Some(SessionError::IdleInTransaction(
             limits.idle_in_transaction.unwrap_or_default(),
-        ))),
-        Ok(Stop::ClientStalled) => Ok(Err(SessionError::ClientStalled(
+        )),
+        Ok(Stop::ClientStalled) => Some(SessionError::ClientStalled(
             limits.stalled_reader.unwrap_or_default(),
+        )),
+        Err(ref error) => Some(SessionError::ClientIo(std::io::Error::new(
+            error.kind(),
+            error.to_string(),
         ))),
-        Ok(Stop::ClientClosed | Stop::ClientTerminated) => Ok(Ok(())),
-        Err(error) => Err(error),
     };
-    if let Ok(Err(error)) = &ended {
-        session.proxy.report(error);
-        if let Some(view) = error.client_view() {
-            let mut out = BytesMut::new();
-            backend::fatal_error(view.code, &view.message, view.hint, &mut out);
-            let _ = write_flush(client, &out).await;
-        }
-    }
-    relay::close_client(client).await;
     if let Some(why) = relay.lost() {
         tracing::debug!(
             why,
             "upstream connection closed: its state could not be followed"
         );
     }
+    // The backend goes back, or is closed, before anything waits on a
+    // client that may not be reading.
     finish(session.proxy, lease, reusable).await;
-    // A failure was reported above, before the client was told.
-    ended.map(drop).map_err(SessionError::from)
+    if matches!(stopped, Ok(Stop::UpstreamClosed)) {
+        // The server's last words (a FATAL) are the client's.
+        let _ = tokio::time::timeout(super::ERROR_WRITE_TIMEOUT, relay.flush_client(client)).await;
+    }
+    match ended {
+        Some(error) => {
+            session.proxy.report(&error);
+            refuse(client, &error).await;
+            Ok(())
+        }
+        None => {
+            relay::close_client(client).await;
+            Ok(())
+        }
+    }
 }
 
 /// Returns a connection the session is done with: reset and back to the
