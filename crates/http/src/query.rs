@@ -38,7 +38,8 @@ pub struct BatchOptions {
 }
 
 impl BatchOptions {
-    fn begin(&self) -> Result<String, ExecError> {
+    /// The `BEGIN` statement these options make.
+    pub fn begin(&self) -> Result<String, ExecError> {
         let mut sql = "BEGIN".to_owned();
         if let Some(level) = &self.isolation {
             let level = match level.as_str() {

@@ -64,6 +64,7 @@ pub mod internals {
     pub use crate::proto::framer::{Frame, Framer, TagSet};
     pub use crate::proto::ledger::{Ledger, Outcome, Request, model};
     pub use crate::proto::login::{Login, Step, startup_message};
+    pub use crate::proto::negotiate::{Negotiation, Next};
     pub use crate::proto::startup;
     pub use crate::relay::{Relay, Stop};
     pub use crate::transaction::Tracker;

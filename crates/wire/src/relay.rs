@@ -441,6 +441,9 @@ impl Relay {
                 }
                 continue;
             };
+            if self.server_frames.length() < 4 {
+                self.ledger.malformed_server_message();
+            }
             let body = self.server_frames.body();
             let tracker = &mut self.tracker;
             self.ledger

@@ -134,6 +134,9 @@ pub enum Violation {
     /// Flush by skipping to the next Sync).
     #[error("malformed {0} message (it has no body)")]
     NotEmpty(&'static str),
+    /// A length field below the four bytes of the length itself.
+    #[error("message length {0} is shorter than its own length field")]
+    BadLength(u32),
 }
 
 /// How the server reads the next client message.
@@ -205,6 +208,9 @@ impl Ledger {
     /// Checks a client message whose header just arrived (`length` is its
     /// length field): refuses what must not be forwarded.
     pub fn check(tag: u8, length: u32) -> Result<(), Violation> {
+        if length < 4 {
+            return Err(Violation::BadLength(length));
+        }
         match tag {
             b'H' | b'S' if length != 4 => Err(Violation::NotEmpty(if tag == b'H' {
                 "Flush"
@@ -235,6 +241,12 @@ impl Ledger {
             _ => self.queue.push_back((request, 1)),
         }
         self.advance(retired);
+    }
+
+    /// A server message whose length field cannot be (below 4): the
+    /// framing of the rest cannot be trusted.
+    pub fn malformed_server_message(&mut self) {
+        self.lose("a server message with an impossible length");
     }
 
     /// Notes a server message that [`SERVER_REPORTED`] names, with its body

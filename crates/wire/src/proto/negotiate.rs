@@ -15,22 +15,22 @@ use std::collections::BTreeMap;
 use super::startup::StartupPacket;
 
 /// The answer byte refusing an SSLRequest or GSSENCRequest.
-pub(crate) const REFUSE_ENCRYPTION: u8 = b'N';
+pub const REFUSE_ENCRYPTION: u8 = b'N';
 /// The answer byte accepting an SSLRequest.
-pub(crate) const ACCEPT_SSL: u8 = b'S';
+pub const ACCEPT_SSL: u8 = b'S';
 
 /// What the client asked for in its StartupMessage.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Startup {
+pub struct Startup {
     /// The protocol minor version asked for (the major is always 3).
-    pub(crate) minor_version: u16,
+    pub minor_version: u16,
     /// Startup parameters: `user`, `database`, `options`, ...
-    pub(crate) parameters: BTreeMap<String, String>,
+    pub parameters: BTreeMap<String, String>,
 }
 
 /// What to do after a packet.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Next {
+pub enum Next {
     /// Send this answer byte, then read the next packet.
     Answer(u8),
     /// Send [`ACCEPT_SSL`] and run the TLS handshake, then read the next
@@ -61,7 +61,7 @@ pub enum Refusal {
 
 /// The state of one client's negotiation.
 #[derive(Debug)]
-pub(crate) struct Negotiation {
+pub struct Negotiation {
     /// A TLS handshake can follow an SSLRequest.
     tls_offered: bool,
     /// The transport is already encrypted (TLS, direct or negotiated, or a
@@ -74,7 +74,7 @@ pub(crate) struct Negotiation {
 impl Negotiation {
     /// A negotiation on a transport that is `encrypted` already, or can be
     /// upgraded to TLS when `tls_offered`.
-    pub(crate) fn new(tls_offered: bool, encrypted: bool) -> Self {
+    pub fn new(tls_offered: bool, encrypted: bool) -> Self {
         Self {
             tls_offered: tls_offered && !encrypted,
             encrypted,
@@ -85,7 +85,7 @@ impl Negotiation {
 
     /// The answer to `packet`; `more_buffered` tells whether bytes follow
     /// it that the client sent without waiting for the answer.
-    pub(crate) fn packet(
+    pub fn packet(
         &mut self,
         packet: StartupPacket,
         more_buffered: bool,
@@ -127,13 +127,13 @@ impl Negotiation {
     }
 
     /// The TLS handshake after [`Next::StartTls`] succeeded.
-    pub(crate) fn tls_started(&mut self) {
+    pub fn tls_started(&mut self) {
         self.encrypted = true;
         self.tls_offered = false;
     }
 
     /// Whether the transport is encrypted.
-    pub(crate) fn encrypted(&self) -> bool {
+    pub fn encrypted(&self) -> bool {
         self.encrypted
     }
 }

@@ -193,3 +193,14 @@ async fn an_extended_error_without_a_sync_never_looks_idle() {
     let (_, relay, _) = relay.await.expect("join");
     assert!(!relay.between_requests());
 }
+
+#[tokio::test]
+async fn a_message_shorter_than_its_length_field_is_refused() {
+    let (mut client_peer, _upstream_peer, relay) = start(None);
+    client_peer
+        .write_all(&[b'Q', 0, 0, 0, 0])
+        .await
+        .expect("write");
+    let (stopped, _, _) = relay.await.expect("join");
+    assert_eq!(stopped.expect("relay"), Stop::Violation(Violation::BadLength(0)));
+}

@@ -184,6 +184,15 @@ fn malformed_flush_and_sync_and_unknown_messages_are_refused() {
     assert_eq!(Ledger::check(b'Q', 9), Ok(()));
 }
 
+#[test]
+fn a_length_below_its_own_four_bytes_is_refused() {
+    // Found by the framer fuzz target: such a message read as empty, and
+    // was forwarded.
+    for length in [0, 1, 3] {
+        assert_eq!(Ledger::check(b'Q', length), Err(Violation::BadLength(length)));
+    }
+}
+
 /// A xorshift generator: conversations that are random and repeatable.
 struct Seeded(u64);
 

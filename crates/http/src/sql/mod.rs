@@ -1,5 +1,9 @@
 //! `POST /sql`: the protocol of Neon's HTTP endpoint, as the
-//! `@neondatabase/serverless` driver speaks it.
+//! `@neondatabase/serverless` driver speaks it. What a request asks for is
+//! read in [`request`]; the request is admitted from its headers, then its
+//! body is read and run on a pooled connection.
+
+pub mod request;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,22 +24,16 @@ use tokio::time::Instant;
 use crate::query::{self, BatchOptions, ExecError, Statement};
 use crate::{ConnectionTicket, HttpState};
 
-/// The request body: one statement, or a batch run as one transaction.
-#[derive(serde::Deserialize)]
-#[serde(untagged)]
-enum Request {
-    Batch { queries: Vec<Statement> },
-    Single(Statement),
-}
-
 /// An error answer: status and a JSON body with at least `message`.
-struct Failure {
+#[derive(Debug)]
+pub struct Failure {
     status: StatusCode,
     body: Value,
 }
 
 impl Failure {
-    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+    /// A failure with `status` and the Postgres-style `code` and `message`.
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
         Self {
             status,
             body: json!({"message": message.into(), "code": code}),
@@ -47,14 +45,6 @@ impl IntoResponse for Failure {
     fn into_response(self) -> Response {
         (self.status, axum::Json(self.body)).into_response()
     }
-}
-
-fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).and_then(|v| v.to_str().ok())
-}
-
-fn flag(headers: &HeaderMap, name: &str) -> Option<bool> {
-    header(headers, name).map(|v| v.eq_ignore_ascii_case("true"))
 }
 
 /// Handles one request.
@@ -99,35 +89,11 @@ async fn run(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Value, Failure> {
-    let bad = |message: String| Failure::new(StatusCode::BAD_REQUEST, "08P01", message);
-    let connection = header(headers, "neon-connection-string")
-        .ok_or_else(|| bad("missing the Neon-Connection-String header".into()))?;
-    let url = url::Url::parse(connection)
-        .map_err(|e| bad(format!("Neon-Connection-String is not a URL: {e}")))?;
-    let decode = |s: &str| {
-        url::form_urlencoded::parse(format!("x={s}").as_bytes())
-            .next()
-            .map(|(_, v)| v.into_owned())
-            .unwrap_or_default()
-    };
-    let role = decode(url.username());
-    let database = decode(url.path().trim_start_matches('/'));
-    if role.is_empty() || database.is_empty() {
-        return Err(bad(
-            "Neon-Connection-String needs a user and a database".into()
-        ));
-    }
-    let token = header(headers, "authorization")
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::to_owned)
-        .or_else(|| url.password().map(decode));
+    let target = request::target(headers)?;
     let proxy = &state.proxy;
-    let request = authgres_wire::Request {
-        role: &role,
-        database: &database,
+    let asked = authgres_wire::Request {
+        role: &target.role,
+        database: &target.database,
         peer: peer.ip(),
         encrypted: state.tls,
         transport: Transport::Http,
@@ -135,8 +101,8 @@ async fn run(
     let admitted = authgres_wire::admit(
         &proxy.config().admission,
         proxy.verifier(),
-        &request,
-        token.as_deref(),
+        &asked,
+        target.token.as_deref(),
         SystemTime::now(),
     )
     .await
@@ -144,24 +110,8 @@ async fn run(
     ticket.authenticated();
     // Only an admitted request gets its body read.
     let body = read_body(state, body).await?;
-    let body: Request = serde_json::from_slice(&body).map_err(|e| {
-        bad(format!(
-            "request body is not {{query, params}} or {{queries}}: {e}"
-        ))
-    })?;
-    let array_mode = flag(headers, "neon-array-mode").unwrap_or(false);
-    let raw = flag(headers, "neon-raw-text-output").unwrap_or(false);
-    let (statements, batch) = match body {
-        Request::Single(statement) => (vec![statement], None),
-        Request::Batch { queries } => (
-            queries,
-            Some(BatchOptions {
-                isolation: header(headers, "neon-batch-isolation-level").map(str::to_owned),
-                read_only: flag(headers, "neon-batch-read-only"),
-                deferrable: flag(headers, "neon-batch-deferrable"),
-            }),
-        ),
-    };
+    let (statements, batch) = request::statements(headers, &body)?;
+    let (array_mode, raw) = (target.array_mode, target.raw);
     let claims = admitted.identity.as_ref().map(|i| &*i.claims_json);
     let results = execute(state, &admitted, claims, &statements, batch.as_ref()).await?;
     let mut rendered: Vec<Value> = results
