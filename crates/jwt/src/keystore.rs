@@ -12,6 +12,11 @@
 //! - Unknown `kid`: at most one refetch per provider per
 //!   `unknown_kid_interval`, so forged kids cannot cause a fetch storm.
 //!
+//! - Reload: a new store keeps the cache, counters and background state of
+//!   every provider whose key settings did not change
+//!   ([`KeyStore::new`] with the store it replaces), so a config reload
+//!   fetches nothing for providers it left alone.
+//!
 //! All times are the injected `now` (unix seconds), so tests are exact.
 //!
 //! [`FetchSettings::min_ttl`]: crate::provider::FetchSettings::min_ttl
@@ -32,8 +37,8 @@ pub(crate) struct Fetched {
     pub fetched_at: u64,
     /// Until when they are fresh.
     pub fresh_until: u64,
-    /// Increases with every successful fetch of any provider; tells a waiter
-    /// whether someone else fetched while it waited.
+    /// Increases with every successful fetch of the provider; tells a
+    /// waiter whether someone else fetched while it waited.
     pub generation: u64,
 }
 
@@ -44,9 +49,18 @@ impl Fetched {
     }
 }
 
+/// One provider's keys and the state of fetching them; shared by the
+/// stores of successive configs while the provider's key settings stay.
 struct ProviderKeys {
     config: Arc<ProviderConfig>,
     fetcher: Fetcher,
+    /// The last good fetch (one entry; moka gives single-flight fetches).
+    cache: moka::future::Cache<(), Arc<Fetched>>,
+    /// Source of [`Fetched::generation`].
+    generation: AtomicU64,
+    /// Fetches that succeeded, and that failed.
+    fetches: AtomicU64,
+    failures: AtomicU64,
     /// The JWKS URL learned through OIDC discovery.
     discovered: Mutex<Option<String>>,
     /// Whether a background refresh is running.
@@ -57,38 +71,107 @@ struct ProviderKeys {
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
+impl ProviderKeys {
+    fn new(config: &Arc<ProviderConfig>) -> Result<Self, (String, String)> {
+        let fetcher =
+            Fetcher::new(config.fetch.clone()).map_err(|reason| (config.name.clone(), reason))?;
+        Ok(Self {
+            config: Arc::clone(config),
+            fetcher,
+            cache: moka::future::Cache::builder().max_capacity(1).build(),
+            generation: AtomicU64::new(0),
+            fetches: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            discovered: Mutex::new(None),
+            refreshing: AtomicBool::new(false),
+            last_forced: AtomicU64::new(0),
+            task: Mutex::new(None),
+        })
+    }
+
+    /// Whether keys fetched for `self` serve `config` as well: same
+    /// issuer, key source and fetch settings.
+    fn serves(&self, config: &ProviderConfig) -> bool {
+        let ours = &self.config;
+        ours.issuer == config.issuer && ours.keys == config.keys && ours.fetch == config.fetch
+    }
+}
+
 /// All providers' keys.
 pub(crate) struct KeyStore {
-    providers: Vec<ProviderKeys>,
-    cache: moka::future::Cache<usize, Arc<Fetched>>,
-    generation: AtomicU64,
+    providers: Vec<Arc<ProviderKeys>>,
+}
+
+/// Where one provider's keys stand, for metrics and readiness.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyStatus {
+    /// The provider's name.
+    pub provider: String,
+    /// Whether it has keys to fetch (a shared-secret provider has none).
+    pub fetches_keys: bool,
+    /// JWKS fetches that succeeded since the provider was configured.
+    pub fetches: u64,
+    /// JWKS fetches that failed.
+    pub failures: u64,
+    /// How long ago the keys in use were fetched; `None` before the first
+    /// successful fetch.
+    pub age: Option<std::time::Duration>,
+    /// Whether the keys are past their lifetime (still used, within
+    /// `max_staleness`, while refreshes fail).
+    pub stale: bool,
+    /// Whether tokens can be verified now: keys are loaded and within
+    /// their staleness limit (always, for a shared-secret provider).
+    pub usable: bool,
 }
 
 /// Keys could not be had for a provider.
 pub(crate) struct Unavailable;
 
 impl KeyStore {
-    pub fn new(configs: &[Arc<ProviderConfig>]) -> Result<Arc<Self>, (String, String)> {
+    /// A store for `configs`, taking over from `previous` the keys of
+    /// every provider whose key settings are unchanged.
+    pub fn new(
+        configs: &[Arc<ProviderConfig>],
+        previous: Option<&KeyStore>,
+    ) -> Result<Arc<Self>, (String, String)> {
         let mut providers = Vec::with_capacity(configs.len());
         for config in configs {
-            let fetcher = Fetcher::new(config.fetch.clone())
-                .map_err(|reason| (config.name.clone(), reason))?;
-            providers.push(ProviderKeys {
-                config: Arc::clone(config),
-                fetcher,
-                discovered: Mutex::new(None),
-                refreshing: AtomicBool::new(false),
-                last_forced: AtomicU64::new(0),
-                task: Mutex::new(None),
+            let kept = previous
+                .into_iter()
+                .flat_map(|store| &store.providers)
+                .find(|keys| keys.serves(config));
+            providers.push(match kept {
+                Some(keys) => Arc::clone(keys),
+                None => Arc::new(ProviderKeys::new(config)?),
             });
         }
-        Ok(Arc::new(Self {
-            cache: moka::future::Cache::builder()
-                .max_capacity(providers.len().max(1) as u64)
-                .build(),
-            providers,
-            generation: AtomicU64::new(0),
-        }))
+        Ok(Arc::new(Self { providers }))
+    }
+
+    /// Where each provider's keys stand at `now`.
+    pub async fn status(&self, now: u64) -> Vec<KeyStatus> {
+        let mut statuses = Vec::with_capacity(self.providers.len());
+        for provider in &self.providers {
+            let config = &provider.config;
+            let fetches_keys = config.keys != KeySource::SharedSecretOnly;
+            let cached = provider.cache.get(&()).await;
+            let stale_limit = |f: &Fetched| {
+                f.fetched_at
+                    .saturating_add(config.fetch.max_staleness.as_secs())
+            };
+            statuses.push(KeyStatus {
+                provider: config.name.clone(),
+                fetches_keys,
+                fetches: provider.fetches.load(Ordering::Relaxed),
+                failures: provider.failures.load(Ordering::Relaxed),
+                age: cached.as_ref().map(|f| {
+                    std::time::Duration::from_secs(now.saturating_sub(f.fetched_at))
+                }),
+                stale: cached.as_ref().is_some_and(|f| now >= f.fresh_until),
+                usable: !fetches_keys || cached.as_ref().is_some_and(|f| now < stale_limit(f)),
+            });
+        }
+        statuses
     }
 
     /// Keys to verify with at `now`, fetching only when none are usable.
@@ -98,7 +181,7 @@ impl KeyStore {
         now: u64,
     ) -> Result<Arc<Fetched>, Unavailable> {
         let provider = &self.providers[index];
-        let cached = self.cache.get(&index).await;
+        let cached = provider.cache.get(&()).await;
         if let Some(fetched) = &cached {
             if now < fetched.fresh_until {
                 if now >= fetched.refresh_at() {
@@ -121,7 +204,7 @@ impl KeyStore {
 
     /// The keys in the cache, whatever their age, without fetching.
     pub async fn cached(&self, index: usize) -> Option<Arc<Fetched>> {
-        self.cache.get(&index).await
+        self.providers[index].cache.get(&()).await
     }
 
     /// Refetches for a token whose `kid` is unknown, unless this provider did
@@ -169,9 +252,9 @@ impl KeyStore {
         }
         let store = Arc::clone(self);
         let task = tokio::spawn(async move {
-            let seen = store.cache.get(&index).await.map(|f| f.generation);
+            let seen = store.cached(index).await.map(|f| f.generation);
             if store.fetch_now(index, now, seen).await.is_err()
-                && let Some(stale) = store.cache.get(&index).await
+                && let Some(stale) = store.cached(index).await
                 && now >= stale.fresh_until
             {
                 let provider = &store.providers[index];
@@ -199,9 +282,10 @@ impl KeyStore {
     ) -> Result<Arc<Fetched>, FetchError> {
         let mut failure = None;
         let failure_slot = &mut failure;
-        let result = self
+        let provider = &self.providers[index];
+        let result = provider
             .cache
-            .entry(index)
+            .entry(())
             .and_compute_with(|existing| async move {
                 if let Some(entry) = &existing
                     && Some(entry.value().generation) != seen
@@ -209,8 +293,12 @@ impl KeyStore {
                     return Op::Nop;
                 }
                 match self.fetch(index, now).await {
-                    Ok(fetched) => Op::Put(Arc::new(fetched)),
+                    Ok(fetched) => {
+                        provider.fetches.fetch_add(1, Ordering::Relaxed);
+                        Op::Put(Arc::new(fetched))
+                    }
                     Err(error) => {
+                        provider.failures.fetch_add(1, Ordering::Relaxed);
                         *failure_slot = Some(error);
                         Op::Nop
                     }
@@ -218,7 +306,6 @@ impl KeyStore {
             })
             .await;
         if let Some(error) = failure {
-            let provider = &self.providers[index];
             tracing::warn!(provider = %provider.config.name, %error, "could not fetch JWKS");
             return Err(error);
         }
@@ -274,7 +361,7 @@ impl KeyStore {
             keys: document.keys,
             fetched_at: now,
             fresh_until: now.saturating_add(ttl.max(1)),
-            generation: self.generation.fetch_add(1, Ordering::SeqCst) + 1,
+            generation: provider.generation.fetch_add(1, Ordering::SeqCst) + 1,
         })
     }
 }

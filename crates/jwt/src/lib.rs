@@ -27,4 +27,5 @@ mod verify;
 pub use claim_path::{BadClaimPath, ClaimPath};
 pub use error::{FailureClass, VerifyError};
 pub use provider::{ConfigError, DEFAULT_LEEWAY, FetchSettings, KeySource, ProviderConfig};
-pub use verify::{Identity, MAX_TOKEN_LEN, Verifier};
+pub use keystore::KeyStatus;
+pub use verify::{Identity, MAX_TOKEN_LEN, TokenCacheStats, Verifier};

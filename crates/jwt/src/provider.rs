@@ -21,7 +21,7 @@ pub enum KeySource {
 }
 
 /// How a provider's JWKS is fetched and kept.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FetchSettings {
     /// Shortest time fetched keys are used before a refresh (floor for
     /// Cache-Control max-age, and the TTL when the provider sends none).

@@ -2,6 +2,7 @@
 //! claims, role.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -10,7 +11,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
 use crate::error::VerifyError;
-use crate::keystore::{Fetched, KeyStore};
+use crate::keystore::{Fetched, KeyStatus, KeyStore};
 use crate::provider::{ConfigError, KeySource, ProviderConfig, SYMMETRIC};
 use crate::token_cache::{self, TokenCache, Verified};
 
@@ -42,6 +43,25 @@ pub struct Verifier {
     names: Vec<Arc<str>>,
     keys: Arc<KeyStore>,
     verified: TokenCache,
+    /// Kept across [`Verifier::reconfigured`], so counters only grow.
+    stats: Arc<Stats>,
+}
+
+/// Counters of the verified-token cache.
+#[derive(Debug, Default)]
+struct Stats {
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+/// What the verified-token cache saved: logins that skipped the signature
+/// check, and logins that made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenCacheStats {
+    /// Tokens found verified already.
+    pub hits: u64,
+    /// Tokens verified in full (the cache enabled and not holding them).
+    pub misses: u64,
 }
 
 impl Verifier {
@@ -55,6 +75,26 @@ impl Verifier {
     pub fn with_token_cache(
         providers: Vec<ProviderConfig>,
         capacity: u64,
+    ) -> Result<Self, ConfigError> {
+        Self::build(providers, capacity, None)
+    }
+
+    /// A verifier for a new configuration that keeps what this one learned
+    /// where it still holds: the fetched keys of every provider whose
+    /// issuer, key source and fetch settings are unchanged, and the
+    /// counters. Verified tokens are not kept: the new providers decide.
+    pub fn reconfigured(
+        &self,
+        providers: Vec<ProviderConfig>,
+        capacity: u64,
+    ) -> Result<Self, ConfigError> {
+        Self::build(providers, capacity, Some(self))
+    }
+
+    fn build(
+        providers: Vec<ProviderConfig>,
+        capacity: u64,
+        previous: Option<&Self>,
     ) -> Result<Self, ConfigError> {
         for provider in &providers {
             provider.validate()?;
@@ -71,7 +111,7 @@ impl Verifier {
             }
         }
         let providers: Vec<_> = providers.into_iter().map(Arc::new).collect();
-        let keys = KeyStore::new(&providers)
+        let keys = KeyStore::new(&providers, previous.map(|p| &*p.keys))
             .map_err(|(provider, reason)| ConfigError { provider, reason })?;
         Ok(Self {
             names: providers
@@ -81,7 +121,21 @@ impl Verifier {
             providers,
             keys,
             verified: TokenCache::new(capacity),
+            stats: previous.map_or_else(Arc::default, |p| Arc::clone(&p.stats)),
         })
+    }
+
+    /// Where each provider's keys stand at `now`.
+    pub async fn key_status(&self, now: SystemTime) -> Vec<KeyStatus> {
+        self.keys.status(unix(now)).await
+    }
+
+    /// The verified-token cache's hits and misses so far.
+    pub fn token_cache_stats(&self) -> TokenCacheStats {
+        TokenCacheStats {
+            hits: self.stats.hits.load(Ordering::Relaxed),
+            misses: self.stats.misses.load(Ordering::Relaxed),
+        }
     }
 
     /// The configured providers.
@@ -128,6 +182,7 @@ impl Verifier {
         };
         if let Some(hit) = self.verified.get(&cache_key) {
             if self.still_trusted(&hit).await {
+                self.stats.hits.fetch_add(1, Ordering::Relaxed);
                 let provider = &self.providers[hit.provider];
                 check_claims(&hit.claims, provider, now)?;
                 let mut identity = hit.identity.clone();
@@ -135,6 +190,9 @@ impl Verifier {
                 return Ok(identity);
             }
             self.verified.remove(&cache_key);
+        }
+        if self.verified.enabled() {
+            self.stats.misses.fetch_add(1, Ordering::Relaxed);
         }
         let verified = self.verify_uncached(token, now).await?;
         let provider = &self.providers[verified.provider];

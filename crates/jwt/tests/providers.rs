@@ -387,3 +387,47 @@ where
     let logs = String::from_utf8_lossy(&buffer.0.lock().expect("lock")[start..]).into_owned();
     (logs, result)
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reconfigured_verifier_keeps_the_keys_of_unchanged_providers_and_reports_them() {
+    let (issuer, certs) = https_issuer().await;
+    let (other, other_certs) = https_issuer().await;
+    let verifier = Verifier::new(vec![provider(&issuer, &certs)]).expect("verifier");
+    let t0 = SystemTime::now();
+    let token = token_at(&issuer, "a", t0);
+    verifier.verify(&token, ROLE, t0).await.expect("warm");
+    verifier.verify(&token, ROLE, t0).await.expect("cached");
+    let status = verifier.key_status(t0 + secs(10)).await;
+    assert_eq!(status.len(), 1);
+    assert_eq!((status[0].fetches, status[0].failures), (1, 0));
+    assert_eq!(status[0].age, Some(secs(10)));
+    assert!(status[0].usable && !status[0].stale);
+
+    // A reload that adds a provider and changes the first one's roles:
+    // the first one's keys stay, the new one starts cold and unusable.
+    let mut changed = provider(&issuer, &certs);
+    changed.roles.push("reader".into());
+    let mut added = provider(&other, &other_certs);
+    added.name = "other".into();
+    let reloaded = verifier
+        .reconfigured(vec![changed, added], 1000)
+        .expect("reconfigured");
+    reloaded
+        .verify(&token_at(&issuer, "b", t0), "reader", t0)
+        .await
+        .expect("new role, old keys");
+    assert_eq!(issuer.jwks_fetches(), 1, "no refetch for an unchanged key source");
+    let status = reloaded.key_status(t0).await;
+    assert!(status[0].usable);
+    assert_eq!(status[1].provider, "other");
+    assert!(!status[1].usable && status[1].age.is_none());
+    let stats = reloaded.token_cache_stats();
+    assert_eq!((stats.hits, stats.misses), (1, 2), "counters carried over");
+
+    // Keys past their lifetime are stale; past max_staleness unusable.
+    issuer.set_behavior(Behavior::Down);
+    let status = reloaded.key_status(t0 + secs(400)).await;
+    assert!(status[0].stale && status[0].usable);
+    let status = reloaded.key_status(t0 + secs(25 * 3600)).await;
+    assert!(!status[0].usable);
+}
