@@ -61,6 +61,10 @@ struct ProviderKeys {
     /// Fetches that succeeded, and that failed.
     fetches: AtomicU64,
     failures: AtomicU64,
+    /// The cached keys' `fetched_at` and `fresh_until` (0: none yet),
+    /// readable without waiting, for [`KeyStore::status`].
+    fetched_at: AtomicU64,
+    fresh_until: AtomicU64,
     /// The JWKS URL learned through OIDC discovery.
     discovered: Mutex<Option<String>>,
     /// Whether a background refresh is running.
@@ -82,6 +86,8 @@ impl ProviderKeys {
             generation: AtomicU64::new(0),
             fetches: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            fetched_at: AtomicU64::new(0),
+            fresh_until: AtomicU64::new(0),
             discovered: Mutex::new(None),
             refreshing: AtomicBool::new(false),
             last_forced: AtomicU64::new(0),
@@ -149,29 +155,28 @@ impl KeyStore {
     }
 
     /// Where each provider's keys stand at `now`.
-    pub async fn status(&self, now: u64) -> Vec<KeyStatus> {
-        let mut statuses = Vec::with_capacity(self.providers.len());
-        for provider in &self.providers {
-            let config = &provider.config;
-            let fetches_keys = config.keys != KeySource::SharedSecretOnly;
-            let cached = provider.cache.get(&()).await;
-            let stale_limit = |f: &Fetched| {
-                f.fetched_at
-                    .saturating_add(config.fetch.max_staleness.as_secs())
-            };
-            statuses.push(KeyStatus {
-                provider: config.name.clone(),
-                fetches_keys,
-                fetches: provider.fetches.load(Ordering::Relaxed),
-                failures: provider.failures.load(Ordering::Relaxed),
-                age: cached.as_ref().map(|f| {
-                    std::time::Duration::from_secs(now.saturating_sub(f.fetched_at))
-                }),
-                stale: cached.as_ref().is_some_and(|f| now >= f.fresh_until),
-                usable: !fetches_keys || cached.as_ref().is_some_and(|f| now < stale_limit(f)),
-            });
-        }
-        statuses
+    pub fn status(&self, now: u64) -> Vec<KeyStatus> {
+        self.providers
+            .iter()
+            .map(|provider| {
+                let config = &provider.config;
+                let fetches_keys = config.keys != KeySource::SharedSecretOnly;
+                let fetched_at = provider.fetched_at.load(Ordering::Relaxed);
+                let loaded = fetched_at != 0;
+                let stale_limit = fetched_at.saturating_add(config.fetch.max_staleness.as_secs());
+                KeyStatus {
+                    provider: config.name.clone(),
+                    fetches_keys,
+                    fetches: provider.fetches.load(Ordering::Relaxed),
+                    failures: provider.failures.load(Ordering::Relaxed),
+                    age: loaded.then(|| {
+                        std::time::Duration::from_secs(now.saturating_sub(fetched_at))
+                    }),
+                    stale: loaded && now >= provider.fresh_until.load(Ordering::Relaxed),
+                    usable: !fetches_keys || (loaded && now < stale_limit),
+                }
+            })
+            .collect()
     }
 
     /// Keys to verify with at `now`, fetching only when none are usable.
@@ -295,6 +300,8 @@ impl KeyStore {
                 match self.fetch(index, now).await {
                     Ok(fetched) => {
                         provider.fetches.fetch_add(1, Ordering::Relaxed);
+                        provider.fresh_until.store(fetched.fresh_until, Ordering::Relaxed);
+                        provider.fetched_at.store(fetched.fetched_at.max(1), Ordering::Relaxed);
                         Op::Put(Arc::new(fetched))
                     }
                     Err(error) => {

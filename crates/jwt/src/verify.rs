@@ -126,8 +126,8 @@ impl Verifier {
     }
 
     /// Where each provider's keys stand at `now`.
-    pub async fn key_status(&self, now: SystemTime) -> Vec<KeyStatus> {
-        self.keys.status(unix(now)).await
+    pub fn key_status(&self, now: SystemTime) -> Vec<KeyStatus> {
+        self.keys.status(unix(now))
     }
 
     /// The verified-token cache's hits and misses so far.

@@ -397,7 +397,7 @@ async fn a_reconfigured_verifier_keeps_the_keys_of_unchanged_providers_and_repor
     let token = token_at(&issuer, "a", t0);
     verifier.verify(&token, ROLE, t0).await.expect("warm");
     verifier.verify(&token, ROLE, t0).await.expect("cached");
-    let status = verifier.key_status(t0 + secs(10)).await;
+    let status = verifier.key_status(t0 + secs(10));
     assert_eq!(status.len(), 1);
     assert_eq!((status[0].fetches, status[0].failures), (1, 0));
     assert_eq!(status[0].age, Some(secs(10)));
@@ -417,7 +417,7 @@ async fn a_reconfigured_verifier_keeps_the_keys_of_unchanged_providers_and_repor
         .await
         .expect("new role, old keys");
     assert_eq!(issuer.jwks_fetches(), 1, "no refetch for an unchanged key source");
-    let status = reloaded.key_status(t0).await;
+    let status = reloaded.key_status(t0);
     assert!(status[0].usable);
     assert_eq!(status[1].provider, "other");
     assert!(!status[1].usable && status[1].age.is_none());
@@ -426,8 +426,8 @@ async fn a_reconfigured_verifier_keeps_the_keys_of_unchanged_providers_and_repor
 
     // Keys past their lifetime are stale; past max_staleness unusable.
     issuer.set_behavior(Behavior::Down);
-    let status = reloaded.key_status(t0 + secs(400)).await;
+    let status = reloaded.key_status(t0 + secs(400));
     assert!(status[0].stale && status[0].usable);
-    let status = reloaded.key_status(t0 + secs(25 * 3600)).await;
+    let status = reloaded.key_status(t0 + secs(25 * 3600));
     assert!(!status[0].usable);
 }
