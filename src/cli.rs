@@ -10,8 +10,25 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "authgres", version, about)]
 pub struct Cli {
+    /// Log lines as `text` (default) or `json` (one object per line).
+    #[arg(
+        long,
+        global = true,
+        env = "AUTHGRES_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -28,7 +45,7 @@ enum Command {
         #[arg(long, env = "AUTHGRES_CONFIG", default_value = "proxy.toml")]
         config: PathBuf,
         /// Connection URL of a superuser or the database owner.
-        #[arg(long, env = "AUTHGRES_ADMIN_URL")]
+        #[arg(long, env = "AUTHGRES_INIT_DB_URL")]
         admin_url: String,
         /// Start a claims-key rotation: generate a new key into the secrets
         /// file and install it beside the current one. Restart the proxies,
@@ -56,6 +73,9 @@ enum Command {
         /// Address of the demo's HTTP endpoint (/sql and WebSocket /v2).
         #[arg(long, default_value = "127.0.0.1:8432")]
         http_listen: String,
+        /// Address of the demo's admin listener (/metrics, /readyz, ...).
+        #[arg(long, default_value = "127.0.0.1:9432")]
+        admin_listen: String,
         /// Directory for the demo's state (issuer keys, config).
         #[arg(long, env = "AUTHGRES_DEMO_DIR")]
         state_dir: Option<PathBuf>,
@@ -103,8 +123,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             env,
             listen,
             http_listen,
+            admin_listen,
             state_dir,
-        } => crate::demo::run(env, &listen, &http_listen, state_dir).await,
+        } => {
+            let addresses = crate::demo::Addresses {
+                wire: listen,
+                http: http_listen,
+                admin: admin_listen,
+            };
+            crate::demo::run(env, &addresses, state_dir).await
+        }
         Command::Token {
             sub,
             ttl,

@@ -33,6 +33,23 @@ pub struct FileConfig {
     pub providers: Vec<Provider>,
     /// `[http]`: absent disables HTTP.
     pub http: Option<Http>,
+    /// `[admin]`: absent disables the admin listener.
+    pub admin: Option<Admin>,
+}
+
+/// `[admin]`: metrics, health, pools, clients, reload.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    pub address: String,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Self {
+            address: "127.0.0.1:9432".into(),
+        }
+    }
 }
 
 /// `[http]`: the /sql endpoint and WebSocket transport.
@@ -98,6 +115,9 @@ pub struct Listen {
     pub client_write_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub tcp_keepalive: Duration,
+    /// How long a drain waits for clients to reach a boundary and leave.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for Listen {
@@ -115,6 +135,7 @@ impl Default for Listen {
             idle_transaction_timeout: wire::IDLE_TRANSACTION_TIMEOUT,
             client_write_timeout: wire::CLIENT_WRITE_TIMEOUT,
             tcp_keepalive: wire::TCP_KEEPALIVE,
+            shutdown_timeout: wire::SHUTDOWN_TIMEOUT,
         }
     }
 }

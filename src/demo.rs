@@ -7,8 +7,6 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use authgres_sandbox::{Cluster, Issuer, tls::TestCerts};
 
-use crate::config::Loaded;
-
 /// The issuer's keys, for `authgres token`.
 pub const ISSUER_FILE: &str = "issuer.json";
 /// The todos schema with RLS policies.
@@ -21,13 +19,23 @@ pub fn default_state_dir() -> PathBuf {
     std::env::temp_dir().join("authgres-demo")
 }
 
+/// Where the demo listens.
+pub struct Addresses {
+    /// Postgres clients.
+    pub wire: String,
+    /// `/sql` and WebSocket.
+    pub http: String,
+    /// `/metrics`, `/readyz`, ...
+    pub admin: String,
+}
+
 /// Runs the demo until Ctrl-C or SIGTERM.
 pub async fn run(
     env: Option<PathBuf>,
-    listen: &str,
-    http_listen: &str,
+    addresses: &Addresses,
     state_dir: Option<PathBuf>,
 ) -> anyhow::Result<()> {
+    let listen = addresses.wire.as_str();
     let dir = state_dir.unwrap_or_else(default_state_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let _cleanup = RemoveOnDrop(dir.clone());
@@ -43,10 +51,11 @@ pub async fn run(
         .batch_execute(&format!("create database {DATABASE}"))
         .await?;
     let config_path = dir.join("proxy.toml");
-    let http_address = concrete_address(http_listen)?;
+    let http_address = concrete_address(&addresses.http)?;
+    let admin_address = concrete_address(&addresses.admin)?;
     std::fs::write(
         &config_path,
-        demo_config(listen, &http_address, &cluster, &issuer),
+        demo_config(listen, &http_address, &admin_address, &cluster, &issuer),
     )?;
     let loaded = crate::init_db::prepare_secrets(&config_path)?;
     crate::init_db::init_db(
@@ -62,7 +71,7 @@ pub async fn run(
         .await
         .context("creating the todos table")?;
 
-    let prepared = crate::serve::prepare(&Loaded::from_path(&config_path)?)?;
+    let prepared = crate::serve::prepare(&config_path)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen} (use --listen to pick another address)"))?;
@@ -70,15 +79,17 @@ pub async fn run(
     let token_a = issuer.token("user_alice");
     let token_b = issuer.token("user_bob");
     let http_url = format!("http://{http_address}/sql");
-    println!(
-        "{}",
-        instructions(address, &http_url, &token_a, &token_b, &dir)
-    );
+    let admin_url = format!("http://{admin_address}");
+    let urls = Urls {
+        http: &http_url,
+        admin: &admin_url,
+    };
+    println!("{}", instructions(address, &urls, &token_a, &token_b, &dir));
     if let Some(env) = &env {
-        write_env_file(env, address, &http_url, &token_a, &token_b)?;
+        write_env_file(env, address, &urls, &token_a, &token_b)?;
         println!("wrote {}", env.display());
     }
-    crate::serve::run_listeners(prepared, listener).await?;
+    crate::serve::run(prepared, listener).await?;
     eprintln!("removing the demo cluster and its files");
     drop(cluster);
     Ok(())
@@ -97,7 +108,19 @@ fn concrete_address(address: &str) -> anyhow::Result<String> {
     Ok(probe.local_addr()?.to_string())
 }
 
-fn demo_config(listen: &str, http: &str, cluster: &Cluster, issuer: &Issuer) -> String {
+/// The demo's HTTP endpoints.
+struct Urls<'a> {
+    http: &'a str,
+    admin: &'a str,
+}
+
+fn demo_config(
+    listen: &str,
+    http: &str,
+    admin: &str,
+    cluster: &Cluster,
+    issuer: &Issuer,
+) -> String {
     format!(
         r#"# Written by `authgres demo`.
 secrets_file = "authgres.env"
@@ -109,6 +132,9 @@ tls_key = "server.key"
 
 [http]
 address = "{http}"
+
+[admin]
+address = "{admin}"
 
 [upstream]
 host = "{host}"
@@ -130,7 +156,7 @@ roles = ["authenticated"]
 
 fn instructions(
     address: std::net::SocketAddr,
-    http_url: &str,
+    urls: &Urls<'_>,
     token_a: &str,
     token_b: &str,
     dir: &Path,
@@ -157,6 +183,7 @@ fn instructions(
         out,
         "  psql \"host={host} port={port} dbname={DATABASE} user=anonymous\" -c \"select auth.user_id()\"\n"
     );
+    let http_url = urls.http;
     let _ = writeln!(
         out,
         "Over HTTP, as the Neon serverless driver does (neonConfig.fetchEndpoint = '{http_url}'):"
@@ -175,6 +202,11 @@ fn instructions(
     } else {
         format!(" --state-dir {}", dir.display())
     };
+    let _ = writeln!(
+        out,
+        "Metrics and health: {admin}/metrics {admin}/readyz {admin}/clients",
+        admin = urls.admin
+    );
     let _ = writeln!(out, "More tokens: {exe} token --sub user_carol{state}");
     out
 }
@@ -182,16 +214,18 @@ fn instructions(
 fn write_env_file(
     path: &Path,
     address: std::net::SocketAddr,
-    http_url: &str,
+    urls: &Urls<'_>,
     token_a: &str,
     token_b: &str,
 ) -> anyhow::Result<()> {
     let text = format!(
         "export PGHOST={}\nexport PGPORT={}\nexport PGDATABASE={DATABASE}\nexport PGUSER=authenticated\n\
          export AUTHGRES_TOKEN_A={token_a}\nexport AUTHGRES_TOKEN_B={token_b}\n\
-         export AUTHGRES_HTTP_URL={http_url}\n",
+         export AUTHGRES_HTTP_URL={}\nexport AUTHGRES_ADMIN_URL={}\n",
         address.ip(),
-        address.port()
+        address.port(),
+        urls.http,
+        urls.admin,
     );
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }

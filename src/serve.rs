@@ -1,140 +1,321 @@
-//! `authgres serve` and `authgres check-config`.
+//! `authgres serve` and `authgres check-config`: building the proxy from a
+//! config, running its listeners, and the process's life around them
+//! (reload on SIGHUP, drain on SIGTERM/SIGINT, exit on a second signal).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
+use authgres_http::{HttpConfig, HttpState};
 use authgres_jwt::{KeySource, Verifier};
-use authgres_wire::Proxy;
+use authgres_wire::{Metrics, Proxy, Settings};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::mpsc;
 
+use crate::admin::{self, Admin, ReloadRequest};
 use crate::config::{Loaded, TokenPolicy};
 
-/// Everything `serve` needs, built and checked from a config.
-pub struct Prepared {
-    pub proxy: Arc<Proxy>,
-    pub verifier: Arc<Verifier>,
-    pub address: String,
-    /// HTTP listener settings, if `[http]` is configured.
-    pub http: Option<PreparedHttp>,
+/// How long a forced drain waits for sessions to send their 57P01 and
+/// close before the process exits.
+const CLOSE_GRACE: Duration = Duration::from_secs(3);
+
+/// What a reload can replace, built and checked from one config.
+struct Reloadable {
+    settings: Settings,
+    /// `[http]` limits and its certificate, if HTTP is configured.
+    http: Option<(HttpConfig, Option<tokio_rustls::TlsAcceptor>)>,
 }
 
-/// The HTTP side, ready to bind.
-pub struct PreparedHttp {
-    pub address: String,
-    pub state: Arc<authgres_http::HttpState>,
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
-}
-
-/// Builds the proxy from a loaded config; fails with what to fix.
-pub fn prepare(loaded: &Loaded) -> anyhow::Result<Prepared> {
+/// Builds every reloadable setting from `loaded`; `previous` is the running
+/// verifier, whose unchanged providers keep their fetched keys.
+fn reloadable(loaded: &Loaded, previous: Option<&Verifier>) -> anyhow::Result<Reloadable> {
     let providers = loaded.providers()?;
-    if providers.is_empty() {
-        tracing::warn!("no [[providers]] configured: only token-less roles can log in");
-    }
-    let verifier = Arc::new(Verifier::with_token_cache(
-        providers,
-        loaded.file.identity.verified_token_cache,
-    )?);
+    let cache = loaded.file.identity.verified_token_cache;
+    let verifier = match previous {
+        Some(previous) => previous.reconfigured(providers, cache)?,
+        None => Verifier::with_token_cache(providers, cache)?,
+    };
     let tls = loaded.tls()?;
-    let wire_tls = tls.is_some();
-    let proxy = Arc::new(Proxy::new(
-        loaded.proxy_config()?,
-        Arc::clone(&verifier),
-        loaded.claims_key()?,
-        tls,
-    ));
     let http = match (loaded.http(), &loaded.file.http) {
         (Some(config), Some(file)) => {
-            if file.tls && !wire_tls {
+            if file.tls && tls.is_none() {
                 anyhow::bail!("[http] tls = true needs [listen] tls_cert and tls_key");
             }
-            let tls = if file.tls { loaded.http_tls()? } else { None };
-            Some(PreparedHttp {
-                address: file.address.clone(),
-                state: authgres_http::HttpState::new(Arc::clone(&proxy), config, tls.is_some()),
-                tls,
-            })
+            let http_tls = if file.tls { loaded.http_tls()? } else { None };
+            Some((config, http_tls))
         }
         _ => None,
     };
-    Ok(Prepared {
-        proxy,
-        verifier,
-        address: loaded.file.listen.address.clone(),
+    Ok(Reloadable {
+        settings: Settings {
+            config: loaded.proxy_config()?,
+            verifier: Arc::new(verifier),
+            claims_key: loaded.claims_key()?,
+            tls,
+        },
         http,
     })
 }
 
-/// Runs the proxy until Ctrl-C or SIGTERM.
-pub async fn serve(config: &Path) -> anyhow::Result<()> {
-    let loaded = Loaded::from_path(config)?;
-    let prepared = prepare(&loaded)?;
-    let listener = tokio::net::TcpListener::bind(&prepared.address)
-        .await
-        .with_context(|| format!("listening on {}", prepared.address))?;
-    tracing::info!(address = %prepared.address, "authgres listening");
-    // Warm the key caches without delaying the listener.
-    let verifier = Arc::clone(&prepared.verifier);
-    tokio::spawn(async move { verifier.prefetch(std::time::SystemTime::now()).await });
-    run_listeners(prepared, listener).await
+/// Where the listeners are, fixed until a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Addresses {
+    wire: String,
+    http: Option<String>,
+    admin: Option<String>,
 }
 
-/// Serves the wire listener and, when configured, HTTP, until a signal.
-pub async fn run_listeners(
-    prepared: Prepared,
-    listener: tokio::net::TcpListener,
-) -> anyhow::Result<()> {
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let wait = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = stopped.wait_for(|stop| *stop).await;
-    };
-    // Closing idle upstream connections on time; ends with the process.
-    tokio::spawn(prepared.proxy.maintenance());
-    let http = match prepared.http {
-        Some(http) => {
-            tokio::spawn(http.state.maintenance());
-            let http_listener = tokio::net::TcpListener::bind(&http.address)
+impl Addresses {
+    fn of(loaded: &Loaded) -> Self {
+        Self {
+            wire: loaded.file.listen.address.clone(),
+            http: loaded.file.http.as_ref().map(|h| h.address.clone()),
+            admin: loaded.file.admin.as_ref().map(|a| a.address.clone()),
+        }
+    }
+
+    /// The settings among these that differ in `new`.
+    fn changed(&self, new: &Self) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if self.wire != new.wire {
+            changed.push("[listen] address");
+        }
+        if self.http != new.http {
+            changed.push("[http] address");
+        }
+        if self.admin != new.admin {
+            changed.push("[admin] address");
+        }
+        changed
+    }
+}
+
+/// Everything `serve` needs, built and checked from a config.
+pub struct Prepared {
+    config_path: PathBuf,
+    proxy: Arc<Proxy>,
+    http: Option<Arc<HttpState>>,
+    registry: Registry,
+    addresses: Addresses,
+    shutdown_timeout: Duration,
+}
+
+/// Builds the proxy from the config at `config_path`; fails with what to
+/// fix.
+pub fn prepare(config_path: &Path) -> anyhow::Result<Prepared> {
+    let loaded = Loaded::from_path(config_path)?;
+    if loaded.file.providers.is_empty() {
+        tracing::warn!("no [[providers]] configured: only token-less roles can log in");
+    }
+    let built = reloadable(&loaded, None)?;
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let proxy = Arc::new(Proxy::new(built.settings, metrics));
+    registry.register_collector(Box::new(authgres_wire::metrics::Collector::new(&proxy)));
+    let http = built
+        .http
+        .map(|(config, tls)| HttpState::new(Arc::clone(&proxy), config, tls));
+    Ok(Prepared {
+        config_path: config_path.to_owned(),
+        proxy,
+        http,
+        registry,
+        addresses: Addresses::of(&loaded),
+        shutdown_timeout: loaded.file.listen.shutdown_timeout,
+    })
+}
+
+/// Runs the proxy until it has drained after SIGTERM or Ctrl-C.
+pub async fn serve(config: &Path) -> anyhow::Result<()> {
+    let prepared = prepare(config)?;
+    let address = prepared.addresses.wire.clone();
+    let listener = TcpListener::bind(&address)
+        .await
+        .with_context(|| format!("listening on {address}"))?;
+    run(prepared, listener).await
+}
+
+/// Serves the wire listener and, when configured, HTTP and the admin
+/// listener; reloads on SIGHUP; drains on SIGTERM or SIGINT.
+pub async fn run(prepared: Prepared, listener: TcpListener) -> anyhow::Result<()> {
+    let Prepared {
+        config_path,
+        proxy,
+        http,
+        registry,
+        addresses,
+        shutdown_timeout,
+    } = prepared;
+    let mut signals = Signals::new()?;
+    tracing::info!(address = %addresses.wire, "authgres listening");
+    let http_listener = match (&http, &addresses.http) {
+        (Some(state), Some(address)) => {
+            let bound = TcpListener::bind(address)
                 .await
-                .with_context(|| format!("listening for HTTP on {}", http.address))?;
-            tracing::info!(address = %http.address, tls = http.tls.is_some(), "authgres HTTP listening");
-            Some(tokio::spawn(authgres_http::serve(
-                http.state,
-                http_listener,
-                http.tls,
-                wait(stopped.clone()),
-            )))
+                .with_context(|| format!("listening for HTTP on {address}"))?;
+            tracing::info!(%address, tls = state.tls, "authgres HTTP listening");
+            Some(bound)
+        }
+        _ => None,
+    };
+    let (reloads, mut reload_requests) = mpsc::channel::<ReloadRequest>(4);
+    let admin_listener = match &addresses.admin {
+        Some(address) => {
+            let bound = TcpListener::bind(address)
+                .await
+                .with_context(|| format!("listening for admin on {address}"))?;
+            tracing::info!(%address, "authgres admin listening");
+            Some(bound)
         }
         None => None,
     };
-    let wire = tokio::spawn(authgres_wire::server::serve(
-        prepared.proxy,
-        listener,
-        wait(stopped),
-    ));
-    shutdown_signal().await;
-    tracing::info!("shutting down");
-    let _ = stop.send(true);
-    wire.await??;
-    if let Some(http) = http {
-        http.await??;
+    // Warm the key caches without delaying the listeners.
+    let verifier = Arc::clone(&proxy.settings().verifier);
+    tokio::spawn(async move { verifier.prefetch(std::time::SystemTime::now()).await });
+    tokio::spawn(proxy.maintenance());
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(authgres_wire::server::serve(Arc::clone(&proxy), listener));
+    if let (Some(state), Some(bound)) = (&http, http_listener) {
+        tokio::spawn(state.maintenance());
+        tasks.spawn(authgres_http::serve(Arc::clone(state), bound));
     }
+    if let Some(bound) = admin_listener {
+        let admin = Admin::new(Arc::clone(&proxy), registry, reloads);
+        // The admin listener outlives the drain: probes and scrapes see it.
+        tokio::spawn(admin::serve(admin, bound));
+    }
+    let running = Running {
+        config_path,
+        proxy: Arc::clone(&proxy),
+        http,
+        addresses,
+    };
+    loop {
+        tokio::select! {
+            _ = signals.hangup.recv() => running.reload_logged(),
+            Some(request) = reload_requests.recv() => {
+                let _ = request.reply.send(running.reload());
+            }
+            signal = signals.stop.next() => {
+                tracing::info!(signal, clients = proxy.drain().clients(), "draining");
+                break;
+            }
+        }
+    }
+    proxy.drain().start();
+    while tasks.join_next().await.is_some() {}
+    tokio::select! {
+        finished = tokio::time::timeout(shutdown_timeout, proxy.drain().wait_clients()) => {
+            if finished.is_ok() {
+                tracing::info!("drained: every client has left");
+                return Ok(());
+            }
+            tracing::warn!(
+                clients = proxy.drain().clients(),
+                timeout = ?shutdown_timeout,
+                "shutdown_timeout reached: closing the remaining clients"
+            );
+        }
+        signal = signals.stop.next() => {
+            tracing::warn!(signal, clients = proxy.drain().clients(), "second signal: exiting now");
+            proxy.drain().force();
+            return Ok(());
+        }
+    }
+    proxy.drain().force();
+    let _ = tokio::time::timeout(CLOSE_GRACE, proxy.drain().wait_clients()).await;
     Ok(())
 }
 
-/// Completes on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let mut terminate =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM");
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
+/// What a reload replaces.
+struct Running {
+    config_path: PathBuf,
+    proxy: Arc<Proxy>,
+    http: Option<Arc<HttpState>>,
+    addresses: Addresses,
+}
+
+impl Running {
+    /// Reloads, logging the outcome.
+    fn reload_logged(&self) {
+        if let Err(error) = self.reload() {
+            tracing::error!(error, "reload refused; the running configuration stays");
+        }
+    }
+
+    /// Reads the config and secrets again and puts them in force for new
+    /// work. A config that does not load or validate changes nothing.
+    /// Returns the changed settings that need a restart.
+    fn reload(&self) -> Result<Vec<&'static str>, String> {
+        let result = self.try_reload().map_err(|error| format!("{error:#}"));
+        self.proxy.metrics().reload(result.is_ok());
+        result
+    }
+
+    fn try_reload(&self) -> anyhow::Result<Vec<&'static str>> {
+        let loaded = Loaded::from_path(&self.config_path)?;
+        let old_verifier = Arc::clone(&self.proxy.settings().verifier);
+        let built = reloadable(&loaded, Some(&old_verifier))?;
+        let mut restart = self.addresses.changed(&Addresses::of(&loaded));
+        if self.http.is_some() != built.http.is_some() {
+            restart.push("[http]");
+        }
+        let verifier = Arc::clone(&built.settings.verifier);
+        restart.extend(self.proxy.reload(built.settings));
+        if let (Some(state), Some((config, tls))) = (&self.http, built.http) {
+            restart.extend(state.reload(config, tls));
+        }
+        // Providers that are new or changed fetch their keys now.
+        tokio::spawn(async move { verifier.prefetch(std::time::SystemTime::now()).await });
+        if restart.is_empty() {
+            tracing::info!(config = %self.config_path.display(), "configuration reloaded");
+        } else {
+            tracing::warn!(
+                config = %self.config_path.display(),
+                needs_restart = ?restart,
+                "configuration reloaded; these changes take effect only after a restart"
+            );
+        }
+        Ok(restart)
+    }
+}
+
+/// The signals the process acts on.
+struct Signals {
+    /// SIGHUP: reload.
+    hangup: Signal,
+    /// SIGTERM and SIGINT: drain, and at the second, exit.
+    stop: Stop,
+}
+
+struct Stop {
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        let listen = |kind, name| signal(kind).with_context(|| format!("listening for {name}"));
+        Ok(Self {
+            hangup: listen(SignalKind::hangup(), "SIGHUP")?,
+            stop: Stop {
+                terminate: listen(SignalKind::terminate(), "SIGTERM")?,
+                interrupt: listen(SignalKind::interrupt(), "SIGINT")?,
+            },
+        })
+    }
+}
+
+impl Stop {
+    /// Completes on the next SIGTERM or SIGINT, naming it.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
+        }
     }
 }
 
@@ -154,6 +335,19 @@ pub fn check_config(config: &Path) -> anyhow::Result<()> {
         if tls { "on" } else { "off" },
         file.listen.cleartext_tokens
     );
+    if let Some(http) = &file.http {
+        println!(
+            "http     {} (TLS {})",
+            http.address,
+            if http.tls { "on" } else { "off" }
+        );
+    }
+    if let Some(admin) = &file.admin {
+        println!(
+            "admin    {} (/metrics /healthz /readyz /pools /clients, POST /reload)",
+            admin.address
+        );
+    }
     println!(
         "upstream {}:{} (TLS {:?}), databases: {}",
         file.upstream.host,

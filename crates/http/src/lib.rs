@@ -11,9 +11,14 @@
 //! protocol as a byte stream ([`ws`]), served by the same session code as
 //! TCP. Every HTTP connection holds a place in the proxy's one connection
 //! budget, counted as unauthenticated until a request on it (or its
-//! WebSocket session) authenticates; headers and bodies are read under
-//! deadlines. Every response carries the CORS headers browsers need, and
-//! `OPTIONS` answers preflight.
+//! WebSocket session) authenticates, and an entry in the client registry;
+//! headers and bodies are read under deadlines. Every response carries the
+//! CORS headers browsers need, and `OPTIONS` answers preflight; every
+//! response is counted by route and status.
+//!
+//! When the proxy drains, the listener stops accepting, idle kept-alive
+//! connections close, requests in flight complete and their connections
+//! close after the response; WebSocket sessions drain like TCP ones.
 
 pub mod query;
 pub mod render;
@@ -22,10 +27,12 @@ pub mod ws;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
-use authgres_wire::{PoolLimits, Proxy, Ticket, UpstreamPool};
+use authgres_wire::{
+    ClientHandle, ClientState, PoolLimits, Proxy, Ticket, Transport, UpstreamPool,
+};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Extension, State};
@@ -78,27 +85,71 @@ impl Default for HttpConfig {
 
 /// What every request handler shares.
 pub struct HttpState {
-    /// The wire proxy: config, verifier, claims key, WebSocket sessions.
+    /// The wire proxy: settings, verifier, claims key, WebSocket sessions.
     pub proxy: Arc<Proxy>,
     /// Upstream connections for /sql.
     pub pool: Arc<UpstreamPool>,
-    /// Limits.
-    pub config: HttpConfig,
-    /// Whether the listener is HTTPS.
+    /// Limits; a reload replaces them.
+    config: RwLock<Arc<HttpConfig>>,
+    /// The HTTPS certificate; a reload replaces it. `None`: plain HTTP.
+    acceptor: RwLock<Option<tokio_rustls::TlsAcceptor>>,
+    /// Whether the listener is HTTPS (fixed until a restart).
     pub tls: bool,
 }
 
 impl HttpState {
-    /// State for a listener in front of `proxy`. Run
-    /// [`HttpState::maintenance`] beside it.
-    pub fn new(proxy: Arc<Proxy>, config: HttpConfig, tls: bool) -> Arc<Self> {
-        let pool = UpstreamPool::new(proxy.config().upstream.clone(), config.pool);
+    /// State for a listener in front of `proxy`, HTTPS with `acceptor`.
+    /// Run [`HttpState::maintenance`] beside it.
+    pub fn new(
+        proxy: Arc<Proxy>,
+        config: HttpConfig,
+        acceptor: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Arc<Self> {
+        let upstream = proxy.settings().config.upstream.clone();
+        let metrics = Arc::clone(proxy.metrics());
+        let pool = UpstreamPool::new("http", upstream, config.pool, metrics);
+        proxy.report_pool(&pool);
         Arc::new(Self {
             proxy,
             pool,
-            config,
-            tls,
+            config: RwLock::new(Arc::new(config)),
+            tls: acceptor.is_some(),
+            acceptor: RwLock::new(acceptor),
         })
+    }
+
+    /// The limits in force now.
+    pub fn config(&self) -> Arc<HttpConfig> {
+        Arc::clone(&self.config.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Puts new limits and, on an HTTPS listener, a new certificate in
+    /// force for new connections and requests. Returns what changed but
+    /// needs a restart.
+    pub fn reload(
+        &self,
+        config: HttpConfig,
+        acceptor: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Vec<&'static str> {
+        let mut restart = Vec::new();
+        if acceptor.is_some() != self.tls {
+            restart.push("[http] tls");
+        } else {
+            *self
+                .acceptor
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = acceptor;
+        }
+        self.pool.set_limits(config.pool);
+        *self.config.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(config);
+        restart
+    }
+
+    fn acceptor(&self) -> Option<tokio_rustls::TlsAcceptor> {
+        self.acceptor
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Closes the `/sql` pool's idle connections on time; completes when
@@ -108,29 +159,36 @@ impl HttpState {
     }
 }
 
-/// An HTTP connection's place in the connection budget, shared with the
-/// requests on it: a WebSocket takes it over for its session, a `/sql`
-/// request that authenticates marks it.
+/// An HTTP connection's place in the connection budget and the client
+/// registry, shared with the requests on it: a WebSocket takes both over
+/// for its session, a `/sql` request marks them.
 #[derive(Clone, Default)]
-pub struct ConnectionTicket(Arc<Mutex<Option<Ticket>>>);
+pub struct ConnectionTicket(Arc<Mutex<Option<(Ticket, ClientHandle)>>>);
 
 impl ConnectionTicket {
-    fn new(ticket: Ticket) -> Self {
-        Self(Arc::new(Mutex::new(Some(ticket))))
+    fn new(ticket: Ticket, client: ClientHandle) -> Self {
+        Self(Arc::new(Mutex::new(Some((ticket, client)))))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Ticket>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(Ticket, ClientHandle)>> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// A request on the connection authenticated.
     pub fn authenticated(&self) {
-        if let Some(ticket) = self.lock().as_mut() {
+        if let Some((ticket, _)) = self.lock().as_mut() {
             ticket.authenticated();
         }
     }
 
-    fn take(&self) -> Option<Ticket> {
+    /// Records what the connection is doing.
+    pub fn set_state(&self, state: ClientState) {
+        if let Some((_, client)) = self.lock().as_ref() {
+            client.set_state(state);
+        }
+    }
+
+    fn take(&self) -> Option<(Ticket, ClientHandle)> {
         self.lock().take()
     }
 }
@@ -142,7 +200,30 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/v2", get(websocket))
         .route("/", get(websocket))
         .layer(axum::middleware::map_response(cors))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            count,
+        ))
         .with_state(state)
+}
+
+/// Counts each response by route and status.
+async fn count(
+    State(state): State<Arc<HttpState>>,
+    request: Request<Body>,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = match request.uri().path() {
+        "/sql" => "sql",
+        "/v2" | "/" => "websocket",
+        _ => "other",
+    };
+    let response = next.run(request).await;
+    state
+        .proxy
+        .metrics()
+        .http_response(route, response.status().as_u16());
+    response
 }
 
 async fn preflight() -> StatusCode {
@@ -201,17 +282,17 @@ async fn websocket(
     let Some(accept) = upgrade_key(request.headers()).map(ws::accept_key) else {
         return (StatusCode::BAD_REQUEST, "expected a WebSocket upgrade").into_response();
     };
-    let Some(ticket) = ticket.take() else {
+    let Some((ticket, client)) = ticket.take() else {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     };
     let upgrade = hyper::upgrade::on(&mut request);
     let proxy = Arc::clone(&state.proxy);
     let tls = state.tls;
-    tokio::spawn(async move {
+    state.proxy.drain().spawn_client(async move {
         match upgrade.await {
             Ok(upgraded) => {
                 let stream = ws::WsStream::new(TokioIo::new(upgraded));
-                proxy.serve_settled(stream, peer, tls, ticket).await;
+                proxy.serve_settled(stream, peer, tls, ticket, client).await;
             }
             Err(error) => tracing::debug!(%error, %peer, "WebSocket upgrade failed"),
         }
@@ -236,39 +317,36 @@ async fn refuse(mut tcp: tokio::net::TcpStream) {
     let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(FULL)).await;
 }
 
-/// Serves HTTP (or HTTPS with `tls`) on `listener` until `shutdown`.
-pub async fn serve(
-    state: Arc<HttpState>,
-    listener: tokio::net::TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
+/// Serves HTTP (HTTPS when the state has a certificate) on `listener`
+/// until the proxy drains; connections run on as tasks of the drain and
+/// close once their request in flight is answered.
+pub async fn serve(state: Arc<HttpState>, listener: tokio::net::TcpListener) {
     let app = router(Arc::clone(&state));
-    tokio::pin!(shutdown);
+    let drain = state.proxy.drain();
     loop {
         let (tcp, peer) = tokio::select! {
-            () = &mut shutdown => return Ok(()),
+            () = drain.draining() => return,
             accepted = authgres_wire::server::accept(&listener) => accepted,
         };
         let entry = match state.proxy.budget().enter(peer.ip()) {
             Ok(entry) => entry,
             Err(full) => {
                 state.proxy.log_refusal(peer, &full);
-                tokio::spawn(refuse(tcp));
+                drain.spawn_client(refuse(tcp));
                 continue;
             }
         };
         let _ = tcp.set_nodelay(true);
         let app = app.clone();
-        let tls = tls.clone();
-        let header_timeout = state.config.header_timeout;
-        let proxy = Arc::clone(&state.proxy);
-        tokio::spawn(async move {
+        let state = Arc::clone(&state);
+        drain.spawn_client(async move {
+            let header_timeout = state.config().header_timeout;
+            let client = state.proxy.clients().register(peer, Transport::Http);
             let deadline = tokio::time::Instant::now() + header_timeout;
             let ticket = match entry.admit(deadline).await {
-                Ok(ticket) => ConnectionTicket::new(ticket),
+                Ok(ticket) => ConnectionTicket::new(ticket, client),
                 Err(full) => {
-                    proxy.log_refusal(peer, &full);
+                    state.proxy.log_refusal(peer, &full);
                     refuse(tcp).await;
                     return;
                 }
@@ -279,11 +357,13 @@ pub async fn serve(
                     request.extensions_mut().insert(ticket.clone());
                     app.clone().oneshot(request)
                 });
-            let result = match tls {
+            let proxy = &state.proxy;
+            let result = match state.acceptor() {
                 Some(acceptor) => {
                     match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
-                            serve_connection(TokioIo::new(stream), service, header_timeout).await
+                            serve_connection(TokioIo::new(stream), service, header_timeout, proxy)
+                                .await
                         }
                         Ok(Err(error)) => {
                             tracing::debug!(%error, %peer, "HTTPS handshake failed");
@@ -292,7 +372,7 @@ pub async fn serve(
                         Err(_) => return,
                     }
                 }
-                None => serve_connection(TokioIo::new(tcp), service, header_timeout).await,
+                None => serve_connection(TokioIo::new(tcp), service, header_timeout, proxy).await,
             };
             if let Err(error) = result {
                 tracing::debug!(%error, %peer, "HTTP connection ended");
@@ -301,10 +381,13 @@ pub async fn serve(
     }
 }
 
+/// Serves one connection; a drain lets the request in flight finish and
+/// then closes it (an idle one at once), a forced drain closes it now.
 async fn serve_connection<I, S>(
     io: I,
     service: S,
     header_timeout: Duration,
+    proxy: &Proxy,
 ) -> Result<(), hyper::Error>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -316,10 +399,19 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    hyper::server::conn::http1::Builder::new()
+    let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         .serve_connection(io, service)
-        .with_upgrades()
-        .await
+        .with_upgrades();
+    tokio::pin!(connection);
+    let drain = proxy.drain();
+    tokio::select! {
+        served = connection.as_mut() => return served,
+        () = drain.draining() => connection.as_mut().graceful_shutdown(),
+    }
+    tokio::select! {
+        served = connection => served,
+        () = drain.closing() => Ok(()),
+    }
 }

@@ -169,9 +169,8 @@ impl KeyStore {
                     fetches_keys,
                     fetches: provider.fetches.load(Ordering::Relaxed),
                     failures: provider.failures.load(Ordering::Relaxed),
-                    age: loaded.then(|| {
-                        std::time::Duration::from_secs(now.saturating_sub(fetched_at))
-                    }),
+                    age: loaded
+                        .then(|| std::time::Duration::from_secs(now.saturating_sub(fetched_at))),
                     stale: loaded && now >= provider.fresh_until.load(Ordering::Relaxed),
                     usable: !fetches_keys || (loaded && now < stale_limit),
                 }
@@ -300,8 +299,12 @@ impl KeyStore {
                 match self.fetch(index, now).await {
                     Ok(fetched) => {
                         provider.fetches.fetch_add(1, Ordering::Relaxed);
-                        provider.fresh_until.store(fetched.fresh_until, Ordering::Relaxed);
-                        provider.fetched_at.store(fetched.fetched_at.max(1), Ordering::Relaxed);
+                        provider
+                            .fresh_until
+                            .store(fetched.fresh_until, Ordering::Relaxed);
+                        provider
+                            .fetched_at
+                            .store(fetched.fetched_at.max(1), Ordering::Relaxed);
                         Op::Put(Arc::new(fetched))
                     }
                     Err(error) => {

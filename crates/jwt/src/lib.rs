@@ -26,6 +26,6 @@ mod verify;
 
 pub use claim_path::{BadClaimPath, ClaimPath};
 pub use error::{FailureClass, VerifyError};
-pub use provider::{ConfigError, DEFAULT_LEEWAY, FetchSettings, KeySource, ProviderConfig};
 pub use keystore::KeyStatus;
+pub use provider::{ConfigError, DEFAULT_LEEWAY, FetchSettings, KeySource, ProviderConfig};
 pub use verify::{Identity, MAX_TOKEN_LEN, TokenCacheStats, Verifier};

@@ -416,7 +416,11 @@ async fn a_reconfigured_verifier_keeps_the_keys_of_unchanged_providers_and_repor
         .verify(&token_at(&issuer, "b", t0), "reader", t0)
         .await
         .expect("new role, old keys");
-    assert_eq!(issuer.jwks_fetches(), 1, "no refetch for an unchanged key source");
+    assert_eq!(
+        issuer.jwks_fetches(),
+        1,
+        "no refetch for an unchanged key source"
+    );
     let status = reloaded.key_status(t0);
     assert!(status[0].usable);
     assert_eq!(status[1].provider, "other");

@@ -18,6 +18,7 @@ use authgres_jwt::{FailureClass, Identity, Verifier, VerifyError};
 
 use crate::config::{CleartextTokens, RoleConfig};
 use crate::error::{Classify, ClientView, Severity, SqlState};
+use crate::metrics::Metrics;
 
 /// What admission decides on.
 #[derive(Debug, Clone)]
@@ -31,7 +32,7 @@ pub struct Policy {
 }
 
 /// How a client reached the proxy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Transport {
     /// The Postgres protocol over TCP (TLS or not).
     Wire,
@@ -135,10 +136,11 @@ pub fn check(policy: &Policy, request: &Request<'_>) -> Result<Need, Refusal> {
 }
 
 /// Admits `request` with `token` (ignored for anonymous roles), verified
-/// at `now`.
+/// at `now`; the verification's time goes to `metrics`.
 pub async fn admit(
     policy: &Policy,
     verifier: &Verifier,
+    metrics: &Metrics,
     request: &Request<'_>,
     token: Option<&str>,
     now: SystemTime,
@@ -154,10 +156,10 @@ pub async fn admit(
     let token = token
         .filter(|token| !token.is_empty())
         .ok_or_else(|| Refusal::MissingToken(request.role.to_owned(), request.transport))?;
-    let identity = verifier
-        .verify(token, request.role, now)
-        .await
-        .map_err(Refusal::Token)?;
+    let started = std::time::Instant::now();
+    let verified = verifier.verify(token, request.role, now).await;
+    metrics.verification(started.elapsed(), verified.is_ok());
+    let identity = verified.map_err(Refusal::Token)?;
     if identity.role != request.role && !policy.roles.contains_key(&identity.role) {
         return Err(Refusal::ClaimedRoleNotServed(identity.role));
     }

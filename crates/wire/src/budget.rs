@@ -19,6 +19,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, timeout_at};
 
+use crate::capacity::{Count, Held};
+
 /// The limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -49,13 +51,18 @@ pub enum Full {
 /// The connection budget.
 #[derive(Debug)]
 pub struct Budget {
-    limits: Limits,
+    /// The limits now; a reload changes them ([`Budget::set_limits`]).
+    limits: Mutex<Limits>,
     connections: Arc<Semaphore>,
     unauthenticated: Arc<Semaphore>,
     /// Places of unauthenticated connections, per source address.
     sources: Mutex<HashMap<IpAddr, Arc<Semaphore>>>,
     /// Connections waiting for a place.
     waiting: Arc<Semaphore>,
+    /// Tickets held, and of those not authenticated: exact counts for
+    /// [`Budget::in_use`] while a lowered limit is still being reached.
+    held: Count,
+    pending: Count,
 }
 
 /// A new connection: admitted already, or waiting to be.
@@ -77,6 +84,7 @@ enum EntryState {
 #[derive(Debug)]
 pub struct Ticket {
     _connection: OwnedSemaphorePermit,
+    _held: Held,
     /// Held until the connection authenticates.
     pending: Option<Pending>,
 }
@@ -85,6 +93,7 @@ pub struct Ticket {
 struct Pending {
     /// The places (unauthenticated, source); given back first on drop.
     permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    _counted: Held,
     budget: Arc<Budget>,
     source: IpAddr,
 }
@@ -100,11 +109,13 @@ impl Budget {
     /// A budget with these limits.
     pub fn new(limits: Limits) -> Arc<Self> {
         Arc::new(Self {
-            limits,
+            limits: Mutex::new(limits),
             connections: Arc::new(Semaphore::new(limits.max_connections)),
             unauthenticated: Arc::new(Semaphore::new(limits.max_unauthenticated)),
             sources: Mutex::new(HashMap::new()),
             waiting: Arc::new(Semaphore::new(limits.max_unauthenticated)),
+            held: Count::default(),
+            pending: Count::default(),
         })
     }
 
@@ -112,8 +123,33 @@ impl Budget {
         self.sources.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The limits now.
+    pub fn limits(&self) -> Limits {
+        *self.limits.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Changes the limits. Connections held are never cut off: a smaller
+    /// limit is reached as they leave. A source's share changes once the
+    /// source has no connection waiting or authenticating.
+    pub fn set_limits(&self, new: Limits) {
+        let mut limits = self.limits.lock().unwrap_or_else(PoisonError::into_inner);
+        let old = *limits;
+        crate::capacity::resize(&self.connections, old.max_connections, new.max_connections);
+        crate::capacity::resize(
+            &self.unauthenticated,
+            old.max_unauthenticated,
+            new.max_unauthenticated,
+        );
+        crate::capacity::resize(
+            &self.waiting,
+            old.max_unauthenticated,
+            new.max_unauthenticated,
+        );
+        *limits = new;
+    }
+
     fn source(&self, source: IpAddr) -> Arc<Semaphore> {
-        let per_source = self.limits.max_unauthenticated_per_source;
+        let per_source = self.limits().max_unauthenticated_per_source;
         Arc::clone(
             self.sources()
                 .entry(source)
@@ -168,6 +204,7 @@ impl Budget {
     ) -> Result<Ticket, Full> {
         let pending = Pending {
             permits: Some((place, source_place)),
+            _counted: self.pending.hold(),
             budget: Arc::clone(self),
             source,
         };
@@ -176,15 +213,14 @@ impl Budget {
             .map_err(|_| Full::Connections)?;
         Ok(Ticket {
             _connection: connection,
+            _held: self.held.hold(),
             pending: Some(pending),
         })
     }
 
     /// Connections held now, and how many of them are authenticating.
     pub fn in_use(&self) -> (usize, usize) {
-        let held = self.limits.max_connections - self.connections.available_permits();
-        let pending = self.limits.max_unauthenticated - self.unauthenticated.available_permits();
-        (held, pending)
+        (self.held.get(), self.pending.get())
     }
 }
 
@@ -326,5 +362,38 @@ mod tests {
         );
         held.pop();
         assert!(admit(&budget, 3, 0).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn new_limits_apply_to_new_connections_and_spare_those_held() {
+        let budget = budget(2, 2, 2);
+        let mut held = Vec::new();
+        for source in [1, 2] {
+            let mut ticket = admit(&budget, source, 0).await.expect("room");
+            ticket.authenticated();
+            held.push(ticket);
+        }
+        budget.set_limits(Limits {
+            max_connections: 3,
+            max_unauthenticated: 2,
+            max_unauthenticated_per_source: 2,
+        });
+        let third = admit(&budget, 3, 0).await.expect("the raised limit");
+        budget.set_limits(Limits {
+            max_connections: 1,
+            max_unauthenticated: 2,
+            max_unauthenticated_per_source: 2,
+        });
+        assert_eq!(budget.in_use().0, 3, "nobody held is cut off");
+        drop(third);
+        held.pop();
+        tokio::task::yield_now().await;
+        assert_eq!(admit(&budget, 4, 0).await.err(), Some(Full::Connections));
+        held.pop();
+        tokio::task::yield_now().await;
+        assert!(
+            admit(&budget, 4, 0).await.is_ok(),
+            "room under the lowered limit"
+        );
     }
 }

@@ -45,6 +45,8 @@ pub mod defaults {
     pub const SERVER_LIFETIME: Duration = Duration::from_secs(3600);
     /// A pooled connection idle longer than this is checked before reuse.
     pub const HEALTH_CHECK_AFTER: Duration = Duration::from_secs(30);
+    /// How long a drain waits for clients to finish before closing them.
+    pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 }
 
 /// A database role clients may log in as.
@@ -78,6 +80,18 @@ pub enum PoolMode {
     Session,
     /// A client holds a connection for one transaction at a time.
     Transaction,
+}
+
+impl PoolMode {
+    /// The mode as configured and reported (`none`, `session`,
+    /// `transaction`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Session => "session",
+            Self::Transaction => "transaction",
+        }
+    }
 }
 
 /// Limits of an upstream pool.

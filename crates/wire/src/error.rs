@@ -186,6 +186,10 @@ pub enum SessionError {
     /// The session's token expired and expiry is enforced.
     #[error("the session's token expired")]
     TokenExpired,
+    /// The proxy is shutting down: the session was closed at a transaction
+    /// boundary, or when the drain ran out of time.
+    #[error("the proxy is shutting down")]
+    ShuttingDown,
     /// The client sat idle inside a transaction past the limit.
     #[error("the client was idle inside a transaction for {0:?}")]
     IdleInTransaction(Duration),
@@ -249,6 +253,11 @@ impl Classify for SessionError {
                 ),
                 Some("the pool for this database and role is busy; raise pool_size or retry"),
             ),
+            Self::ShuttingDown => ClientView::new(
+                S::AdminShutdown,
+                "terminating connection due to administrator command",
+                Some("the proxy is restarting or shutting down: reconnect"),
+            ),
             Self::TokenExpired => ClientView::new(
                 S::InvalidPassword,
                 "the session's token expired",
@@ -276,7 +285,7 @@ impl Classify for SessionError {
 
     fn severity(&self) -> Severity {
         match self {
-            Self::TokenExpired | Self::ClientIo(_) => Severity::Routine,
+            Self::TokenExpired | Self::ShuttingDown | Self::ClientIo(_) => Severity::Routine,
             Self::Protocol(_)
             | Self::MissingAlpn
             | Self::Tls(_)
@@ -305,6 +314,7 @@ impl Classify for SessionError {
             Self::TooManyConnections => "too_many_connections",
             Self::PoolExhausted { .. } => "pool_exhausted",
             Self::TokenExpired => "token_expired",
+            Self::ShuttingDown => "shutting_down",
             Self::IdleInTransaction(_) => "idle_in_transaction",
             Self::ClientStalled(_) => "client_stalled",
             Self::Upstream(error) => error.label(),

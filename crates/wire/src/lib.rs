@@ -9,17 +9,22 @@
 //! the proxy runs on it; `pool` keeps those connections; `relay` moves
 //! bytes and follows message boundaries; `transaction` carries a
 //! transaction-pooled client's session between connections; [`server`]
-//! accepts TCP clients.
+//! accepts TCP clients. For operations: a [`Drain`] every session
+//! follows at shutdown, the [`Clients`] registry, and [`metrics`].
 //!
 //! Protocol reference: <https://www.postgresql.org/docs/current/protocol.html>.
 
 mod admission;
 mod budget;
 mod cancel;
+mod capacity;
+mod clients;
 mod config;
+mod drain;
 mod error;
 mod identity;
 mod log_limit;
+pub mod metrics;
 mod params;
 mod pool;
 mod proto;
@@ -34,22 +39,25 @@ pub mod server;
 
 pub use admission::{Admitted, Need, Policy, Refusal, Request, Transport, admit, check};
 pub use budget::{Budget, Entry, Full, Ticket};
+pub use clients::{ClientHandle, ClientInfo, ClientLogin, ClientState, Clients};
 pub use config::{
     CleartextTokens, ClientLimits, ConnectionLimits, PoolLimits, PoolMode, ProxyConfig, RoleConfig,
     defaults,
 };
+pub use drain::Drain;
 pub use error::{
     Classify, ClientView, ProtocolViolation, SessionError, Severity, SqlState, UpstreamError,
 };
 pub use identity::{BadClaimsKey, CLAIMS_KEY_LEN, ClaimsKey};
 pub use log_limit::LogLimiter;
-pub use pool::{CheckoutError, Pooled, UpstreamPool, reap};
+pub use metrics::Metrics;
+pub use pool::{CheckoutError, PoolSnapshot, Pooled, SlotSnapshot, UpstreamPool, reap};
 pub use proto::ledger::Violation;
 pub use proto::negotiate::Refusal as NegotiationRefusal;
 pub use proto::scram::ScramError;
 pub use proto::server_error::ServerError;
 pub use proto::startup::FrameError;
-pub use session::Proxy;
+pub use session::{Proxy, Settings};
 pub use transport::{ALPN_HTTP1, ALPN_POSTGRESQL, TlsConfigError, UpstreamTls, tls_acceptor};
 pub use upstream::{
     AttachScope, Attached, IDLE, Owner, PendingReset, Reply, Upstream, UpstreamConfig, UpstreamKey,

@@ -21,6 +21,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::clients::{Activity, ClientState};
+use crate::metrics::Tally;
 use crate::proto::framer::{Frame, Framer, TagSet};
 use crate::proto::ledger::{self, Ledger, Violation};
 use crate::transaction::Tracker;
@@ -61,6 +63,17 @@ pub struct Watch {
     pub idle_in_transaction: Option<Duration>,
     /// How long a client may leave results unread.
     pub stalled_reader: Option<Duration>,
+}
+
+/// Where a relay reports what it moves: the session's counters and its
+/// state in the client registry.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    /// The counters.
+    pub tally: Tally,
+    /// The client's state, set to active and idle as transactions start
+    /// and end.
+    pub activity: Activity,
 }
 
 /// The timer behind a [`Watch`], armed only while a limit can run out.
@@ -178,6 +191,9 @@ pub struct Relay {
     violation: Option<Violation>,
     stop_at_idle: bool,
     watchdog: Watchdog,
+    observed: Option<Observed>,
+    /// Whether the backend was idle when last looked at.
+    was_idle: bool,
 }
 
 impl Relay {
@@ -211,6 +227,41 @@ impl Relay {
                 last_read: Instant::now(),
                 last_written: Instant::now(),
             },
+            observed: None,
+            was_idle: true,
+        }
+    }
+
+    /// Reports bytes, queries, transactions and the client's state to
+    /// `observed`.
+    pub fn observe(&mut self, observed: Observed) {
+        self.observed = Some(observed);
+    }
+
+    /// Records a change between idle and in a transaction.
+    fn note_state(&mut self) {
+        let idle = self.ledger.idle();
+        if idle == self.was_idle {
+            return;
+        }
+        self.was_idle = idle;
+        if let Some(observed) = &self.observed {
+            if idle {
+                observed.tally.transactions.inc();
+                observed.activity.set(ClientState::Idle);
+            } else {
+                observed.activity.set(ClientState::Active);
+            }
+        }
+    }
+
+    fn count(
+        &self,
+        counter: fn(&Tally) -> &prometheus_client::metrics::counter::Counter,
+        n: usize,
+    ) {
+        if let Some(observed) = &self.observed {
+            counter(&observed.tally).inc_by(u64::try_from(n).unwrap_or(u64::MAX));
         }
     }
 
@@ -239,6 +290,7 @@ impl Relay {
                 break;
             }
             self.to_upstream.load(chunk);
+            self.count(|t| &t.received, chunk.len());
             self.scan_client();
             poll_fn(|cx| self.to_upstream.poll_drain(cx, upstream)).await?;
         }
@@ -254,6 +306,7 @@ impl Relay {
     {
         for chunk in bytes.chunks(SERVER_BUFFER) {
             self.to_client.load(chunk);
+            self.count(|t| &t.sent, chunk.len());
             self.scan_server();
             poll_fn(|cx| self.to_client.poll_drain(cx, client)).await?;
         }
@@ -295,10 +348,12 @@ impl Relay {
                 && self.to_upstream.is_empty()
                 && let Poll::Ready(read) = self.to_upstream.poll_fill(cx, client)
             {
-                if read? == 0 {
+                let read = read?;
+                if read == 0 {
                     return Poll::Ready(Ok(Stop::ClientClosed));
                 }
                 self.watchdog.last_read = Instant::now();
+                self.count(|t| &t.received, read);
                 self.scan_client();
                 progressed = true;
             }
@@ -316,10 +371,12 @@ impl Relay {
                 && self.to_client.is_empty()
                 && let Poll::Ready(read) = self.to_client.poll_fill(cx, upstream)
             {
-                if read? == 0 {
+                let read = read?;
+                if read == 0 {
                     return Poll::Ready(Ok(Stop::UpstreamClosed));
                 }
                 self.watchdog.last_written = Instant::now();
+                self.count(|t| &t.sent, read);
                 self.scan_server();
                 progressed = true;
             }
@@ -409,6 +466,11 @@ impl Relay {
                         pipe.end = self.message_start.max(pipe.start);
                         break;
                     }
+                    if matches!(tag, b'Q' | b'E')
+                        && let Some(observed) = &self.observed
+                    {
+                        observed.tally.queries.inc();
+                    }
                     let tracker = &mut self.tracker;
                     if let Some(tracker) = tracker.as_mut() {
                         tracker.client_message(tag, self.client_frames.body());
@@ -424,6 +486,7 @@ impl Relay {
         // A message that started in an earlier read starts at this one's
         // beginning for the purpose of cutting.
         self.message_start = pipe.start;
+        self.note_state();
     }
 
     /// Follows the server bytes just read.
@@ -456,6 +519,7 @@ impl Relay {
                 tracker.server_message(tag, body);
             }
         }
+        self.note_state();
     }
 
     /// Whether the session sits at an idle transaction boundary: nothing in
@@ -475,6 +539,12 @@ impl Relay {
             && self.to_upstream.settled()
             && self.client_frames.at_boundary()
             && self.server_frames.at_boundary()
+    }
+
+    /// Whether the client has been sent whole messages only, so one more
+    /// (an ErrorResponse) can follow.
+    pub fn client_at_boundary(&self) -> bool {
+        self.to_client.settled() && self.server_frames.at_boundary()
     }
 
     /// Why the relay could not follow the backend, if it could not.

@@ -1,7 +1,6 @@
 //! The TCP listener: accepts clients up to the connection limit and runs a
-//! session task for each until shutdown.
+//! session task for each, until the proxy drains.
 
-use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -9,27 +8,26 @@ use tokio::net::TcpListener;
 use crate::error::SessionError;
 use crate::session::{Proxy, refuse};
 
-/// Accepts connections on `listener` until `shutdown` completes.
-pub async fn serve(
-    proxy: Arc<Proxy>,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
-    tokio::pin!(shutdown);
+/// Accepts connections on `listener` until the proxy's drain starts; the
+/// sessions it started run on as tasks of the drain.
+pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
     loop {
         let (tcp, peer) = tokio::select! {
-            () = &mut shutdown => return Ok(()),
+            () = proxy.drain().draining() => return,
             accepted = accept(&listener) => accepted,
         };
         match proxy.budget().enter(peer.ip()) {
             Ok(entry) => {
-                tokio::spawn(Arc::clone(&proxy).serve_tcp(tcp, peer, entry));
+                let session = Arc::clone(&proxy).serve_tcp(tcp, peer, entry);
+                proxy.drain().spawn_client(session);
             }
             Err(full) => {
                 proxy.log_refusal(peer, &full);
-                tokio::spawn(async move {
+                let error = SessionError::TooManyConnections;
+                proxy.metrics().login(crate::Transport::Wire, Err(&error));
+                proxy.drain().spawn_client(async move {
                     let mut tcp = tcp;
-                    refuse(&mut tcp, &SessionError::TooManyConnections).await;
+                    refuse(&mut tcp, &error).await;
                 });
             }
         }

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use authgres_jwt::FailureClass;
-use authgres_wire::{Admitted, CheckoutError, Classify as _, Refusal, Transport};
+use authgres_wire::{
+    Admitted, CheckoutError, Classify as _, ClientState, Refusal, Settings, Transport,
+};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Extension, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -22,7 +24,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::query::{self, BatchOptions, ExecError, Statement};
-use crate::{ConnectionTicket, HttpState};
+use crate::{ConnectionTicket, HttpConfig, HttpState};
 
 /// An error answer: status and a JSON body with at least `message`.
 #[derive(Debug)]
@@ -55,14 +57,17 @@ pub async fn handle(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match run(&state, peer, &ticket, &headers, body).await {
+    let config = state.config();
+    let ran = run(&state, &config, peer, &ticket, &headers, body).await;
+    ticket.set_state(ClientState::Idle);
+    match ran {
         Ok(value) => match serde_json::to_vec(&value) {
-            Ok(bytes) if bytes.len() > state.config.max_response_bytes => Failure::new(
+            Ok(bytes) if bytes.len() > config.max_response_bytes => Failure::new(
                 StatusCode::INSUFFICIENT_STORAGE,
                 "54000",
                 format!(
                     "response is larger than the limit of {} bytes",
-                    state.config.max_response_bytes
+                    config.max_response_bytes
                 ),
             )
             .into_response(),
@@ -84,6 +89,7 @@ pub async fn handle(
 
 async fn run(
     state: &HttpState,
+    config: &HttpConfig,
     peer: SocketAddr,
     ticket: &ConnectionTicket,
     headers: &HeaderMap,
@@ -91,6 +97,7 @@ async fn run(
 ) -> Result<Value, Failure> {
     let target = request::target(headers)?;
     let proxy = &state.proxy;
+    let settings = proxy.settings();
     let asked = authgres_wire::Request {
         role: &target.role,
         database: &target.database,
@@ -99,21 +106,38 @@ async fn run(
         transport: Transport::Http,
     };
     let admitted = authgres_wire::admit(
-        &proxy.config().admission,
-        proxy.verifier(),
+        &settings.config.admission,
+        &settings.verifier,
+        proxy.metrics(),
         &asked,
         target.token.as_deref(),
         SystemTime::now(),
     )
-    .await
-    .map_err(|refusal| refused(&refusal))?;
+    .await;
+    let metrics = proxy.metrics();
+    let admitted = match admitted {
+        Ok(admitted) => {
+            metrics.login(Transport::Http, Ok(()));
+            admitted
+        }
+        Err(refusal) => {
+            metrics.login(Transport::Http, Err(&refusal));
+            return Err(refused(&refusal));
+        }
+    };
     ticket.authenticated();
+    ticket.set_state(ClientState::Active);
     // Only an admitted request gets its body read.
-    let body = read_body(state, body).await?;
+    let body = read_body(config, body).await?;
     let (statements, batch) = request::statements(headers, &body)?;
     let (array_mode, raw) = (target.array_mode, target.raw);
     let claims = admitted.identity.as_ref().map(|i| &*i.claims_json);
-    let results = execute(state, &admitted, claims, &statements, batch.as_ref()).await?;
+    let run = Run {
+        state,
+        settings: &settings,
+        config,
+    };
+    let results = execute(&run, &admitted, claims, &statements, batch.as_ref()).await?;
     let mut rendered: Vec<Value> = results
         .iter()
         .map(|r| query::result_json(r, array_mode, raw))
@@ -125,10 +149,10 @@ async fn run(
 }
 
 /// Reads a request's body within the size limit and the body timeout.
-async fn read_body(state: &HttpState, body: Body) -> Result<Bytes, Failure> {
-    let limit = state.config.max_request_bytes;
+async fn read_body(config: &HttpConfig, body: Body) -> Result<Bytes, Failure> {
+    let limit = config.max_request_bytes;
     let limited = http_body_util::Limited::new(body, limit);
-    match tokio::time::timeout(state.config.body_timeout, limited.collect()).await {
+    match tokio::time::timeout(config.body_timeout, limited.collect()).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(Failure::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -145,7 +169,7 @@ async fn read_body(state: &HttpState, body: Body) -> Result<Bytes, Failure> {
             "08P01",
             format!(
                 "the request body did not arrive within {}s",
-                state.config.body_timeout.as_secs_f64()
+                config.body_timeout.as_secs_f64()
             ),
         )),
     }
@@ -155,15 +179,16 @@ async fn read_body(state: &HttpState, body: Body) -> Result<Bytes, Failure> {
 /// server restarted) or fails its reset is replaced while nothing of the
 /// request has run, until the checkout timeout.
 async fn execute(
-    state: &HttpState,
+    run: &Run<'_>,
     admitted: &Admitted,
     claims: Option<&str>,
     statements: &[Statement],
     batch: Option<&BatchOptions>,
 ) -> Result<Vec<query::StatementResult>, Failure> {
-    let limits = *state.pool.limits();
+    let state = run.state;
+    let limits = state.pool.limits();
     let give_up = Instant::now() + limits.checkout_timeout;
-    let password = state.proxy.config().password(&admitted.role);
+    let password = run.settings.config.password(&admitted.role);
     loop {
         let mut pooled = state
             .pool
@@ -173,11 +198,11 @@ async fn execute(
         let deadline = Instant::now() + limits.internal_query_timeout;
         let outcome = query::execute(
             pooled.conn(),
-            state.proxy.claims_key(),
+            &run.settings.claims_key,
             claims,
             statements,
             batch,
-            state.config.max_response_bytes,
+            run.config.max_response_bytes,
             deadline,
         )
         .await;
@@ -214,6 +239,13 @@ async fn execute(
         pooled.release();
         return Err(failure);
     }
+}
+
+/// What a request runs with: the settings it started with.
+struct Run<'a> {
+    state: &'a HttpState,
+    settings: &'a Settings,
+    config: &'a HttpConfig,
 }
 
 /// A refused login as Neon's driver reads it.

@@ -120,10 +120,16 @@ mod tests {
             "postgresql://authenticated:pass%20word@db.example.com/app",
         )]))
         .expect("target");
-        assert_eq!((got.role.as_str(), got.database.as_str()), ("authenticated", "app"));
+        assert_eq!(
+            (got.role.as_str(), got.database.as_str()),
+            ("authenticated", "app")
+        );
         assert_eq!(got.token.as_deref(), Some("pass word"));
         let got = target(&headers(&[
-            ("neon-connection-string", "postgresql://authenticated@db/app"),
+            (
+                "neon-connection-string",
+                "postgresql://authenticated@db/app",
+            ),
             ("authorization", "Bearer tok"),
             ("neon-array-mode", "true"),
         ]))
@@ -131,7 +137,10 @@ mod tests {
         assert_eq!(got.token.as_deref(), Some("tok"));
         assert!(got.array_mode && !got.raw);
         for bad in ["", "not a url", "postgresql://db/app", "postgresql://u@db/"] {
-            assert!(target(&headers(&[("neon-connection-string", bad)])).is_err(), "{bad}");
+            assert!(
+                target(&headers(&[("neon-connection-string", bad)])).is_err(),
+                "{bad}"
+            );
         }
         assert!(target(&HeaderMap::new()).is_err());
     }
@@ -139,8 +148,8 @@ mod tests {
     #[test]
     fn single_statements_and_batches_with_their_options() {
         let none = HeaderMap::new();
-        let (one, batch) = statements(&none, br#"{"query": "select $1", "params": [1]}"#)
-            .expect("single");
+        let (one, batch) =
+            statements(&none, br#"{"query": "select $1", "params": [1]}"#).expect("single");
         assert_eq!(one.len(), 1);
         assert!(batch.is_none());
         let options = headers(&[("neon-batch-read-only", "true")]);

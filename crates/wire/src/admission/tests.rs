@@ -101,9 +101,16 @@ async fn tokens_are_verified_against_the_clock_and_the_role_claim_is_checked() {
     let now = SystemTime::now();
 
     let token = issuer.mint(&TokenSpec::new("user_1"));
-    let admitted = admit(&policy, &verifier, &asked, Some(&token), now)
-        .await
-        .expect("admitted");
+    let admitted = admit(
+        &policy,
+        &verifier,
+        &Metrics::default(),
+        &asked,
+        Some(&token),
+        now,
+    )
+    .await
+    .expect("admitted");
     assert_eq!(
         (admitted.role.as_str(), admitted.database.as_str()),
         ("authenticated", "app")
@@ -115,7 +122,16 @@ async fn tokens_are_verified_against_the_clock_and_the_role_claim_is_checked() {
 
     for missing in [None, Some("")] {
         assert_eq!(
-            admit(&policy, &verifier, &asked, missing, now).await.err(),
+            admit(
+                &policy,
+                &verifier,
+                &Metrics::default(),
+                &asked,
+                missing,
+                now
+            )
+            .await
+            .err(),
             Some(Refusal::MissingToken(
                 "authenticated".into(),
                 Transport::Wire
@@ -125,7 +141,15 @@ async fn tokens_are_verified_against_the_clock_and_the_role_claim_is_checked() {
     let expired = issuer
         .mint(&TokenSpec::new("user_1").issued_at(now - std::time::Duration::from_secs(7200)));
     assert!(matches!(
-        admit(&policy, &verifier, &asked, Some(&expired), now).await,
+        admit(
+            &policy,
+            &verifier,
+            &Metrics::default(),
+            &asked,
+            Some(&expired),
+            now
+        )
+        .await,
         Err(Refusal::Token(VerifyError::Expired))
     ));
     // The token's role claim picks another served role.
@@ -133,6 +157,7 @@ async fn tokens_are_verified_against_the_clock_and_the_role_claim_is_checked() {
     let admitted = admit(
         &policy,
         &verifier_with_role_claim,
+        &Metrics::default(),
         &asked,
         Some(&reporting),
         now,
@@ -142,9 +167,16 @@ async fn tokens_are_verified_against_the_clock_and_the_role_claim_is_checked() {
     assert_eq!(admitted.role, "reporting");
     // An anonymous login ignores a token and has no identity.
     let anonymous = request("anonymous", "app", LOOPBACK, false);
-    let admitted = admit(&policy, &verifier, &anonymous, Some("not a token"), now)
-        .await
-        .expect("anonymous");
+    let admitted = admit(
+        &policy,
+        &verifier,
+        &Metrics::default(),
+        &anonymous,
+        Some("not a token"),
+        now,
+    )
+    .await
+    .expect("anonymous");
     assert!(admitted.identity.is_none());
     // Refusals come before verification.
     let remote = Policy {
@@ -152,9 +184,16 @@ async fn tokens_are_verified_against_the_clock_and_the_role_claim_is_checked() {
         ..policy.clone()
     };
     assert_eq!(
-        admit(&remote, &verifier, &asked, Some(&token), now)
-            .await
-            .err(),
+        admit(
+            &remote,
+            &verifier,
+            &Metrics::default(),
+            &asked,
+            Some(&token),
+            now
+        )
+        .await
+        .err(),
         Some(Refusal::CleartextRefused(Transport::Wire))
     );
 }
@@ -168,9 +207,16 @@ async fn a_claimed_role_the_proxy_does_not_serve_is_refused() {
     let token = issuer.mint(&TokenSpec::new("user_2").claim("db_role", json!("reporting")));
     let asked = request("authenticated", "app", LOOPBACK, false);
     assert_eq!(
-        admit(&policy, &verifier, &asked, Some(&token), SystemTime::now())
-            .await
-            .err(),
+        admit(
+            &policy,
+            &verifier,
+            &Metrics::default(),
+            &asked,
+            Some(&token),
+            SystemTime::now()
+        )
+        .await
+        .err(),
         Some(Refusal::ClaimedRoleNotServed("reporting".into()))
     );
 }

@@ -23,8 +23,10 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use crate::capacity::{self, Count, Held};
 use crate::config::PoolLimits;
 use crate::error::UpstreamError;
+use crate::metrics::Metrics;
 use crate::upstream::{self, Owner, Upstream, UpstreamConfig};
 use pick::{Candidate, pick};
 
@@ -51,13 +53,31 @@ impl Idle {
 struct Slot {
     idle: Vec<Idle>,
     permits: Arc<Semaphore>,
+    /// Its size, as its semaphore was last sized.
+    size: usize,
+    /// Connections checked out (permits held), and clients waiting for one.
+    busy: Arc<Count>,
+    waiting: Arc<Count>,
+}
+
+/// The pool's mutable state, under one lock.
+struct State {
+    limits: PoolLimits,
+    slots: HashMap<Key, Slot>,
 }
 
 /// Upstream connections by (database, role).
 pub struct UpstreamPool {
+    name: &'static str,
     config: UpstreamConfig,
-    limits: PoolLimits,
-    slots: Mutex<HashMap<Key, Slot>>,
+    state: Mutex<State>,
+    metrics: Arc<Metrics>,
+}
+
+/// A place in a slot: a permit, counted in `busy` while held.
+struct Place {
+    _permit: OwnedSemaphorePermit,
+    _busy: Held,
 }
 
 /// A checked-out connection.
@@ -67,7 +87,33 @@ pub struct Pooled {
     reused: bool,
     key: Key,
     pool: Arc<UpstreamPool>,
-    _permit: OwnedSemaphorePermit,
+    _place: Place,
+}
+
+/// One (database, role) of a pool, as `/pools` and `/metrics` show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SlotSnapshot {
+    /// The database.
+    pub database: String,
+    /// The role.
+    pub role: String,
+    /// Connections idle in the pool.
+    pub idle: usize,
+    /// Connections checked out.
+    pub in_use: usize,
+    /// Clients waiting for a connection.
+    pub waiting: usize,
+    /// Most connections allowed.
+    pub size: usize,
+}
+
+/// A pool, as `/pools` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PoolSnapshot {
+    /// Which pool (`wire` for Postgres clients, `http` for `/sql`).
+    pub pool: &'static str,
+    /// Its (database, role) entries.
+    pub slots: Vec<SlotSnapshot>,
 }
 
 /// Why no connection could be had.
@@ -82,19 +128,44 @@ pub enum CheckoutError {
 }
 
 impl UpstreamPool {
-    /// An empty pool for the server in `config`. Run [`reap`] beside it to
-    /// close idle connections on time.
-    pub fn new(config: UpstreamConfig, limits: PoolLimits) -> Arc<Self> {
+    /// An empty pool named `name` (in metrics) for the server in
+    /// `config`. Run [`reap`] beside it to close idle connections on time.
+    pub fn new(
+        name: &'static str,
+        config: UpstreamConfig,
+        limits: PoolLimits,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            name,
             config,
-            limits,
-            slots: Mutex::new(HashMap::new()),
+            state: Mutex::new(State {
+                limits,
+                slots: HashMap::new(),
+            }),
+            metrics,
         })
     }
 
-    /// The pool's limits.
-    pub fn limits(&self) -> &PoolLimits {
-        &self.limits
+    /// The pool's name in metrics.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The pool's limits now.
+    pub fn limits(&self) -> PoolLimits {
+        self.state().limits
+    }
+
+    /// Changes the limits: new checkouts and releases follow them at once;
+    /// a smaller size is reached as busy connections come back.
+    pub fn set_limits(&self, limits: PoolLimits) {
+        let mut state = self.state();
+        state.limits = limits;
+        for slot in state.slots.values_mut() {
+            capacity::resize(&slot.permits, slot.size, limits.max_per_key);
+            slot.size = limits.max_per_key;
+        }
     }
 
     /// The server it connects to.
@@ -102,8 +173,30 @@ impl UpstreamPool {
         &self.config
     }
 
-    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Slot>> {
-        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Every (database, role) with its connections now.
+    pub fn snapshot(&self) -> PoolSnapshot {
+        let state = self.state();
+        let mut slots: Vec<SlotSnapshot> = state
+            .slots
+            .iter()
+            .map(|((database, role), slot)| SlotSnapshot {
+                database: database.clone(),
+                role: role.clone(),
+                idle: slot.idle.len(),
+                in_use: slot.busy.get(),
+                waiting: slot.waiting.get(),
+                size: slot.size,
+            })
+            .collect();
+        slots.sort_by(|a, b| (&a.database, &a.role).cmp(&(&b.database, &b.role)));
+        PoolSnapshot {
+            pool: self.name,
+            slots,
+        }
     }
 
     /// A connection for (`database`, `role`) for `client`: an idle one as
@@ -116,39 +209,57 @@ impl UpstreamPool {
         client: u64,
     ) -> Result<Pooled, CheckoutError> {
         let key = (database.to_owned(), role.to_owned());
-        let permits = Arc::clone(
-            &self
-                .slots()
-                .entry(key.clone())
-                .or_insert_with(|| Slot {
-                    idle: Vec::new(),
-                    permits: Arc::new(Semaphore::new(self.limits.max_per_key)),
-                })
-                .permits,
-        );
+        let (limits, permits, busy, waiting) = {
+            let mut state = self.state();
+            let limits = state.limits;
+            let slot = state.slots.entry(key.clone()).or_insert_with(|| Slot {
+                idle: Vec::new(),
+                permits: Arc::new(Semaphore::new(limits.max_per_key)),
+                size: limits.max_per_key,
+                busy: Arc::default(),
+                waiting: Arc::default(),
+            });
+            // Holding the counters marks the slot in use for `prune`
+            // while this checkout runs.
+            let counts = (Arc::clone(&slot.busy), Arc::clone(&slot.waiting));
+            (limits, Arc::clone(&slot.permits), counts.0, counts.1)
+        };
         // A free slot needs no timer: most checkouts take this path.
         let permit = match Arc::clone(&permits).try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => tokio::time::timeout(
-                self.limits.checkout_timeout,
-                Arc::clone(&permits).acquire_owned(),
-            )
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .ok_or(CheckoutError::Timeout(self.limits.checkout_timeout))?,
+            Ok(permit) => {
+                self.metrics.checkout_wait(self.name, Duration::ZERO);
+                permit
+            }
+            Err(_) => {
+                let started = Instant::now();
+                let _waiting = waiting.hold();
+                let acquired =
+                    tokio::time::timeout(limits.checkout_timeout, permits.acquire_owned()).await;
+                self.metrics.checkout_wait(self.name, started.elapsed());
+                match acquired {
+                    Ok(Ok(permit)) => permit,
+                    _ => {
+                        self.metrics.checkout_timeout(self.name, database, role);
+                        return Err(CheckoutError::Timeout(limits.checkout_timeout));
+                    }
+                }
+            }
         };
-        while let Some(mut idle) = self.take_idle(&key, client, &permits) {
+        let place = Place {
+            _permit: permit,
+            _busy: busy.hold(),
+        };
+        while let Some(mut idle) = self.take_idle(&key, client) {
             let now = Instant::now();
-            if idle.candidate().expired(&self.limits, now.into_std()) {
+            if idle.candidate().expired(&limits, now.into_std()) {
                 continue;
             }
             if idle.conn.spoke_while_idle() {
                 tracing::debug!("an idle upstream connection was closed by the server");
                 continue;
             }
-            if idle.candidate().needs_check(&self.limits, now.into_std()) {
-                let deadline = now + self.limits.internal_query_timeout;
+            if idle.candidate().needs_check(&limits, now.into_std()) {
+                let deadline = now + limits.internal_query_timeout;
                 if let Err(error) = idle.conn.ping(deadline).await {
                     tracing::debug!(%error, "an idle upstream connection failed its health check");
                     continue;
@@ -160,30 +271,37 @@ impl UpstreamPool {
                 reused: true,
                 key,
                 pool: Arc::clone(self),
-                _permit: permit,
+                _place: place,
             });
         }
-        let conn = upstream::connect(&self.config, role, database, password, &[]).await?;
+        let started = Instant::now();
+        let connected = upstream::connect(&self.config, role, database, password, &[]).await;
+        let took = started.elapsed();
+        self.metrics.upstream_login(
+            took,
+            connected
+                .as_ref()
+                .map(|_| ())
+                .map_err(|error| error as &dyn crate::error::Classify),
+        );
         Ok(Pooled {
-            conn: Some(conn),
+            conn: Some(connected?),
             created: Instant::now(),
             reused: false,
             key,
             pool: Arc::clone(self),
-            _permit: permit,
+            _place: place,
         })
     }
 
     /// Removes the idle connection [`pick`] chooses for `client`.
-    fn take_idle(&self, key: &Key, client: u64, permits: &Semaphore) -> Option<Idle> {
-        let mut slots = self.slots();
-        let slot = slots.get_mut(key)?;
+    fn take_idle(&self, key: &Key, client: u64) -> Option<Idle> {
+        let mut state = self.state();
+        let slot = state.slots.get_mut(key)?;
         let candidates: Vec<Candidate> = slot.idle.iter().map(Idle::candidate).collect();
-        let busy = self
-            .limits
-            .max_per_key
-            .saturating_sub(permits.available_permits());
-        let may_grow = busy + slot.idle.len() < self.limits.max_per_key;
+        // Checked out, the caller included.
+        let busy = slot.busy.get();
+        let may_grow = busy + slot.idle.len() < slot.size;
         let at = pick(&candidates, client, may_grow)?;
         (at < slot.idle.len()).then(|| slot.idle.remove(at))
     }
@@ -192,8 +310,13 @@ impl UpstreamPool {
     /// to come back to (the client left); they are reset before reuse.
     pub fn disown(&self, database: &str, role: &str, client: u64) {
         let key = (database.to_owned(), role.to_owned());
-        let mut slots = self.slots();
-        for idle in slots.get_mut(&key).into_iter().flat_map(|s| &mut s.idle) {
+        let mut state = self.state();
+        for idle in state
+            .slots
+            .get_mut(&key)
+            .into_iter()
+            .flat_map(|s| &mut s.idle)
+        {
             if idle.conn.owner() == Owner::Client(client) {
                 idle.conn.set_owner(Owner::Unknown);
             }
@@ -203,20 +326,31 @@ impl UpstreamPool {
     /// Idle connections for (`database`, `role`).
     pub fn idle(&self, database: &str, role: &str) -> usize {
         let key = (database.to_owned(), role.to_owned());
-        self.slots().get(&key).map_or(0, |slot| slot.idle.len())
+        self.state()
+            .slots
+            .get(&key)
+            .map_or(0, |slot| slot.idle.len())
     }
 
     /// Closes idle connections past their idle timeout or lifetime at
-    /// `now`; returns how many.
+    /// `now`, and forgets (database, role) entries with no connection and
+    /// no one waiting; returns how many connections it closed.
     pub fn prune(&self, now: Instant) -> usize {
-        let mut slots = self.slots();
+        let mut state = self.state();
+        let limits = state.limits;
         let mut closed = 0;
-        for slot in slots.values_mut() {
+        state.slots.retain(|_, slot| {
             let before = slot.idle.len();
             slot.idle
-                .retain(|idle| !idle.candidate().expired(&self.limits, now.into_std()));
+                .retain(|idle| !idle.candidate().expired(&limits, now.into_std()));
             closed += before - slot.idle.len();
-        }
+            // Unused: nothing idle or checked out, nobody waiting, and no
+            // checkout under way (it would hold the counters).
+            !(slot.idle.is_empty()
+                && slot.busy.get() == 0
+                && slot.waiting.get() == 0
+                && Arc::strong_count(&slot.busy) == 1)
+        });
         closed
     }
 }
@@ -245,12 +379,12 @@ impl Pooled {
             return;
         };
         let now = Instant::now();
-        if conn.is_broken() || now.duration_since(self.created) >= self.pool.limits.server_lifetime
-        {
+        let mut state = self.pool.state();
+        if conn.is_broken() || now.duration_since(self.created) >= state.limits.server_lifetime {
             return;
         }
         conn.shrink();
-        if let Some(slot) = self.pool.slots().get_mut(&self.key) {
+        if let Some(slot) = state.slots.get_mut(&self.key) {
             slot.idle.push(Idle {
                 conn,
                 created: self.created,
@@ -262,12 +396,15 @@ impl Pooled {
 
 /// Closes expired idle connections now and then, until the pool is gone.
 pub async fn reap(pool: Weak<UpstreamPool>) {
-    let period = match pool.upgrade() {
-        Some(pool) => (pool.limits.idle_timeout.min(pool.limits.server_lifetime) / 2)
-            .clamp(Duration::from_millis(100), Duration::from_secs(30)),
-        None => return,
-    };
     loop {
+        let period = match pool.upgrade() {
+            Some(pool) => {
+                let limits = pool.limits();
+                (limits.idle_timeout.min(limits.server_lifetime) / 2)
+                    .clamp(Duration::from_millis(100), Duration::from_secs(30))
+            }
+            None => return,
+        };
         tokio::time::sleep(period).await;
         let Some(pool) = pool.upgrade() else {
             return;

@@ -85,11 +85,7 @@ impl Negotiation {
 
     /// The answer to `packet`; `more_buffered` tells whether bytes follow
     /// it that the client sent without waiting for the answer.
-    pub fn packet(
-        &mut self,
-        packet: StartupPacket,
-        more_buffered: bool,
-    ) -> Result<Next, Refusal> {
+    pub fn packet(&mut self, packet: StartupPacket, more_buffered: bool) -> Result<Next, Refusal> {
         match packet {
             StartupPacket::SslRequest => {
                 if self.ssl_requested || self.encrypted {

@@ -202,5 +202,8 @@ async fn a_message_shorter_than_its_length_field_is_refused() {
         .await
         .expect("write");
     let (stopped, _, _) = relay.await.expect("join");
-    assert_eq!(stopped.expect("relay"), Stop::Violation(Violation::BadLength(0)));
+    assert_eq!(
+        stopped.expect("relay"),
+        Stop::Violation(Violation::BadLength(0))
+    );
 }

@@ -3,6 +3,7 @@
 //! travel), and, once an upstream connection is leased, the greeting with
 //! the proxy's own cancel key.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::BytesMut;
@@ -81,14 +82,16 @@ impl<S: ClientIo> Session<'_, S> {
             encrypted: self.encrypted,
             transport: self.transport,
         };
-        let policy = &self.proxy.config.admission;
+        let settings = Arc::clone(&self.settings);
+        let policy = &settings.config.admission;
         let token = match admission::check(policy, &request)? {
             Need::Nothing => None,
             Need::Token => Some(self.ask_token().await?),
         };
         let admitted = admission::admit(
             policy,
-            &self.proxy.verifier,
+            &settings.verifier,
+            &self.proxy.metrics,
             &request,
             token.as_deref(),
             SystemTime::now(),

@@ -4,7 +4,8 @@
 //! and return it to the pool if the backend is proven settled, or close it.
 //!
 //! With `enforce_token_expiry`, the session ends at the first idle
-//! transaction boundary after its token's `exp`.
+//! transaction boundary after its token's `exp`; during a drain, at its
+//! next idle boundary, with 57P01 as Postgres says it on shutdown.
 
 use std::time::{Duration, SystemTime};
 
@@ -12,7 +13,7 @@ use tokio::time::Instant;
 
 use super::handshake::{Greeted, Login};
 use super::lease::Lease;
-use super::{ClientIo, Session, refuse};
+use super::{ClientIo, Session, Settings, refuse};
 use crate::error::{ProtocolViolation, SessionError};
 use crate::relay::{self, Relay, Stop};
 
@@ -25,7 +26,8 @@ pub(super) async fn serve<S: ClientIo>(
     let expires = session.expiry(login);
     let Greeted { lease, cancel } = greeted;
     let mut relay = Relay::new(None);
-    relay.watch(session.proxy.config.client_limits);
+    relay.watch(session.settings.config.client_limits);
+    relay.observe(session.observed());
     let result = Box::pin(relay_to_end(session, relay, lease, expires)).await;
     drop(cancel);
     result
@@ -38,14 +40,26 @@ impl<S: ClientIo> Session<'_, S> {
             .admitted
             .identity
             .as_ref()
-            .filter(|_| self.proxy.config.enforce_token_expiry)
+            .filter(|_| self.settings.config.enforce_token_expiry)
             .map(|identity| crate::transaction::expiry_time(identity.expires_at))
     }
+}
+
+/// Why a relay stopped at an idle boundary on the proxy's request.
+#[derive(Clone, Copy)]
+enum Boundary {
+    /// The token expired (`enforce_token_expiry`).
+    TokenExpired,
+    /// The proxy drains for shutdown.
+    Draining,
 }
 
 /// Relays until the session ends, then resets and returns the connection
 /// to the pool if it can be reused. `relay` may have followed part of the
 /// session already (a transaction-pooled client pinned to its connection).
+///
+/// An expired token or a drain ends the session at its next idle
+/// transaction boundary; a forced drain ends it now.
 pub(super) async fn relay_to_end<S: ClientIo>(
     mut session: Session<'_, S>,
     mut relay: Relay,
@@ -53,49 +67,68 @@ pub(super) async fn relay_to_end<S: ClientIo>(
     expires: Option<SystemTime>,
 ) -> Result<(), SessionError> {
     let pipelined = std::mem::take(&mut session.inbox);
+    let proxy = session.proxy;
+    let limits = session.settings.config.client_limits;
     let client = &mut session.client;
     let conn = lease.conn();
     relay.forward(&pipelined, conn.stream()).await?;
     drop(pipelined);
-    let stopped = match expires {
-        None => relay.run(client, conn.stream()).await,
-        Some(at) => {
-            let left = at
-                .duration_since(SystemTime::now())
-                .unwrap_or(Duration::ZERO);
-            let ended = tokio::select! {
-                stopped = relay.run(client, conn.stream()) => Some(stopped),
-                () = tokio::time::sleep(left) => None,
-            };
-            match ended {
-                Some(stopped) => stopped,
-                None => {
-                    relay.stop_at_idle(true);
-                    relay.run(client, conn.stream()).await
-                }
+    let drain = proxy.drain();
+    let expiry = async {
+        match expires {
+            Some(at) => {
+                let left = at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO);
+                tokio::time::sleep(left).await;
             }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expiry);
+    let mut boundary = None;
+    // `None`: the drain was forced before the session reached a boundary.
+    let stopped = loop {
+        tokio::select! {
+            stopped = relay.run(client, conn.stream()) => break Some(stopped),
+            () = &mut expiry, if boundary.is_none() => {
+                boundary = Some(Boundary::TokenExpired);
+                relay.stop_at_idle(true);
+            }
+            () = drain.draining(), if boundary.is_none() => {
+                boundary = Some(Boundary::Draining);
+                relay.stop_at_idle(true);
+            }
+            () = drain.closing() => break None,
         }
     };
     let reusable = matches!(
         stopped,
-        Ok(Stop::ClientClosed | Stop::ClientTerminated | Stop::Idle | Stop::IdleInTransaction)
+        Some(Ok(Stop::ClientClosed
+            | Stop::ClientTerminated
+            | Stop::Idle
+            | Stop::IdleInTransaction))
     ) && relay.between_requests();
-    let limits = session.proxy.config.client_limits;
     let ended = match stopped {
-        Ok(Stop::UpstreamClosed | Stop::ClientClosed | Stop::ClientTerminated) => None,
-        // Only an expired token stops a session that holds its connection.
-        Ok(Stop::Idle) => {
-            tracing::info!("session ended: its token expired");
-            Some(SessionError::TokenExpired)
-        }
-        Ok(Stop::Violation(violation)) => Some(ProtocolViolation::Relay(violation).into()),
-        Ok(Stop::IdleInTransaction) => Some(SessionError::IdleInTransaction(
+        None => Some(SessionError::ShuttingDown),
+        Some(Ok(Stop::UpstreamClosed | Stop::ClientClosed | Stop::ClientTerminated)) => None,
+        Some(Ok(Stop::Idle)) => Some(match boundary {
+            Some(Boundary::Draining) => SessionError::ShuttingDown,
+            // Only an expired token or a drain stops a session that holds
+            // its connection.
+            _ => {
+                tracing::info!("session ended: its token expired");
+                SessionError::TokenExpired
+            }
+        }),
+        Some(Ok(Stop::Violation(violation))) => Some(ProtocolViolation::Relay(violation).into()),
+        Some(Ok(Stop::IdleInTransaction)) => Some(SessionError::IdleInTransaction(
             limits.idle_in_transaction.unwrap_or_default(),
         )),
-        Ok(Stop::ClientStalled) => Some(SessionError::ClientStalled(
+        Some(Ok(Stop::ClientStalled)) => Some(SessionError::ClientStalled(
             limits.stalled_reader.unwrap_or_default(),
         )),
-        Err(ref error) => Some(SessionError::ClientIo(std::io::Error::new(
+        Some(Err(ref error)) => Some(SessionError::ClientIo(std::io::Error::new(
             error.kind(),
             error.to_string(),
         ))),
@@ -108,18 +141,20 @@ pub(super) async fn relay_to_end<S: ClientIo>(
     }
     // The backend goes back, or is closed, before anything waits on a
     // client that may not be reading.
-    finish(session.proxy, lease, reusable).await;
-    if matches!(stopped, Ok(Stop::UpstreamClosed)) {
-        // The server's last words (a FATAL) are the client's.
+    finish(&session.settings, lease, reusable).await;
+    if matches!(stopped, Some(Ok(Stop::UpstreamClosed)) | None) {
+        // The server's last words (a FATAL) are the client's; so is what
+        // it sent before a forced drain.
         let _ = tokio::time::timeout(super::ERROR_WRITE_TIMEOUT, relay.flush_client(client)).await;
     }
     match ended {
-        Some(error) => {
-            session.proxy.report(&error);
+        // A forced drain mid-message cannot add an ErrorResponse.
+        Some(error) if stopped.is_some() || relay.client_at_boundary() => {
+            proxy.report(&error);
             refuse(client, &error).await;
             Ok(())
         }
-        None => {
+        _ => {
             relay::close_client(client).await;
             Ok(())
         }
@@ -128,10 +163,10 @@ pub(super) async fn relay_to_end<S: ClientIo>(
 
 /// Returns a connection the session is done with: reset and back to the
 /// pool when `reusable`, otherwise closed.
-pub(super) async fn finish(proxy: &super::Proxy, lease: Lease, reusable: bool) {
+pub(super) async fn finish(settings: &Settings, lease: Lease, reusable: bool) {
     match lease {
         Lease::Pooled(mut pooled) if reusable => {
-            let deadline = Instant::now() + proxy.config.pool_limits.internal_query_timeout;
+            let deadline = Instant::now() + settings.config.pool_limits.internal_query_timeout;
             match pooled.conn().reset(deadline).await {
                 Ok(()) => pooled.release(),
                 Err(error) => {

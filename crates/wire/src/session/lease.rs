@@ -10,10 +10,11 @@
 
 use tokio::time::Instant;
 
-use super::Proxy;
 use super::handshake::Login;
+use super::{Proxy, Settings};
 use crate::config::PoolMode;
 use crate::error::{SessionError, UpstreamError};
+use crate::identity::ClaimsKey;
 use crate::pool::{CheckoutError, Pooled};
 use crate::transaction::PooledClient;
 use crate::upstream::{self, Upstream};
@@ -51,23 +52,33 @@ pub(super) enum Readying<'a> {
 /// client should see.
 pub(super) async fn lease(
     proxy: &Proxy,
+    settings: &Settings,
     login: &Login,
     mode: PoolMode,
 ) -> Result<(Lease, Vec<(String, String)>), SessionError> {
     let admitted = &login.admitted;
-    if mode == PoolMode::None || proxy.pool.is_none() {
-        let config = &proxy.config;
-        let mut conn = upstream::connect(
+    if mode == PoolMode::None {
+        let config = &settings.config;
+        let started = Instant::now();
+        let connected = upstream::connect(
             &config.upstream,
             &admitted.role,
             &admitted.database,
             config.password(&admitted.role),
             &login.forwarded,
         )
-        .await?;
+        .await;
+        proxy.metrics.upstream_login(
+            started.elapsed(),
+            connected
+                .as_ref()
+                .map(|_| ())
+                .map_err(|error| error as &dyn crate::error::Classify),
+        );
+        let mut conn = connected?;
         let deadline = Instant::now() + config.pool_limits.internal_query_timeout;
         let parameters = conn
-            .attach(&proxy.claims_key, login.claims(), &[], deadline)
+            .attach(&settings.claims_key, login.claims(), &[], deadline)
             .await?;
         return Ok((Lease::Own(conn), parameters));
     }
@@ -77,6 +88,7 @@ pub(super) async fn lease(
     };
     let (pooled, parameters) = checkout(
         proxy,
+        settings,
         &admitted.database,
         &admitted.role,
         login.client_id,
@@ -91,19 +103,16 @@ pub(super) async fn lease(
 /// client's was sent on it.
 pub(super) async fn checkout(
     proxy: &Proxy,
+    settings: &Settings,
     database: &str,
     role: &str,
     client: u64,
     readying: Readying<'_>,
 ) -> Result<(Pooled, Vec<(String, String)>), SessionError> {
-    let Some(pool) = proxy.pool.as_ref() else {
-        return Err(SessionError::Upstream(UpstreamError::Protocol(
-            "no pool for a pooled database",
-        )));
-    };
-    let limits = *pool.limits();
+    let pool = proxy.pool();
+    let limits = pool.limits();
     let give_up = Instant::now() + limits.checkout_timeout;
-    let password = proxy.config.password(role);
+    let password = settings.config.password(role);
     loop {
         let mut pooled = pool
             .checkout(database, role, password, client)
@@ -117,7 +126,8 @@ pub(super) async fn checkout(
                 CheckoutError::Upstream(error) => SessionError::Upstream(error),
             })?;
         let deadline = Instant::now() + limits.internal_query_timeout;
-        let readied = ready(proxy, pooled.conn(), client, &readying, deadline).await;
+        let key = &settings.claims_key;
+        let readied = ready(key, pooled.conn(), client, &readying, deadline).await;
         match readied {
             Ok(parameters) => return Ok((pooled, parameters)),
             Err(error) if error.worth_another_connection() && Instant::now() < give_up => {
@@ -136,7 +146,7 @@ pub(super) async fn checkout(
 }
 
 async fn ready(
-    proxy: &Proxy,
+    claims_key: &ClaimsKey,
     conn: &mut Upstream,
     client: u64,
     readying: &Readying<'_>,
@@ -145,11 +155,10 @@ async fn ready(
     match readying {
         Readying::Login { claims, settings } => {
             conn.claim(client, deadline).await?;
-            conn.attach(&proxy.claims_key, *claims, settings, deadline)
-                .await
+            conn.attach(claims_key, *claims, settings, deadline).await
         }
         Readying::Transaction(pooled_client) => pooled_client
-            .take(conn, &proxy.claims_key, deadline)
+            .take(conn, claims_key, deadline)
             .await
             .map(|()| Vec::new()),
     }

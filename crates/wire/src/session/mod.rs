@@ -20,7 +20,7 @@ mod negotiate;
 mod transactions;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 
 use authgres_jwt::Verifier;
 use bytes::BytesMut;
@@ -32,13 +32,17 @@ use tracing::Instrument as _;
 use crate::admission::Transport;
 use crate::budget::{Budget, Entry, Ticket};
 use crate::cancel::CancelRegistry;
+use crate::clients::{ClientHandle, ClientLogin, Clients};
 use crate::config::{PoolMode, ProxyConfig};
+use crate::drain::Drain;
 use crate::error::{Classify as _, SessionError, Severity};
 use crate::identity::ClaimsKey;
 use crate::log_limit::LogLimiter;
+use crate::metrics::Metrics;
 use crate::pool::UpstreamPool;
 use crate::proto::backend;
 use crate::proto::negotiate::Startup;
+use crate::relay::Observed;
 use crate::upstream;
 use negotiate::{Failed, Opened};
 
@@ -49,47 +53,122 @@ const ERROR_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> ClientIo for S {}
 
+/// What a reload can change: the settings a session takes at accept and
+/// keeps to its end.
+pub struct Settings {
+    /// Admission, limits, timeouts, pool modes and sizes, the upstream.
+    pub config: ProxyConfig,
+    /// Token verification.
+    pub verifier: Arc<Verifier>,
+    /// The key that signs claims for SQL.
+    pub claims_key: ClaimsKey,
+    /// TLS for clients, if configured.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
 /// The proxy: its settings and the state all sessions share.
 pub struct Proxy {
-    config: ProxyConfig,
-    verifier: Arc<Verifier>,
-    claims_key: ClaimsKey,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    /// Upstream connections, when any database is pooled.
-    pool: Option<Arc<UpstreamPool>>,
+    settings: RwLock<Arc<Settings>>,
+    /// Upstream connections of the wire sessions.
+    pool: Arc<UpstreamPool>,
+    /// Every pool to report (this one, HTTP's), for metrics and `/pools`.
+    pools: Mutex<Vec<Weak<UpstreamPool>>>,
     cancels: CancelRegistry,
     /// Client connections held, by every listener.
     budget: Arc<Budget>,
     /// Log lines about refused clients, limited.
     refusals: LogLimiter,
+    drain: Drain,
+    clients: Arc<Clients>,
+    metrics: Arc<Metrics>,
 }
 
 impl Proxy {
-    /// A proxy with these settings. Run [`Proxy::maintenance`] beside it.
-    pub fn new(
-        config: ProxyConfig,
-        verifier: Arc<Verifier>,
-        claims_key: ClaimsKey,
-        tls: Option<tokio_rustls::TlsAcceptor>,
-    ) -> Self {
-        let pool = config
-            .pools()
-            .then(|| UpstreamPool::new(config.upstream.clone(), config.pool_limits));
+    /// A proxy with these settings, counting into `metrics`. Run
+    /// [`Proxy::maintenance`] beside it.
+    pub fn new(settings: Settings, metrics: Arc<Metrics>) -> Self {
+        let config = &settings.config;
+        let pool = UpstreamPool::new(
+            "wire",
+            config.upstream.clone(),
+            config.pool_limits,
+            Arc::clone(&metrics),
+        );
         Self {
             budget: Budget::new(config.connections),
-            config,
-            verifier,
-            claims_key,
-            tls,
+            pools: Mutex::new(vec![Arc::downgrade(&pool)]),
             pool,
+            settings: RwLock::new(Arc::new(settings)),
             cancels: CancelRegistry::default(),
             refusals: LogLimiter::default(),
+            drain: Drain::default(),
+            clients: Arc::default(),
+            metrics,
         }
+    }
+
+    /// The settings in force now; a session keeps the ones it started with.
+    pub fn settings(&self) -> Arc<Settings> {
+        Arc::clone(&self.settings.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Puts `new` in force for new sessions and new checkouts; running
+    /// sessions keep theirs. Returns the settings that changed but need a
+    /// restart (they keep their old values).
+    pub fn reload(&self, mut new: Settings) -> Vec<&'static str> {
+        let old = self.settings();
+        let mut restart = Vec::new();
+        if !new.config.upstream.same_as(&old.config.upstream) {
+            // Pooled connections and cancels go to the server they came
+            // from; a new server means a new process.
+            new.config.upstream = old.config.upstream.clone();
+            restart.push("[upstream]");
+        }
+        self.budget.set_limits(new.config.connections);
+        self.pool.set_limits(new.config.pool_limits);
+        *self
+            .settings
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(new);
+        restart
     }
 
     /// The connection budget every listener draws from.
     pub fn budget(&self) -> &Arc<Budget> {
         &self.budget
+    }
+
+    /// The shutdown state every listener and session follows.
+    pub fn drain(&self) -> &Drain {
+        &self.drain
+    }
+
+    /// The client connections held, on every listener.
+    pub fn clients(&self) -> &Arc<Clients> {
+        &self.clients
+    }
+
+    /// The counters every transport updates.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Adds a pool to those reported in metrics and `/pools`.
+    pub fn report_pool(&self, pool: &Arc<UpstreamPool>) {
+        self.pools
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Arc::downgrade(pool));
+    }
+
+    /// Every pool reported.
+    pub fn pools(&self) -> Vec<Arc<UpstreamPool>> {
+        self.pools
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
     }
 
     /// Logs that a connection was refused before it became a session (at
@@ -100,35 +179,15 @@ impl Proxy {
         }
     }
 
-    /// The settings in force.
-    pub fn config(&self) -> &ProxyConfig {
-        &self.config
-    }
-
-    /// The token verifier.
-    pub fn verifier(&self) -> &Arc<Verifier> {
-        &self.verifier
-    }
-
-    /// The key that signs claims for SQL.
-    pub fn claims_key(&self) -> &ClaimsKey {
-        &self.claims_key
-    }
-
-    /// The upstream pool of the wire sessions, if any database is pooled.
-    pub fn pool(&self) -> Option<&Arc<UpstreamPool>> {
-        self.pool.as_ref()
+    /// The upstream pool of the wire sessions.
+    pub fn pool(&self) -> &Arc<UpstreamPool> {
+        &self.pool
     }
 
     /// Background work the proxy needs while it runs: closing idle
     /// upstream connections on time. Completes when the proxy is gone.
     pub fn maintenance(self: &Arc<Self>) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let pool = self.pool.as_ref().map(Arc::downgrade);
-        async move {
-            if let Some(pool) = pool {
-                crate::pool::reap(pool).await;
-            }
-        }
+        crate::pool::reap(Arc::downgrade(&self.pool))
     }
 
     /// Serves one TCP client to the end; `entry` is its place in the
@@ -136,25 +195,30 @@ impl Proxy {
     pub async fn serve_tcp(self: Arc<Self>, mut tcp: TcpStream, peer: SocketAddr, entry: Entry) {
         let span = session_span(peer, Transport::Wire);
         async move {
-            let deadline = Instant::now() + self.config.auth_timeout;
+            let settings = self.settings();
+            let client = self.clients.register(peer, Transport::Wire);
+            let deadline = Instant::now() + settings.config.auth_timeout;
             let ticket = match entry.admit(deadline).await {
                 Ok(ticket) => ticket,
                 Err(full) => {
                     self.log_refusal(peer, &full);
-                    refuse(&mut tcp, &SessionError::TooManyConnections).await;
+                    let error = SessionError::TooManyConnections;
+                    self.metrics.login(Transport::Wire, Err(&error));
+                    refuse(&mut tcp, &error).await;
                     return;
                 }
             };
-            crate::transport::tune(&tcp, self.config.tcp_keepalive);
-            let opened = timeout_at(deadline, negotiate::over_tcp(tcp, self.tls.as_ref())).await;
-            let result = match opened {
-                Ok(opened) => {
-                    self.open(opened, peer, Transport::Wire, deadline, ticket)
-                        .await
-                }
-                Err(_) => Err(SessionError::AuthTimeout(self.config.auth_timeout)),
+            crate::transport::tune(&tcp, settings.config.tcp_keepalive);
+            let opened =
+                timeout_at(deadline, negotiate::over_tcp(tcp, settings.tls.as_ref())).await;
+            let place = Place {
+                peer,
+                transport: Transport::Wire,
+                auth_deadline: deadline,
+                ticket,
+                client,
             };
-            self.log_end(&result);
+            self.settle_negotiation(opened, settings, place).await;
         }
         .instrument(span)
         .await;
@@ -169,31 +233,47 @@ impl Proxy {
         peer: SocketAddr,
         encrypted: bool,
         ticket: Ticket,
+        client: ClientHandle,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
         let span = session_span(peer, Transport::WebSocket);
         async move {
-            let deadline = Instant::now() + self.config.auth_timeout;
+            let settings = self.settings();
+            client.set_transport(Transport::WebSocket);
+            let deadline = Instant::now() + settings.config.auth_timeout;
             let opened = timeout_at(deadline, negotiate::settled(stream, encrypted)).await;
-            let result = match opened {
-                Ok(opened) => {
-                    self.open(opened, peer, Transport::WebSocket, deadline, ticket)
-                        .await
-                }
-                Err(_) => Err(SessionError::AuthTimeout(self.config.auth_timeout)),
+            let place = Place {
+                peer,
+                transport: Transport::WebSocket,
+                auth_deadline: deadline,
+                ticket,
+                client,
             };
-            self.log_end(&result);
+            self.settle_negotiation(opened, settings, place).await;
         }
         .instrument(span)
         .await;
     }
 
-    /// Logs how a session ended, as loudly as its classification says.
-    fn log_end(&self, result: &Result<(), SessionError>) {
+    /// Runs what the negotiation opened to the end and logs how it ended.
+    async fn settle_negotiation<S: ClientIo>(
+        &self,
+        opened: Result<Result<Opened<S>, Failed<S>>, tokio::time::error::Elapsed>,
+        settings: Arc<Settings>,
+        place: Place,
+    ) {
+        let result = match opened {
+            Ok(opened) => self.open(opened, settings, place).await,
+            Err(_) => {
+                let error = SessionError::AuthTimeout(settings.config.auth_timeout);
+                self.metrics.login(place.transport, Err(&error));
+                Err(error)
+            }
+        };
         match result {
             Ok(()) => tracing::debug!("session ended"),
-            Err(error) => self.report(error),
+            Err(error) => self.report(&error),
         }
     }
 
@@ -217,10 +297,8 @@ impl Proxy {
     async fn open<S: ClientIo>(
         &self,
         opened: Result<Opened<S>, Failed<S>>,
-        peer: SocketAddr,
-        transport: Transport,
-        auth_deadline: Instant,
-        ticket: Ticket,
+        settings: Arc<Settings>,
+        place: Place,
     ) -> Result<(), SessionError> {
         match opened {
             Ok(Opened::Session {
@@ -231,22 +309,25 @@ impl Proxy {
             }) => {
                 let session = Session {
                     proxy: self,
+                    settings,
                     client: stream,
                     inbox,
-                    peer,
-                    transport,
+                    peer: place.peer,
+                    transport: place.transport,
                     encrypted,
-                    auth_deadline,
-                    ticket,
+                    auth_deadline: place.auth_deadline,
+                    ticket: place.ticket,
+                    registered: place.client,
                 };
                 session.run(startup).await
             }
             Ok(Opened::Cancel { pid, key }) => {
-                self.forward_cancel(pid, &key).await;
+                self.forward_cancel(&settings, pid, &key).await;
                 Ok(())
             }
             Ok(Opened::Closed) => Ok(()),
             Err(Failed { stream, error }) => {
+                self.metrics.login(place.transport, Err(&error));
                 self.report(&error);
                 if let Some(mut stream) = stream {
                     refuse(&mut stream, &error).await;
@@ -258,8 +339,9 @@ impl Proxy {
 
     /// Forwards a client's CancelRequest to the backend serving its
     /// session now, if the key is one this proxy handed out.
-    async fn forward_cancel(&self, pid: i32, key: &[u8]) {
+    async fn forward_cancel(&self, settings: &Settings, pid: i32, key: &[u8]) {
         let Some(target) = self.cancels.lookup(pid, key) else {
+            self.metrics.cancel("unknown_key");
             tracing::info!("cancel request with an unknown key ignored");
             return;
         };
@@ -267,19 +349,40 @@ impl Proxy {
         // another client until this cancel is delivered.
         let target = target.lock().await;
         let Some(upstream) = target.as_ref() else {
+            self.metrics.cancel("between_transactions");
             tracing::info!("cancel request for a client between transactions ignored");
             return;
         };
-        match upstream::cancel(&self.config.upstream, upstream).await {
-            Ok(()) => tracing::info!("cancel request forwarded"),
-            Err(error) => tracing::warn!(%error, "cancel request could not be forwarded"),
+        match upstream::cancel(&settings.config.upstream, upstream).await {
+            Ok(()) => {
+                self.metrics.cancel("forwarded");
+                tracing::info!("cancel request forwarded");
+            }
+            Err(error) => {
+                self.metrics.cancel("failed");
+                tracing::warn!(%error, "cancel request could not be forwarded");
+            }
         }
     }
+}
+
+/// Where a new connection stands before its negotiation settles.
+struct Place {
+    peer: SocketAddr,
+    transport: Transport,
+    /// When the client must have authenticated.
+    auth_deadline: Instant,
+    /// Its place in the connection budget.
+    ticket: Ticket,
+    /// Its entry in the client registry.
+    client: ClientHandle,
 }
 
 /// One client's session after its StartupMessage.
 pub(crate) struct Session<'p, S> {
     proxy: &'p Proxy,
+    /// The settings it started with, kept to its end.
+    settings: Arc<Settings>,
     client: S,
     /// What the client sent past the last message handled.
     inbox: BytesMut,
@@ -290,6 +393,8 @@ pub(crate) struct Session<'p, S> {
     auth_deadline: Instant,
     /// Its place in the connection budget, marked once it authenticates.
     ticket: Ticket,
+    /// Its entry in the client registry.
+    registered: ClientHandle,
 }
 
 impl<S: ClientIo> Session<'_, S> {
@@ -301,22 +406,58 @@ impl<S: ClientIo> Session<'_, S> {
         let login = timeout_at(self.auth_deadline, Box::pin(self.handshake(startup))).await;
         let login = match login {
             Ok(Ok(login)) => login,
-            Ok(Err(error)) => return self.refused(error).await,
+            Ok(Err(error)) => return self.login_failed(error).await,
             Err(_) => {
-                let waited = self.proxy.config.auth_timeout;
-                return self.refused(SessionError::AuthTimeout(waited)).await;
+                let waited = self.settings.config.auth_timeout;
+                return self.login_failed(SessionError::AuthTimeout(waited)).await;
             }
         };
-        let mode = self.proxy.config.pool_mode_for(&login.admitted.database);
-        let leased = match Box::pin(lease::lease(self.proxy, &login, mode)).await {
+        if self.proxy.drain.is_draining() {
+            return self.login_failed(SessionError::ShuttingDown).await;
+        }
+        let mode = self.settings.config.pool_mode_for(&login.admitted.database);
+        let leased = Box::pin(lease::lease(self.proxy, &self.settings, &login, mode)).await;
+        let leased = match leased {
             Ok(leased) => leased,
-            Err(error) => return self.refused(error).await,
+            Err(error) => return self.login_failed(error).await,
         };
         let authenticated = login.admitted.identity.is_some();
-        let greeted = self.greet(leased, mode, authenticated).await?;
+        let greeted = match self.greet(leased, mode, authenticated).await {
+            Ok(greeted) => greeted,
+            Err(error) => {
+                self.proxy.metrics.login(self.transport, Err(&error));
+                return Err(error);
+            }
+        };
+        self.proxy.metrics.login(self.transport, Ok(()));
+        self.registered.logged_in(ClientLogin {
+            role: login.admitted.role.clone(),
+            database: login.admitted.database.clone(),
+            provider: login
+                .admitted
+                .identity
+                .as_ref()
+                .map(|i| i.provider.to_string()),
+            subject: login.admitted.identity.as_ref().map(|i| i.subject.clone()),
+            pool_mode: mode.label(),
+        });
         match mode {
             PoolMode::Transaction => transactions::serve(self, login, greeted).await,
             PoolMode::Session | PoolMode::None => hold::serve(self, &login, greeted).await,
+        }
+    }
+
+    /// Counts a login that did not happen, then refuses it.
+    async fn login_failed(self, error: SessionError) -> Result<(), SessionError> {
+        self.proxy.metrics.login(self.transport, Err(&error));
+        self.refused(error).await
+    }
+
+    /// The relay counters and state reports of this session.
+    fn observed(&self) -> Observed {
+        Observed {
+            tally: self.proxy.metrics.tally(self.transport),
+            activity: self.registered.activity(),
         }
     }
 

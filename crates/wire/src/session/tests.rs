@@ -100,7 +100,16 @@ async fn harness(mode: PoolMode, pool_size: usize) -> Harness {
             ..PoolLimits::default()
         },
     };
-    let proxy = Arc::new(Proxy::new(config, verifier, key, None));
+    let settings = Settings {
+        config,
+        verifier,
+        claims_key: key,
+        tls: None,
+    };
+    let proxy = Arc::new(Proxy::new(
+        settings,
+        crate::metrics::Metrics::unregistered(),
+    ));
     Harness {
         cluster,
         issuer,
@@ -117,7 +126,10 @@ fn pipe(harness: &Harness) -> DuplexStream {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         let entry = proxy.budget().enter(PEER.ip()).expect("room");
         let ticket = entry.admit(deadline).await.expect("room");
-        proxy.serve_settled(proxy_side, PEER, false, ticket).await;
+        let client = proxy.clients().register(PEER, Transport::WebSocket);
+        proxy
+            .serve_settled(proxy_side, PEER, false, ticket, client)
+            .await;
     });
     client
 }

@@ -19,6 +19,7 @@ use super::hold::{self, relay_to_end};
 use super::lease::{self, Lease, Readying};
 use super::{ClientIo, Session};
 use crate::cancel::CancelGuard;
+use crate::clients::ClientState;
 use crate::error::{ProtocolViolation, SessionError};
 use crate::pool::Pooled;
 use crate::relay::{self, Relay, Stop};
@@ -45,9 +46,7 @@ pub(super) async fn serve<S: ClientIo>(
     drop(login.admitted.identity);
     let proxy = session.proxy;
     let served = serve_transactions(&mut session, &database, &role, client, &cancel).await;
-    if let Some(pool) = proxy.pool() {
-        pool.disown(&database, &role, login.client_id);
-    }
+    proxy.pool().disown(&database, &role, login.client_id);
     match served {
         Ok(Some((relay, pooled, expires))) => {
             Box::pin(relay_to_end(session, relay, Lease::Pooled(pooled), expires)).await
@@ -71,11 +70,20 @@ async fn serve_transactions<S: ClientIo>(
     cancel: &CancelGuard,
 ) -> Result<Option<Pinned>, SessionError> {
     let mut first = std::mem::take(&mut session.inbox).to_vec();
+    let drain = session.proxy.drain();
     loop {
+        // At a boundary, holding nothing: a drain closes the client here,
+        // before its next transaction starts.
+        if drain.is_draining() {
+            return Err(SessionError::ShuttingDown);
+        }
         if first.is_empty() {
             // Idle: no upstream connection, no buffers beyond this one.
             let mut head = [0u8; 64];
-            let n = session.client.read(&mut head).await?;
+            let n = tokio::select! {
+                read = session.client.read(&mut head) => read?,
+                () = drain.draining() => return Err(SessionError::ShuttingDown),
+            };
             first = head.get(..n).unwrap_or_default().to_vec();
         }
         // Between transactions the client is at a message boundary, so
@@ -87,13 +95,15 @@ async fn serve_transactions<S: ClientIo>(
             return Err(SessionError::TokenExpired);
         }
         let readying = Readying::Transaction(&client);
-        let proxy = session.proxy;
-        let (mut pooled, _) =
-            Box::pin(lease::checkout(proxy, database, role, client.id, readying)).await?;
+        let (proxy, settings) = (session.proxy, &session.settings);
+        session.registered.set_state(ClientState::Waiting);
+        let checkout = lease::checkout(proxy, settings, database, role, client.id, readying);
+        let (mut pooled, _) = Box::pin(checkout).await?;
         let conn = pooled.conn();
         cancel.retarget(Some(conn.cancel_key())).await;
         let mut relay = Relay::new(Some(std::mem::take(&mut client.tracker)));
-        relay.watch(proxy.config.client_limits);
+        relay.watch(settings.config.client_limits);
+        relay.observe(session.observed());
         relay.stop_at_idle(true);
         relay
             .deliver(&conn.take_for_client(), &mut session.client)
@@ -102,7 +112,13 @@ async fn serve_transactions<S: ClientIo>(
             .forward(&std::mem::take(&mut first), conn.stream())
             .await
         {
-            Ok(()) => relay.run(&mut session.client, conn.stream()).await,
+            Ok(()) => tokio::select! {
+                stopped = relay.run(&mut session.client, conn.stream()) => stopped,
+                () = drain.closing() => {
+                    cancel.retarget(None).await;
+                    return forced(session, relay, pooled).await;
+                }
+            },
             Err(error) => Err(error),
         };
         if let Ok(Stop::Idle) = stopped {
@@ -150,7 +166,7 @@ async fn settle<S: ClientIo>(
     if !client.unsettled() {
         return Ok(Settled::Released);
     }
-    let deadline = Instant::now() + session.proxy.config.pool_limits.internal_query_timeout;
+    let deadline = Instant::now() + session.settings.config.pool_limits.internal_query_timeout;
     let conn = pooled.conn();
     match client.settle(conn, deadline).await {
         Ok(pinned) => {
@@ -185,7 +201,7 @@ async fn finish_transaction<S: ClientIo>(
         );
     }
     hold::finish(
-        session.proxy,
+        &session.settings,
         Lease::Pooled(pooled),
         client_left && relay.between_requests(),
     )
@@ -197,4 +213,25 @@ async fn finish_transaction<S: ClientIo>(
             Ok(None)
         }
     }
+}
+
+/// A forced drain caught the client inside a transaction: its backend is
+/// closed (the server rolls the transaction back); the client gets 57P01
+/// if it is at a message boundary, else only the close.
+async fn forced<S: ClientIo>(
+    session: &mut Session<'_, S>,
+    mut relay: Relay,
+    pooled: Pooled,
+) -> Result<Option<Pinned>, SessionError> {
+    hold::finish(&session.settings, Lease::Pooled(pooled), false).await;
+    let flushed = tokio::time::timeout(
+        super::ERROR_WRITE_TIMEOUT,
+        relay.flush_client(&mut session.client),
+    )
+    .await;
+    if matches!(flushed, Ok(Ok(()))) && relay.client_at_boundary() {
+        return Err(SessionError::ShuttingDown);
+    }
+    relay::close_client(&mut session.client).await;
+    Ok(None)
 }

@@ -32,6 +32,16 @@ pub struct UpstreamConfig {
 }
 
 impl UpstreamConfig {
+    /// Whether `other` names the same server the same way (host, port,
+    /// TLS mode, timeouts); a CA file's contents are not compared.
+    pub fn same_as(&self, other: &Self) -> bool {
+        self.host == other.host
+            && self.port == other.port
+            && format!("{:?}", self.tls) == format!("{:?}", other.tls)
+            && self.connect_timeout == other.connect_timeout
+            && self.tcp_keepalive == other.tcp_keepalive
+    }
+
     /// `host:port`.
     pub fn address(&self) -> String {
         format!("{}:{}", self.host, self.port)

@@ -189,7 +189,10 @@ fn a_length_below_its_own_four_bytes_is_refused() {
     // Found by the framer fuzz target: such a message read as empty, and
     // was forwarded.
     for length in [0, 1, 3] {
-        assert_eq!(Ledger::check(b'Q', length), Err(Violation::BadLength(length)));
+        assert_eq!(
+            Ledger::check(b'Q', length),
+            Err(Violation::BadLength(length))
+        );
     }
 }
 

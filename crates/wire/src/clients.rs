@@ -1,0 +1,282 @@
+//! The client connections the proxy holds, on every listener: who they
+//! are and what they are doing, for `/clients` and the clients gauge (the
+//! questions pgbouncer's `SHOW CLIENTS` answers).
+//!
+//! A connection registers when it is accepted and leaves the registry when
+//! its [`ClientHandle`] drops. Its state changes are one atomic store, so
+//! the relay can report a transaction's start and end without a lock.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::SystemTime;
+
+use crate::admission::Transport;
+
+/// What a client connection is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientState {
+    /// Connected, not logged in yet.
+    Authenticating,
+    /// Logged in, nothing in flight, no transaction open.
+    Idle,
+    /// Waiting for a pooled upstream connection.
+    Waiting,
+    /// A query or transaction is in progress.
+    Active,
+}
+
+impl ClientState {
+    /// Every state, for gauges that report zeros too.
+    pub const ALL: [Self; 4] = [
+        Self::Authenticating,
+        Self::Idle,
+        Self::Waiting,
+        Self::Active,
+    ];
+
+    /// The state's name in metrics and JSON.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Authenticating => "authenticating",
+            Self::Idle => "idle",
+            Self::Waiting => "waiting",
+            Self::Active => "active",
+        }
+    }
+
+    fn from_u8(value: u8) -> Self {
+        match value {
+            0 => Self::Authenticating,
+            1 => Self::Idle,
+            2 => Self::Waiting,
+            _ => Self::Active,
+        }
+    }
+
+    fn as_u8(self) -> u8 {
+        match self {
+            Self::Authenticating => 0,
+            Self::Idle => 1,
+            Self::Waiting => 2,
+            Self::Active => 3,
+        }
+    }
+}
+
+/// Who a client logged in as.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClientLogin {
+    /// The database role.
+    pub role: String,
+    /// The database.
+    pub database: String,
+    /// The provider of its token; `None` for an anonymous role.
+    pub provider: Option<String>,
+    /// The token's `sub`; `None` for an anonymous role.
+    pub subject: Option<String>,
+    /// How it shares upstream connections (`none`, `session`,
+    /// `transaction`).
+    pub pool_mode: &'static str,
+}
+
+/// One registered connection.
+#[derive(Debug)]
+struct Entry {
+    peer: SocketAddr,
+    transport: AtomicU8,
+    connected: SystemTime,
+    state: AtomicU8,
+    login: OnceLock<ClientLogin>,
+}
+
+/// The registry.
+#[derive(Debug, Default)]
+pub struct Clients {
+    entries: Mutex<HashMap<u64, Arc<Entry>>>,
+    next_id: AtomicU64,
+}
+
+/// A connection's place in the registry; it leaves when this drops.
+#[derive(Debug)]
+pub struct ClientHandle {
+    clients: Arc<Clients>,
+    id: u64,
+    activity: Activity,
+}
+
+/// Where a connection's state is recorded: cheap to clone, for the relay.
+#[derive(Debug, Clone)]
+pub struct Activity(Arc<Entry>);
+
+impl Activity {
+    /// Records what the connection is doing now.
+    pub fn set(&self, state: ClientState) {
+        self.0.state.store(state.as_u8(), Ordering::Relaxed);
+    }
+}
+
+/// A connection as `/clients` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClientInfo {
+    /// Registry id (process-unique, for correlating log lines).
+    pub id: u64,
+    /// Where it connects from.
+    pub peer: SocketAddr,
+    /// `tcp`, `websocket` or `http`.
+    pub transport: &'static str,
+    /// What it is doing.
+    pub state: ClientState,
+    /// Seconds since it connected.
+    pub connected_secs: u64,
+    /// Who it logged in as, once it has.
+    #[serde(flatten)]
+    pub login: Option<ClientLogin>,
+}
+
+fn transport_code(transport: Transport) -> u8 {
+    match transport {
+        Transport::Wire => 0,
+        Transport::WebSocket => 1,
+        Transport::Http => 2,
+    }
+}
+
+fn transport_of(code: u8) -> Transport {
+    match code {
+        0 => Transport::Wire,
+        1 => Transport::WebSocket,
+        _ => Transport::Http,
+    }
+}
+
+impl Clients {
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Entry>>> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a connection just accepted.
+    pub fn register(self: &Arc<Self>, peer: SocketAddr, transport: Transport) -> ClientHandle {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let entry = Arc::new(Entry {
+            peer,
+            transport: AtomicU8::new(transport_code(transport)),
+            connected: SystemTime::now(),
+            state: AtomicU8::new(ClientState::Authenticating.as_u8()),
+            login: OnceLock::new(),
+        });
+        self.entries().insert(id, Arc::clone(&entry));
+        ClientHandle {
+            clients: Arc::clone(self),
+            id,
+            activity: Activity(entry),
+        }
+    }
+
+    /// Every connection now, oldest first.
+    pub fn snapshot(&self) -> Vec<ClientInfo> {
+        let now = SystemTime::now();
+        let mut infos: Vec<ClientInfo> = self
+            .entries()
+            .iter()
+            .map(|(&id, entry)| ClientInfo {
+                id,
+                peer: entry.peer,
+                transport: transport_of(entry.transport.load(Ordering::Relaxed)).label(),
+                state: ClientState::from_u8(entry.state.load(Ordering::Relaxed)),
+                connected_secs: now
+                    .duration_since(entry.connected)
+                    .map_or(0, |age| age.as_secs()),
+                login: entry.login.get().cloned(),
+            })
+            .collect();
+        infos.sort_by_key(|info| info.id);
+        infos
+    }
+
+    /// How many connections are in each (transport, state).
+    pub fn counts(&self) -> HashMap<(Transport, ClientState), usize> {
+        let mut counts = HashMap::new();
+        for entry in self.entries().values() {
+            let key = (
+                transport_of(entry.transport.load(Ordering::Relaxed)),
+                ClientState::from_u8(entry.state.load(Ordering::Relaxed)),
+            );
+            *counts.entry(key).or_default() += 1;
+        }
+        counts
+    }
+}
+
+impl ClientHandle {
+    /// Records what it is doing now.
+    pub fn set_state(&self, state: ClientState) {
+        self.activity.set(state);
+    }
+
+    /// Where the relay records what it is doing.
+    pub fn activity(&self) -> Activity {
+        self.activity.clone()
+    }
+
+    /// Records that it logged in (once; later calls are ignored), idle.
+    pub fn logged_in(&self, login: ClientLogin) {
+        let _ = self.activity.0.login.set(login);
+        self.set_state(ClientState::Idle);
+    }
+
+    /// Records a change of transport (an HTTP connection upgraded to a
+    /// WebSocket).
+    pub fn set_transport(&self, transport: Transport) {
+        self.activity
+            .0
+            .transport
+            .store(transport_code(transport), Ordering::Relaxed);
+    }
+
+    /// Its registry id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Drop for ClientHandle {
+    fn drop(&mut self) {
+        self.clients.entries().remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_appear_change_state_and_leave() {
+        let clients = Arc::new(Clients::default());
+        let peer: SocketAddr = "127.0.0.1:5000".parse().expect("addr");
+        let a = clients.register(peer, Transport::Wire);
+        let b = clients.register(peer, Transport::Http);
+        a.logged_in(ClientLogin {
+            role: "authenticated".into(),
+            database: "app".into(),
+            provider: Some("clerk".into()),
+            subject: Some("user_1".into()),
+            pool_mode: "transaction",
+        });
+        b.set_state(ClientState::Active);
+        let counts = clients.counts();
+        assert_eq!(counts.get(&(Transport::Wire, ClientState::Idle)), Some(&1));
+        assert_eq!(
+            counts.get(&(Transport::Http, ClientState::Active)),
+            Some(&1)
+        );
+        let json = serde_json::to_value(clients.snapshot()).expect("json");
+        assert_eq!(json[0]["subject"], "user_1");
+        assert_eq!(json[0]["state"], "idle");
+        assert_eq!(json[1]["transport"], "http");
+        drop(a);
+        assert_eq!(clients.snapshot().len(), 1);
+    }
+}

@@ -1,0 +1,111 @@
+//! Shutting down without cutting anyone off.
+//!
+//! ```text
+//! Serving ──start()──► Draining ──force()──► Closing
+//!           listeners stop;       the rest get 57P01 now
+//!           readiness false;
+//!           each client closed with
+//!           57P01 at its next idle
+//!           transaction boundary
+//! ```
+//!
+//! Every client connection, on every listener, runs as a task of the one
+//! [`Drain`], so the process knows when the last one is gone
+//! ([`Drain::wait_clients`]). Sessions learn of the phases through
+//! [`Drain::draining`] and [`Drain::closing`]; the policy (how long to
+//! wait before forcing) is the caller's.
+
+use std::future::Future;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The shutdown state every listener and session shares.
+#[derive(Debug, Default)]
+pub struct Drain {
+    draining: CancellationToken,
+    closing: CancellationToken,
+    clients: TaskTracker,
+}
+
+impl Drain {
+    /// Starts draining: listeners stop accepting, idle clients are closed
+    /// at their next transaction boundary.
+    pub fn start(&self) {
+        self.draining.cancel();
+        self.clients.close();
+    }
+
+    /// Stops waiting: every client left is closed now.
+    pub fn force(&self) {
+        self.start();
+        self.closing.cancel();
+    }
+
+    /// Whether a drain has started.
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
+
+    /// Completes when a drain starts (at once if it has).
+    pub fn draining(&self) -> impl Future<Output = ()> + Send + '_ {
+        self.draining.cancelled()
+    }
+
+    /// Completes when the drain is forced (at once if it was).
+    pub fn closing(&self) -> impl Future<Output = ()> + Send + '_ {
+        self.closing.cancelled()
+    }
+
+    /// Runs a client connection's task, counted until it ends.
+    pub fn spawn_client<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.clients.spawn(task);
+    }
+
+    /// Client connections still open.
+    pub fn clients(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Completes when a drain has started and every client task has ended.
+    pub fn wait_clients(&self) -> impl Future<Output = ()> + Send + '_ {
+        self.clients.wait()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn waits_for_clients_and_forcing_reaches_them() {
+        let drain = Arc::new(Drain::default());
+        for _ in 0..3 {
+            let drain2 = Arc::clone(&drain);
+            drain.spawn_client(async move {
+                drain2.draining().await;
+                drain2.closing().await;
+            });
+        }
+        assert_eq!(drain.clients(), 3);
+        drain.start();
+        assert!(drain.is_draining());
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), drain.wait_clients())
+                .await
+                .is_err(),
+            "clients that wait for closing are still there"
+        );
+        drain.force();
+        tokio::time::timeout(Duration::from_secs(1), drain.wait_clients())
+            .await
+            .expect("all gone once forced");
+        assert_eq!(drain.clients(), 0);
+    }
+}
