@@ -34,7 +34,13 @@ pub struct Options {
     pub http_tls: bool,
     /// Extra lines for the config's [http] section.
     pub http_extra: &'static str,
+    /// Log JSON lines (`--log-format json`).
+    pub json_logs: bool,
 }
+
+/// What `/metrics` said: each sample as `name{label="value",...}` (labels
+/// sorted), parsed by Python's prometheus_client.
+pub type Samples = std::collections::BTreeMap<String, f64>;
 
 impl Default for Options {
     fn default() -> Self {
@@ -48,6 +54,7 @@ impl Default for Options {
             listen_extra: "",
             http_tls: false,
             http_extra: "",
+            json_logs: false,
         }
     }
 }
@@ -59,8 +66,11 @@ pub struct Stack {
     pub port: u16,
     /// Port of the HTTP endpoint (/sql, WebSocket /v2).
     pub http_port: u16,
+    /// Port of the admin listener (/metrics, /readyz, ...).
+    pub admin_port: u16,
     pub ca_pem: String,
     proxy: Child,
+    json_logs: bool,
 }
 
 impl Stack {
@@ -104,6 +114,7 @@ impl Stack {
         };
         let port = free_port();
         let http_port = free_port();
+        let admin_port = free_port();
         let config = format!(
             r#"secrets_file = "authgres.env"
 [listen]
@@ -124,6 +135,8 @@ connect_timeout = "5s"
 address = "127.0.0.1:{http_port}"
 tls = {http_tls}
 {http_extra}
+[admin]
+address = "127.0.0.1:{admin_port}"
 [roles.authenticated]
 password_env = "AUTHGRES_AUTHENTICATED_PASSWORD"
 [roles.anonymous]
@@ -165,12 +178,14 @@ roles = ["authenticated"]
             .batch_execute(include_str!("../../sql/demo_todos.sql"))
             .await
             .expect("todos schema");
-        let proxy = spawn_proxy(dir.path());
+        let proxy = spawn_proxy(dir.path(), options.json_logs);
         let stack = Self {
+            json_logs: options.json_logs,
             cluster,
             issuer,
             port,
             http_port,
+            admin_port,
             ca_pem: certs.ca_pem,
             proxy,
             dir,
@@ -188,7 +203,7 @@ roles = ["authenticated"]
     pub fn restart_proxy(&mut self) {
         let _ = self.proxy.kill();
         let _ = self.proxy.wait();
-        self.proxy = spawn_proxy(self.dir.path());
+        self.proxy = spawn_proxy(self.dir.path(), self.json_logs);
         self.wait_listening();
     }
 
@@ -205,6 +220,10 @@ roles = ["authenticated"]
             .replace(
                 &format!("\"127.0.0.1:{}\"", self.http_port),
                 &format!("\"127.0.0.1:{}\"", free_port()),
+            )
+            .replace(
+                &format!("\"127.0.0.1:{}\"", self.admin_port),
+                &format!("\"127.0.0.1:{}\"", free_port()),
             );
         let dir = self.dir.path().join(format!("second-{port}"));
         std::fs::create_dir(&dir).expect("dir");
@@ -212,7 +231,7 @@ roles = ["authenticated"]
             std::fs::copy(self.dir.path().join(file), dir.join(file)).expect("copy");
         }
         std::fs::write(dir.join("proxy.toml"), config).expect("config");
-        let child = spawn_proxy(&dir);
+        let child = spawn_proxy(&dir, self.json_logs);
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
@@ -239,6 +258,73 @@ roles = ["authenticated"]
     /// The proxy's process id.
     pub fn proxy_pid(&self) -> u32 {
         self.proxy.id()
+    }
+
+    /// Sends `signal` to the proxy process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = i32::try_from(self.proxy.id()).expect("pid");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("signal the proxy");
+    }
+
+    /// Waits up to `wait` for the proxy to exit; its status if it did.
+    pub fn wait_exit(&mut self, wait: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Ok(Some(status)) = self.proxy.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Rewrites the proxy's config file with `edit`.
+    pub fn edit_config(&self, edit: impl FnOnce(String) -> String) {
+        let path = self.config_path();
+        let text = std::fs::read_to_string(&path).expect("config");
+        std::fs::write(&path, edit(text)).expect("write config");
+    }
+
+    /// GETs `path` from the admin listener: status and body.
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        let response = reqwest::get(format!("http://127.0.0.1:{}{path}", self.admin_port))
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let status = response.status().as_u16();
+        (status, response.text().await.expect("body"))
+    }
+
+    /// POSTs to `path` on the admin listener: status and body.
+    pub async fn admin_post(&self, path: &str) -> (u16, String) {
+        let response = reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{}{path}", self.admin_port))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        let status = response.status().as_u16();
+        (status, response.text().await.expect("body"))
+    }
+
+    /// Scrapes `/metrics` and parses it with Python's prometheus_client.
+    pub async fn metrics(&self) -> Samples {
+        let (status, text) = self.admin_get("/metrics").await;
+        assert_eq!(status, 200, "{text}");
+        parse_metrics(&text)
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, body) = self.admin_get("/readyz").await;
+            if status == 200 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "never ready: {body}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The /sql URL.
@@ -401,7 +487,7 @@ fn run_init_db(config: &Path, admin_url: &str, args: &[&str]) -> String {
     stderr
 }
 
-fn spawn_proxy(dir: &Path) -> Child {
+fn spawn_proxy(dir: &Path, json_logs: bool) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -411,6 +497,10 @@ fn spawn_proxy(dir: &Path) -> Child {
         .args(["serve", "--config"])
         .arg(dir.join("proxy.toml"))
         .env("AUTHGRES_LOG", "info,authgres_wire=debug")
+        .env(
+            "AUTHGRES_LOG_FORMAT",
+            if json_logs { "json" } else { "text" },
+        )
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -532,6 +622,44 @@ pub fn pgbench_rls(stack: &Stack, token: &str, clients: u32) -> String {
         "{stdout}"
     );
     stdout
+}
+
+/// Parses Prometheus text with the Python client's own parser (a real
+/// consumer of the format, not ours), into sample name with sorted labels
+/// → value.
+pub fn parse_metrics(text: &str) -> Samples {
+    use std::io::Write as _;
+    const SCRIPT: &str = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = {}
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+        out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+print(json.dumps(out))
+"#;
+    let mut child = Command::new("python3")
+        .args(["-c", SCRIPT])
+        .env("PYTHONPATH", provision::python_path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write metrics");
+    let output = child.wait_with_output().expect("parser");
+    assert!(
+        output.status.success(),
+        "prometheus_client refused the exposition: {}\n{text}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("parser output")
 }
 
 pub fn psql_path() -> PathBuf {

@@ -135,6 +135,15 @@ impl Cluster {
         self.spawn().context("restarting postgres")
     }
 
+    /// Starts the server again after [`Cluster::stop`], on the same port
+    /// and data; does nothing if it runs.
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
+        if self.postmaster.is_some() {
+            return Ok(());
+        }
+        self.spawn().context("starting postgres again")
+    }
+
     /// Stops the server (fast shutdown), bounded; kills it if it lingers.
     pub fn stop(&mut self) {
         use nix::sys::signal::{Signal, kill};
