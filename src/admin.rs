@@ -27,7 +27,7 @@ use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 /// How long an upstream probe may take.
@@ -116,9 +116,16 @@ fn router(admin: Arc<Admin>) -> Router {
         .with_state(admin)
 }
 
-/// Serves the admin routes on `listener` until the process exits.
-pub async fn serve(admin: Admin, listener: TcpListener) {
-    if let Err(error) = axum::serve(listener, router(Arc::new(admin))).await {
+/// Serves the admin routes on `listener` until the process exits, or
+/// until `stop` turns true (a successor took the socket over).
+pub async fn serve(admin: Admin, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    let stopped = async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    };
+    let served = axum::serve(listener, router(Arc::new(admin)))
+        .with_graceful_shutdown(stopped)
+        .await;
+    if let Err(error) = served {
         tracing::error!(%error, "the admin listener failed");
     }
 }
@@ -143,7 +150,7 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(admin): State<Arc<Admin>>) -> Response {
-    let draining = admin.proxy.drain().is_draining();
+    let draining = admin.proxy.drain().is_unready();
     let keys: Vec<_> = admin
         .proxy
         .settings()

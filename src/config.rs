@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use authgres_jwt::{ClaimPath, FetchSettings, KeySource, ProviderConfig};
 use authgres_wire::{
-    ClaimsKey, CleartextTokens, ClientLimits, ConnectionLimits, Policy, PoolLimits, ProxyConfig,
-    RoleConfig, UpstreamConfig, UpstreamTls, defaults as wire,
+    ClaimsKey, CleartextTokens, ClientLimits, ClusterConfig, ConnectionLimits, Policy, PoolLimits,
+    ProxyConfig, RoleConfig, UpstreamConfig, UpstreamTls, defaults as wire,
 };
 use jsonwebtoken::Algorithm;
 use serde::Deserialize;
@@ -35,6 +35,20 @@ pub struct FileConfig {
     pub http: Option<Http>,
     /// `[admin]`: absent disables the admin listener.
     pub admin: Option<Admin>,
+    /// `[cluster]`: absent means the instance runs alone.
+    pub cluster: Option<Cluster>,
+}
+
+/// `[cluster]`: this instance's id and its peers, for cancel requests.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    pub instance_id: u16,
+    /// `ID = "host:port"` for every instance, this one included.
+    #[serde(default)]
+    pub peers: BTreeMap<String, String>,
+    /// A `host:port` name resolving to every instance.
+    pub peer_dns: Option<String>,
 }
 
 /// `[admin]`: metrics, health, pools, clients, reload.
@@ -118,6 +132,12 @@ pub struct Listen {
     /// How long a drain waits for clients to reach a boundary and leave.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// After SIGTERM, how long to keep serving with /readyz at 503 before
+    /// the drain starts (for load balancers to notice).
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
+    /// Unix socket through which a new process takes over the listeners.
+    pub handover_socket: Option<PathBuf>,
 }
 
 impl Default for Listen {
@@ -136,6 +156,8 @@ impl Default for Listen {
             client_write_timeout: wire::CLIENT_WRITE_TIMEOUT,
             tcp_keepalive: wire::TCP_KEEPALIVE,
             shutdown_timeout: wire::SHUTDOWN_TIMEOUT,
+            drain_delay: Duration::ZERO,
+            handover_socket: None,
         }
     }
 }
@@ -592,6 +614,39 @@ impl Loaded {
                 let upstream = &self.file.upstream;
                 upstream.pool_limits(upstream.pool_size, upstream.checkout_timeout)
             },
+            cluster: self.cluster()?,
+        })
+    }
+
+    /// `[cluster]`, checked.
+    fn cluster(&self) -> anyhow::Result<ClusterConfig> {
+        let Some(cluster) = &self.file.cluster else {
+            return Ok(ClusterConfig::default());
+        };
+        let id_range = 1..=authgres_wire::MAX_INSTANCE_ID;
+        let check = |id: u16, what: &str| {
+            if id_range.contains(&id) {
+                Ok(id)
+            } else {
+                bail!("[cluster] {what} must be between 1 and {}", id_range.end())
+            }
+        };
+        let instance_id = check(cluster.instance_id, "instance_id")?;
+        let mut peers = HashMap::new();
+        for (id, address) in &cluster.peers {
+            let parsed = id
+                .parse::<u16>()
+                .ok()
+                .with_context(|| format!("[cluster.peers] key {id:?} is not an instance id"))?;
+            peers.insert(check(parsed, "peer ids")?, address.clone());
+        }
+        if cluster.peers.is_empty() && cluster.peer_dns.is_none() {
+            bail!("[cluster] needs peers or peer_dns: where the other instances are");
+        }
+        Ok(ClusterConfig {
+            instance_id,
+            peers,
+            peer_dns: cluster.peer_dns.clone(),
         })
     }
 
@@ -703,7 +758,7 @@ mod tests {
             .lines()
             .map(|line| match line.strip_prefix("# ") {
                 Some(rest)
-                    if rest == "[[providers]]"
+                    if rest.starts_with('[')
                         || rest.split_once(" = ").is_some_and(|(key, _)| {
                             !key.is_empty()
                                 && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
@@ -719,6 +774,8 @@ mod tests {
         let names: Vec<_> = file.providers.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["clerk", "auth0", "supabase"]);
         assert!(file.listen.tls_cert.is_some());
+        let cluster = file.cluster.expect("[cluster]");
+        assert_eq!((cluster.instance_id, cluster.peers.len()), (1, 2));
     }
 
     #[test]

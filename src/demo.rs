@@ -72,10 +72,10 @@ pub async fn run(
         .context("creating the todos table")?;
 
     let prepared = crate::serve::prepare(&config_path)?;
-    let listener = tokio::net::TcpListener::bind(listen)
+    let listeners = crate::serve::listen(&prepared)
         .await
-        .with_context(|| format!("listening on {listen} (use --listen to pick another address)"))?;
-    let address = listener.local_addr()?;
+        .context("use --listen, --http-listen and --admin-listen to pick other addresses")?;
+    let address = listeners.wire.local_addr()?;
     let token_a = issuer.token("user_alice");
     let token_b = issuer.token("user_bob");
     let http_url = format!("http://{http_address}/sql");
@@ -89,7 +89,7 @@ pub async fn run(
         write_env_file(env, address, &urls, &token_a, &token_b)?;
         println!("wrote {}", env.display());
     }
-    crate::serve::run(prepared, listener).await?;
+    crate::serve::run(prepared, listeners).await?;
     eprintln!("removing the demo cluster and its files");
     drop(cluster);
     Ok(())

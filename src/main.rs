@@ -5,6 +5,7 @@ mod admin;
 mod cli;
 mod config;
 mod demo;
+mod handover;
 mod init_db;
 mod serve;
 mod token;

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::os::fd::AsFd as _;
+
 use anyhow::Context as _;
 use authgres_http::{HttpConfig, HttpState};
 use authgres_jwt::{KeySource, Verifier};
@@ -100,7 +102,102 @@ pub struct Prepared {
     http: Option<Arc<HttpState>>,
     registry: Registry,
     addresses: Addresses,
-    shutdown_timeout: Duration,
+    drain: DrainTimes,
+    handover: Option<PathBuf>,
+}
+
+/// How a drain is timed; a reload changes them.
+#[derive(Debug, Clone, Copy)]
+struct DrainTimes {
+    /// How long readiness is false before the drain starts.
+    delay: Duration,
+    /// How long the drain waits for clients.
+    timeout: Duration,
+}
+
+impl DrainTimes {
+    fn of(loaded: &Loaded) -> Self {
+        Self {
+            delay: loaded.file.listen.drain_delay,
+            timeout: loaded.file.listen.shutdown_timeout,
+        }
+    }
+}
+
+/// The listening sockets, bound here or handed over by the process this
+/// one replaces.
+pub struct Listeners {
+    /// Postgres clients.
+    pub wire: TcpListener,
+    http: Option<TcpListener>,
+    admin: Option<TcpListener>,
+    /// The process that handed them over, waiting to hear we accept.
+    inherited: Option<crate::handover::Inherited>,
+}
+
+/// Binds the configured addresses, or takes over the sockets of the
+/// process serving `[listen] handover_socket`.
+pub async fn listen(prepared: &Prepared) -> anyhow::Result<Listeners> {
+    let mut inherited = match &prepared.handover {
+        Some(path) => {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || crate::handover::inherit(&path)).await??
+        }
+        None => None,
+    };
+    if inherited.is_some() {
+        tracing::info!("taking over the listeners of the running process");
+    }
+    let addresses = &prepared.addresses;
+    // A handed-over socket is used only where this config still asks for
+    // its address.
+    let mut socket = |role: &str, address: &str| -> anyhow::Result<Option<TcpListener>> {
+        let Some(listener) = inherited.as_mut().and_then(|i| i.take(role)) else {
+            return Ok(None);
+        };
+        if let Ok(wanted) = address.parse::<std::net::SocketAddr>()
+            && listener.local_addr()? != wanted
+        {
+            tracing::warn!(
+                role,
+                address,
+                "the config moved this listener: binding anew"
+            );
+            return Ok(None);
+        }
+        listener.set_nonblocking(true)?;
+        Ok(Some(TcpListener::from_std(listener)?))
+    };
+    let wire = match socket("wire", &addresses.wire)? {
+        Some(wire) => wire,
+        None => bind(&addresses.wire, "").await?,
+    };
+    let http = match (&prepared.http, &addresses.http) {
+        (Some(_), Some(address)) => match socket("http", address)? {
+            Some(http) => Some(http),
+            None => Some(bind(address, "for HTTP ").await?),
+        },
+        _ => None,
+    };
+    let admin = match &addresses.admin {
+        Some(address) => match socket("admin", address)? {
+            Some(admin) => Some(admin),
+            None => Some(bind(address, "for admin ").await?),
+        },
+        None => None,
+    };
+    Ok(Listeners {
+        wire,
+        http,
+        admin,
+        inherited,
+    })
+}
+
+async fn bind(address: &str, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(address)
+        .await
+        .with_context(|| format!("listening {what}on {address}"))
 }
 
 /// Builds the proxy from the config at `config_path`; fails with what to
@@ -124,54 +221,63 @@ pub fn prepare(config_path: &Path) -> anyhow::Result<Prepared> {
         http,
         registry,
         addresses: Addresses::of(&loaded),
-        shutdown_timeout: loaded.file.listen.shutdown_timeout,
+        drain: DrainTimes::of(&loaded),
+        handover: loaded
+            .file
+            .listen
+            .handover_socket
+            .as_ref()
+            .map(|p| loaded.path(p)),
     })
 }
 
 /// Runs the proxy until it has drained after SIGTERM or Ctrl-C.
 pub async fn serve(config: &Path) -> anyhow::Result<()> {
     let prepared = prepare(config)?;
-    let address = prepared.addresses.wire.clone();
-    let listener = TcpListener::bind(&address)
-        .await
-        .with_context(|| format!("listening on {address}"))?;
-    run(prepared, listener).await
+    let listeners = listen(&prepared).await?;
+    run(prepared, listeners).await
 }
 
 /// Serves the wire listener and, when configured, HTTP and the admin
-/// listener; reloads on SIGHUP; drains on SIGTERM or SIGINT.
-pub async fn run(prepared: Prepared, listener: TcpListener) -> anyhow::Result<()> {
+/// listener; reloads on SIGHUP; drains on SIGTERM or SIGINT, or once a
+/// successor has taken the listeners over.
+pub async fn run(prepared: Prepared, listeners: Listeners) -> anyhow::Result<()> {
     let Prepared {
         config_path,
         proxy,
         http,
         registry,
         addresses,
-        shutdown_timeout,
+        drain,
+        handover,
     } = prepared;
     let mut signals = Signals::new()?;
-    tracing::info!(address = %addresses.wire, "authgres listening");
-    let http_listener = match (&http, &addresses.http) {
-        (Some(state), Some(address)) => {
-            let bound = TcpListener::bind(address)
-                .await
-                .with_context(|| format!("listening for HTTP on {address}"))?;
-            tracing::info!(%address, tls = state.tls, "authgres HTTP listening");
-            Some(bound)
+    let Listeners {
+        wire: listener,
+        http: http_listener,
+        admin: admin_listener,
+        inherited,
+    } = listeners;
+    // What a successor will be handed: the same sockets (kept open only
+    // while one may still ask: a drain lets go of them).
+    let mut offered = Vec::new();
+    let mut offer = |role: &str, socket: &TcpListener| -> anyhow::Result<()> {
+        if handover.is_some() {
+            offered.push((role.to_owned(), socket.as_fd().try_clone_to_owned()?));
         }
-        _ => None,
+        Ok(())
     };
+    offer("wire", &listener)?;
+    tracing::info!(address = %listener.local_addr()?, "authgres listening");
+    if let (Some(state), Some(bound)) = (&http, &http_listener) {
+        offer("http", bound)?;
+        tracing::info!(address = %bound.local_addr()?, tls = state.tls, "authgres HTTP listening");
+    }
+    if let Some(bound) = &admin_listener {
+        offer("admin", bound)?;
+        tracing::info!(address = %bound.local_addr()?, "authgres admin listening");
+    }
     let (reloads, mut reload_requests) = mpsc::channel::<ReloadRequest>(4);
-    let admin_listener = match &addresses.admin {
-        Some(address) => {
-            let bound = TcpListener::bind(address)
-                .await
-                .with_context(|| format!("listening for admin on {address}"))?;
-            tracing::info!(%address, "authgres admin listening");
-            Some(bound)
-        }
-        None => None,
-    };
     // Warm the key caches without delaying the listeners.
     let verifier = Arc::clone(&proxy.settings().verifier);
     tokio::spawn(async move { verifier.prefetch(std::time::SystemTime::now()).await });
@@ -182,18 +288,39 @@ pub async fn run(prepared: Prepared, listener: TcpListener) -> anyhow::Result<()
         tokio::spawn(state.maintenance());
         tasks.spawn(authgres_http::serve(Arc::clone(state), bound));
     }
+    // The admin listener outlives the drain, so probes and scrapes see
+    // it, unless a successor took its socket over.
+    let (handed_over, admin_stop) = tokio::sync::watch::channel(false);
     if let Some(bound) = admin_listener {
         let admin = Admin::new(Arc::clone(&proxy), registry, reloads);
-        // The admin listener outlives the drain: probes and scrapes see it.
-        tokio::spawn(admin::serve(admin, bound));
+        tokio::spawn(admin::serve(admin, bound, admin_stop));
     }
+    // The process this one replaces drains once we accept; then the
+    // handover path is free for our successor.
+    if let Some(inherited) = inherited {
+        let path = handover.clone();
+        tokio::task::spawn_blocking(move || {
+            inherited.ready();
+            if let Some(path) = path {
+                crate::handover::wait_free(&path);
+            }
+        })
+        .await?;
+    }
+    let mut successor = Box::pin(async {
+        match handover {
+            Some(path) => crate::handover::offer(path, offered).await,
+            None => std::future::pending().await,
+        }
+    });
     let running = Running {
         config_path,
         proxy: Arc::clone(&proxy),
         http,
         addresses,
+        drain: std::sync::Mutex::new(drain),
     };
-    loop {
+    let delay = loop {
         tokio::select! {
             _ = signals.hangup.recv() => running.reload_logged(),
             Some(request) = reload_requests.recv() => {
@@ -201,11 +328,43 @@ pub async fn run(prepared: Prepared, listener: TcpListener) -> anyhow::Result<()
             }
             signal = signals.stop.next() => {
                 tracing::info!(signal, clients = proxy.drain().clients(), "draining");
-                break;
+                break running.drain().delay;
+            }
+            handed = successor.as_mut() => {
+                match handed {
+                    Ok(()) => tracing::info!(
+                        clients = proxy.drain().clients(),
+                        "a new process took over the listeners: draining"
+                    ),
+                    Err(error) => tracing::error!(
+                        error = format!("{error:#}"),
+                        "cannot offer the listeners to a successor: draining"
+                    ),
+                }
+                // The sockets are served by the successor: no delay.
+                let _ = handed_over.send(true);
+                break Duration::ZERO;
+            }
+        }
+    };
+    // No successor will take the sockets now: the listeners close once
+    // their accept loops stop.
+    drop(successor);
+    if !delay.is_zero() {
+        // Readiness turns false first; load balancers stop sending new
+        // clients while they are still served.
+        proxy.drain().unready();
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            signal = signals.stop.next() => {
+                tracing::warn!(signal, "second signal: exiting now");
+                proxy.drain().force();
+                return Ok(());
             }
         }
     }
     proxy.drain().start();
+    let shutdown_timeout = running.drain().timeout;
     while tasks.join_next().await.is_some() {}
     tokio::select! {
         finished = tokio::time::timeout(shutdown_timeout, proxy.drain().wait_clients()) => {
@@ -236,9 +395,18 @@ struct Running {
     proxy: Arc<Proxy>,
     http: Option<Arc<HttpState>>,
     addresses: Addresses,
+    drain: std::sync::Mutex<DrainTimes>,
 }
 
 impl Running {
+    /// The drain's timing in force.
+    fn drain(&self) -> DrainTimes {
+        *self
+            .drain
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Reloads, logging the outcome.
     fn reload_logged(&self) {
         if let Err(error) = self.reload() {
@@ -265,6 +433,10 @@ impl Running {
         }
         let verifier = Arc::clone(&built.settings.verifier);
         restart.extend(self.proxy.reload(built.settings));
+        *self
+            .drain
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = DrainTimes::of(&loaded);
         if let (Some(state), Some((config, tls))) = (&self.http, built.http) {
             restart.extend(state.reload(config, tls));
         }

@@ -2,7 +2,7 @@
 //! `cargo nextest run --workspace` passes on a fresh clone.
 //!
 //! - System packages (the Postgres server and client, a JRE and Debian's
-//!   pgjdbc, node and npm, pip): when the suite runs as root and any is
+//!   pgjdbc, node and npm, pip, HAProxy): when the suite runs as root and any is
 //!   missing, the first test to need them installs all of them with apt;
 //!   otherwise every test that needs them fails with the same one line
 //!   naming all that is missing and how to install it.
@@ -89,6 +89,10 @@ const NEEDS: &[Need] = &[
     Need {
         package: "npm",
         present: || on_path("npm"),
+    },
+    Need {
+        package: "haproxy",
+        present: || on_path("haproxy") || Path::new("/usr/sbin/haproxy").is_file(),
     },
     Need {
         package: "python3-pip",

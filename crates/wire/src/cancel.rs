@@ -1,6 +1,25 @@
 //! Cancel keys: the proxy hands clients its own random (pid, key) and maps
 //! them to the upstream backend's, which never leave the proxy.
 //!
+//! Several instances behind a load balancer share no state, and a
+//! CancelRequest is a new connection that may land on any of them. So the
+//! pid a client is given names the instance holding its session:
+//!
+//! ```text
+//! pid (31 bits, positive)              key (32 bits)
+//! [ instance id: 10 ][ random: 21 ]    [ random: 32 ]
+//! ```
+//!
+//! An instance that receives a cancel for another forwards it once to that
+//! peer ([`route`]), with the pid's sign bit set: a cancel arriving with a
+//! negative pid was forwarded already and is only looked up locally, so no
+//! cancel travels in a loop. 53 bits stay random: guessing a live
+//! session's key takes on the order of 2^53 / sessions attempts, each one
+//! a TCP connection counted against the unauthenticated budget. A key from
+//! an instance that has restarted names the right instance but no live
+//! session: it is ignored, as Postgres ignores a key for a backend that
+//! has exited.
+//!
 //! In transaction pooling a client's backend changes from one transaction to
 //! the next, and between transactions it has none: the session retargets
 //! its entry as it takes and releases connections. A cancel is forwarded
@@ -11,7 +30,83 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout_at};
+
+use crate::config::ClusterConfig;
 use crate::upstream::UpstreamKey;
+
+/// Bits of the pid below the instance id.
+const RANDOM_PID_BITS: u32 = 21;
+/// Largest instance id (10 bits).
+pub const MAX_INSTANCE_ID: u16 = (1 << 10) - 1;
+/// Set in the pid of a cancel forwarded by a peer.
+const FORWARDED: i32 = i32::MIN;
+
+/// The instance a client's pid names.
+fn instance_of(pid: i32) -> u16 {
+    u16::try_from((pid & i32::MAX) >> RANDOM_PID_BITS).unwrap_or(u16::MAX) & MAX_INSTANCE_ID
+}
+
+/// Where a CancelRequest goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// To a session of this instance, pid as the client was given it.
+    Local(i32),
+    /// To the instance at this address, marked as forwarded.
+    Peer(String),
+    /// To every address the peer name resolves to, marked as forwarded:
+    /// the instance cannot tell which one holds the session.
+    AllPeers(String),
+    /// Nowhere: the pid names an instance nobody knows.
+    Unknown(u16),
+}
+
+/// Decides where a CancelRequest with `pid` goes, on the instance
+/// configured with `cluster`.
+pub(crate) fn route(pid: i32, cluster: &ClusterConfig) -> Route {
+    let forwarded = pid < 0;
+    let pid = pid & i32::MAX;
+    let instance = instance_of(pid);
+    if forwarded || instance == cluster.instance_id {
+        return Route::Local(pid);
+    }
+    if let Some(address) = cluster.peers.get(&instance) {
+        return Route::Peer(address.clone());
+    }
+    match &cluster.peer_dns {
+        Some(name) => Route::AllPeers(name.clone()),
+        None => Route::Unknown(instance),
+    }
+}
+
+/// The pid of a cancel forwarded to a peer.
+pub(crate) fn forwarded(pid: i32) -> i32 {
+    pid | FORWARDED
+}
+
+/// Sends a CancelRequest for (`pid`, `key`) to `address` and waits, until
+/// `deadline`, for the other side to close: Postgres, and authgres, close
+/// once they have acted on it.
+pub(crate) async fn send(
+    address: &str,
+    pid: i32,
+    key: &[u8],
+    deadline: Instant,
+) -> std::io::Result<()> {
+    let timed_out = || std::io::Error::from(std::io::ErrorKind::TimedOut);
+    let mut stream = timeout_at(deadline, TcpStream::connect(address))
+        .await
+        .map_err(|_| timed_out())??;
+    let out = crate::proto::startup::cancel_request(pid, key);
+    timeout_at(deadline, stream.write_all(&out))
+        .await
+        .map_err(|_| timed_out())??;
+    let mut sink = [0u8; 1];
+    let _ = timeout_at(deadline, stream.read(&mut sink)).await;
+    Ok(())
+}
 
 /// The backend currently serving a client, if any.
 pub(crate) type Target = Arc<tokio::sync::Mutex<Option<UpstreamKey>>>;
@@ -23,9 +118,19 @@ type Sessions = HashMap<i32, ([u8; 4], Target)>;
 #[derive(Default, Clone)]
 pub(crate) struct CancelRegistry {
     sessions: Arc<Mutex<Sessions>>,
+    /// This instance's id, in every pid it hands out.
+    instance_id: u16,
 }
 
 impl CancelRegistry {
+    /// A registry handing out pids that name instance `instance_id`.
+    pub(crate) fn new(instance_id: u16) -> Self {
+        Self {
+            sessions: Arc::default(),
+            instance_id: instance_id & MAX_INSTANCE_ID,
+        }
+    }
+
     /// Registers a session under a fresh random (pid, key), serving from
     /// `upstream`; the entry is removed when the returned guard drops.
     pub(crate) fn register(
@@ -35,10 +140,12 @@ impl CancelRegistry {
     ) -> CancelGuard {
         let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
         let target = Arc::new(tokio::sync::Mutex::new(upstream));
+        let instance = i32::from(self.instance_id) << RANDOM_PID_BITS;
         loop {
             let [a, b, c, d, e, f, g, h] = random().to_be_bytes();
-            // Positive pids, as Postgres hands out, so clients print them sanely.
-            let pid = i32::from_be_bytes([a, b, c, d]) & i32::MAX;
+            // Positive pids, as Postgres hands out, so clients print them
+            // sanely; the instance id in the high bits.
+            let pid = instance | (i32::from_be_bytes([a, b, c, d]) & ((1 << RANDOM_PID_BITS) - 1));
             let key = [e, f, g, h];
             if pid != 0 && !sessions.contains_key(&pid) {
                 sessions.insert(pid, (key, Arc::clone(&target)));
@@ -111,6 +218,48 @@ mod tests {
             pid: 100,
             secret: Arc::from(&5i32.to_be_bytes()[..]),
         }
+    }
+
+    fn cluster(instance_id: u16, dns: Option<&str>) -> ClusterConfig {
+        ClusterConfig {
+            instance_id,
+            peers: [
+                (1, "10.0.0.1:6432".to_owned()),
+                (2, "10.0.0.2:6432".to_owned()),
+            ]
+            .into_iter()
+            .collect(),
+            peer_dns: dns.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn pids_name_their_instance_and_cancels_travel_at_most_once() {
+        let registry = CancelRegistry::new(2);
+        let mut values = [u64::MAX].into_iter();
+        let guard = registry.register(None, &mut || values.next().unwrap_or(1));
+        assert!(guard.pid > 0);
+        assert_eq!(instance_of(guard.pid), 2);
+        let on_one = cluster(1, None);
+        let on_two = cluster(2, None);
+        assert_eq!(
+            route(guard.pid, &on_one),
+            Route::Peer("10.0.0.2:6432".into())
+        );
+        assert_eq!(route(guard.pid, &on_two), Route::Local(guard.pid));
+        // Forwarded cancels are never forwarded again, even to the wrong
+        // instance.
+        let relayed = forwarded(guard.pid);
+        assert!(relayed < 0);
+        assert_eq!(route(relayed, &on_one), Route::Local(guard.pid));
+        // An instance nobody knows: every peer the name resolves to, or
+        // nowhere.
+        let pid_of_7 = 7 << RANDOM_PID_BITS | 5;
+        assert_eq!(route(pid_of_7, &on_one), Route::Unknown(7));
+        assert_eq!(
+            route(pid_of_7, &cluster(1, Some("peers:6432"))),
+            Route::AllPeers("peers:6432".into())
+        );
     }
 
     #[tokio::test]

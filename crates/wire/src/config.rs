@@ -124,6 +124,22 @@ impl Default for PoolLimits {
     }
 }
 
+/// Several instances behind one load balancer: who this one is, and where
+/// the others are, so a CancelRequest reaches the instance holding the
+/// session whichever instance receives it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// This instance's id (0..=1023), unique among its peers; 0 when it
+    /// runs alone.
+    pub instance_id: u16,
+    /// Every instance's Postgres-protocol address by id (this one's too).
+    pub peers: HashMap<u16, String>,
+    /// A name resolving to every instance (`host:port`, e.g. a Kubernetes
+    /// headless Service): a cancel for an instance not in `peers` goes to
+    /// each address it resolves to.
+    pub peer_dns: Option<String>,
+}
+
 /// Everything a session needs to know.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -150,6 +166,8 @@ pub struct ProxyConfig {
     pub pool_mode_by_database: HashMap<String, PoolMode>,
     /// Limits of the upstream pool.
     pub pool_limits: PoolLimits,
+    /// Peers, for cancel requests.
+    pub cluster: ClusterConfig,
 }
 
 impl ProxyConfig {

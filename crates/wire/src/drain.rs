@@ -1,13 +1,19 @@
 //! Shutting down without cutting anyone off.
 //!
 //! ```text
-//! Serving ──start()──► Draining ──force()──► Closing
-//!           listeners stop;       the rest get 57P01 now
-//!           readiness false;
-//!           each client closed with
-//!           57P01 at its next idle
-//!           transaction boundary
+//! Serving ─unready()─► Unready ─start()─► Draining ─force()─► Closing
+//!          readiness false;      listeners stop;    the rest get
+//!          still accepting       each client closed  57P01 now
+//!          and serving (for      with 57P01 at its
+//!          load balancers to     next idle
+//!          notice)               transaction boundary
 //! ```
+//!
+//! A client that logged in moments before the drain (within
+//! [`FRESH_SESSION_GRACE`]) is given that long to run what it connected
+//! for before it is closed: a connection-per-transaction client
+//! (`pgbench -C`, a serverless function) caught mid-login completes its
+//! transaction instead of failing.
 //!
 //! Every client connection, on every listener, runs as a task of the one
 //! [`Drain`], so the process knows when the last one is gone
@@ -16,24 +22,41 @@
 //! wait before forcing) is the caller's.
 
 use std::future::Future;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// How long after its login a session is spared by a drain.
+pub const FRESH_SESSION_GRACE: Duration = Duration::from_secs(1);
+
 /// The shutdown state every listener and session shares.
 #[derive(Debug, Default)]
 pub struct Drain {
+    unready: CancellationToken,
     draining: CancellationToken,
     closing: CancellationToken,
     clients: TaskTracker,
 }
 
 impl Drain {
+    /// Announces the drain (readiness turns false) without changing how
+    /// clients are served yet.
+    pub fn unready(&self) {
+        self.unready.cancel();
+    }
+
     /// Starts draining: listeners stop accepting, idle clients are closed
     /// at their next transaction boundary.
     pub fn start(&self) {
+        self.unready();
         self.draining.cancel();
         self.clients.close();
+    }
+
+    /// Whether the drain has been announced (or has started).
+    pub fn is_unready(&self) -> bool {
+        self.unready.is_cancelled()
     }
 
     /// Stops waiting: every client left is closed now.
@@ -94,6 +117,8 @@ mod tests {
             });
         }
         assert_eq!(drain.clients(), 3);
+        drain.unready();
+        assert!(drain.is_unready() && !drain.is_draining());
         drain.start();
         assert!(drain.is_draining());
         assert!(

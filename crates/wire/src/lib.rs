@@ -39,10 +39,11 @@ pub mod server;
 
 pub use admission::{Admitted, Need, Policy, Refusal, Request, Transport, admit, check};
 pub use budget::{Budget, Entry, Full, Ticket};
+pub use cancel::MAX_INSTANCE_ID;
 pub use clients::{ClientHandle, ClientInfo, ClientLogin, ClientState, Clients};
 pub use config::{
-    CleartextTokens, ClientLimits, ConnectionLimits, PoolLimits, PoolMode, ProxyConfig, RoleConfig,
-    defaults,
+    CleartextTokens, ClientLimits, ClusterConfig, ConnectionLimits, PoolLimits, PoolMode,
+    ProxyConfig, RoleConfig, defaults,
 };
 pub use drain::Drain;
 pub use error::{

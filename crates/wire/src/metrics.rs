@@ -494,8 +494,8 @@ impl prometheus_client::collector::Collector for Collector {
         emit(
             &mut encoder,
             "authgres_draining",
-            "1 while the proxy drains for shutdown",
-            &ConstGauge::new(i64::from(proxy.drain().is_draining())),
+            "1 once a drain for shutdown is announced",
+            &ConstGauge::new(i64::from(proxy.drain().is_unready())),
         )?;
         Ok(())
     }

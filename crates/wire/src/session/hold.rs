@@ -86,6 +86,8 @@ pub(super) async fn relay_to_end<S: ClientIo>(
         }
     };
     tokio::pin!(expiry);
+    let spared = tokio::time::sleep_until(session.spared_until);
+    tokio::pin!(spared);
     let mut boundary = None;
     // `None`: the drain was forced before the session reached a boundary.
     let stopped = loop {
@@ -95,7 +97,8 @@ pub(super) async fn relay_to_end<S: ClientIo>(
                 boundary = Some(Boundary::TokenExpired);
                 relay.stop_at_idle(true);
             }
-            () = drain.draining(), if boundary.is_none() => {
+            // A session that just logged in first gets its grace.
+            () = async { drain.draining().await; (&mut spared).await }, if boundary.is_none() => {
                 boundary = Some(Boundary::Draining);
                 relay.stop_at_idle(true);
             }

@@ -31,7 +31,7 @@ use tracing::Instrument as _;
 
 use crate::admission::Transport;
 use crate::budget::{Budget, Entry, Ticket};
-use crate::cancel::CancelRegistry;
+use crate::cancel::{self, CancelRegistry, Route};
 use crate::clients::{ClientHandle, ClientLogin, Clients};
 use crate::config::{PoolMode, ProxyConfig};
 use crate::drain::Drain;
@@ -45,6 +45,9 @@ use crate::proto::negotiate::Startup;
 use crate::relay::Observed;
 use crate::upstream;
 use negotiate::{Failed, Opened};
+
+/// How long forwarding a cancel to a peer or the server may take.
+const CANCEL_FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long a refused client is given to read its ErrorResponse.
 const ERROR_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -94,12 +97,13 @@ impl Proxy {
             config.pool_limits,
             Arc::clone(&metrics),
         );
+        let cancels = CancelRegistry::new(config.cluster.instance_id);
         Self {
             budget: Budget::new(config.connections),
             pools: Mutex::new(vec![Arc::downgrade(&pool)]),
             pool,
             settings: RwLock::new(Arc::new(settings)),
-            cancels: CancelRegistry::default(),
+            cancels,
             refusals: LogLimiter::default(),
             drain: Drain::default(),
             clients: Arc::default(),
@@ -118,6 +122,11 @@ impl Proxy {
     pub fn reload(&self, mut new: Settings) -> Vec<&'static str> {
         let old = self.settings();
         let mut restart = Vec::new();
+        if new.config.cluster.instance_id != old.config.cluster.instance_id {
+            // Handed-out cancel keys name the old id.
+            new.config.cluster.instance_id = old.config.cluster.instance_id;
+            restart.push("[cluster] instance_id");
+        }
         if !new.config.upstream.same_as(&old.config.upstream) {
             // Pooled connections and cancels go to the server they came
             // from; a new server means a new process.
@@ -318,6 +327,7 @@ impl Proxy {
                     auth_deadline: place.auth_deadline,
                     ticket: place.ticket,
                     registered: place.client,
+                    spared_until: Instant::now(),
                 };
                 session.run(startup).await
             }
@@ -337,9 +347,58 @@ impl Proxy {
         }
     }
 
-    /// Forwards a client's CancelRequest to the backend serving its
-    /// session now, if the key is one this proxy handed out.
+    /// Counts and logs a cancel sent on to a peer.
+    fn peer_cancel_sent(&self, peer: &str, sent: std::io::Result<()>) {
+        match sent {
+            Ok(()) => {
+                self.metrics.cancel("sent_to_peer");
+                tracing::info!(%peer, "cancel request sent to the peer holding the session");
+            }
+            Err(error) => {
+                self.metrics.cancel("peer_failed");
+                tracing::warn!(%peer, %error, "cancel request could not be sent to a peer");
+            }
+        }
+    }
+
+    /// Forwards a client's CancelRequest: to the peer instance its pid
+    /// names, or to the backend serving its session here now, if the key
+    /// is one this proxy handed out.
     async fn forward_cancel(&self, settings: &Settings, pid: i32, key: &[u8]) {
+        let deadline = Instant::now() + CANCEL_FORWARD_TIMEOUT;
+        let pid = match cancel::route(pid, &settings.config.cluster) {
+            Route::Local(pid) => pid,
+            Route::Peer(address) => {
+                let sent = cancel::send(&address, cancel::forwarded(pid), key, deadline).await;
+                self.peer_cancel_sent(&address, sent);
+                return;
+            }
+            Route::AllPeers(name) => {
+                let peers = match timeout_at(deadline, tokio::net::lookup_host(&name)).await {
+                    Ok(Ok(peers)) => peers.map(|a| a.to_string()).collect::<Vec<_>>(),
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, %name, "cannot resolve the peers for a cancel");
+                        Vec::new()
+                    }
+                    Err(_) => Vec::new(),
+                };
+                let relayed = cancel::forwarded(pid);
+                let sends = peers.iter().map(|address| async move {
+                    let sent = cancel::send(address, relayed, key, deadline).await;
+                    self.peer_cancel_sent(address, sent);
+                });
+                futures_util::future::join_all(sends).await;
+                return;
+            }
+            Route::Unknown(instance) => {
+                self.metrics.cancel("unknown_instance");
+                tracing::info!(
+                    instance,
+                    "cancel request for an instance not among the peers ignored"
+                );
+                return;
+            }
+        };
         let Some(target) = self.cancels.lookup(pid, key) else {
             self.metrics.cancel("unknown_key");
             tracing::info!("cancel request with an unknown key ignored");
@@ -395,6 +454,8 @@ pub(crate) struct Session<'p, S> {
     ticket: Ticket,
     /// Its entry in the client registry.
     registered: ClientHandle,
+    /// Until when a drain spares it (set once it is logged in).
+    spared_until: Instant,
 }
 
 impl<S: ClientIo> Session<'_, S> {
@@ -430,6 +491,7 @@ impl<S: ClientIo> Session<'_, S> {
             }
         };
         self.proxy.metrics.login(self.transport, Ok(()));
+        self.spared_until = Instant::now() + crate::drain::FRESH_SESSION_GRACE;
         self.registered.logged_in(ClientLogin {
             role: login.admitted.role.clone(),
             database: login.admitted.database.clone(),

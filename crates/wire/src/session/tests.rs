@@ -99,6 +99,7 @@ async fn harness(mode: PoolMode, pool_size: usize) -> Harness {
             internal_query_timeout: Duration::from_secs(2),
             ..PoolLimits::default()
         },
+        cluster: crate::config::ClusterConfig::default(),
     };
     let settings = Settings {
         config,

@@ -71,18 +71,24 @@ async fn serve_transactions<S: ClientIo>(
 ) -> Result<Option<Pinned>, SessionError> {
     let mut first = std::mem::take(&mut session.inbox).to_vec();
     let drain = session.proxy.drain();
+    let spared_until = session.spared_until;
     loop {
         // At a boundary, holding nothing: a drain closes the client here,
-        // before its next transaction starts.
-        if drain.is_draining() {
+        // before its next transaction starts (a client that just logged
+        // in first gets its grace).
+        if drain.is_draining() && Instant::now() >= spared_until {
             return Err(SessionError::ShuttingDown);
         }
         if first.is_empty() {
             // Idle: no upstream connection, no buffers beyond this one.
             let mut head = [0u8; 64];
+            let closing = async {
+                drain.draining().await;
+                tokio::time::sleep_until(spared_until).await;
+            };
             let n = tokio::select! {
                 read = session.client.read(&mut head) => read?,
-                () = drain.draining() => return Err(SessionError::ShuttingDown),
+                () = closing => return Err(SessionError::ShuttingDown),
             };
             first = head.get(..n).unwrap_or_default().to_vec();
         }

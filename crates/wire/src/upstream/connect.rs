@@ -179,17 +179,10 @@ async fn secure(
 pub async fn cancel(config: &UpstreamConfig, key: &UpstreamKey) -> Result<(), UpstreamError> {
     let deadline = Instant::now() + config.connect_timeout;
     let address = config.address();
-    let mut stream = match timeout_at(deadline, TcpStream::connect(&address)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(source)) => return Err(UpstreamError::Connect { address, source }),
-        Err(_) => return Err(UpstreamError::ConnectTimeout),
-    };
-    let out = crate::proto::startup::cancel_request(key.pid, &key.secret);
-    timeout_at(deadline, stream.write_all(&out))
+    crate::cancel::send(&address, key.pid, &key.secret, deadline)
         .await
-        .map_err(|_| UpstreamError::Deadline)??;
-    // The server closes the connection once it has read the request.
-    let mut sink = [0u8; 1];
-    let _ = timeout_at(deadline, stream.read(&mut sink)).await;
-    Ok(())
+        .map_err(|source| match source.kind() {
+            std::io::ErrorKind::TimedOut => UpstreamError::ConnectTimeout,
+            _ => UpstreamError::Connect { address, source },
+        })
 }
