@@ -242,7 +242,8 @@ fn init(
             "--auth-host=scram-sha-256",
             "--auth-local=trust",
         ])
-        .args(["--no-sync", "--no-locale", "-E", "UTF8"])
+        // 1 MB WAL segments: initdb writes (and tests copy) far less.
+        .args(["--no-sync", "--no-locale", "-E", "UTF8", "--wal-segsize=1"])
         .arg(format!("--pwfile={}", pwfile.display()))
         .stdin(Stdio::null());
     // `--no-instructions` exists from Postgres 14 on.
@@ -420,7 +421,24 @@ impl OsUser {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+/// A loopback port that is free now, for a server a test starts.
+///
+/// Chosen below Linux's ephemeral range (32768-60999 by default): a port
+/// the kernel hands out by `bind(0)` is also one it hands to the next
+/// outgoing connection, so a test's own client traffic could take it
+/// before the server binds. Tests run in parallel processes, so the pick
+/// is random, and checked by binding.
+pub fn free_port() -> anyhow::Result<u16> {
+    const FIRST: u16 = 15_000;
+    const LAST: u16 = 32_000;
+    for _ in 0..100 {
+        let mut bytes = [0u8; 2];
+        aws_lc_rs::rand::fill(&mut bytes).map_err(|_| anyhow::anyhow!("the system RNG failed"))?;
+        let port = FIRST + u16::from_le_bytes(bytes) % (LAST - FIRST);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }

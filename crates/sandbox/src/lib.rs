@@ -15,6 +15,6 @@ mod issuer;
 mod signer;
 pub mod tls;
 
-pub use cluster::{Cluster, find_postgres_bindir};
+pub use cluster::{Cluster, find_postgres_bindir, free_port};
 pub use issuer::{Behavior, Issuer};
 pub use signer::{KeyKind, Signer, TokenSpec};
