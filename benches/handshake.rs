@@ -68,9 +68,10 @@ fn handshake(c: &mut Criterion) {
                 .expect("complete");
             let mut out = BytesMut::with_capacity(512);
             backend::ask_cleartext_password(&mut out);
-            let password = frontend::parse_password_message(&mut input)
+            let message = frontend::take_password_message(&mut input)
                 .expect("valid")
                 .expect("complete");
+            let password = frontend::password_text(&message).expect("valid");
             let identity = verifier
                 .verify(&password, "authenticated", SystemTime::now())
                 .await

@@ -10,7 +10,7 @@ use anyhow::{Context as _, bail};
 use authgres_jwt::{ClaimPath, FetchSettings, KeySource, ProviderConfig};
 use authgres_wire::{
     ClaimsKey, CleartextTokens, ClientLimits, ClusterConfig, ConnectionLimits, Policy, PoolLimits,
-    ProxyConfig, RoleConfig, UpstreamConfig, UpstreamTls, defaults as wire,
+    ProxyConfig, RoleConfig, TokenLogin, UpstreamConfig, UpstreamTls, defaults as wire,
 };
 use jsonwebtoken::Algorithm;
 use serde::Deserialize;
@@ -289,6 +289,27 @@ pub struct Role {
     /// "required" or "none".
     #[serde(default = "token_required")]
     pub token: TokenPolicy,
+    /// How Postgres-protocol clients hand the token over.
+    #[serde(default)]
+    pub login: LoginMethod,
+    /// With `login = "oauthbearer"`: the scope clients ask the issuer for.
+    #[serde(default = "default_oauth_scope")]
+    pub oauth_scope: String,
+}
+
+/// `roles.NAME.login`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LoginMethod {
+    /// The token as the password: every driver.
+    #[default]
+    Password,
+    /// SASL OAUTHBEARER: psql and libpq 18 with `oauth_issuer`.
+    OAuthBearer,
+}
+
+fn default_oauth_scope() -> String {
+    "openid".to_owned()
 }
 
 /// `roles.NAME.token`.
@@ -310,6 +331,8 @@ fn default_roles() -> BTreeMap<String, Role> {
             Role {
                 password_env: Some("AUTHGRES_AUTHENTICATED_PASSWORD".into()),
                 token: TokenPolicy::Required,
+                login: LoginMethod::Password,
+                oauth_scope: default_oauth_scope(),
             },
         ),
         (
@@ -317,6 +340,8 @@ fn default_roles() -> BTreeMap<String, Role> {
             Role {
                 password_env: Some("AUTHGRES_ANONYMOUS_PASSWORD".into()),
                 token: TokenPolicy::None,
+                login: LoginMethod::Password,
+                oauth_scope: default_oauth_scope(),
             },
         ),
     ])
@@ -547,6 +572,39 @@ impl Loaded {
         Ok(config)
     }
 
+    /// How role `name`'s clients hand their token over. An OAUTHBEARER
+    /// role sends clients to its provider's discovery document, so exactly
+    /// one provider must serve it (libpq checks the document's issuer
+    /// against its own `oauth_issuer`).
+    fn token_login(&self, name: &str, role: &Role) -> anyhow::Result<TokenLogin> {
+        if role.login == LoginMethod::Password {
+            return Ok(TokenLogin::Password);
+        }
+        if role.token == TokenPolicy::None {
+            bail!("role {name:?}: login = \"oauthbearer\" needs token = \"required\"");
+        }
+        let serving: Vec<&Provider> = self
+            .file
+            .providers
+            .iter()
+            .filter(|p| p.roles.iter().any(|r| r == name))
+            .collect();
+        let [provider] = serving[..] else {
+            bail!(
+                "role {name:?}: login = \"oauthbearer\" needs exactly one provider listing it \
+                 in `roles` (found {}): the client is sent to that issuer for its token",
+                serving.len()
+            );
+        };
+        Ok(TokenLogin::OAuthBearer {
+            discovery_url: format!(
+                "{}/.well-known/openid-configuration",
+                provider.issuer.trim_end_matches('/')
+            ),
+            scope: role.oauth_scope.clone(),
+        })
+    }
+
     /// Wire settings.
     pub fn proxy_config(&self) -> anyhow::Result<ProxyConfig> {
         let mut roles = HashMap::new();
@@ -562,6 +620,7 @@ impl Loaded {
                 RoleConfig {
                     password,
                     requires_token: role.token == TokenPolicy::Required,
+                    login: self.token_login(name, role)?,
                 },
             );
         }
@@ -776,6 +835,54 @@ mod tests {
         assert!(file.listen.tls_cert.is_some());
         let cluster = file.cluster.expect("[cluster]");
         assert_eq!((cluster.instance_id, cluster.peers.len()), (1, 2));
+    }
+
+    /// A config from `text`, with no secrets file.
+    fn loaded(text: &str) -> Loaded {
+        Loaded {
+            file: toml::from_str(text).expect("parses"),
+            base: PathBuf::from("."),
+            secrets: Secrets {
+                file: None,
+                values: HashMap::new(),
+            },
+        }
+    }
+
+    const OAUTH_ROLE: &str = "[roles.person]\nlogin = \"oauthbearer\"\n";
+    const PROVIDER: &str = "[[providers]]\nname = \"a\"\nissuer = \"https://id.example/\"\n\
+                            jwks_url = \"https://id.example/jwks\"\n";
+
+    #[test]
+    fn an_oauthbearer_role_is_sent_to_its_one_provider() {
+        let config = loaded(&format!("{OAUTH_ROLE}{PROVIDER}roles = [\"person\"]\n"));
+        let role = &config.proxy_config().expect("valid").admission.roles["person"];
+        assert_eq!(
+            role.login,
+            TokenLogin::OAuthBearer {
+                discovery_url: "https://id.example/.well-known/openid-configuration".into(),
+                scope: "openid".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn an_oauthbearer_role_needs_exactly_one_provider_and_a_token() {
+        let two = format!(
+            "{OAUTH_ROLE}{PROVIDER}roles = [\"person\"]\n{}roles = [\"person\"]\n",
+            PROVIDER.replace("\"a\"", "\"b\"")
+        );
+        for (text, expected) in [
+            (format!("{OAUTH_ROLE}{PROVIDER}"), "found 0"),
+            (two, "found 2"),
+            (
+                format!("{OAUTH_ROLE}token = \"none\"\n{PROVIDER}roles = [\"person\"]\n"),
+                "needs token = \"required\"",
+            ),
+        ] {
+            let error = loaded(&text).proxy_config().expect_err("refused");
+            assert!(format!("{error:#}").contains(expected), "{error:#}");
+        }
     }
 
     #[test]

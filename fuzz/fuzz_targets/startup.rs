@@ -1,9 +1,11 @@
 //! Startup-phase packets from arbitrary bytes: the parser never panics,
-//! consumes only whole packets, and the negotiation answers each one.
+//! consumes only whole packets, and the negotiation answers each one; the
+//! password and SASL (OAUTHBEARER) messages that follow parse without
+//! panicking.
 
 #![no_main]
 
-use authgres_wire::internals::{Negotiation, startup};
+use authgres_wire::internals::{Negotiation, oauthbearer, startup};
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 
@@ -31,7 +33,15 @@ fuzz_target!(|data: &[u8]| {
     }
     let mut buf = BytesMut::from(data);
     let before = buf.len();
-    if let Ok(None) = startup::parse_password_message(&mut buf) {
-        assert_eq!(buf.len(), before);
+    match startup::take_password_message(&mut buf) {
+        Ok(None) => assert_eq!(buf.len(), before, "a partial message was consumed"),
+        Ok(Some(body)) => {
+            let _ = startup::password_text(&body);
+            if let Ok(initial) = startup::parse_sasl_initial_response(&body) {
+                let _ = oauthbearer::parse_client_first(initial.data.unwrap_or_default());
+            }
+            let _ = oauthbearer::parse_client_first(&body);
+        }
+        Err(_) => {}
     }
 });

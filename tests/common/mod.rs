@@ -144,11 +144,14 @@ password_env = "AUTHGRES_ANONYMOUS_PASSWORD"
 token = "none"
 [roles.reporting]
 password_env = "AUTHGRES_REPORTING_PASSWORD"
+[roles.person]
+password_env = "AUTHGRES_PERSON_PASSWORD"
+login = "oauthbearer"
 [[providers]]
 name = "sandbox"
 issuer = "{iss}"
 jwks_url = "{jwks}"
-roles = ["authenticated"]
+roles = ["authenticated", "person"]
 "#,
             auth_timeout = options.auth_timeout,
             cleartext = options.cleartext_tokens,
@@ -862,12 +865,9 @@ pub fn psql_path() -> PathBuf {
     PathBuf::from("psql")
 }
 
+/// A free loopback port (see [`authgres_sandbox::free_port`]).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    authgres_sandbox::free_port().expect("a free port")
 }
 
 /// A hand-driven Postgres client for what drivers will not do: watching a

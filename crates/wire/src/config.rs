@@ -57,6 +57,29 @@ pub struct RoleConfig {
     /// Whether a verified token is required (`false`: anonymous access,
     /// no password asked, no identity attached).
     pub requires_token: bool,
+    /// How a Postgres-protocol client hands the token over.
+    pub login: TokenLogin,
+}
+
+/// How a Postgres-protocol client (TCP or WebSocket) hands its token over.
+/// The proxy must choose before the client says anything beyond its
+/// startup packet, so this is per role. `/sql` always takes the token from
+/// its header.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum TokenLogin {
+    /// As the password (AuthenticationCleartextPassword): every driver.
+    #[default]
+    Password,
+    /// SASL OAUTHBEARER, as Postgres 18's libpq speaks it with
+    /// `oauth_issuer` and `oauth_client_id`; libpq refuses the offer
+    /// without those settings.
+    OAuthBearer {
+        /// The issuer's OpenID discovery document, where a client without
+        /// a token is sent.
+        discovery_url: String,
+        /// The scope the client should ask the issuer for.
+        scope: String,
+    },
 }
 
 /// Whether a token may travel over an unencrypted connection.

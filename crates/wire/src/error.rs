@@ -137,6 +137,12 @@ pub enum ProtocolViolation {
     /// A message the relay must not forward.
     #[error(transparent)]
     Relay(#[from] Violation),
+    /// An OAUTHBEARER message could not be read.
+    #[error(transparent)]
+    OAuth(#[from] crate::proto::oauthbearer::Malformed),
+    /// The client chose a SASL mechanism it was not offered.
+    #[error("SASL mechanism {0:?} was not offered (expected OAUTHBEARER)")]
+    SaslMechanism(String),
 }
 
 /// Every reason a client session ends before or instead of relaying.
@@ -164,6 +170,10 @@ pub enum SessionError {
     /// Admission refused the client.
     #[error("{0}")]
     Refused(#[from] Refusal),
+    /// An OAUTHBEARER client asked where to get a token and was told: it
+    /// fetches one and connects again.
+    #[error("OAuth client for role {0:?} was sent to the issuer for a token")]
+    OAuthDiscovery(String),
     /// The client did not finish the handshake in time.
     #[error("client did not authenticate within {0:?}")]
     AuthTimeout(Duration),
@@ -235,6 +245,11 @@ impl Classify for SessionError {
                 Some("remove it from the connection options"),
             ),
             Self::Refused(refusal) => refusal.client_view(),
+            Self::OAuthDiscovery(role) => ClientView::new(
+                S::InvalidAuthorization,
+                format!("OAuth bearer authentication failed for user \"{role}\""),
+                None,
+            ),
             Self::AuthTimeout(_) => ClientView::new(
                 S::ProtocolViolation,
                 "authentication timed out: no password was sent",
@@ -285,7 +300,10 @@ impl Classify for SessionError {
 
     fn severity(&self) -> Severity {
         match self {
-            Self::TokenExpired | Self::ShuttingDown | Self::ClientIo(_) => Severity::Routine,
+            Self::TokenExpired
+            | Self::ShuttingDown
+            | Self::OAuthDiscovery(_)
+            | Self::ClientIo(_) => Severity::Routine,
             Self::Protocol(_)
             | Self::MissingAlpn
             | Self::Tls(_)
@@ -310,6 +328,7 @@ impl Classify for SessionError {
             Self::Replication => "replication",
             Self::ForbiddenParameter(_) => "forbidden_parameter",
             Self::Refused(refusal) => refusal.label(),
+            Self::OAuthDiscovery(_) => "oauth_discovery",
             Self::AuthTimeout(_) => "auth_timeout",
             Self::TooManyConnections => "too_many_connections",
             Self::PoolExhausted { .. } => "pool_exhausted",

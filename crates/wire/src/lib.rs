@@ -43,7 +43,7 @@ pub use cancel::MAX_INSTANCE_ID;
 pub use clients::{ClientHandle, ClientInfo, ClientLogin, ClientState, Clients};
 pub use config::{
     CleartextTokens, ClientLimits, ClusterConfig, ConnectionLimits, PoolLimits, PoolMode,
-    ProxyConfig, RoleConfig, defaults,
+    ProxyConfig, RoleConfig, TokenLogin, defaults,
 };
 pub use drain::Drain;
 pub use error::{
@@ -74,6 +74,7 @@ pub mod internals {
     pub use crate::proto::ledger::{Ledger, Outcome, Request, model};
     pub use crate::proto::login::{Login, Step, startup_message};
     pub use crate::proto::negotiate::{Negotiation, Next};
+    pub use crate::proto::oauthbearer;
     pub use crate::proto::startup;
     pub use crate::relay::{Relay, Stop};
     pub use crate::transaction::Tracker;

@@ -13,6 +13,7 @@ fn policy(cleartext_tokens: CleartextTokens, databases: &[&str]) -> Policy {
     let role = |requires_token| RoleConfig {
         password: None,
         requires_token,
+        login: crate::config::TokenLogin::Password,
     };
     Policy {
         roles: HashMap::from([

@@ -30,6 +30,16 @@ pub fn ask_cleartext_password(buf: &mut BytesMut) {
     encode(&Authentication::CleartextPassword, buf);
 }
 
+/// AuthenticationSASL offering exactly `mechanism`.
+pub fn ask_sasl(mechanism: &str, buf: &mut BytesMut) {
+    encode(&Authentication::SASL(vec![mechanism.to_owned()]), buf);
+}
+
+/// AuthenticationSASLContinue carrying `data`.
+pub fn sasl_continue(data: Vec<u8>, buf: &mut BytesMut) {
+    encode(&Authentication::SASLContinue(data.into()), buf);
+}
+
 /// AuthenticationOk.
 pub fn authentication_ok(buf: &mut BytesMut) {
     encode(&Authentication::Ok, buf);

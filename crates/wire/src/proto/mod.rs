@@ -9,6 +9,8 @@
 //! - [`framer`]: message boundaries in a relayed byte stream;
 //! - [`ledger`]: which of a client's messages the server still owes a
 //!   reply, so a backend is handed on only when it is idle;
+//! - [`oauthbearer`]: the SASL mechanism Postgres 18 clients log in
+//!   with a bearer token by;
 //! - [`login`] and [`scram`]: the proxy's own login to the upstream server;
 //! - [`server_error`]: ErrorResponse fields.
 //!
@@ -21,6 +23,7 @@ pub mod framer;
 pub mod ledger;
 pub mod login;
 pub mod negotiate;
+pub mod oauthbearer;
 pub mod scram;
 pub mod server_error;
 pub mod startup;

@@ -176,12 +176,20 @@ fn parse_parameters(body: &[u8]) -> Result<BTreeMap<String, String>, FrameError>
     Ok(parameters)
 }
 
-/// Parses a PasswordMessage from the front of `buf`, returning the password
-/// without its NUL terminator.
-///
-/// The caller learns nothing about the password's content from errors: they
-/// describe only the framing.
-pub fn parse_password_message(buf: &mut BytesMut) -> Result<Option<String>, FrameError> {
+/// The password in the body of a PasswordMessage: a NUL-terminated
+/// UTF-8 string. Errors describe only the framing, never the content.
+pub fn password_text(body: &[u8]) -> Result<String, FrameError> {
+    match body.split_last() {
+        Some((0, text)) if !text.contains(&0) => String::from_utf8(text.to_vec())
+            .map_err(|_| FrameError::Malformed("password message (not UTF-8)")),
+        _ => Err(FrameError::Malformed("password message (bad terminator)")),
+    }
+}
+
+/// Takes one whole `p` message (PasswordMessage, SASLInitialResponse or
+/// SASLResponse: the protocol gives them one tag) from the front of `buf`
+/// and returns its body; `Ok(None)` until it is all buffered.
+pub fn take_password_message(buf: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
     let Some(&[tag, a, b, c, d]) = buf.first_chunk::<5>() else {
         return Ok(None);
     };
@@ -190,7 +198,7 @@ pub fn parse_password_message(buf: &mut BytesMut) -> Result<Option<String>, Fram
     }
     let len = i32::from_be_bytes([a, b, c, d]);
     let len = usize::try_from(len).unwrap_or(0);
-    if !(5..=MAX_PASSWORD_MESSAGE).contains(&len) {
+    if !(4..=MAX_PASSWORD_MESSAGE).contains(&len) {
         return Err(FrameError::BadLength {
             what: "password message",
             len,
@@ -203,12 +211,35 @@ pub fn parse_password_message(buf: &mut BytesMut) -> Result<Option<String>, Fram
     }
     let mut message = buf.split_to(len + 1);
     message.advance(5);
-    match message.split_last() {
-        Some((0, body)) if !body.contains(&0) => String::from_utf8(body.to_vec())
-            .map(Some)
-            .map_err(|_| FrameError::Malformed("password message (not UTF-8)")),
-        _ => Err(FrameError::Malformed("password message (bad terminator)")),
-    }
+    Ok(Some(message))
+}
+
+/// A SASLInitialResponse: the mechanism the client chose and its first
+/// message (`None` when the client sent none, length -1).
+#[derive(Debug, PartialEq, Eq)]
+pub struct SaslInitialResponse<'a> {
+    /// The mechanism's name, e.g. `OAUTHBEARER`.
+    pub mechanism: &'a str,
+    /// The client's first message.
+    pub data: Option<&'a [u8]>,
+}
+
+/// Parses the body of a SASLInitialResponse (see [`take_password_message`]).
+pub fn parse_sasl_initial_response(body: &[u8]) -> Result<SaslInitialResponse<'_>, FrameError> {
+    let malformed = || FrameError::Malformed("SASLInitialResponse");
+    let end = body.iter().position(|&b| b == 0).ok_or_else(malformed)?;
+    let (name, rest) = body.split_at(end);
+    let mechanism = std::str::from_utf8(name).map_err(|_| malformed())?;
+    let rest = rest.get(1..).ok_or_else(malformed)?;
+    let Some((len, data)) = rest.split_first_chunk::<4>() else {
+        return Err(malformed());
+    };
+    let data = match i32::from_be_bytes(*len) {
+        -1 if data.is_empty() => None,
+        len if usize::try_from(len).is_ok_and(|len| len == data.len()) => Some(data),
+        _ => return Err(malformed()),
+    };
+    Ok(SaslInitialResponse { mechanism, data })
 }
 
 /// A CancelRequest for backend `pid` with cancel `key` (4 bytes in
@@ -354,7 +385,10 @@ mod tests {
         postgres_protocol::message::frontend::password_message(token.as_bytes(), &mut buf)
             .expect("encodable");
         buf.put_u8(b'Q');
-        assert_eq!(parse_password_message(&mut buf), Ok(Some(token)));
+        let body = take_password_message(&mut buf)
+            .expect("framed")
+            .expect("whole");
+        assert_eq!(password_text(&body), Ok(token));
         assert_eq!(&buf[..], b"Q");
     }
 
@@ -364,20 +398,55 @@ mod tests {
         buf.put_u8(b'p');
         buf.put_i32(i32::try_from(MAX_PASSWORD_MESSAGE + 1).expect("fits"));
         assert!(matches!(
-            parse_password_message(&mut buf),
+            take_password_message(&mut buf),
             Err(FrameError::BadLength { .. })
         ));
 
         let mut buf = BytesMut::from(&b"Q\0\0\0\x05\0"[..]);
         assert_eq!(
-            parse_password_message(&mut buf),
+            take_password_message(&mut buf),
             Err(FrameError::UnexpectedMessage('Q'))
         );
 
         let mut buf = BytesMut::from(&b"p\0\0\0\x07a\0b"[..]);
+        let body = take_password_message(&mut buf)
+            .expect("framed")
+            .expect("whole");
         assert!(matches!(
-            parse_password_message(&mut buf),
+            password_text(&body),
             Err(FrameError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn sasl_initial_response() {
+        let mut buf = BytesMut::new();
+        postgres_protocol::message::frontend::sasl_initial_response(
+            "OAUTHBEARER",
+            b"n,,\x01auth=\x01\x01",
+            &mut buf,
+        )
+        .expect("encodable");
+        let body = take_password_message(&mut buf)
+            .expect("framed")
+            .expect("whole");
+        assert_eq!(
+            parse_sasl_initial_response(&body),
+            Ok(SaslInitialResponse {
+                mechanism: "OAUTHBEARER",
+                data: Some(b"n,,\x01auth=\x01\x01"),
+            })
+        );
+        let none = b"OAUTHBEARER\0\xff\xff\xff\xff";
+        assert_eq!(parse_sasl_initial_response(none).map(|r| r.data), Ok(None));
+        for bad in [
+            &b"OAUTHBEARER"[..],
+            b"OAUTHBEARER\0\0\0",
+            b"OAUTHBEARER\0\0\0\0\x05abc",
+            b"OAUTHBEARER\0\xff\xff\xff\xffx",
+            b"\xff\0\0\0\0\0",
+        ] {
+            assert!(parse_sasl_initial_response(bad).is_err(), "{bad:?}");
+        }
     }
 }

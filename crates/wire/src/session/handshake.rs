@@ -6,19 +6,21 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use authgres_jwt::VerifyError;
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt as _;
 
 use super::lease::Lease;
 use super::{ClientIo, Session, write_flush};
-use crate::admission::{self, Admitted, Need};
+use crate::admission::{self, Admitted, Need, Refusal};
 use crate::cancel::CancelGuard;
-use crate::config::PoolMode;
+use crate::config::{PoolMode, TokenLogin};
 use crate::error::{ProtocolViolation, SessionError};
 use crate::params;
 use crate::proto::backend;
 use crate::proto::negotiate::Startup;
-use crate::proto::startup::parse_password_message;
+use crate::proto::oauthbearer;
+use crate::proto::startup::{parse_sasl_initial_response, password_text, take_password_message};
 use crate::upstream;
 
 /// A client admitted to log in, with what it asked for at startup.
@@ -84,9 +86,17 @@ impl<S: ClientIo> Session<'_, S> {
         };
         let settings = Arc::clone(&self.settings);
         let policy = &settings.config.admission;
-        let token = match admission::check(policy, &request)? {
-            Need::Nothing => None,
-            Need::Token => Some(self.ask_token().await?),
+        let login = policy.roles.get(role).map(|r| &r.login);
+        let token = match (admission::check(policy, &request)?, login) {
+            (Need::Nothing, _) => None,
+            (
+                Need::Token,
+                Some(TokenLogin::OAuthBearer {
+                    discovery_url,
+                    scope,
+                }),
+            ) => Some(self.ask_bearer_token(role, discovery_url, scope).await?),
+            (Need::Token, _) => Some(self.ask_token().await?),
         };
         let admitted = admission::admit(
             policy,
@@ -96,7 +106,20 @@ impl<S: ClientIo> Session<'_, S> {
             token.as_deref(),
             SystemTime::now(),
         )
-        .await?;
+        .await;
+        if let (
+            Err(_),
+            Some(TokenLogin::OAuthBearer {
+                discovery_url,
+                scope,
+            }),
+        ) = (&admitted, login)
+        {
+            // RFC 7628: a token that did not verify is answered with the
+            // challenge too, so the client can fetch a fresh one.
+            self.oauth_challenge(discovery_url, scope).await?;
+        }
+        let admitted = admitted?;
         self.ticket.authenticated();
         if let Some(identity) = &admitted.identity {
             span.record("sub", identity.subject.as_str());
@@ -116,11 +139,69 @@ impl<S: ClientIo> Session<'_, S> {
         let mut out = BytesMut::new();
         backend::ask_cleartext_password(&mut out);
         write_flush(&mut self.client, &out).await?;
+        let message = self.read_password_message().await?;
+        Ok(password_text(&message).map_err(ProtocolViolation::from)?)
+    }
+
+    /// Offers SASL OAUTHBEARER and reads the bearer token from the
+    /// client's first message. A client without a token (or with one that
+    /// cannot be a token) is sent to the issuer, and the login fails so it
+    /// connects again with one.
+    async fn ask_bearer_token(
+        &mut self,
+        role: &str,
+        discovery_url: &str,
+        scope: &str,
+    ) -> Result<String, SessionError> {
+        let mut out = BytesMut::new();
+        backend::ask_sasl(oauthbearer::MECHANISM, &mut out);
+        write_flush(&mut self.client, &out).await?;
+        let message = self.read_password_message().await?;
+        let initial = parse_sasl_initial_response(&message).map_err(ProtocolViolation::from)?;
+        if initial.mechanism != oauthbearer::MECHANISM {
+            return Err(ProtocolViolation::SaslMechanism(initial.mechanism.to_owned()).into());
+        }
+        let first = initial.data.unwrap_or_default();
+        match oauthbearer::parse_client_first(first).map_err(ProtocolViolation::from)? {
+            oauthbearer::ClientFirst::Bearer(token) => Ok(token.to_owned()),
+            oauthbearer::ClientFirst::Discovery => {
+                self.oauth_challenge(discovery_url, scope).await?;
+                Err(SessionError::OAuthDiscovery(role.to_owned()))
+            }
+            oauthbearer::ClientFirst::Unusable => {
+                self.oauth_challenge(discovery_url, scope).await?;
+                Err(Refusal::Token(VerifyError::Malformed("not a bearer token")).into())
+            }
+        }
+    }
+
+    /// Sends the OAUTHBEARER error challenge and waits for the client's
+    /// acknowledgement; the caller then fails the login.
+    async fn oauth_challenge(
+        &mut self,
+        discovery_url: &str,
+        scope: &str,
+    ) -> Result<(), SessionError> {
+        let mut out = BytesMut::new();
+        backend::sasl_continue(oauthbearer::challenge(discovery_url, scope), &mut out);
+        write_flush(&mut self.client, &out).await?;
+        let message = self.read_password_message().await?;
+        if !oauthbearer::is_acknowledgement(&message) {
+            return Err(ProtocolViolation::from(oauthbearer::Malformed(
+                "the client did not acknowledge the error challenge",
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Reads one `p` message (password or SASL) and returns its body.
+    async fn read_password_message(&mut self) -> Result<BytesMut, SessionError> {
         loop {
-            if let Some(password) =
-                parse_password_message(&mut self.inbox).map_err(ProtocolViolation::from)?
+            if let Some(message) =
+                take_password_message(&mut self.inbox).map_err(ProtocolViolation::from)?
             {
-                return Ok(password);
+                return Ok(message);
             }
             if self.client.read_buf(&mut self.inbox).await? == 0 {
                 return Err(SessionError::ClientIo(

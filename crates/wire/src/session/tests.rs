@@ -68,6 +68,7 @@ async fn harness(mode: PoolMode, pool_size: usize) -> Harness {
     let role = RoleConfig {
         password: Some(PASSWORD.to_owned()),
         requires_token: true,
+        login: crate::config::TokenLogin::Password,
     };
     let config = ProxyConfig {
         upstream: UpstreamConfig {
