@@ -1,5 +1,5 @@
 //! Every driver unmodified through authgres: the real clients (node-postgres,
-//! postgres.js, psycopg 3, asyncpg) connect with a token as the password,
+//! postgres.js, psycopg 3 on libpq 18, asyncpg) connect with a token as the password,
 //! over TLS and in the clear, and run the compatibility checks in
 //! tests/compat/<language>/, provisioned on first use (see
 //! `common::provision`).
@@ -67,6 +67,8 @@ async fn run(stack: &Stack, program: &str, args: &[&str], dir: &str) {
         .env("PGDATABASE", common::DATABASE)
         .env("AUTHGRES_TOKEN_A", stack.issuer.token("user_alice"))
         .env("AUTHGRES_TOKEN_B", stack.issuer.token("user_bob"))
+        .env("AUTHGRES_TOKEN_OAUTH", stack.issuer.token("user_oauth"))
+        .env("AUTHGRES_ISSUER", stack.issuer.issuer())
         .env("AUTHGRES_CA", stack.dir.path().join("ca.pem"));
     let output = tokio::task::spawn_blocking(move || command.output())
         .await
@@ -103,6 +105,19 @@ async fn node_postgres_and_postgres_js_in_transaction_pooling() {
 async fn psycopg_and_asyncpg_in_transaction_pooling() {
     let stack = stack_with(TRANSACTION_POOLING).await;
     run(&stack, "python3", &["run.py"], "tests/compat/python").await;
+}
+
+/// Postgres 18's libpq: protocol 3.2 negotiation, cancel, native OAuth.
+#[tokio::test(flavor = "multi_thread")]
+async fn libpq_18_protocol_cancel_and_oauth() {
+    let stack = stack().await;
+    run(&stack, "python3", &["libpq18.py"], "tests/compat/python").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn libpq_18_protocol_cancel_and_oauth_in_transaction_pooling() {
+    let stack = stack_with(TRANSACTION_POOLING).await;
+    run(&stack, "python3", &["libpq18.py"], "tests/compat/python").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -113,6 +113,29 @@ fn replace_secret(file: &Path, name: &str, value: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The oldest Postgres major authgres supports: the oldest CI proves (13
+/// reached end of life in November 2025).
+pub const OLDEST_MAJOR: i32 = 14;
+
+/// Refuses a server older than [`OLDEST_MAJOR`], with what to do.
+async fn check_server_version(client: &tokio_postgres::Client) -> anyhow::Result<()> {
+    let row = client
+        .query_one(
+            "select current_setting('server_version_num')::int, current_setting('server_version')",
+            &[],
+        )
+        .await
+        .context("reading the server version")?;
+    let (number, version): (i32, String) = (row.get(0), row.get(1));
+    if number / 10000 < OLDEST_MAJOR {
+        anyhow::bail!(
+            "this server runs PostgreSQL {version}; authgres supports PostgreSQL {OLDEST_MAJOR} \
+             and later (upgrade the server; 13 is past its end of life)"
+        );
+    }
+    Ok(())
+}
+
 /// Installs everything into the database at `admin_url`.
 pub async fn init_db(loaded: &Loaded, admin_url: &str, old_keys: OldKeys) -> anyhow::Result<()> {
     let key = loaded.claims_key()?;
@@ -120,6 +143,7 @@ pub async fn init_db(loaded: &Loaded, admin_url: &str, old_keys: OldKeys) -> any
         .await
         .context("connecting with --admin-url")?;
     let connection = tokio::spawn(connection);
+    check_server_version(&client).await?;
     // Re-running is normal: "already exists, skipping" notices are noise.
     client
         .batch_execute("set client_min_messages = warning")
