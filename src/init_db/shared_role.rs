@@ -89,9 +89,16 @@ pub async fn close(tx: &tokio_postgres::Transaction<'_>) -> anyhow::Result<()> {
         (SIGNAL_FUNCTIONS, "pg_signal_backend"),
         (LARGE_OBJECT_FUNCTIONS, owner.as_str()),
     ] {
-        revoke_functions(tx, "pg_catalog", functions, grantee).await?;
+        revoke(tx, Kind::Functions, "pg_catalog", functions, grantee).await?;
     }
-    revoke_views(tx, "pg_catalog", ACTIVITY_VIEWS, "pg_read_all_stats").await?;
+    revoke(
+        tx,
+        Kind::Views,
+        "pg_catalog",
+        ACTIVITY_VIEWS,
+        "pg_read_all_stats",
+    )
+    .await?;
     // pg_stat_statements lives wherever it was installed.
     let installed = tx
         .query_opt(
@@ -104,8 +111,15 @@ pub async fn close(tx: &tokio_postgres::Transaction<'_>) -> anyhow::Result<()> {
     if let Some(row) = installed {
         let schema: String = row.get(0);
         let statements = &["pg_stat_statements"];
-        revoke_functions(tx, &schema, statements, "pg_read_all_stats").await?;
-        revoke_views(tx, &schema, statements, "pg_read_all_stats").await?;
+        revoke(
+            tx,
+            Kind::Functions,
+            &schema,
+            statements,
+            "pg_read_all_stats",
+        )
+        .await?;
+        revoke(tx, Kind::Views, &schema, statements, "pg_read_all_stats").await?;
     }
     // Before Postgres 15 any role may create objects in `public`, where
     // one user's function or table could stand in for what another's
@@ -118,59 +132,59 @@ pub async fn close(tx: &tokio_postgres::Transaction<'_>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Revokes EXECUTE on every overload of `names` in `schema` from PUBLIC
-/// and grants it to `grantee`.
-async fn revoke_functions(
-    tx: &tokio_postgres::Transaction<'_>,
-    schema: &str,
-    names: &[&str],
-    grantee: &str,
-) -> anyhow::Result<()> {
-    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-    let signatures = tx
-        .query(
-            "select p.oid::pg_catalog.regprocedure::pg_catalog.text from pg_catalog.pg_proc p \
-             join pg_catalog.pg_namespace n on n.oid = p.pronamespace \
-             where n.nspname = $1 and p.proname = any($2)",
-            &[&schema, &names],
-        )
-        .await?;
-    for row in signatures {
-        let signature: String = row.get(0);
-        tx.batch_execute(&format!(
-            "revoke execute on function {signature} from public; \
-             grant execute on function {signature} to {grantee}"
-        ))
-        .await
-        .with_context(|| format!("closing {signature} to the login roles"))?;
-    }
-    Ok(())
+/// What [`revoke`] closes: functions (every overload) or views.
+#[derive(Clone, Copy)]
+enum Kind {
+    Functions,
+    Views,
 }
 
-/// Revokes SELECT on the views `names` in `schema` that exist from PUBLIC
-/// and grants it to `grantee`.
-async fn revoke_views(
+impl Kind {
+    /// The catalog query naming the objects `$2` in schema `$1` that
+    /// exist, as SQL can name them again.
+    fn lookup(self) -> &'static str {
+        match self {
+            Self::Functions => {
+                "select p.oid::pg_catalog.regprocedure::pg_catalog.text from pg_catalog.pg_proc p \
+                 join pg_catalog.pg_namespace n on n.oid = p.pronamespace \
+                 where n.nspname = $1 and p.proname = any($2)"
+            }
+            Self::Views => {
+                "select c.oid::pg_catalog.regclass::pg_catalog.text from pg_catalog.pg_class c \
+                 join pg_catalog.pg_namespace n on n.oid = c.relnamespace \
+                 where n.nspname = $1 and c.relname = any($2)"
+            }
+        }
+    }
+
+    /// The privilege and object phrase of a GRANT on `object`.
+    fn privilege_on(self, object: &str) -> String {
+        match self {
+            Self::Functions => format!("execute on function {object}"),
+            Self::Views => format!("select on {object}"),
+        }
+    }
+}
+
+/// Revokes the privilege of `kind` on each of `names` in `schema` that
+/// exists from PUBLIC and grants it to `grantee`.
+async fn revoke(
     tx: &tokio_postgres::Transaction<'_>,
+    kind: Kind,
     schema: &str,
     names: &[&str],
     grantee: &str,
 ) -> anyhow::Result<()> {
     let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-    let views = tx
-        .query(
-            "select c.oid::pg_catalog.regclass::pg_catalog.text from pg_catalog.pg_class c \
-             join pg_catalog.pg_namespace n on n.oid = c.relnamespace \
-             where n.nspname = $1 and c.relname = any($2)",
-            &[&schema, &names],
-        )
-        .await?;
-    for row in views {
-        let view: String = row.get(0);
+    let objects = tx.query(kind.lookup(), &[&schema, &names]).await?;
+    for row in objects {
+        let object: String = row.get(0);
+        let privilege = kind.privilege_on(&object);
         tx.batch_execute(&format!(
-            "revoke select on {view} from public; grant select on {view} to {grantee}"
+            "revoke {privilege} from public; grant {privilege} to {grantee}"
         ))
         .await
-        .with_context(|| format!("closing {view} to the login roles"))?;
+        .with_context(|| format!("closing {object} to the login roles"))?;
     }
     Ok(())
 }
