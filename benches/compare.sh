@@ -51,7 +51,7 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
-AUTHGRES_LOG=warn "$bin" demo --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 \
+AUTHGRES_LOG=warn "$bin" demo --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
     --env "$work/demo.env" --state-dir "$work/state" >"$work/demo.out" 2>&1 &
 demo=$!
 for _ in $(seq 1 600); do [ -s "$work/demo.env" ] && grep -q HTTP_URL "$work/demo.env" && break; sleep 0.1; done
@@ -91,6 +91,7 @@ python3 - "$work/state/proxy.toml" "$work/state/proxy-txn.toml" "$txn_port" <<'P
 import re, sys
 text = open(sys.argv[1]).read()
 text = re.sub(r'\[http\]\naddress = "[^"]*"\n', "", text)
+text = re.sub(r'\[admin\]\naddress = "[^"]*"\n', "", text)
 text = re.sub(r'(\[listen\]\naddress = ")[^"]*"', r'\g<1>127.0.0.1:' + sys.argv[3] + '"', text)
 text = text.replace("[upstream]\n", '[upstream]\npool_mode = "transaction"\n')
 open(sys.argv[2], "w").write(text)

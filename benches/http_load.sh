@@ -17,7 +17,7 @@ command -v pgbench >/dev/null || { echo "pgbench is missing: apt-get install pos
 
 work=$(mktemp -d)
 trap 'kill $demo 2>/dev/null; wait $demo 2>/dev/null; rm -rf "$work"' EXIT
-AUTHGRES_LOG=warn "$bin" demo --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 \
+AUTHGRES_LOG=warn "$bin" demo --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
     --env "$work/demo.env" --state-dir "$work/state" >"$work/demo.out" 2>&1 &
 demo=$!
 for _ in $(seq 1 600); do [ -s "$work/demo.env" ] && grep -q HTTP_URL "$work/demo.env" && break; sleep 0.1; done
