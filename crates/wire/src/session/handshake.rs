@@ -86,17 +86,20 @@ impl<S: ClientIo> Session<'_, S> {
         };
         let settings = Arc::clone(&self.settings);
         let policy = &settings.config.admission;
-        let login = policy.roles.get(role).map(|r| &r.login);
-        let token = match (admission::check(policy, &request)?, login) {
+        // Where an OAUTHBEARER client without a usable token is sent.
+        let oauth = match policy.roles.get(role).map(|r| &r.login) {
+            Some(TokenLogin::OAuthBearer {
+                discovery_url,
+                scope,
+            }) => Some((discovery_url.as_str(), scope.as_str())),
+            _ => None,
+        };
+        let token = match (admission::check(policy, &request)?, oauth) {
             (Need::Nothing, _) => None,
-            (
-                Need::Token,
-                Some(TokenLogin::OAuthBearer {
-                    discovery_url,
-                    scope,
-                }),
-            ) => Some(self.ask_bearer_token(role, discovery_url, scope).await?),
-            (Need::Token, _) => Some(self.ask_token().await?),
+            (Need::Token, Some((discovery_url, scope))) => {
+                Some(self.ask_bearer_token(role, discovery_url, scope).await?)
+            }
+            (Need::Token, None) => Some(self.ask_token().await?),
         };
         let admitted = admission::admit(
             policy,
@@ -107,14 +110,7 @@ impl<S: ClientIo> Session<'_, S> {
             SystemTime::now(),
         )
         .await;
-        if let (
-            Err(_),
-            Some(TokenLogin::OAuthBearer {
-                discovery_url,
-                scope,
-            }),
-        ) = (&admitted, login)
-        {
+        if let (Err(_), Some((discovery_url, scope))) = (&admitted, oauth) {
             // RFC 7628: a token that did not verify is answered with the
             // challenge too, so the client can fetch a fresh one.
             self.oauth_challenge(discovery_url, scope).await?;
