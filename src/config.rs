@@ -597,10 +597,7 @@ impl Loaded {
             );
         };
         Ok(TokenLogin::OAuthBearer {
-            discovery_url: format!(
-                "{}/.well-known/openid-configuration",
-                provider.issuer.trim_end_matches('/')
-            ),
+            discovery_url: discovery_url(&provider.issuer),
             scope: role.oauth_scope.clone(),
         })
     }
@@ -747,6 +744,19 @@ impl Loaded {
     }
 }
 
+/// The OpenID discovery URL an OAUTHBEARER client is sent to, built as
+/// Postgres 18 builds it: the issuer with `/.well-known/openid-configuration`
+/// appended, unless it names a well-known document already. libpq takes
+/// the issuer back from the URL by cutting at `/.well-known/` and compares
+/// it with its `oauth_issuer` byte for byte, so a trailing slash stays.
+fn discovery_url(issuer: &str) -> String {
+    if issuer.contains("/.well-known/") {
+        issuer.to_owned()
+    } else {
+        format!("{issuer}/.well-known/openid-configuration")
+    }
+}
+
 /// A duration setting where zero means "off".
 fn enabled(duration: Duration) -> Option<Duration> {
     (!duration.is_zero()).then_some(duration)
@@ -860,10 +870,25 @@ mod tests {
         assert_eq!(
             role.login,
             TokenLogin::OAuthBearer {
-                discovery_url: "https://id.example/.well-known/openid-configuration".into(),
+                discovery_url: "https://id.example//.well-known/openid-configuration".into(),
                 scope: "openid".into(),
             }
         );
+    }
+
+    #[test]
+    fn discovery_urls_give_libpq_back_the_exact_issuer() {
+        assert_eq!(
+            discovery_url("https://id.example"),
+            "https://id.example/.well-known/openid-configuration"
+        );
+        // libpq cuts at "/.well-known/": "https://t.auth0.com/" again.
+        assert_eq!(
+            discovery_url("https://t.auth0.com/"),
+            "https://t.auth0.com//.well-known/openid-configuration"
+        );
+        let given = "https://id.example/.well-known/oauth-authorization-server";
+        assert_eq!(discovery_url(given), given);
     }
 
     #[test]

@@ -54,11 +54,10 @@ async fn challenge(raw: &mut RawClient) -> serde_json::Value {
     serde_json::from_slice(&body[4..]).expect("the challenge is JSON")
 }
 
+/// Where the proxy sends clients: the issuer and the well-known path, as
+/// Postgres 18 builds it (the sandbox's issuer has no trailing slash).
 fn discovery_url(stack: &Stack) -> String {
-    format!(
-        "{}/.well-known/openid-configuration",
-        stack.issuer.issuer().trim_end_matches('/')
-    )
+    format!("{}/.well-known/openid-configuration", stack.issuer.issuer())
 }
 
 #[tokio::test]
@@ -205,4 +204,24 @@ async fn password_roles_are_still_asked_for_a_password() {
         (b'R', &3_i32.to_be_bytes()[..]),
         "cleartext"
     );
+}
+
+#[tokio::test]
+async fn the_first_message_may_follow_an_empty_challenge() {
+    let stack = Stack::start().await;
+    let mut raw = offered(&stack).await;
+    // A SASLInitialResponse without data (length -1), as RFC 4422 allows.
+    let mut body = b"OAUTHBEARER\0".to_vec();
+    body.extend_from_slice(&(-1_i32).to_be_bytes());
+    raw.send(&common::message(b'p', &body)).await;
+    let (tag, body) = raw.read_message().await.expect("an empty challenge");
+    assert_eq!((tag, &body[..]), (b'R', &11_i32.to_be_bytes()[..]));
+    let token = stack.issuer.token("user_late");
+    raw.send(&common::message(
+        b'p',
+        &client_first(&format!("Bearer {token}")),
+    ))
+    .await;
+    let (tag, body) = raw.read_message().await.expect("AuthenticationOk");
+    assert_eq!((tag, &body[..]), (b'R', &0_i32.to_be_bytes()[..]));
 }

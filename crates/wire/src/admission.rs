@@ -214,9 +214,9 @@ impl Classify for Refusal {
                 let (code, hint) = match error.class() {
                     FailureClass::BadToken => (
                         S::InvalidPassword,
-                        Some(
-                            "get a fresh token from your identity provider and use it as the password",
-                        ),
+                        // Worded for every login: a password, OAUTHBEARER
+                        // or an Authorization header.
+                        Some("get a fresh token from your identity provider"),
                     ),
                     FailureClass::RoleNotAllowed => (S::InvalidAuthorization, None),
                     FailureClass::KeysUnavailable => (

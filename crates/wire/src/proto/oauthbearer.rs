@@ -109,7 +109,9 @@ fn bearer_token(auth: &[u8]) -> ClientFirst<'_> {
     if !scheme.eq_ignore_ascii_case(SCHEME) {
         return ClientFirst::Unusable;
     }
-    let token = token.trim_ascii_start();
+    // RFC 6750: one or more spaces, nothing else, before the token.
+    let start = token.iter().position(|&b| b != b' ').unwrap_or(token.len());
+    let token = token.get(start..).unwrap_or_default();
     let body_end = token
         .iter()
         .position(|&b| !(b.is_ascii_alphanumeric() || b"-._~+/".contains(&b)))
@@ -169,17 +171,22 @@ mod tests {
             b"Bearer ",
             b"Bearer a b",
             b"Bearer a=b",
-            b"Bearer \xff",
+            b"Bearer\ttoken",
+            b"Bearer \ttoken",
+            b"Bearer \r\ntoken",
         ] {
             let mut message = b"n,,\x01auth=".to_vec();
             message.extend_from_slice(auth);
             message.extend_from_slice(b"\x01\x01");
-            let parsed = parse_client_first(&message);
-            assert!(
-                parsed == Ok(ClientFirst::Unusable) || parsed.is_err(),
-                "{auth:?}: {parsed:?}"
+            assert_eq!(
+                parse_client_first(&message),
+                Ok(ClientFirst::Unusable),
+                "{:?}",
+                String::from_utf8_lossy(auth)
             );
         }
+        // A byte no value may hold breaks the message itself.
+        assert!(parse_client_first(b"n,,\x01auth=Bearer \xff\x01\x01").is_err());
     }
 
     #[test]

@@ -110,12 +110,14 @@ impl<S: ClientIo> Session<'_, S> {
             SystemTime::now(),
         )
         .await;
-        if let (Err(_), Some((discovery_url, scope))) = (&admitted, oauth) {
+        let admitted = match (admitted, oauth) {
             // RFC 7628: a token that did not verify is answered with the
             // challenge too, so the client can fetch a fresh one.
-            self.oauth_challenge(discovery_url, scope).await?;
-        }
-        let admitted = admitted?;
+            (Err(refusal), Some((discovery_url, scope))) => {
+                return Err(self.fail_oauth(refusal.into(), discovery_url, scope).await);
+            }
+            (admitted, _) => admitted?,
+        };
         self.ticket.authenticated();
         if let Some(identity) = &admitted.identity {
             span.record("sub", identity.subject.as_str());
@@ -155,19 +157,46 @@ impl<S: ClientIo> Session<'_, S> {
         let message = self.read_password_message().await?;
         let initial = parse_sasl_initial_response(&message).map_err(ProtocolViolation::from)?;
         if initial.mechanism != oauthbearer::MECHANISM {
-            return Err(ProtocolViolation::SaslMechanism(initial.mechanism.to_owned()).into());
+            // Named in the error, so bounded: the client chose it.
+            let named = initial.mechanism.chars().take(64).collect();
+            return Err(ProtocolViolation::SaslMechanism(named).into());
         }
-        let first = initial.data.unwrap_or_default();
-        match oauthbearer::parse_client_first(first).map_err(ProtocolViolation::from)? {
-            oauthbearer::ClientFirst::Bearer(token) => Ok(token.to_owned()),
-            oauthbearer::ClientFirst::Discovery => {
-                self.oauth_challenge(discovery_url, scope).await?;
-                Err(SessionError::OAuthDiscovery(role.to_owned()))
+        let first = match initial.data {
+            Some(data) => BytesMut::from(data),
+            None => {
+                // The first message may follow an empty challenge (RFC
+                // 4422), as Postgres allows.
+                let mut out = BytesMut::new();
+                backend::sasl_continue(Vec::new(), &mut out);
+                write_flush(&mut self.client, &out).await?;
+                self.read_password_message().await?
             }
+        };
+        let refusal = match oauthbearer::parse_client_first(&first)
+            .map_err(ProtocolViolation::from)?
+        {
+            oauthbearer::ClientFirst::Bearer(token) => return Ok(token.to_owned()),
+            oauthbearer::ClientFirst::Discovery => SessionError::OAuthDiscovery(role.to_owned()),
             oauthbearer::ClientFirst::Unusable => {
-                self.oauth_challenge(discovery_url, scope).await?;
-                Err(Refusal::Token(VerifyError::Malformed("not a bearer token")).into())
+                Refusal::Token(VerifyError::Malformed("not a bearer token")).into()
             }
+        };
+        Err(self.fail_oauth(refusal, discovery_url, scope).await)
+    }
+
+    /// Ends an OAUTHBEARER login that has no verified token: the error
+    /// challenge, then `refusal`. A client that breaks the protocol in
+    /// answering is refused for that; one that hangs up instead of
+    /// acknowledging is still refused (and logged) for `refusal`.
+    async fn fail_oauth(
+        &mut self,
+        refusal: SessionError,
+        discovery_url: &str,
+        scope: &str,
+    ) -> SessionError {
+        match self.oauth_challenge(discovery_url, scope).await {
+            Err(violation @ SessionError::Protocol(_)) => violation,
+            Ok(()) | Err(_) => refusal,
         }
     }
 
