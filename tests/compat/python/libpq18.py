@@ -17,28 +17,13 @@ import glob
 import os
 import threading
 import time
-import traceback
 
 import psycopg
 import psycopg_binary
 
-HOST = os.environ["PGHOST"]
-PORT = int(os.environ["PGPORT"])
-DATABASE = os.environ["PGDATABASE"]
-TOKEN_A = os.environ["AUTHGRES_TOKEN_A"]
-TOKEN_B = os.environ["AUTHGRES_TOKEN_B"]
-CA = os.environ["AUTHGRES_CA"]
+from checks import CA, DATABASE, HOST, PORT, TOKEN_A, TOKEN_B, check, run_all
+
 ISSUER = os.environ["AUTHGRES_ISSUER"]
-
-checks = []
-
-
-def check(name):
-    def register(fn):
-        checks.append((name, fn))
-        return fn
-
-    return register
 
 
 def connect(token, tls=False, user="authenticated", **kwargs):
@@ -207,15 +192,4 @@ def oauth_unconfigured():
         raise AssertionError("logged in without OAuth settings")
 
 
-passed = failed = 0
-for name, fn in checks:
-    try:
-        fn()
-    except Exception:
-        failed += 1
-        print(f"FAIL {name}")
-        traceback.print_exc()
-    else:
-        passed += 1
-        print(f"ok   {name}")
-print(f"{passed} passed, {failed} failed")
+run_all()

@@ -7,31 +7,14 @@ prints "N passed, N failed".
 
 import asyncio
 import io
-import os
 import ssl
 import threading
 import time
-import traceback
 
 import asyncpg
 import psycopg
 
-HOST = os.environ["PGHOST"]
-PORT = int(os.environ["PGPORT"])
-DATABASE = os.environ["PGDATABASE"]
-TOKEN_A = os.environ["AUTHGRES_TOKEN_A"]
-TOKEN_B = os.environ["AUTHGRES_TOKEN_B"]
-CA = os.environ["AUTHGRES_CA"]
-
-checks = []
-
-
-def check(name):
-    def register(fn):
-        checks.append((name, fn))
-        return fn
-
-    return register
+from checks import CA, DATABASE, HOST, PORT, TOKEN_A, TOKEN_B, check, run_all
 
 
 # ---- psycopg 3 ---------------------------------------------------------------
@@ -244,14 +227,4 @@ async def _():
         await notifier.close()
 
 
-passed = failed = 0
-for name, fn in checks:
-    try:
-        fn()
-        passed += 1
-        print(f"ok   {name}", flush=True)
-    except Exception:  # noqa: BLE001 - report every failure and go on
-        failed += 1
-        print(f"FAIL {name}\n     " + traceback.format_exc().replace("\n", "\n     "), flush=True)
-print(f"{passed} passed, {failed} failed")
-raise SystemExit(0 if failed == 0 else 1)
+run_all()
