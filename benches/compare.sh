@@ -101,8 +101,8 @@ txn=$!
 sleep 1
 
 echo "select 1;" >"$work/select.sql"
-# pgbench takes the database as its last argument: its -d is --debug, which
-# prints every message and slows the load generator down by more than half.
+# pgbench takes the database as its last argument (its one-letter debug
+# flag prints every message and slows the load generator by more than half).
 pgbench_run() { # port database password args...
     local port=$1 db=$2 password=$3; shift 3
     PGSSLMODE=disable PGPASSWORD=$password pgbench -n -h 127.0.0.1 -p "$port" \

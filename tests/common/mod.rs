@@ -210,10 +210,10 @@ roles = ["authenticated", "person"]
         self.wait_listening();
     }
 
-    /// Starts another `authgres serve` with the same config on another
-    /// port, as a second proxy in a fleet would run. Killed on drop.
-    pub fn second_proxy(&self) -> SecondProxy {
-        let port = free_port();
+    /// A directory `name` inside the stack's with its secrets and
+    /// certificates, and its config listening on `port` with a fresh HTTP
+    /// port and the admin listener on `admin_port`, `extra` appended.
+    fn fleet_dir(&self, name: &str, port: u16, admin_port: u16, extra: &str) -> PathBuf {
         let config = std::fs::read_to_string(self.config_path())
             .expect("config")
             .replace(
@@ -226,14 +226,22 @@ roles = ["authenticated", "person"]
             )
             .replace(
                 &format!("\"127.0.0.1:{}\"", self.admin_port),
-                &format!("\"127.0.0.1:{}\"", free_port()),
+                &format!("\"127.0.0.1:{admin_port}\""),
             );
-        let dir = self.dir.path().join(format!("second-{port}"));
-        std::fs::create_dir(&dir).expect("dir");
+        let dir = self.dir.path().join(name);
+        std::fs::create_dir_all(&dir).expect("dir");
         for file in ["authgres.env", "server.crt", "server.key", "ca.pem"] {
             std::fs::copy(self.dir.path().join(file), dir.join(file)).expect("copy");
         }
-        std::fs::write(dir.join("proxy.toml"), config).expect("config");
+        std::fs::write(dir.join("proxy.toml"), config + extra).expect("config");
+        dir
+    }
+
+    /// Starts another `authgres serve` with the same config on another
+    /// port, as a second proxy in a fleet would run. Killed on drop.
+    pub fn second_proxy(&self) -> SecondProxy {
+        let port = free_port();
+        let dir = self.fleet_dir(&format!("second-{port}"), port, free_port(), "");
         let child = spawn_proxy(&dir, self.json_logs);
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -252,26 +260,7 @@ roles = ["authenticated", "person"]
     /// section). Started.
     pub fn instance(&self, port: u16, extra: &str) -> Instance {
         let admin_port = free_port();
-        let config = std::fs::read_to_string(self.config_path())
-            .expect("config")
-            .replace(
-                &format!("\"127.0.0.1:{}\"", self.port),
-                &format!("\"127.0.0.1:{port}\""),
-            )
-            .replace(
-                &format!("\"127.0.0.1:{}\"", self.http_port),
-                &format!("\"127.0.0.1:{}\"", free_port()),
-            )
-            .replace(
-                &format!("\"127.0.0.1:{}\"", self.admin_port),
-                &format!("\"127.0.0.1:{admin_port}\""),
-            );
-        let dir = self.dir.path().join(format!("instance-{port}"));
-        std::fs::create_dir_all(&dir).expect("dir");
-        for file in ["authgres.env", "server.crt", "server.key", "ca.pem"] {
-            std::fs::copy(self.dir.path().join(file), dir.join(file)).expect("copy");
-        }
-        std::fs::write(dir.join("proxy.toml"), config + extra).expect("config");
+        let dir = self.fleet_dir(&format!("instance-{port}"), port, admin_port, extra);
         let mut instance = Instance {
             port,
             admin_port,
