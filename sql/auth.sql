@@ -54,15 +54,41 @@ revoke all on sequence auth.generation_seq from public;
 -- Starts a new identity generation for this backend and returns the binding
 -- the proxy signs. Any earlier claims of this backend stop verifying. A
 -- client calling it can only invalidate its own identity.
+--
+-- It refuses (SQLSTATE AG001) while the login role carries session
+-- defaults of its own (`ALTER ROLE ... SET`, in any database or this one):
+-- any role may set those for itself, so a client could otherwise change
+-- every later session of the role for every user (a read-only default,
+-- `row_security = off`, truncated floats). The proxy clears them
+-- (`ALTER ROLE SESSION_USER RESET ALL`, which a role may run for itself)
+-- and never hands such a backend to a client. Session defaults for the
+-- login roles belong in proxy.toml (`[roles.NAME] settings`), where no
+-- client can reach them.
 create or replace function auth.begin_session() returns text
-language sql volatile security definer
+language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
+declare
+    binding text;
+begin
+    if exists (
+        select 1 from pg_catalog.pg_db_role_setting s
+         where s.setrole = (select r.oid from pg_catalog.pg_roles r where r.rolname = session_user)
+           and s.setdatabase in (0, (select d.oid from pg_catalog.pg_database d
+                                      where d.datname = pg_catalog.current_database()))
+    ) then
+        raise exception 'authgres: login role % has session defaults of its own (ALTER ROLE ... SET)', session_user
+            using errcode = 'AG001',
+                  hint = 'authgres clears them; set session defaults in proxy.toml [roles.NAME] settings';
+    end if;
     insert into auth.session_generations as g (pid, login_role, generation)
     values (pg_backend_pid(), session_user, nextval('auth.generation_seq'))
     on conflict (pid) do update
         set login_role = excluded.login_role, generation = excluded.generation
     returning 'authgres-v1:' || g.pid || ':' || g.generation || ':' || g.login_role
+      into binding;
+    return binding;
+end
 $$;
 revoke all on function auth.begin_session() from public;
 grant execute on function auth.begin_session() to public;

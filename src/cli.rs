@@ -44,9 +44,21 @@ enum Command {
         /// Configuration file (roles, secrets).
         #[arg(long, env = "AUTHGRES_CONFIG", default_value = "proxy.toml")]
         config: PathBuf,
-        /// Connection URL of a superuser or the database owner.
+        /// The administrator's connection: a postgres:// URL or a libpq
+        /// key=value string (the database owner, or any role with
+        /// CREATEROLE and CREATE on the database; no superuser needed).
+        /// Without it, libpq's PGHOST, PGPORT, PGUSER, PGDATABASE. The
+        /// password comes from the string, PGPASSWORD or ~/.pgpass.
         #[arg(long, env = "AUTHGRES_INIT_DB_URL")]
-        admin_url: String,
+        admin_url: Option<String>,
+        /// Generate new passwords for login roles that exist and set them
+        /// (every proxy must then reload its secrets: SIGHUP).
+        #[arg(long)]
+        reset_passwords: bool,
+        /// A role that creates tables later (migrations): what it creates
+        /// in schema public is granted to the login roles as it appears.
+        #[arg(long = "migration-role", value_name = "ROLE")]
+        migration_roles: Vec<String>,
         /// Start a claims-key rotation: generate a new key into the secrets
         /// file and install it beside the current one. Restart the proxies,
         /// then finish with --retire-old-keys.
@@ -106,17 +118,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             admin_url,
             rotate_claims_key,
             retire_old_keys,
+            reset_passwords,
+            migration_roles,
         } => {
-            let mut loaded = crate::init_db::prepare_secrets(&config)?;
-            if rotate_claims_key {
-                loaded = crate::init_db::rotate_claims_key(&config, &loaded)?;
-            }
-            let keys = if retire_old_keys {
-                crate::init_db::OldKeys::Retire
-            } else {
-                crate::init_db::OldKeys::Keep
+            let options = crate::init_db::Options {
+                old_keys: if retire_old_keys {
+                    crate::init_db::OldKeys::Retire
+                } else {
+                    crate::init_db::OldKeys::Keep
+                },
+                rotate_claims_key,
+                reset_passwords,
+                migration_roles,
             };
-            crate::init_db::init_db(&loaded, &admin_url, keys).await
+            crate::init_db::run(&config, admin_url.as_deref(), &options).await
         }
         Command::CheckConfig { config } => crate::serve::check_config(&config),
         Command::Demo {

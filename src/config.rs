@@ -295,6 +295,32 @@ pub struct Role {
     /// With `login = "oauthbearer"`: the scope clients ask the issuer for.
     #[serde(default = "default_oauth_scope")]
     pub oauth_scope: String,
+    /// What `init-db` grants the role on the tables of schema `public`
+    /// (default: `read_write` with a token, `read_only` without).
+    #[serde(default)]
+    table_access: Option<TableAccess>,
+}
+
+impl Role {
+    /// What `init-db` grants the role on the tables of schema `public`.
+    pub fn table_access(&self) -> TableAccess {
+        self.table_access.unwrap_or(match self.token {
+            TokenPolicy::Required => TableAccess::ReadWrite,
+            TokenPolicy::None => TableAccess::ReadOnly,
+        })
+    }
+}
+
+/// `roles.NAME.table_access`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TableAccess {
+    /// SELECT, INSERT, UPDATE, DELETE: RLS policies decide which rows.
+    ReadWrite,
+    /// SELECT only.
+    ReadOnly,
+    /// Only the schema: the operator grants table by table.
+    None,
 }
 
 /// `roles.NAME.login`.
@@ -324,27 +350,19 @@ fn token_required() -> TokenPolicy {
     TokenPolicy::Required
 }
 
+/// Without `[roles]`: `authenticated` only. Access without a token is
+/// opt-in: a `[roles.anonymous]` with `token = "none"`.
 fn default_roles() -> BTreeMap<String, Role> {
-    BTreeMap::from([
-        (
-            "authenticated".to_owned(),
-            Role {
-                password_env: Some("AUTHGRES_AUTHENTICATED_PASSWORD".into()),
-                token: TokenPolicy::Required,
-                login: LoginMethod::Password,
-                oauth_scope: default_oauth_scope(),
-            },
-        ),
-        (
-            "anonymous".to_owned(),
-            Role {
-                password_env: Some("AUTHGRES_ANONYMOUS_PASSWORD".into()),
-                token: TokenPolicy::None,
-                login: LoginMethod::Password,
-                oauth_scope: default_oauth_scope(),
-            },
-        ),
-    ])
+    BTreeMap::from([(
+        "authenticated".to_owned(),
+        Role {
+            password_env: Some("AUTHGRES_AUTHENTICATED_PASSWORD".into()),
+            token: TokenPolicy::Required,
+            login: LoginMethod::Password,
+            oauth_scope: default_oauth_scope(),
+            table_access: None,
+        },
+    )])
 }
 
 /// `[[providers]]`.

@@ -57,11 +57,10 @@ pub async fn run(
         &config_path,
         demo_config(listen, &http_address, &admin_address, &cluster, &issuer),
     )?;
-    let loaded = crate::init_db::prepare_secrets(&config_path)?;
-    crate::init_db::init_db(
-        &loaded,
-        &cluster.admin_url(DATABASE),
-        crate::init_db::OldKeys::Keep,
+    crate::init_db::run(
+        &config_path,
+        Some(&cluster.admin_url(DATABASE)),
+        &crate::init_db::Options::default(),
     )
     .await?;
     cluster

@@ -5,6 +5,7 @@
 //! once. Passwords travel as SCRAM verifiers, so they never appear in the
 //! server's statement log.
 
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::Path;
 
@@ -13,59 +14,118 @@ use authgres_wire::ClaimsKey;
 
 use crate::config::Loaded;
 
+mod admin;
+mod grants;
+mod roles;
 mod shared_role;
+mod sql;
 
 /// The auth schema, applied verbatim.
 pub const AUTH_SQL: &str = include_str!("../../sql/auth.sql");
 
-/// Loads the config and generates any missing secret into the secrets file.
-pub fn prepare_secrets(config: &Path) -> anyhow::Result<Loaded> {
+/// What `init-db` was asked to do besides installing.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Keep or remove claims keys other than the configured one.
+    pub old_keys: OldKeys,
+    /// Start a claims-key rotation first.
+    pub rotate_claims_key: bool,
+    /// Generate new passwords for roles that exist, and set them.
+    pub reset_passwords: bool,
+    /// Roles that create tables later (migrations): tables they create are
+    /// granted to the login roles as they appear.
+    pub migration_roles: Vec<String>,
+}
+
+/// Installs or repairs everything in the database the administrator's
+/// connection (`admin_url`, or libpq's environment) names.
+pub async fn run(config: &Path, admin_url: Option<&str>, options: &Options) -> anyhow::Result<()> {
     let loaded = Loaded::from_path(config)?;
-    let mut wanted = vec![(loaded.file.identity.claims_key_env.clone(), random_hex(32))];
-    for role in loaded.file.roles.values() {
-        if let Some(var) = &role.password_env {
-            wanted.push((var.clone(), random_hex(24)));
+    let client = admin::connect(admin_url).await?;
+    check_server_version(&client).await?;
+    let mut existing = HashMap::new();
+    for name in loaded.file.roles.keys() {
+        if let Some(role) = roles::Existing::read(&client, name).await? {
+            existing.insert(name.clone(), role);
         }
     }
-    let missing: Vec<_> = wanted
-        .into_iter()
-        .filter(|(name, _)| loaded.secrets.get(name).is_none())
-        .collect();
-    if missing.is_empty() {
+    let mut loaded = prepare_secrets(config, loaded, &existing, options.reset_passwords)?;
+    if options.rotate_claims_key {
+        loaded = rotate_claims_key(config, &loaded)?;
+    }
+    init_db(&loaded, client, &existing, options).await
+}
+
+/// Generates the missing secrets into the secrets file: the claims key, and
+/// the password of each role that does not exist yet (or every role's, with
+/// `reset_passwords`). A role that exists keeps its password: a new one
+/// would lock out every proxy running with the old.
+fn prepare_secrets(
+    config: &Path,
+    loaded: Loaded,
+    existing: &HashMap<String, roles::Existing>,
+    reset_passwords: bool,
+) -> anyhow::Result<Loaded> {
+    let mut wanted = Vec::new();
+    if loaded
+        .secrets
+        .get(&loaded.file.identity.claims_key_env)
+        .is_none()
+    {
+        wanted.push((loaded.file.identity.claims_key_env.clone(), random_hex(32)));
+    }
+    let mut unknown = Vec::new();
+    for (name, role) in &loaded.file.roles {
+        let Some(var) = &role.password_env else {
+            continue;
+        };
+        let missing = loaded.secrets.get(var).is_none();
+        if reset_passwords || (missing && !existing.contains_key(name)) {
+            wanted.push((var.clone(), random_hex(24)));
+        } else if missing {
+            unknown.push(format!("{name} ({var})"));
+        }
+    }
+    if !unknown.is_empty() {
+        bail!(
+            "these roles exist in the database but their passwords are not in the secrets: {}\n  \
+             copy them from the secrets file the proxies use, or run init-db with \
+             --reset-passwords to set new ones (then reload every proxy: SIGHUP)",
+            unknown.join(", ")
+        );
+    }
+    if wanted.is_empty() {
         return Ok(loaded);
     }
     let Some(file) = loaded.secrets.file() else {
-        let names: Vec<_> = missing.iter().map(|(n, _)| n.as_str()).collect();
+        let names: Vec<_> = wanted.iter().map(|(n, _)| n.as_str()).collect();
         bail!(
             "secrets {} are not set and no secrets_file is configured to generate them into",
             names.join(", ")
         );
     };
-    let mut out = std::fs::OpenOptions::new();
-    out.append(true).create(true);
-    std::os::unix::fs::OpenOptionsExt::mode(&mut out, 0o600);
-    let mut out = out
-        .open(file)
-        .with_context(|| format!("writing secrets to {}", file.display()))?;
-    for (name, value) in &missing {
-        writeln!(out, "{name}={value}")?;
+    for (name, value) in &wanted {
+        if std::env::var_os(name).is_some() {
+            bail!("{name} is set in the environment, which would hide the generated one; unset it");
+        }
+        replace_secret(file, name, value)?;
         eprintln!("generated {name} into {}", file.display());
     }
-    drop(out);
     Loaded::from_path(config)
 }
 
 /// What to do with claims keys other than the configured one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OldKeys {
     /// Keep accepting them (a rotation is under way).
+    #[default]
     Keep,
     /// Remove them (the rotation is finished).
     Retire,
 }
 
 /// The schema version `sql/auth.sql` installs.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Writes a fresh claims key into the secrets file, replacing the current
 /// one there; the database keeps accepting the old key until
@@ -88,8 +148,11 @@ pub fn rotate_claims_key(config: &Path, loaded: &Loaded) -> anyhow::Result<Loade
 
 /// Rewrites `name=...` in a KEY=VALUE file atomically, keeping mode 0600.
 fn replace_secret(file: &Path, name: &str, value: &str) -> anyhow::Result<()> {
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(error) => return Err(error).with_context(|| format!("reading {}", file.display())),
+    };
     let mut lines: Vec<String> = text
         .lines()
         .filter(|line| {
@@ -136,49 +199,60 @@ async fn check_server_version(client: &tokio_postgres::Client) -> anyhow::Result
     Ok(())
 }
 
-/// Installs everything into the database at `admin_url`.
-pub async fn init_db(loaded: &Loaded, admin_url: &str, old_keys: OldKeys) -> anyhow::Result<()> {
+/// Installs everything through the administrator's `client`.
+async fn init_db(
+    loaded: &Loaded,
+    mut client: tokio_postgres::Client,
+    existing: &HashMap<String, roles::Existing>,
+    options: &Options,
+) -> anyhow::Result<()> {
     let key = loaded.claims_key()?;
-    let (mut client, connection) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls)
-        .await
-        .context("connecting with --admin-url")?;
-    let connection = tokio::spawn(connection);
-    check_server_version(&client).await?;
+    let administrator = Administrator::read(&client).await?;
+    administrator.check()?;
     // Re-running is normal: "already exists, skipping" notices are noise.
     client
         .batch_execute("set client_min_messages = warning")
         .await?;
+    let passwords = decide_passwords(
+        loaded,
+        &administrator.database,
+        existing,
+        options.reset_passwords,
+    )
+    .await?;
+    let mut report = roles::Report::default();
     let tx = client.transaction().await?;
-    for (name, role) in &loaded.file.roles {
-        let password = match &role.password_env {
-            Some(var) => Some(
-                loaded
-                    .secrets
-                    .get(var)
-                    .with_context(|| format!("{var} is not set"))?,
-            ),
-            None => None,
-        };
-        ensure_role(&tx, name, password.as_deref()).await?;
+    for name in loaded.file.roles.keys() {
+        let password = passwords
+            .get(name)
+            .map_or(roles::Password::Keep, |p| roles::Password::Set(p));
+        roles::ensure(&tx, name, existing.get(name), password, &mut report).await?;
     }
     let previous = installed_version(&tx).await?;
-    tx.batch_execute(AUTH_SQL)
-        .await
-        .context("installing the auth schema")?;
+    tx.batch_execute(AUTH_SQL).await.map_err(|error| {
+        anyhow::anyhow!(
+            "installing the auth schema: {}\n  the schema and its objects must be owned by \
+             init-db's user ({}) or a role it is a member of; on Supabase, schema `auth` \
+             belongs to Supabase Auth (see docs/managed-postgres.md)",
+            roles::db_message(&error),
+            administrator.name
+        )
+    })?;
     tx.execute(
         "insert into auth.schema_version (version) values ($1) \
          on conflict (singleton) do update set version = excluded.version, installed_at = now()",
         &[&SCHEMA_VERSION],
     )
     .await?;
-    let others = install_key(&tx, &key, old_keys).await?;
-    for name in loaded.file.roles.keys() {
-        grant_public_schema(&tx, name).await?;
+    let others = install_key(&tx, &key, options.old_keys).await?;
+    for (name, role) in &loaded.file.roles {
+        grants::public_schema(&tx, name, role.table_access(), &options.migration_roles).await?;
     }
     shared_role::close(&tx).await?;
     tx.commit().await?;
-    drop(client);
-    let _ = connection.await;
+    for line in &report.lines {
+        eprintln!("{line}");
+    }
     match previous {
         Some(v) if v == SCHEMA_VERSION => eprintln!("auth schema v{v} re-applied"),
         Some(v) => eprintln!("auth schema upgraded from v{v} to v{SCHEMA_VERSION}"),
@@ -190,8 +264,125 @@ pub async fn init_db(loaded: &Loaded, admin_url: &str, old_keys: OldKeys) -> any
              key, run `authgres init-db --retire-old-keys`"
         );
     }
+    let login_roles: Vec<String> = loaded.file.roles.keys().cloned().collect();
+    for line in grants::without_rls(&client).await? {
+        eprintln!("{line}");
+    }
+    if options.migration_roles.is_empty() {
+        eprintln!(
+            "tables created later by another role (migrations) are not granted to the login \
+             roles: run init-db again after migrations, or pass --migration-role ROLE"
+        );
+    }
+    let open = shared_role::check(&client, &login_roles).await?;
+    for line in shared_role::explain(&open, administrator.superuser) {
+        eprintln!("{line}");
+    }
     eprintln!("roles and claims key installed");
     Ok(())
+}
+
+/// Who runs init-db, and what that allows.
+struct Administrator {
+    name: String,
+    database: String,
+    superuser: bool,
+    may_create_schema: bool,
+}
+
+impl Administrator {
+    async fn read(client: &tokio_postgres::Client) -> anyhow::Result<Self> {
+        let row = client
+            .query_one(
+                "select current_user::text, r.rolsuper, \
+                        pg_catalog.has_database_privilege(pg_catalog.current_database(), 'create'), \
+                        pg_catalog.current_database()::text \
+                   from pg_catalog.pg_roles r where r.rolname = current_user",
+                &[],
+            )
+            .await
+            .context("reading init-db's own privileges")?;
+        Ok(Self {
+            name: row.get(0),
+            superuser: row.get(1),
+            may_create_schema: row.get(2),
+            database: row.get(3),
+        })
+    }
+
+    /// Refuses, with what to do, when the schema cannot be installed.
+    fn check(&self) -> anyhow::Result<()> {
+        if !self.may_create_schema {
+            bail!(
+                "{} may not create schemas in this database; run init-db as the database owner, \
+                 or have it run `GRANT CREATE ON DATABASE <database> TO {}`",
+                self.name,
+                sql::quote_ident(&self.name)
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Which roles get their password set: new ones, all with
+/// `reset_passwords`, and those whose configured password no longer logs
+/// in (a client may have changed it: any role can change its own). An
+/// existing role is tried with the proxy's own login, as `serve` would.
+async fn decide_passwords(
+    loaded: &Loaded,
+    database: &str,
+    existing: &HashMap<String, roles::Existing>,
+    reset_passwords: bool,
+) -> anyhow::Result<HashMap<String, String>> {
+    let proxy = loaded.proxy_config()?;
+    let mut decided = HashMap::new();
+    for (name, role) in &loaded.file.roles {
+        let Some(password) = role
+            .password_env
+            .as_ref()
+            .and_then(|var| loaded.secrets.get(var))
+        else {
+            continue;
+        };
+        let set = if reset_passwords || !existing.contains_key(name) {
+            true
+        } else {
+            match authgres_wire::connect_upstream(
+                &proxy.upstream,
+                name,
+                database,
+                Some(&password),
+                &[],
+            )
+            .await
+            {
+                Ok(conn) => {
+                    conn.terminate().await;
+                    false
+                }
+                Err(authgres_wire::UpstreamError::LoginRefused { error, .. })
+                    if error.code() == "28P01" =>
+                {
+                    eprintln!(
+                        "role {name}: the proxy's password does not log in (a client of the role \
+                         may have changed it); setting it back"
+                    );
+                    true
+                }
+                Err(error) => {
+                    eprintln!(
+                        "role {name}: could not try the proxy's login from here ({error}); \
+                         its password is left as it is"
+                    );
+                    false
+                }
+            }
+        };
+        if set {
+            decided.insert(name.clone(), password);
+        }
+    }
+    Ok(decided)
 }
 
 /// The schema version installed before this run: `None` for a database
@@ -215,46 +406,6 @@ async fn installed_version(tx: &tokio_postgres::Transaction<'_>) -> anyhow::Resu
         .query_opt("select version from auth.schema_version", &[])
         .await?;
     Ok(Some(row.map_or(0, |r| r.get(0))))
-}
-
-/// Creates the role or resets its attributes: LOGIN and nothing privileged.
-async fn ensure_role(
-    tx: &tokio_postgres::Transaction<'_>,
-    name: &str,
-    password: Option<&str>,
-) -> anyhow::Result<()> {
-    let ident = quote_ident(name);
-    let exists = tx
-        .query_opt("select 1 from pg_roles where rolname = $1", &[&name])
-        .await?
-        .is_some();
-    if !exists {
-        tx.batch_execute(&format!("create role {ident}")).await?;
-    }
-    let mut attributes =
-        "login nosuperuser nobypassrls nocreaterole nocreatedb noreplication inherit".to_owned();
-    if let Some(password) = password {
-        let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
-        attributes.push_str(&format!(" password {}", quote_literal(&verifier)));
-    }
-    tx.batch_execute(&format!("alter role {ident} with {attributes}"))
-        .await
-        .with_context(|| format!("configuring role {name}"))?;
-    // Membership in another role would give SET ROLE somewhere to go.
-    let memberships = tx
-        .query(
-            "select r.rolname from pg_auth_members m join pg_roles r on r.oid = m.roleid \
-             join pg_roles u on u.oid = m.member where u.rolname = $1",
-            &[&name],
-        )
-        .await?;
-    for row in memberships {
-        let granted: String = row.get(0);
-        tracing::warn!(role = name, member_of = %granted, "revoking role membership");
-        tx.batch_execute(&format!("revoke {} from {ident}", quote_ident(&granted)))
-            .await?;
-    }
-    Ok(())
 }
 
 /// Installs the configured key; returns how many other keys remain.
@@ -286,33 +437,6 @@ async fn install_key(
         .await?
         .get(0);
     Ok(others)
-}
-
-/// The grants of the Neon Authorize guide: use the public schema and its
-/// tables; RLS policies decide which rows.
-async fn grant_public_schema(
-    tx: &tokio_postgres::Transaction<'_>,
-    role: &str,
-) -> anyhow::Result<()> {
-    let r = quote_ident(role);
-    tx.batch_execute(&format!(
-        "grant usage on schema public to {r};
-         grant select, insert, update, delete on all tables in schema public to {r};
-         grant usage on all sequences in schema public to {r};
-         alter default privileges in schema public
-             grant select, insert, update, delete on tables to {r};
-         alter default privileges in schema public grant usage on sequences to {r};"
-    ))
-    .await
-    .with_context(|| format!("granting public schema access to {role}"))
-}
-
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-fn quote_literal(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
 }
 
 /// Random bytes as lowercase hex.

@@ -23,6 +23,8 @@
 
 use anyhow::Context as _;
 
+use super::sql::quote_ident;
+
 /// Statistics functions that show other sessions of the same role.
 const ACTIVITY_FUNCTIONS: &[&str] = &[
     "pg_stat_get_activity",
@@ -130,6 +132,99 @@ pub async fn close(tx: &tokio_postgres::Transaction<'_>) -> anyhow::Result<()> {
     .await
     .context("revoking CREATE on schema public from PUBLIC")?;
     Ok(())
+}
+
+/// A channel between users of one login role that is still open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Open {
+    /// The login role.
+    pub role: String,
+    /// What it can still do to or see of another session of itself.
+    pub channel: &'static str,
+}
+
+/// The channels, each with one object whose privilege shows whether it is
+/// closed for a role (`$1`): the revokes above close all of an entry's
+/// objects or none (they are made by the same grantor).
+const PROBES: &[(&str, &str)] = &[
+    (
+        "other sessions' statements in pg_stat_activity",
+        "not pg_catalog.has_table_privilege($1, 'pg_catalog.pg_stat_activity', 'select')",
+    ),
+    (
+        "cancelling or terminating other sessions (pg_cancel_backend)",
+        "not pg_catalog.has_function_privilege($1, 'pg_catalog.pg_cancel_backend(integer)', 'execute')",
+    ),
+    (
+        "large objects of other sessions (lo_get, lo_put, lo_unlink)",
+        "not pg_catalog.has_function_privilege($1, 'pg_catalog.lo_get(oid)', 'execute')",
+    ),
+    (
+        "CREATE in schema public (objects that stand in for another user's names)",
+        "not pg_catalog.has_schema_privilege($1, 'public', 'create')",
+    ),
+];
+
+/// The channels still open for each of `roles` (see the module docs).
+pub async fn check(client: &tokio_postgres::Client, roles: &[String]) -> anyhow::Result<Vec<Open>> {
+    let mut open = Vec::new();
+    for role in roles {
+        for (channel, closed) in PROBES {
+            let is_closed: bool = client
+                .query_one(&format!("select {closed}"), &[role])
+                .await
+                .with_context(|| format!("checking {channel} for {role}"))?
+                .get(0);
+            if !is_closed {
+                open.push(Open {
+                    role: role.clone(),
+                    channel,
+                });
+            }
+        }
+        // pg_stat_statements only where it is installed.
+        let statements = client
+            .query_opt(
+                "select pg_catalog.has_function_privilege($1, p.oid, 'execute')                    from pg_catalog.pg_proc p where p.proname = 'pg_stat_statements' limit 1",
+                &[role],
+            )
+            .await?;
+        if statements.is_some_and(|row| row.get::<_, bool>(0)) {
+            open.push(Open {
+                role: role.clone(),
+                channel: "other sessions' statements in pg_stat_statements",
+            });
+        }
+    }
+    Ok(open)
+}
+
+/// What to print about [`check`]'s findings.
+pub fn explain(open: &[Open], superuser: bool) -> Vec<String> {
+    if open.is_empty() {
+        return vec![
+            "isolation between users of a login role: every channel init-db knows is closed"
+                .to_owned(),
+        ];
+    }
+    let mut lines = vec![
+        "warning: these channels between users of one login role stay open (only the \
+         bootstrap superuser may revoke pg_catalog grants from PUBLIC; see \
+         docs/managed-postgres.md):"
+            .to_owned(),
+    ];
+    for entry in open {
+        lines.push(format!("  {}: {}", entry.role, entry.channel));
+    }
+    if !superuser {
+        lines.push(
+            "  what holds regardless: each user's auth.user_id() and RLS; what does not: one \
+             user may see or cancel another's statements of the same role"
+                .to_owned(),
+        );
+    }
+    let _ = quote_ident;
+    lines
 }
 
 /// What [`revoke`] closes: functions (every overload) or views.

@@ -408,6 +408,17 @@ pub enum UpstreamError {
     /// Resetting the connection for its next user failed.
     #[error("resetting the connection failed: {0}")]
     Reset(ServerError),
+    /// The login role carried session defaults a client set for it
+    /// (`ALTER ROLE CURRENT_USER SET ...`); the proxy cleared them and
+    /// closed the backend that started under them.
+    #[error("login role {role:?} had session defaults of its own (cleared; the backend is closed)")]
+    RoleDefaults {
+        /// The login role.
+        role: String,
+    },
+    /// Repairing the login role (its defaults or its password) failed.
+    #[error("repairing the login role failed: {0}")]
+    Repair(ServerError),
 }
 
 impl UpstreamError {
@@ -431,7 +442,12 @@ impl UpstreamError {
     pub fn worth_another_connection(&self) -> bool {
         matches!(
             self,
-            Self::Io(_) | Self::Closed | Self::Deadline | Self::Reset(_) | Self::Protocol(_)
+            Self::Io(_)
+                | Self::Closed
+                | Self::Deadline
+                | Self::Reset(_)
+                | Self::Protocol(_)
+                | Self::RoleDefaults { .. }
         )
     }
 }
@@ -481,6 +497,13 @@ impl Classify for UpstreamError {
                 )
             }
             Self::Encode(error) => ClientView::new(S::ProtocolViolation, error.to_string(), None),
+            Self::RoleDefaults { .. } | Self::Repair(_) => ClientView::new(
+                S::ConnectionFailure,
+                "the database server connection failed",
+                Some(
+                    "a client changed the login role's defaults; authgres repairs them, try again",
+                ),
+            ),
             Self::Attach(_) => ClientView::new(
                 S::Internal,
                 "authgres could not attach the identity to the session",
@@ -512,7 +535,9 @@ impl Classify for UpstreamError {
             | Self::Deadline
             | Self::Protocol(_)
             | Self::Attach(_)
-            | Self::Reset(_) => Severity::Service,
+            | Self::Reset(_)
+            | Self::RoleDefaults { .. }
+            | Self::Repair(_) => Severity::Service,
         }
     }
 
@@ -531,6 +556,8 @@ impl Classify for UpstreamError {
             Self::Attach(_) => "identity_attach",
             Self::Setting(_) => "client_setting",
             Self::Reset(_) => "upstream_reset",
+            Self::RoleDefaults { .. } => "upstream_role_defaults",
+            Self::Repair(_) => "upstream_role_repair",
         }
     }
 }

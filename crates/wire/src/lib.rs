@@ -62,7 +62,7 @@ pub use session::{Proxy, Settings};
 pub use transport::{ALPN_HTTP1, ALPN_POSTGRESQL, TlsConfigError, UpstreamTls, tls_acceptor};
 pub use upstream::{
     AttachScope, Attached, IDLE, Owner, PendingReset, Reply, Upstream, UpstreamConfig, UpstreamKey,
-    append_attach, append_described, append_statement, next_client_id,
+    append_attach, append_described, append_statement, connect as connect_upstream, next_client_id,
 };
 
 /// The message-level pieces the fuzz targets and benchmarks drive, behind

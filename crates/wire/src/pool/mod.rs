@@ -274,16 +274,7 @@ impl UpstreamPool {
                 _place: place,
             });
         }
-        let started = Instant::now();
-        let connected = upstream::connect(&self.config, role, database, password, &[]).await;
-        let took = started.elapsed();
-        self.metrics.upstream_login(
-            took,
-            connected
-                .as_ref()
-                .map(|_| ())
-                .map_err(|error| error as &dyn crate::error::Classify),
-        );
+        let connected = self.log_in(database, role, password, &limits).await;
         Ok(Pooled {
             conn: Some(connected?),
             created: Instant::now(),
@@ -292,6 +283,97 @@ impl UpstreamPool {
             pool: Arc::clone(self),
             _place: place,
         })
+    }
+
+    /// Logs in a new connection as `role`. A login refused for its
+    /// password is tried once more after an idle connection of the role
+    /// has set the password back: any role may change its own password,
+    /// so a client can have changed it (see `upstream::repair`).
+    async fn log_in(
+        &self,
+        database: &str,
+        role: &str,
+        password: Option<&str>,
+        limits: &PoolLimits,
+    ) -> Result<Upstream, UpstreamError> {
+        let first = self.connect_timed(database, role, password).await;
+        let Some(password) = password else {
+            return first;
+        };
+        match &first {
+            Err(UpstreamError::LoginRefused { error, .. }) if error.code() == "28P01" => {}
+            _ => return first,
+        }
+        let deadline = Instant::now() + limits.internal_query_timeout;
+        if !self.restore_password(role, password, deadline).await {
+            return first;
+        }
+        self.connect_timed(database, role, Some(password)).await
+    }
+
+    async fn connect_timed(
+        &self,
+        database: &str,
+        role: &str,
+        password: Option<&str>,
+    ) -> Result<Upstream, UpstreamError> {
+        let started = Instant::now();
+        let connected = upstream::connect(&self.config, role, database, password, &[]).await;
+        self.metrics.upstream_login(
+            started.elapsed(),
+            connected
+                .as_ref()
+                .map(|_| ())
+                .map_err(|error| error as &dyn crate::error::Classify),
+        );
+        connected
+    }
+
+    /// Sets `role`'s password back to `password` from one of its idle
+    /// connections (reset first if a client's session is in it); returns
+    /// whether one did. Connections that fail are closed.
+    async fn restore_password(&self, role: &str, password: &str, deadline: Instant) -> bool {
+        let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+        while let Some((key, mut idle)) = self.take_idle_of_role(role) {
+            let restored = async {
+                if idle.conn.owner() != Owner::Nobody {
+                    idle.conn.reset(deadline).await?;
+                }
+                idle.conn.restore_password(&verifier, deadline).await
+            }
+            .await;
+            match restored {
+                Ok(()) => {
+                    tracing::warn!(
+                        role,
+                        "the login role's password no longer matched the proxy's (a client \
+                         may have changed it: any role can change its own); set it back"
+                    );
+                    idle.since = Instant::now();
+                    if let Some(slot) = self.state().slots.get_mut(&key) {
+                        slot.idle.push(idle);
+                    }
+                    return true;
+                }
+                Err(error) => tracing::debug!(%error, "restoring the password failed here"),
+            }
+        }
+        tracing::warn!(
+            role,
+            "the proxy's password for this role is refused and no live connection of the \
+             role can set it back; run `authgres init-db` to repair the role"
+        );
+        false
+    }
+
+    /// Removes an idle connection of `role` (any database), if any.
+    fn take_idle_of_role(&self, role: &str) -> Option<(Key, Idle)> {
+        let mut state = self.state();
+        state
+            .slots
+            .iter_mut()
+            .filter(|(key, slot)| key.1 == role && !slot.idle.is_empty())
+            .find_map(|(key, slot)| slot.idle.pop().map(|idle| (key.clone(), idle)))
     }
 
     /// Removes the idle connection [`pick`] chooses for `client`.

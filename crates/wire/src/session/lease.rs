@@ -58,29 +58,22 @@ pub(super) async fn lease(
 ) -> Result<(Lease, Vec<(String, String)>), SessionError> {
     let admitted = &login.admitted;
     if mode == PoolMode::None {
-        let config = &settings.config;
-        let started = Instant::now();
-        let connected = upstream::connect(
-            &config.upstream,
-            &admitted.role,
-            &admitted.database,
-            config.password(&admitted.role),
-            &login.forwarded,
-        )
-        .await;
-        proxy.metrics.upstream_login(
-            started.elapsed(),
-            connected
-                .as_ref()
-                .map(|_| ())
-                .map_err(|error| error as &dyn crate::error::Classify),
-        );
-        let mut conn = connected?;
-        let deadline = Instant::now() + config.pool_limits.internal_query_timeout;
-        let parameters = conn
-            .attach(&settings.claims_key, login.claims(), &[], deadline)
-            .await?;
-        return Ok((Lease::Own(conn), parameters));
+        // A second login when the first found the role's defaults changed
+        // by a client (they are cleared by then: `upstream::repair`).
+        let mut attempts = 2;
+        loop {
+            attempts -= 1;
+            let mut conn = own_login(proxy, settings, login).await?;
+            let deadline = Instant::now() + settings.config.pool_limits.internal_query_timeout;
+            match conn
+                .attach(&settings.claims_key, login.claims(), &[], deadline)
+                .await
+            {
+                Ok(parameters) => return Ok((Lease::Own(conn), parameters)),
+                Err(UpstreamError::RoleDefaults { .. }) if attempts > 0 => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
     }
     let readying = Readying::Login {
         claims: login.claims(),
@@ -96,6 +89,34 @@ pub(super) async fn lease(
     )
     .await?;
     Ok((Lease::Pooled(pooled), parameters))
+}
+
+/// A connection of the client's own (`pool_mode = "none"`), logged in
+/// with its startup parameters.
+async fn own_login(
+    proxy: &Proxy,
+    settings: &Settings,
+    login: &Login,
+) -> Result<Upstream, SessionError> {
+    let admitted = &login.admitted;
+    let config = &settings.config;
+    let started = Instant::now();
+    let connected = upstream::connect(
+        &config.upstream,
+        &admitted.role,
+        &admitted.database,
+        config.password(&admitted.role),
+        &login.forwarded,
+    )
+    .await;
+    proxy.metrics.upstream_login(
+        started.elapsed(),
+        connected
+            .as_ref()
+            .map(|_| ())
+            .map_err(|error| error as &dyn crate::error::Classify),
+    );
+    Ok(connected?)
 }
 
 /// A pooled connection for (`database`, `role`) readied for `client`,

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use super::{Attached, Upstream};
 use crate::error::UpstreamError;
 use crate::identity::ClaimsKey;
+use crate::proto::server_error::ServerError;
 
 /// How long the attached identity lasts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,9 +134,12 @@ impl Upstream {
             .await?;
         match (reply.error, binding) {
             (None, Some(binding)) => Ok(binding),
-            (error, _) => {
+            (Some(error), _) => Err(self
+                .begin_session_failed(error, deadline, UpstreamError::Attach)
+                .await),
+            (None, None) => {
                 self.broken = true;
-                Err(UpstreamError::Attach(error.unwrap_or_default()))
+                Err(UpstreamError::Attach(ServerError::default()))
             }
         }
     }

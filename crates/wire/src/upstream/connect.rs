@@ -78,6 +78,8 @@ pub async fn connect(
             pid: 0,
             secret: Arc::from(&[][..]),
         },
+        role: role.to_owned(),
+        database: database.to_owned(),
         parameters: Vec::new(),
         next_binding: None,
         owner: Owner::Nobody,
@@ -104,7 +106,11 @@ async fn log_in(
     parameters: &[(String, String)],
 ) -> Result<(), UpstreamError> {
     let mut out = BytesMut::new();
-    login::startup_message(role, database, parameters, 0, &mut out);
+    let pinned = super::PINNED_STARTUP
+        .iter()
+        .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()));
+    let parameters: Vec<(String, String)> = parameters.iter().cloned().chain(pinned).collect();
+    login::startup_message(role, database, &parameters, 0, &mut out);
     let mut login = Login::new(role, password, 0, crate::random::scram_nonce());
     loop {
         if !out.is_empty() {

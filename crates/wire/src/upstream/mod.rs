@@ -14,6 +14,7 @@
 
 mod attach;
 mod connect;
+mod repair;
 mod reset;
 
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use tokio::time::{Instant, timeout_at};
 
 pub use attach::{AttachScope, append_attach, append_described, append_statement};
 pub use connect::{UpstreamConfig, cancel, connect};
+pub use repair::{PINNED_STARTUP, ROLE_DEFAULTS_SQLSTATE};
 pub use reset::PendingReset;
 
 use crate::error::UpstreamError;
@@ -88,6 +90,10 @@ pub struct Upstream {
     /// Bytes read past the last message handled; the relay forwards them.
     inbox: BytesMut,
     key: UpstreamKey,
+    /// The login role and database, for repairs of the role
+    /// ([`repair`]) and for logs.
+    role: String,
+    database: String,
     parameters: Vec<(String, String)>,
     /// The binding of the identity generation the last reset drew, for the
     /// next user: a request then needs no round trip for it.
@@ -105,6 +111,11 @@ impl Upstream {
     /// The backend's process id.
     pub fn pid(&self) -> i32 {
         self.key.pid
+    }
+
+    /// The role it logged in as.
+    pub fn role(&self) -> &str {
+        &self.role
     }
 
     /// Where a cancel request for this backend goes.
@@ -283,6 +294,39 @@ impl Upstream {
             }
             return Message::parse(&mut self.inbox)
                 .map_err(|_| UpstreamError::Protocol("a malformed message"));
+        }
+    }
+}
+
+impl Upstream {
+    /// What a failed `auth.begin_session()` means: when the login role
+    /// carries session defaults of its own, they are cleared here and the
+    /// failure becomes [`UpstreamError::RoleDefaults`] (another connection
+    /// is worth trying); otherwise `other` wraps the server's error. The
+    /// connection is broken either way.
+    async fn begin_session_failed(
+        &mut self,
+        error: ServerError,
+        deadline: Instant,
+        other: fn(ServerError) -> UpstreamError,
+    ) -> UpstreamError {
+        self.broken = true;
+        if error.code() != ROLE_DEFAULTS_SQLSTATE {
+            return other(error);
+        }
+        let database = self.database.clone();
+        match self.clear_role_defaults(&database, deadline).await {
+            Ok(()) => {
+                tracing::warn!(
+                    role = %self.role,
+                    "a client set session defaults on the login role (ALTER ROLE ... SET); \
+                     cleared them, and closed the backend that started under them"
+                );
+                UpstreamError::RoleDefaults {
+                    role: self.role.clone(),
+                }
+            }
+            Err(repair) => repair,
         }
     }
 }

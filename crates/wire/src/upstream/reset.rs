@@ -114,7 +114,9 @@ impl Upstream {
             })
             .await?;
         if let Some(error) = drawn.error {
-            return Err(UpstreamError::Reset(error));
+            return Err(self
+                .begin_session_failed(error, deadline, UpstreamError::Reset)
+                .await);
         }
         match binding {
             Some(binding) if drawn.status == super::IDLE && binding.starts_with(BINDING_PREFIX) => {
