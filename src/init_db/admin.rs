@@ -42,7 +42,15 @@ pub async fn connect(url: Option<&str>) -> anyhow::Result<tokio_postgres::Client
         Some(url) => url.to_owned(),
         None => from_environment(),
     };
-    let (rest, own) = split_own(&text);
+    let (rest, mut own) = split_own(&text);
+    // As libpq: the environment fills what the string leaves out.
+    for (var, key) in [("PGSSLMODE", "sslmode"), ("PGSSLROOTCERT", "sslrootcert")] {
+        if !own.iter().any(|(k, _)| k == key)
+            && let Ok(value) = std::env::var(var)
+        {
+            own.push((key.to_owned(), value));
+        }
+    }
     let mut config = tokio_postgres::Config::from_str(&rest)
         .context("--admin-url is neither a postgres:// URL nor a key=value connection string")?;
     fill_from_environment(&mut config);

@@ -126,11 +126,21 @@ pub async fn close(tx: &tokio_postgres::Transaction<'_>) -> anyhow::Result<()> {
     // Before Postgres 15 any role may create objects in `public`, where
     // one user's function or table could stand in for what another's
     // statements name.
-    tx.batch_execute(&format!(
-        "revoke create on schema public from public; grant create on schema public to {owner}"
-    ))
-    .await
-    .context("revoking CREATE on schema public from PUBLIC")?;
+    let owns_public = tx
+        .query_opt(
+            "select 1 from pg_catalog.pg_namespace \
+              where nspname = 'public' and pg_catalog.pg_has_role(nspowner, 'usage')",
+            &[],
+        )
+        .await?
+        .is_some();
+    if owns_public {
+        tx.batch_execute(&format!(
+            "revoke create on schema public from public; grant create on schema public to {owner}"
+        ))
+        .await
+        .context("revoking CREATE on schema public from PUBLIC")?;
+    }
     Ok(())
 }
 
@@ -242,12 +252,14 @@ impl Kind {
             Self::Functions => {
                 "select p.oid::pg_catalog.regprocedure::pg_catalog.text from pg_catalog.pg_proc p \
                  join pg_catalog.pg_namespace n on n.oid = p.pronamespace \
-                 where n.nspname = $1 and p.proname = any($2)"
+                 where n.nspname = $1 and p.proname = any($2) \
+                   and pg_catalog.pg_has_role(p.proowner, 'usage')"
             }
             Self::Views => {
                 "select c.oid::pg_catalog.regclass::pg_catalog.text from pg_catalog.pg_class c \
                  join pg_catalog.pg_namespace n on n.oid = c.relnamespace \
-                 where n.nspname = $1 and c.relname = any($2)"
+                 where n.nspname = $1 and c.relname = any($2) \
+                   and pg_catalog.pg_has_role(c.relowner, 'usage')"
             }
         }
     }
@@ -262,7 +274,8 @@ impl Kind {
 }
 
 /// Revokes the privilege of `kind` on each of `names` in `schema` that
-/// exists from PUBLIC and grants it to `grantee`.
+/// exists, and that init-db's user owns (only an owner's revoke changes
+/// anything), from PUBLIC and grants it to `grantee`.
 async fn revoke(
     tx: &tokio_postgres::Transaction<'_>,
     kind: Kind,

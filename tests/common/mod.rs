@@ -59,8 +59,42 @@ impl Default for Options {
     }
 }
 
+/// Who installs authgres in the sandbox: `AUTHGRES_TEST_ADMIN` =
+/// `superuser` (the default: a self-hosted server), `owner` (a database
+/// owner with CREATEROLE, as a managed service gives), or `owner-stats`
+/// (that owner also in pg_read_all_stats, pg_signal_backend and
+/// pg_monitor, as on RDS and Neon).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Installer {
+    Superuser,
+    Owner,
+    OwnerWithStats,
+}
+
+impl Installer {
+    /// The one `AUTHGRES_TEST_ADMIN` selects.
+    pub fn from_env() -> Self {
+        match std::env::var("AUTHGRES_TEST_ADMIN").as_deref() {
+            Ok("owner") => Self::Owner,
+            Ok("owner-stats") => Self::OwnerWithStats,
+            Ok("superuser") | Err(_) => Self::Superuser,
+            Ok(other) => panic!("AUTHGRES_TEST_ADMIN={other}: superuser, owner or owner-stats"),
+        }
+    }
+
+    /// Whether init-db runs without a superuser.
+    pub fn managed(self) -> bool {
+        self != Self::Superuser
+    }
+}
+
 pub struct Stack {
     pub cluster: Cluster,
+    /// Who ran init-db and created the schema, and their URL.
+    pub installer: Installer,
+    pub admin_url: String,
+    /// What the first init-db printed.
+    pub init_db_output: String,
     pub issuer: Issuer,
     pub dir: tempfile::TempDir,
     pub port: u16,
@@ -166,18 +200,11 @@ roles = ["authenticated", "person"]
         );
         let config_path = dir.path().join("proxy.toml");
         std::fs::write(&config_path, config).expect("write config");
-        cluster
-            .admin("postgres")
+        let installer = Installer::from_env();
+        let admin_url = create_database(&cluster, installer).await;
+        let init_db_output = run_init_db(&config_path, &admin_url, &[]);
+        connect_admin(&admin_url)
             .await
-            .expect("admin")
-            .batch_execute(&format!("create database {DATABASE}"))
-            .await
-            .expect("create database");
-        run_init_db(&config_path, &cluster.admin_url(DATABASE), &[]);
-        cluster
-            .admin(DATABASE)
-            .await
-            .expect("admin")
             .batch_execute(include_str!("../../sql/demo_todos.sql"))
             .await
             .expect("todos schema");
@@ -185,6 +212,9 @@ roles = ["authenticated", "person"]
         let stack = Self {
             json_logs: options.json_logs,
             cluster,
+            installer,
+            admin_url,
+            init_db_output,
             issuer,
             port,
             http_port,
@@ -199,7 +229,12 @@ roles = ["authenticated", "person"]
 
     /// Runs `authgres init-db` again with extra arguments; returns stderr.
     pub fn init_db(&self, args: &[&str]) -> String {
-        run_init_db(&self.config_path(), &self.cluster.admin_url(DATABASE), args)
+        run_init_db(&self.config_path(), &self.admin_url, args)
+    }
+
+    /// Connects as whoever installed authgres (see [`Installer`]).
+    pub async fn installer(&self) -> tokio_postgres::Client {
+        connect_admin(&self.admin_url).await
     }
 
     /// Stops and starts `authgres serve` (it re-reads config and secrets).
@@ -657,12 +692,45 @@ impl Drop for Stack {
     }
 }
 
+/// Creates the test database as `installer` would have it; returns the
+/// URL init-db and the schema run with.
+async fn create_database(cluster: &Cluster, installer: Installer) -> String {
+    let predefined: &[&str] = match installer {
+        Installer::Superuser => {
+            cluster
+                .admin("postgres")
+                .await
+                .expect("admin")
+                .batch_execute(&format!("create database {DATABASE}"))
+                .await
+                .expect("create database");
+            return cluster.admin_url(DATABASE);
+        }
+        Installer::Owner => &[],
+        Installer::OwnerWithStats => &["pg_read_all_stats", "pg_signal_backend", "pg_monitor"],
+    };
+    cluster
+        .create_managed_owner(DATABASE, predefined)
+        .await
+        .expect("managed owner")
+}
+
+/// A connection to `url`, run on a spawned task.
+pub async fn connect_admin(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("administrator connects");
+    tokio::spawn(connection);
+    client
+}
+
 fn run_init_db(config: &Path, admin_url: &str, args: &[&str]) -> String {
     let init = Command::new(BIN)
         .args(["init-db", "--config"])
         .arg(config)
         .args(["--admin-url", admin_url])
         .args(args)
+        .env("PGSSLMODE", "disable")
         .output()
         .expect("run init-db");
     let stderr = String::from_utf8_lossy(&init.stderr).into_owned();

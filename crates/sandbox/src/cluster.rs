@@ -8,6 +8,8 @@ use anyhow::{Context as _, bail};
 
 /// Name of the superuser created by `initdb`.
 pub const SUPERUSER: &str = "postgres";
+/// Name of the administrator [`Cluster::create_managed_owner`] creates.
+pub const MANAGED_OWNER: &str = "app_owner";
 /// How long a cluster may take to accept connections.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a fast shutdown may take before the postmaster is killed.
@@ -207,6 +209,39 @@ impl Cluster {
         Ok(client)
     }
 
+    /// Creates database `db` owned by a role with what a managed service's
+    /// administrator has instead of a superuser (Neon, Supabase, RDS, Cloud
+    /// SQL, Azure): LOGIN, CREATEROLE, CREATEDB, and membership in
+    /// `predefined` roles (for example `pg_read_all_stats`,
+    /// `pg_signal_backend`, `pg_monitor`). Returns its `postgres://` URL.
+    pub async fn create_managed_owner(
+        &self,
+        db: &str,
+        predefined: &[&str],
+    ) -> anyhow::Result<String> {
+        let password = random_hex(16);
+        let admin = self.admin("postgres").await?;
+        for statement in [
+            format!("create role {MANAGED_OWNER} login createrole createdb password '{password}'"),
+            format!("create database {db} owner {MANAGED_OWNER}"),
+        ] {
+            admin
+                .batch_execute(&statement)
+                .await
+                .context("creating the managed-service owner")?;
+        }
+        for role in predefined {
+            admin
+                .batch_execute(&format!("grant {role} to {MANAGED_OWNER}"))
+                .await
+                .with_context(|| format!("granting {role} to the owner"))?;
+        }
+        Ok(format!(
+            "postgres://{MANAGED_OWNER}:{password}@127.0.0.1:{}/{db}",
+            self.port
+        ))
+    }
+
     /// The server log so far (for failing tests).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
@@ -219,8 +254,8 @@ impl Drop for Cluster {
     }
 }
 
-/// Creates the data directory: SCRAM for TCP, trust on the local socket,
-/// the superuser's password from a file.
+/// Creates the data directory: SCRAM for TCP and the local socket (owner
+/// only), the superuser's password from a file removed after.
 fn init(
     bindir: &Path,
     owner: &OsUser,
@@ -229,7 +264,16 @@ fn init(
     password: &str,
 ) -> anyhow::Result<()> {
     let pwfile = dir.join("pwfile");
-    std::fs::write(&pwfile, format!("{password}\n"))?;
+    {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&pwfile)?;
+        writeln!(file, "{password}")?;
+    }
     owner.give(&pwfile)?;
     let initdb = bindir.join("initdb");
     let mut command = owner.command(&initdb);
@@ -240,7 +284,9 @@ fn init(
             "-U",
             SUPERUSER,
             "--auth-host=scram-sha-256",
-            "--auth-local=trust",
+            // Not trust: any local user could become superuser of the
+            // cluster (and read the claims key) through the socket.
+            "--auth-local=scram-sha-256",
         ])
         // 1 MB WAL segments: initdb writes (and tests copy) far less.
         .args(["--no-sync", "--no-locale", "-E", "UTF8", "--wal-segsize=1"])
@@ -250,7 +296,9 @@ fn init(
     if major_version(&initdb)? >= 14 {
         command.arg("--no-instructions");
     }
-    let output = command.output().context("running initdb")?;
+    let output = command.output().context("running initdb");
+    let _ = std::fs::remove_file(&pwfile);
+    let output = output?;
     if !output.status.success() {
         bail!(
             "initdb failed: {}",
@@ -297,6 +345,8 @@ fn server_args(
         "full_page_writes=off",
         "-c",
         "max_connections=300",
+        "-c",
+        "unix_socket_permissions=0700",
     ]
     .iter()
     .map(|arg| (*arg).to_owned())

@@ -43,7 +43,17 @@ impl TestCerts {
     pub fn write_to(&self, dir: &std::path::Path) -> anyhow::Result<()> {
         std::fs::write(dir.join("ca.pem"), &self.ca_pem)?;
         std::fs::write(dir.join("server.crt"), &self.cert_pem)?;
-        std::fs::write(dir.join("server.key"), &self.key_pem)?;
+        // The private key is the owner's alone, as a real one would be.
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let path = dir.join("server.key");
+        let _ = std::fs::remove_file(&path);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?
+            .write_all(self.key_pem.as_bytes())?;
         Ok(())
     }
 }

@@ -71,6 +71,11 @@ pub struct UpstreamPool {
     name: &'static str,
     config: UpstreamConfig,
     state: Mutex<State>,
+    /// One connection per login role kept out of circulation, logged in
+    /// after the role's first login: it sets the role's password back if a
+    /// client changed it, when every connection of the role is busy
+    /// (`upstream::repair`). Never handed to a client.
+    keepers: Mutex<HashMap<String, Upstream>>,
     metrics: Arc<Metrics>,
 }
 
@@ -143,6 +148,7 @@ impl UpstreamPool {
                 limits,
                 slots: HashMap::new(),
             }),
+            keepers: Mutex::new(HashMap::new()),
             metrics,
         })
     }
@@ -302,7 +308,11 @@ impl UpstreamPool {
         };
         match &first {
             Err(UpstreamError::LoginRefused { error, .. }) if error.code() == "28P01" => {}
-            _ => return first,
+            Ok(_) => {
+                self.ensure_keeper(database, role, password).await;
+                return first;
+            }
+            Err(_) => return first,
         }
         let deadline = Instant::now() + limits.internal_query_timeout;
         if !self.restore_password(role, password, deadline).await {
@@ -329,11 +339,42 @@ impl UpstreamPool {
         connected
     }
 
-    /// Sets `role`'s password back to `password` from one of its idle
-    /// connections (reset first if a client's session is in it); returns
-    /// whether one did. Connections that fail are closed.
+    /// Logs in `role`'s keeper connection if it has none (see
+    /// `keepers`); best effort.
+    async fn ensure_keeper(&self, database: &str, role: &str, password: &str) {
+        if self.keepers().contains_key(role) {
+            return;
+        }
+        match upstream::connect(&self.config, role, database, Some(password), &[]).await {
+            Ok(keeper) => {
+                self.keepers().entry(role.to_owned()).or_insert(keeper);
+            }
+            Err(error) => tracing::debug!(%error, role, "no keeper connection for the role"),
+        }
+    }
+
+    fn keepers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Upstream>> {
+        self.keepers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sets `role`'s password back to `password` from its keeper
+    /// connection, else from one of its idle connections (reset first if a
+    /// client's session is in it); returns whether one did. Connections
+    /// that fail are closed.
     async fn restore_password(&self, role: &str, password: &str, deadline: Instant) -> bool {
         let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+        let keeper = self.keepers().remove(role);
+        if let Some(mut keeper) = keeper {
+            if keeper.restore_password(&verifier, deadline).await.is_ok() {
+                tracing::warn!(
+                    role,
+                    "the login role's password no longer matched the proxy's (a client \
+                     may have changed it: any role can change its own); set it back"
+                );
+                self.keepers().insert(role.to_owned(), keeper);
+                return true;
+            }
+        }
         while let Some((key, mut idle)) = self.take_idle_of_role(role) {
             let restored = async {
                 if idle.conn.owner() != Owner::Nobody {
