@@ -140,6 +140,15 @@ host = "{host}"
 port = {port}
 databases = ["{DATABASE}"]
 
+[roles.authenticated]
+password_env = "AUTHGRES_AUTHENTICATED_PASSWORD"
+
+# Access without a token is opt-in; the demo shows it. Without a token
+# the role reads only (table_access), except where the schema grants more.
+[roles.anonymous]
+password_env = "AUTHGRES_ANONYMOUS_PASSWORD"
+token = "none"
+
 [[providers]]
 name = "demo"
 issuer = "{iss}"

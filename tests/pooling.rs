@@ -129,7 +129,8 @@ async fn role_backends(stack: &Stack) -> i64 {
         .await
         .expect("admin")
         .query_one(
-            "select count(*) from pg_stat_activity where usename = 'authenticated'",
+            "select count(*) from pg_stat_activity where usename = 'authenticated' \
+             and application_name <> 'authgres keeper'",
             &[],
         )
         .await

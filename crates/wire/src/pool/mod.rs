@@ -32,6 +32,10 @@ use pick::{Candidate, pick};
 
 type Key = (String, String);
 
+/// The `application_name` of a keeper connection (see `keepers`), so an
+/// operator sees in `pg_stat_activity` what it is.
+pub const KEEPER_NAME: &str = "authgres keeper";
+
 /// An idle connection and its ages.
 struct Idle {
     conn: Upstream,
@@ -345,7 +349,8 @@ impl UpstreamPool {
         if self.keepers().contains_key(role) {
             return;
         }
-        match upstream::connect(&self.config, role, database, Some(password), &[]).await {
+        let name = [("application_name".to_owned(), KEEPER_NAME.to_owned())];
+        match upstream::connect(&self.config, role, database, Some(password), &name).await {
             Ok(keeper) => {
                 self.keepers().entry(role.to_owned()).or_insert(keeper);
             }
