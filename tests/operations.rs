@@ -813,3 +813,69 @@ async fn the_admin_listener_has_its_own_budget_and_timeouts_and_refuses_web_page
         "{answer:?}"
     );
 }
+
+/// Issue 21, 4.5: each CancelRequest logged an INFO line outside the rate
+/// limiter: 2,000 unauthenticated cancels in half a second wrote 2,000
+/// lines. They are limited like every other line a stranger can cause.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_cancel_requests_writes_a_few_log_lines() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let stack = Stack::start().await;
+    let before = stack.metrics().await;
+    let started = Instant::now();
+    let mut sent = 0u32;
+    for round in 0..100u32 {
+        let batch = (0..20u32).map(|i| {
+            let port = stack.port;
+            async move {
+                let mut request = Vec::with_capacity(16);
+                request.extend_from_slice(&16u32.to_be_bytes());
+                request.extend_from_slice(&80_877_102u32.to_be_bytes());
+                request.extend_from_slice(&(round * 20 + i + 1).to_be_bytes());
+                request.extend_from_slice(&0x5eed_u32.to_be_bytes());
+                let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await
+                else {
+                    return false;
+                };
+                if stream.write_all(&request).await.is_err() {
+                    return false;
+                }
+                let mut sink = [0u8; 1];
+                let _ = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut sink)).await;
+                true
+            }
+        });
+        sent += futures_util::future::join_all(batch)
+            .await
+            .into_iter()
+            .filter(|ok| *ok)
+            .count() as u32;
+    }
+    let took = started.elapsed();
+    assert!(sent >= 1_900, "only {sent} cancels sent");
+    // Each was handled (counted), though few were logged.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let counted = delta(
+            &before,
+            &stack.metrics().await,
+            "authgres_cancel_requests_total{outcome=\"unknown_key\"}",
+        );
+        if counted >= f64::from(sent) * 0.9 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{counted} of {sent} cancels counted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = stack.log();
+    let lines = log
+        .lines()
+        .filter(|l| l.to_lowercase().contains("cancel request"))
+        .count();
+    eprintln!("{sent} cancels in {took:?}: {lines} log lines");
+    assert!(lines <= 25, "{lines} log lines for {sent} cancels");
+    assert!(log.contains("suppressed") || lines < 20, "{log}");
+}
