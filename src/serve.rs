@@ -18,7 +18,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 
 use crate::admin::{self, Admin, ReloadRequest};
-use crate::config::{Loaded, TokenPolicy};
+use crate::config::{Loaded, TokenPolicy, UpstreamFixed};
 
 /// How long a forced drain waits for sessions to send their 57P01 and
 /// close before the process exits.
@@ -110,6 +110,8 @@ pub struct Prepared {
     http: Option<Arc<HttpState>>,
     registry: Registry,
     addresses: Addresses,
+    /// What the upstream pools were built with.
+    upstream: UpstreamFixed,
     drain: DrainTimes,
     handover: Option<PathBuf>,
 }
@@ -247,6 +249,7 @@ pub fn prepare(config_path: &Path) -> anyhow::Result<Prepared> {
         http,
         registry,
         addresses: Addresses::of(&loaded)?,
+        upstream: loaded.upstream_fixed()?,
         drain: DrainTimes::of(&loaded),
         handover: loaded
             .file
@@ -274,6 +277,7 @@ pub async fn run(prepared: Prepared, listeners: Listeners) -> anyhow::Result<()>
         http,
         registry,
         addresses,
+        upstream,
         drain,
         handover,
     } = prepared;
@@ -361,6 +365,7 @@ pub async fn run(prepared: Prepared, listeners: Listeners) -> anyhow::Result<()>
         proxy: Arc::clone(&proxy),
         http,
         addresses,
+        upstream,
         drain: std::sync::Mutex::new(drain),
     };
     let delay = loop {
@@ -438,6 +443,8 @@ struct Running {
     proxy: Arc<Proxy>,
     http: Option<Arc<HttpState>>,
     addresses: Addresses,
+    /// What the upstream pools were built with: a reload keeps it.
+    upstream: UpstreamFixed,
     drain: std::sync::Mutex<DrainTimes>,
 }
 
@@ -469,8 +476,12 @@ impl Running {
     fn try_reload(&self) -> anyhow::Result<Vec<&'static str>> {
         let loaded = Loaded::from_path(&self.config_path)?;
         let old_verifier = Arc::clone(&self.proxy.settings().verifier);
-        let built = reloadable(&loaded, Some(&old_verifier))?;
+        let mut built = reloadable(&loaded, Some(&old_verifier))?;
         let mut restart = self.addresses.changed(&Addresses::of(&loaded)?);
+        // The pools keep the server, TLS and socket settings they were built
+        // with, and so does everything else: each change is named.
+        restart.extend(self.upstream.changed(&loaded.upstream_fixed()?));
+        built.settings.config.upstream = self.proxy.settings().config.upstream.clone();
         if self.http.is_some() != built.http.is_some() {
             restart.push("[http]");
         }

@@ -879,3 +879,65 @@ async fn a_flood_of_cancel_requests_writes_a_few_log_lines() {
     assert!(lines <= 25, "{lines} log lines for {sent} cancels");
     assert!(log.contains("suppressed") || lines < 20, "{log}");
 }
+
+/// POSTs /reload; its JSON answer.
+async fn reload_answer(stack: &Stack) -> serde_json::Value {
+    let (status, body) = stack.admin_post("/reload").await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// Issue 21, 6.3: a reload compared the upstream TLS settings by mode
+/// only, so a new `tls_ca_file` was reported as applied while the pools
+/// kept the old CA; and a `[listen] tcp_keepalive` change was reported as
+/// "[upstream]". The restart diff names what really needs a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_names_a_new_upstream_ca_and_a_keepalive_change_for_what_they_are() {
+    let stack = Stack::start_with(Options {
+        upstream_tls: Some(true),
+        listen_extra: "tcp_keepalive = \"60s\"\n",
+        ..Options::default()
+    })
+    .await;
+    stack.wait_ready().await;
+    let ca_file = stack.dir.path().join("upstream-ca.pem");
+    let running_ca = std::fs::read(&ca_file).expect("CA");
+
+    // The same file written again: nothing to restart.
+    std::fs::write(&ca_file, &running_ca).expect("CA");
+    assert_eq!(
+        reload_answer(&stack).await["needs_restart"],
+        serde_json::json!([])
+    );
+
+    // Another CA: the pools keep the running one until a restart, and the
+    // answer says so.
+    let other = authgres_sandbox::tls::TestCerts::generate()
+        .expect("CA")
+        .ca_pem;
+    std::fs::write(&ca_file, other).expect("CA");
+    let answer = reload_answer(&stack).await;
+    assert_eq!(
+        answer["needs_restart"],
+        serde_json::json!(["[upstream] tls_ca_file"]),
+        "{answer}"
+    );
+    // Logins still reach the server with the CA in force.
+    let client = stack.login("user_after_ca_reload").await;
+    client.simple_query("select 1").await.expect("query");
+    std::fs::write(&ca_file, &running_ca).expect("CA");
+    assert_eq!(
+        reload_answer(&stack).await["needs_restart"],
+        serde_json::json!([])
+    );
+
+    // tcp_keepalive is a [listen] setting: new clients get it now, upstream
+    // connections after a restart; nothing in [upstream] changed.
+    stack.edit_config(|c| c.replace("tcp_keepalive = \"60s\"", "tcp_keepalive = \"30s\""));
+    let answer = reload_answer(&stack).await;
+    assert_eq!(
+        answer["needs_restart"],
+        serde_json::json!(["[listen] tcp_keepalive (upstream connections)"]),
+        "{answer}"
+    );
+}
