@@ -12,29 +12,132 @@
 //! - `POST /reload`: the same as SIGHUP; answers what took effect or why
 //!   the new config was refused.
 //!
-//! It has no authentication: bind it to loopback or a private network.
+//! It has no authentication: bind it to loopback, a private network, or a
+//! Unix socket (`unix:PATH`, mode 0600). It has a connection budget and
+//! timeouts of its own ([`Limits`]), so idle or slow admin connections
+//! cannot take the file descriptors clients need, and `POST /reload`
+//! refuses requests a browser marks as coming from a web page.
 
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use authgres_wire::Proxy;
+use authgres_wire::{LogLimiter, Proxy};
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use prometheus_client::registry::Registry;
 use serde_json::json;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
+
+use crate::handover::PrivateSocket;
 
 /// How long an upstream probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a probe's answer is reused: a probe storm makes one
 /// connection per interval.
 const PROBE_REUSE: Duration = Duration::from_secs(1);
+/// How long `POST /reload` waits for the reload to be done.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection the budget has no room for may take to be told.
+const REFUSE_TIMEOUT: Duration = Duration::from_millis(100);
+/// How long to wait before accepting again after a failed accept (out of
+/// file descriptors, most likely).
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// What a connection the budget has no room for is told.
+const FULL: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+
+/// The admin listener's own limits (`[admin]`); the defaults are the
+/// config's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections held at once; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// Time to send a request's headers, or on a kept-alive connection to
+    /// start the next one.
+    pub header_timeout: Duration,
+    /// A connection with nothing read or written this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            // Probes, a scraper and an operator, many times over.
+            max_connections: 64,
+            header_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Limits {
+    /// The `[admin]` keys that differ in `new`.
+    pub fn changed(&self, new: &Self) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if self.max_connections != new.max_connections {
+            changed.push("[admin] max_connections");
+        }
+        if self.header_timeout != new.header_timeout {
+            changed.push("[admin] header_timeout");
+        }
+        if self.idle_timeout != new.idle_timeout {
+            changed.push("[admin] idle_timeout");
+        }
+        changed
+    }
+}
+
+/// The path of an `[admin] address` of the form `unix:PATH`.
+pub fn unix_path(address: &str) -> Option<&Path> {
+    address.strip_prefix("unix:").map(Path::new)
+}
+
+/// Where the admin listener accepts.
+pub enum Listener {
+    /// `host:port`.
+    Tcp(TcpListener),
+    /// `unix:PATH`, owner-only.
+    Unix(PrivateSocket),
+}
+
+/// An accepted admin connection, TCP or Unix.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+impl Listener {
+    /// Where it listens, for the log.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Tcp(tcp) => tcp
+                .local_addr()
+                .map_or_else(|error| error.to_string(), |a| a.to_string()),
+            Self::Unix(unix) => format!("unix:{}", unix.path().display()),
+        }
+    }
+
+    async fn accept(&self) -> std::io::Result<Box<dyn Stream>> {
+        Ok(match self {
+            Self::Tcp(tcp) => {
+                let (stream, _) = tcp.accept().await?;
+                let _ = stream.set_nodelay(true);
+                Box::new(stream)
+            }
+            Self::Unix(unix) => Box::new(unix.listener.accept().await?.0),
+        })
+    }
+}
 
 /// A reload asked for over HTTP, with where to send the outcome.
 pub struct ReloadRequest {
@@ -117,19 +220,146 @@ fn router(admin: Arc<Admin>) -> Router {
 }
 
 /// Serves the admin routes on `listener` until the process exits, or
-/// until `stop` turns true (a successor took the socket over).
-pub async fn serve(admin: Admin, listener: TcpListener, mut stop: watch::Receiver<bool>) {
-    let stopped = async move {
-        let _ = stop.wait_for(|stop| *stop).await;
-    };
-    let served = axum::serve(listener, router(Arc::new(admin)))
-        .with_graceful_shutdown(stopped)
-        .await;
-    if let Err(error) = served {
-        tracing::error!(%error, "the admin listener failed");
+/// until `stop` turns true (a successor took the socket over), within
+/// `limits`.
+pub async fn serve(
+    admin: Admin,
+    listener: Listener,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+) {
+    let app = router(Arc::new(admin));
+    let budget = Arc::new(Semaphore::new(limits.max_connections));
+    let refusals = LogLimiter::default();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => return,
+            accepted = listener.accept() => accepted,
+        };
+        let mut stream = match accepted {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::warn!(%error, "the admin listener could not accept");
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&budget).try_acquire_owned() else {
+            if let Some(suppressed) = refusals.allow(Instant::now()) {
+                tracing::warn!(
+                    max_connections = limits.max_connections,
+                    suppressed,
+                    "admin connection refused: [admin] max_connections are open"
+                );
+            }
+            let _ = tokio::time::timeout(REFUSE_TIMEOUT, stream.write_all(FULL)).await;
+            continue;
+        };
+        let app = app.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let activity = Activity::new();
+            let io = TokioIo::new(Watched {
+                inner: stream,
+                activity: Arc::clone(&activity),
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .serve_connection(io, TowerToHyperService::new(app));
+            tokio::pin!(connection);
+            tokio::select! {
+                served = connection.as_mut() => {
+                    if let Err(error) = served {
+                        tracing::debug!(%error, "admin connection ended");
+                    }
+                }
+                () = activity.idle_for(limits.idle_timeout) => {
+                    tracing::debug!("admin connection idle: closed");
+                }
+                _ = stop.wait_for(|stop| *stop) => {}
+            }
+        });
     }
 }
 
+/// When a connection last moved a byte.
+struct Activity {
+    start: Instant,
+    /// Milliseconds since `start`.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+        })
+    }
+
+    fn moved(&self) {
+        let since = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(since, Ordering::Relaxed);
+    }
+
+    /// Completes once no byte has moved for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = self.last.load(Ordering::Relaxed);
+            tokio::time::sleep_until(self.start + Duration::from_millis(last) + idle).await;
+            if self.last.load(Ordering::Relaxed) == last {
+                return;
+            }
+        }
+    }
+}
+
+/// A stream that notes when it last read or wrote a byte.
+struct Watched {
+    inner: Box<dyn Stream>,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.moved();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(written)) = &polled
+            && *written > 0
+        {
+            self.activity.moved();
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
 async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
     let mut text = String::new();
     match prometheus_client::encoding::prometheus_text::encode(&mut text, &admin.registry) {
@@ -191,28 +421,59 @@ async fn clients(State(admin): State<Arc<Admin>>) -> Response {
     axum::Json(json!({ "clients": admin.proxy.clients().snapshot() })).into_response()
 }
 
-async fn reload(State(admin): State<Arc<Admin>>) -> Response {
-    let (reply, outcome) = oneshot::channel();
-    if admin.reloads.send(ReloadRequest { reply }).await.is_err() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the proxy is shutting down\n",
-        )
-            .into_response();
+/// Why a request is refused as one a web page made, if it is: a browser
+/// sends `Origin` with every POST a page makes (a form, `fetch`, a page
+/// that rebinds its DNS name to this host), and `Sec-Fetch-Site` says
+/// whose page it was. Operators' tools send neither.
+fn from_a_web_page(headers: &HeaderMap) -> Option<String> {
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        return Some(format!(
+            "refused: a request with an Origin header ({}) comes from a web page",
+            String::from_utf8_lossy(origin.as_bytes())
+        ));
     }
-    match outcome.await {
-        Ok(Ok(needs_restart)) => {
+    match headers.get("sec-fetch-site").map(|site| site.as_bytes()) {
+        None | Some(b"same-origin" | b"none") => None,
+        Some(site) => Some(format!(
+            "refused: Sec-Fetch-Site {} marks a request made by a web page",
+            String::from_utf8_lossy(site)
+        )),
+    }
+}
+
+/// A reload's refusal, as JSON.
+fn not_reloaded(status: StatusCode, error: &str) -> Response {
+    (
+        status,
+        axum::Json(json!({"reloaded": false, "error": error})),
+    )
+        .into_response()
+}
+
+async fn reload(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Response {
+    if let Some(why) = from_a_web_page(&headers) {
+        return not_reloaded(StatusCode::FORBIDDEN, &why);
+    }
+    const DRAINING: &str = "the proxy is draining: nothing is reloaded; \
+                            start the new process with the new configuration";
+    if admin.proxy.drain().is_unready() {
+        return not_reloaded(StatusCode::SERVICE_UNAVAILABLE, DRAINING);
+    }
+    let (reply, outcome) = oneshot::channel();
+    // The server stops taking reloads when it drains: the request or its
+    // reply is dropped, and the answer says so.
+    if admin.reloads.send(ReloadRequest { reply }).await.is_err() {
+        return not_reloaded(StatusCode::SERVICE_UNAVAILABLE, DRAINING);
+    }
+    match tokio::time::timeout(RELOAD_TIMEOUT, outcome).await {
+        Ok(Ok(Ok(needs_restart))) => {
             axum::Json(json!({"reloaded": true, "needs_restart": needs_restart})).into_response()
         }
-        Ok(Err(error)) => (
-            StatusCode::UNPROCESSABLE_ENTITY,
-            axum::Json(json!({"reloaded": false, "error": error})),
-        )
-            .into_response(),
-        Err(_) => (
+        Ok(Ok(Err(error))) => not_reloaded(StatusCode::UNPROCESSABLE_ENTITY, &error),
+        Ok(Err(_)) => not_reloaded(StatusCode::SERVICE_UNAVAILABLE, DRAINING),
+        Err(_) => not_reloaded(
             StatusCode::SERVICE_UNAVAILABLE,
-            "the proxy is shutting down\n",
-        )
-            .into_response(),
+            "no answer from the reload in time: see the proxy's log",
+        ),
     }
 }

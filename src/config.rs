@@ -55,14 +55,62 @@ pub struct Cluster {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Admin {
+    /// `host:port`, or `unix:PATH` (relative to this file) for a Unix
+    /// socket only the proxy's user can connect to.
     pub address: String,
+    /// Connections held at once; more are answered 503 and closed. Its own
+    /// budget: a flood of admin connections takes no file descriptors
+    /// from clients.
+    pub max_connections: usize,
+    /// Time to send a request's headers, and on a kept-alive connection
+    /// to start the next request.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A connection with nothing read or written this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for Admin {
     fn default() -> Self {
+        let limits = crate::admin::Limits::default();
         Self {
             address: "127.0.0.1:9432".into(),
+            max_connections: limits.max_connections,
+            header_timeout: limits.header_timeout,
+            idle_timeout: limits.idle_timeout,
         }
+    }
+}
+
+impl Admin {
+    /// The address to listen on: a Unix socket's path resolved against
+    /// the config file's directory.
+    pub fn address(&self, loaded: &Loaded) -> String {
+        match crate::admin::unix_path(&self.address) {
+            Some(path) => format!("unix:{}", loaded.path(path).display()),
+            None => self.address.clone(),
+        }
+    }
+
+    /// The listener's limits, checked.
+    pub fn limits(&self) -> anyhow::Result<crate::admin::Limits> {
+        if self.max_connections == 0 {
+            bail!("[admin] max_connections must be at least 1");
+        }
+        for (key, value) in [
+            ("header_timeout", self.header_timeout),
+            ("idle_timeout", self.idle_timeout),
+        ] {
+            if value.is_zero() {
+                bail!("[admin] {key} must be longer than 0s");
+            }
+        }
+        Ok(crate::admin::Limits {
+            max_connections: self.max_connections,
+            header_timeout: self.header_timeout,
+            idle_timeout: self.idle_timeout,
+        })
     }
 }
 
@@ -261,6 +309,47 @@ impl Default for Upstream {
 pub enum UpstreamTlsMode {
     Disable,
     VerifyFull,
+}
+
+/// What the upstream pools are built with, from the file: fixed until a
+/// restart, so a reload names each change rather than applying it to some
+/// connections and not others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamFixed {
+    host: String,
+    port: u16,
+    connect_timeout: Duration,
+    tls: UpstreamTlsMode,
+    /// The contents of `tls_ca_file`: a new CA in the same file is a
+    /// change.
+    ca: Option<Vec<u8>>,
+    /// `[listen] tcp_keepalive`, which upstream sockets use too.
+    tcp_keepalive: Duration,
+}
+
+impl UpstreamFixed {
+    /// The settings that differ in `new`, named as the file names them.
+    pub fn changed(&self, new: &Self) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if self.host != new.host {
+            changed.push("[upstream] host");
+        }
+        if self.port != new.port {
+            changed.push("[upstream] port");
+        }
+        if self.connect_timeout != new.connect_timeout {
+            changed.push("[upstream] connect_timeout");
+        }
+        if self.tls != new.tls {
+            changed.push("[upstream] tls");
+        } else if self.ca != new.ca {
+            changed.push("[upstream] tls_ca_file");
+        }
+        if self.tcp_keepalive != new.tcp_keepalive {
+            changed.push("[listen] tcp_keepalive (upstream connections)");
+        }
+        changed
+    }
 }
 
 /// `[identity]`: the claims-signing key and the verified-token cache.
@@ -617,6 +706,29 @@ impl Loaded {
         Ok(TokenLogin::OAuthBearer {
             discovery_url: discovery_url(&provider.issuer),
             scope: role.oauth_scope.clone(),
+        })
+    }
+
+    /// What the upstream pools are built with, the CA file read.
+    pub fn upstream_fixed(&self) -> anyhow::Result<UpstreamFixed> {
+        let upstream = &self.file.upstream;
+        let ca = match (upstream.tls, &upstream.tls_ca_file) {
+            (UpstreamTlsMode::VerifyFull, Some(file)) => {
+                let path = self.path(file);
+                Some(
+                    std::fs::read(&path)
+                        .with_context(|| format!("[upstream] tls_ca_file {}", path.display()))?,
+                )
+            }
+            _ => None,
+        };
+        Ok(UpstreamFixed {
+            host: upstream.host.clone(),
+            port: upstream.port,
+            connect_timeout: upstream.connect_timeout,
+            tls: upstream.tls,
+            ca,
+            tcp_keepalive: self.file.listen.tcp_keepalive,
         })
     }
 

@@ -12,6 +12,9 @@ mod token;
 
 use clap::Parser as _;
 
+/// How long an exiting process waits for blocking work left running.
+const EXIT_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
     let logs = tracing_subscriber::fmt()
@@ -37,7 +40,11 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cli::run(cli)) {
+    let result = runtime.block_on(cli::run(cli));
+    // Blocking work still running (a file read, a handover step) must not
+    // keep a process that is done from exiting.
+    runtime.shutdown_timeout(EXIT_GRACE);
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");

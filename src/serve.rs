@@ -18,7 +18,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 
 use crate::admin::{self, Admin, ReloadRequest};
-use crate::config::{Loaded, TokenPolicy};
+use crate::config::{Loaded, TokenPolicy, UpstreamFixed};
 
 /// How long a forced drain waits for sessions to send their 57P01 and
 /// close before the process exits.
@@ -62,21 +62,26 @@ fn reloadable(loaded: &Loaded, previous: Option<&Verifier>) -> anyhow::Result<Re
     })
 }
 
-/// Where the listeners are, fixed until a restart.
+/// Where the listeners are, and the admin listener's limits: fixed until
+/// a restart.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Addresses {
     wire: String,
     http: Option<String>,
+    /// `host:port` or `unix:PATH` (resolved).
     admin: Option<String>,
+    admin_limits: Option<admin::Limits>,
 }
 
 impl Addresses {
-    fn of(loaded: &Loaded) -> Self {
-        Self {
+    fn of(loaded: &Loaded) -> anyhow::Result<Self> {
+        let admin = loaded.file.admin.as_ref();
+        Ok(Self {
             wire: loaded.file.listen.address.clone(),
             http: loaded.file.http.as_ref().map(|h| h.address.clone()),
-            admin: loaded.file.admin.as_ref().map(|a| a.address.clone()),
-        }
+            admin: admin.map(|a| a.address(loaded)),
+            admin_limits: admin.map(crate::config::Admin::limits).transpose()?,
+        })
     }
 
     /// The settings among these that differ in `new`.
@@ -91,6 +96,9 @@ impl Addresses {
         if self.admin != new.admin {
             changed.push("[admin] address");
         }
+        if let (Some(old), Some(new)) = (self.admin_limits, new.admin_limits) {
+            changed.extend(old.changed(&new));
+        }
         changed
     }
 }
@@ -102,6 +110,8 @@ pub struct Prepared {
     http: Option<Arc<HttpState>>,
     registry: Registry,
     addresses: Addresses,
+    /// What the upstream pools were built with.
+    upstream: UpstreamFixed,
     drain: DrainTimes,
     handover: Option<PathBuf>,
 }
@@ -130,9 +140,12 @@ pub struct Listeners {
     /// Postgres clients.
     pub wire: TcpListener,
     http: Option<TcpListener>,
-    admin: Option<TcpListener>,
+    admin: Option<admin::Listener>,
     /// The process that handed them over, waiting to hear we accept.
     inherited: Option<crate::handover::Inherited>,
+    /// The handover socket, bound at start when no process handed
+    /// anything over (else once the old process lets go of the path).
+    offer: Option<crate::handover::Offer>,
 }
 
 /// Binds the configured addresses, or takes over the sockets of the
@@ -145,7 +158,8 @@ pub async fn listen(prepared: &Prepared) -> anyhow::Result<Listeners> {
         }
         None => None,
     };
-    if inherited.is_some() {
+    let taking_over = inherited.is_some();
+    if taking_over {
         tracing::info!("taking over the listeners of the running process");
     }
     let addresses = &prepared.addresses;
@@ -180,17 +194,31 @@ pub async fn listen(prepared: &Prepared) -> anyhow::Result<Listeners> {
         _ => None,
     };
     let admin = match &addresses.admin {
-        Some(address) => match socket("admin", address)? {
-            Some(admin) => Some(admin),
-            None => Some(bind(address, "for admin ").await?),
-        },
+        Some(address) => Some(match admin::unix_path(address) {
+            // The old process serves this path until it drains: replace it.
+            Some(path) => admin::Listener::Unix(
+                crate::handover::PrivateSocket::bind(path, taking_over)
+                    .context("[admin] address")?,
+            ),
+            None => admin::Listener::Tcp(match socket("admin", address)? {
+                Some(admin) => admin,
+                None => bind(address, "for admin ").await?,
+            }),
+        }),
         None => None,
+    };
+    // A handover socket that cannot be bound fails the start, loudly: not
+    // a restart that would later find nothing to take over.
+    let offer = match &prepared.handover {
+        Some(path) if !taking_over => Some(crate::handover::Offer::bind(path)?),
+        _ => None,
     };
     Ok(Listeners {
         wire,
         http,
         admin,
         inherited,
+        offer,
     })
 }
 
@@ -220,7 +248,8 @@ pub fn prepare(config_path: &Path) -> anyhow::Result<Prepared> {
         proxy,
         http,
         registry,
-        addresses: Addresses::of(&loaded),
+        addresses: Addresses::of(&loaded)?,
+        upstream: loaded.upstream_fixed()?,
         drain: DrainTimes::of(&loaded),
         handover: loaded
             .file
@@ -248,6 +277,7 @@ pub async fn run(prepared: Prepared, listeners: Listeners) -> anyhow::Result<()>
         http,
         registry,
         addresses,
+        upstream,
         drain,
         handover,
     } = prepared;
@@ -257,25 +287,30 @@ pub async fn run(prepared: Prepared, listeners: Listeners) -> anyhow::Result<()>
         http: http_listener,
         admin: admin_listener,
         inherited,
+        mut offer,
     } = listeners;
     // What a successor will be handed: the same sockets (kept open only
     // while one may still ask: a drain lets go of them).
     let mut offered = Vec::new();
-    let mut offer = |role: &str, socket: &TcpListener| -> anyhow::Result<()> {
+    let mut offer_socket = |role: &str, socket: &TcpListener| -> anyhow::Result<()> {
         if handover.is_some() {
             offered.push((role.to_owned(), socket.as_fd().try_clone_to_owned()?));
         }
         Ok(())
     };
-    offer("wire", &listener)?;
+    offer_socket("wire", &listener)?;
     tracing::info!(address = %listener.local_addr()?, "authgres listening");
     if let (Some(state), Some(bound)) = (&http, &http_listener) {
-        offer("http", bound)?;
+        offer_socket("http", bound)?;
         tracing::info!(address = %bound.local_addr()?, tls = state.tls, "authgres HTTP listening");
     }
     if let Some(bound) = &admin_listener {
-        offer("admin", bound)?;
-        tracing::info!(address = %bound.local_addr()?, "authgres admin listening");
+        // A Unix socket is bound anew by the successor (the path moves to
+        // its socket); a TCP one is handed over.
+        if let admin::Listener::Tcp(tcp) = bound {
+            offer_socket("admin", tcp)?;
+        }
+        tracing::info!(address = %bound.describe(), "authgres admin listening");
     }
     let (reloads, mut reload_requests) = mpsc::channel::<ReloadRequest>(4);
     // Warm the key caches without delaying the listeners.
@@ -291,9 +326,9 @@ pub async fn run(prepared: Prepared, listeners: Listeners) -> anyhow::Result<()>
     // The admin listener outlives the drain, so probes and scrapes see
     // it, unless a successor took its socket over.
     let (handed_over, admin_stop) = tokio::sync::watch::channel(false);
-    if let Some(bound) = admin_listener {
+    if let (Some(bound), Some(limits)) = (admin_listener, addresses.admin_limits) {
         let admin = Admin::new(Arc::clone(&proxy), registry, reloads);
-        tokio::spawn(admin::serve(admin, bound, admin_stop));
+        tokio::spawn(admin::serve(admin, bound, limits, admin_stop));
     }
     // The process this one replaces drains once we accept; then the
     // handover path is free for our successor.
@@ -306,10 +341,22 @@ pub async fn run(prepared: Prepared, listeners: Listeners) -> anyhow::Result<()>
             }
         })
         .await?;
+        if let Some(path) = &handover {
+            // Serving already: a path we cannot take is no reason to stop.
+            match crate::handover::Offer::bind(path) {
+                Ok(bound) => offer = Some(bound),
+                Err(error) => tracing::error!(
+                    error = format!("{error:#}"),
+                    "no handover socket: a later restart will not take these listeners over"
+                ),
+            }
+        }
     }
+    // Accepting on the handover socket is async, so a drain that drops
+    // this future leaves nothing behind to keep the process alive.
     let mut successor = Box::pin(async {
-        match handover {
-            Some(path) => crate::handover::offer(path, offered).await,
+        match offer {
+            Some(offer) => offer.serve(offered).await,
             None => std::future::pending().await,
         }
     });
@@ -318,6 +365,7 @@ pub async fn run(prepared: Prepared, listeners: Listeners) -> anyhow::Result<()>
         proxy: Arc::clone(&proxy),
         http,
         addresses,
+        upstream,
         drain: std::sync::Mutex::new(drain),
     };
     let delay = loop {
@@ -330,25 +378,22 @@ pub async fn run(prepared: Prepared, listeners: Listeners) -> anyhow::Result<()>
                 tracing::info!(signal, clients = proxy.drain().clients(), "draining");
                 break running.drain().delay;
             }
-            handed = successor.as_mut() => {
-                match handed {
-                    Ok(()) => tracing::info!(
-                        clients = proxy.drain().clients(),
-                        "a new process took over the listeners: draining"
-                    ),
-                    Err(error) => tracing::error!(
-                        error = format!("{error:#}"),
-                        "cannot offer the listeners to a successor: draining"
-                    ),
-                }
+            () = successor.as_mut() => {
+                tracing::info!(
+                    clients = proxy.drain().clients(),
+                    "a new process took over the listeners: draining"
+                );
                 // The sockets are served by the successor: no delay.
                 let _ = handed_over.send(true);
                 break Duration::ZERO;
             }
         }
     };
+    // A draining process reloads nothing: reloads asked for from now on
+    // are answered that it drains, not left waiting.
+    drop(reload_requests);
     // No successor will take the sockets now: the listeners close once
-    // their accept loops stop.
+    // their accept loops stop, and the handover path is removed.
     drop(successor);
     if !delay.is_zero() {
         // Readiness turns false first; load balancers stop sending new
@@ -365,9 +410,12 @@ pub async fn run(prepared: Prepared, listeners: Listeners) -> anyhow::Result<()>
     }
     proxy.drain().start();
     let shutdown_timeout = running.drain().timeout;
-    while tasks.join_next().await.is_some() {}
+    let drained = async {
+        while tasks.join_next().await.is_some() {}
+        proxy.drain().wait_clients().await;
+    };
     tokio::select! {
-        finished = tokio::time::timeout(shutdown_timeout, proxy.drain().wait_clients()) => {
+        finished = tokio::time::timeout(shutdown_timeout, drained) => {
             if finished.is_ok() {
                 tracing::info!("drained: every client has left");
                 return Ok(());
@@ -395,6 +443,8 @@ struct Running {
     proxy: Arc<Proxy>,
     http: Option<Arc<HttpState>>,
     addresses: Addresses,
+    /// What the upstream pools were built with: a reload keeps it.
+    upstream: UpstreamFixed,
     drain: std::sync::Mutex<DrainTimes>,
 }
 
@@ -426,8 +476,12 @@ impl Running {
     fn try_reload(&self) -> anyhow::Result<Vec<&'static str>> {
         let loaded = Loaded::from_path(&self.config_path)?;
         let old_verifier = Arc::clone(&self.proxy.settings().verifier);
-        let built = reloadable(&loaded, Some(&old_verifier))?;
-        let mut restart = self.addresses.changed(&Addresses::of(&loaded));
+        let mut built = reloadable(&loaded, Some(&old_verifier))?;
+        let mut restart = self.addresses.changed(&Addresses::of(&loaded)?);
+        // The pools keep the server, TLS and socket settings they were built
+        // with, and so does everything else: each change is named.
+        restart.extend(self.upstream.changed(&loaded.upstream_fixed()?));
+        built.settings.config.upstream = self.proxy.settings().config.upstream.clone();
         if self.http.is_some() != built.http.is_some() {
             restart.push("[http]");
         }
@@ -515,9 +569,12 @@ pub fn check_config(config: &Path) -> anyhow::Result<()> {
         );
     }
     if let Some(admin) = &file.admin {
+        let limits = admin.limits()?;
         println!(
-            "admin    {} (/metrics /healthz /readyz /pools /clients, POST /reload)",
-            admin.address
+            "admin    {} (/metrics /healthz /readyz /pools /clients, POST /reload), \
+             at most {} connections",
+            admin.address(&loaded),
+            limits.max_connections
         );
     }
     println!(

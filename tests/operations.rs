@@ -567,3 +567,377 @@ async fn shutdown_timeout_closes_what_is_left_and_a_second_signal_exits_at_once(
         second.elapsed()
     );
 }
+
+/// Issue 21, 5.2: with `handover_socket` set, SIGTERM drained and the
+/// process never exited (a blocking accept on the handover socket kept
+/// the runtime alive), and a second signal did nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_a_handover_socket_sigterm_exits_after_the_drain_and_a_second_signal_at_once() {
+    let mut stack = Stack::start_with(Options {
+        listen_extra: "handover_socket = \"handover.sock\"\nshutdown_timeout = \"60s\"\n",
+        ..Options::default()
+    })
+    .await;
+    let handover = stack.dir.path().join("handover.sock");
+    assert!(handover.exists(), "bound at start");
+    let signalled = Instant::now();
+    stack.signal(Signal::SIGTERM);
+    let status = stack
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("never exited after the drain:\n{}", stack.log()));
+    assert!(status.success(), "{status}");
+    let took = signalled.elapsed();
+    eprintln!("SIGTERM with nobody connected to exit: {took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert!(!handover.exists(), "the handover socket is left behind");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", stack.port)).is_err());
+
+    // A client holds a transaction open: the drain waits for it, a second
+    // signal does not.
+    stack.restart_proxy();
+    let stuck = stack.login("user_stuck").await;
+    stuck.batch_execute("begin").await.expect("begin");
+    let drains_before = stack.log().matches("draining").count();
+    stack.signal(Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stack.log().matches("draining").count() == drains_before {
+        assert!(Instant::now() < deadline, "never drained");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = Instant::now();
+    stack.signal(Signal::SIGINT);
+    let status = stack
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("the second signal did nothing:\n{}", stack.log()));
+    let took = second.elapsed();
+    eprintln!("second signal to exit: {took:?}");
+    assert!(status.success(), "{status}");
+    assert!(took < Duration::from_millis(500), "{took:?}");
+}
+
+/// An HTTP/1.1 request over a raw stream, answered within `wait`: the
+/// status line, or `None` when the connection closed or said nothing.
+async fn raw_request<S>(stream: &mut S, request: &str, wait: Duration) -> Option<String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+        }
+        if answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    text.lines()
+        .next()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+}
+
+/// Whether the server closes `stream` within `wait` (EOF or reset).
+async fn closed_within(stream: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = [0u8; 256];
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+const HEALTHZ: &str = "GET /healthz HTTP/1.1\r\nhost: admin\r\n\r\n";
+
+/// Issue 21, 4.4 and 5.3: the admin listener had no connection limit and
+/// no header or idle timeout (1,102 idle connections took every file
+/// descriptor and the Postgres listener stopped accepting), `POST /reload`
+/// during a drain was never answered, and a web page could make a
+/// browser POST /reload. It has its own budget and timeouts, refuses
+/// cross-site reloads, answers during a drain, and binds a Unix socket.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_listener_has_its_own_budget_and_timeouts_and_refuses_web_pages() {
+    let mut stack = Stack::start().await;
+    stack.edit_config(|c| {
+        c.replace(
+            "[admin]\n",
+            "[admin]\nmax_connections = 8\nheader_timeout = \"1s\"\nidle_timeout = \"3s\"\n",
+        )
+    });
+    stack.restart_proxy();
+    stack.wait_ready().await;
+    let admin = ("127.0.0.1", stack.admin_port);
+
+    // The budget: eight idle connections hold it; the ninth is told 503.
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(
+            tokio::net::TcpStream::connect(admin)
+                .await
+                .expect("connect"),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut ninth = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("connect");
+    let answer = raw_request(&mut ninth, HEALTHZ, Duration::from_secs(2)).await;
+    assert!(
+        answer.as_deref().is_some_and(|l| l.contains(" 503 ")),
+        "{answer:?}"
+    );
+    // Clients are not affected by a full admin listener.
+    let client = stack.login("user_admin_flood").await;
+    client.simple_query("select 1").await.expect("query");
+    // Idle ones are closed after the header timeout, so the budget frees.
+    for stream in &mut idle {
+        assert!(
+            closed_within(stream, Duration::from_secs(4)).await,
+            "an idle admin connection stays open"
+        );
+    }
+    let mut fresh = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("connect");
+    let answer = raw_request(&mut fresh, HEALTHZ, Duration::from_secs(2)).await;
+    assert!(
+        answer.as_deref().is_some_and(|l| l.contains(" 200 ")),
+        "{answer:?}"
+    );
+    // A kept-alive connection that never sends its next request is closed.
+    assert!(closed_within(&mut fresh, Duration::from_secs(4)).await);
+    // Headers sent a byte at a time, slower than header_timeout: closed.
+    let mut slow = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("connect");
+    let started = Instant::now();
+    let mut closed = false;
+    for byte in HEALTHZ.bytes().take(20) {
+        use tokio::io::AsyncWriteExt as _;
+        if slow.write_all(&[byte]).await.is_err() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let closed = closed || closed_within(&mut slow, Duration::from_millis(100)).await;
+    assert!(
+        closed,
+        "a trickled header still open after {:?}",
+        started.elapsed()
+    );
+
+    // POST /reload refuses what a web page sends.
+    let post = |headers: &'static [(&'static str, &'static str)]| {
+        let url = format!("http://127.0.0.1:{}/reload", stack.admin_port);
+        async move {
+            let mut request = reqwest::Client::new().post(url);
+            for (name, value) in headers {
+                request = request.header(*name, *value);
+            }
+            let response = request.send().await.expect("POST /reload");
+            let status = response.status().as_u16();
+            (status, response.text().await.expect("body"))
+        }
+    };
+    let reloads_before = stack.log().matches("configuration reloaded").count();
+    let (status, body) = post(&[("origin", "http://attacker.example")]).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("Origin"), "{body}");
+    let (status, body) = post(&[("sec-fetch-site", "cross-site")]).await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = post(&[("origin", "null")]).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(
+        stack.log().matches("configuration reloaded").count(),
+        reloads_before,
+        "a refused reload ran"
+    );
+    let (status, body) = post(&[("sec-fetch-site", "none")]).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = post(&[]).await;
+    assert_eq!(status, 200, "{body}");
+
+    // During a drain, POST /reload is answered: refused, saying why.
+    let stuck = stack.login("user_stuck").await;
+    stuck.batch_execute("begin").await.expect("begin");
+    stack.signal(Signal::SIGTERM);
+    wait_log(&stack, "draining").await;
+    let answered = tokio::time::timeout(Duration::from_secs(5), post(&[])).await;
+    let (status, body) = answered.expect("POST /reload during a drain is answered");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("draining"), "{body}");
+    drop(stuck);
+
+    // A Unix socket, owner-only, under the config's directory.
+    stack.edit_config(|c| {
+        c.replace(
+            &format!("address = \"127.0.0.1:{}\"", stack.admin_port),
+            "address = \"unix:admin.sock\"",
+        )
+    });
+    stack.restart_proxy();
+    let path = stack.dir.path().join("admin.sock");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no admin socket: {}",
+            stack.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&path)
+        .expect("admin socket")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
+    let mut unix = tokio::net::UnixStream::connect(&path)
+        .await
+        .expect("connect");
+    let answer = raw_request(&mut unix, HEALTHZ, Duration::from_secs(2)).await;
+    assert!(
+        answer.as_deref().is_some_and(|l| l.contains(" 200 ")),
+        "{answer:?}"
+    );
+}
+
+/// Issue 21, 4.5: each CancelRequest logged an INFO line outside the rate
+/// limiter: 2,000 unauthenticated cancels in half a second wrote 2,000
+/// lines. They are limited like every other line a stranger can cause.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_cancel_requests_writes_a_few_log_lines() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let stack = Stack::start().await;
+    let before = stack.metrics().await;
+    let started = Instant::now();
+    let mut sent = 0u32;
+    for round in 0..100u32 {
+        let batch = (0..20u32).map(|i| {
+            let port = stack.port;
+            async move {
+                let mut request = Vec::with_capacity(16);
+                request.extend_from_slice(&16u32.to_be_bytes());
+                request.extend_from_slice(&80_877_102u32.to_be_bytes());
+                request.extend_from_slice(&(round * 20 + i + 1).to_be_bytes());
+                request.extend_from_slice(&0x5eed_u32.to_be_bytes());
+                let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await
+                else {
+                    return false;
+                };
+                if stream.write_all(&request).await.is_err() {
+                    return false;
+                }
+                let mut sink = [0u8; 1];
+                let _ = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut sink)).await;
+                true
+            }
+        });
+        sent += futures_util::future::join_all(batch)
+            .await
+            .into_iter()
+            .filter(|ok| *ok)
+            .count() as u32;
+    }
+    let took = started.elapsed();
+    assert!(sent >= 1_900, "only {sent} cancels sent");
+    // Each was handled (counted), though few were logged.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let counted = delta(
+            &before,
+            &stack.metrics().await,
+            "authgres_cancel_requests_total{outcome=\"unknown_key\"}",
+        );
+        if counted >= f64::from(sent) * 0.9 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{counted} of {sent} cancels counted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = stack.log();
+    let lines = log
+        .lines()
+        .filter(|l| l.to_lowercase().contains("cancel request"))
+        .count();
+    eprintln!("{sent} cancels in {took:?}: {lines} log lines");
+    assert!(lines <= 25, "{lines} log lines for {sent} cancels");
+    assert!(log.contains("suppressed") || lines < 20, "{log}");
+}
+
+/// POSTs /reload; its JSON answer.
+async fn reload_answer(stack: &Stack) -> serde_json::Value {
+    let (status, body) = stack.admin_post("/reload").await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// Issue 21, 6.3: a reload compared the upstream TLS settings by mode
+/// only, so a new `tls_ca_file` was reported as applied while the pools
+/// kept the old CA; and a `[listen] tcp_keepalive` change was reported as
+/// "[upstream]". The restart diff names what really needs a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_names_a_new_upstream_ca_and_a_keepalive_change_for_what_they_are() {
+    let stack = Stack::start_with(Options {
+        upstream_tls: Some(true),
+        listen_extra: "tcp_keepalive = \"60s\"\n",
+        ..Options::default()
+    })
+    .await;
+    stack.wait_ready().await;
+    let ca_file = stack.dir.path().join("upstream-ca.pem");
+    let running_ca = std::fs::read(&ca_file).expect("CA");
+
+    // The same file written again: nothing to restart.
+    std::fs::write(&ca_file, &running_ca).expect("CA");
+    assert_eq!(
+        reload_answer(&stack).await["needs_restart"],
+        serde_json::json!([])
+    );
+
+    // Another CA: the pools keep the running one until a restart, and the
+    // answer says so.
+    let other = authgres_sandbox::tls::TestCerts::generate()
+        .expect("CA")
+        .ca_pem;
+    std::fs::write(&ca_file, other).expect("CA");
+    let answer = reload_answer(&stack).await;
+    assert_eq!(
+        answer["needs_restart"],
+        serde_json::json!(["[upstream] tls_ca_file"]),
+        "{answer}"
+    );
+    // Logins still reach the server with the CA in force.
+    let client = stack.login("user_after_ca_reload").await;
+    client.simple_query("select 1").await.expect("query");
+    std::fs::write(&ca_file, &running_ca).expect("CA");
+    assert_eq!(
+        reload_answer(&stack).await["needs_restart"],
+        serde_json::json!([])
+    );
+
+    // tcp_keepalive is a [listen] setting: new clients get it now, upstream
+    // connections after a restart; nothing in [upstream] changed.
+    stack.edit_config(|c| c.replace("tcp_keepalive = \"60s\"", "tcp_keepalive = \"30s\""));
+    let answer = reload_answer(&stack).await;
+    assert_eq!(
+        answer["needs_restart"],
+        serde_json::json!(["[listen] tcp_keepalive (upstream connections)"]),
+        "{answer}"
+    );
+}

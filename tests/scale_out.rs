@@ -370,3 +370,158 @@ async fn each_instance_fetches_each_jwks_once_not_once_per_connection() {
         "one fetch per instance"
     );
 }
+
+/// Runs `authgres serve` on `dir`'s config under `umask`, logging to its
+/// `authgres.log` as the stack's processes do.
+fn spawn_with_umask(dir: &std::path::Path, umask: &str) -> std::process::Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("authgres.log"))
+        .expect("log file");
+    Command::new("sh")
+        .args([
+            "-c",
+            &format!("umask {umask} && exec \"$0\" serve --config \"$1\""),
+        ])
+        .arg(common::BIN)
+        .arg(dir.join("proxy.toml"))
+        .env("AUTHGRES_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn authgres serve")
+}
+
+/// An instance of the stack, stopped, whose config has `handover_socket`
+/// set to `path`.
+fn instance_with_handover(stack: &Stack, path: &str) -> Instance {
+    let mut instance = stack.instance(free_port(), "");
+    instance.kill();
+    let config = instance.dir.join("proxy.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        text.replacen(
+            "[listen]\n",
+            &format!("[listen]\nhandover_socket = \"{path}\"\n"),
+            1,
+        ),
+    )
+    .expect("config");
+    instance
+}
+
+/// Waits until `port` accepts or `child` exits.
+fn wait_listening_or_exit(port: u16, child: &mut std::process::Child, log: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("authgres exited ({status}) before listening: {}", log());
+        }
+        assert!(Instant::now() < deadline, "no listener: {}", log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Issue 21, 5.1: under umask 000 the handover socket was world-writable
+/// and handed the listening sockets to whoever asked: the user `nobody`
+/// took them and the real proxy drained and exited 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_handover_socket_is_owner_only_and_hands_nothing_to_another_user() {
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::os::unix::process::CommandExt as _;
+
+    let stack = Stack::start().await;
+    let mut instance = instance_with_handover(&stack, "handover.sock");
+    let mut proxy = spawn_with_umask(&instance.dir, "000");
+    wait_listening_or_exit(instance.port, &mut proxy, || instance.log());
+    let socket = instance.dir.join("handover.sock");
+    let mode = std::fs::metadata(&socket)
+        .expect("handover socket")
+        .permissions()
+        .mode()
+        & 0o777;
+
+    // Past the file mode (root may open it for another user): the peer's
+    // uid is checked too.
+    for dir in [stack.dir.path(), instance.dir.as_path()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    }
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let nobody = Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(
+            "import socket, sys\n\
+             s = socket.socket(socket.AF_UNIX)\n\
+             s.settimeout(5)\n\
+             s.connect(sys.argv[1])\n\
+             try:\n    _, fds, _, _ = socket.recv_fds(s, 256, 3)\n\
+             except OSError:\n    fds = []\n\
+             print(len(fds))\n\
+             try:\n    s.sendall(b'ready'); s.recv(1)\n\
+             except OSError:\n    pass\n",
+        )
+        .arg(&socket)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("python as nobody");
+    let taken = String::from_utf8_lossy(&nobody.stdout).trim().to_owned();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let still_serving = proxy.try_wait().expect("try_wait").is_none()
+        && stack
+            .connect_port(
+                instance.port,
+                "authenticated",
+                &stack.issuer.token("user_a"),
+            )
+            .await
+            .is_ok();
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    assert!(
+        mode == 0o600 && taken == "0" && still_serving,
+        "socket mode {mode:o} (want 600); sockets nobody received: {taken:?} ({}); \
+         the proxy still serves: {still_serving}\n{}",
+        String::from_utf8_lossy(&nobody.stderr),
+        instance.log()
+    );
+    assert!(
+        instance.log().contains("not this process's"),
+        "{}",
+        instance.log()
+    );
+    instance.kill();
+}
+
+/// Issue 21, 5.1: a handover path that could not be bound made the proxy
+/// start, "drain" at once and exit 0: a restart path that does not work
+/// must stop the start, loudly.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_handover_socket_that_cannot_be_bound_fails_the_start() {
+    let stack = Stack::start().await;
+    let instance = instance_with_handover(&stack, "no-such-directory/handover.sock");
+    let mut proxy = spawn_with_umask(&instance.dir, "022");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = proxy.try_wait().expect("try_wait") {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    let status = status.unwrap_or_else(|| panic!("kept running: {}", instance.log()));
+    assert!(!status.success(), "exited {status}: {}", instance.log());
+    assert!(
+        instance.log().contains("handover_socket"),
+        "{}",
+        instance.log()
+    );
+}

@@ -20,6 +20,10 @@
 //! session: it is ignored, as Postgres ignores a key for a backend that
 //! has exited.
 //!
+//! Anyone who can connect can send CancelRequests, unauthenticated and as
+//! fast as they like: each is counted in `authgres_cancel_requests_total`
+//! by outcome, and the log lines about them share one rate limit.
+//!
 //! In transaction pooling a client's backend changes from one transaction to
 //! the next, and between transactions it has none: the session retargets
 //! its entry as it takes and releases connections. A cancel is forwarded
@@ -29,13 +33,19 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
 
-use crate::config::ClusterConfig;
-use crate::upstream::UpstreamKey;
+use crate::config::{ClusterConfig, ProxyConfig};
+use crate::log_limit::LogLimiter;
+use crate::metrics::Metrics;
+use crate::upstream::{self, UpstreamKey};
+
+/// How long forwarding a cancel to a peer or the server may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Bits of the pid below the instance id.
 const RANDOM_PID_BITS: u32 = 21;
@@ -120,6 +130,9 @@ pub(crate) struct CancelRegistry {
     sessions: Arc<Mutex<Sessions>>,
     /// This instance's id, in every pid it hands out.
     instance_id: u16,
+    /// Log lines about cancels, limited: anyone who can connect can send
+    /// CancelRequests, without authenticating, as fast as they like.
+    lines: Arc<LogLimiter>,
 }
 
 impl CancelRegistry {
@@ -128,6 +141,117 @@ impl CancelRegistry {
         Self {
             sessions: Arc::default(),
             instance_id: instance_id & MAX_INSTANCE_ID,
+            lines: Arc::default(),
+        }
+    }
+
+    /// Acts on a client's CancelRequest for (`pid`, `key`): forwards it to
+    /// the peer instance its pid names, or to the backend serving its
+    /// session here now if the key is one this proxy handed out. Every
+    /// outcome is counted in `metrics`; its log line is rate-limited.
+    pub(crate) async fn forward(
+        &self,
+        config: &ProxyConfig,
+        metrics: &Metrics,
+        pid: i32,
+        key: &[u8],
+    ) {
+        let deadline = Instant::now() + FORWARD_TIMEOUT;
+        let pid = match route(pid, &config.cluster) {
+            Route::Local(pid) => pid,
+            Route::Peer(address) => {
+                let sent = send(&address, forwarded(pid), key, deadline).await;
+                self.peer_sent(metrics, &address, sent);
+                return;
+            }
+            Route::AllPeers(name) => {
+                let peers = match timeout_at(deadline, tokio::net::lookup_host(&name)).await {
+                    Ok(Ok(peers)) => peers.map(|a| a.to_string()).collect::<Vec<_>>(),
+                    Ok(Err(error)) => {
+                        self.log(|suppressed| {
+                            tracing::warn!(%error, %name, suppressed, "cannot resolve the peers for a cancel");
+                        });
+                        Vec::new()
+                    }
+                    Err(_) => Vec::new(),
+                };
+                let relayed = forwarded(pid);
+                let sends = peers.iter().map(|address| async move {
+                    let sent = send(address, relayed, key, deadline).await;
+                    self.peer_sent(metrics, address, sent);
+                });
+                futures_util::future::join_all(sends).await;
+                return;
+            }
+            Route::Unknown(instance) => {
+                metrics.cancel("unknown_instance");
+                self.log(|suppressed| {
+                    tracing::info!(
+                        instance,
+                        suppressed,
+                        "cancel request for an instance not among the peers ignored"
+                    );
+                });
+                return;
+            }
+        };
+        let Some(target) = self.lookup(pid, key) else {
+            metrics.cancel("unknown_key");
+            self.log(|suppressed| {
+                tracing::info!(suppressed, "cancel request with an unknown key ignored");
+            });
+            return;
+        };
+        // Held while forwarding: the session cannot hand its backend to
+        // another client until this cancel is delivered.
+        let target = target.lock().await;
+        let Some(backend) = target.as_ref() else {
+            metrics.cancel("between_transactions");
+            self.log(|suppressed| {
+                tracing::info!(
+                    suppressed,
+                    "cancel request for a client between transactions ignored"
+                );
+            });
+            return;
+        };
+        match upstream::cancel(&config.upstream, backend).await {
+            Ok(()) => {
+                metrics.cancel("forwarded");
+                self.log(|suppressed| tracing::info!(suppressed, "cancel request forwarded"));
+            }
+            Err(error) => {
+                metrics.cancel("failed");
+                self.log(|suppressed| {
+                    tracing::warn!(%error, suppressed, "cancel request could not be forwarded");
+                });
+            }
+        }
+    }
+
+    /// Counts and logs a cancel sent on to a peer.
+    fn peer_sent(&self, metrics: &Metrics, peer: &str, sent: std::io::Result<()>) {
+        match sent {
+            Ok(()) => {
+                metrics.cancel("sent_to_peer");
+                self.log(|suppressed| {
+                    tracing::info!(%peer, suppressed, "cancel request sent to the peer holding the session");
+                });
+            }
+            Err(error) => {
+                metrics.cancel("peer_failed");
+                self.log(|suppressed| {
+                    tracing::warn!(%peer, %error, suppressed, "cancel request could not be sent to a peer");
+                });
+            }
+        }
+    }
+
+    /// Writes a line about a cancel with `line`, given the number of lines
+    /// suppressed since the last one, unless the limit drops it.
+    fn log(&self, line: impl FnOnce(u64)) {
+        if let Some(suppressed) = self.lines.allow(Instant::now()) {
+            line(suppressed);
         }
     }
 

@@ -31,7 +31,7 @@ use tracing::Instrument as _;
 
 use crate::admission::Transport;
 use crate::budget::{Budget, Entry, Ticket};
-use crate::cancel::{self, CancelRegistry, Route};
+use crate::cancel::CancelRegistry;
 use crate::clients::{ClientHandle, ClientLogin, Clients};
 use crate::config::{PoolMode, ProxyConfig};
 use crate::drain::Drain;
@@ -43,11 +43,7 @@ use crate::pool::UpstreamPool;
 use crate::proto::backend;
 use crate::proto::negotiate::Startup;
 use crate::relay::Observed;
-use crate::upstream;
 use negotiate::{Failed, Opened};
-
-/// How long forwarding a cancel to a peer or the server may take.
-const CANCEL_FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long a refused client is given to read its ErrorResponse.
 const ERROR_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -332,7 +328,8 @@ impl Proxy {
                 session.run(startup).await
             }
             Ok(Opened::Cancel { pid, key }) => {
-                self.forward_cancel(&settings, pid, &key).await;
+                let config = &settings.config;
+                self.cancels.forward(config, &self.metrics, pid, &key).await;
                 Ok(())
             }
             Ok(Opened::Closed) => Ok(()),
@@ -343,83 +340,6 @@ impl Proxy {
                     refuse(&mut stream, &error).await;
                 }
                 Ok(())
-            }
-        }
-    }
-
-    /// Counts and logs a cancel sent on to a peer.
-    fn peer_cancel_sent(&self, peer: &str, sent: std::io::Result<()>) {
-        match sent {
-            Ok(()) => {
-                self.metrics.cancel("sent_to_peer");
-                tracing::info!(%peer, "cancel request sent to the peer holding the session");
-            }
-            Err(error) => {
-                self.metrics.cancel("peer_failed");
-                tracing::warn!(%peer, %error, "cancel request could not be sent to a peer");
-            }
-        }
-    }
-
-    /// Forwards a client's CancelRequest: to the peer instance its pid
-    /// names, or to the backend serving its session here now, if the key
-    /// is one this proxy handed out.
-    async fn forward_cancel(&self, settings: &Settings, pid: i32, key: &[u8]) {
-        let deadline = Instant::now() + CANCEL_FORWARD_TIMEOUT;
-        let pid = match cancel::route(pid, &settings.config.cluster) {
-            Route::Local(pid) => pid,
-            Route::Peer(address) => {
-                let sent = cancel::send(&address, cancel::forwarded(pid), key, deadline).await;
-                self.peer_cancel_sent(&address, sent);
-                return;
-            }
-            Route::AllPeers(name) => {
-                let peers = match timeout_at(deadline, tokio::net::lookup_host(&name)).await {
-                    Ok(Ok(peers)) => peers.map(|a| a.to_string()).collect::<Vec<_>>(),
-                    Ok(Err(error)) => {
-                        tracing::warn!(%error, %name, "cannot resolve the peers for a cancel");
-                        Vec::new()
-                    }
-                    Err(_) => Vec::new(),
-                };
-                let relayed = cancel::forwarded(pid);
-                let sends = peers.iter().map(|address| async move {
-                    let sent = cancel::send(address, relayed, key, deadline).await;
-                    self.peer_cancel_sent(address, sent);
-                });
-                futures_util::future::join_all(sends).await;
-                return;
-            }
-            Route::Unknown(instance) => {
-                self.metrics.cancel("unknown_instance");
-                tracing::info!(
-                    instance,
-                    "cancel request for an instance not among the peers ignored"
-                );
-                return;
-            }
-        };
-        let Some(target) = self.cancels.lookup(pid, key) else {
-            self.metrics.cancel("unknown_key");
-            tracing::info!("cancel request with an unknown key ignored");
-            return;
-        };
-        // Held while forwarding: the session cannot hand its backend to
-        // another client until this cancel is delivered.
-        let target = target.lock().await;
-        let Some(upstream) = target.as_ref() else {
-            self.metrics.cancel("between_transactions");
-            tracing::info!("cancel request for a client between transactions ignored");
-            return;
-        };
-        match upstream::cancel(&settings.config.upstream, upstream).await {
-            Ok(()) => {
-                self.metrics.cancel("forwarded");
-                tracing::info!("cancel request forwarded");
-            }
-            Err(error) => {
-                self.metrics.cancel("failed");
-                tracing::warn!(%error, "cancel request could not be forwarded");
             }
         }
     }
