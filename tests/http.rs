@@ -233,11 +233,12 @@ async fn limits_auth_failures_and_cors() {
         http.query(&alice, "select auth.user_id()").await["rows"][0][0],
         "user_alice"
     );
-    // 401 without a token or with a bad one.
+    // 400 (as Neon answers, so the driver keeps the SQLSTATE) without a
+    // token or with a bad one.
     let (status, body) = http.post(None, &[], json!({"query": "select 1"})).await;
     assert_eq!(
         (status, body["code"].as_str()),
-        (401, Some("28000")),
+        (400, Some("28000")),
         "{body}"
     );
     let (status, body) = http
@@ -245,7 +246,7 @@ async fn limits_auth_failures_and_cors() {
         .await;
     assert_eq!(
         (status, body["code"].as_str()),
-        (401, Some("28P01")),
+        (400, Some("28P01")),
         "{body}"
     );
     // CORS preflight and headers on answers.

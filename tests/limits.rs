@@ -186,7 +186,7 @@ async fn sql_refuses_a_bad_token_before_reading_the_body() {
         .await
         .expect("answered without waiting for the body")
         .expect("read");
-    assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 401"));
+    assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 400"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -248,18 +248,22 @@ struct Run<'a> {
     config: &'a HttpConfig,
 }
 
-/// A refused login as Neon's driver reads it.
+/// A refused login as Neon's driver reads it. Neon's own endpoint answers a
+/// failed login (bad password or JWT) with HTTP 400, like any error the
+/// client caused, and the driver builds a `NeonDbError` (with `code`) only
+/// from a 400 body: a 401 would lose the SQLSTATE. Only our side failing
+/// (the provider's keys out of reach) is a 5xx.
 fn refused(refusal: &Refusal) -> Failure {
     let status = match refusal {
-        Refusal::UnknownDatabase(_) => StatusCode::BAD_REQUEST,
         Refusal::Token(error) if error.class() == FailureClass::KeysUnavailable => {
             StatusCode::SERVICE_UNAVAILABLE
         }
-        Refusal::UnknownRole(_)
+        Refusal::UnknownDatabase(_)
+        | Refusal::UnknownRole(_)
         | Refusal::CleartextRefused(_)
         | Refusal::MissingToken(..)
         | Refusal::ClaimedRoleNotServed(_)
-        | Refusal::Token(_) => StatusCode::UNAUTHORIZED,
+        | Refusal::Token(_) => StatusCode::BAD_REQUEST,
     };
     match refusal.client_view() {
         Some(view) => Failure::new(status, view.code.code(), view.message),
