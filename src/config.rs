@@ -85,6 +85,8 @@ pub struct Http {
     pub header_timeout: Duration,
     #[serde(default = "http_defaults::body_timeout", with = "humantime_serde")]
     pub body_timeout: Duration,
+    #[serde(default = "http_defaults::statement_timeout", with = "humantime_serde")]
+    pub statement_timeout: Duration,
 }
 
 mod http_defaults {
@@ -95,6 +97,9 @@ mod http_defaults {
     }
     pub fn body_timeout() -> Duration {
         authgres_http::DEFAULT_BODY_TIMEOUT
+    }
+    pub fn statement_timeout() -> Duration {
+        authgres_http::DEFAULT_STATEMENT_TIMEOUT
     }
 
     pub fn max_bytes() -> usize {
@@ -717,6 +722,7 @@ impl Loaded {
                 .pool_limits(h.pool_size, h.checkout_timeout),
             header_timeout: h.header_timeout,
             body_timeout: h.body_timeout,
+            statement_timeout: h.statement_timeout,
         })
     }
 

@@ -51,6 +51,10 @@ pub const DEFAULT_POOL_SIZE: usize = 20;
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time a client has to send a request's body.
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time a request's own statements may run, all together: long
+/// enough for real work, short enough that a forgotten request does not
+/// hold a backend for ever.
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// HTTP settings.
 #[derive(Debug, Clone)]
@@ -66,6 +70,10 @@ pub struct HttpConfig {
     pub header_timeout: Duration,
     /// Time allowed for a request's body.
     pub body_timeout: Duration,
+    /// Time a request's own statements may run, all together; then they
+    /// are cancelled on the server (the proxy's own exchanges on the
+    /// connection keep the upstream `internal_query_timeout`).
+    pub statement_timeout: Duration,
 }
 
 impl Default for HttpConfig {
@@ -79,6 +87,7 @@ impl Default for HttpConfig {
             },
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             body_timeout: DEFAULT_BODY_TIMEOUT,
+            statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
         }
     }
 }

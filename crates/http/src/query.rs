@@ -7,14 +7,26 @@
 //! the session and draws the identity generation the *next* request on
 //! this connection signs for, so nothing this request saw or set can verify
 //! there).
+//!
+//! The request's statements run under `[http] statement_timeout`, the
+//! proxy's own exchanges under the upstream `internal_query_timeout`. A
+//! request abandoned while its statements run (the timeout passed, the
+//! connection failed, the client hung up and the request's future was
+//! dropped) has them cancelled on the server with a CancelRequest: a
+//! backend keeps running a statement whose client is gone until it next
+//! writes, and closing the socket does not stop it.
 
-use authgres_wire::{AttachScope, ClaimsKey, ServerError, Upstream, UpstreamError};
+use std::time::Duration;
+
+use authgres_wire::{
+    AttachScope, ClaimsKey, ServerError, Upstream, UpstreamConfig, UpstreamError, UpstreamKey,
+};
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator as _;
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use serde_json::{Map, Value};
-use tokio::time::Instant;
+use tokio::time::{Instant, timeout_at};
 
 /// One statement of a request.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -109,6 +121,10 @@ pub enum ExecError {
     /// Results exceeded the response limit.
     #[error("response exceeds {0} bytes")]
     TooLarge(usize),
+    /// The request's statements ran past `statement_timeout` and were
+    /// cancelled.
+    #[error("the statements ran longer than {0:?} and were cancelled")]
+    StatementTimeout(Duration),
     /// Readying the connection failed before anything of the request was
     /// sent: another connection may serve it.
     #[error("readying the connection failed: {0}")]
@@ -118,24 +134,43 @@ pub enum ExecError {
     Upstream(#[from] UpstreamError),
 }
 
-/// Executes `statements` on `conn` for `client` with `claims` (if any)
-/// attached for the transaction, each exchange due by `deadline`.
+/// How long a request may take on its connection, and where to send a
+/// cancel for it.
+#[derive(Clone, Copy)]
+pub struct Limits<'a> {
+    /// Largest response, in bytes.
+    pub max_bytes: usize,
+    /// Deadline of each exchange the proxy runs on its own (readying the
+    /// connection, the reset after the request).
+    pub internal_timeout: Duration,
+    /// Time the request's own statements may run, all together.
+    pub statement_timeout: Duration,
+    /// The server, for a CancelRequest.
+    pub upstream: &'a UpstreamConfig,
+}
+
+/// Executes `statements` on `conn` with `claims` (if any) attached for the
+/// transaction. The request's statements get `statement_timeout`; past it,
+/// or when an error leaves them behind, they are cancelled on the server,
+/// and the connection is reused only once the reset proves it idle. If the
+/// future is dropped while they run (the client hung up), they are
+/// cancelled too, and the connection, dropped, is closed.
 pub async fn execute(
     conn: &mut Upstream,
     key: &ClaimsKey,
     claims: Option<&str>,
     statements: &[Statement],
     batch: Option<&BatchOptions>,
-    max_bytes: usize,
-    deadline: Instant,
+    limits: Limits<'_>,
 ) -> Result<Vec<StatementResult>, ExecError> {
     let begin = batch.map(BatchOptions::begin).transpose()?;
+    let internal = || Instant::now() + limits.internal_timeout;
     // A connection that served anyone is reset before this request sees it.
-    conn.claim(authgres_wire::next_client_id(), deadline)
+    conn.claim(authgres_wire::next_client_id(), internal())
         .await
         .map_err(ExecError::Readying)?;
     let binding = conn
-        .take_binding(deadline)
+        .take_binding(internal())
         .await
         .map_err(ExecError::Readying)?;
     let mut out = BytesMut::with_capacity(1024);
@@ -167,7 +202,6 @@ pub async fn execute(
     frontend::sync(&mut out);
     // Clean-up for the pool and the next request's generation, pipelined.
     let reset = conn.append_reset(&mut out)?;
-    conn.send(&out).await?;
 
     let mut collect = Collect {
         steps: &steps,
@@ -175,20 +209,106 @@ pub async fn execute(
         current: StatementResult::default(),
         results: Vec::new(),
         size: 0,
-        max_bytes,
+        max_bytes: limits.max_bytes,
         too_large: false,
     };
-    let reply = conn
-        .read_reply(deadline, |message| collect.message(message))
-        .await?;
-    conn.finish_reset(reset, deadline).await?;
+    let running = Running::new(conn.cancel_key(), limits.upstream);
+    let deadline = Instant::now() + limits.statement_timeout;
+    let mut sent = false;
+    let ran = timeout_at(deadline, async {
+        // A server that stops reading is abandoned like a slow statement.
+        conn.send(&out).await?;
+        sent = true;
+        // The outer deadline comes first: this one only bounds the read.
+        let read_by = deadline + limits.internal_timeout;
+        conn.read_reply(read_by, |message| collect.message(message))
+            .await
+    })
+    .await;
+    let reply = match ran {
+        Ok(Ok(reply)) => {
+            running.finished();
+            reply
+        }
+        Ok(Err(error)) => {
+            // The connection is broken and will be closed; what it was
+            // running must not run on.
+            running.cancel().await;
+            return Err(ExecError::Upstream(error));
+        }
+        Err(_elapsed) => {
+            // Half a message sent, or no cancel delivered: nothing can
+            // prove this connection idle, and it is closed.
+            if !running.cancel().await || !sent {
+                conn.mark_broken();
+            } else if let Err(error) = conn.finish_reset(reset, internal()).await {
+                // The reset skips whatever the cancelled statements still
+                // had to say; a backend that does not come back idle is
+                // closed (finish_reset marked it broken).
+                tracing::debug!(%error, "a timed-out /sql connection did not come back idle");
+            }
+            return Err(ExecError::StatementTimeout(limits.statement_timeout));
+        }
+    };
+    conn.finish_reset(reset, internal()).await?;
     if let Some(error) = reply.error {
         return Err(ExecError::Db(error));
     }
     if collect.too_large {
-        return Err(ExecError::TooLarge(max_bytes));
+        return Err(ExecError::TooLarge(limits.max_bytes));
     }
     Ok(collect.results)
+}
+
+/// A request's statements sent and their reply not yet read: if this is
+/// dropped first (the request was abandoned), they are cancelled on the
+/// server, so nothing runs on for a client that is gone.
+struct Running {
+    target: Option<(UpstreamKey, UpstreamConfig)>,
+}
+
+impl Running {
+    fn new(key: UpstreamKey, upstream: &UpstreamConfig) -> Self {
+        Self {
+            target: Some((key, upstream.clone())),
+        }
+    }
+
+    /// The reply was read: nothing is left running.
+    fn finished(mut self) {
+        self.target = None;
+    }
+
+    /// Cancels the statements now; returns whether the server took the
+    /// CancelRequest.
+    async fn cancel(mut self) -> bool {
+        let Some((key, upstream)) = self.target.take() else {
+            return true;
+        };
+        match key.cancel(&upstream).await {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%error, "could not cancel an abandoned /sql statement");
+                false
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let Some((key, upstream)) = self.target.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            if let Err(error) = key.cancel(&upstream).await {
+                tracing::warn!(%error, "could not cancel an abandoned /sql statement");
+            }
+        });
+    }
 }
 
 /// An encoding failure of a statement the request supplied.

@@ -195,15 +195,18 @@ async fn execute(
             .checkout(&admitted.database, &admitted.role, password, 0)
             .await
             .map_err(checkout_failure)?;
-        let deadline = Instant::now() + limits.internal_query_timeout;
         let outcome = query::execute(
             pooled.conn(),
             &run.settings.claims_key,
             claims,
             statements,
             batch,
-            run.config.max_response_bytes,
-            deadline,
+            query::Limits {
+                max_bytes: run.config.max_response_bytes,
+                internal_timeout: limits.internal_query_timeout,
+                statement_timeout: run.config.statement_timeout,
+                upstream: state.pool.config(),
+            },
         )
         .await;
         let failure = match outcome {
@@ -221,6 +224,15 @@ async fn execute(
             Err(error @ (ExecError::Isolation(_) | ExecError::Encode(_))) => {
                 Failure::new(StatusCode::BAD_REQUEST, "08P01", error.to_string())
             }
+            Err(ExecError::StatementTimeout(limit)) => Failure::new(
+                StatusCode::BAD_REQUEST,
+                "57014",
+                format!(
+                    "canceling statement due to statement timeout: the statements of a request \
+                     may run for {}s",
+                    limit.as_secs_f64()
+                ),
+            ),
             Err(ExecError::TooLarge(limit)) => Failure::new(
                 StatusCode::INSUFFICIENT_STORAGE,
                 "54000",
