@@ -75,6 +75,8 @@ pub struct Http {
     pub tls: bool,
     #[serde(default = "http_defaults::max_bytes")]
     pub max_request_bytes: usize,
+    #[serde(default = "http_defaults::max_request_bytes_total")]
+    pub max_request_bytes_total: usize,
     #[serde(default = "http_defaults::max_bytes")]
     pub max_response_bytes: usize,
     #[serde(default = "http_defaults::pool_size")]
@@ -104,6 +106,9 @@ mod http_defaults {
 
     pub fn max_bytes() -> usize {
         authgres_http::DEFAULT_MAX_BYTES
+    }
+    pub fn max_request_bytes_total() -> usize {
+        authgres_http::DEFAULT_MAX_REQUEST_BYTES_TOTAL
     }
     pub fn pool_size() -> usize {
         authgres_http::DEFAULT_POOL_SIZE
@@ -715,6 +720,7 @@ impl Loaded {
     pub fn http(&self) -> Option<authgres_http::HttpConfig> {
         self.file.http.as_ref().map(|h| authgres_http::HttpConfig {
             max_request_bytes: h.max_request_bytes,
+            max_request_bytes_total: h.max_request_bytes_total,
             max_response_bytes: h.max_response_bytes,
             pool: self
                 .file
