@@ -420,3 +420,99 @@ async fn sql_request_bodies_are_bounded_whatever_the_role() {
     assert_eq!(anonymous_sql(ports, b"", 100 << 20).await, 413);
     assert!(started.elapsed() < Duration::from_secs(3));
 }
+
+/// A client WebSocket frame, masked with zeros (so the payload reads as is).
+fn ws_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&[0; 4]);
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// The next frame the server sends: its opcode and payload.
+async fn ws_read_frame(tcp: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
+    let mut head = [0u8; 2];
+    tcp.read_exact(&mut head).await.expect("frame header");
+    let length = match head[1] & 0x7f {
+        126 => u64::from(tcp.read_u16().await.expect("length")),
+        127 => tcp.read_u64().await.expect("length"),
+        n => u64::from(n),
+    };
+    let mut payload = vec![0u8; length as usize];
+    tcp.read_exact(&mut payload).await.expect("payload");
+    (head[0] & 0x0f, payload)
+}
+
+/// Issue 21: pongs went out only when the session wrote, so an idle
+/// session never answered a ping, and each ping queued one more pong.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_websocket_session_answers_pings_and_queues_no_pongs() {
+    let stack = stack("", "").await;
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", stack.http_port))
+        .await
+        .expect("connect");
+    tcp.write_all(WEBSOCKET_UPGRADE.as_bytes())
+        .await
+        .expect("upgrade");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(tcp.read_u8().await.expect("101"));
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    // Log in, and wait for ReadyForQuery.
+    let mut startup = Vec::new();
+    startup.extend_from_slice(&196_608u32.to_be_bytes());
+    for part in ["user", "authenticated", "database", common::DATABASE, ""] {
+        startup.extend_from_slice(part.as_bytes());
+        startup.push(0);
+    }
+    let mut login = ((startup.len() + 4) as u32).to_be_bytes().to_vec();
+    login.extend_from_slice(&startup);
+    let token = stack.issuer.token("user_alice");
+    login.extend_from_slice(&message(b'p', format!("{token}\0").as_bytes()));
+    tcp.write_all(&ws_frame(0x2, &login)).await.expect("login");
+    let mut received = Vec::new();
+    let ready = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let (opcode, payload) = ws_read_frame(&mut tcp).await;
+            assert_eq!(opcode, 0x2, "a binary frame");
+            received.extend_from_slice(&payload);
+            // ReadyForQuery is the last message of the login.
+            if received.len() >= 6 && received[received.len() - 6] == b'Z' {
+                return;
+            }
+        }
+    });
+    ready.await.expect("logged in");
+
+    // Idle: a ping is answered within a second.
+    tcp.write_all(&ws_frame(0x9, b"still there?"))
+        .await
+        .expect("ping");
+    let answer = tokio::time::timeout(Duration::from_secs(1), ws_read_frame(&mut tcp))
+        .await
+        .expect("a pong within a second");
+    assert_eq!(answer, (0xA, b"still there?".to_vec()));
+
+    // 100,000 pings never read (13 MB of them): pongs do not pile up.
+    let pid = stack.proxy_pid();
+    let before = rss_kib(pid);
+    let ping = ws_frame(0x9, &[7u8; 125]);
+    let pings: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * 100_000)
+        .collect();
+    tcp.write_all(&pings).await.expect("pings");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let grown = rss_kib(pid).saturating_sub(before);
+    assert!(grown < 4 * 1024, "the proxy grew by {grown} KiB");
+}
