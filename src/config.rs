@@ -123,6 +123,8 @@ pub struct Http {
     pub tls: bool,
     #[serde(default = "http_defaults::max_bytes")]
     pub max_request_bytes: usize,
+    #[serde(default = "http_defaults::max_request_bytes_total")]
+    pub max_request_bytes_total: usize,
     #[serde(default = "http_defaults::max_bytes")]
     pub max_response_bytes: usize,
     #[serde(default = "http_defaults::pool_size")]
@@ -133,6 +135,8 @@ pub struct Http {
     pub header_timeout: Duration,
     #[serde(default = "http_defaults::body_timeout", with = "humantime_serde")]
     pub body_timeout: Duration,
+    #[serde(default = "http_defaults::statement_timeout", with = "humantime_serde")]
+    pub statement_timeout: Duration,
 }
 
 mod http_defaults {
@@ -144,9 +148,15 @@ mod http_defaults {
     pub fn body_timeout() -> Duration {
         authgres_http::DEFAULT_BODY_TIMEOUT
     }
+    pub fn statement_timeout() -> Duration {
+        authgres_http::DEFAULT_STATEMENT_TIMEOUT
+    }
 
     pub fn max_bytes() -> usize {
         authgres_http::DEFAULT_MAX_BYTES
+    }
+    pub fn max_request_bytes_total() -> usize {
+        authgres_http::DEFAULT_MAX_REQUEST_BYTES_TOTAL
     }
     pub fn pool_size() -> usize {
         authgres_http::DEFAULT_POOL_SIZE
@@ -840,6 +850,7 @@ impl Loaded {
     pub fn http(&self) -> Option<authgres_http::HttpConfig> {
         self.file.http.as_ref().map(|h| authgres_http::HttpConfig {
             max_request_bytes: h.max_request_bytes,
+            max_request_bytes_total: h.max_request_bytes_total,
             max_response_bytes: h.max_response_bytes,
             pool: self
                 .file
@@ -847,6 +858,7 @@ impl Loaded {
                 .pool_limits(h.pool_size, h.checkout_timeout),
             header_timeout: h.header_timeout,
             body_timeout: h.body_timeout,
+            statement_timeout: h.statement_timeout,
         })
     }
 

@@ -10,6 +10,8 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::Stack;
 use serde_json::{Value, json};
 
@@ -233,11 +235,12 @@ async fn limits_auth_failures_and_cors() {
         http.query(&alice, "select auth.user_id()").await["rows"][0][0],
         "user_alice"
     );
-    // 401 without a token or with a bad one.
+    // 400 (as Neon answers, so the driver keeps the SQLSTATE) without a
+    // token or with a bad one.
     let (status, body) = http.post(None, &[], json!({"query": "select 1"})).await;
     assert_eq!(
         (status, body["code"].as_str()),
-        (401, Some("28000")),
+        (400, Some("28000")),
         "{body}"
     );
     let (status, body) = http
@@ -245,7 +248,7 @@ async fn limits_auth_failures_and_cors() {
         .await;
     assert_eq!(
         (status, body["code"].as_str()),
-        (401, Some("28P01")),
+        (400, Some("28P01")),
         "{body}"
     );
     // CORS preflight and headers on answers.
@@ -314,4 +317,101 @@ async fn https_with_the_wire_listeners_certificate() {
         .send()
         .await;
     assert!(plain.is_err() || !plain.expect("response").status().is_success());
+}
+
+/// Backends of the sandbox cluster running `select pg_sleep(<seconds>)`, as
+/// the superuser sees them.
+async fn sleeping(admin: &tokio_postgres::Client, seconds: u32) -> i64 {
+    admin
+        .query_one(
+            "select count(*) from pg_stat_activity where state = 'active' and query like $1",
+            &[&format!("select pg_sleep({seconds})%")],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get(0)
+}
+
+/// Waits up to `wait` for `seconds`-long sleepers to number `count`.
+async fn until_sleeping(admin: &tokio_postgres::Client, seconds: u32, count: i64, wait: Duration) {
+    let started = Instant::now();
+    loop {
+        let now = sleeping(admin, seconds).await;
+        if now == count {
+            return;
+        }
+        assert!(
+            started.elapsed() < wait,
+            "{now} backends still run pg_sleep({seconds}) after {wait:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Issue 21: a request's own statements get `[http] statement_timeout`, not
+/// the proxy's internal deadline (5 s); a statement over it, or one whose
+/// client hung up, is cancelled on the server, and its connection is proven
+/// idle before anyone uses it again.
+#[tokio::test(flavor = "multi_thread")]
+async fn statements_run_to_their_own_timeout_and_abandoned_ones_are_cancelled() {
+    use tokio::io::AsyncWriteExt as _;
+    let stack = Stack::start_with(common::Options {
+        http_extra: "statement_timeout = \"12s\"",
+        ..Default::default()
+    })
+    .await;
+    let admin = stack.cluster.admin(common::DATABASE).await.expect("admin");
+    let http = Http::new(&stack);
+    let alice = stack.issuer.token("user_alice");
+
+    // A client that hangs up while its statement runs, with or without
+    // keep-alive.
+    for (seconds, connection) in [(61, "keep-alive"), (62, "close")] {
+        let body = format!(r#"{{"query": "select pg_sleep({seconds})"}}"#);
+        let request = format!(
+            "POST /sql HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {alice}\r\n\
+             neon-connection-string: postgresql://authenticated@127.0.0.1:{}/{}\r\n\
+             content-type: application/json\r\nconnection: {connection}\r\n\
+             content-length: {}\r\n\r\n{body}",
+            stack.port,
+            common::DATABASE,
+            body.len()
+        );
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", stack.http_port))
+            .await
+            .expect("connect");
+        tcp.write_all(request.as_bytes()).await.expect("request");
+        until_sleeping(&admin, seconds, 1, Duration::from_secs(5)).await;
+        drop(tcp);
+        until_sleeping(&admin, seconds, 0, Duration::from_secs(3)).await;
+    }
+
+    // Nine seconds is within the limit; sixty is not.
+    let started = Instant::now();
+    let ((nine, _), (over, error), ()) = tokio::join!(
+        http.post(Some(&alice), &[], json!({"query": "select pg_sleep(9)"})),
+        http.post(Some(&alice), &[], json!({"query": "select pg_sleep(60)"})),
+        async {
+            until_sleeping(&admin, 60, 1, Duration::from_secs(5)).await;
+        }
+    );
+    assert_eq!(nine, 200);
+    assert_eq!(
+        (over, error["code"].as_str()),
+        (400, Some("57014")),
+        "{error}"
+    );
+    let waited = started.elapsed();
+    assert!(
+        (Duration::from_secs(12)..Duration::from_secs(16)).contains(&waited),
+        "answered after {waited:?}"
+    );
+    until_sleeping(&admin, 60, 0, Duration::from_secs(2)).await;
+    // The pool still serves, on connections proven idle.
+    for _ in 0..3 {
+        assert_eq!(
+            http.query(&alice, "select auth.user_id()").await["rows"][0][0],
+            "user_alice"
+        );
+    }
 }

@@ -145,10 +145,24 @@ check('an insert that RLS refuses surfaces as a NeonDbError with its SQLSTATE', 
   );
 });
 
-check('a bad token is refused', async () => {
+check('a bad or missing token is refused with its SQLSTATE, as Neon answers (HTTP 400)', async () => {
+  // The driver reads a structured error only from a 400 body: a refused
+  // login must be one, or err.code is lost (issue 21).
   const sql = neon(DATABASE_AUTHENTICATED_URL, { authToken: 'not-a-token' });
   await assert.rejects(sql`select 1`, (e) => {
-    assert.match(String(e.message), /401/);
+    assert.ok(e instanceof NeonDbError, `not a NeonDbError: ${e}`);
+    assert.equal(e.code, '28P01');
+    return true;
+  });
+  const sql010 = neon010(DATABASE_AUTHENTICATED_URL, { authToken: 'not-a-token' });
+  await assert.rejects(sql010('select 1'), (e) => {
+    assert.equal(e.code, '28P01');
+    return true;
+  });
+  const anonymousless = neon(`postgresql://authenticated@${PG_HOSTPORT}/app`);
+  await assert.rejects(anonymousless`select 1`, (e) => {
+    assert.ok(e instanceof NeonDbError, `not a NeonDbError: ${e}`);
+    assert.equal(e.code, '28000');
     return true;
   });
 });

@@ -51,12 +51,23 @@ pub const DEFAULT_POOL_SIZE: usize = 20;
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time a client has to send a request's body.
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default budget of request body bytes held at once by all `/sql`
+/// requests together: two bodies of the default largest size.
+pub const DEFAULT_MAX_REQUEST_BYTES_TOTAL: usize = 2 * DEFAULT_MAX_BYTES;
+/// Default time a request's own statements may run, all together: long
+/// enough for real work, short enough that a forgotten request does not
+/// hold a backend for ever.
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// HTTP settings.
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
     /// Largest request body; larger ones get 413.
     pub max_request_bytes: usize,
+    /// Request body bytes all `/sql` requests may hold at once; a request
+    /// waits (up to the body timeout) for its share before its body is
+    /// read. Fixed until a restart.
+    pub max_request_bytes_total: usize,
     /// Largest response; larger ones get 507.
     pub max_response_bytes: usize,
     /// Upstream pool limits for /sql.
@@ -66,12 +77,17 @@ pub struct HttpConfig {
     pub header_timeout: Duration,
     /// Time allowed for a request's body.
     pub body_timeout: Duration,
+    /// Time a request's own statements may run, all together; then they
+    /// are cancelled on the server (the proxy's own exchanges on the
+    /// connection keep the upstream `internal_query_timeout`).
+    pub statement_timeout: Duration,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             max_request_bytes: DEFAULT_MAX_BYTES,
+            max_request_bytes_total: DEFAULT_MAX_REQUEST_BYTES_TOTAL,
             max_response_bytes: DEFAULT_MAX_BYTES,
             pool: PoolLimits {
                 max_per_key: DEFAULT_POOL_SIZE,
@@ -79,6 +95,7 @@ impl Default for HttpConfig {
             },
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             body_timeout: DEFAULT_BODY_TIMEOUT,
+            statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
         }
     }
 }
@@ -95,6 +112,8 @@ pub struct HttpState {
     acceptor: RwLock<Option<tokio_rustls::TlsAcceptor>>,
     /// Whether the listener is HTTPS (fixed until a restart).
     pub tls: bool,
+    /// Request body bytes held at once, all requests together.
+    bodies: sql::BodyBudget,
 }
 
 impl HttpState {
@@ -112,6 +131,7 @@ impl HttpState {
         Arc::new(Self {
             proxy,
             pool,
+            bodies: sql::BodyBudget::new(config.max_request_bytes_total),
             config: RwLock::new(Arc::new(config)),
             tls: acceptor.is_some(),
             acceptor: RwLock::new(acceptor),
@@ -139,6 +159,9 @@ impl HttpState {
                 .acceptor
                 .write()
                 .unwrap_or_else(PoisonError::into_inner) = acceptor;
+        }
+        if config.max_request_bytes_total != self.bodies.total {
+            restart.push("[http] max_request_bytes_total");
         }
         self.pool.set_limits(config.pool);
         *self.config.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(config);

@@ -1,20 +1,35 @@
 //! Runs one /sql request on a pooled upstream connection.
 //!
-//! One round trip, one pipelined write: `BEGIN` with the batch options (for
+//! One round trip, the request pipelined ([`start`]): `BEGIN` with the batch options (for
 //! a batch), the signed claims set *transaction-locally*, each query as
 //! Parse/Bind/Describe/Execute with text parameters, `COMMIT`, `Sync`; then
 //! the connection's reset (which rolls back whatever is left open, clears
 //! the session and draws the identity generation the *next* request on
 //! this connection signs for, so nothing this request saw or set can verify
-//! there).
+//! there). The statements are encoded once, before a connection is
+//! chosen ([`encode`]), so that the request's text can be freed as soon as
+//! it is sent; results are read by [`finish`].
+//!
+//! The request's statements run under `[http] statement_timeout`, the
+//! proxy's own exchanges under the upstream `internal_query_timeout`. A
+//! request abandoned while its statements run (the timeout passed, the
+//! connection failed, the client hung up and the request's future was
+//! dropped) has them cancelled on the server with a CancelRequest: a
+//! backend keeps running a statement whose client is gone until it next
+//! writes, and closing the socket does not stop it.
 
-use authgres_wire::{AttachScope, ClaimsKey, ServerError, Upstream, UpstreamError};
+use std::time::Duration;
+
+use authgres_wire::{
+    AttachScope, ClaimsKey, PendingReset, ServerError, Upstream, UpstreamConfig, UpstreamError,
+    UpstreamKey,
+};
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator as _;
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use serde_json::{Map, Value};
-use tokio::time::Instant;
+use tokio::time::{Instant, timeout_at};
 
 /// One statement of a request.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -109,6 +124,10 @@ pub enum ExecError {
     /// Results exceeded the response limit.
     #[error("response exceeds {0} bytes")]
     TooLarge(usize),
+    /// The request's statements ran past `statement_timeout` and were
+    /// cancelled.
+    #[error("the statements ran longer than {0:?} and were cancelled")]
+    StatementTimeout(Duration),
     /// Readying the connection failed before anything of the request was
     /// sent: another connection may serve it.
     #[error("readying the connection failed: {0}")]
@@ -118,37 +137,39 @@ pub enum ExecError {
     Upstream(#[from] UpstreamError),
 }
 
-/// Executes `statements` on `conn` for `client` with `claims` (if any)
-/// attached for the transaction, each exchange due by `deadline`.
-pub async fn execute(
-    conn: &mut Upstream,
-    key: &ClaimsKey,
-    claims: Option<&str>,
-    statements: &[Statement],
-    batch: Option<&BatchOptions>,
-    max_bytes: usize,
-    deadline: Instant,
-) -> Result<Vec<StatementResult>, ExecError> {
-    let begin = batch.map(BatchOptions::begin).transpose()?;
-    // A connection that served anyone is reset before this request sees it.
-    conn.claim(authgres_wire::next_client_id(), deadline)
-        .await
-        .map_err(ExecError::Readying)?;
-    let binding = conn
-        .take_binding(deadline)
-        .await
-        .map_err(ExecError::Readying)?;
-    let mut out = BytesMut::with_capacity(1024);
-    let mut steps = Vec::new();
-    if let Some(begin) = &begin {
-        authgres_wire::append_statement(&mut out, begin, &[]).map_err(encode_error)?;
-        steps.push(Step::Internal);
-    }
-    if let Some(claims) = claims {
-        authgres_wire::append_attach(&mut out, key, &binding, claims, AttachScope::Transaction)
-            .map_err(encode_error)?;
-        steps.push(Step::Internal);
-    }
+/// How long a request may take on its connection, and where to send a
+/// cancel for it.
+#[derive(Clone, Copy)]
+pub struct Limits<'a> {
+    /// Largest response, in bytes.
+    pub max_bytes: usize,
+    /// Deadline of each exchange the proxy runs on its own (readying the
+    /// connection, the reset after the request).
+    pub internal_timeout: Duration,
+    /// Time the request's own statements may run, all together.
+    pub statement_timeout: Duration,
+    /// The server, for a CancelRequest.
+    pub upstream: &'a UpstreamConfig,
+}
+
+/// A request's own statements in the extended protocol, encoded once
+/// before a connection is chosen, so the request's text (and the body it
+/// came from) can be freed as soon as it is sent.
+pub struct Encoded {
+    bytes: BytesMut,
+    count: usize,
+}
+
+/// Encodes `statements` (Parse/Bind/Describe/Execute each, text
+/// parameters).
+pub fn encode(statements: &[Statement]) -> Result<Encoded, ExecError> {
+    // Sized once: growing the buffer of a large request by doubling would
+    // hold one and a half copies of it more.
+    let text: usize = statements
+        .iter()
+        .map(|s| s.query.len() + s.params.iter().map(param_size).sum::<usize>())
+        .sum();
+    let mut bytes = BytesMut::with_capacity(text + 64 * statements.len());
     for statement in statements {
         let params: Vec<Option<String>> = statement
             .params
@@ -156,39 +177,232 @@ pub async fn execute(
             .map(crate::render::param_text)
             .collect();
         let params: Vec<Option<&str>> = params.iter().map(Option::as_deref).collect();
-        authgres_wire::append_described(&mut out, &statement.query, &params)
+        authgres_wire::append_described(&mut bytes, &statement.query, &params)
             .map_err(encode_error)?;
-        steps.push(Step::User);
     }
-    if begin.is_some() {
-        authgres_wire::append_statement(&mut out, "COMMIT", &[]).map_err(encode_error)?;
+    Ok(Encoded {
+        bytes,
+        count: statements.len(),
+    })
+}
+
+/// About the size of a parameter's text on the wire.
+fn param_size(value: &Value) -> usize {
+    match value {
+        Value::String(text) => text.len() + 8,
+        _ => 32,
+    }
+}
+
+/// Above this, a request's statements are written on their own rather
+/// than copied between the proxy's own messages.
+const COPY_LIMIT: usize = 64 * 1024;
+
+/// A request sent on a connection and its reply not yet read.
+pub struct InFlight {
+    steps: Vec<Step>,
+    reset: PendingReset,
+    running: Running,
+    deadline: Instant,
+}
+
+/// Readies `conn` and sends the request: `BEGIN` (for a batch), the claims
+/// (if any) attached for the transaction, the statements, `COMMIT`, `Sync`
+/// and the reset. The statements' time (`statement_timeout`) starts here;
+/// read their results with [`finish`]. If the returned request is dropped
+/// before that (the client hung up), its statements are cancelled on the
+/// server, and the connection, dropped too, is closed.
+pub async fn start(
+    conn: &mut Upstream,
+    key: &ClaimsKey,
+    claims: Option<&str>,
+    statements: &Encoded,
+    batch: Option<&BatchOptions>,
+    limits: Limits<'_>,
+) -> Result<InFlight, ExecError> {
+    let begin = batch.map(BatchOptions::begin).transpose()?;
+    let internal = Instant::now() + limits.internal_timeout;
+    // A connection that served anyone is reset before this request sees it.
+    conn.claim(authgres_wire::next_client_id(), internal)
+        .await
+        .map_err(ExecError::Readying)?;
+    let binding = conn
+        .take_binding(internal)
+        .await
+        .map_err(ExecError::Readying)?;
+    let mut head = BytesMut::with_capacity(1024);
+    let mut steps = Vec::new();
+    if let Some(begin) = &begin {
+        authgres_wire::append_statement(&mut head, begin, &[]).map_err(encode_error)?;
         steps.push(Step::Internal);
     }
-    frontend::sync(&mut out);
+    if let Some(claims) = claims {
+        authgres_wire::append_attach(&mut head, key, &binding, claims, AttachScope::Transaction)
+            .map_err(encode_error)?;
+        steps.push(Step::Internal);
+    }
+    steps.extend((0..statements.count).map(|_| Step::User));
+    let mut tail = BytesMut::with_capacity(1024);
+    if begin.is_some() {
+        authgres_wire::append_statement(&mut tail, "COMMIT", &[]).map_err(encode_error)?;
+        steps.push(Step::Internal);
+    }
+    frontend::sync(&mut tail);
     // Clean-up for the pool and the next request's generation, pipelined.
-    let reset = conn.append_reset(&mut out)?;
-    conn.send(&out).await?;
+    let reset = conn.append_reset(&mut tail)?;
 
+    let running = Running::new(conn.cancel_key(), limits.upstream);
+    let deadline = Instant::now() + limits.statement_timeout;
+    let sending = timeout_at(deadline, async {
+        // A server that stops reading is abandoned like a slow statement.
+        if statements.bytes.len() <= COPY_LIMIT {
+            head.extend_from_slice(&statements.bytes);
+            head.extend_from_slice(&tail);
+            conn.send(&head).await?;
+        } else {
+            conn.send(&head).await?;
+            conn.send(&statements.bytes).await?;
+            conn.send(&tail).await?;
+        }
+        Ok::<(), UpstreamError>(())
+    })
+    .await;
+    match sending {
+        Ok(Ok(())) => Ok(InFlight {
+            steps,
+            reset,
+            running,
+            deadline,
+        }),
+        Ok(Err(error)) => {
+            // The connection is broken and will be closed; what reached
+            // the server must not run on.
+            running.cancel().await;
+            Err(ExecError::Upstream(error))
+        }
+        Err(_elapsed) => {
+            // Half a message sent: nothing can prove this connection idle.
+            conn.mark_broken();
+            running.cancel().await;
+            Err(ExecError::StatementTimeout(limits.statement_timeout))
+        }
+    }
+}
+
+/// Reads the results of a request [`start`] sent, within its statement
+/// timeout; past it, or when an error leaves them behind, the statements
+/// are cancelled on the server, and the connection is reused only once
+/// the reset proves it idle.
+pub async fn finish(
+    conn: &mut Upstream,
+    request: InFlight,
+    limits: Limits<'_>,
+) -> Result<Vec<StatementResult>, ExecError> {
+    let InFlight {
+        steps,
+        reset,
+        running,
+        deadline,
+    } = request;
     let mut collect = Collect {
         steps: &steps,
         step: 0,
         current: StatementResult::default(),
         results: Vec::new(),
         size: 0,
-        max_bytes,
+        max_bytes: limits.max_bytes,
         too_large: false,
     };
-    let reply = conn
-        .read_reply(deadline, |message| collect.message(message))
+    // The outer deadline comes first: the inner one only bounds the read.
+    let read_by = deadline + limits.internal_timeout;
+    let reading = conn.read_reply(read_by, |message| collect.message(message));
+    let reply = match timeout_at(deadline, reading).await {
+        Ok(Ok(reply)) => {
+            running.finished();
+            reply
+        }
+        Ok(Err(error)) => {
+            // The connection is broken and will be closed; what it was
+            // running must not run on.
+            running.cancel().await;
+            return Err(ExecError::Upstream(error));
+        }
+        Err(_elapsed) => {
+            if !running.cancel().await {
+                // No cancel delivered: nothing can prove it idle.
+                conn.mark_broken();
+            } else if let Err(error) = conn
+                .finish_reset(reset, Instant::now() + limits.internal_timeout)
+                .await
+            {
+                // The reset skips whatever the cancelled statements still
+                // had to say; a backend that does not come back idle is
+                // closed (finish_reset marked it broken).
+                tracing::debug!(%error, "a timed-out /sql connection did not come back idle");
+            }
+            return Err(ExecError::StatementTimeout(limits.statement_timeout));
+        }
+    };
+    conn.finish_reset(reset, Instant::now() + limits.internal_timeout)
         .await?;
-    conn.finish_reset(reset, deadline).await?;
     if let Some(error) = reply.error {
         return Err(ExecError::Db(error));
     }
     if collect.too_large {
-        return Err(ExecError::TooLarge(max_bytes));
+        return Err(ExecError::TooLarge(limits.max_bytes));
     }
     Ok(collect.results)
+}
+
+/// A request's statements sent and their reply not yet read: if this is
+/// dropped first (the request was abandoned), they are cancelled on the
+/// server, so nothing runs on for a client that is gone.
+struct Running {
+    target: Option<(UpstreamKey, UpstreamConfig)>,
+}
+
+impl Running {
+    fn new(key: UpstreamKey, upstream: &UpstreamConfig) -> Self {
+        Self {
+            target: Some((key, upstream.clone())),
+        }
+    }
+
+    /// The reply was read: nothing is left running.
+    fn finished(mut self) {
+        self.target = None;
+    }
+
+    /// Cancels the statements now; returns whether the server took the
+    /// CancelRequest.
+    async fn cancel(mut self) -> bool {
+        let Some((key, upstream)) = self.target.take() else {
+            return true;
+        };
+        match key.cancel(&upstream).await {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%error, "could not cancel an abandoned /sql statement");
+                false
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let Some((key, upstream)) = self.target.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            if let Err(error) = key.cancel(&upstream).await {
+                tracing::warn!(%error, "could not cancel an abandoned /sql statement");
+            }
+        });
+    }
 }
 
 /// An encoding failure of a statement the request supplied.

@@ -7,7 +7,9 @@
 //! connection never holds more than a small read buffer, however large the
 //! frames a client announces, before or after it authenticates; Postgres
 //! message boundaries are the session's business, not the transport's.
-//! Pings are answered, a Close is echoed and ends the stream. Headers are
+//! Pings are answered, from the read side too, so an idle session answers
+//! them; only the latest unanswered ping is kept. A Close is echoed and
+//! ends the stream. Headers are
 //! parsed by tungstenite's [`FrameHeader`]
 //! ([RFC 6455](https://www.rfc-editor.org/rfc/rfc6455)).
 
@@ -57,8 +59,13 @@ pub struct WsStream<IO> {
     frame: Option<Incoming>,
     /// The client sent Close (or broke the protocol): reads end.
     read_closed: bool,
-    /// Control frames to send between data frames (pongs, the Close).
+    /// Control frames being sent, between data frames: at most a pong and
+    /// the Close.
     control: Vec<u8>,
+    /// The payload of the latest ping not yet answered. Only the latest is
+    /// kept (RFC 6455, 5.5.3): a client that pings and never reads cannot
+    /// make the proxy queue pongs.
+    pong: Option<Vec<u8>>,
     /// Header of the data frame being written, and how much of it is out.
     header: [u8; 10],
     header_len: usize,
@@ -79,6 +86,7 @@ impl<IO> WsStream<IO> {
             frame: None,
             read_closed: false,
             control: Vec::new(),
+            pong: None,
             header: [0; 10],
             header_len: 0,
             header_sent: 0,
@@ -181,10 +189,12 @@ impl<IO: AsyncRead + Unpin> WsStream<IO> {
             unmask(&mut payload, mask, 0);
             self.start += total;
             match control {
-                Control::Ping => self.queue_control(Control::Pong, &payload),
+                Control::Ping if !self.close_queued => self.pong = Some(payload),
                 Control::Close => {
                     if !self.close_queued {
                         self.close_queued = true;
+                        // Nothing follows a Close.
+                        self.pong = None;
                         self.queue_control(Control::Close, payload.get(..2).unwrap_or_default());
                     }
                     self.read_closed = true;
@@ -203,13 +213,40 @@ fn unmask(bytes: &mut [u8], mask: [u8; 4], offset: usize) {
     }
 }
 
-impl<IO: AsyncRead + Unpin> AsyncRead for WsStream<IO> {
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<IO> {
+    /// Reads payload bytes; pings that arrive are answered from here too,
+    /// between data frames, so an idle session (one that only reads)
+    /// answers them. So read and write from one task, as the session does.
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let read = self.poll_read_payload(cx, out);
         let this = &mut *self;
+        if this.write_remaining == 0 && (this.pong.is_some() || !this.control.is_empty()) {
+            let answered = this.poll_control(cx);
+            if let Poll::Ready(Ok(())) = answered {
+                // A TLS stream holds what it was given until flushed.
+                let _ = Pin::new(&mut this.io).poll_flush(cx);
+            }
+            if let (Poll::Pending, Poll::Ready(Err(error))) = (&read, answered) {
+                return Poll::Ready(Err(error));
+            }
+        }
+        read
+    }
+}
+
+impl<IO: AsyncRead + Unpin> WsStream<IO> {
+    /// Reads payload bytes of data frames, handling control frames met on
+    /// the way.
+    fn poll_read_payload(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self;
         if out.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
@@ -262,16 +299,22 @@ impl<IO: AsyncRead + Unpin> AsyncRead for WsStream<IO> {
 }
 
 impl<IO: AsyncWrite + Unpin> WsStream<IO> {
-    /// Sends queued control frames; only between data frames.
+    /// Sends the pending pong and queued control frames; only between
+    /// data frames.
     fn poll_control(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while !self.control.is_empty() {
+        loop {
+            if self.control.is_empty() {
+                let Some(payload) = self.pong.take() else {
+                    return Poll::Ready(Ok(()));
+                };
+                self.queue_control(Control::Pong, &payload);
+            }
             let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.control))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.control.drain(..n);
         }
-        Poll::Ready(Ok(()))
     }
 }
 

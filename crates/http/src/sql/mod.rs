@@ -1,9 +1,13 @@
 //! `POST /sql`: the protocol of Neon's HTTP endpoint, as the
 //! `@neondatabase/serverless` driver speaks it. What a request asks for is
 //! read in [`request`]; the request is admitted from its headers, then its
-//! body is read and run on a pooled connection.
+//! body is read within the proxy's budget for bodies (`body`) and run on a
+//! pooled connection.
 
+mod body;
 pub mod request;
+
+pub(crate) use body::BodyBudget;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,13 +21,11 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Extension, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
-use http_body_util::BodyExt as _;
 use serde_json::{Value, json};
 
 use tokio::time::Instant;
 
-use crate::query::{self, BatchOptions, ExecError, Statement};
+use crate::query::{self, BatchOptions, ExecError};
 use crate::{ConnectionTicket, HttpConfig, HttpState};
 
 /// An error answer: status and a JSON body with at least `message`.
@@ -96,6 +98,8 @@ async fn run(
     body: Body,
 ) -> Result<Value, Failure> {
     let target = request::target(headers)?;
+    // Over the limit is over the limit, before anyone is admitted.
+    body::check_declared(config, &body)?;
     let proxy = &state.proxy;
     let settings = proxy.settings();
     let asked = authgres_wire::Request {
@@ -127,9 +131,14 @@ async fn run(
     };
     ticket.authenticated();
     ticket.set_state(ClientState::Active);
-    // Only an admitted request gets its body read.
-    let body = read_body(config, body).await?;
+    // Only an admitted request gets its body read, and only within the
+    // budget; the reservation is held until the request is answered.
+    let (body, reservation) = body::read(config, &state.bodies, body).await?;
     let (statements, batch) = request::statements(headers, &body)?;
+    // Each is a copy of the one before: only the last is kept.
+    drop(body);
+    let encoded = query::encode(&statements).map_err(exec_failure)?;
+    drop(statements);
     let (array_mode, raw) = (target.array_mode, target.raw);
     let claims = admitted.identity.as_ref().map(|i| &*i.claims_json);
     let run = Run {
@@ -137,7 +146,8 @@ async fn run(
         settings: &settings,
         config,
     };
-    let results = execute(&run, &admitted, claims, &statements, batch.as_ref()).await?;
+    let request = (encoded, reservation);
+    let results = execute(&run, &admitted, claims, request, batch.as_ref()).await?;
     let mut rendered: Vec<Value> = results
         .iter()
         .map(|r| query::result_json(r, array_mode, raw))
@@ -148,96 +158,93 @@ async fn run(
     })
 }
 
-/// Reads a request's body within the size limit and the body timeout.
-async fn read_body(config: &HttpConfig, body: Body) -> Result<Bytes, Failure> {
-    let limit = config.max_request_bytes;
-    let limited = http_body_util::Limited::new(body, limit);
-    match tokio::time::timeout(config.body_timeout, limited.collect()).await {
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(Failure::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "54000",
-            format!("request body is larger than the limit of {limit} bytes"),
-        )),
-        Ok(Err(_)) => Err(Failure::new(
-            StatusCode::BAD_REQUEST,
-            "08P01",
-            "the request body could not be read",
-        )),
-        Err(_) => Err(Failure::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "08P01",
-            format!(
-                "the request body did not arrive within {}s",
-                config.body_timeout.as_secs_f64()
-            ),
-        )),
-    }
-}
-
 /// Runs the request on a pooled connection; one that turns out dead (the
 /// server restarted) or fails its reset is replaced while nothing of the
-/// request has run, until the checkout timeout.
+/// request has run, until the checkout timeout. The request's text and its
+/// share of the body budget are let go once it is sent.
 async fn execute(
     run: &Run<'_>,
     admitted: &Admitted,
     claims: Option<&str>,
-    statements: &[Statement],
+    request: (query::Encoded, body::Reservation),
     batch: Option<&BatchOptions>,
 ) -> Result<Vec<query::StatementResult>, Failure> {
     let state = run.state;
     let limits = state.pool.limits();
     let give_up = Instant::now() + limits.checkout_timeout;
     let password = run.settings.config.password(&admitted.role);
-    loop {
+    let query_limits = query::Limits {
+        max_bytes: run.config.max_response_bytes,
+        internal_timeout: limits.internal_query_timeout,
+        statement_timeout: run.config.statement_timeout,
+        upstream: state.pool.config(),
+    };
+    let (mut pooled, in_flight) = loop {
         let mut pooled = state
             .pool
             .checkout(&admitted.database, &admitted.role, password, 0)
             .await
             .map_err(checkout_failure)?;
-        let deadline = Instant::now() + limits.internal_query_timeout;
-        let outcome = query::execute(
+        let started = query::start(
             pooled.conn(),
             &run.settings.claims_key,
             claims,
-            statements,
+            &request.0,
             batch,
-            run.config.max_response_bytes,
-            deadline,
+            query_limits,
         )
         .await;
-        let failure = match outcome {
-            Ok(results) => {
-                pooled.release();
-                return Ok(results);
-            }
+        match started {
+            Ok(in_flight) => break (pooled, in_flight),
             Err(ExecError::Readying(error))
                 if error.worth_another_connection() && Instant::now() < give_up =>
             {
                 tracing::debug!(%error, "pooled connection unusable for /sql; trying another");
-                continue;
             }
-            Err(ExecError::Db(error)) => db_failure(&error),
-            Err(error @ (ExecError::Isolation(_) | ExecError::Encode(_))) => {
-                Failure::new(StatusCode::BAD_REQUEST, "08P01", error.to_string())
+            Err(error) => {
+                // A connection whose exchange failed is marked broken and
+                // closed.
+                pooled.release();
+                return Err(exec_failure(error));
             }
-            Err(ExecError::TooLarge(limit)) => Failure::new(
-                StatusCode::INSUFFICIENT_STORAGE,
-                "54000",
-                format!("response is larger than the limit of {limit} bytes"),
+        }
+    };
+    drop(request);
+    let outcome = query::finish(pooled.conn(), in_flight, query_limits).await;
+    // A connection whose exchange failed is marked broken and closed.
+    pooled.release();
+    outcome.map_err(exec_failure)
+}
+
+/// A request that did not produce results, as the driver reads it.
+fn exec_failure(error: ExecError) -> Failure {
+    match error {
+        ExecError::Db(error) => db_failure(&error),
+        error @ (ExecError::Isolation(_) | ExecError::Encode(_)) => {
+            Failure::new(StatusCode::BAD_REQUEST, "08P01", error.to_string())
+        }
+        ExecError::StatementTimeout(limit) => Failure::new(
+            StatusCode::BAD_REQUEST,
+            "57014",
+            format!(
+                "canceling statement due to statement timeout: the statements of a request \
+                 may run for {}s",
+                limit.as_secs_f64()
             ),
-            Err(ExecError::Readying(error) | ExecError::Upstream(error)) => {
-                tracing::warn!(%error, "upstream failed during /sql");
-                Failure::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "08006",
-                    "the database connection failed",
-                )
-            }
-        };
-        // A connection whose exchange failed is marked broken and closed.
-        pooled.release();
-        return Err(failure);
+        ),
+        ExecError::TooLarge(limit) => Failure::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "54000",
+            format!("response is larger than the limit of {limit} bytes"),
+        ),
+        ExecError::Readying(error) | ExecError::Upstream(error) => {
+            tracing::warn!(%error, "upstream failed during /sql");
+            Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "08006",
+                "the database connection failed",
+            )
+        }
     }
 }
 
@@ -248,18 +255,22 @@ struct Run<'a> {
     config: &'a HttpConfig,
 }
 
-/// A refused login as Neon's driver reads it.
+/// A refused login as Neon's driver reads it. Neon's own endpoint answers a
+/// failed login (bad password or JWT) with HTTP 400, like any error the
+/// client caused, and the driver builds a `NeonDbError` (with `code`) only
+/// from a 400 body: a 401 would lose the SQLSTATE. Only our side failing
+/// (the provider's keys out of reach) is a 5xx.
 fn refused(refusal: &Refusal) -> Failure {
     let status = match refusal {
-        Refusal::UnknownDatabase(_) => StatusCode::BAD_REQUEST,
         Refusal::Token(error) if error.class() == FailureClass::KeysUnavailable => {
             StatusCode::SERVICE_UNAVAILABLE
         }
-        Refusal::UnknownRole(_)
+        Refusal::UnknownDatabase(_)
+        | Refusal::UnknownRole(_)
         | Refusal::CleartextRefused(_)
         | Refusal::MissingToken(..)
         | Refusal::ClaimedRoleNotServed(_)
-        | Refusal::Token(_) => StatusCode::UNAUTHORIZED,
+        | Refusal::Token(_) => StatusCode::BAD_REQUEST,
     };
     match refusal.client_view() {
         Some(view) => Failure::new(status, view.code.code(), view.message),

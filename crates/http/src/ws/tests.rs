@@ -181,6 +181,61 @@ async fn a_huge_announced_frame_costs_no_memory_and_bad_frames_are_refused() {
     }
 }
 
+/// Issue 21: pongs were sent only when the session wrote, so an idle
+/// session never answered.
+#[tokio::test]
+async fn a_session_that_only_reads_answers_pings() {
+    let (mut client, server) = tokio::io::duplex(4096);
+    let mut stream = WsStream::new(server);
+    let reader = tokio::spawn(async move {
+        let mut byte = [0u8; 1];
+        let _ = stream.read(&mut byte).await;
+    });
+    client
+        .write_all(&client_frame(
+            OpCode::Control(Control::Ping),
+            true,
+            b"are you there",
+        ))
+        .await
+        .expect("write");
+    let mut answer = [0u8; 15];
+    tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        client.read_exact(&mut answer),
+    )
+    .await
+    .expect("answered within a second")
+    .expect("read");
+    assert_eq!(
+        server_frames(&answer),
+        [(OpCode::Control(Control::Pong), b"are you there".to_vec())]
+    );
+    reader.abort();
+}
+
+/// Issue 21: every ping queued a pong until the session wrote, so a client
+/// that pings and never reads grew the proxy's memory at will.
+#[tokio::test]
+async fn pings_never_read_leave_at_most_one_pong_waiting() {
+    let (mut client, server) = tokio::io::duplex(256);
+    let mut stream = WsStream::new(server);
+    let ping = client_frame(OpCode::Control(Control::Ping), true, &[7u8; 125]);
+    let mut writer = tokio::spawn(async move {
+        for _ in 0..10_000 {
+            client.write_all(&ping).await.expect("write");
+        }
+        client
+    });
+    let mut byte = [0u8; 1];
+    let _client = tokio::select! {
+        read = stream.read(&mut byte) => panic!("pings are not data: {read:?}"),
+        written = &mut writer => written.expect("join"),
+    };
+    let waiting = stream.control.len() + stream.pong.as_ref().map_or(0, Vec::len);
+    assert!(waiting <= 2 * (2 + 125), "{waiting} bytes of pongs waiting");
+}
+
 #[test]
 fn the_accept_key_of_the_rfc_example() {
     assert_eq!(

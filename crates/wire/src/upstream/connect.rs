@@ -201,3 +201,12 @@ pub async fn cancel(config: &UpstreamConfig, key: &UpstreamKey) -> Result<(), Up
             _ => UpstreamError::Connect { address, source },
         })
 }
+
+impl UpstreamKey {
+    /// Cancels whatever this backend is running now ([`cancel`]): for
+    /// callers outside this crate that give up on a statement they sent
+    /// (a deadline passed, their client left) and must not leave it running.
+    pub async fn cancel(&self, config: &UpstreamConfig) -> Result<(), UpstreamError> {
+        cancel(config, self).await
+    }
+}
