@@ -516,3 +516,41 @@ async fn an_idle_websocket_session_answers_pings_and_queues_no_pongs() {
     let grown = rss_kib(pid).saturating_sub(before);
     assert!(grown < 4 * 1024, "the proxy grew by {grown} KiB");
 }
+
+/// Issue 21: a server message was buffered whole before
+/// `max_response_bytes` applied, so one `select repeat('x', 500000000)`
+/// made the proxy allocate 500 MB for one request.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_huge_row_is_refused_before_it_is_buffered() {
+    let stack = stack("", "").await;
+    let pid = stack.proxy_pid();
+    let ports = (stack.http_port, stack.port);
+    let before = peak_kib(pid);
+    let body = br#"{"query": "select repeat('x', 500000000)"}"#;
+    assert_eq!(anonymous_sql(ports, body, body.len()).await, 507);
+    let grown = peak_kib(pid).saturating_sub(before) / 1024;
+    assert!(grown < 64, "the proxy's peak memory grew by {grown} MiB");
+    // The backend that was sending it was cancelled, not left running.
+    let admin = stack.cluster.admin(common::DATABASE).await.expect("admin");
+    let started = Instant::now();
+    loop {
+        let running: i64 = admin
+            .query_one(
+                "select count(*) from pg_stat_activity \
+                 where state = 'active' and query like 'select repeat%'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if running == 0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(3), "still running");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        anonymous_sql(ports, br#"{"query": "select 1"}"#, 21).await,
+        200
+    );
+}

@@ -194,6 +194,11 @@ fn param_size(value: &Value) -> usize {
     }
 }
 
+/// Room for what a server message holds beside its values (its header, a
+/// DataRow's column lengths): a message longer than the response limit by
+/// more than this carries more values than the response may hold.
+const MESSAGE_OVERHEAD: usize = 64 * 1024;
+
 /// Above this, a request's statements are written on their own rather
 /// than copied between the proxy's own messages.
 const COPY_LIMIT: usize = 64 * 1024;
@@ -315,7 +320,10 @@ pub async fn finish(
     };
     // The outer deadline comes first: the inner one only bounds the read.
     let read_by = deadline + limits.internal_timeout;
-    let reading = conn.read_reply(read_by, |message| collect.message(message));
+    // A message larger than the whole response can never be answered:
+    // refused from its header, before it is buffered.
+    let max_message = limits.max_bytes.saturating_add(MESSAGE_OVERHEAD);
+    let reading = conn.read_reply_within(read_by, max_message, |message| collect.message(message));
     let reply = match timeout_at(deadline, reading).await {
         Ok(Ok(reply)) => {
             running.finished();
@@ -325,7 +333,10 @@ pub async fn finish(
             // The connection is broken and will be closed; what it was
             // running must not run on.
             running.cancel().await;
-            return Err(ExecError::Upstream(error));
+            return Err(match error {
+                UpstreamError::MessageTooLong(_) => ExecError::TooLarge(limits.max_bytes),
+                error => ExecError::Upstream(error),
+            });
         }
         Err(_elapsed) => {
             if !running.cancel().await {

@@ -396,6 +396,11 @@ pub enum UpstreamError {
     /// The server sent something out of the protocol.
     #[error("upstream protocol error: {0}")]
     Protocol(&'static str),
+    /// A message was longer than its reader allows
+    /// ([`Upstream::read_reply_within`](crate::Upstream::read_reply_within)):
+    /// a result the client asked for, too large to buffer.
+    #[error("an upstream message of {0} bytes is over the reader's limit")]
+    MessageTooLong(usize),
     /// A message could not be encoded (text with a NUL byte).
     #[error("cannot encode the message for Postgres: {0}")]
     Encode(io::Error),
@@ -504,6 +509,11 @@ impl Classify for UpstreamError {
                     "a client changed the login role's defaults; authgres repairs them, try again",
                 ),
             ),
+            Self::MessageTooLong(_) => ClientView::new(
+                S::from_server("54000"),
+                "a result is larger than the proxy's response limit",
+                None,
+            ),
             Self::Attach(_) => ClientView::new(
                 S::Internal,
                 "authgres could not attach the identity to the session",
@@ -520,7 +530,7 @@ impl Classify for UpstreamError {
     fn severity(&self) -> Severity {
         match self {
             Self::LoginRefused { error, .. } if error.code() == "3D000" => Severity::Client,
-            Self::Encode(_) | Self::Setting(_) => Severity::Client,
+            Self::Encode(_) | Self::Setting(_) | Self::MessageTooLong(_) => Severity::Client,
             Self::Connect { .. }
             | Self::ConnectTimeout
             | Self::TlsRefused
@@ -553,6 +563,7 @@ impl Classify for UpstreamError {
             Self::Deadline => "upstream_deadline",
             Self::Protocol(_) => "upstream_protocol",
             Self::Encode(_) => "encode",
+            Self::MessageTooLong(_) => "upstream_message_too_long",
             Self::Attach(_) => "identity_attach",
             Self::Setting(_) => "client_setting",
             Self::Reset(_) => "upstream_reset",

@@ -218,6 +218,23 @@ impl Upstream {
     pub async fn read_reply<F>(
         &mut self,
         deadline: Instant,
+        visit: F,
+    ) -> Result<Reply, UpstreamError>
+    where
+        F: FnMut(Message) -> Result<(), UpstreamError>,
+    {
+        self.read_reply_within(deadline, usize::MAX, visit).await
+    }
+
+    /// Like [`Upstream::read_reply`], but a message longer than
+    /// `max_message` bytes is refused from its header, before any of it is
+    /// buffered: the reply fails with [`UpstreamError::MessageTooLong`] and
+    /// the connection is broken (the rest of the message is unread). For
+    /// replies whose size a client controls (`/sql` results).
+    pub async fn read_reply_within<F>(
+        &mut self,
+        deadline: Instant,
+        max_message: usize,
         mut visit: F,
     ) -> Result<Reply, UpstreamError>
     where
@@ -225,7 +242,7 @@ impl Upstream {
     {
         let mut error = None;
         loop {
-            let message = self.next_message(deadline).await?;
+            let message = self.next_message(deadline, max_message).await?;
             match message {
                 Message::ReadyForQuery(body) => {
                     return Ok(Reply {
@@ -251,9 +268,13 @@ impl Upstream {
     /// The next message from the server, waiting at most until `deadline`.
     /// A notification is not the reply of anything the proxy runs: it is
     /// kept for the client ([`Upstream::take_for_client`]).
-    async fn next_message(&mut self, deadline: Instant) -> Result<Message, UpstreamError> {
+    async fn next_message(
+        &mut self,
+        deadline: Instant,
+        max_message: usize,
+    ) -> Result<Message, UpstreamError> {
         loop {
-            match self.take_message() {
+            match self.take_message(max_message) {
                 Ok(Some(message)) => return Ok(message),
                 Ok(None) => {}
                 Err(error) => {
@@ -273,7 +294,7 @@ impl Upstream {
         }
     }
 
-    fn take_message(&mut self) -> Result<Option<Message>, UpstreamError> {
+    fn take_message(&mut self, max_message: usize) -> Result<Option<Message>, UpstreamError> {
         loop {
             let header = Header::parse(&self.inbox)
                 .map_err(|_| UpstreamError::Protocol("a malformed message header"))?;
@@ -283,6 +304,9 @@ impl Upstream {
             let length = usize::try_from(header.len())
                 .unwrap_or(usize::MAX)
                 .saturating_add(1);
+            if length > max_message {
+                return Err(UpstreamError::MessageTooLong(length));
+            }
             if self.inbox.len() < length {
                 self.inbox.reserve(length - self.inbox.len());
                 return Ok(None);
