@@ -369,16 +369,12 @@ impl UpstreamPool {
     async fn restore_password(&self, role: &str, password: &str, deadline: Instant) -> bool {
         let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
         let keeper = self.keepers().remove(role);
-        if let Some(mut keeper) = keeper {
-            if keeper.restore_password(&verifier, deadline).await.is_ok() {
-                tracing::warn!(
-                    role,
-                    "the login role's password no longer matched the proxy's (a client \
-                     may have changed it: any role can change its own); set it back"
-                );
-                self.keepers().insert(role.to_owned(), keeper);
-                return true;
-            }
+        if let Some(mut keeper) = keeper
+            && keeper.restore_password(&verifier, deadline).await.is_ok()
+        {
+            log_restored(role);
+            self.keepers().insert(role.to_owned(), keeper);
+            return true;
         }
         while let Some((key, mut idle)) = self.take_idle_of_role(role) {
             let restored = async {
@@ -390,11 +386,7 @@ impl UpstreamPool {
             .await;
             match restored {
                 Ok(()) => {
-                    tracing::warn!(
-                        role,
-                        "the login role's password no longer matched the proxy's (a client \
-                         may have changed it: any role can change its own); set it back"
-                    );
+                    log_restored(role);
                     idle.since = Instant::now();
                     if let Some(slot) = self.state().slots.get_mut(&key) {
                         slot.idle.push(idle);
@@ -520,6 +512,15 @@ impl Pooled {
             });
         }
     }
+}
+
+/// The warning that a login role's password was set back.
+fn log_restored(role: &str) {
+    tracing::warn!(
+        role,
+        "the login role's password no longer matched the proxy's (a client may have changed \
+         it: any role can change its own); set it back"
+    );
 }
 
 /// Closes expired idle connections now and then, until the pool is gone.
