@@ -789,6 +789,7 @@ impl Loaded {
                     Cleartext::Loopback => CleartextTokens::LoopbackOnly,
                     Cleartext::Refuse => CleartextTokens::Refuse,
                 },
+                tls_offered: listen.tls_cert.is_some(),
             },
             auth_timeout: listen.auth_timeout,
             connections: ConnectionLimits {

@@ -561,6 +561,9 @@ pub fn check_config(config: &Path) -> anyhow::Result<()> {
         if tls { "on" } else { "off" },
         file.listen.cleartext_tokens
     );
+    if let Some(warning) = listen_warning(&file.listen.address, tls, file.listen.cleartext_tokens) {
+        println!("warning: {warning}");
+    }
     if let Some(http) = &file.http {
         println!(
             "http     {} (TLS {})",
@@ -632,11 +635,34 @@ pub fn check_config(config: &Path) -> anyhow::Result<()> {
     if missing.is_empty() {
         proxy?;
         println!("ok: the proxy can start with this config");
+        Ok(())
     } else {
-        println!(
+        anyhow::bail!(
             "missing secrets: {} (run `authgres init-db` or set them)",
             missing.join(", ")
-        );
+        )
     }
-    Ok(())
+}
+
+/// What check-config says of a Postgres listener reachable from other
+/// hosts without a certificate: every remote token login is refused
+/// (unless cleartext tokens are allowed, when they travel in the clear).
+fn listen_warning(address: &str, tls: bool, cleartext: crate::config::Cleartext) -> Option<String> {
+    let loopback = address
+        .parse::<std::net::SocketAddr>()
+        .map(|a| a.ip().is_loopback())
+        .unwrap_or_else(|_| address.starts_with("localhost:"));
+    if tls || loopback {
+        return None;
+    }
+    Some(match cleartext {
+        crate::config::Cleartext::Allow => format!(
+            "{address} is reachable from other hosts without TLS, and cleartext_tokens = \
+             \"allow\": tokens travel unencrypted; set [listen] tls_cert and tls_key"
+        ),
+        _ => format!(
+            "{address} is reachable from other hosts without TLS: every token login from \
+             another host will be refused; set [listen] tls_cert and tls_key"
+        ),
+    })
 }

@@ -370,3 +370,45 @@ async fn init_db_says_which_isolation_holds_for_who_installed_it() {
         );
     }
 }
+
+/// `check-config` output and exit status for a config written to a fresh
+/// directory.
+fn check_config(config: &str, secrets: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("proxy.toml"), config).expect("config");
+    std::fs::write(dir.path().join("authgres.env"), secrets).expect("secrets");
+    let output = std::process::Command::new(common::BIN)
+        .args(["check-config", "--config"])
+        .arg(dir.path().join("proxy.toml"))
+        .env_remove("AUTHGRES_CLAIMS_KEY")
+        .env_remove("AUTHGRES_AUTHENTICATED_PASSWORD")
+        .output()
+        .expect("check-config");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), text)
+}
+
+#[test]
+fn check_config_fails_on_missing_secrets_and_warns_of_a_remote_listener_without_tls() {
+    let config = "secrets_file = \"authgres.env\"\n\
+                  [listen]\naddress = \"0.0.0.0:6432\"\n\
+                  [upstream]\nhost = \"127.0.0.1\"\nport = 5432\n\
+                  [[providers]]\nname = \"p\"\nissuer = \"https://issuer.example\"\n\
+                  jwks_url = \"https://issuer.example/jwks\"\n";
+    let (ok, text) = check_config(config, "");
+    assert!(!ok, "missing secrets are an error: {text}");
+    assert!(text.contains("missing secrets"), "{text}");
+    let secrets = format!(
+        "AUTHGRES_CLAIMS_KEY={}\nAUTHGRES_AUTHENTICATED_PASSWORD=x\n",
+        "ab".repeat(32)
+    );
+    let (ok, text) = check_config(config, &secrets);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("warning: 0.0.0.0:6432 is reachable from other hosts without TLS"),
+        "{text}"
+    );
+    // The default roles: no tokenless access unless configured.
+    assert!(!text.contains("anonymous"), "{text}");
+}

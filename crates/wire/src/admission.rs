@@ -29,6 +29,9 @@ pub struct Policy {
     pub databases: Vec<String>,
     /// Whether a token may travel over an unencrypted connection.
     pub cleartext_tokens: CleartextTokens,
+    /// Whether the Postgres listener has a certificate: a refused cleartext
+    /// login says to use TLS only when TLS is there to use.
+    pub tls_offered: bool,
 }
 
 /// How a client reached the proxy.
@@ -101,6 +104,10 @@ pub enum Refusal {
     /// A token would travel unencrypted from a peer that may not send one so.
     #[error("token login over an unencrypted connection refused")]
     CleartextRefused(Transport),
+    /// As [`Refusal::CleartextRefused`], on a Postgres listener that has
+    /// no certificate: the client cannot fix it, the operator must.
+    #[error("token login over an unencrypted connection refused, and the listener has no TLS")]
+    TlsNotConfigured,
     /// The role needs a token and none was given.
     #[error("no token given for role {0:?}")]
     MissingToken(String, Transport),
@@ -130,6 +137,9 @@ pub fn check(policy: &Policy, request: &Request<'_>) -> Result<Need, Refusal> {
         CleartextTokens::Refuse => false,
     };
     if !request.encrypted && !cleartext_ok {
+        if request.transport == Transport::Wire && !policy.tls_offered {
+            return Err(Refusal::TlsNotConfigured);
+        }
         return Err(Refusal::CleartextRefused(request.transport));
     }
     Ok(Need::Token)
@@ -200,6 +210,16 @@ impl Classify for Refusal {
                 "token logins must use TLS from non-loopback addresses".into(),
                 Some("connect with sslmode=require"),
             ),
+            Self::TlsNotConfigured => view(
+                S::InvalidAuthorization,
+                "token logins must use TLS from non-loopback addresses, and this proxy has no \
+                 TLS certificate"
+                    .into(),
+                Some(
+                    "the proxy's operator must set [listen] tls_cert and tls_key (sslmode=require \
+                     cannot work until then)",
+                ),
+            ),
             Self::MissingToken(role, Transport::Http) => view(
                 S::InvalidAuthorization,
                 format!("role \"{role}\" requires a token: send Authorization: Bearer <jwt>"),
@@ -239,6 +259,7 @@ impl Classify for Refusal {
             Self::UnknownRole(_)
             | Self::UnknownDatabase(_)
             | Self::CleartextRefused(_)
+            | Self::TlsNotConfigured
             | Self::MissingToken(..)
             | Self::Token(_)
             | Self::ClaimedRoleNotServed(_) => Severity::Client,
@@ -249,7 +270,7 @@ impl Classify for Refusal {
         match self {
             Self::UnknownRole(_) => "unknown_role",
             Self::UnknownDatabase(_) => "unknown_database",
-            Self::CleartextRefused(_) => "cleartext_refused",
+            Self::CleartextRefused(_) | Self::TlsNotConfigured => "cleartext_refused",
             Self::MissingToken(..) => "missing_token",
             Self::ClaimedRoleNotServed(_) => "claimed_role_not_served",
             Self::Token(error) => match error.class() {

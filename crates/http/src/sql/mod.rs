@@ -268,6 +268,7 @@ fn refused(refusal: &Refusal) -> Failure {
         Refusal::UnknownDatabase(_)
         | Refusal::UnknownRole(_)
         | Refusal::CleartextRefused(_)
+        | Refusal::TlsNotConfigured
         | Refusal::MissingToken(..)
         | Refusal::ClaimedRoleNotServed(_)
         | Refusal::Token(_) => StatusCode::BAD_REQUEST,

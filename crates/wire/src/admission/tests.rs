@@ -23,6 +23,7 @@ fn policy(cleartext_tokens: CleartextTokens, databases: &[&str]) -> Policy {
         ]),
         databases: databases.iter().map(|d| (*d).to_owned()).collect(),
         cleartext_tokens,
+        tls_offered: true,
     }
 }
 
@@ -243,5 +244,29 @@ fn each_transport_words_a_refusal_its_own_way_with_one_code() {
     assert_eq!(
         Refusal::Token(VerifyError::Expired).severity(),
         Severity::Client
+    );
+}
+
+#[test]
+fn a_listener_without_tls_says_the_operator_must_add_it_not_the_client() {
+    let without_tls = Policy {
+        tls_offered: false,
+        ..policy(CleartextTokens::LoopbackOnly, &[])
+    };
+    let refusal = check(
+        &without_tls,
+        &request("authenticated", "app", REMOTE, false),
+    )
+    .expect_err("refused");
+    assert_eq!(refusal, Refusal::TlsNotConfigured);
+    let view = crate::error::Classify::client_view(&refusal).expect("a view");
+    let hint = view.hint.unwrap_or_default();
+    assert!(hint.contains("tls_cert"), "{hint}");
+    assert!(!hint.starts_with("connect with sslmode=require"), "{hint}");
+    // With a certificate the client is the one to act.
+    let with_tls = policy(CleartextTokens::LoopbackOnly, &[]);
+    assert_eq!(
+        check(&with_tls, &request("authenticated", "app", REMOTE, false)),
+        Err(Refusal::CleartextRefused(Transport::Wire))
     );
 }

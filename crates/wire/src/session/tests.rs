@@ -82,6 +82,7 @@ async fn harness(mode: PoolMode, pool_size: usize) -> Harness {
             roles: HashMap::from([("authenticated".to_owned(), role)]),
             databases: vec!["app".to_owned()],
             cleartext_tokens: CleartextTokens::LoopbackOnly,
+            tls_offered: true,
         },
         auth_timeout: Duration::from_secs(5),
         connections: crate::config::ConnectionLimits {
