@@ -166,6 +166,20 @@ fn reported_open(report: &str, channel: &str) -> bool {
         .any(|line| line.trim_start().starts_with("authenticated:") && line.contains(channel))
 }
 
+/// That `client` reads a statement containing `needle` in `view`: the
+/// channel init-db reported open is open.
+async fn assert_sees(client: &tokio_postgres::Client, view: &str, needle: &str) {
+    let seen: i64 = client
+        .query_one(
+            &format!("select count(*) from {view} where query like '%{needle}%'"),
+            &[],
+        )
+        .await
+        .expect("reported open: readable")
+        .get(0);
+    assert!(seen >= 1, "init-db said {view} is open, and it is");
+}
+
 /// Runs `sql` as `client` and returns its SQLSTATE, which must be an
 /// error.
 async fn refused(client: &tokio_postgres::Client, sql: &str) -> SqlState {
@@ -185,15 +199,7 @@ async fn another_users_statements_do_not_show_in_activity_views() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let bob = stack.login("user_bob").await;
     if reported_open(&stack.init_db_output, "pg_stat_activity") {
-        let seen: i64 = bob
-            .query_one(
-                "select count(*) from pg_stat_activity where query like '%alice-secret%'",
-                &[],
-            )
-            .await
-            .expect("reported open: readable")
-            .get(0);
-        assert!(seen >= 1, "init-db said the channel is open, and it is");
+        assert_sees(&bob, "pg_stat_activity", "alice-secret").await;
         return;
     }
     for sql in [
@@ -306,15 +312,7 @@ async fn pg_stat_statements_shows_no_user_anothers_statements() {
         .expect("alice");
     let bob = stack.login("user_bob").await;
     if reported_open(&report, "pg_stat_statements") {
-        let seen: i64 = bob
-            .query_one(
-                "select count(*) from pg_stat_statements where query like '%alice-statement%'",
-                &[],
-            )
-            .await
-            .expect("reported open: readable")
-            .get(0);
-        assert!(seen >= 1, "init-db said the channel is open, and it is");
+        assert_sees(&bob, "pg_stat_statements", "alice-statement").await;
         return;
     }
     for sql in [
