@@ -202,12 +202,28 @@ async fn another_users_statements_do_not_show_in_activity_views() {
         assert_sees(&bob, "pg_stat_activity", "alice-secret").await;
         return;
     }
-    for sql in [
+    let version: String = bob
+        .query_one("show server_version_num", &[])
+        .await
+        .expect("version")
+        .get(0);
+    let mut attempts = vec![
         "select query from pg_stat_activity",
         "select pg_stat_get_backend_activity(s) from pg_stat_get_backend_idset() s",
+        "select * from pg_stat_get_backend_idset()",
+        "select pg_stat_get_backend_pid(1)",
         "select * from pg_stat_get_activity(null)",
         "select * from pg_stat_progress_vacuum",
-    ] {
+    ];
+    // Issue 21: PostgreSQL 18's additions, closed because the list of
+    // per-backend functions is read from the server's catalog.
+    if version.parse::<u32>().unwrap_or(0) >= 180_000 {
+        attempts.extend([
+            "select * from pg_stat_get_backend_io(1)",
+            "select * from pg_stat_get_backend_wal(1)",
+        ]);
+    }
+    for sql in attempts {
         assert_eq!(
             refused(&bob, sql).await,
             SqlState::INSUFFICIENT_PRIVILEGE,

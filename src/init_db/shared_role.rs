@@ -25,20 +25,13 @@ use anyhow::Context as _;
 
 use super::sql::quote_ident;
 
-/// Statistics functions that show other sessions of the same role.
-const ACTIVITY_FUNCTIONS: &[&str] = &[
-    "pg_stat_get_activity",
-    "pg_stat_get_backend_activity",
-    "pg_stat_get_backend_activity_start",
-    "pg_stat_get_backend_xact_start",
-    "pg_stat_get_backend_start",
-    "pg_stat_get_backend_client_addr",
-    "pg_stat_get_backend_client_port",
-    "pg_stat_get_backend_wait_event",
-    "pg_stat_get_backend_wait_event_type",
-    "pg_stat_get_backend_subxact",
-    "pg_stat_get_progress_info",
-];
+/// Statistics functions that show other sessions of the same role, by
+/// name; every `pg_stat_get_backend_*` function of the server is added from
+/// its catalog ([`BACKEND_FUNCTIONS`]), so what a new major adds there
+/// (PostgreSQL 18's `pg_stat_get_backend_io`, `_wal`) is closed too.
+const ACTIVITY_FUNCTIONS: &[&str] = &["pg_stat_get_activity", "pg_stat_get_progress_info"];
+/// The `LIKE` pattern of the per-backend statistics functions.
+const BACKEND_FUNCTIONS: &str = "pg\\_stat\\_get\\_backend\\_%";
 /// Views over them.
 const ACTIVITY_VIEWS: &[&str] = &[
     "pg_stat_activity",
@@ -86,8 +79,24 @@ pub async fn close(tx: &tokio_postgres::Transaction<'_>) -> anyhow::Result<()> {
         )
         .await?
         .get(0);
+    let backend: Vec<String> = tx
+        .query(
+            "select distinct p.proname::text from pg_catalog.pg_proc p \
+               join pg_catalog.pg_namespace n on n.oid = p.pronamespace \
+              where n.nspname = 'pg_catalog' and p.proname like $1",
+            &[&BACKEND_FUNCTIONS],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let activity: Vec<&str> = ACTIVITY_FUNCTIONS
+        .iter()
+        .copied()
+        .chain(backend.iter().map(String::as_str))
+        .collect();
     for (functions, grantee) in [
-        (ACTIVITY_FUNCTIONS, "pg_read_all_stats"),
+        (activity.as_slice(), "pg_read_all_stats"),
         (SIGNAL_FUNCTIONS, "pg_signal_backend"),
         (LARGE_OBJECT_FUNCTIONS, owner.as_str()),
     ] {

@@ -259,7 +259,9 @@ impl Verifier {
             Some(Value::String(sub)) if !sub.is_empty() => sub.clone(),
             _ => return Err(VerifyError::MissingClaim("sub".into())),
         };
-        let expires_at = claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
+        // The one NumericDate parser: a fractional `exp` is a time, not 0
+        // (which `enforce_token_expiry` read as long expired).
+        let expires_at = numeric_date(&claims, "exp")?.unwrap_or(0);
         let identity = Identity {
             provider: Arc::clone(&self.names[index]),
             subject,

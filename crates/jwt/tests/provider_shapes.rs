@@ -253,3 +253,22 @@ async fn rsa_keys_without_a_declared_alg_verify_ps256_and_rs512_but_a_declared_a
         Err(VerifyError::AlgorithmNotAllowed { .. })
     ));
 }
+
+/// Issue 21: a fractional `exp` (RFC 7519 allows it; some issuers send
+/// one) is read by the same NumericDate parser as the expiry check, so the
+/// identity's expiry is that time, not 0 ("long expired", which ended
+/// sessions at once under `enforce_token_expiry`).
+#[tokio::test]
+async fn regression_a_fractional_exp_is_the_identitys_expiry() {
+    let issuer = Issuer::start().await.expect("issuer");
+    let verifier = verifier_for(&issuer, |_| {});
+    let exp = exp();
+    #[allow(clippy::cast_precision_loss, reason = "a time in seconds fits")]
+    let fractional = exp as f64 + 0.5;
+    let token = issuer.mint(&TokenSpec::new("fractional").claim("exp", json!(fractional)));
+    let identity = verifier
+        .verify(&token, ROLE, SystemTime::now())
+        .await
+        .expect("a fractional exp verifies");
+    assert_eq!(identity.expires_at, exp);
+}
