@@ -534,11 +534,21 @@ async fn the_key_never_shows_in_catalogs_settings_activity_statements_plans_or_e
         }
     }
     // Activity and statement statistics are closed to the login roles
-    // altogether (tests/hostile.rs); what they refuse, nobody reads.
+    // altogether where init-db could close them (tests/hostile.rs); what
+    // they refuse, nobody reads. Where it could not (no superuser), what
+    // they show is searched for the key with the rest.
     for query in [
         "select string_agg(coalesce(query, ''), ' ') from pg_stat_activity",
         "select string_agg(query, ' ') from pg_stat_statements",
     ] {
+        if stack.installer.managed() {
+            for row in carol.simple_query(query).await.expect(query) {
+                if let tokio_postgres::SimpleQueryMessage::Row(row) = row {
+                    seen.push_str(row.get(0).unwrap_or(""));
+                }
+            }
+            continue;
+        }
         let error = carol.simple_query(query).await.expect_err(query);
         assert_eq!(
             error.code(),

@@ -328,7 +328,8 @@ async fn pg_stat_statements_shows_no_user_anothers_statements() {
         .expect("alice");
     let bob = stack.login("user_bob").await;
     if reported_open(&report, "pg_stat_statements") {
-        assert_sees(&bob, "pg_stat_statements", "alice-statement").await;
+        // Constants are normalized away (`$1 as marker`): look for the rest.
+        assert_sees(&bob, "pg_stat_statements", "as marker").await;
         return;
     }
     for sql in [
