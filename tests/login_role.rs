@@ -31,6 +31,7 @@ async fn fresh_sessions(stack: &Stack, role: &str, n: usize) -> Vec<tokio_postgr
             ("row_security", "on"),
             ("extra_float_digits", "1"),
             ("local_preload_libraries", ""),
+            ("statement_timeout", "0"),
         ] {
             let value: String = client
                 .query_one(&format!("show {setting}"), &[])
@@ -76,6 +77,8 @@ async fn a_clients_role_defaults_never_reach_another_session() {
                 "alter role current_user set default_transaction_read_only = on;
                  alter role current_user set extra_float_digits = -15;
                  alter role current_user set local_preload_libraries = 'nonexistent';
+                 alter role current_user set statement_timeout = '1ms';
+                 alter role current_user set idle_session_timeout = '1ms';
                  alter role current_user in database app set row_security = off;",
             )
             .await

@@ -4,11 +4,12 @@
 //! the string, else `PGPASSWORD`, else the password file (`PGPASSFILE`,
 //! `~/.pgpass`), so it never has to be on the command line where `ps`
 //! shows it. TLS as `sslmode` says: `disable`; `prefer` (the default) and
-//! `require` encrypt when the server offers it (`require`: or fail);
-//! `verify-ca`/`verify-full` check the certificate against `sslrootcert`
-//! or the platform's roots. Managed services need TLS: they present a
-//! certificate from a public CA, or name the bundle to pass as
-//! `sslrootcert`.
+//! `require` encrypt when the server offers it (`require`: or fail). In
+//! every mode but `disable` the certificate and host name are checked
+//! against `sslrootcert` or the platform's roots: stricter than libpq's
+//! `prefer`/`require`, which do not check, because this connection carries
+//! the administrator's password. Managed services present a certificate
+//! from a public CA, or name the bundle to pass as `sslrootcert`.
 
 use std::path::PathBuf;
 use std::str::FromStr as _;

@@ -26,22 +26,34 @@ pub async fn public_schema(
     let privileges = match access {
         TableAccess::ReadWrite => "select, insert, update, delete",
         TableAccess::ReadOnly => "select",
-        TableAccess::None => {
-            return tx
-                .batch_execute(&format!("grant usage on schema public to {r}"))
-                .await
-                .with_context(|| format!("granting schema public to {role}"));
+        TableAccess::None => "",
+    };
+    // A role moved to less access loses what it had, for tables that exist
+    // and those init-db's user and the migration roles create later.
+    let taken = match access {
+        TableAccess::ReadWrite => "",
+        TableAccess::ReadOnly => "insert, update, delete, truncate",
+        TableAccess::None => "all",
+    };
+    let mut revoke = String::new();
+    if !taken.is_empty() {
+        revoke.push_str(&format!(
+            "revoke {taken} on all tables in schema public from {r};
+             alter default privileges in schema public revoke {taken} on tables from {r};"
+        ));
+        for owner in migration_roles {
+            revoke.push_str(&format!(
+                "alter default privileges for role {} in schema public revoke {taken} on tables from {r};",
+                quote_ident(owner)
+            ));
         }
-    };
-    // A role moved to read-only loses what it had.
-    let revoke = match access {
-        TableAccess::ReadOnly => format!(
-            "revoke insert, update, delete, truncate on all tables in schema public from {r};
-             alter default privileges in schema public
-                 revoke insert, update, delete, truncate on tables from {r};"
-        ),
-        _ => String::new(),
-    };
+    }
+    if privileges.is_empty() {
+        return tx
+            .batch_execute(&format!("{revoke} grant usage on schema public to {r}"))
+            .await
+            .with_context(|| format!("granting schema public to {role}"));
+    }
     tx.batch_execute(&format!(
         "{revoke}
          grant usage on schema public to {r};

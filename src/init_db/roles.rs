@@ -202,6 +202,23 @@ async fn revoke_memberships(
             .lines
             .push(format!("role {name}: revoked its membership in {granted}"));
     }
+    // From PostgreSQL 16 a REVOKE removes only this grantor's grant; one
+    // made by another role stays, with nothing but a warning.
+    let left = tx
+        .query_one(
+            "select count(*) from pg_catalog.pg_auth_members m \
+               join pg_catalog.pg_roles u on u.oid = m.member where u.rolname = $1",
+            &[&name],
+        )
+        .await?
+        .get::<_, i64>(0);
+    if left > 0 {
+        bail!(
+            "role {name} is still a member of another role (granted by someone else); \
+             run `REVOKE <role> FROM {} GRANTED BY <grantor>` as that grantor or a superuser",
+            quote_ident(name)
+        );
+    }
     Ok(())
 }
 
@@ -242,6 +259,22 @@ async fn clear_defaults(
              put the ones you meant in proxy.toml [roles.NAME] settings",
         );
         report.lines.push(line);
+    }
+    // A non-superuser's RESET ALL skips what it may not set itself.
+    let left: Option<String> = tx
+        .query_one(
+            "select pg_catalog.string_agg(pg_catalog.array_to_string(s.setconfig, ', '), ', ') \
+               from pg_catalog.pg_db_role_setting s \
+              where s.setrole = (select oid from pg_catalog.pg_roles where rolname = $1)",
+            &[&name],
+        )
+        .await?
+        .get(0);
+    if let Some(left) = left {
+        bail!(
+            "role {name} keeps session defaults init-db's user may not remove ({left}); \
+             a superuser (or the provider's support) must run `ALTER ROLE {ident} RESET ALL`"
+        );
     }
     Ok(())
 }

@@ -23,8 +23,6 @@
 
 use anyhow::Context as _;
 
-use super::sql::quote_ident;
-
 /// Statistics functions that show other sessions of the same role, by
 /// name; every `pg_stat_get_backend_*` function of the server is added from
 /// its catalog ([`BACKEND_FUNCTIONS`]), so what a new major adds there
@@ -242,7 +240,6 @@ pub fn explain(open: &[Open], superuser: bool) -> Vec<String> {
                 .to_owned(),
         );
     }
-    let _ = quote_ident;
     lines
 }
 

@@ -35,8 +35,13 @@ const ATTACH: &str = "select pg_catalog.set_config('authgres.claims', $1::pg_cat
 const SET_CONFIG: &str =
     "select pg_catalog.set_config($1::pg_catalog.text, $2::pg_catalog.text, false)";
 /// Starts a new identity generation for this backend and returns the
-/// binding to sign. Schema-qualified: no search_path can divert it.
-pub(super) const BEGIN_SESSION: &str = "select auth.begin_session()";
+/// binding to sign. Schema-qualified: no search_path can divert it. In a
+/// writable transaction of its own with no timeout: a default the login
+/// role was given (read-only, a 1 ms `statement_timeout`) must not stop
+/// the check for such defaults inside it (`upstream::repair`).
+pub(super) const BEGIN_SESSION: &str = "BEGIN READ WRITE; SET LOCAL statement_timeout = 0; \
+                                        SET LOCAL lock_timeout = 0; \
+                                        SELECT auth.begin_session(); COMMIT";
 
 /// Appends the statement attaching `claims` for `binding` (Parse, Bind,
 /// Execute of the unnamed statement; no Sync). Returns what was attached.

@@ -32,17 +32,38 @@ use crate::error::UpstreamError;
 
 /// Startup parameters of every login, after the client's: a role default
 /// naming a library that does not load would otherwise fail every login.
-pub const PINNED_STARTUP: &[(&str, &str)] = &[("local_preload_libraries", "")];
+/// And an `idle_session_timeout` would end the backend before the proxy's
+/// first query reached it (pooled backends must not time out while idle
+/// anyway).
+pub const PINNED_STARTUP: &[(&str, &str)] = &[
+    ("local_preload_libraries", ""),
+    ("idle_session_timeout", "0"),
+];
 
 /// The SQLSTATE `auth.begin_session()` raises while the login role carries
 /// session defaults of its own.
 pub const ROLE_DEFAULTS_SQLSTATE: &str = "AG001";
 
 /// Opens the repair's transaction: writable, whatever the role's defaults
-/// say, and with no timeout of theirs in the way.
-const REPAIR_BEGIN: &str = "BEGIN READ WRITE; SET LOCAL statement_timeout = 0; \
+/// say, and with no timeout of theirs in the way. The ROLLBACK ends the
+/// failed `auth.begin_session()` transaction the repair follows (a
+/// warning, harmless, when there is none).
+const REPAIR_BEGIN: &str = "ROLLBACK; BEGIN READ WRITE; SET LOCAL statement_timeout = 0; \
                             SET LOCAL lock_timeout = 0; \
                             SET LOCAL idle_in_transaction_session_timeout = 0";
+
+/// Fails the repair when defaults remain after `RESET ALL`: a role can
+/// remove only the settings it may set itself, so one an administrator set
+/// (superuser-only, or an extension's) stays, and every session would
+/// otherwise be refused and repaired again, in a loop.
+const STILL_SET: &str = "DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_catalog.pg_db_role_setting s \
+     WHERE s.setrole OPERATOR(pg_catalog.=) (SELECT r.oid FROM pg_catalog.pg_roles r \
+     WHERE r.rolname OPERATOR(pg_catalog.=) SESSION_USER) \
+     AND s.setdatabase OPERATOR(pg_catalog.=) ANY (ARRAY[0::pg_catalog.oid, (SELECT d.oid FROM \
+     pg_catalog.pg_database d WHERE d.datname OPERATOR(pg_catalog.=) \
+     pg_catalog.current_database())])) THEN RAISE EXCEPTION 'authgres: login role % has \
+     session defaults only an administrator can remove', SESSION_USER USING HINT = \
+     'run authgres init-db, or have a superuser run ALTER ROLE ... RESET ALL'; END IF; END $$";
 
 impl Upstream {
     /// Removes every session default the login role set for itself, in
@@ -55,7 +76,7 @@ impl Upstream {
     ) -> Result<(), UpstreamError> {
         let sql = format!(
             "{REPAIR_BEGIN}; ALTER ROLE SESSION_USER RESET ALL; \
-             ALTER ROLE SESSION_USER IN DATABASE {} RESET ALL; COMMIT",
+             ALTER ROLE SESSION_USER IN DATABASE {} RESET ALL; {STILL_SET}; COMMIT",
             quote_ident(database)
         );
         let result = self.repair(&sql, deadline).await;
