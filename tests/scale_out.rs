@@ -270,20 +270,8 @@ async fn killing_one_instance_leaves_the_others_and_new_connections_alone() {
 async fn a_new_process_takes_over_the_port_without_a_refused_connection() {
     let stack = Stack::start().await;
     let port = free_port();
-    let mut instance = stack.instance(port, "");
     // The handover socket goes in [listen]; restart with it.
-    instance.kill();
-    let config = instance.dir.join("proxy.toml");
-    let text = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(
-        &config,
-        text.replacen(
-            "[listen]\n",
-            "[listen]\nhandover_socket = \"handover.sock\"\n",
-            1,
-        ),
-    )
-    .expect("config");
+    let mut instance = instance_with_handover(&stack, port, "handover.sock");
     instance.start();
     instance.wait_ready().await;
     let pgbench = pgbench_connect_per_transaction(&stack, port, 8);
@@ -395,10 +383,10 @@ fn spawn_with_umask(dir: &std::path::Path, umask: &str) -> std::process::Child {
         .expect("spawn authgres serve")
 }
 
-/// An instance of the stack, stopped, whose config has `handover_socket`
-/// set to `path`.
-fn instance_with_handover(stack: &Stack, path: &str) -> Instance {
-    let mut instance = stack.instance(free_port(), "");
+/// An instance of the stack on `port`, stopped, whose config has
+/// `handover_socket` set to `path`.
+fn instance_with_handover(stack: &Stack, port: u16, path: &str) -> Instance {
+    let mut instance = stack.instance(port, "");
     instance.kill();
     let config = instance.dir.join("proxy.toml");
     let text = std::fs::read_to_string(&config).expect("config");
@@ -435,7 +423,7 @@ async fn the_handover_socket_is_owner_only_and_hands_nothing_to_another_user() {
     use std::os::unix::process::CommandExt as _;
 
     let stack = Stack::start().await;
-    let mut instance = instance_with_handover(&stack, "handover.sock");
+    let mut instance = instance_with_handover(&stack, free_port(), "handover.sock");
     let mut proxy = spawn_with_umask(&instance.dir, "000");
     wait_listening_or_exit(instance.port, &mut proxy, || instance.log());
     let socket = instance.dir.join("handover.sock");
@@ -503,7 +491,7 @@ async fn the_handover_socket_is_owner_only_and_hands_nothing_to_another_user() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_handover_socket_that_cannot_be_bound_fails_the_start() {
     let stack = Stack::start().await;
-    let instance = instance_with_handover(&stack, "no-such-directory/handover.sock");
+    let instance = instance_with_handover(&stack, free_port(), "no-such-directory/handover.sock");
     let mut proxy = spawn_with_umask(&instance.dir, "022");
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
