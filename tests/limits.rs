@@ -113,12 +113,17 @@ async fn stalled_sockets_from_one_address_do_not_lock_everyone_else_out() {
 
 /// Resident memory of a process, in KiB.
 fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A `/proc/PID/status` field in KiB (`VmRSS:`, `VmHWM:`).
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .expect("status")
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .expect("VmRSS")
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -333,12 +338,7 @@ async fn client_and_upstream_sockets_probe_idle_peers() {
 
 /// Peak resident memory of a process so far, in KiB.
 fn peak_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("status")
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .expect("VmHWM")
+    status_kib(pid, "VmHWM:")
 }
 
 /// A raw `/sql` request as the anonymous role (no token) with `body`, and

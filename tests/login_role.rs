@@ -121,8 +121,10 @@ async fn defaults_set_in_a_pooled_session_are_cleared_when_it_leaves() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_clients_password_change_locks_nobody_out_and_is_undone() {
     let stack = Stack::start().await;
-    // The role's first login gives the pool its keeper connection.
+    // The role's first login gives the pool its keeper connection, logged
+    // in beside it.
     drop(stack.login("user_bob").await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let attacker = stack.login("user_mallory").await;
     attacker
         .batch_execute("alter role current_user password 'stolen'")

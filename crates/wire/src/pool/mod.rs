@@ -79,7 +79,8 @@ pub struct UpstreamPool {
     /// after the role's first login: it sets the role's password back if a
     /// client changed it, when every connection of the role is busy
     /// (`upstream::repair`). Never handed to a client.
-    keepers: Mutex<HashMap<String, Upstream>>,
+    /// `None` while the keeper's login is under way (one at a time).
+    keepers: Mutex<HashMap<String, Option<Upstream>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -300,7 +301,7 @@ impl UpstreamPool {
     /// has set the password back: any role may change its own password,
     /// so a client can have changed it (see `upstream::repair`).
     async fn log_in(
-        &self,
+        self: &Arc<Self>,
         database: &str,
         role: &str,
         password: Option<&str>,
@@ -313,7 +314,7 @@ impl UpstreamPool {
         match &first {
             Err(UpstreamError::LoginRefused { error, .. }) if error.code() == "28P01" => {}
             Ok(_) => {
-                self.ensure_keeper(database, role, password).await;
+                self.ensure_keeper(database, role, password);
                 return first;
             }
             Err(_) => return first,
@@ -343,22 +344,43 @@ impl UpstreamPool {
         connected
     }
 
-    /// Logs in `role`'s keeper connection if it has none (see
-    /// `keepers`); best effort.
-    async fn ensure_keeper(&self, database: &str, role: &str, password: &str) {
-        if self.keepers().contains_key(role) {
-            return;
-        }
-        let name = [("application_name".to_owned(), KEEPER_NAME.to_owned())];
-        match upstream::connect(&self.config, role, database, Some(password), &name).await {
-            Ok(keeper) => {
-                self.keepers().entry(role.to_owned()).or_insert(keeper);
+    /// Starts the login of `role`'s keeper connection if it has none and
+    /// none is under way (see `keepers`), beside the client's checkout,
+    /// which does not wait for it. Best effort: a failed login is tried
+    /// again after the role's next login.
+    fn ensure_keeper(self: &Arc<Self>, database: &str, role: &str, password: &str) {
+        {
+            let mut keepers = self.keepers();
+            if keepers.contains_key(role) {
+                return;
             }
-            Err(error) => tracing::debug!(%error, role, "no keeper connection for the role"),
+            keepers.insert(role.to_owned(), None);
         }
+        let pool = Arc::downgrade(self);
+        let (database, role, password) =
+            (database.to_owned(), role.to_owned(), password.to_owned());
+        let config = self.config.clone();
+        tokio::spawn(async move {
+            let name = [("application_name".to_owned(), KEEPER_NAME.to_owned())];
+            let connected =
+                upstream::connect(&config, &role, &database, Some(&password), &name).await;
+            let Some(pool) = pool.upgrade() else {
+                return;
+            };
+            let mut keepers = pool.keepers();
+            match connected {
+                Ok(keeper) => {
+                    keepers.insert(role, Some(keeper));
+                }
+                Err(error) => {
+                    tracing::debug!(%error, role, "no keeper connection for the role");
+                    keepers.remove(&role);
+                }
+            }
+        });
     }
 
-    fn keepers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Upstream>> {
+    fn keepers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<Upstream>>> {
         self.keepers.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -368,13 +390,15 @@ impl UpstreamPool {
     /// that fail are closed.
     async fn restore_password(&self, role: &str, password: &str, deadline: Instant) -> bool {
         let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
-        let keeper = self.keepers().remove(role);
-        if let Some(mut keeper) = keeper
-            && keeper.restore_password(&verifier, deadline).await.is_ok()
-        {
-            log_restored(role);
-            self.keepers().insert(role.to_owned(), keeper);
-            return true;
+        let keeper = self.keepers().get_mut(role).and_then(Option::take);
+        if let Some(mut keeper) = keeper {
+            if keeper.restore_password(&verifier, deadline).await.is_ok() {
+                log_restored(role);
+                self.keepers().insert(role.to_owned(), Some(keeper));
+                return true;
+            }
+            // Dead or refused: a later login of the role starts another.
+            self.keepers().remove(role);
         }
         while let Some((key, mut idle)) = self.take_idle_of_role(role) {
             let restored = async {
