@@ -471,26 +471,56 @@ impl OsUser {
     }
 }
 
-/// A loopback port that is free now, for a server a test starts.
+/// A loopback port that is free now and that no other test process on
+/// this machine will pick, for a server a test starts.
 ///
 /// Chosen below Linux's ephemeral range (32768-60999 by default): a port
 /// the kernel hands out by `bind(0)` is also one it hands to the next
 /// outgoing connection, so a test's own client traffic could take it
-/// before the server binds. Tests run in parallel processes, so the pick
-/// is random, and checked by binding.
+/// before the server binds. Tests run in parallel processes, and a bind
+/// check alone leaves a window between the check and the server's own
+/// bind in which another process can pick the same port; so each pick is
+/// also claimed with an exclusive lock on a file named after the port,
+/// held until this process exits (the kernel drops it even on a crash).
 pub fn free_port() -> anyhow::Result<u16> {
     const FIRST: u16 = 15_000;
     const LAST: u16 = 32_000;
-    for _ in 0..100 {
+    let claims = std::env::temp_dir().join("authgres-test-ports");
+    std::fs::create_dir_all(&claims).with_context(|| format!("creating {}", claims.display()))?;
+    for _ in 0..200 {
         let mut bytes = [0u8; 2];
         aws_lc_rs::rand::fill(&mut bytes).map_err(|_| anyhow::anyhow!("the system RNG failed"))?;
         let port = FIRST + u16::from_le_bytes(bytes) % (LAST - FIRST);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if claim_port(&claims, port)? && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return Ok(port);
         }
     }
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
+    bail!("no free loopback port between {FIRST} and {LAST} after 200 tries")
+}
+
+/// Takes the cross-process claim on `port`: false when another live
+/// process holds it (or this one already does).
+fn claim_port(claims: &Path, port: u16) -> anyhow::Result<bool> {
+    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    let path = claims.join(port.to_string());
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {
+            HELD.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(file);
+            Ok(true)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+        Err(std::fs::TryLockError::Error(error)) => {
+            Err(error).with_context(|| format!("locking {}", path.display()))
+        }
+    }
 }
 
 pub(crate) fn random_hex(bytes: usize) -> String {
