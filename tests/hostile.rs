@@ -504,3 +504,148 @@ async fn tiny_timeouts_a_client_sets_do_not_break_the_next_client() {
     }
     drop(bob);
 }
+
+// --- Round three (issue 21): work that escaped the pool's bounds --------
+
+/// Statements running `select pg_sleep(20)` on the server now, as the
+/// sandbox's superuser sees them.
+async fn sleeps_running(stack: &Stack) -> i64 {
+    stack
+        .cluster
+        .admin(common::DATABASE)
+        .await
+        .expect("admin")
+        .query_one(
+            "select count(*) from pg_stat_activity \
+             where query = 'select pg_sleep(20)' and state = 'active'",
+            &[],
+        )
+        .await
+        .expect("activity")
+        .get(0)
+}
+
+/// Issue 21, 2.1: a client that disconnected mid-query left its backend
+/// running, uncancelled, while the pool counted it free: twelve such
+/// clients on a pool of two left thirteen backends running.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_leaving_mid_query_has_its_backend_cancelled_and_counted() {
+    for mode in [
+        "pool_mode = \"session\"\npool_size = 2\ncheckout_timeout = \"10s\"",
+        "pool_mode = \"transaction\"\npool_size = 2\ncheckout_timeout = \"10s\"",
+        "pool_mode = \"none\"",
+    ] {
+        let stack = stack(mode).await;
+        let mut most = 0;
+        for _ in 0..6 {
+            let mut anonymous = RawClient::login(stack.port, "anonymous", None).await;
+            anonymous
+                .send(&message(b'Q', b"select pg_sleep(20)\0"))
+                .await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            most = most.max(sleeps_running(&stack).await);
+            drop(anonymous);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+        let mut running = sleeps_running(&stack).await;
+        while running > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            running = sleeps_running(&stack).await;
+        }
+        assert_eq!(running, 0, "{mode}: abandoned statements still run");
+        assert!(most <= 2, "{mode}: {most} abandoned statements ran at once");
+        alice_is_served(&stack, Duration::from_secs(10)).await;
+    }
+}
+
+/// Parse, Bind, Execute of each statement, then Flush: a batch left open,
+/// holding what its statements took.
+fn open_batch(statements: &[&str]) -> Vec<u8> {
+    let mut batch = Vec::new();
+    for statement in statements {
+        let mut parse = b"\0".to_vec();
+        parse.extend_from_slice(statement.as_bytes());
+        parse.extend_from_slice(&[0, 0, 0]);
+        batch.extend(message(b'P', &parse));
+        batch.extend(message(b'B', &[0, 0, 0, 0, 0, 0, 0, 0]));
+        batch.extend(message(b'E', &[0, 0, 0, 0, 0]));
+    }
+    batch.extend(message(b'H', b""));
+    batch
+}
+
+/// Issue 21, 2.3: Parse/Bind/Execute followed by Flush instead of Sync
+/// escaped `idle_transaction_timeout`: an ACCESS EXCLUSIVE lock was held
+/// for as long as the client liked, and in transaction pooling its backend
+/// never came back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_left_open_with_flush_is_cut_off_like_an_idle_transaction() {
+    for mode in [ONE_SESSION_BACKEND, ONE_TRANSACTION_BACKEND] {
+        let stack = Stack::start_with(common::Options {
+            upstream_extra: mode,
+            listen_extra: "idle_transaction_timeout = \"1s\"",
+            ..Default::default()
+        })
+        .await;
+        let token = stack.issuer.token("user_bob");
+        let mut bob = RawClient::login(stack.port, "authenticated", Some(&token)).await;
+        bob.send(&open_batch(&[
+            "begin",
+            "lock table todos in access exclusive mode",
+        ]))
+        .await;
+        assert_eq!(bob.read_until(b'C').await, [b'1', b'2', b'C']);
+        assert_eq!(bob.read_until(b'C').await, [b'1', b'2', b'C']);
+        let (code, _) = bob.expect_error().await;
+        assert_eq!(code, "25P03", "{mode}");
+        // The lock is gone with the batch: another user reads the table.
+        let alice = tokio::time::timeout(Duration::from_secs(10), stack.login("user_alice"))
+            .await
+            .expect("alice is served");
+        let count = tokio::time::timeout(
+            Duration::from_secs(5),
+            alice.query_one("select count(*) from todos", &[]),
+        )
+        .await
+        .expect("the lock was released");
+        count.expect("count");
+    }
+}
+
+/// Issue 21, 6: in transaction pooling, when the session state a
+/// transaction left could not be read, the client's settings were dropped
+/// after a debug line and its next transaction ran without its
+/// `search_path`. The session ends instead.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_whose_state_cannot_be_read_ends_instead_of_losing_its_settings() {
+    let stack = stack(
+        "pool_mode = \"transaction\"\npool_size = 2\ninternal_query_timeout = \"1s\"\n\
+         checkout_timeout = \"5s\"",
+    )
+    .await;
+    let bob = stack.login("user_bob").await;
+    assert_eq!(user_id(&bob).await.as_deref(), Some("user_bob"));
+    // The state read after Bob's SET lists the session's relations from
+    // pg_class: while the superuser holds pg_class, it waits out its
+    // deadline.
+    let mut admin = stack.cluster.admin(common::DATABASE).await.expect("admin");
+    let hold = admin.transaction().await.expect("begin");
+    hold.batch_execute("lock table pg_catalog.pg_class in access exclusive mode")
+        .await
+        .expect("lock");
+    bob.batch_execute("set search_path = bobs_schema, public")
+        .await
+        .expect("set");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    hold.rollback().await.expect("release");
+    match bob.query_one("show search_path", &[]).await {
+        Ok(row) => panic!(
+            "the next transaction ran with search_path {:?}",
+            row.get::<_, String>(0)
+        ),
+        Err(error) => assert!(
+            error.is_closed() || error.code() == Some(&SqlState::CONNECTION_FAILURE),
+            "{error}"
+        ),
+    }
+}

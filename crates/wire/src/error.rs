@@ -206,12 +206,28 @@ pub enum SessionError {
     /// The client left results unread past the limit.
     #[error("the client did not read its results for {0:?}")]
     ClientStalled(Duration),
+    /// Transaction pooling could not read the session state a transaction
+    /// left (its settings, prepared statements, identity): the client's
+    /// next transaction would have run without them, so the session ends.
+    #[error("the session's state could not be read after a transaction: {0}")]
+    SessionStateLost(#[source] UpstreamError),
     /// Logging in upstream or readying the connection failed.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
     /// The client connection failed.
     #[error("client I/O: {0}")]
-    ClientIo(#[from] io::Error),
+    ClientIo(#[source] io::Error),
+}
+
+impl From<crate::relay::RelayError> for SessionError {
+    /// A relay's I/O failure is the client's or the backend's, by the side
+    /// that failed: a lost backend reaches the operator as one.
+    fn from(error: crate::relay::RelayError) -> Self {
+        match error {
+            crate::relay::RelayError::Client(error) => Self::ClientIo(error),
+            crate::relay::RelayError::Upstream(error) => Self::Upstream(UpstreamError::Io(error)),
+        }
+    }
 }
 
 impl Classify for SessionError {
@@ -294,6 +310,12 @@ impl Classify for SessionError {
                 ),
                 None,
             ),
+            Self::SessionStateLost(_) => ClientView::new(
+                S::ConnectionFailure,
+                "terminating connection: the session's settings could not be carried to its \
+                 next transaction",
+                Some("reconnect; the proxy's log says why the server did not answer"),
+            ),
             Self::Upstream(error) => error.client_view(),
         }
     }
@@ -315,7 +337,7 @@ impl Classify for SessionError {
             | Self::ClientStalled(_) => Severity::Client,
             Self::TooManyConnections | Self::PoolExhausted { .. } => Severity::Service,
             Self::Refused(refusal) => refusal.severity(),
-            Self::Upstream(error) => error.severity(),
+            Self::SessionStateLost(error) | Self::Upstream(error) => error.severity(),
         }
     }
 
@@ -336,6 +358,7 @@ impl Classify for SessionError {
             Self::ShuttingDown => "shutting_down",
             Self::IdleInTransaction(_) => "idle_in_transaction",
             Self::ClientStalled(_) => "client_stalled",
+            Self::SessionStateLost(_) => "session_state_lost",
             Self::Upstream(error) => error.label(),
             Self::ClientIo(_) => "client_io",
         }

@@ -56,6 +56,18 @@ pub enum Stop {
     ClientStalled,
 }
 
+/// An I/O failure in the relay, by the side that failed: a lost backend
+/// is the operator's concern, a client that vanished is routine.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// Reading from or writing to the client failed.
+    #[error("client I/O: {0}")]
+    Client(#[source] io::Error),
+    /// Reading from or writing to the upstream server failed.
+    #[error("upstream I/O: {0}")]
+    Upstream(#[source] io::Error),
+}
+
 /// Limits on a client that holds its backend without using it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Watch {
@@ -281,7 +293,7 @@ impl Relay {
     /// after the password, or the first bytes of a pooled transaction),
     /// following them like any the relay reads. A Terminate or a refused
     /// message among them ends the relay at its start.
-    pub async fn forward<U>(&mut self, bytes: &[u8], upstream: &mut U) -> io::Result<()>
+    pub async fn forward<U>(&mut self, bytes: &[u8], upstream: &mut U) -> Result<(), RelayError>
     where
         U: AsyncWrite + Unpin + ?Sized,
     {
@@ -292,7 +304,9 @@ impl Relay {
             self.to_upstream.load(chunk);
             self.count(|t| &t.received, chunk.len());
             self.scan_client();
-            poll_fn(|cx| self.to_upstream.poll_drain(cx, upstream)).await?;
+            poll_fn(|cx| self.to_upstream.poll_drain(cx, upstream))
+                .await
+                .map_err(RelayError::Upstream)?;
         }
         Ok(())
     }
@@ -300,7 +314,7 @@ impl Relay {
     /// Delivers server bytes read outside the relay (by the proxy's own
     /// queries on the connection) to the client, following them like any
     /// the relay reads.
-    pub async fn deliver<C>(&mut self, bytes: &[u8], client: &mut C) -> io::Result<()>
+    pub async fn deliver<C>(&mut self, bytes: &[u8], client: &mut C) -> Result<(), RelayError>
     where
         C: AsyncWrite + Unpin + ?Sized,
     {
@@ -308,13 +322,15 @@ impl Relay {
             self.to_client.load(chunk);
             self.count(|t| &t.sent, chunk.len());
             self.scan_server();
-            poll_fn(|cx| self.to_client.poll_drain(cx, client)).await?;
+            poll_fn(|cx| self.to_client.poll_drain(cx, client))
+                .await
+                .map_err(RelayError::Client)?;
         }
         Ok(())
     }
 
     /// Relays until a side ends or the session stops at an idle boundary.
-    pub async fn run<C, U>(&mut self, client: &mut C, upstream: &mut U) -> io::Result<Stop>
+    pub async fn run<C, U>(&mut self, client: &mut C, upstream: &mut U) -> Result<Stop, RelayError>
     where
         C: AsyncRead + AsyncWrite + Unpin + ?Sized,
         U: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -327,7 +343,7 @@ impl Relay {
         cx: &mut Context<'_>,
         client: &mut C,
         upstream: &mut U,
-    ) -> Poll<io::Result<Stop>>
+    ) -> Poll<Result<Stop, RelayError>>
     where
         C: AsyncRead + AsyncWrite + Unpin + ?Sized,
         U: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -348,7 +364,7 @@ impl Relay {
                 && self.to_upstream.is_empty()
                 && let Poll::Ready(read) = self.to_upstream.poll_fill(cx, client)
             {
-                let read = read?;
+                let read = read.map_err(RelayError::Client)?;
                 if read == 0 {
                     return Poll::Ready(Ok(Stop::ClientClosed));
                 }
@@ -357,7 +373,10 @@ impl Relay {
                 self.scan_client();
                 progressed = true;
             }
-            progressed |= self.to_upstream.poll_progress(cx, upstream)?;
+            progressed |= self
+                .to_upstream
+                .poll_progress(cx, upstream)
+                .map_err(RelayError::Upstream)?;
             if self.to_upstream.settled() {
                 if let Some(violation) = self.violation {
                     return Poll::Ready(Ok(Stop::Violation(violation)));
@@ -371,7 +390,7 @@ impl Relay {
                 && self.to_client.is_empty()
                 && let Poll::Ready(read) = self.to_client.poll_fill(cx, upstream)
             {
-                let read = read?;
+                let read = read.map_err(RelayError::Upstream)?;
                 if read == 0 {
                     return Poll::Ready(Ok(Stop::UpstreamClosed));
                 }
@@ -381,7 +400,10 @@ impl Relay {
                 progressed = true;
             }
             let before = self.to_client.start;
-            let moved = self.to_client.poll_progress(cx, client)?;
+            let moved = self
+                .to_client
+                .poll_progress(cx, client)
+                .map_err(RelayError::Client)?;
             if moved && self.to_client.start != before {
                 self.watchdog.last_written = Instant::now();
             }
@@ -400,8 +422,7 @@ impl Relay {
     fn poll_watchdog(&mut self, cx: &mut Context<'_>) -> Option<Stop> {
         loop {
             let dog = &self.watchdog;
-            let idle_in_transaction = self.ledger.settled()
-                && self.ledger.status() != ledger::IDLE
+            let idle_in_transaction = self.ledger.idle_in_transaction()
                 && self.to_upstream.is_empty()
                 && self.client_frames.at_boundary();
             let idle = (dog.watch.idle_in_transaction)
@@ -432,11 +453,13 @@ impl Relay {
     }
 
     /// Writes what the server sent and the client has not received yet.
-    pub async fn flush_client<C>(&mut self, client: &mut C) -> io::Result<()>
+    pub async fn flush_client<C>(&mut self, client: &mut C) -> Result<(), RelayError>
     where
         C: AsyncWrite + Unpin + ?Sized,
     {
-        poll_fn(|cx| self.to_client.poll_drain(cx, client)).await
+        poll_fn(|cx| self.to_client.poll_drain(cx, client))
+            .await
+            .map_err(RelayError::Client)
     }
 
     /// Follows the client bytes just read: each message to the tracker and
@@ -539,6 +562,13 @@ impl Relay {
             && self.to_upstream.settled()
             && self.client_frames.at_boundary()
             && self.server_frames.at_boundary()
+    }
+
+    /// Whether the backend may still be working on something the client
+    /// sent (or the relay cannot tell): a backend given up in that state
+    /// must be cancelled, not just closed, or it runs on for nobody.
+    pub fn backend_busy(&self) -> bool {
+        !self.ledger.waiting_for_client()
     }
 
     /// Whether the client has been sent whole messages only, so one more

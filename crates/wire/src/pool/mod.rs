@@ -515,6 +515,16 @@ impl Pooled {
         self.reused
     }
 
+    /// Ends a connection whose backend may still be working for a client
+    /// that left ([`Upstream::abandon`]), by `deadline`. The connection
+    /// stays counted as checked out until its backend is gone, so work
+    /// nobody waits for cannot take the pool past its size.
+    pub async fn abandon(mut self, deadline: Instant) {
+        if let Some(conn) = self.conn.take() {
+            conn.abandon(&self.pool.config, deadline).await;
+        }
+    }
+
     /// Returns the connection to the pool; call only when it is idle and
     /// holds no state of the request that used it. A connection that is
     /// broken or past its lifetime is closed instead.

@@ -438,9 +438,28 @@ impl Ledger {
             && !self.batch_open
     }
 
-    /// The status of the last ReadyForQuery.
-    pub fn status(&self) -> u8 {
-        self.status
+    /// Whether the server has answered everything it was sent and waits
+    /// for the client's next message, in a transaction block, an open
+    /// extended-query batch (ended by Flush, not Sync) or a COPY FROM
+    /// STDIN alike: a backend that works for nobody unless the client
+    /// speaks. False when the ledger is lost.
+    pub fn waiting_for_client(&self) -> bool {
+        // In COPY FROM STDIN the Query or Execute that started it is still
+        // current: the server reads data until the client ends it.
+        let reading = match self.mode {
+            Mode::CopyIn(copy) => copy.end.is_none(),
+            Mode::Normal | Mode::SkipToSync => self.current.is_none(),
+        };
+        self.lost.is_none() && self.queue.is_empty() && reading
+    }
+
+    /// Whether the client holds the backend in a transaction, or in an
+    /// open batch that runs as one, while the server waits for it: what
+    /// `idle_in_transaction` limits.
+    pub fn idle_in_transaction(&self) -> bool {
+        self.waiting_for_client()
+            && !matches!(self.mode, Mode::CopyIn(_))
+            && (self.status != IDLE || self.batch_open || self.mode == Mode::SkipToSync)
     }
 
     /// Whether the backend is settled outside any transaction block: the

@@ -3,7 +3,11 @@ use tokio::io::{AsyncReadExt as _, DuplexStream};
 use super::*;
 use crate::proto::framer::tests::message;
 
-type Relaying = tokio::task::JoinHandle<(io::Result<Stop>, Relay, (DuplexStream, DuplexStream))>;
+type Relaying = tokio::task::JoinHandle<(
+    Result<Stop, RelayError>,
+    Relay,
+    (DuplexStream, DuplexStream),
+)>;
 
 /// A relay between two in-memory pipes: (client peer, upstream peer,
 /// relay), the relay handing back its state and the upstream end. With

@@ -63,7 +63,9 @@ impl<S: ClientIo> Session<'_, S> {
             // We speak 3.0 and none of the options, as Postgres would say.
             let mut out = BytesMut::new();
             backend::negotiate_protocol_version(unsupported, &mut out);
-            write_flush(&mut self.client, &out).await?;
+            write_flush(&mut self.client, &out)
+                .await
+                .map_err(SessionError::ClientIo)?;
         }
         let role = parameters
             .get("user")
@@ -136,7 +138,9 @@ impl<S: ClientIo> Session<'_, S> {
     async fn ask_token(&mut self) -> Result<String, SessionError> {
         let mut out = BytesMut::new();
         backend::ask_cleartext_password(&mut out);
-        write_flush(&mut self.client, &out).await?;
+        write_flush(&mut self.client, &out)
+            .await
+            .map_err(SessionError::ClientIo)?;
         let message = self.read_password_message().await?;
         Ok(password_text(&message).map_err(ProtocolViolation::from)?)
     }
@@ -153,7 +157,9 @@ impl<S: ClientIo> Session<'_, S> {
     ) -> Result<String, SessionError> {
         let mut out = BytesMut::new();
         backend::ask_sasl(oauthbearer::MECHANISM, &mut out);
-        write_flush(&mut self.client, &out).await?;
+        write_flush(&mut self.client, &out)
+            .await
+            .map_err(SessionError::ClientIo)?;
         let message = self.read_password_message().await?;
         let initial = parse_sasl_initial_response(&message).map_err(ProtocolViolation::from)?;
         if initial.mechanism != oauthbearer::MECHANISM {
@@ -168,7 +174,9 @@ impl<S: ClientIo> Session<'_, S> {
                 // 4422), as Postgres allows.
                 let mut out = BytesMut::new();
                 backend::sasl_continue(Vec::new(), &mut out);
-                write_flush(&mut self.client, &out).await?;
+                write_flush(&mut self.client, &out)
+                    .await
+                    .map_err(SessionError::ClientIo)?;
                 self.read_password_message().await?
             }
         };
@@ -209,7 +217,9 @@ impl<S: ClientIo> Session<'_, S> {
     ) -> Result<(), SessionError> {
         let mut out = BytesMut::new();
         backend::sasl_continue(oauthbearer::challenge(discovery_url, scope), &mut out);
-        write_flush(&mut self.client, &out).await?;
+        write_flush(&mut self.client, &out)
+            .await
+            .map_err(SessionError::ClientIo)?;
         let message = self.read_password_message().await?;
         if !oauthbearer::is_acknowledgement(&message) {
             return Err(ProtocolViolation::from(oauthbearer::Malformed(
@@ -228,7 +238,13 @@ impl<S: ClientIo> Session<'_, S> {
             {
                 return Ok(message);
             }
-            if self.client.read_buf(&mut self.inbox).await? == 0 {
+            if self
+                .client
+                .read_buf(&mut self.inbox)
+                .await
+                .map_err(SessionError::ClientIo)?
+                == 0
+            {
                 return Err(SessionError::ClientIo(
                     std::io::ErrorKind::UnexpectedEof.into(),
                 ));
@@ -259,7 +275,9 @@ impl<S: ClientIo> Session<'_, S> {
         backend::backend_key_data(cancel.pid, cancel.key, &mut out);
         backend::ready_for_query_idle(&mut out);
         out.extend_from_slice(&conn.take_for_client());
-        write_flush(&mut self.client, &out).await?;
+        write_flush(&mut self.client, &out)
+            .await
+            .map_err(SessionError::ClientIo)?;
         // Idle sessions are many: hold no handshake buffers while relaying.
         conn.shrink();
         tracing::info!(

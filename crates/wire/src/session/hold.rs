@@ -14,8 +14,9 @@ use tokio::time::Instant;
 use super::handshake::{Greeted, Login};
 use super::lease::Lease;
 use super::{ClientIo, Session, Settings, refuse};
+use crate::cancel::CancelGuard;
 use crate::error::{ProtocolViolation, SessionError};
-use crate::relay::{self, Relay, Stop};
+use crate::relay::{self, Relay, RelayError, Stop};
 
 /// Serves a session that keeps its connection, from its greeting on.
 pub(super) async fn serve<S: ClientIo>(
@@ -28,9 +29,7 @@ pub(super) async fn serve<S: ClientIo>(
     let mut relay = Relay::new(None);
     relay.watch(session.settings.config.client_limits);
     relay.observe(session.observed());
-    let result = Box::pin(relay_to_end(session, relay, lease, expires)).await;
-    drop(cancel);
-    result
+    Box::pin(relay_to_end(session, relay, lease, &cancel, expires)).await
 }
 
 impl<S: ClientIo> Session<'_, S> {
@@ -64,6 +63,7 @@ pub(super) async fn relay_to_end<S: ClientIo>(
     mut session: Session<'_, S>,
     mut relay: Relay,
     mut lease: Lease,
+    cancel: &CancelGuard,
     expires: Option<SystemTime>,
 ) -> Result<(), SessionError> {
     let pipelined = std::mem::take(&mut session.inbox);
@@ -105,13 +105,11 @@ pub(super) async fn relay_to_end<S: ClientIo>(
             () = drain.closing() => break None,
         }
     };
-    let reusable = matches!(
-        stopped,
-        Some(Ok(Stop::ClientClosed
-            | Stop::ClientTerminated
-            | Stop::Idle
-            | Stop::IdleInTransaction))
-    ) && relay.between_requests();
+    let parting = Parting::after(stopped.as_ref(), &relay);
+    let forced = stopped.is_none();
+    // The server's last words (a FATAL) are the client's; so is what it
+    // sent before a forced drain.
+    let last_words = forced || matches!(stopped, Some(Ok(Stop::UpstreamClosed)));
     let ended = match stopped {
         None => Some(SessionError::ShuttingDown),
         Some(Ok(Stop::UpstreamClosed | Stop::ClientClosed | Stop::ClientTerminated)) => None,
@@ -131,10 +129,7 @@ pub(super) async fn relay_to_end<S: ClientIo>(
         Some(Ok(Stop::ClientStalled)) => Some(SessionError::ClientStalled(
             limits.stalled_reader.unwrap_or_default(),
         )),
-        Some(Err(ref error)) => Some(SessionError::ClientIo(std::io::Error::new(
-            error.kind(),
-            error.to_string(),
-        ))),
+        Some(Err(error)) => Some(error.into()),
     };
     if let Some(why) = relay.lost() {
         tracing::debug!(
@@ -144,15 +139,13 @@ pub(super) async fn relay_to_end<S: ClientIo>(
     }
     // The backend goes back, or is closed, before anything waits on a
     // client that may not be reading.
-    finish(&session.settings, lease, reusable).await;
-    if matches!(stopped, Some(Ok(Stop::UpstreamClosed)) | None) {
-        // The server's last words (a FATAL) are the client's; so is what
-        // it sent before a forced drain.
+    finish(&session.settings, cancel, lease, parting).await;
+    if last_words {
         let _ = tokio::time::timeout(super::ERROR_WRITE_TIMEOUT, relay.flush_client(client)).await;
     }
     match ended {
         // A forced drain mid-message cannot add an ErrorResponse.
-        Some(error) if stopped.is_some() || relay.client_at_boundary() => {
+        Some(error) if !forced || relay.client_at_boundary() => {
             proxy.report(&error);
             refuse(client, &error).await;
             Ok(())
@@ -164,20 +157,64 @@ pub(super) async fn relay_to_end<S: ClientIo>(
     }
 }
 
-/// Returns a connection the session is done with: reset and back to the
-/// pool when `reusable`, otherwise closed.
-pub(super) async fn finish(settings: &Settings, lease: Lease, reusable: bool) {
-    match lease {
-        Lease::Pooled(mut pooled) if reusable => {
-            let deadline = Instant::now() + settings.config.pool_limits.internal_query_timeout;
-            match pooled.conn().reset(deadline).await {
-                Ok(()) => pooled.release(),
-                Err(error) => {
-                    tracing::debug!(%error, "upstream connection not reusable after its reset")
-                }
-            }
+/// How a session leaves its backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Parting {
+    /// Idle and clean once reset: back to the pool.
+    Reuse,
+    /// Closed: the server is gone, or the backend waits for a client whose
+    /// state cannot be handed on (it ends when it reads the close).
+    Close,
+    /// Closed after cancelling what it still runs for a client that is
+    /// not there to read it ([`Upstream::abandon`]).
+    ///
+    /// [`Upstream::abandon`]: crate::upstream::Upstream::abandon
+    Abandon,
+}
+
+impl Parting {
+    /// How to leave the backend of a relay that stopped with `stopped`
+    /// (`None`: a forced drain).
+    pub(super) fn after(stopped: Option<&Result<Stop, RelayError>>, relay: &Relay) -> Self {
+        let clean = matches!(
+            stopped,
+            Some(Ok(Stop::ClientClosed
+                | Stop::ClientTerminated
+                | Stop::Idle
+                | Stop::IdleInTransaction))
+        );
+        match stopped {
+            _ if clean && relay.between_requests() => Self::Reuse,
+            Some(Ok(Stop::UpstreamClosed) | Err(RelayError::Upstream(_))) => Self::Close,
+            _ if relay.backend_busy() => Self::Abandon,
+            _ => Self::Close,
         }
-        Lease::Pooled(_) => {}
-        Lease::Own(upstream) => upstream.terminate().await,
+    }
+}
+
+/// Hands back a backend the session is done with, as `parting` says,
+/// after its client's cancel key stops pointing at it: a key must die
+/// before its backend can serve anyone else.
+pub(super) async fn finish(
+    settings: &Settings,
+    cancel: &CancelGuard,
+    lease: Lease,
+    parting: Parting,
+) {
+    cancel.retarget(None).await;
+    let deadline = Instant::now() + settings.config.pool_limits.internal_query_timeout;
+    match (lease, parting) {
+        (Lease::Pooled(mut pooled), Parting::Reuse) => match pooled.conn().reset(deadline).await {
+            Ok(()) => pooled.release(),
+            Err(error) => {
+                tracing::debug!(%error, "upstream connection not reusable after its reset")
+            }
+        },
+        (Lease::Pooled(pooled), Parting::Abandon) => pooled.abandon(deadline).await,
+        (Lease::Pooled(_), Parting::Close) => {}
+        (Lease::Own(upstream), Parting::Abandon) => {
+            upstream.abandon(&settings.config.upstream, deadline).await;
+        }
+        (Lease::Own(upstream), Parting::Reuse | Parting::Close) => upstream.terminate().await,
     }
 }

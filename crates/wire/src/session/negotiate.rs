@@ -59,7 +59,7 @@ pub(super) async fn over_tcp(
     match tcp.peek(&mut first).await {
         Ok(0) => return Ok(Opened::Closed),
         Ok(_) => {}
-        Err(error) => return Err(Failed::new(None, error)),
+        Err(error) => return Err(Failed::new(None, SessionError::ClientIo(error))),
     }
     if first == [TLS_HANDSHAKE_BYTE] {
         let Some(acceptor) = tls else {
@@ -127,7 +127,7 @@ where
         match next {
             Next::Answer(byte) => {
                 if let Err(error) = write_flush(&mut stream, &[byte]).await {
-                    return Err(Failed::new(None, error));
+                    return Err(Failed::new(None, SessionError::ClientIo(error)));
                 }
             }
             Next::StartTls => {
@@ -136,7 +136,7 @@ where
                     return Err(Failed::new(None, SessionError::MissingAlpn));
                 };
                 if let Err(error) = write_flush(&mut stream, &[ACCEPT_SSL]).await {
-                    return Err(Failed::new(None, error));
+                    return Err(Failed::new(None, SessionError::ClientIo(error)));
                 }
                 stream = match upgrade(stream).await {
                     Ok(stream) => stream,
@@ -169,7 +169,12 @@ where
         if let Some(packet) = parse_startup_packet(inbox).map_err(ProtocolViolation::from)? {
             return Ok(Some(packet));
         }
-        if stream.read_buf(inbox).await? == 0 {
+        if stream
+            .read_buf(inbox)
+            .await
+            .map_err(SessionError::ClientIo)?
+            == 0
+        {
             return Ok(None);
         }
     }

@@ -349,3 +349,133 @@ async fn negotiation_declines_encryption_on_a_settled_transport_and_refuses_data
     stream.write_all(&out).await.expect("write");
     assert_eq!(read_until(&mut stream, b'E').await, [b'E']);
 }
+
+/// A client transport whose close writes a last record first, as TLS's
+/// close_notify and WebSocket's Close frame do: the close waits while the
+/// client reads nothing.
+struct NoticeOnClose {
+    inner: DuplexStream,
+    notice_sent: bool,
+}
+
+impl tokio::io::AsyncRead for NoticeOnClose {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for NoticeOnClose {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.notice_sent {
+            std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_write(cx, b"\x15"))?;
+            self.notice_sent = true;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Issue 21, 3: a leaving client's cancel key stayed valid while its close
+/// waited on it (up to 2 s), after its backend had gone to the next
+/// client: Alice's own key cancelled Bob's statement.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leaving_clients_cancel_key_dies_before_its_backend_serves_anyone_else() {
+    let harness = harness(PoolMode::Session, 1).await;
+    // A pipe that holds 64 bytes: Alice's unread results fill it.
+    let (mut alice, proxy_side) = tokio::io::duplex(64);
+    let proxy = Arc::clone(&harness.proxy);
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let entry = proxy.budget().enter(PEER.ip()).expect("room");
+        let ticket = entry.admit(deadline).await.expect("room");
+        let client = proxy.clients().register(PEER, Transport::WebSocket);
+        let stream = NoticeOnClose {
+            inner: proxy_side,
+            notice_sent: false,
+        };
+        proxy
+            .serve_settled(stream, PEER, false, ticket, client)
+            .await;
+    });
+    let mut out = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::startup_message(
+        [("user", "authenticated"), ("database", "app")],
+        &mut out,
+    )
+    .expect("startup");
+    postgres_protocol::message::frontend::password_message(
+        harness.issuer.token("user_alice").as_bytes(),
+        &mut out,
+    )
+    .expect("password");
+    alice.write_all(&out).await.expect("write");
+    let mut key = None;
+    loop {
+        let mut header = [0u8; 5];
+        alice.read_exact(&mut header).await.expect("read");
+        let [tag, a, b, c, d] = header;
+        let mut body =
+            vec![0u8; usize::try_from(u32::from_be_bytes([a, b, c, d]) - 4).expect("len")];
+        alice.read_exact(&mut body).await.expect("body");
+        match (tag, body.as_slice()) {
+            (b'K', [p0, p1, p2, p3, k0, k1, k2, k3]) => {
+                key = Some((
+                    i32::from_be_bytes([*p0, *p1, *p2, *p3]),
+                    i32::from_be_bytes([*k0, *k1, *k2, *k3]),
+                ));
+            }
+            (b'Z', _) => break,
+            _ => {}
+        }
+    }
+    let (pid, secret) = key.expect("BackendKeyData");
+    // A result larger than the pipe: the proxy holds the rest, its
+    // ReadyForQuery among it. Then Terminate, and Alice reads nothing.
+    alice
+        .write_all(&message(b'Q', b"select repeat('x', 2000)\0"))
+        .await
+        .expect("query");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    alice
+        .write_all(&message(b'X', b""))
+        .await
+        .expect("terminate");
+    // Bob gets the one backend and runs a statement that takes a while.
+    let bob = tokio::time::timeout(Duration::from_secs(5), login(&harness, "user_bob"))
+        .await
+        .expect("bob is served");
+    let sleeping = tokio::spawn(async move { bob.batch_execute("select pg_sleep(1.5)").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Alice's key, while her close still waits on her.
+    let mut cancel = pipe(&harness);
+    let mut out = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::cancel_request(pid, secret, &mut out);
+    cancel.write_all(&out).await.expect("cancel");
+    let slept = sleeping.await.expect("join");
+    assert!(
+        slept.is_ok(),
+        "Alice's key cancelled Bob's statement: {slept:?}"
+    );
+    drop(alice);
+}

@@ -15,14 +15,14 @@ use tokio::io::AsyncReadExt as _;
 use tokio::time::Instant;
 
 use super::handshake::{Greeted, Login};
-use super::hold::{self, relay_to_end};
+use super::hold::{self, Parting, relay_to_end};
 use super::lease::{self, Lease, Readying};
 use super::{ClientIo, Session};
 use crate::cancel::CancelGuard;
 use crate::clients::ClientState;
 use crate::error::{ProtocolViolation, SessionError};
 use crate::pool::Pooled;
-use crate::relay::{self, Relay, Stop};
+use crate::relay::{self, Relay, RelayError, Stop};
 use crate::transaction::{PooledClient, Tracker};
 
 /// Serves a transaction-pooled client from its greeting on.
@@ -49,7 +49,14 @@ pub(super) async fn serve<S: ClientIo>(
     proxy.pool().disown(&database, &role, login.client_id);
     match served {
         Ok(Some((relay, pooled, expires))) => {
-            Box::pin(relay_to_end(session, relay, Lease::Pooled(pooled), expires)).await
+            Box::pin(relay_to_end(
+                session,
+                relay,
+                Lease::Pooled(pooled),
+                &cancel,
+                expires,
+            ))
+            .await
         }
         Ok(None) => Ok(()),
         Err(error) => session.refused(error).await,
@@ -87,7 +94,7 @@ async fn serve_transactions<S: ClientIo>(
                 tokio::time::sleep_until(spared_until).await;
             };
             let n = tokio::select! {
-                read = session.client.read(&mut head) => read?,
+                read = session.client.read(&mut head) => read.map_err(SessionError::ClientIo)?,
                 () = closing => return Err(SessionError::ShuttingDown),
             };
             first = head.get(..n).unwrap_or_default().to_vec();
@@ -120,10 +127,7 @@ async fn serve_transactions<S: ClientIo>(
         {
             Ok(()) => tokio::select! {
                 stopped = relay.run(&mut session.client, conn.stream()) => stopped,
-                () = drain.closing() => {
-                    cancel.retarget(None).await;
-                    return forced(session, relay, pooled).await;
-                }
+                () = drain.closing() => return forced(session, relay, pooled, cancel).await,
             },
             Err(error) => Err(error),
         };
@@ -144,12 +148,10 @@ async fn serve_transactions<S: ClientIo>(
                     relay.stop_at_idle(false);
                     return Ok(Some((relay, pooled, client.expires)));
                 }
-                Settled::Lost => cancel.retarget(None).await,
             }
             continue;
         }
-        cancel.retarget(None).await;
-        return finish_transaction(session, relay, pooled, stopped).await;
+        return finish_transaction(session, relay, pooled, cancel, stopped).await;
     }
 }
 
@@ -159,8 +161,6 @@ enum Settled {
     Released,
     /// The client's session cannot move: it keeps the connection.
     Pinned(&'static str),
-    /// It broke after the transaction; the client's next one gets another.
-    Lost,
 }
 
 async fn settle<S: ClientIo>(
@@ -181,40 +181,48 @@ async fn settle<S: ClientIo>(
                 .await?;
             Ok(pinned.map_or(Settled::Released, Settled::Pinned))
         }
-        Err(error) => {
-            tracing::debug!(%error, "upstream failed after a transaction");
-            Ok(Settled::Lost)
-        }
+        // Its next transaction would run without the settings, prepared
+        // statements or identity this one left: end the session instead.
+        Err(error) => Err(SessionError::SessionStateLost(error)),
     }
 }
 
 /// A transaction that did not end at an idle boundary ended the session:
-/// the client left, the server closed, or the client broke the protocol.
+/// the client left, the server closed, a limit ran out, or the client
+/// broke the protocol.
 async fn finish_transaction<S: ClientIo>(
     session: &mut Session<'_, S>,
     mut relay: Relay,
     pooled: Pooled,
-    stopped: std::io::Result<Stop>,
+    cancel: &CancelGuard,
+    stopped: Result<Stop, RelayError>,
 ) -> Result<Option<Pinned>, SessionError> {
-    if matches!(stopped, Ok(Stop::UpstreamClosed)) {
-        relay.flush_client(&mut session.client).await?;
-    }
-    let client_left = matches!(stopped, Ok(Stop::ClientClosed | Stop::ClientTerminated));
+    let parting = Parting::after(Some(&stopped), &relay);
     if let Some(why) = relay.lost() {
         tracing::debug!(
             why,
             "upstream connection closed: its state could not be followed"
         );
     }
-    hold::finish(
-        &session.settings,
-        Lease::Pooled(pooled),
-        client_left && relay.between_requests(),
-    )
-    .await;
+    hold::finish(&session.settings, cancel, Lease::Pooled(pooled), parting).await;
+    if matches!(stopped, Ok(Stop::UpstreamClosed)) {
+        // The server's last words (a FATAL) are the client's.
+        let _ = tokio::time::timeout(
+            super::ERROR_WRITE_TIMEOUT,
+            relay.flush_client(&mut session.client),
+        )
+        .await;
+    }
+    let limits = session.settings.config.client_limits;
     match stopped? {
         Stop::Violation(violation) => Err(ProtocolViolation::Relay(violation).into()),
-        _ => {
+        Stop::IdleInTransaction => Err(SessionError::IdleInTransaction(
+            limits.idle_in_transaction.unwrap_or_default(),
+        )),
+        Stop::ClientStalled => Err(SessionError::ClientStalled(
+            limits.stalled_reader.unwrap_or_default(),
+        )),
+        Stop::ClientClosed | Stop::ClientTerminated | Stop::UpstreamClosed | Stop::Idle => {
             relay::close_client(&mut session.client).await;
             Ok(None)
         }
@@ -222,14 +230,17 @@ async fn finish_transaction<S: ClientIo>(
 }
 
 /// A forced drain caught the client inside a transaction: its backend is
-/// closed (the server rolls the transaction back); the client gets 57P01
-/// if it is at a message boundary, else only the close.
+/// closed, after a cancel if it still works (the server rolls the
+/// transaction back); the client gets 57P01 if it is at a message
+/// boundary, else only the close.
 async fn forced<S: ClientIo>(
     session: &mut Session<'_, S>,
     mut relay: Relay,
     pooled: Pooled,
+    cancel: &CancelGuard,
 ) -> Result<Option<Pinned>, SessionError> {
-    hold::finish(&session.settings, Lease::Pooled(pooled), false).await;
+    let parting = Parting::after(None, &relay);
+    hold::finish(&session.settings, cancel, Lease::Pooled(pooled), parting).await;
     let flushed = tokio::time::timeout(
         super::ERROR_WRITE_TIMEOUT,
         relay.flush_client(&mut session.client),

@@ -20,6 +20,7 @@
 use bytes::BytesMut;
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
+use tokio::io::AsyncReadExt as _;
 use tokio::time::Instant;
 
 use super::attach::BEGIN_SESSION;
@@ -163,6 +164,56 @@ impl Upstream {
             Some(error) => {
                 self.broken = true;
                 Err(UpstreamError::Reset(error))
+            }
+        }
+    }
+
+    /// Ends a connection whose backend may still be working for a client
+    /// that is gone: closing the socket alone does not stop it (a backend
+    /// notices a closed client only when it next writes), so a running
+    /// statement would go on holding its locks and its memory, outside the
+    /// pool's count. Sends Terminate behind whatever the client left
+    /// queued, then cancels the backend's statement, again with growing
+    /// pauses, until the server closes the connection (the backend
+    /// reached the Terminate and exited) or `deadline` passes. Returns
+    /// whether the backend was seen to end.
+    pub async fn abandon(mut self, config: &super::UpstreamConfig, deadline: Instant) -> bool {
+        if self.send(&[b'X', 0, 0, 0, 4]).await.is_err() {
+            return true;
+        }
+        let mut pause = std::time::Duration::from_millis(50);
+        loop {
+            if let Err(error) = tokio::time::timeout_at(deadline, super::cancel(config, &self.key))
+                .await
+                .unwrap_or(Err(UpstreamError::Deadline))
+            {
+                tracing::debug!(%error, pid = self.key.pid, "cancelling an abandoned backend failed");
+            }
+            let until = (Instant::now() + pause).min(deadline);
+            if self.closed_by(until).await {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    pid = self.key.pid,
+                    "a backend whose client left did not stop when cancelled; closing its \
+                     connection (the server ends it when it next writes)"
+                );
+                return false;
+            }
+            pause = (pause * 2).min(std::time::Duration::from_secs(1));
+        }
+    }
+
+    /// Reads and discards what the server sends until it closes the
+    /// connection (true) or `until` passes (false).
+    async fn closed_by(&mut self, until: Instant) -> bool {
+        loop {
+            self.inbox.clear();
+            match tokio::time::timeout_at(until, self.stream.read_buf(&mut self.inbox)).await {
+                Ok(Ok(0) | Err(_)) => return true,
+                Ok(Ok(_)) => {}
+                Err(_) => return false,
             }
         }
     }

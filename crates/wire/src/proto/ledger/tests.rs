@@ -214,3 +214,26 @@ fn agrees_with_the_reference_server_over_random_conversations() {
         model::run(&mut Seeded(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)), 300);
     }
 }
+
+#[test]
+fn a_backend_waits_for_the_client_once_everything_sent_is_answered() {
+    let (ledger, _) = play(&[Client(b"Q")]);
+    assert!(!ledger.waiting_for_client(), "a query in flight");
+    let (ledger, _) = play(&[Client(b"Q"), Server(b"TCZI")]);
+    assert!(ledger.waiting_for_client() && !ledger.idle_in_transaction());
+    let (ledger, _) = play(&[Client(b"Q"), Server(b"CZT")]);
+    assert!(ledger.idle_in_transaction(), "a transaction block");
+    // Parse, Bind, Execute, Flush: answered, the batch still open.
+    let (ledger, _) = play(&[Client(b"PBEH"), Server(b"12C")]);
+    assert!(ledger.waiting_for_client() && ledger.idle_in_transaction());
+    let (ledger, _) = play(&[Client(b"PBEH"), Server(b"12")]);
+    assert!(!ledger.waiting_for_client(), "the Execute runs");
+    // A failed Parse: the server skips to a Sync the client has not sent.
+    let (ledger, _) = play(&[Client(b"PH"), Server(b"E")]);
+    assert!(ledger.idle_in_transaction());
+    // COPY FROM STDIN waits for data, but is not an idle transaction.
+    let (ledger, _) = play(&[Client(b"Q"), Server(b"G")]);
+    assert!(ledger.waiting_for_client() && !ledger.idle_in_transaction());
+    let (ledger, _) = play(&[Client(b"Qdc"), Server(b"G")]);
+    assert!(!ledger.waiting_for_client(), "the COPY is being finished");
+}
