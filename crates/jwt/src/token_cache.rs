@@ -37,6 +37,9 @@ pub(crate) type Key = [u8; 32];
 /// Bounded cache of verified tokens; `None` when disabled (capacity 0).
 pub(crate) struct TokenCache {
     cache: Option<moka::sync::Cache<Key, Arc<Verified>>>,
+    /// Emptied for good: its verifier was replaced by a reload
+    /// ([`TokenCache::retire`]).
+    retired: std::sync::atomic::AtomicBool,
 }
 
 struct UntilExp;
@@ -73,11 +76,23 @@ impl TokenCache {
                     .expire_after(UntilExp)
                     .build()
             }),
+            retired: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     pub fn enabled(&self) -> bool {
-        self.cache.is_some()
+        self.cache.is_some() && !self.retired.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Empties the cache and keeps it empty: the sessions of a replaced
+    /// configuration live on, and must not keep its tokens resident.
+    pub fn retire(&self) {
+        self.retired
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(cache) = &self.cache {
+            cache.invalidate_all();
+            cache.run_pending_tasks();
+        }
     }
 
     pub fn key(token: &str) -> Key {
@@ -92,7 +107,7 @@ impl TokenCache {
     }
 
     pub fn insert(&self, key: Key, verified: Verified) {
-        if let Some(cache) = &self.cache {
+        if let Some(cache) = self.cache.as_ref().filter(|_| self.enabled()) {
             cache.insert(key, Arc::new(verified));
         }
     }

@@ -130,6 +130,14 @@ impl Verifier {
         self.keys.status(unix(now))
     }
 
+    /// Empties the verified-token cache for good, for a verifier a reload
+    /// replaced: sessions of the old configuration may live for hours and
+    /// must not keep up to [`token_cache::DEFAULT_CAPACITY`] tokens each
+    /// resident. Logins still under way on it verify in full.
+    pub fn retire(&self) {
+        self.verified.retire();
+    }
+
     /// The verified-token cache's hits and misses so far.
     pub fn token_cache_stats(&self) -> TokenCacheStats {
         TokenCacheStats {

@@ -435,3 +435,25 @@ async fn a_reconfigured_verifier_keeps_the_keys_of_unchanged_providers_and_repor
     let status = reloaded.key_status(t0 + secs(25 * 3600));
     assert!(!status[0].usable);
 }
+
+/// Issue 21, 6: a reload left every replaced verifier's token cache (up to
+/// 100,000 tokens) resident for as long as one of its sessions lived.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retired_verifier_forgets_its_tokens_and_remembers_no_more() {
+    let (issuer, certs) = https_issuer().await;
+    let verifier = Verifier::new(vec![provider(&issuer, &certs)]).expect("verifier");
+    let t0 = SystemTime::now();
+    let first = issuer.mint(&TokenSpec::new("u").issued_at(t0).ttl(secs(60)));
+    verifier.verify(&first, ROLE, t0).await.expect("first");
+    assert_eq!(verifier.verified_tokens(), 1);
+    verifier.retire();
+    assert_eq!(verifier.verified_tokens(), 0);
+    // A login still under way on it verifies in full, and is not kept.
+    let second = issuer.mint(&TokenSpec::new("v").issued_at(t0).ttl(secs(60)));
+    verifier.verify(&second, ROLE, t0).await.expect("second");
+    verifier
+        .verify(&first, ROLE, t0)
+        .await
+        .expect("first again");
+    assert_eq!(verifier.verified_tokens(), 0);
+}

@@ -131,10 +131,16 @@ impl Proxy {
         }
         self.budget.set_limits(new.config.connections);
         self.pool.set_limits(new.config.pool_limits);
+        let replaced = !Arc::ptr_eq(&old.verifier, &new.verifier);
         *self
             .settings
             .write()
             .unwrap_or_else(PoisonError::into_inner) = Arc::new(new);
+        if replaced {
+            // Running sessions keep their settings, verifier included; only
+            // logins need its cache, and they use the new one.
+            old.verifier.retire();
+        }
         restart
     }
 
