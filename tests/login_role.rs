@@ -120,7 +120,22 @@ async fn defaults_set_in_a_pooled_session_are_cleared_when_it_leaves() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_clients_password_change_locks_nobody_out_and_is_undone() {
-    let stack = Stack::start().await;
+    password_change_is_undone("").await;
+}
+
+/// Without a pool each client logs in on its own: the repair held only for
+/// pooled logins.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_pool_a_password_change_locks_nobody_out_either() {
+    password_change_is_undone("pool_mode = \"none\"").await;
+}
+
+async fn password_change_is_undone(upstream_extra: &'static str) {
+    let stack = Stack::start_with(common::Options {
+        upstream_extra,
+        ..Default::default()
+    })
+    .await;
     // The role's first login gives the pool its keeper connection, logged
     // in beside it.
     drop(stack.login("user_bob").await);

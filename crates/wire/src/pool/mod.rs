@@ -36,6 +36,20 @@ type Key = (String, String);
 /// operator sees in `pg_stat_activity` what it is.
 pub const KEEPER_NAME: &str = "authgres keeper";
 
+/// How long after a keeper's failed login the next is tried: a role whose
+/// logins fail would otherwise start one with every client's login.
+const KEEPER_RETRY: Duration = Duration::from_secs(30);
+
+/// A login role's keeper connection (see `UpstreamPool::keepers`).
+enum Keeper {
+    /// Its login, or a repair on it, is under way (one at a time).
+    Busy,
+    /// Logged in, waiting to repair.
+    Ready(Box<Upstream>),
+    /// Its login failed then; the next waits for [`KEEPER_RETRY`].
+    Failed(Instant),
+}
+
 /// An idle connection and its ages.
 struct Idle {
     conn: Upstream,
@@ -79,8 +93,7 @@ pub struct UpstreamPool {
     /// after the role's first login: it sets the role's password back if a
     /// client changed it, when every connection of the role is busy
     /// (`upstream::repair`). Never handed to a client.
-    /// `None` while the keeper's login is under way (one at a time).
-    keepers: Mutex<HashMap<String, Option<Upstream>>>,
+    keepers: Mutex<HashMap<String, Keeper>>,
     metrics: Arc<Metrics>,
 }
 
@@ -285,7 +298,7 @@ impl UpstreamPool {
                 _place: place,
             });
         }
-        let connected = self.log_in(database, role, password, &limits).await;
+        let connected = self.log_in(database, role, password, &[], &limits).await;
         Ok(Pooled {
             conn: Some(connected?),
             created: Instant::now(),
@@ -294,6 +307,21 @@ impl UpstreamPool {
             pool: Arc::clone(self),
             _place: place,
         })
+    }
+
+    /// Logs in a connection of a client's own (`pool_mode = "none"`),
+    /// outside the pool's count, with the client's startup `parameters`;
+    /// a password a client changed is set back as for pooled logins.
+    pub async fn log_in_unpooled(
+        self: &Arc<Self>,
+        database: &str,
+        role: &str,
+        password: Option<&str>,
+        parameters: &[(String, String)],
+    ) -> Result<Upstream, UpstreamError> {
+        let limits = self.limits();
+        self.log_in(database, role, password, parameters, &limits)
+            .await
     }
 
     /// Logs in a new connection as `role`. A login refused for its
@@ -305,9 +333,12 @@ impl UpstreamPool {
         database: &str,
         role: &str,
         password: Option<&str>,
+        parameters: &[(String, String)],
         limits: &PoolLimits,
     ) -> Result<Upstream, UpstreamError> {
-        let first = self.connect_timed(database, role, password).await;
+        let first = self
+            .connect_timed(database, role, password, parameters)
+            .await;
         let Some(password) = password else {
             return first;
         };
@@ -323,7 +354,8 @@ impl UpstreamPool {
         if !self.restore_password(role, password, deadline).await {
             return first;
         }
-        self.connect_timed(database, role, Some(password)).await
+        self.connect_timed(database, role, Some(password), parameters)
+            .await
     }
 
     async fn connect_timed(
@@ -331,9 +363,10 @@ impl UpstreamPool {
         database: &str,
         role: &str,
         password: Option<&str>,
+        parameters: &[(String, String)],
     ) -> Result<Upstream, UpstreamError> {
         let started = Instant::now();
-        let connected = upstream::connect(&self.config, role, database, password, &[]).await;
+        let connected = upstream::connect(&self.config, role, database, password, parameters).await;
         self.metrics.upstream_login(
             started.elapsed(),
             connected
@@ -347,14 +380,16 @@ impl UpstreamPool {
     /// Starts the login of `role`'s keeper connection if it has none and
     /// none is under way (see `keepers`), beside the client's checkout,
     /// which does not wait for it. Best effort: a failed login is tried
-    /// again after the role's next login.
+    /// again at a later login of the role, [`KEEPER_RETRY`] after it.
     fn ensure_keeper(self: &Arc<Self>, database: &str, role: &str, password: &str) {
         {
             let mut keepers = self.keepers();
-            if keepers.contains_key(role) {
-                return;
+            match keepers.get(role) {
+                Some(Keeper::Busy | Keeper::Ready(_)) => return,
+                Some(Keeper::Failed(at)) if at.elapsed() < KEEPER_RETRY => return,
+                Some(Keeper::Failed(_)) | None => {}
             }
-            keepers.insert(role.to_owned(), None);
+            keepers.insert(role.to_owned(), Keeper::Busy);
         }
         let pool = Arc::downgrade(self);
         let (database, role, password) =
@@ -370,17 +405,17 @@ impl UpstreamPool {
             let mut keepers = pool.keepers();
             match connected {
                 Ok(keeper) => {
-                    keepers.insert(role, Some(keeper));
+                    keepers.insert(role, Keeper::Ready(Box::new(keeper)));
                 }
                 Err(error) => {
                     tracing::debug!(%error, role, "no keeper connection for the role");
-                    keepers.remove(&role);
+                    keepers.insert(role, Keeper::Failed(Instant::now()));
                 }
             }
         });
     }
 
-    fn keepers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<Upstream>>> {
+    fn keepers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Keeper>> {
         self.keepers.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -390,11 +425,25 @@ impl UpstreamPool {
     /// that fail are closed.
     async fn restore_password(&self, role: &str, password: &str, deadline: Instant) -> bool {
         let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
-        let keeper = self.keepers().get_mut(role).and_then(Option::take);
+        let keeper = {
+            let mut keepers = self.keepers();
+            match keepers.remove(role) {
+                Some(Keeper::Ready(keeper)) => {
+                    keepers.insert(role.to_owned(), Keeper::Busy);
+                    Some(keeper)
+                }
+                Some(other) => {
+                    keepers.insert(role.to_owned(), other);
+                    None
+                }
+                None => None,
+            }
+        };
         if let Some(mut keeper) = keeper {
             if keeper.restore_password(&verifier, deadline).await.is_ok() {
                 log_restored(role);
-                self.keepers().insert(role.to_owned(), Some(keeper));
+                self.keepers()
+                    .insert(role.to_owned(), Keeper::Ready(keeper));
                 return true;
             }
             // Dead or refused: a later login of the role starts another.

@@ -17,7 +17,7 @@ use crate::error::{SessionError, UpstreamError};
 use crate::identity::ClaimsKey;
 use crate::pool::{CheckoutError, Pooled};
 use crate::transaction::PooledClient;
-use crate::upstream::{self, Upstream};
+use crate::upstream::Upstream;
 
 /// The upstream connection a session uses.
 pub(super) enum Lease {
@@ -100,22 +100,15 @@ async fn own_login(
 ) -> Result<Upstream, SessionError> {
     let admitted = &login.admitted;
     let config = &settings.config;
-    let started = Instant::now();
-    let connected = upstream::connect(
-        &config.upstream,
-        &admitted.role,
-        &admitted.database,
-        config.password(&admitted.role),
-        &login.forwarded,
-    )
-    .await;
-    proxy.metrics.upstream_login(
-        started.elapsed(),
-        connected
-            .as_ref()
-            .map(|_| ())
-            .map_err(|error| error as &dyn crate::error::Classify),
-    );
+    let connected = proxy
+        .pool()
+        .log_in_unpooled(
+            &admitted.database,
+            &admitted.role,
+            config.password(&admitted.role),
+            &login.forwarded,
+        )
+        .await;
     Ok(connected?)
 }
 
