@@ -255,8 +255,7 @@ async fn the_same_sub_from_two_prefixed_providers_is_two_users() {
     let error = stack
         .connect("authenticated", &stack.issuer.token(&format!("b:{SUB}")))
         .await
-        .err()
-        .expect("a sub inside another provider's prefix is refused");
+        .expect_err("a sub inside another provider's prefix is refused");
     assert_eq!(
         error.as_db_error().map(|e| e.code().code()),
         Some("28P01"),
