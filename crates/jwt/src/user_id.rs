@@ -145,8 +145,9 @@ impl Namespaces {
     /// The user id of `sub` from provider `index`, or the refusal when it
     /// would fall into another provider's namespace.
     pub(crate) fn user_id(&self, index: usize, sub: &str) -> Result<String, VerifyError> {
+        // The verifier's own index; were it out of range, fail closed.
         let Some((own, foreign)) = self.providers.get(index) else {
-            return Ok(sub.to_owned());
+            return Err(VerifyError::UnknownIssuer);
         };
         let user_id = format!("{own}{sub}");
         if foreign
