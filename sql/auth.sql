@@ -135,13 +135,18 @@ language sql stable
 set search_path = pg_catalog, pg_temp
 as $$ select auth.session() $$;
 
--- The verified `sub` claim (Clerk: the user id), or NULL.
+-- The verified user id, or NULL: the token's `sub` (Clerk: the user id),
+-- with the provider's `user_id_prefix` in front when it has one. The proxy
+-- signs the prefixed value as the claims' `sub`, so nothing here changes
+-- with it: a `sub` is unique only within its issuer, and the prefix keeps
+-- two providers' users apart.
 create or replace function auth.user_id() returns text
 language sql stable
 set search_path = pg_catalog, pg_temp
 as $$ select auth.session() ->> 'sub' $$;
 
--- The verified `sub` as a uuid, or NULL when it is not a uuid.
+-- The verified `sub` as a uuid, or NULL when it is not a uuid (always NULL
+-- for a provider with a `user_id_prefix`: a bare uuid would not carry it).
 create or replace function auth.uid() returns uuid
 language sql stable
 set search_path = pg_catalog, pg_temp
@@ -153,5 +158,14 @@ as $$
     from (select auth.session() ->> 'sub' as s) as claims
 $$;
 
-revoke all on function auth.session(), auth.jwt(), auth.user_id(), auth.uid() from public;
-grant execute on function auth.session(), auth.jwt(), auth.user_id(), auth.uid() to public;
+-- The verified `iss` claim: which provider issued this session's token, or
+-- NULL. The proxy chose the provider by this exact value.
+create or replace function auth.issuer() returns text
+language sql stable
+set search_path = pg_catalog, pg_temp
+as $$ select auth.session() ->> 'iss' $$;
+
+revoke all on function auth.session(), auth.jwt(), auth.user_id(), auth.uid(), auth.issuer()
+    from public;
+grant execute on function auth.session(), auth.jwt(), auth.user_id(), auth.uid(), auth.issuer()
+    to public;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use authgres_jwt::{ClaimPath, FetchSettings, KeySource, ProviderConfig};
+use authgres_jwt::{ClaimPath, FetchSettings, KeySource, ProviderConfig, UserIdConflict, UserIds};
 use authgres_wire::{
     ClaimsKey, CleartextTokens, ClientLimits, ClusterConfig, ConnectionLimits, Policy, PoolLimits,
     ProxyConfig, RoleConfig, TokenLogin, UpstreamConfig, UpstreamTls, defaults as wire,
@@ -503,6 +503,24 @@ pub struct Provider {
     pub ca_file: Option<PathBuf>,
     #[serde(default)]
     pub allow_insecure_http: bool,
+    /// Put before `sub` in `auth.user_id()`, so another provider's equal
+    /// `sub` is another user. Needed (or `shared_user_ids`) as soon as a
+    /// second provider shares its namespace.
+    pub user_id_prefix: Option<String>,
+    /// The same `sub` from this provider and another with the same prefix
+    /// (or none) is the same person: set on both.
+    #[serde(default)]
+    pub shared_user_ids: bool,
+}
+
+impl Provider {
+    /// How its users are named beside other providers'.
+    fn user_ids(&self) -> UserIds {
+        UserIds {
+            prefix: self.user_id_prefix.clone(),
+            shared: self.shared_user_ids,
+        }
+    }
 }
 
 /// Provider defaults, taken from the library so there is one source.
@@ -569,6 +587,8 @@ impl Loaded {
             .with_context(|| format!("reading config {}", path.display()))?;
         let file: FileConfig =
             toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+        check_user_ids(&file, &text)
+            .with_context(|| format!("checking config {}", path.display()))?;
         let base = path
             .parent()
             .map(Path::to_path_buf)
@@ -677,6 +697,7 @@ impl Loaded {
             },
             allow_insecure_http: p.allow_insecure_http,
         };
+        config.user_ids = p.user_ids();
         for role in &config.roles {
             if !self.file.roles.contains_key(role) {
                 bail!(
@@ -887,6 +908,101 @@ impl Loaded {
     }
 }
 
+/// Refuses providers that would give one `auth.user_id()` to different
+/// people (the rule is `authgres_jwt::check_user_ids`), pointing at them in
+/// `text` and naming both ways out.
+fn check_user_ids(file: &FileConfig, text: &str) -> anyhow::Result<()> {
+    let user_ids: Vec<UserIds> = file.providers.iter().map(Provider::user_ids).collect();
+    let Err(conflict) = authgres_jwt::check_user_ids(&user_ids.iter().collect::<Vec<_>>()) else {
+        return Ok(());
+    };
+    let at = provider_positions(text);
+    let provider = |index: usize| {
+        let name = file.providers.get(index).map_or("", |p| p.name.as_str());
+        match at.get(index) {
+            Some((line, column)) => format!("{name:?} (line {line}, column {column})"),
+            None => format!("{name:?}"),
+        }
+    };
+    let pair = |first: usize, second: usize| {
+        let (a, b) = (&file.providers[first], &file.providers[second]);
+        let common: Vec<&str> = (a.roles.iter())
+            .filter(|role| b.roles.contains(role))
+            .map(String::as_str)
+            .collect();
+        let roles = match common[..] {
+            [] => "they serve different roles, but policies compare auth.user_id() whatever \
+                   the role"
+                .to_owned(),
+            [role] => format!("both serve role {role:?}"),
+            _ => format!("both serve roles {}", quoted(&common)),
+        };
+        (provider(first), provider(second), roles, b.name.as_str())
+    };
+    match conflict {
+        UserIdConflict::BadPrefix {
+            provider: index,
+            reason,
+        } => {
+            bail!("provider {}: user_id_prefix {reason}", provider(index))
+        }
+        UserIdConflict::SameNamespace { first, second } => {
+            let (a, b, roles, b_name) = pair(first, second);
+            let namespace = match &file.providers[first].user_id_prefix {
+                None => "both pass `sub` through unchanged".to_owned(),
+                Some(prefix) => format!("both put {prefix:?} before `sub`"),
+            };
+            bail!(
+                "providers {a} and {b} would give different people the same auth.user_id(): \
+                 {namespace}, a `sub` is unique only among its own issuer's users, and {roles}. \
+                 Either:\n  - tell their users apart with user_id_prefix, e.g. user_id_prefix = \"{b_name}:\" \
+                 under provider {b_name:?} (its users' auth.user_id() becomes \
+                 \"{b_name}:<sub>\"; a provider left without a prefix keeps its user ids and \
+                 refuses a `sub` that starts with another's prefix); or\n  - if the same `sub` \
+                 from both is the same person (users moving between two instances of one \
+                 provider), set shared_user_ids = true under both"
+            )
+        }
+        UserIdConflict::NestedPrefixes { first, second } => {
+            let (a, b, roles, _) = pair(first, second);
+            bail!(
+                "providers {a} and {b}: one user_id_prefix starts with the other, so their user \
+                 ids can coincide ({roles}). Choose prefixes that do not, e.g. end each with \":\""
+            )
+        }
+        other => bail!("{other}"),
+    }
+}
+
+/// Line and column (from 1) where each `[[providers]]` table starts.
+fn provider_positions(text: &str) -> Vec<(usize, usize)> {
+    #[derive(Deserialize)]
+    struct Spans {
+        #[serde(default)]
+        providers: Vec<toml::Spanned<toml::Table>>,
+    }
+    let Ok(spans) = toml::from_str::<Spans>(text) else {
+        return Vec::new();
+    };
+    (spans.providers.iter())
+        .map(|table| {
+            let before = text.get(..table.span().start).unwrap_or_default();
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            (line, column)
+        })
+        .collect()
+}
+
+/// `"a", "b" and "c"`.
+fn quoted(names: &[&str]) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
+    match quoted.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+        _ => quoted.join(""),
+    }
+}
+
 /// The OpenID discovery URL an OAUTHBEARER client is sent to, built as
 /// Postgres 18 builds it: the issuer with `/.well-known/openid-configuration`
 /// appended, unless it names a well-known document already. libpq takes
@@ -983,6 +1099,7 @@ mod tests {
             .map(|line| format!("{line}\n"))
             .collect();
         let file: FileConfig = toml::from_str(&uncommented).expect("uncommented proxy.toml parses");
+        check_user_ids(&file, &uncommented).expect("its providers name their users apart");
         let names: Vec<_> = file.providers.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["clerk", "auth0", "supabase"]);
         assert!(file.listen.tls_cert.is_some());
@@ -1051,6 +1168,41 @@ mod tests {
             let error = loaded(&text).proxy_config().expect_err("refused");
             assert!(format!("{error:#}").contains(expected), "{error:#}");
         }
+    }
+
+    /// Issue 21 item 5: an identity was a sub without its issuer.
+    #[test]
+    fn two_providers_in_one_user_namespace_are_refused_with_where_and_how() {
+        let b = PROVIDER
+            .replace("\"a\"", "\"b\"")
+            .replace("id.example", "other.example");
+        let text = format!("{PROVIDER}{b}");
+        let file: FileConfig = toml::from_str(&text).expect("parses");
+        let error = format!("{:#}", check_user_ids(&file, &text).expect_err("refused"));
+        for expected in [
+            "providers \"a\" (line 1, column 1) and \"b\" (line 5, column 1)",
+            "both serve role \"authenticated\"",
+            "user_id_prefix = \"b:\"",
+            "shared_user_ids = true under both",
+        ] {
+            assert!(error.contains(expected), "{expected:?} in {error}");
+        }
+        for (fix, ok) in [
+            ("user_id_prefix = \"a:\"\n", "user_id_prefix = \"b:\"\n"),
+            ("shared_user_ids = true\n", "shared_user_ids = true\n"),
+            // A bare provider may stay beside a prefixed one.
+            ("", "user_id_prefix = \"b:\"\n"),
+        ] {
+            let text = format!("{PROVIDER}{fix}{b}{ok}");
+            let file: FileConfig = toml::from_str(&text).expect("parses");
+            check_user_ids(&file, &text).expect("fixed");
+        }
+        let nested = format!("{PROVIDER}user_id_prefix = \"a\"\n{b}user_id_prefix = \"ab\"\n");
+        let file: FileConfig = toml::from_str(&nested).expect("parses");
+        let error = format!("{:#}", check_user_ids(&file, &nested).expect_err("nested"));
+        assert!(error.contains("starts with the other"), "{error}");
+        let single: FileConfig = toml::from_str(PROVIDER).expect("parses");
+        check_user_ids(&single, PROVIDER).expect("one provider needs nothing");
     }
 
     #[test]

@@ -611,7 +611,7 @@ pub fn check_config(config: &Path) -> anyhow::Result<()> {
     }
     for p in &providers {
         println!(
-            "provider {}: iss {} keys {} roles [{}]{}",
+            "provider {}: iss {} keys {} roles [{}]{}{}",
             p.name,
             p.issuer,
             match &p.keys {
@@ -624,6 +624,11 @@ pub fn check_config(config: &Path) -> anyhow::Result<()> {
                 String::new()
             } else {
                 format!(" aud [{}]", p.audience.join(", "))
+            },
+            match (&p.user_ids.prefix, p.user_ids.shared) {
+                (Some(prefix), _) => format!(" user ids {prefix:?} + sub"),
+                (None, true) => " user ids sub (shared)".to_owned(),
+                (None, false) => String::new(),
             }
         );
     }

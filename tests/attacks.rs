@@ -801,7 +801,7 @@ async fn init_db_upgrades_an_older_weaker_schema_in_place() {
     );
 
     let out = stack.init_db(&[]);
-    assert!(out.contains("upgraded from v0 to v2"), "{out}");
+    assert!(out.contains("upgraded from v0 to v3"), "{out}");
     let carol = login(&stack, "user_carol").await;
     carol
         .batch_execute(&format!(

@@ -124,8 +124,8 @@ pub enum OldKeys {
     Retire,
 }
 
-/// The schema version `sql/auth.sql` installs.
-pub const SCHEMA_VERSION: i32 = 2;
+/// The schema version `sql/auth.sql` installs (3: `auth.issuer()`).
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Writes a fresh claims key into the secrets file, replacing the current
 /// one there; the database keeps accepting the old key until

@@ -51,6 +51,12 @@ pub enum VerifyError {
         /// Role the client asked for.
         role: String,
     },
+    /// The token's `sub`, from a provider without a `user_id_prefix`,
+    /// starts with another provider's prefix: as a user id it would be
+    /// one of that provider's users. The message does not repeat the
+    /// `sub`: it is the client's text.
+    #[error("token subject falls among another identity provider's user ids")]
+    SubjectInOtherNamespace,
     /// The provider's keys could not be fetched and none are cached.
     #[error("signing keys of identity provider {provider:?} are unavailable")]
     KeysUnavailable {
@@ -84,7 +90,8 @@ impl VerifyError {
             | Self::NotYetValid
             | Self::WrongAudience
             | Self::MissingClaim(_)
-            | Self::TooOld => FailureClass::BadToken,
+            | Self::TooOld
+            | Self::SubjectInOtherNamespace => FailureClass::BadToken,
             Self::RoleNotAllowed { .. } => FailureClass::RoleNotAllowed,
             Self::KeysUnavailable { .. } => FailureClass::KeysUnavailable,
         }

@@ -8,7 +8,8 @@
 //! allow-list, validates `exp`/`nbf`/`iat`/`aud`/required claims against an
 //! injected clock, and resolves the database role. Tokens that verified are
 //! remembered (by SHA-256) until they expire, so reconnects skip the
-//! signature check.
+//! signature check. The user id a token names carries its issuer when
+//! several providers are configured (see the `user_id` module docs).
 //!
 //! Specs: [RFC 7519](https://www.rfc-editor.org/rfc/rfc7519) (JWT),
 //! [RFC 7517](https://www.rfc-editor.org/rfc/rfc7517) (JWK),
@@ -22,10 +23,12 @@ pub mod jwks;
 mod keystore;
 mod provider;
 mod token_cache;
+mod user_id;
 mod verify;
 
 pub use claim_path::{BadClaimPath, ClaimPath};
 pub use error::{FailureClass, VerifyError};
 pub use keystore::KeyStatus;
 pub use provider::{ConfigError, DEFAULT_LEEWAY, FetchSettings, KeySource, ProviderConfig};
+pub use user_id::{MAX_USER_ID_PREFIX_LEN, UserIdConflict, UserIds, check_user_ids};
 pub use verify::{Identity, MAX_TOKEN_LEN, TokenCacheStats, Verifier};

@@ -5,6 +5,7 @@ use std::time::Duration;
 use jsonwebtoken::Algorithm;
 
 use crate::claim_path::ClaimPath;
+use crate::user_id::UserIds;
 
 /// Default clock leeway applied to `exp` and `nbf`.
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
@@ -92,6 +93,8 @@ pub struct ProviderConfig {
     pub shared_secret: Option<Vec<u8>>,
     /// JWKS fetching and caching.
     pub fetch: FetchSettings,
+    /// How its users are named in `auth.user_id()` beside other providers'.
+    pub user_ids: UserIds,
 }
 
 impl ProviderConfig {
@@ -110,6 +113,7 @@ impl ProviderConfig {
             role_claim: None,
             shared_secret: None,
             fetch: FetchSettings::default(),
+            user_ids: UserIds::default(),
         }
     }
 

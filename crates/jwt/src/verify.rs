@@ -14,6 +14,7 @@ use crate::error::VerifyError;
 use crate::keystore::{Fetched, KeyStatus, KeyStore};
 use crate::provider::{ConfigError, KeySource, ProviderConfig, SYMMETRIC};
 use crate::token_cache::{self, TokenCache, Verified};
+use crate::user_id::{Namespaces, UserIdConflict, check_user_ids};
 
 /// Largest token accepted, in bytes; matches the wire's password limit.
 pub const MAX_TOKEN_LEN: usize = 64 * 1024;
@@ -23,13 +24,18 @@ pub const MAX_TOKEN_LEN: usize = 64 * 1024;
 pub struct Identity {
     /// Name of the provider that issued the token.
     pub provider: Arc<str>,
-    /// The token's `sub`.
+    /// The token's `sub`, as the provider wrote it.
     pub subject: String,
+    /// What `auth.user_id()` returns: the provider's `user_id_prefix`
+    /// followed by `sub`, or `sub` alone when it has none. The claims the
+    /// proxy signs carry it as their `sub`.
+    pub user_id: String,
     /// The database role to log in as: the requested role, or the token's
     /// role claim when the provider has `role_claim`.
     pub role: String,
     /// The verified claims as compact, ASCII-only JSON (non-ASCII characters
-    /// as `\u` escapes), exactly what SQL sees: ASCII survives any
+    /// as `\u` escapes), `sub` replaced by [`user_id`](Self::user_id), exactly
+    /// what SQL sees: ASCII survives any
     /// client_encoding conversion byte for byte, so the signature over it
     /// verifies in every database encoding.
     pub claims_json: Arc<str>,
@@ -41,6 +47,8 @@ pub struct Identity {
 pub struct Verifier {
     providers: Vec<Arc<ProviderConfig>>,
     names: Vec<Arc<str>>,
+    /// Each provider's user-id prefix and the prefixes it must keep out of.
+    namespaces: Namespaces,
     keys: Arc<KeyStore>,
     verified: TokenCache,
     /// Kept across [`Verifier::reconfigured`], so counters only grow.
@@ -110,6 +118,9 @@ impl Verifier {
                 });
             }
         }
+        let user_ids: Vec<_> = providers.iter().map(|p| &p.user_ids).collect();
+        check_user_ids(&user_ids).map_err(|conflict| user_id_conflict(&providers, &conflict))?;
+        let namespaces = Namespaces::new(&user_ids);
         let providers: Vec<_> = providers.into_iter().map(Arc::new).collect();
         let keys = KeyStore::new(&providers, previous.map(|p| &*p.keys))
             .map_err(|(provider, reason)| ConfigError { provider, reason })?;
@@ -118,6 +129,7 @@ impl Verifier {
                 .iter()
                 .map(|p| Arc::from(p.name.as_str()))
                 .collect(),
+            namespaces,
             providers,
             keys,
             verified: TokenCache::new(capacity),
@@ -267,14 +279,27 @@ impl Verifier {
             Some(Value::String(sub)) if !sub.is_empty() => sub.clone(),
             _ => return Err(VerifyError::MissingClaim("sub".into())),
         };
+        let user_id = self.namespaces.user_id(index, &subject)?;
         // The one NumericDate parser: a fractional `exp` is a time, not 0
         // (which `enforce_token_expiry` read as long expired).
         let expires_at = numeric_date(&claims, "exp")?.unwrap_or(0);
+        // Signed with the user id as `sub`: every reading of the identity
+        // in SQL (`auth.user_id()`, `auth.uid()`, `auth.jwt() ->> 'sub'`)
+        // carries the issuer's prefix. Without a prefix the claims are
+        // the token's, byte for byte.
+        let claims_json = if user_id == subject {
+            ascii_json(&claims)?
+        } else {
+            let mut signed = claims.clone();
+            signed.insert("sub".to_owned(), Value::String(user_id.clone()));
+            ascii_json(&signed)?
+        };
         let identity = Identity {
             provider: Arc::clone(&self.names[index]),
             subject,
+            user_id,
             role: String::new(),
-            claims_json: Arc::from(ascii_json(&claims)?),
+            claims_json: Arc::from(claims_json),
             expires_at,
         };
         Ok(Verified {
@@ -330,6 +355,36 @@ impl Verifier {
                 kid: kid.map(str::to_owned),
             },
         })
+    }
+}
+
+/// A [`UserIdConflict`] as a [`ConfigError`] naming the providers.
+fn user_id_conflict(providers: &[ProviderConfig], conflict: &UserIdConflict) -> ConfigError {
+    let name = |index: usize| providers.get(index).map_or("", |p| p.name.as_str());
+    let (provider, reason) = match conflict {
+        UserIdConflict::BadPrefix { provider, reason } => {
+            (name(*provider), format!("user_id_prefix {reason}"))
+        }
+        UserIdConflict::SameNamespace { first, second } => (
+            name(*second),
+            format!(
+                "gives the same user id as provider {:?} to the same sub; set distinct \
+                 user_id_prefix values, or shared_user_ids on both if the same sub is the \
+                 same person",
+                name(*first)
+            ),
+        ),
+        UserIdConflict::NestedPrefixes { first, second } => (
+            name(*second),
+            format!(
+                "its user_id_prefix and provider {:?}'s start with one another",
+                name(*first)
+            ),
+        ),
+    };
+    ConfigError {
+        provider: provider.to_owned(),
+        reason,
     }
 }
 

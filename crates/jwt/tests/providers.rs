@@ -409,6 +409,8 @@ async fn a_reconfigured_verifier_keeps_the_keys_of_unchanged_providers_and_repor
     changed.roles.push("reader".into());
     let mut added = provider(&other, &other_certs);
     added.name = "other".into();
+    // Its users are not the first provider's: a second provider names them.
+    added.user_ids.prefix = Some("other:".into());
     let reloaded = verifier
         .reconfigured(vec![changed, added], 1000)
         .expect("reconfigured");
@@ -456,4 +458,83 @@ async fn a_retired_verifier_forgets_its_tokens_and_remembers_no_more() {
         .await
         .expect("first again");
     assert_eq!(verifier.verified_tokens(), 0);
+}
+
+/// Issue 21 item 5: two providers, one `sub`. The identity was a sub
+/// without its issuer, so provider B's "user_1" was provider A's.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_providers_give_the_same_sub_distinct_user_ids() {
+    let (a, certs_a) = https_issuer().await;
+    let (b, certs_b) = https_issuer().await;
+    let named = |issuer: &Issuer, certs: &TestCerts, name: &str, prefix: Option<&str>| {
+        let mut config = provider(issuer, certs);
+        config.name = name.to_owned();
+        config.user_ids.prefix = prefix.map(str::to_owned);
+        config
+    };
+    let now = SystemTime::now();
+
+    // Neither prefixed nor shared: refused, both named.
+    let refused = Verifier::new(vec![
+        named(&a, &certs_a, "a", None),
+        named(&b, &certs_b, "b", None),
+    ])
+    .err()
+    .expect("two bare providers are refused");
+    let text = refused.to_string();
+    assert!(text.contains("\"a\"") && text.contains("\"b\""), "{text}");
+
+    // Prefixed: the same sub is two users, in the identity and in the
+    // claims the proxy signs.
+    let verifier = Verifier::new(vec![
+        named(&a, &certs_a, "a", Some("a:")),
+        named(&b, &certs_b, "b", Some("b:")),
+    ])
+    .expect("prefixed providers");
+    let from_a = verifier
+        .verify(&a.token("user_1"), ROLE, now)
+        .await
+        .expect("a");
+    let from_b = verifier
+        .verify(&b.token("user_1"), ROLE, now)
+        .await
+        .expect("b");
+    assert_eq!(
+        (from_a.subject.as_str(), from_a.user_id.as_str()),
+        ("user_1", "a:user_1")
+    );
+    assert_eq!(from_b.user_id, "b:user_1");
+    let signed: serde_json::Value = serde_json::from_str(&from_b.claims_json).expect("json");
+    assert_eq!(signed["sub"], "b:user_1");
+    assert_eq!(signed["iss"], b.issuer());
+
+    // Shared on both: one namespace, the token's claims unchanged.
+    let mut shared_a = named(&a, &certs_a, "a", None);
+    let mut shared_b = named(&b, &certs_b, "b", None);
+    shared_a.user_ids.shared = true;
+    shared_b.user_ids.shared = true;
+    let verifier = Verifier::new(vec![shared_a, shared_b]).expect("shared providers");
+    let from_b = verifier
+        .verify(&b.token("user_1"), ROLE, now)
+        .await
+        .expect("b");
+    assert_eq!(from_b.user_id, "user_1");
+    assert!(from_b.claims_json.contains("\"sub\":\"user_1\""));
+
+    // A bare provider beside a prefixed one keeps its ids, and refuses a
+    // sub that would be one of the other's.
+    let verifier = Verifier::new(vec![
+        named(&a, &certs_a, "a", None),
+        named(&b, &certs_b, "b", Some("b:")),
+    ])
+    .expect("bare beside prefixed");
+    let plain = verifier
+        .verify(&a.token("user_1"), ROLE, now)
+        .await
+        .expect("a");
+    assert_eq!(plain.user_id, "user_1");
+    assert_eq!(
+        verifier.verify(&a.token("b:user_1"), ROLE, now).await,
+        Err(VerifyError::SubjectInOtherNamespace)
+    );
 }
