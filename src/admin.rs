@@ -60,7 +60,7 @@ const FULL: &[u8] =
 
 /// The admin listener's own limits (`[admin]`); the defaults are the
 /// config's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// Connections held at once; more are answered 503 and closed.
     pub max_connections: usize,
@@ -69,6 +69,9 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// A connection with nothing read or written this long is closed.
     pub idle_timeout: Duration,
+    /// `Host` names accepted besides IP addresses and `localhost`
+    /// ([`host_refusal`]).
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for Limits {
@@ -78,8 +81,38 @@ impl Default for Limits {
             max_connections: 64,
             header_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
+            allowed_hosts: Vec::new(),
         }
     }
+}
+
+/// Why a request's `Host` is refused, if it is: a web page whose DNS name
+/// was rebound to this host sends its own name, and its reads of
+/// `/clients` or `/metrics` count as same-origin to the browser (no
+/// `Origin`, `Sec-Fetch-Site: same-origin`). Operators' tools and
+/// scrapers give an address, `localhost`, or a name listed in
+/// `[admin] allowed_hosts`; a request without `Host` (HTTP/1.0) is no
+/// browser's.
+pub fn host_refusal(host: Option<&str>, allowed: &[String]) -> Option<String> {
+    let host = host?;
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        },
+    };
+    let accepted = name.parse::<std::net::IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || allowed
+            .iter()
+            .any(|allowed| allowed.eq_ignore_ascii_case(name));
+    (!accepted).then(|| {
+        format!(
+            "refused: Host {host:?} is neither an address, localhost, nor a name in \
+             [admin] allowed_hosts (a web page can rebind its own name to this host)"
+        )
+    })
 }
 
 impl Limits {
@@ -94,6 +127,9 @@ impl Limits {
         }
         if self.idle_timeout != new.idle_timeout {
             changed.push("[admin] idle_timeout");
+        }
+        if self.allowed_hosts != new.allowed_hosts {
+            changed.push("[admin] allowed_hosts");
         }
         changed
     }
@@ -207,15 +243,34 @@ async fn probe(address: &str) -> std::io::Result<()> {
     }
 }
 
-/// The routes.
-fn router(admin: Arc<Admin>) -> Router {
+/// The routes. Those that show who is connected or change anything
+/// answer only requests whose `Host` passes [`host_refusal`]; health
+/// checks answer whatever name a balancer's probe gives.
+fn router(admin: Arc<Admin>, allowed_hosts: Vec<String>) -> Router {
+    let allowed_hosts: Arc<[String]> = allowed_hosts.into();
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
         .route("/pools", get(pools))
         .route("/clients", get(clients))
         .route("/reload", post(reload))
+        .route_layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                let allowed_hosts = Arc::clone(&allowed_hosts);
+                async move {
+                    let host = request
+                        .headers()
+                        .get(header::HOST)
+                        .and_then(|host| host.to_str().ok())
+                        .or_else(|| request.uri().authority().map(|a| a.as_str()));
+                    match host_refusal(host, &allowed_hosts) {
+                        Some(why) => (StatusCode::FORBIDDEN, why).into_response(),
+                        None => next.run(request).await,
+                    }
+                }
+            },
+        ))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .with_state(admin)
 }
 
@@ -228,7 +283,7 @@ pub async fn serve(
     limits: Limits,
     mut stop: watch::Receiver<bool>,
 ) {
-    let app = router(Arc::new(admin));
+    let app = router(Arc::new(admin), limits.allowed_hosts.clone());
     let budget = Arc::new(Semaphore::new(limits.max_connections));
     let refusals = LogLimiter::default();
     loop {
@@ -475,5 +530,34 @@ async fn reload(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Response
             StatusCode::SERVICE_UNAVAILABLE,
             "no answer from the reload in time: see the proxy's log",
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_refusal;
+
+    #[test]
+    fn addresses_localhost_and_listed_names_pass_and_other_names_do_not() {
+        let allowed = vec!["authgres.internal".to_owned()];
+        for host in [
+            "127.0.0.1:9432",
+            "[::1]:9432",
+            "10.1.2.3",
+            "localhost",
+            "LOCALHOST:80",
+            "authgres.internal:9432",
+        ] {
+            assert_eq!(host_refusal(Some(host), &allowed), None, "{host}");
+        }
+        assert_eq!(host_refusal(None, &allowed), None);
+        for host in [
+            "attacker.example:9432",
+            "127.0.0.1.nip.io",
+            "localhost.evil",
+            "",
+        ] {
+            assert!(host_refusal(Some(host), &allowed).is_some(), "{host}");
+        }
     }
 }

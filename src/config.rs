@@ -69,6 +69,11 @@ pub struct Admin {
     /// A connection with nothing read or written this long is closed.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Names besides IP addresses and `localhost` that requests may give
+    /// as their `Host` (a scraper's DNS name for the proxy); any other is
+    /// refused, so a web page that rebinds its name to this host cannot
+    /// read the admin routes.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for Admin {
@@ -79,6 +84,7 @@ impl Default for Admin {
             max_connections: limits.max_connections,
             header_timeout: limits.header_timeout,
             idle_timeout: limits.idle_timeout,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -110,6 +116,7 @@ impl Admin {
             max_connections: self.max_connections,
             header_timeout: self.header_timeout,
             idle_timeout: self.idle_timeout,
+            allowed_hosts: self.allowed_hosts.clone(),
         })
     }
 }

@@ -96,8 +96,8 @@ impl Addresses {
         if self.admin != new.admin {
             changed.push("[admin] address");
         }
-        if let (Some(old), Some(new)) = (self.admin_limits, new.admin_limits) {
-            changed.extend(old.changed(&new));
+        if let (Some(old), Some(new)) = (&self.admin_limits, &new.admin_limits) {
+            changed.extend(old.changed(new));
         }
         changed
     }
@@ -326,7 +326,7 @@ pub async fn run(prepared: Prepared, listeners: Listeners) -> anyhow::Result<()>
     // The admin listener outlives the drain, so probes and scrapes see
     // it, unless a successor took its socket over.
     let (handed_over, admin_stop) = tokio::sync::watch::channel(false);
-    if let (Some(bound), Some(limits)) = (admin_listener, addresses.admin_limits) {
+    if let (Some(bound), Some(limits)) = (admin_listener, addresses.admin_limits.clone()) {
         let admin = Admin::new(Arc::clone(&proxy), registry, reloads);
         tokio::spawn(admin::serve(admin, bound, limits, admin_stop));
     }

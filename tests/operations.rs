@@ -768,6 +768,28 @@ async fn the_admin_listener_has_its_own_budget_and_timeouts_and_refuses_web_page
     let (status, body) = post(&[]).await;
     assert_eq!(status, 200, "{body}");
 
+    // Reads answer only to a Host a rebound web page cannot give: a page
+    // that points its own name at this host reads as same-origin.
+    let get = |host: &'static str| {
+        let url = format!("http://127.0.0.1:{}/clients", stack.admin_port);
+        async move {
+            let response = reqwest::Client::new()
+                .get(url)
+                .header("host", host)
+                .header("sec-fetch-site", "same-origin")
+                .send()
+                .await
+                .expect("GET /clients");
+            let status = response.status().as_u16();
+            (status, response.text().await.expect("body"))
+        }
+    };
+    let (status, body) = get("attacker.example:9432").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("allowed_hosts"), "{body}");
+    let (status, body) = get("localhost:9432").await;
+    assert_eq!(status, 200, "{body}");
+
     // During a drain, POST /reload is answered: refused, saying why.
     let stuck = stack.login("user_stuck").await;
     stuck.batch_execute("begin").await.expect("begin");
