@@ -9,7 +9,8 @@
 //! the proxy runs on it; `pool` keeps those connections; `relay` moves
 //! bytes and follows message boundaries; `transaction` carries a
 //! transaction-pooled client's session between connections; [`server`]
-//! accepts TCP clients. For operations: a [`Drain`] every session
+//! accepts TCP clients, reading a load balancer's PROXY header first where
+//! one is trusted to send it ([`ProxyProtocolFrom`]). For operations: a [`Drain`] every session
 //! follows at shutdown, the [`Clients`] registry, and [`metrics`].
 //!
 //! Protocol reference: <https://www.postgresql.org/docs/current/protocol.html>.
