@@ -14,7 +14,9 @@
 //! WebSocket session) authenticates, and an entry in the client registry;
 //! headers and bodies are read under deadlines. Every response carries the
 //! CORS headers browsers need, and `OPTIONS` answers preflight; every
-//! response is counted by route and status.
+//! response is counted by route and status. Behind a TCP balancer listed in
+//! `proxy_protocol_from`, a connection's PROXY protocol v2 header is read
+//! first and names the client for all of this.
 //!
 //! When the proxy drains, the listener stops accepting, idle kept-alive
 //! connections close, requests in flight complete and their connections
