@@ -144,6 +144,27 @@ pub struct Http {
     pub body_timeout: Duration,
     #[serde(default = "http_defaults::statement_timeout", with = "humantime_serde")]
     pub statement_timeout: Duration,
+    /// Load balancers whose connections begin with a PROXY protocol v2
+    /// header (as `[listen] proxy_protocol_from`, for this listener).
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<Trusted>,
+}
+
+/// An entry of `proxy_protocol_from`: an address or CIDR block, checked as
+/// the file is parsed (so a mistake is reported at its line and column).
+#[derive(Debug, Clone, Copy)]
+pub struct Trusted(pub authgres_wire::AddressBlock);
+
+impl<'de> Deserialize<'de> for Trusted {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map(Self).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The peers a listener trusts to send a PROXY header.
+pub fn proxy_protocol_from(entries: &[Trusted]) -> authgres_wire::ProxyProtocolFrom {
+    authgres_wire::ProxyProtocolFrom::new(entries.iter().map(|t| t.0).collect())
 }
 
 mod http_defaults {
@@ -203,6 +224,9 @@ pub struct Listen {
     pub drain_delay: Duration,
     /// Unix socket through which a new process takes over the listeners.
     pub handover_socket: Option<PathBuf>,
+    /// Load balancers (addresses or CIDR blocks) whose connections begin
+    /// with a PROXY protocol v2 header naming the client.
+    pub proxy_protocol_from: Vec<Trusted>,
 }
 
 impl Default for Listen {
@@ -223,6 +247,7 @@ impl Default for Listen {
             shutdown_timeout: wire::SHUTDOWN_TIMEOUT,
             drain_delay: Duration::ZERO,
             handover_socket: None,
+            proxy_protocol_from: Vec::new(),
         }
     }
 }
@@ -820,6 +845,7 @@ impl Loaded {
                 tls_offered: listen.tls_cert.is_some(),
             },
             auth_timeout: listen.auth_timeout,
+            proxy_protocol_from: proxy_protocol_from(&listen.proxy_protocol_from),
             connections: ConnectionLimits {
                 max_connections: listen.max_connections,
                 max_unauthenticated: listen.max_unauthenticated.min(listen.max_connections),
@@ -888,6 +914,7 @@ impl Loaded {
             header_timeout: h.header_timeout,
             body_timeout: h.body_timeout,
             statement_timeout: h.statement_timeout,
+            proxy_protocol_from: proxy_protocol_from(&h.proxy_protocol_from),
         })
     }
 
@@ -1210,6 +1237,35 @@ mod tests {
         assert!(error.contains("starts with the other"), "{error}");
         let single: FileConfig = toml::from_str(PROVIDER).expect("parses");
         check_user_ids(&single, PROVIDER).expect("one provider needs nothing");
+    }
+
+    #[test]
+    fn proxy_protocol_from_takes_addresses_and_blocks_and_points_at_mistakes() {
+        let config = loaded(
+            "[listen]\nproxy_protocol_from = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\"]\n\
+             [http]\naddress = \"127.0.0.1:0\"\nproxy_protocol_from = [\"127.0.0.2\"]\n\
+             [roles.web]\n",
+        );
+        let wire = config.proxy_config().expect("valid").proxy_protocol_from;
+        assert!(wire.contains([10, 1, 2, 3].into()));
+        assert!(wire.contains([192, 0, 2, 7].into()));
+        assert!(!wire.contains([192, 0, 2, 8].into()));
+        let http = config.http().expect("[http]").proxy_protocol_from;
+        assert!(http.contains([127, 0, 0, 2].into()));
+        assert!(!http.contains([10, 1, 2, 3].into()));
+        for (entry, expected) in [
+            ("\"10.0.0.1/8\"", "did you mean \"10.0.0.0/8\""),
+            ("\"balancer.internal\"", "not an IP address or CIDR block"),
+            ("10", "invalid type"),
+        ] {
+            let text = format!(
+                "[listen]\naddress = \"127.0.0.1:6432\"\nproxy_protocol_from = [{entry}]\n"
+            );
+            let error = toml::from_str::<FileConfig>(&text).expect_err("refused");
+            let message = error.to_string();
+            assert!(message.contains(expected), "{message}");
+            assert!(message.contains("line 3, column"), "{message}");
+        }
     }
 
     #[test]

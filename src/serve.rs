@@ -564,12 +564,14 @@ pub fn check_config(config: &Path) -> anyhow::Result<()> {
     if let Some(warning) = listen_warning(&file.listen.address, tls, file.listen.cleartext_tokens) {
         println!("warning: {warning}");
     }
+    print_proxy_protocol("listen", &file.listen.proxy_protocol_from);
     if let Some(http) = &file.http {
         println!(
             "http     {} (TLS {})",
             http.address,
             if http.tls { "on" } else { "off" }
         );
+        print_proxy_protocol("http", &http.proxy_protocol_from);
     }
     if let Some(admin) = &file.admin {
         let limits = admin.limits()?;
@@ -647,6 +649,20 @@ pub fn check_config(config: &Path) -> anyhow::Result<()> {
             missing.join(", ")
         )
     }
+}
+
+/// Names the peers a listener takes a PROXY protocol v2 header from, and
+/// the trust that gives them.
+fn print_proxy_protocol(section: &str, trusted: &[crate::config::Trusted]) {
+    if trusted.is_empty() {
+        return;
+    }
+    let blocks: Vec<String> = trusted.iter().map(|t| t.0.to_string()).collect();
+    println!(
+        "{section:<8} PROXY protocol v2 header required from {} (they may claim any client \
+         address)",
+        blocks.join(", ")
+    );
 }
 
 /// What check-config says of a Postgres listener reachable from other

@@ -62,6 +62,16 @@ async fn wait_sleeping(stack: &Stack) {
     }
 }
 
+/// A stack whose instances trust HAProxy's PROXY headers: HAProxy connects
+/// from `common::HAPROXY_SOURCE`, and only that address is trusted.
+async fn stack_behind_haproxy() -> Stack {
+    Stack::start_with(Options {
+        listen_extra: "proxy_protocol_from = [\"127.0.0.2\"]\n",
+        ..Default::default()
+    })
+    .await
+}
+
 fn backends(instances: &[Instance]) -> Vec<(u16, u16)> {
     instances.iter().map(|i| (i.port, i.admin_port)).collect()
 }
@@ -78,12 +88,12 @@ async fn connect(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cancels_through_the_load_balancer_reach_whichever_instance_holds_the_session() {
-    let stack = Stack::start().await;
+    let stack = stack_behind_haproxy().await;
     let instances = fleet(&stack, "");
     for instance in &instances {
         instance.wait_ready().await;
     }
-    let haproxy = Haproxy::start(stack.dir.path(), &backends(&instances));
+    let haproxy = Haproxy::start(stack.dir.path(), &backends(&instances), true);
 
     // A driver: tokio-postgres's cancel token, sent through HAProxy.
     for i in 0..10 {
@@ -155,6 +165,13 @@ async fn cancels_through_the_load_balancer_reach_whichever_instance_holds_the_se
         forwarded >= 5,
         "only {forwarded} of 20 cancels needed a peer"
     );
+    // HAProxy's PROXY headers named the client; peers forwarding cancels
+    // from 127.0.0.1 needed none.
+    for instance in &instances {
+        let log = instance.log();
+        assert!(log.contains("peer=127.0.0.1:"), "{log}");
+        assert!(log.contains("via=127.0.0.2"), "{log}");
+    }
 }
 
 /// pgbench with a connection per transaction through `port`, for
@@ -193,7 +210,7 @@ fn assert_nothing_failed(pgbench: std::process::Child) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rolling_restart_behind_haproxy_fails_no_transaction() {
-    let stack = Stack::start().await;
+    let stack = stack_behind_haproxy().await;
     // Readiness turns false half a second before each drain: HAProxy checks
     // every 100 ms.
     let mut instances = fleet(&stack, "");
@@ -210,7 +227,7 @@ async fn a_rolling_restart_behind_haproxy_fails_no_transaction() {
     for instance in &mut instances {
         instance.signal(Signal::SIGHUP);
     }
-    let haproxy = Haproxy::start(stack.dir.path(), &backends(&instances));
+    let haproxy = Haproxy::start(stack.dir.path(), &backends(&instances), true);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pgbench = pgbench_connect_per_transaction(&stack, haproxy.port, 12);
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -233,12 +250,12 @@ async fn a_rolling_restart_behind_haproxy_fails_no_transaction() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn killing_one_instance_leaves_the_others_and_new_connections_alone() {
-    let stack = Stack::start().await;
+    let stack = stack_behind_haproxy().await;
     let mut instances = fleet(&stack, "");
     for instance in &instances {
         instance.wait_ready().await;
     }
-    let haproxy = Haproxy::start(stack.dir.path(), &backends(&instances));
+    let haproxy = Haproxy::start(stack.dir.path(), &backends(&instances), true);
     let first = connect(&stack, instances[0].port, "user_first")
         .await
         .expect("first");

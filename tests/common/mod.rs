@@ -615,21 +615,34 @@ fn wait_port(port: u16, log: impl Fn() -> String) {
 
 /// Debian's HAProxy in TCP mode, round robin over `backends` (wire port,
 /// admin port), health-checked on `/readyz` every 100 ms, retrying a
-/// refused connection on another backend. Stopped on drop.
+/// refused connection on another backend. With `send_proxy`, it connects
+/// from [`HAPROXY_SOURCE`] and begins each connection with a PROXY protocol
+/// v2 header (`send-proxy-v2`), as docs/scale-out.md configures it.
+/// Stopped on drop.
 pub struct Haproxy {
     pub port: u16,
     child: Child,
 }
 
+/// The address HAProxy connects to the backends from when it sends PROXY
+/// headers: the one address the instances trust, so instances forwarding
+/// cancels to each other from 127.0.0.1 are plain clients.
+pub const HAPROXY_SOURCE: &str = "127.0.0.2";
+
 impl Haproxy {
-    pub fn start(dir: &Path, backends: &[(u16, u16)]) -> Self {
+    pub fn start(dir: &Path, backends: &[(u16, u16)], send_proxy: bool) -> Self {
         provision::system();
         let port = free_port();
+        let proxy = if send_proxy {
+            format!(" send-proxy-v2 source {HAPROXY_SOURCE}")
+        } else {
+            String::new()
+        };
         let servers: String = backends
             .iter()
             .enumerate()
             .map(|(i, (wire, admin))| {
-                format!("  server authgres{i} 127.0.0.1:{wire} check port {admin}\n")
+                format!("  server authgres{i} 127.0.0.1:{wire} check port {admin}{proxy}\n")
             })
             .collect();
         let config = format!(

@@ -14,7 +14,9 @@
 //! WebSocket session) authenticates, and an entry in the client registry;
 //! headers and bodies are read under deadlines. Every response carries the
 //! CORS headers browsers need, and `OPTIONS` answers preflight; every
-//! response is counted by route and status.
+//! response is counted by route and status. Behind a TCP balancer listed in
+//! `proxy_protocol_from`, a connection's PROXY protocol v2 header is read
+//! first and names the client for all of this.
 //!
 //! When the proxy drains, the listener stops accepting, idle kept-alive
 //! connections close, requests in flight complete and their connections
@@ -31,7 +33,8 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use authgres_wire::{
-    ClientHandle, ClientState, PoolLimits, Proxy, Ticket, Transport, UpstreamPool,
+    ClientHandle, ClientState, HeaderReads, PoolLimits, Proxy, ProxyProtocolFrom, Ticket,
+    Transport, UpstreamPool,
 };
 use axum::Router;
 use axum::body::Body;
@@ -81,6 +84,10 @@ pub struct HttpConfig {
     /// are cancelled on the server (the proxy's own exchanges on the
     /// connection keep the upstream `internal_query_timeout`).
     pub statement_timeout: Duration,
+    /// Peers (load balancers) whose connections begin with a PROXY
+    /// protocol v2 header naming the client's address, read within
+    /// `header_timeout`.
+    pub proxy_protocol_from: ProxyProtocolFrom,
 }
 
 impl Default for HttpConfig {
@@ -96,6 +103,7 @@ impl Default for HttpConfig {
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             body_timeout: DEFAULT_BODY_TIMEOUT,
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
+            proxy_protocol_from: ProxyProtocolFrom::default(),
         }
     }
 }
@@ -216,6 +224,11 @@ impl ConnectionTicket {
     }
 }
 
+/// The load balancer whose PROXY header named the connection's client
+/// (`ConnectInfo`), if one did: a request extension.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RelayedBy(pub Option<std::net::IpAddr>);
+
 /// The routes.
 pub fn router(state: Arc<HttpState>) -> Router {
     Router::new()
@@ -299,6 +312,7 @@ fn upgrade_key(headers: &HeaderMap) -> Option<&str> {
 async fn websocket(
     State(state): State<Arc<HttpState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(RelayedBy(relayed_by)): Extension<RelayedBy>,
     Extension(ticket): Extension<ConnectionTicket>,
     mut request: Request<Body>,
 ) -> Response {
@@ -315,7 +329,9 @@ async fn websocket(
         match upgrade.await {
             Ok(upgraded) => {
                 let stream = ws::WsStream::new(TokioIo::new(upgraded));
-                proxy.serve_settled(stream, peer, tls, ticket, client).await;
+                proxy
+                    .serve_settled(stream, peer, relayed_by, tls, ticket, client)
+                    .await;
             }
             Err(error) => tracing::debug!(%error, %peer, "WebSocket upgrade failed"),
         }
@@ -340,68 +356,122 @@ async fn refuse(mut tcp: tokio::net::TcpStream) {
     let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(FULL)).await;
 }
 
+/// What a peer in `proxy_protocol_from` that sent no usable PROXY header
+/// is told, in a 400 response.
+const NO_PROXY_HEADER: &str =
+    "this address is in [http] proxy_protocol_from: send a PROXY protocol v2 header first\n";
+
+/// Tells a trusted peer its PROXY header was refused, and closes.
+async fn refuse_header(mut tcp: tokio::net::TcpStream) {
+    let response = format!(
+        "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-type: text/plain\r\n\
+         content-length: {}\r\n\r\n{NO_PROXY_HEADER}",
+        NO_PROXY_HEADER.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(response.as_bytes())).await;
+}
+
 /// Serves HTTP (HTTPS when the state has a certificate) on `listener`
 /// until the proxy drains; connections run on as tasks of the drain and
-/// close once their request in flight is answered.
+/// close once their request in flight is answered. A connection from a
+/// peer in `[http] proxy_protocol_from` has its PROXY header read first,
+/// within the header timeout, and is served as the client it names.
 pub async fn serve(state: Arc<HttpState>, listener: tokio::net::TcpListener) {
     let app = router(Arc::clone(&state));
     let drain = state.proxy.drain();
+    let headers = Arc::new(HeaderReads::default());
     loop {
         let (tcp, peer) = tokio::select! {
             () = drain.draining() => return,
             accepted = authgres_wire::server::accept(&listener) => accepted,
         };
-        let entry = match state.proxy.budget().enter(peer.ip()) {
-            Ok(entry) => entry,
-            Err(full) => {
-                state.proxy.log_refusal(peer, &full);
-                drain.spawn_client(refuse(tcp));
-                continue;
+        let config = state.config();
+        if !config.proxy_protocol_from.contains(peer.ip()) {
+            if let Some(connection) = enter(&state, &app, tcp, peer, RelayedBy(None)) {
+                drain.spawn_client(connection);
             }
-        };
-        let _ = tcp.set_nodelay(true);
-        let app = app.clone();
-        let state = Arc::clone(&state);
+            continue;
+        }
+        let (state, app, headers) = (Arc::clone(&state), app.clone(), Arc::clone(&headers));
         drain.spawn_client(async move {
-            let header_timeout = state.config().header_timeout;
-            let client = state.proxy.clients().register(peer, Transport::Http);
-            let deadline = tokio::time::Instant::now() + header_timeout;
-            let ticket = match entry.admit(deadline).await {
-                Ok(ticket) => ConnectionTicket::new(ticket, client),
-                Err(full) => {
-                    state.proxy.log_refusal(peer, &full);
-                    refuse(tcp).await;
-                    return;
-                }
-            };
-            let service =
-                hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
-                    request.extensions_mut().insert(ConnectInfo(peer));
-                    request.extensions_mut().insert(ticket.clone());
-                    app.clone().oneshot(request)
-                });
-            let proxy = &state.proxy;
-            let result = match state.acceptor() {
-                Some(acceptor) => {
-                    match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            serve_connection(TokioIo::new(stream), service, header_timeout, proxy)
-                                .await
-                        }
-                        Ok(Err(error)) => {
-                            tracing::debug!(%error, %peer, "HTTPS handshake failed");
-                            return;
-                        }
-                        Err(_) => return,
+            let mut tcp = tcp;
+            match (headers.client_address(&mut tcp, peer, config.header_timeout)).await {
+                Ok(client) => {
+                    let relayed_by = RelayedBy(Some(peer.ip()));
+                    if let Some(connection) = enter(&state, &app, tcp, client, relayed_by) {
+                        connection.await;
                     }
                 }
-                None => serve_connection(TokioIo::new(tcp), service, header_timeout, proxy).await,
-            };
-            if let Err(error) = result {
-                tracing::debug!(%error, %peer, "HTTP connection ended");
+                Err(refusal) => {
+                    state.proxy.log_refusal(peer, &refusal);
+                    refuse_header(tcp).await;
+                }
             }
         });
     }
+}
+
+/// Takes the connection of `peer` (the client's address, named by the
+/// balancer `relayed_by` if one sent a PROXY header) into the connection
+/// budget and returns the task serving it, or refuses it.
+fn enter(
+    state: &Arc<HttpState>,
+    app: &Router,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    relayed_by: RelayedBy,
+) -> Option<impl Future<Output = ()> + Send + 'static> {
+    let drain = state.proxy.drain();
+    let entry = match state.proxy.budget().enter(peer.ip()) {
+        Ok(entry) => entry,
+        Err(full) => {
+            state.proxy.log_refusal(peer, &full);
+            drain.spawn_client(refuse(tcp));
+            return None;
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let app = app.clone();
+    let state = Arc::clone(state);
+    Some(async move {
+        let header_timeout = state.config().header_timeout;
+        let client = state.proxy.clients().register(peer, Transport::Http);
+        let deadline = tokio::time::Instant::now() + header_timeout;
+        let ticket = match entry.admit(deadline).await {
+            Ok(ticket) => ConnectionTicket::new(ticket, client),
+            Err(full) => {
+                state.proxy.log_refusal(peer, &full);
+                refuse(tcp).await;
+                return;
+            }
+        };
+        let service =
+            hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                request.extensions_mut().insert(relayed_by);
+                request.extensions_mut().insert(ticket.clone());
+                app.clone().oneshot(request)
+            });
+        let proxy = &state.proxy;
+        let result = match state.acceptor() {
+            Some(acceptor) => {
+                match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        serve_connection(TokioIo::new(stream), service, header_timeout, proxy).await
+                    }
+                    Ok(Err(error)) => {
+                        tracing::debug!(%error, %peer, "HTTPS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
+            None => serve_connection(TokioIo::new(tcp), service, header_timeout, proxy).await,
+        };
+        if let Err(error) = result {
+            tracing::debug!(%error, %peer, "HTTP connection ended");
+        }
+    })
 }
 
 /// Serves one connection; a drain lets the request in flight finish and

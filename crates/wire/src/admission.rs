@@ -65,6 +65,10 @@ pub struct Request<'a> {
     pub database: &'a str,
     /// Where the client connects from.
     pub peer: IpAddr,
+    /// The load balancer that relayed the connection, when a PROXY header
+    /// named `peer`: a token travels in cleartext from loopback only if it
+    /// never left the host, on the client's leg or the balancer's.
+    pub relayed_by: Option<IpAddr>,
     /// Whether the transport is encrypted.
     pub encrypted: bool,
     /// Which transport it came over.
@@ -133,7 +137,9 @@ pub fn check(policy: &Policy, request: &Request<'_>) -> Result<Need, Refusal> {
     }
     let cleartext_ok = match policy.cleartext_tokens {
         CleartextTokens::Allow => true,
-        CleartextTokens::LoopbackOnly => request.peer.is_loopback(),
+        CleartextTokens::LoopbackOnly => {
+            request.peer.is_loopback() && request.relayed_by.is_none_or(|b| b.is_loopback())
+        }
         CleartextTokens::Refuse => false,
     };
     if !request.encrypted && !cleartext_ok {

@@ -170,8 +170,12 @@ pub struct ProxyConfig {
     pub upstream: UpstreamConfig,
     /// Who may log in.
     pub admission: Policy,
-    /// Time from accept until the password must have arrived.
+    /// Time from accept until the password must have arrived (and, for
+    /// a peer in `proxy_protocol_from`, until its PROXY header must have).
     pub auth_timeout: Duration,
+    /// Peers (load balancers) whose connections begin with a PROXY
+    /// protocol v2 header naming the client's address.
+    pub proxy_protocol_from: crate::proxied::ProxyProtocolFrom,
     /// How many client connections the proxy holds, all listeners together.
     pub connections: ConnectionLimits,
     /// Limits on clients that hold a backend without using it.

@@ -17,6 +17,7 @@ use crate::proto::negotiate;
 use crate::proto::scram::ScramError;
 use crate::proto::server_error::ServerError;
 use crate::proto::startup::FrameError;
+use crate::proxied::HeaderRefusal;
 
 /// The SQLSTATEs authgres sends itself (see DESIGN.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,6 +181,10 @@ pub enum SessionError {
     /// Too many client connections.
     #[error("too many client connections")]
     TooManyConnections,
+    /// A peer in `proxy_protocol_from` did not begin with a PROXY protocol
+    /// v2 header we accept.
+    #[error(transparent)]
+    ProxyHeader(HeaderRefusal),
     /// Every pooled connection for the client's database and role stayed
     /// busy for the whole checkout timeout.
     #[error(
@@ -271,10 +276,19 @@ impl Classify for SessionError {
                 "authentication timed out: no password was sent",
                 None,
             ),
-            Self::TooManyConnections => ClientView::new(
+            Self::TooManyConnections | Self::ProxyHeader(HeaderRefusal::Busy) => ClientView::new(
                 S::TooManyConnections,
                 "sorry, too many clients already",
                 None,
+            ),
+            Self::ProxyHeader(HeaderRefusal::Closed | HeaderRefusal::Io(_)) => None,
+            Self::ProxyHeader(refusal) => ClientView::new(
+                S::ProtocolViolation,
+                refusal.to_string(),
+                Some(
+                    "this address is in the proxy's proxy_protocol_from: connect through the load \
+                     balancer, or have it send PROXY protocol v2 (HAProxy: send-proxy-v2)",
+                ),
             ),
             Self::PoolExhausted { waited, .. } => ClientView::new(
                 S::TooManyConnections,
@@ -335,7 +349,11 @@ impl Classify for SessionError {
             | Self::AuthTimeout(_)
             | Self::IdleInTransaction(_)
             | Self::ClientStalled(_) => Severity::Client,
-            Self::TooManyConnections | Self::PoolExhausted { .. } => Severity::Service,
+            Self::TooManyConnections
+            | Self::PoolExhausted { .. }
+            | Self::ProxyHeader(HeaderRefusal::Busy) => Severity::Service,
+            Self::ProxyHeader(HeaderRefusal::Closed | HeaderRefusal::Io(_)) => Severity::Routine,
+            Self::ProxyHeader(_) => Severity::Client,
             Self::Refused(refusal) => refusal.severity(),
             Self::SessionStateLost(error) | Self::Upstream(error) => error.severity(),
         }
@@ -353,6 +371,7 @@ impl Classify for SessionError {
             Self::OAuthDiscovery(_) => "oauth_discovery",
             Self::AuthTimeout(_) => "auth_timeout",
             Self::TooManyConnections => "too_many_connections",
+            Self::ProxyHeader(_) => "proxy_header",
             Self::PoolExhausted { .. } => "pool_exhausted",
             Self::TokenExpired => "token_expired",
             Self::ShuttingDown => "shutting_down",

@@ -9,7 +9,8 @@
 //! the proxy runs on it; `pool` keeps those connections; `relay` moves
 //! bytes and follows message boundaries; `transaction` carries a
 //! transaction-pooled client's session between connections; [`server`]
-//! accepts TCP clients. For operations: a [`Drain`] every session
+//! accepts TCP clients, reading a load balancer's PROXY header first where
+//! one is trusted to send it ([`ProxyProtocolFrom`]). For operations: a [`Drain`] every session
 //! follows at shutdown, the [`Clients`] registry, and [`metrics`].
 //!
 //! Protocol reference: <https://www.postgresql.org/docs/current/protocol.html>.
@@ -28,6 +29,7 @@ pub mod metrics;
 mod params;
 mod pool;
 mod proto;
+mod proxied;
 mod random;
 mod relay;
 mod session;
@@ -55,9 +57,13 @@ pub use metrics::Metrics;
 pub use pool::{CheckoutError, PoolSnapshot, Pooled, SlotSnapshot, UpstreamPool, reap};
 pub use proto::ledger::Violation;
 pub use proto::negotiate::Refusal as NegotiationRefusal;
+pub use proto::proxy_header::HeaderError as ProxyHeaderError;
 pub use proto::scram::ScramError;
 pub use proto::server_error::ServerError;
 pub use proto::startup::FrameError;
+pub use proxied::{
+    AddressBlock, BadAddressBlock, HeaderReads, HeaderRefusal, MAX_HEADER_READS, ProxyProtocolFrom,
+};
 pub use session::{Proxy, Settings};
 pub use transport::{ALPN_HTTP1, ALPN_POSTGRESQL, TlsConfigError, UpstreamTls, tls_acceptor};
 pub use upstream::{
@@ -75,6 +81,7 @@ pub mod internals {
     pub use crate::proto::login::{Login, Step, startup_message};
     pub use crate::proto::negotiate::{Negotiation, Next};
     pub use crate::proto::oauthbearer;
+    pub use crate::proto::proxy_header;
     pub use crate::proto::startup;
     pub use crate::relay::{Relay, Stop};
     pub use crate::transaction::Tracker;

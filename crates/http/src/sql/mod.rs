@@ -55,12 +55,13 @@ impl IntoResponse for Failure {
 pub async fn handle(
     State(state): State<Arc<HttpState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(crate::RelayedBy(relayed_by)): Extension<crate::RelayedBy>,
     Extension(ticket): Extension<ConnectionTicket>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let config = state.config();
-    let ran = run(&state, &config, peer, &ticket, &headers, body).await;
+    let ran = run(&state, &config, (peer, relayed_by), &ticket, &headers, body).await;
     ticket.set_state(ClientState::Idle);
     match ran {
         Ok(value) => match serde_json::to_vec(&value) {
@@ -92,7 +93,7 @@ pub async fn handle(
 async fn run(
     state: &HttpState,
     config: &HttpConfig,
-    peer: SocketAddr,
+    (peer, relayed_by): (SocketAddr, Option<std::net::IpAddr>),
     ticket: &ConnectionTicket,
     headers: &HeaderMap,
     body: Body,
@@ -106,6 +107,7 @@ async fn run(
         role: &target.role,
         database: &target.database,
         peer: peer.ip(),
+        relayed_by,
         encrypted: state.tls,
         transport: Transport::Http,
     };

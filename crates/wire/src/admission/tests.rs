@@ -32,9 +32,34 @@ fn request<'a>(role: &'a str, database: &'a str, peer: IpAddr, encrypted: bool) 
         role,
         database,
         peer,
+        relayed_by: None,
         encrypted,
         transport: Transport::Wire,
     }
+}
+
+#[test]
+fn through_a_balancer_cleartext_is_loopback_only_if_both_legs_are() {
+    let policy = policy(CleartextTokens::LoopbackOnly, &["app"]);
+    let relayed = |peer, balancer| Request {
+        relayed_by: Some(balancer),
+        ..request("authenticated", "app", peer, false)
+    };
+    // A balancer on this host: the header's address decides.
+    assert_eq!(
+        check(&policy, &relayed(LOOPBACK, LOOPBACK)),
+        Ok(Need::Token)
+    );
+    assert_eq!(
+        check(&policy, &relayed(REMOTE, LOOPBACK)),
+        Err(Refusal::CleartextRefused(Transport::Wire))
+    );
+    // A client local to a balancer elsewhere still crosses the network.
+    let balancer = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2));
+    assert_eq!(
+        check(&policy, &relayed(LOOPBACK, balancer)),
+        Err(Refusal::CleartextRefused(Transport::Wire))
+    );
 }
 
 #[test]

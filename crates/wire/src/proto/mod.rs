@@ -12,7 +12,9 @@
 //! - [`oauthbearer`]: the SASL mechanism Postgres 18 clients log in
 //!   with a bearer token by;
 //! - [`login`] and [`scram`]: the proxy's own login to the upstream server;
-//! - [`server_error`]: ErrorResponse fields.
+//! - [`server_error`]: ErrorResponse fields;
+//! - [`proxy_header`]: the PROXY protocol v2 header a load balancer sends
+//!   before the client's first byte.
 //!
 //! Reference: <https://www.postgresql.org/docs/current/protocol.html>.
 
@@ -24,6 +26,7 @@ pub mod ledger;
 pub mod login;
 pub mod negotiate;
 pub mod oauthbearer;
+pub mod proxy_header;
 pub mod scram;
 pub mod server_error;
 pub mod startup;

@@ -84,6 +84,12 @@ pub enum FrameError {
     /// A message other than the one the protocol calls for.
     #[error("expected a password message, got message type {0:?}")]
     UnexpectedMessage(char),
+    /// A PROXY protocol header, from a peer not trusted to send one.
+    #[error(
+        "a PROXY protocol header from an address not in the listener's proxy_protocol_from \
+         (only the load balancers listed there may send one)"
+    )]
+    ProxyHeader,
 }
 
 /// Parses one startup-phase packet from the front of `buf`.
@@ -94,6 +100,10 @@ pub fn parse_startup_packet(buf: &mut BytesMut) -> Result<Option<StartupPacket>,
     let Some(&length) = buf.first_chunk::<4>() else {
         return Ok(None);
     };
+    if super::proxy_header::looks_like_header(&length) {
+        // A startup packet's first byte is 0: it is never this long.
+        return Err(FrameError::ProxyHeader);
+    }
     let len = i32::from_be_bytes(length);
     let len = usize::try_from(len).unwrap_or(0);
     if !(8..=MAX_STARTUP_PACKET).contains(&len) {
@@ -346,6 +356,17 @@ mod tests {
                 ),
                 "len {len}"
             );
+        }
+    }
+
+    #[test]
+    fn proxy_headers_are_named_not_taken_for_a_length() {
+        for sent in [
+            &b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c"[..],
+            b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\n",
+        ] {
+            let mut buf = BytesMut::from(sent);
+            assert_eq!(parse_startup_packet(&mut buf), Err(FrameError::ProxyHeader));
         }
     }
 

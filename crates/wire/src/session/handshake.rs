@@ -83,6 +83,7 @@ impl<S: ClientIo> Session<'_, S> {
             role,
             database,
             peer: self.peer.ip(),
+            relayed_by: self.relayed_by,
             encrypted: self.encrypted,
             transport: self.transport,
         };

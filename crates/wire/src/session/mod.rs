@@ -19,7 +19,7 @@ mod lease;
 mod negotiate;
 mod transactions;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 
 use authgres_jwt::Verifier;
@@ -201,10 +201,17 @@ impl Proxy {
         crate::pool::reap(Arc::downgrade(&self.pool))
     }
 
-    /// Serves one TCP client to the end; `entry` is its place in the
-    /// connection budget.
-    pub async fn serve_tcp(self: Arc<Self>, mut tcp: TcpStream, peer: SocketAddr, entry: Entry) {
-        let span = session_span(peer, Transport::Wire);
+    /// Serves one TCP client at `peer` to the end; `entry` is its place in
+    /// the connection budget, `relayed_by` the load balancer whose PROXY
+    /// header named `peer`, if one did.
+    pub async fn serve_tcp(
+        self: Arc<Self>,
+        mut tcp: TcpStream,
+        peer: SocketAddr,
+        relayed_by: Option<IpAddr>,
+        entry: Entry,
+    ) {
+        let span = session_span(peer, relayed_by, Transport::Wire);
         async move {
             let settings = self.settings();
             let client = self.clients.register(peer, Transport::Wire);
@@ -224,6 +231,7 @@ impl Proxy {
                 timeout_at(deadline, negotiate::over_tcp(tcp, settings.tls.as_ref())).await;
             let place = Place {
                 peer,
+                relayed_by,
                 transport: Transport::Wire,
                 auth_deadline: deadline,
                 ticket,
@@ -237,18 +245,24 @@ impl Proxy {
 
     /// Serves a client on a stream whose transport is settled (a
     /// WebSocket); `encrypted` tells whether it runs over TLS, `ticket` is
-    /// its place in the connection budget.
+    /// its place in the connection budget, `relayed_by` as for
+    /// [`Proxy::serve_tcp`].
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "each is a fact about the connection"
+    )]
     pub async fn serve_settled<S>(
         self: Arc<Self>,
         stream: S,
         peer: SocketAddr,
+        relayed_by: Option<IpAddr>,
         encrypted: bool,
         ticket: Ticket,
         client: ClientHandle,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let span = session_span(peer, Transport::WebSocket);
+        let span = session_span(peer, relayed_by, Transport::WebSocket);
         async move {
             let settings = self.settings();
             client.set_transport(Transport::WebSocket);
@@ -256,6 +270,7 @@ impl Proxy {
             let opened = timeout_at(deadline, negotiate::settled(stream, encrypted)).await;
             let place = Place {
                 peer,
+                relayed_by,
                 transport: Transport::WebSocket,
                 auth_deadline: deadline,
                 ticket,
@@ -324,6 +339,7 @@ impl Proxy {
                     client: stream,
                     inbox,
                     peer: place.peer,
+                    relayed_by: place.relayed_by,
                     transport: place.transport,
                     encrypted,
                     auth_deadline: place.auth_deadline,
@@ -354,6 +370,8 @@ impl Proxy {
 /// Where a new connection stands before its negotiation settles.
 struct Place {
     peer: SocketAddr,
+    /// The balancer whose PROXY header named `peer`.
+    relayed_by: Option<IpAddr>,
     transport: Transport,
     /// When the client must have authenticated.
     auth_deadline: Instant,
@@ -372,6 +390,8 @@ pub(crate) struct Session<'p, S> {
     /// What the client sent past the last message handled.
     inbox: BytesMut,
     peer: SocketAddr,
+    /// The balancer whose PROXY header named `peer`.
+    relayed_by: Option<IpAddr>,
     transport: Transport,
     encrypted: bool,
     /// When the client must have authenticated.
@@ -459,10 +479,15 @@ impl<S: ClientIo> Session<'_, S> {
 }
 
 /// The span of one session: fields filled in as they become known.
-fn session_span(peer: SocketAddr, transport: Transport) -> tracing::Span {
+fn session_span(
+    peer: SocketAddr,
+    relayed_by: Option<IpAddr>,
+    transport: Transport,
+) -> tracing::Span {
     tracing::info_span!(
         "session",
         %peer,
+        via = relayed_by.map(tracing::field::display),
         transport = transport.label(),
         user = tracing::field::Empty,
         db = tracing::field::Empty,

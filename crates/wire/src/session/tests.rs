@@ -85,6 +85,7 @@ async fn harness(mode: PoolMode, pool_size: usize) -> Harness {
             tls_offered: true,
         },
         auth_timeout: Duration::from_secs(5),
+        proxy_protocol_from: Default::default(),
         connections: crate::config::ConnectionLimits {
             max_connections: 100,
             max_unauthenticated: 100,
@@ -131,7 +132,7 @@ fn pipe(harness: &Harness) -> DuplexStream {
         let ticket = entry.admit(deadline).await.expect("room");
         let client = proxy.clients().register(PEER, Transport::WebSocket);
         proxy
-            .serve_settled(proxy_side, PEER, false, ticket, client)
+            .serve_settled(proxy_side, PEER, None, false, ticket, client)
             .await;
     });
     client
@@ -415,7 +416,7 @@ async fn a_leaving_clients_cancel_key_dies_before_its_backend_serves_anyone_else
             notice_sent: false,
         };
         proxy
-            .serve_settled(stream, PEER, false, ticket, client)
+            .serve_settled(stream, PEER, None, false, ticket, client)
             .await;
     });
     let mut out = bytes::BytesMut::new();
