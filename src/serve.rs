@@ -239,7 +239,7 @@ pub fn prepare(config_path: &Path) -> anyhow::Result<Prepared> {
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let proxy = Arc::new(Proxy::new(built.settings, metrics));
-    registry.register_collector(Box::new(authgres_wire::metrics::Collector::new(&proxy)));
+    registry.register_collector(Box::new(authgres_wire::Collector::new(&proxy)));
     let http = built
         .http
         .map(|(config, tls)| HttpState::new(Arc::clone(&proxy), config, tls));

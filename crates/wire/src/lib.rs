@@ -30,6 +30,7 @@ mod params;
 mod pool;
 mod proto;
 mod proxied;
+mod proxy;
 mod random;
 mod relay;
 mod session;
@@ -64,7 +65,7 @@ pub use proto::startup::FrameError;
 pub use proxied::{
     AddressBlock, BadAddressBlock, HeaderReads, HeaderRefusal, MAX_HEADER_READS, ProxyProtocolFrom,
 };
-pub use session::{Proxy, Settings};
+pub use proxy::{Collector, Proxy, Settings};
 pub use transport::{ALPN_HTTP1, ALPN_POSTGRESQL, TlsConfigError, UpstreamTls, tls_acceptor};
 pub use upstream::{
     AttachScope, Attached, IDLE, Owner, PendingReset, Reply, Upstream, UpstreamConfig, UpstreamKey,

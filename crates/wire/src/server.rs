@@ -13,7 +13,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::error::SessionError;
 use crate::proxied::HeaderReads;
-use crate::session::{Proxy, refuse};
+use crate::proxy::Proxy;
+use crate::session::refuse;
 
 /// Accepts connections on `listener` until the proxy's drain starts; the
 /// sessions it started run on as tasks of the drain.

@@ -13,9 +13,10 @@ use tokio::time::Instant;
 
 use super::handshake::{Greeted, Login};
 use super::lease::Lease;
-use super::{ClientIo, Session, Settings, refuse};
+use super::{ClientIo, Session, refuse};
 use crate::cancel::CancelGuard;
 use crate::error::{ProtocolViolation, SessionError};
+use crate::proxy::Settings;
 use crate::relay::{self, Relay, RelayError, Stop};
 
 /// Serves a session that keeps its connection, from its greeting on.

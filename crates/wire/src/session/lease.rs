@@ -11,11 +11,11 @@
 use tokio::time::Instant;
 
 use super::handshake::Login;
-use super::{Proxy, Settings};
 use crate::config::PoolMode;
 use crate::error::{SessionError, UpstreamError};
 use crate::identity::ClaimsKey;
 use crate::pool::{CheckoutError, Pooled};
+use crate::proxy::{Proxy, Settings};
 use crate::transaction::PooledClient;
 use crate::upstream::Upstream;
 

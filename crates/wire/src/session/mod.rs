@@ -20,9 +20,8 @@ mod negotiate;
 mod transactions;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::sync::Arc;
 
-use authgres_jwt::Verifier;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -30,18 +29,13 @@ use tokio::time::{Instant, timeout_at};
 use tracing::Instrument as _;
 
 use crate::admission::Transport;
-use crate::budget::{Budget, Entry, Ticket};
-use crate::cancel::CancelRegistry;
-use crate::clients::{ClientHandle, ClientLogin, Clients};
-use crate::config::{PoolMode, ProxyConfig};
-use crate::drain::Drain;
+use crate::budget::{Entry, Ticket};
+use crate::clients::{ClientHandle, ClientLogin};
+use crate::config::PoolMode;
 use crate::error::{Classify as _, SessionError, Severity};
-use crate::identity::ClaimsKey;
-use crate::log_limit::LogLimiter;
-use crate::metrics::Metrics;
-use crate::pool::UpstreamPool;
 use crate::proto::backend;
 use crate::proto::negotiate::Startup;
+use crate::proxy::{Proxy, Settings};
 use crate::relay::Observed;
 use negotiate::{Failed, Opened};
 
@@ -52,155 +46,7 @@ const ERROR_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> ClientIo for S {}
 
-/// What a reload can change: the settings a session takes at accept and
-/// keeps to its end.
-pub struct Settings {
-    /// Admission, limits, timeouts, pool modes and sizes, the upstream.
-    pub config: ProxyConfig,
-    /// Token verification.
-    pub verifier: Arc<Verifier>,
-    /// The key that signs claims for SQL.
-    pub claims_key: ClaimsKey,
-    /// TLS for clients, if configured.
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
-}
-
-/// The proxy: its settings and the state all sessions share.
-pub struct Proxy {
-    settings: RwLock<Arc<Settings>>,
-    /// Upstream connections of the wire sessions.
-    pool: Arc<UpstreamPool>,
-    /// Every pool to report (this one, HTTP's), for metrics and `/pools`.
-    pools: Mutex<Vec<Weak<UpstreamPool>>>,
-    cancels: CancelRegistry,
-    /// Client connections held, by every listener.
-    budget: Arc<Budget>,
-    /// Log lines about refused clients, limited.
-    refusals: LogLimiter,
-    drain: Drain,
-    clients: Arc<Clients>,
-    metrics: Arc<Metrics>,
-}
-
 impl Proxy {
-    /// A proxy with these settings, counting into `metrics`. Run
-    /// [`Proxy::maintenance`] beside it.
-    pub fn new(settings: Settings, metrics: Arc<Metrics>) -> Self {
-        let config = &settings.config;
-        let pool = UpstreamPool::new(
-            "wire",
-            config.upstream.clone(),
-            config.pool_limits,
-            Arc::clone(&metrics),
-        );
-        let cancels = CancelRegistry::new(config.cluster.instance_id);
-        Self {
-            budget: Budget::new(config.connections),
-            pools: Mutex::new(vec![Arc::downgrade(&pool)]),
-            pool,
-            settings: RwLock::new(Arc::new(settings)),
-            cancels,
-            refusals: LogLimiter::default(),
-            drain: Drain::default(),
-            clients: Arc::default(),
-            metrics,
-        }
-    }
-
-    /// The settings in force now; a session keeps the ones it started with.
-    pub fn settings(&self) -> Arc<Settings> {
-        Arc::clone(&self.settings.read().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    /// Puts `new` in force for new sessions and new checkouts; running
-    /// sessions keep theirs. Returns the settings that changed but need a
-    /// restart (they keep their old values).
-    pub fn reload(&self, mut new: Settings) -> Vec<&'static str> {
-        let old = self.settings();
-        let mut restart = Vec::new();
-        if new.config.cluster.instance_id != old.config.cluster.instance_id {
-            // Handed-out cancel keys name the old id.
-            new.config.cluster.instance_id = old.config.cluster.instance_id;
-            restart.push("[cluster] instance_id");
-        }
-        if !new.config.upstream.same_as(&old.config.upstream) {
-            // Pooled connections and cancels go to the server they came
-            // from; a new server means a new process.
-            new.config.upstream = old.config.upstream.clone();
-            restart.push("[upstream]");
-        }
-        self.budget.set_limits(new.config.connections);
-        self.pool.set_limits(new.config.pool_limits);
-        let replaced = !Arc::ptr_eq(&old.verifier, &new.verifier);
-        *self
-            .settings
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::new(new);
-        if replaced {
-            // Running sessions keep their settings, verifier included; only
-            // logins need its cache, and they use the new one.
-            old.verifier.retire();
-        }
-        restart
-    }
-
-    /// The connection budget every listener draws from.
-    pub fn budget(&self) -> &Arc<Budget> {
-        &self.budget
-    }
-
-    /// The shutdown state every listener and session follows.
-    pub fn drain(&self) -> &Drain {
-        &self.drain
-    }
-
-    /// The client connections held, on every listener.
-    pub fn clients(&self) -> &Arc<Clients> {
-        &self.clients
-    }
-
-    /// The counters every transport updates.
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
-    /// Adds a pool to those reported in metrics and `/pools`.
-    pub fn report_pool(&self, pool: &Arc<UpstreamPool>) {
-        self.pools
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(Arc::downgrade(pool));
-    }
-
-    /// Every pool reported.
-    pub fn pools(&self) -> Vec<Arc<UpstreamPool>> {
-        self.pools
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .filter_map(Weak::upgrade)
-            .collect()
-    }
-
-    /// Logs that a connection was refused before it became a session (at
-    /// info, limited: floods of refusals make a few lines).
-    pub fn log_refusal(&self, peer: SocketAddr, why: &dyn std::fmt::Display) {
-        if let Some(suppressed) = self.refusals.allow(Instant::now()) {
-            tracing::info!(%peer, reason = %why, suppressed, "connection refused");
-        }
-    }
-
-    /// The upstream pool of the wire sessions.
-    pub fn pool(&self) -> &Arc<UpstreamPool> {
-        &self.pool
-    }
-
-    /// Background work the proxy needs while it runs: closing idle
-    /// upstream connections on time. Completes when the proxy is gone.
-    pub fn maintenance(self: &Arc<Self>) -> impl std::future::Future<Output = ()> + Send + 'static {
-        crate::pool::reap(Arc::downgrade(&self.pool))
-    }
-
     /// Serves one TCP client at `peer` to the end; `entry` is its place in
     /// the connection budget, `relayed_by` the load balancer whose PROXY
     /// header named `peer`, if one did.

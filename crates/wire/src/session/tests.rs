@@ -13,7 +13,9 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
 
 use super::*;
 use crate::admission::Policy;
+use crate::config::ProxyConfig;
 use crate::config::{CleartextTokens, PoolLimits, RoleConfig};
+use crate::identity::ClaimsKey;
 use crate::proto::framer::tests::message;
 use crate::transport::UpstreamTls;
 use crate::upstream::UpstreamConfig;

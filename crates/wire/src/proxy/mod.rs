@@ -1,0 +1,174 @@
+//! The proxy: the settings in force and what every session shares (the
+//! wire pool, the cancel registry, the connection budget, the drain, the
+//! client registry, the counters), and the scrape-time collector that
+//! reads them for `/metrics`.
+
+mod collector;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+
+use authgres_jwt::Verifier;
+use tokio::time::Instant;
+
+use crate::budget::Budget;
+use crate::cancel::CancelRegistry;
+use crate::clients::Clients;
+use crate::config::ProxyConfig;
+use crate::drain::Drain;
+use crate::identity::ClaimsKey;
+use crate::log_limit::LogLimiter;
+use crate::metrics::Metrics;
+use crate::pool::UpstreamPool;
+
+pub use collector::Collector;
+
+/// What a reload can change: the settings a session takes at accept and
+/// keeps to its end.
+pub struct Settings {
+    /// Admission, limits, timeouts, pool modes and sizes, the upstream.
+    pub config: ProxyConfig,
+    /// Token verification.
+    pub verifier: Arc<Verifier>,
+    /// The key that signs claims for SQL.
+    pub claims_key: ClaimsKey,
+    /// TLS for clients, if configured.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// The proxy: its settings and the state all sessions share.
+pub struct Proxy {
+    pub(crate) settings: RwLock<Arc<Settings>>,
+    /// Upstream connections of the wire sessions.
+    pub(crate) pool: Arc<UpstreamPool>,
+    /// Every pool to report (this one, HTTP's), for metrics and `/pools`.
+    pub(crate) pools: Mutex<Vec<Weak<UpstreamPool>>>,
+    pub(crate) cancels: CancelRegistry,
+    /// Client connections held, by every listener.
+    pub(crate) budget: Arc<Budget>,
+    /// Log lines about refused clients, limited.
+    pub(crate) refusals: LogLimiter,
+    pub(crate) drain: Drain,
+    pub(crate) clients: Arc<Clients>,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+impl Proxy {
+    /// A proxy with these settings, counting into `metrics`. Run
+    /// [`Proxy::maintenance`] beside it.
+    pub fn new(settings: Settings, metrics: Arc<Metrics>) -> Self {
+        let config = &settings.config;
+        let pool = UpstreamPool::new(
+            "wire",
+            config.upstream.clone(),
+            config.pool_limits,
+            Arc::clone(&metrics),
+        );
+        let cancels = CancelRegistry::new(config.cluster.instance_id);
+        Self {
+            budget: Budget::new(config.connections),
+            pools: Mutex::new(vec![Arc::downgrade(&pool)]),
+            pool,
+            settings: RwLock::new(Arc::new(settings)),
+            cancels,
+            refusals: LogLimiter::default(),
+            drain: Drain::default(),
+            clients: Arc::default(),
+            metrics,
+        }
+    }
+
+    /// The settings in force now; a session keeps the ones it started with.
+    pub fn settings(&self) -> Arc<Settings> {
+        Arc::clone(&self.settings.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Puts `new` in force for new sessions and new checkouts; running
+    /// sessions keep theirs. Returns the settings that changed but need a
+    /// restart (they keep their old values).
+    pub fn reload(&self, mut new: Settings) -> Vec<&'static str> {
+        let old = self.settings();
+        let mut restart = Vec::new();
+        if new.config.cluster.instance_id != old.config.cluster.instance_id {
+            // Handed-out cancel keys name the old id.
+            new.config.cluster.instance_id = old.config.cluster.instance_id;
+            restart.push("[cluster] instance_id");
+        }
+        if !new.config.upstream.same_as(&old.config.upstream) {
+            // Pooled connections and cancels go to the server they came
+            // from; a new server means a new process.
+            new.config.upstream = old.config.upstream.clone();
+            restart.push("[upstream]");
+        }
+        self.budget.set_limits(new.config.connections);
+        self.pool.set_limits(new.config.pool_limits);
+        let replaced = !Arc::ptr_eq(&old.verifier, &new.verifier);
+        *self
+            .settings
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(new);
+        if replaced {
+            // Running sessions keep their settings, verifier included; only
+            // logins need its cache, and they use the new one.
+            old.verifier.retire();
+        }
+        restart
+    }
+
+    /// The connection budget every listener draws from.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
+    }
+
+    /// The shutdown state every listener and session follows.
+    pub fn drain(&self) -> &Drain {
+        &self.drain
+    }
+
+    /// The client connections held, on every listener.
+    pub fn clients(&self) -> &Arc<Clients> {
+        &self.clients
+    }
+
+    /// The counters every transport updates.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Adds a pool to those reported in metrics and `/pools`.
+    pub fn report_pool(&self, pool: &Arc<UpstreamPool>) {
+        self.pools
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Arc::downgrade(pool));
+    }
+
+    /// Every pool reported.
+    pub fn pools(&self) -> Vec<Arc<UpstreamPool>> {
+        self.pools
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    /// Logs that a connection was refused before it became a session (at
+    /// info, limited: floods of refusals make a few lines).
+    pub fn log_refusal(&self, peer: SocketAddr, why: &dyn std::fmt::Display) {
+        if let Some(suppressed) = self.refusals.allow(Instant::now()) {
+            tracing::info!(%peer, reason = %why, suppressed, "connection refused");
+        }
+    }
+
+    /// The upstream pool of the wire sessions.
+    pub fn pool(&self) -> &Arc<UpstreamPool> {
+        &self.pool
+    }
+
+    /// Background work the proxy needs while it runs: closing idle
+    /// upstream connections on time. Completes when the proxy is gone.
+    pub fn maintenance(self: &Arc<Self>) -> impl std::future::Future<Output = ()> + Send + 'static {
+        crate::pool::reap(Arc::downgrade(&self.pool))
+    }
+}
