@@ -175,7 +175,7 @@ async fn sighup_applies_a_new_provider_and_pool_size_while_a_session_runs() {
     stack.edit_config(|config| {
         config.replace("pool_size = 3", "pool_size = 1")
             + &format!(
-                "[[providers]]\nname = \"second\"\nissuer = \"{}\"\njwks_url = \"{}\"\nroles = [\"authenticated\"]\n",
+                "[[providers]]\nname = \"second\"\nissuer = \"{}\"\njwks_url = \"{}\"\nroles = [\"authenticated\"]\nuser_id_prefix = \"second:\"\n",
                 second.issuer(),
                 second.jwks_url()
             )
@@ -202,7 +202,10 @@ async fn sighup_applies_a_new_provider_and_pool_size_while_a_session_runs() {
         .connect("authenticated", &second.token("user_carol"))
         .await
         .expect("the second issuer is trusted after the reload");
-    assert_eq!(common::user_id(&carol).await.as_deref(), Some("user_carol"));
+    assert_eq!(
+        common::user_id(&carol).await.as_deref(),
+        Some("second:user_carol")
+    );
     let (_, pools) = stack.admin_get("/pools").await;
     let pools: serde_json::Value = serde_json::from_str(&pools).expect("json");
     let wire = &pools["pools"][0];
@@ -223,7 +226,10 @@ async fn sighup_applies_a_new_provider_and_pool_size_while_a_session_runs() {
         .connect("authenticated", &second.token("user_dave"))
         .await
         .expect("the running configuration stays");
-    assert_eq!(common::user_id(&still).await.as_deref(), Some("user_dave"));
+    assert_eq!(
+        common::user_id(&still).await.as_deref(),
+        Some("second:user_dave")
+    );
     let samples = stack.metrics().await;
     assert_eq!(
         value(
