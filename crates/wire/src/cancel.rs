@@ -35,13 +35,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
 
 use crate::config::{ClusterConfig, ProxyConfig};
 use crate::log_limit::LogLimiter;
 use crate::metrics::Metrics;
+use crate::transport::send_cancel_request;
 use crate::upstream::{self, UpstreamKey};
 
 /// How long forwarding a cancel to a peer or the server may take.
@@ -96,28 +95,6 @@ pub(crate) fn forwarded(pid: i32) -> i32 {
     pid | FORWARDED
 }
 
-/// Sends a CancelRequest for (`pid`, `key`) to `address` and waits, until
-/// `deadline`, for the other side to close: Postgres, and authgres, close
-/// once they have acted on it.
-pub(crate) async fn send(
-    address: &str,
-    pid: i32,
-    key: &[u8],
-    deadline: Instant,
-) -> std::io::Result<()> {
-    let timed_out = || std::io::Error::from(std::io::ErrorKind::TimedOut);
-    let mut stream = timeout_at(deadline, TcpStream::connect(address))
-        .await
-        .map_err(|_| timed_out())??;
-    let out = crate::proto::startup::cancel_request(pid, key);
-    timeout_at(deadline, stream.write_all(&out))
-        .await
-        .map_err(|_| timed_out())??;
-    let mut sink = [0u8; 1];
-    let _ = timeout_at(deadline, stream.read(&mut sink)).await;
-    Ok(())
-}
-
 /// The backend currently serving a client, if any.
 pub(crate) type Target = Arc<tokio::sync::Mutex<Option<UpstreamKey>>>;
 
@@ -160,7 +137,7 @@ impl CancelRegistry {
         let pid = match route(pid, &config.cluster) {
             Route::Local(pid) => pid,
             Route::Peer(address) => {
-                let sent = send(&address, forwarded(pid), key, deadline).await;
+                let sent = send_cancel_request(&address, forwarded(pid), key, deadline).await;
                 self.peer_sent(metrics, &address, sent);
                 return;
             }
@@ -177,7 +154,7 @@ impl CancelRegistry {
                 };
                 let relayed = forwarded(pid);
                 let sends = peers.iter().map(|address| async move {
-                    let sent = send(address, relayed, key, deadline).await;
+                    let sent = send_cancel_request(address, relayed, key, deadline).await;
                     self.peer_sent(metrics, address, sent);
                 });
                 futures_util::future::join_all(sends).await;

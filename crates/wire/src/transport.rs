@@ -264,6 +264,35 @@ impl UpstreamTls {
     }
 }
 
+/// Sends a CancelRequest for (`pid`, `key`) to `address` and waits, until
+/// `deadline`, for the other side to close: Postgres, and authgres, close
+/// once they have acted on it.
+pub(crate) async fn send_cancel_request(
+    address: &str,
+    pid: i32,
+    key: &[u8],
+    deadline: tokio::time::Instant,
+) -> std::io::Result<()> {
+    let timed_out = || std::io::Error::from(std::io::ErrorKind::TimedOut);
+    let mut stream = tokio::time::timeout_at(deadline, TcpStream::connect(address))
+        .await
+        .map_err(|_| timed_out())??;
+    let out = crate::proto::startup::cancel_request(pid, key);
+    tokio::time::timeout_at(
+        deadline,
+        tokio::io::AsyncWriteExt::write_all(&mut stream, &out),
+    )
+    .await
+    .map_err(|_| timed_out())??;
+    let mut sink = [0u8; 1];
+    let _ = tokio::time::timeout_at(
+        deadline,
+        tokio::io::AsyncReadExt::read(&mut stream, &mut sink),
+    )
+    .await;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

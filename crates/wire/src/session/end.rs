@@ -1,7 +1,9 @@
-//! A session that holds its upstream connection to the end (session
+//! The end of a session that holds its upstream connection (session
 //! pooling, a login of its own, or a transaction-pooled client pinned to
-//! its connection): relay until a side leaves, then reset the connection
-//! and return it to the pool if the backend is proven settled, or close it.
+//! its connection), and how any session hands back its backend: relay
+//! until a side leaves, then reset the connection and return it to the
+//! pool if the backend is proven settled, close it, or cancel what it
+//! still runs for nobody ([`Parting`]).
 //!
 //! With `enforce_token_expiry`, the session ends at the first idle
 //! transaction boundary after its token's `exp`; during a drain, at its
@@ -11,16 +13,18 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use super::handshake::{Greeted, Login};
+use super::greet::Greeted;
+use super::handshake::Login;
 use super::lease::Lease;
 use super::{ClientIo, Session, refuse};
 use crate::cancel::CancelGuard;
+use crate::config::ClientLimits;
 use crate::error::{ProtocolViolation, SessionError};
 use crate::proxy::Settings;
 use crate::relay::{self, Relay, RelayError, Stop};
 
 /// Serves a session that keeps its connection, from its greeting on.
-pub(super) async fn serve<S: ClientIo>(
+pub(super) async fn hold<S: ClientIo>(
     session: Session<'_, S>,
     login: &Login,
     greeted: Greeted,
@@ -47,7 +51,7 @@ impl<S: ClientIo> Session<'_, S> {
 
 /// Why a relay stopped at an idle boundary on the proxy's request.
 #[derive(Clone, Copy)]
-enum Boundary {
+pub(super) enum Boundary {
     /// The token expired (`enforce_token_expiry`).
     TokenExpired,
     /// The proxy drains for shutdown.
@@ -70,42 +74,13 @@ pub(super) async fn relay_to_end<S: ClientIo>(
     let pipelined = std::mem::take(&mut session.inbox);
     let proxy = session.proxy;
     let limits = session.settings.config.client_limits;
+    let spared_until = session.spared_until;
     let client = &mut session.client;
     let conn = lease.conn();
     relay.forward(&pipelined, conn.stream()).await?;
     drop(pipelined);
-    let drain = proxy.drain();
-    let expiry = async {
-        match expires {
-            Some(at) => {
-                let left = at
-                    .duration_since(SystemTime::now())
-                    .unwrap_or(Duration::ZERO);
-                tokio::time::sleep(left).await;
-            }
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(expiry);
-    let spared = tokio::time::sleep_until(session.spared_until);
-    tokio::pin!(spared);
-    let mut boundary = None;
-    // `None`: the drain was forced before the session reached a boundary.
-    let stopped = loop {
-        tokio::select! {
-            stopped = relay.run(client, conn.stream()) => break Some(stopped),
-            () = &mut expiry, if boundary.is_none() => {
-                boundary = Some(Boundary::TokenExpired);
-                relay.stop_at_idle(true);
-            }
-            // A session that just logged in first gets its grace.
-            () = async { drain.draining().await; (&mut spared).await }, if boundary.is_none() => {
-                boundary = Some(Boundary::Draining);
-                relay.stop_at_idle(true);
-            }
-            () = drain.closing() => break None,
-        }
-    };
+    let (stopped, boundary) =
+        relay_until_stop(proxy, client, conn, &mut relay, expires, spared_until).await;
     let parting = Parting::after(stopped.as_ref(), &relay);
     let forced = stopped.is_none();
     // The server's last words (a FATAL) are the client's; so is what it
@@ -113,24 +88,7 @@ pub(super) async fn relay_to_end<S: ClientIo>(
     let last_words = forced || matches!(stopped, Some(Ok(Stop::UpstreamClosed)));
     let ended = match stopped {
         None => Some(SessionError::ShuttingDown),
-        Some(Ok(Stop::UpstreamClosed | Stop::ClientClosed | Stop::ClientTerminated)) => None,
-        Some(Ok(Stop::Idle)) => Some(match boundary {
-            Some(Boundary::Draining) => SessionError::ShuttingDown,
-            // Only an expired token or a drain stops a session that holds
-            // its connection.
-            _ => {
-                tracing::info!("session ended: its token expired");
-                SessionError::TokenExpired
-            }
-        }),
-        Some(Ok(Stop::Violation(violation))) => Some(ProtocolViolation::Relay(violation).into()),
-        Some(Ok(Stop::IdleInTransaction)) => Some(SessionError::IdleInTransaction(
-            limits.idle_in_transaction.unwrap_or_default(),
-        )),
-        Some(Ok(Stop::ClientStalled)) => Some(SessionError::ClientStalled(
-            limits.stalled_reader.unwrap_or_default(),
-        )),
-        Some(Err(error)) => Some(error.into()),
+        Some(stopped) => ending(stopped, boundary, limits),
     };
     if let Some(why) = relay.lost() {
         tracing::debug!(
@@ -155,6 +113,79 @@ pub(super) async fn relay_to_end<S: ClientIo>(
             relay::close_client(client).await;
             Ok(())
         }
+    }
+}
+
+/// Relays until a side stops, asking the relay to stop at its next idle
+/// boundary once the token expires or a drain begins (after the grace of
+/// a session that logged in just before it). `None`: a forced drain
+/// stopped it wherever it was.
+async fn relay_until_stop<C: ClientIo>(
+    proxy: &crate::proxy::Proxy,
+    client: &mut C,
+    conn: &mut crate::upstream::Upstream,
+    relay: &mut Relay,
+    expires: Option<SystemTime>,
+    spared_until: Instant,
+) -> (Option<Result<Stop, RelayError>>, Option<Boundary>) {
+    let drain = proxy.drain();
+    let expiry = async {
+        match expires {
+            Some(at) => {
+                let left = at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO);
+                tokio::time::sleep(left).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expiry);
+    let spared = tokio::time::sleep_until(spared_until);
+    tokio::pin!(spared);
+    let mut boundary = None;
+    loop {
+        tokio::select! {
+            stopped = relay.run(client, conn.stream()) => return (Some(stopped), boundary),
+            () = &mut expiry, if boundary.is_none() => {
+                boundary = Some(Boundary::TokenExpired);
+                relay.stop_at_idle(true);
+            }
+            () = async { drain.draining().await; (&mut spared).await }, if boundary.is_none() => {
+                boundary = Some(Boundary::Draining);
+                relay.stop_at_idle(true);
+            }
+            () = drain.closing() => return (None, boundary),
+        }
+    }
+}
+
+/// The error a relay's stop ends the session with, if any: `boundary` says
+/// why the proxy asked it to stop at an idle boundary.
+pub(super) fn ending(
+    stopped: Result<Stop, RelayError>,
+    boundary: Option<Boundary>,
+    limits: ClientLimits,
+) -> Option<SessionError> {
+    match stopped {
+        Ok(Stop::UpstreamClosed | Stop::ClientClosed | Stop::ClientTerminated) => None,
+        Ok(Stop::Idle) => Some(match boundary {
+            Some(Boundary::Draining) => SessionError::ShuttingDown,
+            // Only an expired token or a drain stops a session that holds
+            // its connection.
+            _ => {
+                tracing::info!("session ended: its token expired");
+                SessionError::TokenExpired
+            }
+        }),
+        Ok(Stop::Violation(violation)) => Some(ProtocolViolation::Relay(violation).into()),
+        Ok(Stop::IdleInTransaction) => Some(SessionError::IdleInTransaction(
+            limits.idle_in_transaction.unwrap_or_default(),
+        )),
+        Ok(Stop::ClientStalled) => Some(SessionError::ClientStalled(
+            limits.stalled_reader.unwrap_or_default(),
+        )),
+        Err(error) => Some(error.into()),
     }
 }
 

@@ -1,20 +1,22 @@
 //! One client connection from accept to close.
 //!
 //! ```text
-//! negotiate ─► handshake ─► lease ─► greet ─► hold           (session pooling, none)
+//! negotiate ─► handshake ─► lease ─► greet ─► end::hold      (session pooling, none)
 //! (TLS, cancel) (admission,  (upstream,  (AuthOk,  └► transactions (transaction pooling)
-//!               token)       identity)   cancel key)
+//!               token)       identity)   cancel key)      └► end::relay_to_end (pinned)
 //! ```
 //!
 //! Each phase is a file: [`negotiate`] (transport and startup packets),
 //! [`handshake`] (asking for the token and admission), [`lease`] (an
-//! upstream connection readied with the identity), [`hold`] (relaying to
-//! the end, then reset and release) and [`transactions`] (one upstream
-//! connection per transaction). A [`Session`] carries what every phase
+//! upstream connection readied with the identity), [`greet`] (the
+//! client told it is in, its cancel key registered), [`end`] (relaying
+//! to the end, then handing the backend back, for every mode) and
+//! [`transactions`] (one upstream connection per transaction). A [`Session`] carries what every phase
 //! needs: the client stream, the bytes read ahead, where the client is.
 
+mod end;
+mod greet;
 mod handshake;
-mod hold;
 mod lease;
 mod negotiate;
 mod transactions;
@@ -297,7 +299,7 @@ impl<S: ClientIo> Session<'_, S> {
         });
         match mode {
             PoolMode::Transaction => transactions::serve(self, login, greeted).await,
-            PoolMode::Session | PoolMode::None => hold::serve(self, &login, greeted).await,
+            PoolMode::Session | PoolMode::None => end::hold(self, &login, greeted).await,
         }
     }
 

@@ -14,13 +14,14 @@ use std::time::SystemTime;
 use tokio::io::AsyncReadExt as _;
 use tokio::time::Instant;
 
-use super::handshake::{Greeted, Login};
-use super::hold::{self, Parting, relay_to_end};
+use super::end::{self, Parting, relay_to_end};
+use super::greet::Greeted;
+use super::handshake::Login;
 use super::lease::{self, Lease, Readying};
 use super::{ClientIo, Session};
 use crate::cancel::CancelGuard;
 use crate::clients::ClientState;
-use crate::error::{ProtocolViolation, SessionError};
+use crate::error::SessionError;
 use crate::pool::Pooled;
 use crate::relay::{self, Relay, RelayError, Stop};
 use crate::transaction::{PooledClient, Tracker};
@@ -204,7 +205,7 @@ async fn finish_transaction<S: ClientIo>(
             "upstream connection closed: its state could not be followed"
         );
     }
-    hold::finish(&session.settings, cancel, Lease::Pooled(pooled), parting).await;
+    end::finish(&session.settings, cancel, Lease::Pooled(pooled), parting).await;
     if matches!(stopped, Ok(Stop::UpstreamClosed)) {
         // The server's last words (a FATAL) are the client's.
         let _ = tokio::time::timeout(
@@ -213,16 +214,9 @@ async fn finish_transaction<S: ClientIo>(
         )
         .await;
     }
-    let limits = session.settings.config.client_limits;
-    match stopped? {
-        Stop::Violation(violation) => Err(ProtocolViolation::Relay(violation).into()),
-        Stop::IdleInTransaction => Err(SessionError::IdleInTransaction(
-            limits.idle_in_transaction.unwrap_or_default(),
-        )),
-        Stop::ClientStalled => Err(SessionError::ClientStalled(
-            limits.stalled_reader.unwrap_or_default(),
-        )),
-        Stop::ClientClosed | Stop::ClientTerminated | Stop::UpstreamClosed | Stop::Idle => {
+    match end::ending(stopped, None, session.settings.config.client_limits) {
+        Some(error) => Err(error),
+        None => {
             relay::close_client(&mut session.client).await;
             Ok(None)
         }
@@ -240,7 +234,7 @@ async fn forced<S: ClientIo>(
     cancel: &CancelGuard,
 ) -> Result<Option<Pinned>, SessionError> {
     let parting = Parting::after(None, &relay);
-    hold::finish(&session.settings, cancel, Lease::Pooled(pooled), parting).await;
+    end::finish(&session.settings, cancel, Lease::Pooled(pooled), parting).await;
     let flushed = tokio::time::timeout(
         super::ERROR_WRITE_TIMEOUT,
         relay.flush_client(&mut session.client),

@@ -194,7 +194,7 @@ async fn secure(
 pub async fn cancel(config: &UpstreamConfig, key: &UpstreamKey) -> Result<(), UpstreamError> {
     let deadline = Instant::now() + config.connect_timeout;
     let address = config.address();
-    crate::cancel::send(&address, key.pid, &key.secret, deadline)
+    crate::transport::send_cancel_request(&address, key.pid, &key.secret, deadline)
         .await
         .map_err(|source| match source.kind() {
             std::io::ErrorKind::TimedOut => UpstreamError::ConnectTimeout,
