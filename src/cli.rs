@@ -133,7 +133,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             crate::init_db::run(&config, admin_url.as_deref(), &options).await
         }
-        Command::CheckConfig { config } => crate::serve::check_config(&config),
+        Command::CheckConfig { config } => crate::check::check_config(&config),
         Command::Demo {
             env,
             listen,

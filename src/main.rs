@@ -2,6 +2,7 @@
 //! and hands over to the libraries. See README.md.
 
 mod admin;
+mod check;
 mod cli;
 mod config;
 mod demo;

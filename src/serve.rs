@@ -10,7 +10,7 @@ use std::os::fd::AsFd as _;
 
 use anyhow::Context as _;
 use authgres_http::{HttpConfig, HttpState};
-use authgres_jwt::{KeySource, Verifier};
+use authgres_jwt::Verifier;
 use authgres_wire::{Metrics, Proxy, Settings};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -18,7 +18,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 
 use crate::admin::{self, Admin, ReloadRequest};
-use crate::config::{Loaded, TokenPolicy, UpstreamFixed};
+use crate::config::{Loaded, UpstreamFixed};
 
 /// How long a forced drain waits for sessions to send their 57P01 and
 /// close before the process exits.
@@ -269,7 +269,10 @@ pub async fn serve(config: &Path) -> anyhow::Result<()> {
 
 /// Serves the wire listener and, when configured, HTTP and the admin
 /// listener; reloads on SIGHUP; drains on SIGTERM or SIGINT, or once a
-/// successor has taken the listeners over.
+/// successor has taken the listeners over. The process's phases, in
+/// order: start (listeners and background tasks), serve (until a stop
+/// signal or a successor), unready (`drain_delay`), drain
+/// (`shutdown_timeout`), close.
 pub async fn run(prepared: Prepared, listeners: Listeners) -> anyhow::Result<()> {
     let Prepared {
         config_path,
@@ -282,6 +285,7 @@ pub async fn run(prepared: Prepared, listeners: Listeners) -> anyhow::Result<()>
         handover,
     } = prepared;
     let mut signals = Signals::new()?;
+    let offered = announce(&listeners, &http, handover.is_some())?;
     let Listeners {
         wire: listener,
         http: http_listener,
@@ -289,30 +293,7 @@ pub async fn run(prepared: Prepared, listeners: Listeners) -> anyhow::Result<()>
         inherited,
         mut offer,
     } = listeners;
-    // What a successor will be handed: the same sockets (kept open only
-    // while one may still ask: a drain lets go of them).
-    let mut offered = Vec::new();
-    let mut offer_socket = |role: &str, socket: &TcpListener| -> anyhow::Result<()> {
-        if handover.is_some() {
-            offered.push((role.to_owned(), socket.as_fd().try_clone_to_owned()?));
-        }
-        Ok(())
-    };
-    offer_socket("wire", &listener)?;
-    tracing::info!(address = %listener.local_addr()?, "authgres listening");
-    if let (Some(state), Some(bound)) = (&http, &http_listener) {
-        offer_socket("http", bound)?;
-        tracing::info!(address = %bound.local_addr()?, tls = state.tls, "authgres HTTP listening");
-    }
-    if let Some(bound) = &admin_listener {
-        // A Unix socket is bound anew by the successor (the path moves to
-        // its socket); a TCP one is handed over.
-        if let admin::Listener::Tcp(tcp) = bound {
-            offer_socket("admin", tcp)?;
-        }
-        tracing::info!(address = %bound.describe(), "authgres admin listening");
-    }
-    let (reloads, mut reload_requests) = mpsc::channel::<ReloadRequest>(4);
+    let (reloads, reload_requests) = mpsc::channel::<ReloadRequest>(4);
     // Warm the key caches without delaying the listeners.
     let verifier = Arc::clone(&proxy.settings().verifier);
     tokio::spawn(async move { verifier.prefetch(std::time::SystemTime::now()).await });
@@ -324,37 +305,19 @@ pub async fn run(prepared: Prepared, listeners: Listeners) -> anyhow::Result<()>
         tasks.spawn(authgres_http::serve(Arc::clone(state), bound));
     }
     // The admin listener outlives the drain, so probes and scrapes see
-    // it, unless a successor took its socket over.
+    // it, unless a successor took its socket over (`handed_over` lives to
+    // the end: the listener also stops when it is dropped).
     let (handed_over, admin_stop) = tokio::sync::watch::channel(false);
     if let (Some(bound), Some(limits)) = (admin_listener, addresses.admin_limits.clone()) {
         let admin = Admin::new(Arc::clone(&proxy), registry, reloads);
         tokio::spawn(admin::serve(admin, bound, limits, admin_stop));
     }
-    // The process this one replaces drains once we accept; then the
-    // handover path is free for our successor.
     if let Some(inherited) = inherited {
-        let path = handover.clone();
-        tokio::task::spawn_blocking(move || {
-            inherited.ready();
-            if let Some(path) = path {
-                crate::handover::wait_free(&path);
-            }
-        })
-        .await?;
-        if let Some(path) = &handover {
-            // Serving already: a path we cannot take is no reason to stop.
-            match crate::handover::Offer::bind(path) {
-                Ok(bound) => offer = Some(bound),
-                Err(error) => tracing::error!(
-                    error = format!("{error:#}"),
-                    "no handover socket: a later restart will not take these listeners over"
-                ),
-            }
-        }
+        take_over(inherited, handover.as_deref(), &mut offer).await?;
     }
     // Accepting on the handover socket is async, so a drain that drops
     // this future leaves nothing behind to keep the process alive.
-    let mut successor = Box::pin(async {
+    let successor = Box::pin(async {
         match offer {
             Some(offer) => offer.serve(offered).await,
             None => std::future::pending().await,
@@ -368,7 +331,88 @@ pub async fn run(prepared: Prepared, listeners: Listeners) -> anyhow::Result<()>
         upstream,
         drain: std::sync::Mutex::new(drain),
     };
-    let delay = loop {
+    let delay = serve_until_stop(
+        &running,
+        &mut signals,
+        reload_requests,
+        successor,
+        &handed_over,
+    )
+    .await;
+    let timeout = running.drain().timeout;
+    close(&proxy, &mut signals, tasks, delay, timeout).await;
+    Ok(())
+}
+
+/// Logs each listener's address, and returns the sockets a successor will
+/// be handed when a handover socket is configured (the admin listener's
+/// only over TCP: a Unix socket is bound anew by the successor).
+fn announce(
+    listeners: &Listeners,
+    http: &Option<Arc<HttpState>>,
+    handover: bool,
+) -> anyhow::Result<Vec<(String, std::os::fd::OwnedFd)>> {
+    let mut offered = Vec::new();
+    let mut offer = |role: &str, socket: &TcpListener| -> anyhow::Result<()> {
+        if handover {
+            offered.push((role.to_owned(), socket.as_fd().try_clone_to_owned()?));
+        }
+        Ok(())
+    };
+    offer("wire", &listeners.wire)?;
+    tracing::info!(address = %listeners.wire.local_addr()?, "authgres listening");
+    if let (Some(state), Some(bound)) = (http, &listeners.http) {
+        offer("http", bound)?;
+        tracing::info!(address = %bound.local_addr()?, tls = state.tls, "authgres HTTP listening");
+    }
+    if let Some(bound) = &listeners.admin {
+        if let admin::Listener::Tcp(tcp) = bound {
+            offer("admin", tcp)?;
+        }
+        tracing::info!(address = %bound.describe(), "authgres admin listening");
+    }
+    Ok(offered)
+}
+
+/// Tells the process this one replaces that it may drain (we accept now),
+/// then takes the handover path for our own successor once it is free.
+async fn take_over(
+    inherited: crate::handover::Inherited,
+    handover: Option<&Path>,
+    offer: &mut Option<crate::handover::Offer>,
+) -> anyhow::Result<()> {
+    let path = handover.map(Path::to_path_buf);
+    tokio::task::spawn_blocking(move || {
+        inherited.ready();
+        if let Some(path) = path {
+            crate::handover::wait_free(&path);
+        }
+    })
+    .await?;
+    if let Some(path) = handover {
+        // Serving already: a path we cannot take is no reason to stop.
+        match crate::handover::Offer::bind(path) {
+            Ok(bound) => *offer = Some(bound),
+            Err(error) => tracing::error!(
+                error = format!("{error:#}"),
+                "no handover socket: a later restart will not take these listeners over"
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Serves reloads until a stop signal or a successor ends the serving
+/// phase; returns how long to stay unready before the drain.
+async fn serve_until_stop(
+    running: &Running,
+    signals: &mut Signals,
+    mut reload_requests: mpsc::Receiver<ReloadRequest>,
+    mut successor: std::pin::Pin<Box<impl std::future::Future<Output = ()>>>,
+    handed_over: &tokio::sync::watch::Sender<bool>,
+) -> Duration {
+    let proxy = &running.proxy;
+    loop {
         tokio::select! {
             _ = signals.hangup.recv() => running.reload_logged(),
             Some(request) = reload_requests.recv() => {
@@ -376,7 +420,7 @@ pub async fn run(prepared: Prepared, listeners: Listeners) -> anyhow::Result<()>
             }
             signal = signals.stop.next() => {
                 tracing::info!(signal, clients = proxy.drain().clients(), "draining");
-                break running.drain().delay;
+                return running.drain().delay;
             }
             () = successor.as_mut() => {
                 tracing::info!(
@@ -385,56 +429,63 @@ pub async fn run(prepared: Prepared, listeners: Listeners) -> anyhow::Result<()>
                 );
                 // The sockets are served by the successor: no delay.
                 let _ = handed_over.send(true);
-                break Duration::ZERO;
+                return Duration::ZERO;
             }
         }
-    };
-    // A draining process reloads nothing: reloads asked for from now on
-    // are answered that it drains, not left waiting.
-    drop(reload_requests);
-    // No successor will take the sockets now: the listeners close once
-    // their accept loops stop, and the handover path is removed.
-    drop(successor);
+    }
+    // Leaving drops the reload channel (a draining process reloads
+    // nothing: later reloads are answered that it drains) and the
+    // successor's socket (the listeners close once their accept loops
+    // stop, and the handover path is removed).
+}
+
+/// The unready, draining and closing phases: readiness turns false for
+/// `delay` (load balancers stop sending new clients while they are still
+/// served), then the listeners stop and clients get until `timeout` to
+/// leave, then the rest are closed. A second stop signal exits at once.
+async fn close(
+    proxy: &Proxy,
+    signals: &mut Signals,
+    mut tasks: tokio::task::JoinSet<()>,
+    delay: Duration,
+    timeout: Duration,
+) {
     if !delay.is_zero() {
-        // Readiness turns false first; load balancers stop sending new
-        // clients while they are still served.
         proxy.drain().unready();
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             signal = signals.stop.next() => {
                 tracing::warn!(signal, "second signal: exiting now");
                 proxy.drain().force();
-                return Ok(());
+                return;
             }
         }
     }
     proxy.drain().start();
-    let shutdown_timeout = running.drain().timeout;
     let drained = async {
         while tasks.join_next().await.is_some() {}
         proxy.drain().wait_clients().await;
     };
     tokio::select! {
-        finished = tokio::time::timeout(shutdown_timeout, drained) => {
+        finished = tokio::time::timeout(timeout, drained) => {
             if finished.is_ok() {
                 tracing::info!("drained: every client has left");
-                return Ok(());
+                return;
             }
             tracing::warn!(
                 clients = proxy.drain().clients(),
-                timeout = ?shutdown_timeout,
+                ?timeout,
                 "shutdown_timeout reached: closing the remaining clients"
             );
         }
         signal = signals.stop.next() => {
             tracing::warn!(signal, clients = proxy.drain().clients(), "second signal: exiting now");
             proxy.drain().force();
-            return Ok(());
+            return;
         }
     }
     proxy.drain().force();
     let _ = tokio::time::timeout(CLOSE_GRACE, proxy.drain().wait_clients()).await;
-    Ok(())
 }
 
 /// What a reload replaces.
@@ -543,147 +594,4 @@ impl Stop {
             _ = self.interrupt.recv() => "SIGINT",
         }
     }
-}
-
-/// Validates a config and prints what it means. Missing secrets are
-/// reported, not fatal: `init-db` may not have run yet.
-pub fn check_config(config: &Path) -> anyhow::Result<()> {
-    let loaded = Loaded::from_path(config)?;
-    let providers = loaded.providers()?;
-    let file = &loaded.file;
-    let tls = loaded.tls()?.is_some();
-    // Builds the upstream TLS settings too, so a bad CA file fails here.
-    let proxy = loaded.proxy_config();
-    println!("config {}", config.display());
-    println!(
-        "listen   {} (TLS {}), tokens over cleartext: {:?}",
-        file.listen.address,
-        if tls { "on" } else { "off" },
-        file.listen.cleartext_tokens
-    );
-    if let Some(warning) = listen_warning(&file.listen.address, tls, file.listen.cleartext_tokens) {
-        println!("warning: {warning}");
-    }
-    print_proxy_protocol("listen", &file.listen.proxy_protocol_from);
-    if let Some(http) = &file.http {
-        println!(
-            "http     {} (TLS {})",
-            http.address,
-            if http.tls { "on" } else { "off" }
-        );
-        print_proxy_protocol("http", &http.proxy_protocol_from);
-    }
-    if let Some(admin) = &file.admin {
-        let limits = admin.limits()?;
-        println!(
-            "admin    {} (/metrics /healthz /readyz /pools /clients, POST /reload), \
-             at most {} connections",
-            admin.address(&loaded),
-            limits.max_connections
-        );
-    }
-    println!(
-        "upstream {}:{} (TLS {:?}), databases: {}",
-        file.upstream.host,
-        file.upstream.port,
-        file.upstream.tls,
-        if file.upstream.databases.is_empty() {
-            "any".to_owned()
-        } else {
-            file.upstream.databases.join(", ")
-        }
-    );
-    let mut missing = Vec::new();
-    for (name, role) in &file.roles {
-        let password = match &role.password_env {
-            Some(var) if loaded.secrets.get(var).is_some() => "set",
-            Some(var) => {
-                missing.push(var.clone());
-                "MISSING"
-            }
-            None => "none (trust)",
-        };
-        println!(
-            "role     {name}: {}, upstream password {password}",
-            match role.token {
-                TokenPolicy::Required => "token required",
-                TokenPolicy::None => "anonymous (no token)",
-            }
-        );
-    }
-    for p in &providers {
-        println!(
-            "provider {}: iss {} keys {} roles [{}]{}{}",
-            p.name,
-            p.issuer,
-            match &p.keys {
-                KeySource::Jwks(url) => url.clone(),
-                KeySource::Discovery => "via OIDC discovery".to_owned(),
-                KeySource::SharedSecretOnly => "shared secret only".to_owned(),
-            },
-            p.roles.join(", "),
-            if p.audience.is_empty() {
-                String::new()
-            } else {
-                format!(" aud [{}]", p.audience.join(", "))
-            },
-            match (&p.user_ids.prefix, p.user_ids.shared) {
-                (Some(prefix), _) => format!(" user ids {prefix:?} + sub"),
-                (None, true) => " user ids sub (shared)".to_owned(),
-                (None, false) => String::new(),
-            }
-        );
-    }
-    if loaded.secrets.get(&file.identity.claims_key_env).is_none() {
-        missing.push(file.identity.claims_key_env.clone());
-    } else {
-        loaded.claims_key()?;
-    }
-    if missing.is_empty() {
-        proxy?;
-        println!("ok: the proxy can start with this config");
-        Ok(())
-    } else {
-        anyhow::bail!(
-            "missing secrets: {} (run `authgres init-db` or set them)",
-            missing.join(", ")
-        )
-    }
-}
-
-/// Names the peers a listener takes a PROXY protocol v2 header from, and
-/// the trust that gives them.
-fn print_proxy_protocol(section: &str, trusted: &[crate::config::Trusted]) {
-    if trusted.is_empty() {
-        return;
-    }
-    let blocks: Vec<String> = trusted.iter().map(|t| t.0.to_string()).collect();
-    println!(
-        "{section:<8} PROXY protocol v2 header required from {} (they may claim any client \
-         address)",
-        blocks.join(", ")
-    );
-}
-
-/// What check-config says of a Postgres listener reachable from other
-/// hosts without a certificate: every remote token login is refused
-/// (unless cleartext tokens are allowed, when they travel in the clear).
-fn listen_warning(address: &str, tls: bool, cleartext: crate::config::Cleartext) -> Option<String> {
-    let loopback = address
-        .parse::<std::net::SocketAddr>()
-        .map(|a| a.ip().is_loopback())
-        .unwrap_or_else(|_| address.starts_with("localhost:"));
-    if tls || loopback {
-        return None;
-    }
-    Some(match cleartext {
-        crate::config::Cleartext::Allow => format!(
-            "{address} is reachable from other hosts without TLS, and cleartext_tokens = \
-             \"allow\": tokens travel unencrypted; set [listen] tls_cert and tls_key"
-        ),
-        _ => format!(
-            "{address} is reachable from other hosts without TLS: every token login from \
-             another host will be refused; set [listen] tls_cert and tls_key"
-        ),
-    })
 }
