@@ -17,6 +17,7 @@
 //! [OpenID Connect Discovery](https://openid.net/specs/openid-connect-discovery-1_0.html).
 
 mod claim_path;
+mod claims_json;
 mod error;
 pub mod fetch;
 pub mod jwks;

@@ -7,7 +7,7 @@
 //! JSON. `auth.session()` recomputes the MAC in SQL with the same key (stored
 //! as precomputed HMAC pads in an owner-only table), so a client that
 //! rewrites the settings, or replays a pair captured on another backend or in
-//! an earlier session, gets NULL. See `sql/auth.sql` and DESIGN.md.
+//! an earlier session, gets NULL. See `sql/auth.sql` and docs/security.md.
 
 use aws_lc_rs::hmac;
 

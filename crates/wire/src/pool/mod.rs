@@ -14,6 +14,7 @@
 //! that is simply dropped. Idle connections are closed by [`reap`], which
 //! whoever owns the pool runs.
 
+mod keeper;
 mod pick;
 
 use std::collections::HashMap;
@@ -28,27 +29,10 @@ use crate::config::PoolLimits;
 use crate::error::UpstreamError;
 use crate::metrics::Metrics;
 use crate::upstream::{self, Owner, Upstream, UpstreamConfig};
+use keeper::Keeper;
 use pick::{Candidate, pick};
 
 type Key = (String, String);
-
-/// The `application_name` of a keeper connection (see `keepers`), so an
-/// operator sees in `pg_stat_activity` what it is.
-pub const KEEPER_NAME: &str = "authgres keeper";
-
-/// How long after a keeper's failed login the next is tried: a role whose
-/// logins fail would otherwise start one with every client's login.
-const KEEPER_RETRY: Duration = Duration::from_secs(30);
-
-/// A login role's keeper connection (see `UpstreamPool::keepers`).
-enum Keeper {
-    /// Its login, or a repair on it, is under way (one at a time).
-    Busy,
-    /// Logged in, waiting to repair.
-    Ready(Box<Upstream>),
-    /// Its login failed then; the next waits for [`KEEPER_RETRY`].
-    Failed(Instant),
-}
 
 /// An idle connection and its ages.
 struct Idle {
@@ -273,22 +257,7 @@ impl UpstreamPool {
             _permit: permit,
             _busy: busy.hold(),
         };
-        while let Some(mut idle) = self.take_idle(&key, client) {
-            let now = Instant::now();
-            if idle.candidate().expired(&limits, now.into_std()) {
-                continue;
-            }
-            if idle.conn.spoke_while_idle() {
-                tracing::debug!("an idle upstream connection was closed by the server");
-                continue;
-            }
-            if idle.candidate().needs_check(&limits, now.into_std()) {
-                let deadline = now + limits.internal_query_timeout;
-                if let Err(error) = idle.conn.ping(deadline).await {
-                    tracing::debug!(%error, "an idle upstream connection failed its health check");
-                    continue;
-                }
-            }
+        if let Some(idle) = self.take_usable_idle(&key, client, &limits).await {
             return Ok(Pooled {
                 conn: Some(idle.conn),
                 created: idle.created,
@@ -307,6 +276,31 @@ impl UpstreamPool {
             pool: Arc::clone(self),
             _place: place,
         })
+    }
+
+    /// The idle connection [`pick`] chooses for `client`, skipping (and
+    /// closing) those past their lifetime, those the server spoke on or
+    /// closed while they sat idle, and those that fail a due health check.
+    async fn take_usable_idle(&self, key: &Key, client: u64, limits: &PoolLimits) -> Option<Idle> {
+        while let Some(mut idle) = self.take_idle(key, client) {
+            let now = Instant::now();
+            if idle.candidate().expired(limits, now.into_std()) {
+                continue;
+            }
+            if idle.conn.spoke_while_idle() {
+                tracing::debug!("an idle upstream connection was closed by the server");
+                continue;
+            }
+            if idle.candidate().needs_check(limits, now.into_std()) {
+                let deadline = now + limits.internal_query_timeout;
+                if let Err(error) = idle.conn.ping(deadline).await {
+                    tracing::debug!(%error, "an idle upstream connection failed its health check");
+                    continue;
+                }
+            }
+            return Some(idle);
+        }
+        None
     }
 
     /// Logs in a connection of a client's own (`pool_mode = "none"`),
@@ -375,116 +369,6 @@ impl UpstreamPool {
                 .map_err(|error| error as &dyn crate::error::Classify),
         );
         connected
-    }
-
-    /// Starts the login of `role`'s keeper connection if it has none and
-    /// none is under way (see `keepers`), beside the client's checkout,
-    /// which does not wait for it. Best effort: a failed login is tried
-    /// again at a later login of the role, [`KEEPER_RETRY`] after it.
-    fn ensure_keeper(self: &Arc<Self>, database: &str, role: &str, password: &str) {
-        {
-            let mut keepers = self.keepers();
-            match keepers.get(role) {
-                Some(Keeper::Busy | Keeper::Ready(_)) => return,
-                Some(Keeper::Failed(at)) if at.elapsed() < KEEPER_RETRY => return,
-                Some(Keeper::Failed(_)) | None => {}
-            }
-            keepers.insert(role.to_owned(), Keeper::Busy);
-        }
-        let pool = Arc::downgrade(self);
-        let (database, role, password) =
-            (database.to_owned(), role.to_owned(), password.to_owned());
-        let config = self.config.clone();
-        tokio::spawn(async move {
-            let name = [("application_name".to_owned(), KEEPER_NAME.to_owned())];
-            let connected =
-                upstream::connect(&config, &role, &database, Some(&password), &name).await;
-            let Some(pool) = pool.upgrade() else {
-                return;
-            };
-            let mut keepers = pool.keepers();
-            match connected {
-                Ok(keeper) => {
-                    keepers.insert(role, Keeper::Ready(Box::new(keeper)));
-                }
-                Err(error) => {
-                    tracing::debug!(%error, role, "no keeper connection for the role");
-                    keepers.insert(role, Keeper::Failed(Instant::now()));
-                }
-            }
-        });
-    }
-
-    fn keepers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Keeper>> {
-        self.keepers.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Sets `role`'s password back to `password` from its keeper
-    /// connection, else from one of its idle connections (reset first if a
-    /// client's session is in it); returns whether one did. Connections
-    /// that fail are closed.
-    async fn restore_password(&self, role: &str, password: &str, deadline: Instant) -> bool {
-        let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
-        let keeper = {
-            let mut keepers = self.keepers();
-            match keepers.remove(role) {
-                Some(Keeper::Ready(keeper)) => {
-                    keepers.insert(role.to_owned(), Keeper::Busy);
-                    Some(keeper)
-                }
-                Some(other) => {
-                    keepers.insert(role.to_owned(), other);
-                    None
-                }
-                None => None,
-            }
-        };
-        if let Some(mut keeper) = keeper {
-            if keeper.restore_password(&verifier, deadline).await.is_ok() {
-                log_restored(role);
-                self.keepers()
-                    .insert(role.to_owned(), Keeper::Ready(keeper));
-                return true;
-            }
-            // Dead or refused: a later login of the role starts another.
-            self.keepers().remove(role);
-        }
-        while let Some((key, mut idle)) = self.take_idle_of_role(role) {
-            let restored = async {
-                if idle.conn.owner() != Owner::Nobody {
-                    idle.conn.reset(deadline).await?;
-                }
-                idle.conn.restore_password(&verifier, deadline).await
-            }
-            .await;
-            match restored {
-                Ok(()) => {
-                    log_restored(role);
-                    idle.since = Instant::now();
-                    if let Some(slot) = self.state().slots.get_mut(&key) {
-                        slot.idle.push(idle);
-                    }
-                    return true;
-                }
-                Err(error) => tracing::debug!(%error, "restoring the password failed here"),
-            }
-        }
-        tracing::warn!(
-            role,
-            "the proxy's password for this role is refused and no live connection of the \
-             role can set it back; run `authgres init-db` to repair the role"
-        );
-        false
-    }
-
-    /// Removes an idle connection of `role` (any database), if any.
-    fn take_idle_of_role(&self, role: &str) -> Option<(Key, Idle)> {
-        let mut state = self.state();
-        state
-            .slots
-            .iter_mut()
-            .filter(|(key, slot)| key.1 == role && !slot.idle.is_empty())
-            .find_map(|(key, slot)| slot.idle.pop().map(|idle| (key.clone(), idle)))
     }
 
     /// Removes the idle connection [`pick`] chooses for `client`.
@@ -595,15 +479,6 @@ impl Pooled {
             });
         }
     }
-}
-
-/// The warning that a login role's password was set back.
-fn log_restored(role: &str) {
-    tracing::warn!(
-        role,
-        "the login role's password no longer matched the proxy's (a client may have changed \
-         it: any role can change its own); set it back"
-    );
 }
 
 /// Closes expired idle connections now and then, until the pool is gone.
