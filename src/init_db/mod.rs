@@ -228,22 +228,7 @@ async fn init_db(
             .map_or(roles::Password::Keep, |p| roles::Password::Set(p));
         roles::ensure(&tx, name, existing.get(name), password, &mut report).await?;
     }
-    let previous = installed_version(&tx).await?;
-    tx.batch_execute(AUTH_SQL).await.map_err(|error| {
-        anyhow::anyhow!(
-            "installing the auth schema: {}\n  the schema and its objects must be owned by \
-             init-db's user ({}) or a role it is a member of; on Supabase, schema `auth` \
-             belongs to Supabase Auth (see docs/managed-postgres.md)",
-            roles::db_message(&error),
-            administrator.name
-        )
-    })?;
-    tx.execute(
-        "insert into auth.schema_version (version) values ($1) \
-         on conflict (singleton) do update set version = excluded.version, installed_at = now()",
-        &[&SCHEMA_VERSION],
-    )
-    .await?;
+    let previous = install_schema(&tx, &administrator.name).await?;
     let others = install_key(&tx, &key, options.old_keys).await?;
     for (name, role) in &loaded.file.roles {
         grants::public_schema(&tx, name, role.table_access(), &options.migration_roles).await?;
@@ -280,6 +265,31 @@ async fn init_db(
     }
     eprintln!("roles and claims key installed");
     Ok(())
+}
+
+/// Installs (or upgrades, or re-applies) `sql/auth.sql` and records its
+/// version; returns the version it found. `administrator` names who runs
+/// init-db, for the error when the schema belongs to someone else.
+async fn install_schema(
+    tx: &tokio_postgres::Transaction<'_>,
+    administrator: &str,
+) -> anyhow::Result<Option<i32>> {
+    let previous = installed_version(tx).await?;
+    tx.batch_execute(AUTH_SQL).await.map_err(|error| {
+        anyhow::anyhow!(
+            "installing the auth schema: {}\n  the schema and its objects must be owned by \
+             init-db's user ({administrator}) or a role it is a member of; on Supabase, schema \
+             `auth` belongs to Supabase Auth (see docs/managed-postgres.md)",
+            roles::db_message(&error),
+        )
+    })?;
+    tx.execute(
+        "insert into auth.schema_version (version) values ($1) \
+         on conflict (singleton) do update set version = excluded.version, installed_at = now()",
+        &[&SCHEMA_VERSION],
+    )
+    .await?;
+    Ok(previous)
 }
 
 /// Who runs init-db, and what that allows.

@@ -108,7 +108,13 @@ pub async fn close(tx: &tokio_postgres::Transaction<'_>) -> anyhow::Result<()> {
         "pg_read_all_stats",
     )
     .await?;
-    // pg_stat_statements lives wherever it was installed.
+    close_statements(tx).await?;
+    close_public_schema(tx, &owner).await
+}
+
+/// pg_stat_statements, wherever it was installed: one user's statements
+/// are not another's to read.
+async fn close_statements(tx: &tokio_postgres::Transaction<'_>) -> anyhow::Result<()> {
     let installed = tx
         .query_opt(
             "select n.nspname from pg_catalog.pg_extension e \
@@ -130,9 +136,16 @@ pub async fn close(tx: &tokio_postgres::Transaction<'_>) -> anyhow::Result<()> {
         .await?;
         revoke(tx, Kind::Views, &schema, statements, "pg_read_all_stats").await?;
     }
-    // Before Postgres 15 any role may create objects in `public`, where
-    // one user's function or table could stand in for what another's
-    // statements name.
+    Ok(())
+}
+
+/// Before Postgres 15 any role may create objects in `public`, where one
+/// user's function or table could stand in for what another's statements
+/// name: CREATE there goes to the database's `owner` only.
+async fn close_public_schema(
+    tx: &tokio_postgres::Transaction<'_>,
+    owner: &str,
+) -> anyhow::Result<()> {
     let owns_public = tx
         .query_opt(
             "select 1 from pg_catalog.pg_namespace \

@@ -44,20 +44,8 @@ impl Login {
 impl<S: ClientIo> Session<'_, S> {
     /// Runs the startup phase to an admitted login.
     pub(super) async fn handshake(&mut self, startup: Startup) -> Result<Login, SessionError> {
+        self.negotiate_version(&startup).await?;
         let parameters = startup.parameters;
-        let unsupported: Vec<String> = parameters
-            .keys()
-            .filter(|name| name.starts_with("_pq_."))
-            .cloned()
-            .collect();
-        if startup.minor_version != 0 || !unsupported.is_empty() {
-            // We speak 3.0 and none of the options, as Postgres would say.
-            let mut out = BytesMut::new();
-            backend::negotiate_protocol_version(unsupported, &mut out);
-            write_flush(&mut self.client, &out)
-                .await
-                .map_err(SessionError::ClientIo)?;
-        }
         let role = parameters
             .get("user")
             .filter(|user| !user.is_empty())
@@ -124,6 +112,25 @@ impl<S: ClientIo> Session<'_, S> {
             settings,
             client_id: upstream::next_client_id(),
         })
+    }
+
+    /// Answers a startup asking for a newer minor version or protocol
+    /// options: we speak 3.0 and none of the options, as Postgres says.
+    async fn negotiate_version(&mut self, startup: &Startup) -> Result<(), SessionError> {
+        let unsupported: Vec<String> = startup
+            .parameters
+            .keys()
+            .filter(|name| name.starts_with("_pq_."))
+            .cloned()
+            .collect();
+        if startup.minor_version == 0 && unsupported.is_empty() {
+            return Ok(());
+        }
+        let mut out = BytesMut::new();
+        backend::negotiate_protocol_version(unsupported, &mut out);
+        write_flush(&mut self.client, &out)
+            .await
+            .map_err(SessionError::ClientIo)
     }
 
     /// Asks for a cleartext password and reads it: the token.

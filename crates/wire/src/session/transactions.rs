@@ -79,30 +79,8 @@ async fn serve_transactions<S: ClientIo>(
 ) -> Result<Option<Pinned>, SessionError> {
     let mut first = std::mem::take(&mut session.inbox).to_vec();
     let drain = session.proxy.drain();
-    let spared_until = session.spared_until;
     loop {
-        // At a boundary, holding nothing: a drain closes the client here,
-        // before its next transaction starts (a client that just logged
-        // in first gets its grace).
-        if drain.is_draining() && Instant::now() >= spared_until {
-            return Err(SessionError::ShuttingDown);
-        }
-        if first.is_empty() {
-            // Idle: no upstream connection, no buffers beyond this one.
-            let mut head = [0u8; 64];
-            let closing = async {
-                drain.draining().await;
-                tokio::time::sleep_until(spared_until).await;
-            };
-            let n = tokio::select! {
-                read = session.client.read(&mut head) => read.map_err(SessionError::ClientIo)?,
-                () = closing => return Err(SessionError::ShuttingDown),
-            };
-            first = head.get(..n).unwrap_or_default().to_vec();
-        }
-        // Between transactions the client is at a message boundary, so
-        // its first byte is a message tag.
-        if first.first().is_none_or(|&tag| tag == b'X') {
+        if !next_transaction(session, &mut first).await? {
             return Ok(None);
         }
         if client.expired(SystemTime::now()) {
@@ -154,6 +132,38 @@ async fn serve_transactions<S: ClientIo>(
         }
         return finish_transaction(session, relay, pooled, cancel, stopped).await;
     }
+}
+
+/// Waits, holding nothing, for the client's next transaction to start
+/// (its first bytes in `first`); false when the client leaves instead. A
+/// drain closes the client here, at a boundary, before its next
+/// transaction starts (a client that just logged in first gets its
+/// grace).
+async fn next_transaction<S: ClientIo>(
+    session: &mut Session<'_, S>,
+    first: &mut Vec<u8>,
+) -> Result<bool, SessionError> {
+    let drain = session.proxy.drain();
+    let spared_until = session.spared_until;
+    if drain.is_draining() && Instant::now() >= spared_until {
+        return Err(SessionError::ShuttingDown);
+    }
+    if first.is_empty() {
+        // Idle: no upstream connection, no buffers beyond this one.
+        let mut head = [0u8; 64];
+        let closing = async {
+            drain.draining().await;
+            tokio::time::sleep_until(spared_until).await;
+        };
+        let n = tokio::select! {
+            read = session.client.read(&mut head) => read.map_err(SessionError::ClientIo)?,
+            () = closing => return Err(SessionError::ShuttingDown),
+        };
+        *first = head.get(..n).unwrap_or_default().to_vec();
+    }
+    // Between transactions the client is at a message boundary, so its
+    // first byte is a message tag.
+    Ok(first.first().is_some_and(|&tag| tag != b'X'))
 }
 
 /// What became of the connection after a transaction ended idle.
