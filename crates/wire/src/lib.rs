@@ -40,36 +40,26 @@ mod upstream;
 
 pub mod server;
 
-pub use admission::{Admitted, Need, Policy, Refusal, Request, Transport, admit, check};
-pub use budget::{Budget, Entry, Full, Ticket};
+pub use admission::{Admitted, Policy, Refusal, Request, Transport, admit};
+pub use budget::Ticket;
 pub use cancel::MAX_INSTANCE_ID;
-pub use clients::{ClientHandle, ClientInfo, ClientLogin, ClientState, Clients};
+pub use clients::{ClientHandle, ClientState};
 pub use config::{
     CleartextTokens, ClientLimits, ClusterConfig, ConnectionLimits, PoolLimits, PoolMode,
     ProxyConfig, RoleConfig, TokenLogin, defaults,
 };
-pub use drain::Drain;
-pub use error::{
-    Classify, ClientView, ProtocolViolation, SessionError, Severity, SqlState, UpstreamError,
-};
-pub use identity::{BadClaimsKey, CLAIMS_KEY_LEN, ClaimsKey};
+pub use error::{Classify, UpstreamError};
+pub use identity::ClaimsKey;
 pub use log_limit::LogLimiter;
 pub use metrics::Metrics;
-pub use pool::{CheckoutError, PoolSnapshot, Pooled, SlotSnapshot, UpstreamPool, reap};
-pub use proto::ledger::Violation;
-pub use proto::negotiate::Refusal as NegotiationRefusal;
-pub use proto::proxy_header::HeaderError as ProxyHeaderError;
-pub use proto::scram::ScramError;
+pub use pool::{CheckoutError, UpstreamPool, reap};
 pub use proto::server_error::ServerError;
-pub use proto::startup::FrameError;
-pub use proxied::{
-    AddressBlock, BadAddressBlock, HeaderReads, HeaderRefusal, MAX_HEADER_READS, ProxyProtocolFrom,
-};
+pub use proxied::{AddressBlock, HeaderReads, ProxyProtocolFrom};
 pub use proxy::{Collector, Proxy, Settings};
-pub use transport::{ALPN_HTTP1, ALPN_POSTGRESQL, TlsConfigError, UpstreamTls, tls_acceptor};
+pub use transport::{ALPN_HTTP1, ALPN_POSTGRESQL, UpstreamTls, tls_acceptor};
 pub use upstream::{
-    AttachScope, Attached, IDLE, Owner, PendingReset, Reply, Upstream, UpstreamConfig, UpstreamKey,
-    append_attach, append_described, append_statement, connect as connect_upstream, next_client_id,
+    AttachScope, PendingReset, Reply, Upstream, UpstreamConfig, UpstreamKey, append_attach,
+    append_described, append_statement, connect as connect_upstream, next_client_id,
 };
 
 /// The message-level pieces the fuzz targets and benchmarks drive, behind
