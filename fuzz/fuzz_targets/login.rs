@@ -3,12 +3,12 @@
 
 #![no_main]
 
-use authgres_wire::internals::{Login, Step};
+use authgres_wire::internals::{UpstreamLogin, Step};
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let mut login = Login::new("authenticated", Some("secret"), 2, "fuzz-nonce".into());
+    let mut login = UpstreamLogin::new("authenticated", Some("secret"), 2, "fuzz-nonce".into());
     let mut out = BytesMut::new();
     let mut rest = data;
     let mut authenticated = false;

@@ -23,7 +23,7 @@ use crate::capacity::{Count, Held};
 
 /// The limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
+pub struct ConnectionLimits {
     /// Client connections in all, every listener together.
     pub max_connections: usize,
     /// Of those, connections that have not authenticated yet; also how
@@ -52,7 +52,7 @@ pub enum Full {
 #[derive(Debug)]
 pub struct Budget {
     /// The limits now; a reload changes them ([`Budget::set_limits`]).
-    limits: Mutex<Limits>,
+    limits: Mutex<ConnectionLimits>,
     connections: Arc<Semaphore>,
     unauthenticated: Arc<Semaphore>,
     /// Places of unauthenticated connections, per source address.
@@ -107,7 +107,7 @@ impl Drop for Pending {
 
 impl Budget {
     /// A budget with these limits.
-    pub fn new(limits: Limits) -> Arc<Self> {
+    pub fn new(limits: ConnectionLimits) -> Arc<Self> {
         Arc::new(Self {
             limits: Mutex::new(limits),
             connections: Arc::new(Semaphore::new(limits.max_connections)),
@@ -124,14 +124,14 @@ impl Budget {
     }
 
     /// The limits now.
-    pub fn limits(&self) -> Limits {
+    pub fn limits(&self) -> ConnectionLimits {
         *self.limits.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Changes the limits. Connections held are never cut off: a smaller
     /// limit is reached as they leave. A source's share changes once the
     /// source has no connection waiting or authenticating.
-    pub fn set_limits(&self, new: Limits) {
+    pub fn set_limits(&self, new: ConnectionLimits) {
         let mut limits = self.limits.lock().unwrap_or_else(PoisonError::into_inner);
         let old = *limits;
         crate::capacity::resize(&self.connections, old.max_connections, new.max_connections);
@@ -282,7 +282,7 @@ mod tests {
     }
 
     fn budget(total: usize, unauthenticated: usize, per_source: usize) -> Arc<Budget> {
-        Budget::new(Limits {
+        Budget::new(ConnectionLimits {
             max_connections: total,
             max_unauthenticated: unauthenticated,
             max_unauthenticated_per_source: per_source,
@@ -373,13 +373,13 @@ mod tests {
             ticket.authenticated();
             held.push(ticket);
         }
-        budget.set_limits(Limits {
+        budget.set_limits(ConnectionLimits {
             max_connections: 3,
             max_unauthenticated: 2,
             max_unauthenticated_per_source: 2,
         });
         let third = admit(&budget, 3, 0).await.expect("the raised limit");
-        budget.set_limits(Limits {
+        budget.set_limits(ConnectionLimits {
             max_connections: 1,
             max_unauthenticated: 2,
             max_unauthenticated_per_source: 2,

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::admission::Policy;
-pub use crate::budget::Limits as ConnectionLimits;
-pub use crate::relay::Watch as ClientLimits;
+pub use crate::budget::ConnectionLimits;
+pub use crate::relay::ClientLimits;
 use crate::upstream::UpstreamConfig;
 
 /// Every default, in one place.

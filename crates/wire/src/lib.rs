@@ -68,8 +68,8 @@ pub use upstream::{
 pub mod internals {
     pub use crate::proto::backend;
     pub use crate::proto::framer::{Frame, Framer, TagSet};
-    pub use crate::proto::ledger::{Ledger, Outcome, Request, model};
-    pub use crate::proto::login::{Login, Step, startup_message};
+    pub use crate::proto::ledger::{InFlight, Ledger, Outcome, model};
+    pub use crate::proto::login::{Step, UpstreamLogin, startup_message};
     pub use crate::proto::negotiate::{Negotiation, Next};
     pub use crate::proto::oauthbearer;
     pub use crate::proto::proxy_header;

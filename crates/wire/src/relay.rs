@@ -50,9 +50,9 @@ pub enum Stop {
     /// The client sent a message that must not reach the server.
     Violation(Violation),
     /// The client sat idle inside a transaction block past
-    /// [`Watch::idle_in_transaction`].
+    /// [`ClientLimits::idle_in_transaction`].
     IdleInTransaction,
-    /// The client left results unread past [`Watch::stalled_reader`].
+    /// The client left results unread past [`ClientLimits::stalled_reader`].
     ClientStalled,
 }
 
@@ -70,7 +70,7 @@ pub enum RelayError {
 
 /// Limits on a client that holds its backend without using it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Watch {
+pub struct ClientLimits {
     /// How long a client may sit idle inside a transaction block.
     pub idle_in_transaction: Option<Duration>,
     /// How long a client may leave results unread.
@@ -88,9 +88,9 @@ pub struct Observed {
     pub activity: Activity,
 }
 
-/// The timer behind a [`Watch`], armed only while a limit can run out.
+/// The timer behind a [`ClientLimits`], armed only while a limit can run out.
 struct Watchdog {
-    watch: Watch,
+    watch: ClientLimits,
     sleep: Option<Pin<Box<Sleep>>>,
     /// When the client last sent something.
     last_read: Instant,
@@ -234,7 +234,7 @@ impl Relay {
             violation: None,
             stop_at_idle: false,
             watchdog: Watchdog {
-                watch: Watch::default(),
+                watch: ClientLimits::default(),
                 sleep: None,
                 last_read: Instant::now(),
                 last_written: Instant::now(),
@@ -279,7 +279,7 @@ impl Relay {
 
     /// Ends the relay when the client holds its backend without using it
     /// for longer than `watch` allows.
-    pub fn watch(&mut self, watch: Watch) {
+    pub fn watch(&mut self, watch: ClientLimits) {
         self.watchdog.watch = watch;
     }
 
@@ -417,7 +417,7 @@ impl Relay {
         }
     }
 
-    /// Whether a [`Watch`] limit ran out; otherwise arms the timer for the
+    /// Whether a [`ClientLimits`] limit ran out; otherwise arms the timer for the
     /// nearest one that can.
     fn poll_watchdog(&mut self, cx: &mut Context<'_>) -> Option<Stop> {
         loop {

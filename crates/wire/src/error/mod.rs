@@ -135,7 +135,7 @@ pub enum ProtocolViolation {
     Frame(#[from] FrameError),
     /// The transport negotiation was refused.
     #[error(transparent)]
-    Negotiation(#[from] negotiate::Refusal),
+    Negotiation(#[from] negotiate::NegotiationRefusal),
     /// A message the relay must not forward.
     #[error(transparent)]
     Relay(#[from] Violation),
@@ -244,7 +244,7 @@ impl Classify for SessionError {
         use SqlState as S;
         match self {
             Self::Protocol(ProtocolViolation::Negotiation(
-                negotiate::Refusal::DataBeforeEncryption,
+                negotiate::NegotiationRefusal::DataBeforeEncryption,
             )) => ClientView::new(
                 S::ProtocolViolation,
                 "received unencrypted data after SSL request",

@@ -82,7 +82,7 @@ pub struct UpstreamPool {
 }
 
 /// A place in a slot: a permit, counted in `busy` while held.
-struct Place {
+struct SlotPermit {
     _permit: OwnedSemaphorePermit,
     _busy: Held,
 }
@@ -94,7 +94,7 @@ pub struct Pooled {
     reused: bool,
     key: Key,
     pool: Arc<UpstreamPool>,
-    _place: Place,
+    _place: SlotPermit,
 }
 
 /// One (database, role) of a pool, as `/pools` and `/metrics` show it.
@@ -253,7 +253,7 @@ impl UpstreamPool {
                 }
             }
         };
-        let place = Place {
+        let place = SlotPermit {
             _permit: permit,
             _busy: busy.hold(),
         };

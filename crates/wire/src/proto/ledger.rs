@@ -46,7 +46,7 @@ pub const IDLE: u8 = b'I';
 
 /// A client message the server has not finished with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Request {
+pub enum InFlight {
     /// Query ('Q'): answered up to a ReadyForQuery.
     Query,
     /// FunctionCall ('F'): answered up to a ReadyForQuery.
@@ -73,7 +73,7 @@ pub enum Request {
     CopyFail,
 }
 
-impl Request {
+impl InFlight {
     fn of(tag: u8) -> Option<Self> {
         Some(match tag {
             b'Q' => Self::Query,
@@ -177,9 +177,9 @@ enum CopyEnd {
 #[derive(Debug)]
 pub struct Ledger {
     /// Messages sent and not yet taken up by the server, run-length coded.
-    queue: VecDeque<(Request, u32)>,
+    queue: VecDeque<(InFlight, u32)>,
     /// The message the server is processing, if any.
-    current: Option<Request>,
+    current: Option<InFlight>,
     mode: Mode,
     /// Status of the last ReadyForQuery.
     status: u8,
@@ -219,15 +219,15 @@ impl Ledger {
             })),
             // Terminate is the relay's to handle.
             b'X' => Ok(()),
-            _ if Request::of(tag).is_some() => Ok(()),
+            _ if InFlight::of(tag).is_some() => Ok(()),
             _ => Err(Violation::UnknownMessage(tag)),
         }
     }
 
     /// Notes a client message as forwarded; `retired` hears of every
     /// message the server has thereby taken up without a reply.
-    pub fn client_message(&mut self, tag: u8, retired: &mut impl FnMut(Request, Outcome)) {
-        let Some(request) = Request::of(tag) else {
+    pub fn client_message(&mut self, tag: u8, retired: &mut impl FnMut(InFlight, Outcome)) {
+        let Some(request) = InFlight::of(tag) else {
             self.lose("a message the ledger does not know");
             return;
         };
@@ -255,7 +255,7 @@ impl Ledger {
         &mut self,
         tag: u8,
         body: Option<&[u8]>,
-        retired: &mut impl FnMut(Request, Outcome),
+        retired: &mut impl FnMut(InFlight, Outcome),
     ) {
         if self.lost.is_some() {
             return;
@@ -273,10 +273,10 @@ impl Ledger {
         self.advance(retired);
     }
 
-    fn ready(&mut self, body: Option<&[u8]>, retired: &mut impl FnMut(Request, Outcome)) {
+    fn ready(&mut self, body: Option<&[u8]>, retired: &mut impl FnMut(InFlight, Outcome)) {
         match (self.current, body) {
             (
-                Some(request @ (Request::Query | Request::FunctionCall | Request::Sync)),
+                Some(request @ (InFlight::Query | InFlight::FunctionCall | InFlight::Sync)),
                 Some(&[status]),
             ) => {
                 self.current = None;
@@ -288,12 +288,12 @@ impl Ledger {
         }
     }
 
-    fn failed(&mut self, retired: &mut impl FnMut(Request, Outcome)) {
+    fn failed(&mut self, retired: &mut impl FnMut(InFlight, Outcome)) {
         match self.current {
             // Errors inside a Query or FunctionCall end with its
             // ReadyForQuery; a Sync's own processing (ending an implicit
             // transaction) may fail too.
-            Some(Request::Query | Request::FunctionCall | Request::Sync) => {}
+            Some(InFlight::Query | InFlight::FunctionCall | InFlight::Sync) => {}
             Some(request) if request.extended() => {
                 self.current = None;
                 self.mode = Mode::SkipToSync;
@@ -303,15 +303,15 @@ impl Ledger {
         }
     }
 
-    fn replied(&mut self, tag: u8, retired: &mut impl FnMut(Request, Outcome)) {
+    fn replied(&mut self, tag: u8, retired: &mut impl FnMut(InFlight, Outcome)) {
         match self.current {
             Some(request) if request.completed_by(tag) => {
                 self.current = None;
                 retired(request, Outcome::Done);
             }
             // Results inside a Query; a FunctionCall's result.
-            Some(Request::Query) if matches!(tag, b'T' | b'C' | b'I') => {}
-            Some(Request::FunctionCall) if tag == b'V' => {}
+            Some(InFlight::Query) if matches!(tag, b'T' | b'C' | b'I') => {}
+            Some(InFlight::FunctionCall) if tag == b'V' => {}
             // A RowDescription before an Execute's rows is not sent; one
             // before a Describe's end is its end (handled above).
             _ => self.lose("a reply to nothing in flight"),
@@ -321,9 +321,9 @@ impl Ledger {
     /// CopyInResponse: the current Query or Execute now reads COPY data.
     fn copy_in(&mut self) {
         match self.current {
-            Some(request @ (Request::Query | Request::Execute)) => {
+            Some(request @ (InFlight::Query | InFlight::Execute)) => {
                 self.mode = Mode::CopyIn(Copy {
-                    extended: request == Request::Execute,
+                    extended: request == InFlight::Execute,
                     end: None,
                     read_sync: false,
                 });
@@ -332,7 +332,7 @@ impl Ledger {
         }
     }
 
-    fn copy_ended(&mut self, copy: Copy, tag: u8, retired: &mut impl FnMut(Request, Outcome)) {
+    fn copy_ended(&mut self, copy: Copy, tag: u8, retired: &mut impl FnMut(InFlight, Outcome)) {
         let failed = tag == b'E';
         // The ledger counts the client's messages read as they are sent;
         // the server reads them as it goes. A COPY that ends in an error
@@ -354,18 +354,18 @@ impl Ledger {
             (true, false) => {
                 self.mode = Mode::Normal;
                 self.current = None;
-                retired(Request::Execute, Outcome::Done);
+                retired(InFlight::Execute, Outcome::Done);
             }
             (true, true) => {
                 self.mode = Mode::SkipToSync;
                 self.current = None;
-                retired(Request::Execute, Outcome::Failed);
+                retired(InFlight::Execute, Outcome::Failed);
             }
         }
     }
 
     /// Lets the server take up queued messages while it reads input.
-    fn advance(&mut self, retired: &mut impl FnMut(Request, Outcome)) {
+    fn advance(&mut self, retired: &mut impl FnMut(InFlight, Outcome)) {
         while self.lost.is_none() {
             let reading = match self.mode {
                 Mode::CopyIn(copy) => copy.end.is_none(),
@@ -380,22 +380,25 @@ impl Ledger {
             match self.mode {
                 Mode::CopyIn(mut copy) => {
                     match request {
-                        Request::CopyData | Request::Flush => {}
-                        Request::Sync => copy.read_sync = true,
-                        Request::CopyDone => copy.end = Some(CopyEnd::Done),
-                        Request::CopyFail => copy.end = Some(CopyEnd::Fail),
+                        InFlight::CopyData | InFlight::Flush => {}
+                        InFlight::Sync => copy.read_sync = true,
+                        InFlight::CopyDone => copy.end = Some(CopyEnd::Done),
+                        InFlight::CopyFail => copy.end = Some(CopyEnd::Fail),
                         _ => copy.end = Some(CopyEnd::Aborted),
                     }
                     self.mode = Mode::CopyIn(copy);
                     retired(request, Outcome::Skipped);
                 }
-                Mode::SkipToSync if request == Request::Sync => {
+                Mode::SkipToSync if request == InFlight::Sync => {
                     self.mode = Mode::Normal;
                     self.current = Some(request);
                 }
                 Mode::SkipToSync => retired(request, Outcome::Skipped),
                 Mode::Normal => match request {
-                    Request::Flush | Request::CopyData | Request::CopyDone | Request::CopyFail => {
+                    InFlight::Flush
+                    | InFlight::CopyData
+                    | InFlight::CopyDone
+                    | InFlight::CopyFail => {
                         retired(request, Outcome::Skipped);
                     }
                     _ => {
@@ -407,7 +410,7 @@ impl Ledger {
         }
     }
 
-    fn pop(&mut self) -> Option<Request> {
+    fn pop(&mut self) -> Option<InFlight> {
         let (request, count) = self.queue.front_mut()?;
         let request = *request;
         *count -= 1;

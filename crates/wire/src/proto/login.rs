@@ -2,7 +2,7 @@
 //! its StartupMessage to the first ReadyForQuery
 //! ([flow](https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-START-UP)).
 //!
-//! [`Login::message`] takes each server message (tag and body) and says
+//! [`UpstreamLogin::message`] takes each server message (tag and body) and says
 //! what to send back; the caller moves the bytes. It answers cleartext,
 //! MD5 and SCRAM-SHA-256 password requests with the proxy's credential for
 //! the role (SCRAM's nonce is passed in, so tests replay exchanges byte for
@@ -73,7 +73,7 @@ enum Phase {
 }
 
 /// One login in progress.
-pub struct Login {
+pub struct UpstreamLogin {
     password: Option<String>,
     user: String,
     scram_nonce: String,
@@ -111,7 +111,7 @@ pub fn startup_message(
     }
 }
 
-impl Login {
+impl UpstreamLogin {
     /// A login as `user` with `password` (`None`: trust) that asked for
     /// protocol 3.`minor_version`, using `scram_nonce` if the server asks
     /// for SCRAM.

@@ -50,7 +50,7 @@ pub enum Next {
 
 /// Why a negotiation was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
+pub enum NegotiationRefusal {
     /// Bytes arrived after an encryption request, before its answer.
     #[error("received unencrypted data after an encryption request")]
     DataBeforeEncryption,
@@ -85,15 +85,19 @@ impl Negotiation {
 
     /// The answer to `packet`; `more_buffered` tells whether bytes follow
     /// it that the client sent without waiting for the answer.
-    pub fn packet(&mut self, packet: StartupPacket, more_buffered: bool) -> Result<Next, Refusal> {
+    pub fn packet(
+        &mut self,
+        packet: StartupPacket,
+        more_buffered: bool,
+    ) -> Result<Next, NegotiationRefusal> {
         match packet {
             StartupPacket::SslRequest => {
                 if self.ssl_requested || self.encrypted {
-                    return Err(Refusal::RepeatedEncryptionRequest);
+                    return Err(NegotiationRefusal::RepeatedEncryptionRequest);
                 }
                 self.ssl_requested = true;
                 if more_buffered {
-                    return Err(Refusal::DataBeforeEncryption);
+                    return Err(NegotiationRefusal::DataBeforeEncryption);
                 }
                 Ok(if self.tls_offered {
                     Next::StartTls
@@ -103,11 +107,11 @@ impl Negotiation {
             }
             StartupPacket::GssEncRequest => {
                 if self.gss_requested || self.encrypted {
-                    return Err(Refusal::RepeatedEncryptionRequest);
+                    return Err(NegotiationRefusal::RepeatedEncryptionRequest);
                 }
                 self.gss_requested = true;
                 if more_buffered {
-                    return Err(Refusal::DataBeforeEncryption);
+                    return Err(NegotiationRefusal::DataBeforeEncryption);
                 }
                 Ok(Next::Answer(REFUSE_ENCRYPTION))
             }
@@ -156,7 +160,7 @@ mod tests {
         assert!(negotiation.encrypted());
         assert_eq!(
             negotiation.packet(StartupPacket::SslRequest, false),
-            Err(Refusal::RepeatedEncryptionRequest)
+            Err(NegotiationRefusal::RepeatedEncryptionRequest)
         );
         let mut negotiation = Negotiation::new(true, false);
         assert_eq!(
@@ -188,7 +192,7 @@ mod tests {
         let mut secure_websocket = Negotiation::new(true, true);
         assert_eq!(
             secure_websocket.packet(StartupPacket::SslRequest, false),
-            Err(Refusal::RepeatedEncryptionRequest)
+            Err(NegotiationRefusal::RepeatedEncryptionRequest)
         );
     }
 
@@ -197,7 +201,7 @@ mod tests {
         for packet in [StartupPacket::SslRequest, StartupPacket::GssEncRequest] {
             assert_eq!(
                 Negotiation::new(true, false).packet(packet, true),
-                Err(Refusal::DataBeforeEncryption)
+                Err(NegotiationRefusal::DataBeforeEncryption)
             );
         }
     }
@@ -210,7 +214,7 @@ mod tests {
         }
         assert_eq!(
             negotiation.packet(StartupPacket::GssEncRequest, false),
-            Err(Refusal::RepeatedEncryptionRequest)
+            Err(NegotiationRefusal::RepeatedEncryptionRequest)
         );
         let cancel = StartupPacket::CancelRequest {
             pid: 7,

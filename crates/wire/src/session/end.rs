@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use super::greet::Greeted;
-use super::handshake::Login;
+use super::handshake::SessionLogin;
 use super::lease::Lease;
 use super::{ClientIo, Session, refuse};
 use crate::cancel::CancelGuard;
@@ -26,7 +26,7 @@ use crate::relay::{self, Relay, RelayError, Stop};
 /// Serves a session that keeps its connection, from its greeting on.
 pub(super) async fn hold<S: ClientIo>(
     session: Session<'_, S>,
-    login: &Login,
+    login: &SessionLogin,
     greeted: Greeted,
 ) -> Result<(), SessionError> {
     let expires = session.expiry(login);
@@ -39,7 +39,7 @@ pub(super) async fn hold<S: ClientIo>(
 
 impl<S: ClientIo> Session<'_, S> {
     /// When the session must end, if its token's expiry is enforced.
-    pub(super) fn expiry(&self, login: &Login) -> Option<SystemTime> {
+    pub(super) fn expiry(&self, login: &SessionLogin) -> Option<SystemTime> {
         login
             .admitted
             .identity

@@ -22,7 +22,7 @@ use crate::proto::startup::{parse_sasl_initial_response, password_text, take_pas
 use crate::upstream;
 
 /// A client admitted to log in, with what it asked for at startup.
-pub(super) struct Login {
+pub(super) struct SessionLogin {
     /// Who logs in, to which database, with which identity.
     pub(super) admitted: Admitted,
     /// Startup parameters forwarded to an upstream login of its own.
@@ -34,7 +34,7 @@ pub(super) struct Login {
     pub(super) client_id: u64,
 }
 
-impl Login {
+impl SessionLogin {
     /// The verified claims, for anonymous roles `None`.
     pub(super) fn claims(&self) -> Option<&str> {
         self.admitted.identity.as_ref().map(|i| &*i.claims_json)
@@ -43,7 +43,10 @@ impl Login {
 
 impl<S: ClientIo> Session<'_, S> {
     /// Runs the startup phase to an admitted login.
-    pub(super) async fn handshake(&mut self, startup: Startup) -> Result<Login, SessionError> {
+    pub(super) async fn handshake(
+        &mut self,
+        startup: Startup,
+    ) -> Result<SessionLogin, SessionError> {
         self.negotiate_version(&startup).await?;
         let parameters = startup.parameters;
         let role = parameters
@@ -106,7 +109,7 @@ impl<S: ClientIo> Session<'_, S> {
             span.record("user", admitted.role.as_str());
         }
         let settings = params::settings(&forwarded);
-        Ok(Login {
+        Ok(SessionLogin {
             admitted,
             forwarded,
             settings,

@@ -10,7 +10,7 @@
 
 use tokio::time::Instant;
 
-use super::handshake::Login;
+use super::handshake::SessionLogin;
 use crate::config::PoolMode;
 use crate::error::{SessionError, UpstreamError};
 use crate::identity::ClaimsKey;
@@ -53,7 +53,7 @@ pub(super) enum Readying<'a> {
 pub(super) async fn lease(
     proxy: &Proxy,
     settings: &Settings,
-    login: &Login,
+    login: &SessionLogin,
     mode: PoolMode,
 ) -> Result<(Lease, Vec<(String, String)>), SessionError> {
     let admitted = &login.admitted;
@@ -96,7 +96,7 @@ pub(super) async fn lease(
 async fn own_login(
     proxy: &Proxy,
     settings: &Settings,
-    login: &Login,
+    login: &SessionLogin,
 ) -> Result<Upstream, SessionError> {
     let admitted = &login.admitted;
     let config = &settings.config;

@@ -77,7 +77,7 @@ impl Proxy {
             crate::transport::tune(&tcp, settings.config.tcp_keepalive);
             let opened =
                 timeout_at(deadline, negotiate::over_tcp(tcp, settings.tls.as_ref())).await;
-            let place = Place {
+            let place = Arrival {
                 peer,
                 relayed_by,
                 transport: Transport::Wire,
@@ -116,7 +116,7 @@ impl Proxy {
             client.set_transport(Transport::WebSocket);
             let deadline = Instant::now() + settings.config.auth_timeout;
             let opened = timeout_at(deadline, negotiate::settled(stream, encrypted)).await;
-            let place = Place {
+            let place = Arrival {
                 peer,
                 relayed_by,
                 transport: Transport::WebSocket,
@@ -135,7 +135,7 @@ impl Proxy {
         &self,
         opened: Result<Result<Opened<S>, Failed<S>>, tokio::time::error::Elapsed>,
         settings: Arc<Settings>,
-        place: Place,
+        place: Arrival,
     ) {
         let result = match opened {
             Ok(opened) => self.open(opened, settings, place).await,
@@ -172,7 +172,7 @@ impl Proxy {
         &self,
         opened: Result<Opened<S>, Failed<S>>,
         settings: Arc<Settings>,
-        place: Place,
+        place: Arrival,
     ) -> Result<(), SessionError> {
         match opened {
             Ok(Opened::Session {
@@ -216,7 +216,7 @@ impl Proxy {
 }
 
 /// Where a new connection stands before its negotiation settles.
-struct Place {
+struct Arrival {
     peer: SocketAddr,
     /// The balancer whose PROXY header named `peer`.
     relayed_by: Option<IpAddr>,

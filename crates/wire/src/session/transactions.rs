@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use super::end::{self, Parting, relay_to_end};
 use super::greet::Greeted;
-use super::handshake::Login;
+use super::handshake::SessionLogin;
 use super::lease::{self, Lease, Readying};
 use super::{ClientIo, Session};
 use crate::cancel::CancelGuard;
@@ -29,7 +29,7 @@ use crate::transaction::{PooledClient, Tracker};
 /// Serves a transaction-pooled client from its greeting on.
 pub(super) async fn serve<S: ClientIo>(
     mut session: Session<'_, S>,
-    login: Login,
+    login: SessionLogin,
     greeted: Greeted,
 ) -> Result<(), SessionError> {
     let Greeted { lease, cancel } = greeted;

@@ -15,7 +15,7 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use crate::proto::framer::TagSet;
-use crate::proto::ledger::{Outcome, Request};
+use crate::proto::ledger::{InFlight, Outcome};
 
 /// Most bytes of Parse messages kept per client; past it the client keeps
 /// its upstream connection instead.
@@ -119,17 +119,19 @@ impl Tracker {
     /// Notes how the server dealt with a client message, as the ledger
     /// retires it: a Parse done keeps its statement, a Close done drops
     /// one; failed and skipped ones change nothing.
-    pub fn retired(&mut self, request: Request, outcome: Outcome) {
-        if !matches!(request, Request::Parse | Request::Close) {
+    pub fn retired(&mut self, request: InFlight, outcome: Outcome) {
+        if !matches!(request, InFlight::Parse | InFlight::Close) {
             return;
         }
         match (self.in_flight.pop_front(), request, outcome) {
-            (Some(Pending::Parse(Some((name, message)))), Request::Parse, Outcome::Done) => {
+            (Some(Pending::Parse(Some((name, message)))), InFlight::Parse, Outcome::Done) => {
                 self.commit(name, message);
             }
-            (Some(Pending::Close(Some(name))), Request::Close, Outcome::Done) => self.forget(&name),
-            (Some(Pending::Parse(_)), Request::Parse, _)
-            | (Some(Pending::Close(_)), Request::Close, _) => {}
+            (Some(Pending::Close(Some(name))), InFlight::Close, Outcome::Done) => {
+                self.forget(&name)
+            }
+            (Some(Pending::Parse(_)), InFlight::Parse, _)
+            | (Some(Pending::Close(_)), InFlight::Close, _) => {}
             _ => self.untrackable = Some("replies out of order"),
         }
     }
@@ -265,8 +267,8 @@ mod tests {
         let mut tracker = Tracker::default();
         tracker.client_message(b'P', Some(&parse_body("s1", "select 1")));
         tracker.client_message(b'P', Some(&parse_body("", "select 2")));
-        tracker.retired(Request::Parse, Outcome::Done);
-        tracker.retired(Request::Parse, Outcome::Done);
+        tracker.retired(InFlight::Parse, Outcome::Done);
+        tracker.retired(InFlight::Parse, Outcome::Done);
         assert_eq!(names(&tracker), ["s1"]);
         let replay: Vec<&[u8]> = tracker.statements().collect();
         assert_eq!(replay[0][0], b'P');
@@ -276,7 +278,7 @@ mod tests {
         );
 
         tracker.client_message(b'C', Some(b"Ss1\0"));
-        tracker.retired(Request::Close, Outcome::Done);
+        tracker.retired(InFlight::Close, Outcome::Done);
         assert!(names(&tracker).is_empty());
     }
 
@@ -286,11 +288,11 @@ mod tests {
         tracker.client_message(b'P', Some(&parse_body("bad", "selec 1")));
         tracker.client_message(b'P', Some(&parse_body("skipped", "select 1")));
         tracker.client_message(b'P', Some(&parse_body("good", "select 1")));
-        tracker.retired(Request::Parse, Outcome::Failed);
-        tracker.retired(Request::Bind, Outcome::Skipped);
-        tracker.retired(Request::Parse, Outcome::Skipped);
-        tracker.retired(Request::Sync, Outcome::Done);
-        tracker.retired(Request::Parse, Outcome::Done);
+        tracker.retired(InFlight::Parse, Outcome::Failed);
+        tracker.retired(InFlight::Bind, Outcome::Skipped);
+        tracker.retired(InFlight::Parse, Outcome::Skipped);
+        tracker.retired(InFlight::Sync, Outcome::Done);
+        tracker.retired(InFlight::Parse, Outcome::Done);
         assert_eq!(names(&tracker), ["good"]);
         assert_eq!(tracker.untrackable(), None);
     }

@@ -13,7 +13,7 @@ use tokio::time::{Instant, timeout_at};
 
 use super::{Attached, Owner, Upstream, UpstreamKey};
 use crate::error::UpstreamError;
-use crate::proto::login::{self, Login, Step};
+use crate::proto::login::{self, Step, UpstreamLogin};
 use crate::transport::{MaybeTls, UpstreamStream, UpstreamTls};
 
 /// Where the real Postgres is and how to reach it.
@@ -120,7 +120,7 @@ async fn log_in(
         .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()));
     let parameters: Vec<(String, String)> = parameters.iter().cloned().chain(pinned).collect();
     login::startup_message(role, database, &parameters, 0, &mut out);
-    let mut login = Login::new(role, password, 0, crate::random::scram_nonce());
+    let mut login = UpstreamLogin::new(role, password, 0, crate::random::scram_nonce());
     loop {
         if !out.is_empty() {
             conn.stream.write_all(&out).await?;

@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 
-use super::{Ledger, Outcome, Request};
+use super::{InFlight, Ledger, Outcome};
 
 /// Client message tags the model sends.
 const CLIENT_TAGS: &[u8] = b"QFSPBDECHdcf";
@@ -219,7 +219,7 @@ pub fn run(choices: &mut impl Choices, steps: usize) {
         batch_open: false,
         unfollowable: false,
     };
-    let mut retired = |_: Request, _: Outcome| {};
+    let mut retired = |_: InFlight, _: Outcome| {};
     // What happened, for the failure message.
     let mut trace = String::new();
     for _ in 0..steps {

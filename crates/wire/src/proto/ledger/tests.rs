@@ -9,7 +9,7 @@ use Step::{Client, Server};
 
 /// Plays `steps` through a fresh ledger, ReadyForQuery bodies taken from
 /// the tag that follows each 'Z' (`b"ZI"` is ReadyForQuery idle).
-fn play(steps: &[Step]) -> (Ledger, Vec<(Request, Outcome)>) {
+fn play(steps: &[Step]) -> (Ledger, Vec<(InFlight, Outcome)>) {
     let mut ledger = Ledger::default();
     let mut seen = Vec::new();
     let mut record = |request, outcome| seen.push((request, outcome));
@@ -52,7 +52,7 @@ fn pipelined_extended_queries_need_their_sync() {
     assert!(!ledger.settled());
     let (ledger, seen) = play(&[Client(b"PBDESPBES"), Server(b"12TCZI12CZI")]);
     assert!(ledger.idle());
-    assert_eq!(seen.first(), Some(&(Request::Parse, Outcome::Done)));
+    assert_eq!(seen.first(), Some(&(InFlight::Parse, Outcome::Done)));
     let (ledger, _) = play(&[Client(b"PBE"), Server(b"12C")]);
     assert!(!ledger.settled(), "no Sync yet: the batch is open");
     assert_eq!(ledger.lost(), None);
@@ -66,11 +66,11 @@ fn after_an_error_the_server_skips_queries_and_calls_up_to_the_sync() {
     assert_eq!(
         seen,
         [
-            (Request::Parse, Outcome::Failed),
-            (Request::Query, Outcome::Skipped),
-            (Request::FunctionCall, Outcome::Skipped),
-            (Request::Bind, Outcome::Skipped),
-            (Request::Sync, Outcome::Done),
+            (InFlight::Parse, Outcome::Failed),
+            (InFlight::Query, Outcome::Skipped),
+            (InFlight::FunctionCall, Outcome::Skipped),
+            (InFlight::Bind, Outcome::Skipped),
+            (InFlight::Sync, Outcome::Done),
         ]
     );
     // A failed Execute leaves the server skipping until a Sync arrives.
@@ -114,7 +114,7 @@ fn copy_from_stdin_in_a_query_and_the_syncs_drivers_send_during_it() {
         Server(b"CZI"),
     ]);
     assert!(ledger.idle(), "{ledger:?}");
-    assert!(seen.contains(&(Request::Execute, Outcome::Done)));
+    assert!(seen.contains(&(InFlight::Execute, Outcome::Done)));
     // CopyFail ends an extended COPY with an error, then skips to the Sync.
     let (ledger, _) = play(&[Client(b"BE"), Server(b"2G"), Client(b"dfS"), Server(b"EZI")]);
     assert!(ledger.idle());

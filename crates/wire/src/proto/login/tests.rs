@@ -45,7 +45,7 @@ fn ready_messages() -> Vec<Exchange> {
 }
 
 /// Replays `exchanges` through a login; returns how it ended.
-fn replay(mut login: Login, exchanges: &[Exchange]) -> Result<Established, LoginError> {
+fn replay(mut login: UpstreamLogin, exchanges: &[Exchange]) -> Result<Established, LoginError> {
     for (at, exchange) in exchanges.iter().enumerate() {
         let mut out = BytesMut::new();
         let (tag, body) = &exchange.server;
@@ -94,7 +94,7 @@ fn trust_needs_no_password() {
         client: Vec::new(),
     }];
     exchanges.extend(ready_messages());
-    let login = Login::new("authenticated", None, 0, String::new());
+    let login = UpstreamLogin::new("authenticated", None, 0, String::new());
     assert_eq!(replay(login, &exchanges), Ok(expected_established()));
 }
 
@@ -111,7 +111,7 @@ fn cleartext_and_md5_answer_with_the_roles_password() {
         },
     ];
     exchanges.extend(ready_messages());
-    let login = Login::new("authenticated", Some("secret"), 0, String::new());
+    let login = UpstreamLogin::new("authenticated", Some("secret"), 0, String::new());
     assert_eq!(replay(login, &exchanges), Ok(expected_established()));
 
     // md5(md5(password + user) + salt), computed independently.
@@ -119,7 +119,7 @@ fn cleartext_and_md5_answer_with_the_roles_password() {
         server: auth(5, &[1, 2, 3, 4]),
         client: client(b'p', b"md57ba9f730c8573e29def538b4d14e285c\0"),
     };
-    let login = Login::new("authenticated", Some("secret"), 0, String::new());
+    let login = UpstreamLogin::new("authenticated", Some("secret"), 0, String::new());
     assert_eq!(replay(login, &exchanges), Ok(expected_established()));
 }
 
@@ -164,7 +164,7 @@ fn scram_exchanges() -> Vec<Exchange> {
 
 #[test]
 fn scram_replays_a_recorded_postgres_login_byte_for_byte() {
-    let login = Login::new("authenticated", Some("secret"), 0, SCRAM_NONCE.into());
+    let login = UpstreamLogin::new("authenticated", Some("secret"), 0, SCRAM_NONCE.into());
     assert_eq!(
         replay(login, &scram_exchanges()),
         Ok(expected_established())
@@ -175,7 +175,7 @@ fn scram_replays_a_recorded_postgres_login_byte_for_byte() {
 fn a_server_that_skips_or_forges_the_scram_proof_is_refused() {
     let mut skipped = scram_exchanges();
     skipped.remove(2);
-    let login = Login::new("authenticated", Some("secret"), 0, SCRAM_NONCE.into());
+    let login = UpstreamLogin::new("authenticated", Some("secret"), 0, SCRAM_NONCE.into());
     assert_eq!(
         replay(login, &skipped),
         Err(LoginError::Protocol(
@@ -184,14 +184,14 @@ fn a_server_that_skips_or_forges_the_scram_proof_is_refused() {
     );
     let mut forged = scram_exchanges();
     forged[2].server = auth(12, b"v=7Qb7aPld+CjHcDkHnz3rJRO3MoFTRXKO7Z5dNBvI1Kk=");
-    let login = Login::new("authenticated", Some("secret"), 0, SCRAM_NONCE.into());
+    let login = UpstreamLogin::new("authenticated", Some("secret"), 0, SCRAM_NONCE.into());
     assert_eq!(
         replay(login, &forged),
         Err(LoginError::Scram(ScramError::BadServerSignature))
     );
     // With the wrong password the proof differs, and the real server's
     // signature does not verify.
-    let mut login = Login::new("authenticated", Some("wrong"), 0, SCRAM_NONCE.into());
+    let mut login = UpstreamLogin::new("authenticated", Some("wrong"), 0, SCRAM_NONCE.into());
     let exchanges = scram_exchanges();
     let mut out = BytesMut::new();
     for exchange in &exchanges[..2] {
@@ -213,7 +213,7 @@ fn refusals_and_unsupported_methods_end_the_login() {
         server: server(b'E', b"SFATAL\0C28P01\0Mpassword authentication failed\0\0"),
         client: Vec::new(),
     }];
-    let login = Login::new("authenticated", Some("x"), 0, String::new());
+    let login = UpstreamLogin::new("authenticated", Some("x"), 0, String::new());
     let Err(LoginError::Refused(error)) = replay(login, &refused) else {
         panic!("not refused");
     };
@@ -223,7 +223,7 @@ fn refusals_and_unsupported_methods_end_the_login() {
             server: auth(code, data),
             client: Vec::new(),
         }];
-        let login = Login::new("authenticated", Some("x"), 0, String::new());
+        let login = UpstreamLogin::new("authenticated", Some("x"), 0, String::new());
         assert!(matches!(
             replay(login, &exchange),
             Err(LoginError::UnsupportedAuth(_))
@@ -233,7 +233,7 @@ fn refusals_and_unsupported_methods_end_the_login() {
         server: auth(3, b""),
         client: Vec::new(),
     }];
-    let login = Login::new("authenticated", None, 0, String::new());
+    let login = UpstreamLogin::new("authenticated", None, 0, String::new());
     assert_eq!(replay(login, &exchange), Err(LoginError::NoPassword));
 }
 
@@ -255,7 +255,7 @@ fn a_server_that_negotiates_down_and_sends_a_long_cancel_key() {
         client: Vec::new(),
     })
     .collect();
-    let login = Login::new("authenticated", None, 2, String::new());
+    let login = UpstreamLogin::new("authenticated", None, 2, String::new());
     let established = replay(login, &exchanges).expect("login");
     assert_eq!(established.minor_version, 0);
     assert_eq!(established.cancel_key, vec![7u8; 32]);
@@ -264,6 +264,6 @@ fn a_server_that_negotiates_down_and_sends_a_long_cancel_key() {
         server: server(b'v', &196_610i32.to_be_bytes()),
         client: Vec::new(),
     }];
-    let login = Login::new("authenticated", None, 0, String::new());
+    let login = UpstreamLogin::new("authenticated", None, 0, String::new());
     assert!(replay(login, &up).is_err());
 }
