@@ -229,8 +229,9 @@ impl ConnectionTicket {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RelayedBy(pub Option<std::net::IpAddr>);
 
-/// The routes.
-pub fn router(state: Arc<HttpState>) -> Router {
+/// The routes; they read what `serve` puts in each request (the peer, its
+/// place in the connection budget), so they are served only by `serve`.
+fn router(state: Arc<HttpState>) -> Router {
     Router::new()
         .route("/sql", post(sql::handle).options(preflight))
         .route("/v2", get(websocket))
