@@ -70,9 +70,23 @@ const MAX_REDIRECTS: usize = 3;
 /// First retry delay; doubles per attempt.
 const RETRY_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Why the HTTP client for a provider's keys could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// `ca_file` is not a PEM bundle.
+    #[error("CA bundle: {0}")]
+    CaBundle(#[source] reqwest::Error),
+    /// `ca_file` holds no certificate.
+    #[error("CA bundle holds no certificate")]
+    EmptyCaBundle,
+    /// The TLS stack refused the settings.
+    #[error("building the HTTP client: {0}")]
+    Build(#[source] reqwest::Error),
+}
+
 impl Fetcher {
     /// A client with the provider's timeouts, redirect rule and CA bundle.
-    pub fn new(settings: FetchSettings) -> Result<Self, String> {
+    pub fn new(settings: FetchSettings) -> Result<Self, ClientError> {
         let redirects = reqwest::redirect::Policy::custom(|attempt| {
             let same_origin = attempt.previous().first().is_some_and(|first| {
                 let next = attempt.url();
@@ -95,16 +109,14 @@ impl Fetcher {
             .redirect(redirects)
             .user_agent(concat!("authgres/", env!("CARGO_PKG_VERSION")));
         if let Some(pem) = &settings.ca_pem {
-            let certs = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| format!("CA bundle: {e}"))?;
+            let certs =
+                reqwest::Certificate::from_pem_bundle(pem).map_err(ClientError::CaBundle)?;
             if certs.is_empty() {
-                return Err("CA bundle holds no certificate".into());
+                return Err(ClientError::EmptyCaBundle);
             }
             builder = builder.tls_certs_only(certs);
         }
-        let client = builder
-            .build()
-            .map_err(|e| format!("building the HTTP client: {e}"))?;
+        let client = builder.build().map_err(ClientError::Build)?;
         Ok(Self { client, settings })
     }
 
@@ -143,12 +155,13 @@ impl Fetcher {
             )));
         }
         check_url(&document.jwks_uri, self.settings.allow_insecure_http)
-            .map_err(FetchError::Refused)?;
+            .map_err(|refused| FetchError::Refused(refused.to_string()))?;
         Ok(document.jwks_uri)
     }
 
     async fn get_with_retries(&self, url: &str) -> Result<(Vec<u8>, Option<Duration>), FetchError> {
-        check_url(url, self.settings.allow_insecure_http).map_err(FetchError::Refused)?;
+        check_url(url, self.settings.allow_insecure_http)
+            .map_err(|refused| FetchError::Refused(refused.to_string()))?;
         let mut attempt = 0;
         loop {
             match self.get(url).await {

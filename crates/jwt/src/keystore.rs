@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use moka::ops::compute::Op;
 
-use crate::fetch::{FetchError, Fetcher};
+use crate::fetch::{ClientError, FetchError, Fetcher};
 use crate::jwks::KeySet;
 use crate::provider::{KeySource, ProviderConfig};
 
@@ -76,7 +76,7 @@ struct ProviderKeys {
 }
 
 impl ProviderKeys {
-    fn new(config: &Arc<ProviderConfig>) -> Result<Self, (String, String)> {
+    fn new(config: &Arc<ProviderConfig>) -> Result<Self, (String, ClientError)> {
         let fetcher =
             Fetcher::new(config.fetch.clone()).map_err(|reason| (config.name.clone(), reason))?;
         Ok(Self {
@@ -139,7 +139,7 @@ impl KeyStore {
     pub fn new(
         configs: &[Arc<ProviderConfig>],
         previous: Option<&KeyStore>,
-    ) -> Result<Arc<Self>, (String, String)> {
+    ) -> Result<Arc<Self>, (String, ClientError)> {
         let mut providers = Vec::with_capacity(configs.len());
         for config in configs {
             let kept = previous

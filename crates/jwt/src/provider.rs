@@ -151,7 +151,9 @@ impl ProviderConfig {
             return Err(err("jwks_min_ttl is longer than jwks_max_ttl".into()));
         }
         match &self.keys {
-            KeySource::Jwks(url) => check_url(url, f.allow_insecure_http).map_err(err)?,
+            KeySource::Jwks(url) => {
+                check_url(url, f.allow_insecure_http).map_err(|refused| err(refused.to_string()))?
+            }
             KeySource::Discovery => check_url(&self.issuer, f.allow_insecure_http)
                 .map_err(|reason| err(format!("discovery from the issuer: {reason}")))?,
             KeySource::SharedSecretOnly => {}
@@ -160,18 +162,30 @@ impl ProviderConfig {
     }
 }
 
+/// Why the fetcher may not use a URL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlRefused {
+    /// Plain http to a host that is not loopback, without
+    /// `allow_insecure_http`.
+    #[error("{0} uses http on a non-loopback host; use https")]
+    InsecureHttp(String),
+    /// Neither http nor https.
+    #[error("{0} is not an http(s) URL")]
+    NotHttp(String),
+}
+
 /// A URL the fetcher may use: https, or http on a loopback host.
-pub(crate) fn check_url(url: &str, allow_insecure_http: bool) -> Result<(), String> {
+pub(crate) fn check_url(url: &str, allow_insecure_http: bool) -> Result<(), UrlRefused> {
     if let Some(rest) = url.strip_prefix("http://") {
         let host = rest.split(['/', '?', '#']).next().unwrap_or("");
         if !is_loopback_authority(host) && !allow_insecure_http {
-            return Err(format!("{url} uses http on a non-loopback host; use https"));
+            return Err(UrlRefused::InsecureHttp(url.to_owned()));
         }
         Ok(())
     } else if url.starts_with("https://") {
         Ok(())
     } else {
-        Err(format!("{url} is not an http(s) URL"))
+        Err(UrlRefused::NotHttp(url.to_owned()))
     }
 }
 

@@ -122,8 +122,12 @@ impl Verifier {
         check_user_ids(&user_ids).map_err(|conflict| user_id_conflict(&providers, &conflict))?;
         let namespaces = Namespaces::new(&user_ids);
         let providers: Vec<_> = providers.into_iter().map(Arc::new).collect();
-        let keys = KeyStore::new(&providers, previous.map(|p| &*p.keys))
-            .map_err(|(provider, reason)| ConfigError { provider, reason })?;
+        let keys = KeyStore::new(&providers, previous.map(|p| &*p.keys)).map_err(
+            |(provider, error)| ConfigError {
+                provider,
+                reason: error.to_string(),
+            },
+        )?;
         Ok(Self {
             names: providers
                 .iter()
