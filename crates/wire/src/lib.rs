@@ -52,7 +52,7 @@ pub use error::{Classify, UpstreamError};
 pub use identity::ClaimsKey;
 pub use log_limit::LogLimiter;
 pub use metrics::Metrics;
-pub use pool::{CheckoutError, UpstreamPool, reap};
+pub use pool::{Attempts, CheckoutError, ReadyFailure, UpstreamPool, reap};
 pub use proto::server_error::ServerError;
 pub use proxied::{AddressBlock, HeaderReads, ProxyProtocolFrom};
 pub use proxy::{Collector, Proxy, Settings};

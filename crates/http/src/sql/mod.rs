@@ -23,8 +23,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use tokio::time::Instant;
-
 use crate::query::{self, BatchOptions, ExecError};
 use crate::{ConnectionTicket, HttpConfig, HttpState};
 
@@ -173,7 +171,7 @@ async fn execute(
 ) -> Result<Vec<query::StatementResult>, Failure> {
     let state = run.state;
     let limits = state.pool.limits();
-    let give_up = Instant::now() + limits.checkout_timeout;
+    let attempts = state.pool.attempts();
     let password = run.settings.config.password(&admitted.role);
     let query_limits = query::Limits {
         max_bytes: run.config.max_response_bytes,
@@ -198,11 +196,7 @@ async fn execute(
         .await;
         match started {
             Ok(in_flight) => break (pooled, in_flight),
-            Err(ExecError::Readying(error))
-                if error.worth_another_connection() && Instant::now() < give_up =>
-            {
-                tracing::debug!(%error, "pooled connection unusable for /sql; trying another");
-            }
+            Err(ExecError::Readying(error)) if attempts.another(&error) => {}
             Err(error) => {
                 // A connection whose exchange failed is marked broken and
                 // closed.

@@ -123,6 +123,43 @@ pub struct PoolSnapshot {
     pub slots: Vec<SlotSnapshot>,
 }
 
+/// A failure to ready a checked-out connection that another connection
+/// may not have: see [`Attempts`].
+pub trait ReadyFailure: std::fmt::Display {
+    /// Whether the failure is the connection's (it died while idle, its
+    /// reset failed), so the caller, having sent nothing of its client's
+    /// on it, may try another.
+    fn worth_another_connection(&self) -> bool;
+}
+
+impl ReadyFailure for UpstreamError {
+    fn worth_another_connection(&self) -> bool {
+        UpstreamError::worth_another_connection(self)
+    }
+}
+
+/// The one retry policy of a checkout whose connection is readied before
+/// the caller sends anything of its client's on it (wire sessions' and
+/// `/sql`'s alike): a connection that fails for a reason of its own (it
+/// died while idle, its reset failed) is dropped and another tried, until
+/// `checkout_timeout` from the first attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempts {
+    give_up: Instant,
+}
+
+impl Attempts {
+    /// Whether to drop the connection that failed with `error` and check
+    /// out another.
+    pub fn another<E: ReadyFailure>(&self, error: &E) -> bool {
+        let another = error.worth_another_connection() && Instant::now() < self.give_up;
+        if another {
+            tracing::debug!(%error, "pooled connection unusable; trying another");
+        }
+        another
+    }
+}
+
 /// Why no connection could be had.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckoutError {
@@ -276,6 +313,13 @@ impl UpstreamPool {
             pool: Arc::clone(self),
             _place: place,
         })
+    }
+
+    /// The retry policy for checkouts starting now ([`Attempts`]).
+    pub fn attempts(&self) -> Attempts {
+        Attempts {
+            give_up: Instant::now() + self.limits().checkout_timeout,
+        }
     }
 
     /// The idle connection [`pick`] chooses for `client`, skipping (and

@@ -125,7 +125,7 @@ pub(super) async fn checkout(
 ) -> Result<(Pooled, Vec<(String, String)>), SessionError> {
     let pool = proxy.pool();
     let limits = pool.limits();
-    let give_up = Instant::now() + limits.checkout_timeout;
+    let attempts = pool.attempts();
     let password = settings.config.password(role);
     loop {
         let mut pooled = pool
@@ -141,12 +141,9 @@ pub(super) async fn checkout(
             })?;
         let deadline = Instant::now() + limits.internal_query_timeout;
         let key = &settings.claims_key;
-        let readied = ready(key, pooled.conn(), client, &readying, deadline).await;
-        match readied {
+        match ready(key, pooled.conn(), client, &readying, deadline).await {
             Ok(parameters) => return Ok((pooled, parameters)),
-            Err(error) if error.worth_another_connection() && Instant::now() < give_up => {
-                tracing::debug!(%error, "pooled connection unusable; trying another");
-            }
+            Err(error) if attempts.another(&error) => {}
             Err(error) => {
                 // A refused client setting leaves the connection clean:
                 // reset it for the next client all the same.
