@@ -10,51 +10,15 @@
 //! provider's `role_claim` may choose. Refusals are classified once
 //! ([`Refusal`]); each transport words them in its own terms.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::SystemTime;
 
 use authgres_jwt::{FailureClass, Identity, Verifier, VerifyError};
 
-use crate::config::{CleartextTokens, RoleConfig};
-use crate::error::{Classify, ClientView, Severity, SqlState};
+use crate::classify::{Classify, ClientView, Severity, SqlState};
+use crate::config::{CleartextTokens, Policy};
 use crate::metrics::Metrics;
-
-/// What admission decides on.
-#[derive(Debug, Clone)]
-pub struct Policy {
-    /// Roles served, by name.
-    pub roles: HashMap<String, RoleConfig>,
-    /// Databases served; empty serves any.
-    pub databases: Vec<String>,
-    /// Whether a token may travel over an unencrypted connection.
-    pub cleartext_tokens: CleartextTokens,
-    /// Whether the Postgres listener has a certificate: a refused cleartext
-    /// login says to use TLS only when TLS is there to use.
-    pub tls_offered: bool,
-}
-
-/// How a client reached the proxy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Transport {
-    /// The Postgres protocol over TCP (TLS or not).
-    Wire,
-    /// The Postgres protocol over a WebSocket.
-    WebSocket,
-    /// `POST /sql`.
-    Http,
-}
-
-impl Transport {
-    /// The label of the transport in logs and metrics.
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Wire => "tcp",
-            Self::WebSocket => "websocket",
-            Self::Http => "http",
-        }
-    }
-}
+use crate::transport::Transport;
 
 /// What a client asks for.
 #[derive(Debug, Clone, Copy)]

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::SystemTime;
 
-use crate::admission::Transport;
+use crate::transport::Transport;
 
 /// What a client connection is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]

@@ -4,10 +4,23 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::admission::Policy;
 pub use crate::budget::ConnectionLimits;
 pub use crate::relay::ClientLimits;
 use crate::upstream::UpstreamConfig;
+
+/// What admission decides on.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Roles served, by name.
+    pub roles: HashMap<String, RoleConfig>,
+    /// Databases served; empty serves any.
+    pub databases: Vec<String>,
+    /// Whether a token may travel over an unencrypted connection.
+    pub cleartext_tokens: CleartextTokens,
+    /// Whether the Postgres listener has a certificate: a refused cleartext
+    /// login says to use TLS only when TLS is there to use.
+    pub tls_offered: bool,
+}
 
 /// Every default, in one place.
 pub mod defaults {

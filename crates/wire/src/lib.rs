@@ -19,6 +19,7 @@ mod admission;
 mod budget;
 mod cancel;
 mod capacity;
+mod classify;
 mod clients;
 mod config;
 mod drain;
@@ -40,12 +41,12 @@ mod upstream;
 
 pub mod server;
 
-pub use admission::{Admitted, Policy, Refusal, Request, Transport, admit};
+pub use admission::{Admitted, Refusal, Request, admit};
 pub use budget::Ticket;
 pub use cancel::MAX_INSTANCE_ID;
 pub use clients::{ClientHandle, ClientState};
 pub use config::{
-    CleartextTokens, ClientLimits, ClusterConfig, ConnectionLimits, PoolLimits, PoolMode,
+    CleartextTokens, ClientLimits, ClusterConfig, ConnectionLimits, Policy, PoolLimits, PoolMode,
     ProxyConfig, RoleConfig, TokenLogin, defaults,
 };
 pub use error::{Classify, UpstreamError};
@@ -56,7 +57,7 @@ pub use pool::{Attempts, CheckoutError, ReadyFailure, UpstreamPool, reap};
 pub use proto::server_error::ServerError;
 pub use proxied::{AddressBlock, HeaderReads, ProxyProtocolFrom};
 pub use proxy::{Collector, Proxy, Settings};
-pub use transport::{ALPN_HTTP1, ALPN_POSTGRESQL, UpstreamTls, tls_acceptor};
+pub use transport::{ALPN_HTTP1, ALPN_POSTGRESQL, Transport, UpstreamTls, tls_acceptor};
 pub use upstream::{
     AttachScope, PendingReset, Reply, Upstream, UpstreamConfig, UpstreamKey, append_attach,
     append_described, append_statement, connect as connect_upstream, next_client_id,

@@ -22,8 +22,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::admission::Transport;
-use crate::error::{Classify, Severity};
+use crate::classify::{Classify, Severity};
+use crate::transport::Transport;
 
 /// Labels: the transport.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -14,6 +14,28 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
+/// How a client reached the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// The Postgres protocol over TCP (TLS or not).
+    Wire,
+    /// The Postgres protocol over a WebSocket.
+    WebSocket,
+    /// `POST /sql`.
+    Http,
+}
+
+impl Transport {
+    /// The label of the transport in logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Wire => "tcp",
+            Self::WebSocket => "websocket",
+            Self::Http => "http",
+        }
+    }
+}
+
 /// ALPN protocol name Postgres uses for TLS.
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 /// First byte of a TLS record carrying a handshake.

@@ -1,3 +1,4 @@
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use authgres_jwt::ProviderConfig;
@@ -5,6 +6,7 @@ use authgres_sandbox::{Issuer, TokenSpec};
 use serde_json::json;
 
 use super::*;
+use crate::config::RoleConfig;
 
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const REMOTE: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7));

@@ -11,9 +11,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 
 use super::Proxy;
-use crate::admission::Transport;
 use crate::clients::ClientState;
 use crate::metrics::PoolKeyLabels;
+use crate::transport::Transport;
 
 /// Reads the proxy's state at scrape time; register it with
 /// [`Registry::register_collector`].

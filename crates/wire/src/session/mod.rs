@@ -30,7 +30,6 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
 use tracing::Instrument as _;
 
-use crate::admission::Transport;
 use crate::budget::{Entry, Ticket};
 use crate::clients::{ClientHandle, ClientLogin};
 use crate::config::PoolMode;
@@ -39,6 +38,7 @@ use crate::proto::backend;
 use crate::proto::negotiate::Startup;
 use crate::proxy::{Proxy, Settings};
 use crate::relay::Observed;
+use crate::transport::Transport;
 use negotiate::{Failed, Opened};
 
 /// How long a refused client is given to read its ErrorResponse.

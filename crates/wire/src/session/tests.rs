@@ -12,7 +12,7 @@ use authgres_sandbox::{Cluster, Issuer};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
 
 use super::*;
-use crate::admission::Policy;
+use crate::config::Policy;
 use crate::config::ProxyConfig;
 use crate::config::{CleartextTokens, PoolLimits, RoleConfig};
 use crate::identity::ClaimsKey;
