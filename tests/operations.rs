@@ -18,19 +18,6 @@ use authgres_sandbox::Issuer;
 use common::{DATABASE, Options, Samples, Stack, psql_path};
 use nix::sys::signal::Signal;
 
-/// Waits until the proxy's log contains `needle`.
-async fn wait_log(stack: &Stack, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !stack.log().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "log never said {needle:?}:\n{}",
-            stack.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn delta(before: &Samples, after: &Samples, sample: &str) -> f64 {
     after.get(sample).copied().unwrap_or(0.0) - before.get(sample).copied().unwrap_or(0.0)
 }
@@ -181,7 +168,7 @@ async fn sighup_applies_a_new_provider_and_pool_size_while_a_session_runs() {
             )
     });
     stack.signal(Signal::SIGHUP);
-    wait_log(&stack, "configuration reloaded").await;
+    stack.wait_log("configuration reloaded").await;
 
     // The open session runs on, with its identity.
     assert_eq!(common::user_id(&alice).await.as_deref(), Some("user_alice"));
@@ -217,7 +204,7 @@ async fn sighup_applies_a_new_provider_and_pool_size_while_a_session_runs() {
     let good = std::fs::read_to_string(stack.config_path()).expect("config");
     stack.edit_config(|config| config + "\n[listen\n");
     stack.signal(Signal::SIGHUP);
-    wait_log(&stack, "reload refused").await;
+    stack.wait_log("reload refused").await;
     stack.edit_config(|_| good.replace("roles = [\"authenticated\"]\n", "roles = []\n"));
     let (status, body) = stack.admin_post("/reload").await;
     assert_eq!(status, 422, "{body}");
@@ -379,7 +366,7 @@ async fn readyz_is_503_while_the_upstream_is_down_and_while_draining() {
     let alice = stack.login("user_alice").await;
     alice.batch_execute("begin").await.expect("begin");
     stack.signal(Signal::SIGTERM);
-    wait_log(&stack, "draining").await;
+    stack.wait_log("draining").await;
     let (status, body) = stack.admin_get("/readyz").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("\"draining\":true"), "{body}");
@@ -800,7 +787,7 @@ async fn the_admin_listener_has_its_own_budget_and_timeouts_and_refuses_web_page
     let stuck = stack.login("user_stuck").await;
     stuck.batch_execute("begin").await.expect("begin");
     stack.signal(Signal::SIGTERM);
-    wait_log(&stack, "draining").await;
+    stack.wait_log("draining").await;
     let answered = tokio::time::timeout(Duration::from_secs(5), post(&[])).await;
     let (status, body) = answered.expect("POST /reload during a drain is answered");
     assert_eq!(status, 503, "{body}");

@@ -59,18 +59,6 @@ async fn start_login(raw: &mut RawClient, user: &str, token: Option<&str>) {
     }
 }
 
-async fn wait_log(stack: &Stack, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !stack.log().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "log never said {needle:?}:\n{}",
-            stack.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn each_relayed_client_has_its_own_address_for_limits_clients_and_logs() {
     let stack = stack(
@@ -113,7 +101,7 @@ async fn each_relayed_client_has_its_own_address_for_limits_clients_and_logs() {
     assert!(clients.contains("\"127.0.0.4:40002\""), "{clients}");
     assert!(clients.contains("\"127.0.0.3:40000\""), "{clients}");
     assert!(!clients.contains("127.0.0.2:"), "{clients}");
-    wait_log(&stack, "peer=127.0.0.4:40002 via=127.0.0.2").await;
+    stack.wait_log("peer=127.0.0.4:40002 via=127.0.0.2").await;
 
     // A LOCAL header (a health check) keeps the balancer's own address.
     let mut check = RawClient::connect_from(stack.port, BALANCER).await;
@@ -156,7 +144,7 @@ async fn headers_are_required_from_trusted_peers_and_refused_from_others() {
         "{message}"
     );
     assert!(started.elapsed() < Duration::from_secs(1));
-    wait_log(&stack, "no PROXY protocol v2 header").await;
+    stack.wait_log("no PROXY protocol v2 header").await;
 
     // Half a header, then nothing: refused at the deadline (auth_timeout).
     let mut truncated = RawClient::connect_from(stack.port, BALANCER).await;

@@ -264,6 +264,19 @@ roles = ["authenticated", "person"]
         panic!("authgres did not listen; log:\n{}", self.log());
     }
 
+    /// Waits (up to 10 s) until the proxy's log contains `needle`.
+    pub async fn wait_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "log never said {needle:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("authgres.log")).unwrap_or_default()
     }

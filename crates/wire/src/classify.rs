@@ -77,7 +77,11 @@ pub struct ClientView {
 }
 
 impl ClientView {
-    pub(crate) fn new(code: SqlState, message: impl Into<String>, hint: Option<&'static str>) -> Option<Self> {
+    pub(crate) fn new(
+        code: SqlState,
+        message: impl Into<String>,
+        hint: Option<&'static str>,
+    ) -> Option<Self> {
         Some(Self {
             code,
             message: message.into(),

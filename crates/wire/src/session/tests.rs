@@ -245,6 +245,17 @@ async fn transaction_pooling_gives_every_transaction_its_own_clients_identity() 
 /// up to the first ReadyForQuery.
 async fn raw_login(harness: &Harness, sub: &str) -> DuplexStream {
     let mut stream = pipe(harness);
+    stream
+        .write_all(&login_messages(harness, sub))
+        .await
+        .expect("write");
+    read_until(&mut stream, b'Z').await;
+    stream
+}
+
+/// A StartupMessage for `authenticated` on `app`, and `sub`'s token as
+/// the password.
+fn login_messages(harness: &Harness, sub: &str) -> bytes::BytesMut {
     let mut out = bytes::BytesMut::new();
     postgres_protocol::message::frontend::startup_message(
         [("user", "authenticated"), ("database", "app")],
@@ -256,9 +267,7 @@ async fn raw_login(harness: &Harness, sub: &str) -> DuplexStream {
         &mut out,
     )
     .expect("password");
-    stream.write_all(&out).await.expect("write");
-    read_until(&mut stream, b'Z').await;
-    stream
+    out
 }
 
 /// Reads messages until one with `tag`; returns the tags seen.
@@ -421,18 +430,10 @@ async fn a_leaving_clients_cancel_key_dies_before_its_backend_serves_anyone_else
             .serve_settled(stream, PEER, None, false, ticket, client)
             .await;
     });
-    let mut out = bytes::BytesMut::new();
-    postgres_protocol::message::frontend::startup_message(
-        [("user", "authenticated"), ("database", "app")],
-        &mut out,
-    )
-    .expect("startup");
-    postgres_protocol::message::frontend::password_message(
-        harness.issuer.token("user_alice").as_bytes(),
-        &mut out,
-    )
-    .expect("password");
-    alice.write_all(&out).await.expect("write");
+    alice
+        .write_all(&login_messages(&harness, "user_alice"))
+        .await
+        .expect("write");
     let mut key = None;
     loop {
         let mut header = [0u8; 5];
