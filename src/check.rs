@@ -145,7 +145,11 @@ fn print_proxy_protocol(section: &str, trusted: &[crate::config::Trusted]) {
 /// What check-config says of a Postgres listener reachable from other
 /// hosts without a certificate: every remote token login is refused
 /// (unless cleartext tokens are allowed, when they travel in the clear).
-fn listen_warning(address: &str, tls: bool, cleartext: crate::config::Cleartext) -> Option<String> {
+fn listen_warning(
+    address: &str,
+    tls: bool,
+    cleartext: authgres_wire::CleartextTokens,
+) -> Option<String> {
     let loopback = address
         .parse::<std::net::SocketAddr>()
         .map(|a| a.ip().is_loopback())
@@ -154,7 +158,7 @@ fn listen_warning(address: &str, tls: bool, cleartext: crate::config::Cleartext)
         return None;
     }
     Some(match cleartext {
-        crate::config::Cleartext::Allow => format!(
+        authgres_wire::CleartextTokens::Allow => format!(
             "{address} is reachable from other hosts without TLS, and cleartext_tokens = \
              \"allow\": tokens travel unencrypted; set [listen] tls_cert and tls_key"
         ),

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use authgres_wire::defaults as wire;
+use authgres_wire::{CleartextTokens, defaults as wire};
 use serde::Deserialize;
 
 use super::Loaded;
@@ -22,7 +22,7 @@ pub struct Listen {
     pub max_connections: usize,
     pub max_unauthenticated: usize,
     pub max_unauthenticated_per_source: usize,
-    pub cleartext_tokens: Cleartext,
+    pub cleartext_tokens: CleartextTokens,
     pub enforce_token_expiry: bool,
     /// "0s" disables each of these.
     #[serde(with = "humantime_serde")]
@@ -55,7 +55,7 @@ impl Default for Listen {
             max_connections: wire::MAX_CONNECTIONS,
             max_unauthenticated: wire::MAX_UNAUTHENTICATED,
             max_unauthenticated_per_source: wire::MAX_UNAUTHENTICATED_PER_SOURCE,
-            cleartext_tokens: Cleartext::Loopback,
+            cleartext_tokens: CleartextTokens::LoopbackOnly,
             enforce_token_expiry: false,
             idle_transaction_timeout: wire::IDLE_TRANSACTION_TIMEOUT,
             client_write_timeout: wire::CLIENT_WRITE_TIMEOUT,
@@ -66,15 +66,6 @@ impl Default for Listen {
             proxy_protocol_from: Vec::new(),
         }
     }
-}
-
-/// `listen.cleartext_tokens`.
-#[derive(Debug, Deserialize, Clone, Copy)]
-#[serde(rename_all = "lowercase")]
-pub enum Cleartext {
-    Allow,
-    Loopback,
-    Refuse,
 }
 
 /// An entry of `proxy_protocol_from`: an address or CIDR block, checked as

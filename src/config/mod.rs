@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use authgres_wire::{
-    ClaimsKey, CleartextTokens, ClientLimits, ConnectionLimits, Policy, ProxyConfig, RoleConfig,
-    UpstreamConfig, UpstreamTls,
+    ClaimsKey, ClientLimits, ConnectionLimits, Policy, ProxyConfig, RoleConfig, UpstreamConfig,
+    UpstreamTls,
 };
 use serde::Deserialize;
 
@@ -28,7 +28,7 @@ use roles::default_roles;
 pub use admin::Admin;
 pub use cluster::Cluster;
 pub use http::Http;
-pub use listen::{Cleartext, Listen, Trusted, proxy_protocol_from};
+pub use listen::{Listen, Trusted, proxy_protocol_from};
 pub use providers::Provider;
 pub use roles::{Identity, Role, TableAccess, TokenPolicy};
 pub use secrets::Secrets;
@@ -144,11 +144,7 @@ impl Loaded {
             admission: Policy {
                 roles,
                 databases: self.file.upstream.databases.clone(),
-                cleartext_tokens: match listen.cleartext_tokens {
-                    Cleartext::Allow => CleartextTokens::Allow,
-                    Cleartext::Loopback => CleartextTokens::LoopbackOnly,
-                    Cleartext::Refuse => CleartextTokens::Refuse,
-                },
+                cleartext_tokens: listen.cleartext_tokens,
                 tls_offered: listen.tls_cert.is_some(),
             },
             auth_timeout: listen.auth_timeout,
@@ -164,10 +160,8 @@ impl Loaded {
             },
             tcp_keepalive: enabled(listen.tcp_keepalive),
             enforce_token_expiry: listen.enforce_token_expiry,
-            pool_mode: self.file.upstream.pool_mode.into(),
-            pool_mode_by_database: (self.file.upstream.pool_mode_by_database.iter())
-                .map(|(database, mode)| (database.clone(), (*mode).into()))
-                .collect(),
+            pool_mode: self.file.upstream.pool_mode,
+            pool_mode_by_database: self.file.upstream.pool_mode_by_database.clone(),
             pool_limits: {
                 let upstream = &self.file.upstream;
                 upstream.pool_limits(upstream.pool_size, upstream.checkout_timeout)

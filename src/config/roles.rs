@@ -23,7 +23,7 @@ impl Default for Identity {
     fn default() -> Self {
         Self {
             claims_key_env: "AUTHGRES_CLAIMS_KEY".into(),
-            verified_token_cache: 100_000,
+            verified_token_cache: authgres_jwt::DEFAULT_TOKEN_CACHE_CAPACITY,
         }
     }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use authgres_wire::{PoolLimits, defaults as wire};
+use authgres_wire::{PoolLimits, PoolMode, defaults as wire};
 use serde::Deserialize;
 
 use super::Loaded;
@@ -46,29 +46,6 @@ impl Upstream {
             server_lifetime: self.server_lifetime,
             health_check_after: self.health_check_after,
             internal_query_timeout: self.internal_query_timeout,
-        }
-    }
-}
-
-/// `upstream.pool_mode` and the values of `upstream.pool_mode_by_database`.
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum PoolMode {
-    /// Each client gets a connection for its session; it is reset and kept
-    /// for the next client when the client leaves.
-    Session,
-    /// Each client holds a connection for one transaction at a time.
-    Transaction,
-    /// Each client gets a login of its own, closed when it leaves.
-    None,
-}
-
-impl From<PoolMode> for authgres_wire::PoolMode {
-    fn from(mode: PoolMode) -> Self {
-        match mode {
-            PoolMode::Session => Self::Session,
-            PoolMode::Transaction => Self::Transaction,
-            PoolMode::None => Self::None,
         }
     }
 }

@@ -95,19 +95,24 @@ pub enum TokenLogin {
     },
 }
 
-/// Whether a token may travel over an unencrypted connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Whether a token may travel over an unencrypted connection
+/// (`[listen] cleartext_tokens`: `allow`, `loopback`, `refuse`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum CleartextTokens {
     /// Always allowed.
     Allow,
     /// Allowed only from loopback peers (default).
+    #[serde(rename = "loopback")]
     LoopbackOnly,
     /// Never: token logins need TLS.
     Refuse,
 }
 
-/// How a database's clients share upstream connections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a database's clients share upstream connections (`[upstream]
+/// pool_mode`: `none`, `session`, `transaction`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PoolMode {
     /// Every client gets a login of its own, closed when it leaves.
     None,
