@@ -121,9 +121,8 @@ async fn verifier(issuer: &Issuer, role_claim: Option<&str>) -> Verifier {
 }
 
 #[tokio::test]
-async fn tokens_are_verified_against_the_clock_and_the_role_claim_is_checked() {
+async fn tokens_are_verified_and_checked_against_the_clock() {
     let issuer = Issuer::start().await.expect("issuer");
-    let verifier_with_role_claim = verifier(&issuer, Some("$.db_role")).await;
     let verifier = verifier(&issuer, None).await;
     let policy = policy(CleartextTokens::LoopbackOnly, &["app"]);
     let asked = request("authenticated", "app", LOOPBACK, false);
@@ -181,6 +180,17 @@ async fn tokens_are_verified_against_the_clock_and_the_role_claim_is_checked() {
         .await,
         Err(Refusal::Token(VerifyError::Expired))
     ));
+}
+
+#[tokio::test]
+async fn a_role_claim_picks_the_role_anonymous_ignores_tokens_and_refusals_come_first() {
+    let issuer = Issuer::start().await.expect("issuer");
+    let verifier_with_role_claim = verifier(&issuer, Some("$.db_role")).await;
+    let verifier = verifier(&issuer, None).await;
+    let policy = policy(CleartextTokens::LoopbackOnly, &["app"]);
+    let asked = request("authenticated", "app", LOOPBACK, false);
+    let now = SystemTime::now();
+    let token = issuer.mint(&TokenSpec::new("user_1"));
     // The token's role claim picks another served role.
     let reporting = issuer.mint(&TokenSpec::new("user_2").claim("db_role", json!("reporting")));
     let admitted = admit(

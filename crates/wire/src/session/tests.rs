@@ -67,12 +67,33 @@ async fn harness(mode: PoolMode, pool_size: usize) -> Harness {
         &["authenticated"],
     );
     let verifier = Arc::new(Verifier::new(vec![provider]).expect("verifier"));
+    let config = proxy_config(&cluster, mode, pool_size);
+    let settings = Settings {
+        config,
+        verifier,
+        claims_key: key,
+        tls: None,
+    };
+    let proxy = Arc::new(Proxy::new(
+        settings,
+        crate::metrics::Metrics::unregistered(),
+    ));
+    Harness {
+        cluster,
+        issuer,
+        proxy,
+    }
+}
+
+/// The proxy's settings for `harness`: the role `authenticated` with a
+/// token, the database `app`, `mode` and `pool_size`.
+fn proxy_config(cluster: &Cluster, mode: PoolMode, pool_size: usize) -> ProxyConfig {
     let role = RoleConfig {
         password: Some(PASSWORD.to_owned()),
         requires_token: true,
         login: crate::config::TokenLogin::Password,
     };
-    let config = ProxyConfig {
+    ProxyConfig {
         upstream: UpstreamConfig {
             host: cluster.host().to_owned(),
             port: cluster.port(),
@@ -105,21 +126,6 @@ async fn harness(mode: PoolMode, pool_size: usize) -> Harness {
             ..PoolLimits::default()
         },
         cluster: crate::config::ClusterConfig::default(),
-    };
-    let settings = Settings {
-        config,
-        verifier,
-        claims_key: key,
-        tls: None,
-    };
-    let proxy = Arc::new(Proxy::new(
-        settings,
-        crate::metrics::Metrics::unregistered(),
-    ));
-    Harness {
-        cluster,
-        issuer,
-        proxy,
     }
 }
 
