@@ -507,22 +507,9 @@ async fn tiny_timeouts_a_client_sets_do_not_break_the_next_client() {
 
 // --- Round three (issue 21): work that escaped the pool's bounds --------
 
-/// Statements running `select pg_sleep(20)` on the server now, as the
-/// sandbox's superuser sees them.
+/// Statements running `select pg_sleep(20)` on the server now.
 async fn sleeps_running(stack: &Stack) -> i64 {
-    stack
-        .cluster
-        .admin(common::DATABASE)
-        .await
-        .expect("admin")
-        .query_one(
-            "select count(*) from pg_stat_activity \
-             where query = 'select pg_sleep(20)' and state = 'active'",
-            &[],
-        )
-        .await
-        .expect("activity")
-        .get(0)
+    common::active_statements(stack, "select pg_sleep(20)").await
 }
 
 /// Issue 21, 2.1: a client that disconnected mid-query left its backend

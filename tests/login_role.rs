@@ -397,16 +397,7 @@ fn check_config(config: &str, secrets: &str) -> (bool, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("proxy.toml"), config).expect("config");
     std::fs::write(dir.path().join("authgres.env"), secrets).expect("secrets");
-    let output = std::process::Command::new(common::BIN)
-        .args(["check-config", "--config"])
-        .arg(dir.path().join("proxy.toml"))
-        .env_remove("AUTHGRES_CLAIMS_KEY")
-        .env_remove("AUTHGRES_AUTHENTICATED_PASSWORD")
-        .output()
-        .expect("check-config");
-    let text = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    (output.status.success(), text)
+    common::check_config(&dir.path().join("proxy.toml"))
 }
 
 #[test]

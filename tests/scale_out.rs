@@ -42,18 +42,9 @@ fn fleet(stack: &Stack, extra: &str) -> Vec<Instance> {
 /// Waits until a `pg_sleep(30)` runs on the server, so a cancel has
 /// something to cancel.
 async fn wait_sleeping(stack: &Stack) {
-    let admin = stack.cluster.admin(DATABASE).await.expect("admin");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let running: i64 = admin
-            .query_one(
-                "select count(*) from pg_stat_activity \
-                 where state = 'active' and query = 'select pg_sleep(30)'",
-                &[],
-            )
-            .await
-            .expect("activity")
-            .get(0);
+        let running = common::active_statements(stack, "select pg_sleep(30)").await;
         if running > 0 {
             return;
         }

@@ -34,7 +34,8 @@ pub use self::{
     fleet::{HAPROXY_SOURCE, Haproxy, Instance, SecondProxy},
     installer::{Installer, connect_admin},
     queries::{
-        backend_pid, grant_role_to_authenticated, listening_client, pgbench_rls, todos_of, user_id,
+        active_statements, backend_pid, grant_role_to_authenticated, listening_client, pgbench_rls,
+        todos_of, user_id,
     },
     raw::{RawClient, error_fields, message},
     stack::{Options, Stack},
@@ -68,4 +69,19 @@ pub fn stdout(output: &std::process::Output) -> String {
 
 pub fn path_exists(path: &Path) -> bool {
     path.exists()
+}
+
+/// Runs `authgres check-config` on the config at `path`, with no secrets
+/// from the environment: whether it passed, and stdout then stderr.
+pub fn check_config(path: &Path) -> (bool, String) {
+    let output = std::process::Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(path)
+        .env_remove("AUTHGRES_CLAIMS_KEY")
+        .env_remove("AUTHGRES_AUTHENTICATED_PASSWORD")
+        .output()
+        .expect("check-config");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), text)
 }

@@ -118,3 +118,20 @@ pub fn pgbench_rls(stack: &Stack, token: &str, clients: u32) -> String {
     );
     stdout
 }
+
+/// How many backends are running exactly `query` now, as the sandbox's
+/// superuser sees them (whoever's they are).
+pub async fn active_statements(stack: &Stack, query: &str) -> i64 {
+    stack
+        .cluster
+        .admin(DATABASE)
+        .await
+        .expect("admin")
+        .query_one(
+            "select count(*) from pg_stat_activity where state = 'active' and query = $1",
+            &[&query],
+        )
+        .await
+        .expect("activity")
+        .get(0)
+}

@@ -133,6 +133,12 @@ fn proxy_config(cluster: &Cluster, mode: PoolMode, pool_size: usize) -> ProxyCon
 /// client's.
 fn pipe(harness: &Harness) -> DuplexStream {
     let (client, proxy_side) = tokio::io::duplex(64 * 1024);
+    serve(harness, proxy_side);
+    client
+}
+
+/// Serves a session on `stream` as a settled (WebSocket) transport.
+fn serve<S: ClientIo + 'static>(harness: &Harness, stream: S) {
     let proxy = Arc::clone(&harness.proxy);
     tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -140,10 +146,9 @@ fn pipe(harness: &Harness) -> DuplexStream {
         let ticket = entry.admit(deadline).await.expect("room");
         let client = proxy.clients().register(PEER, Transport::WebSocket);
         proxy
-            .serve_settled(proxy_side, PEER, None, false, ticket, client)
+            .serve_settled(stream, PEER, None, false, ticket, client)
             .await;
     });
-    client
 }
 
 /// tokio-postgres logged in as `sub` through the proxy.
@@ -422,20 +427,13 @@ async fn a_leaving_clients_cancel_key_dies_before_its_backend_serves_anyone_else
     let harness = harness(PoolMode::Session, 1).await;
     // A pipe that holds 64 bytes: Alice's unread results fill it.
     let (mut alice, proxy_side) = tokio::io::duplex(64);
-    let proxy = Arc::clone(&harness.proxy);
-    tokio::spawn(async move {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        let entry = proxy.budget().enter(PEER.ip()).expect("room");
-        let ticket = entry.admit(deadline).await.expect("room");
-        let client = proxy.clients().register(PEER, Transport::WebSocket);
-        let stream = NoticeOnClose {
+    serve(
+        &harness,
+        NoticeOnClose {
             inner: proxy_side,
             notice_sent: false,
-        };
-        proxy
-            .serve_settled(stream, PEER, None, false, ticket, client)
-            .await;
-    });
+        },
+    );
     alice
         .write_all(&login_messages(&harness, "user_alice"))
         .await
