@@ -178,7 +178,10 @@ impl Upstream {
     /// reached the Terminate and exited) or `deadline` passes. Returns
     /// whether the backend was seen to end.
     pub async fn abandon(mut self, config: &super::UpstreamConfig, deadline: Instant) -> bool {
-        if self.send(&[b'X', 0, 0, 0, 4]).await.is_err() {
+        // A backend blocked on a full socket may not take even these five
+        // bytes until it is cancelled: cancel it all the same.
+        let queued = (Instant::now() + std::time::Duration::from_secs(1)).min(deadline);
+        if let Ok(Err(_)) = tokio::time::timeout_at(queued, self.send(&[b'X', 0, 0, 0, 4])).await {
             return true;
         }
         let mut pause = std::time::Duration::from_millis(50);
