@@ -32,9 +32,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
+use authgres_wire::front_door::{self, Door, EntryRules, Guest, TurnedAway};
 use authgres_wire::{
-    ClientHandle, ClientState, HeaderReads, PoolLimits, Proxy, ProxyProtocolFrom, Ticket,
-    Transport, UpstreamPool,
+    ClientHandle, ClientState, PoolLimits, Proxy, ProxyProtocolFrom, Ticket, Transport,
+    UpstreamPool,
 };
 use axum::Router;
 use axum::body::Body;
@@ -352,100 +353,64 @@ async fn websocket(
 const FULL: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
-/// Tells a connection there is no room for it, and closes it.
-async fn refuse(mut tcp: tokio::net::TcpStream) {
-    let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(FULL)).await;
-}
-
 /// What a peer in `proxy_protocol_from` that sent no usable PROXY header
 /// is told, in a 400 response.
 const NO_PROXY_HEADER: &str =
     "this address is in [http] proxy_protocol_from: send a PROXY protocol v2 header first\n";
 
-/// Tells a trusted peer its PROXY header was refused, and closes.
-async fn refuse_header(mut tcp: tokio::net::TcpStream) {
-    let response = format!(
-        "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-type: text/plain\r\n\
-         content-length: {}\r\n\r\n{NO_PROXY_HEADER}",
-        NO_PROXY_HEADER.len()
-    );
-    let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(response.as_bytes())).await;
-}
-
 /// Serves HTTP (HTTPS when the state has a certificate) on `listener`
 /// until the proxy drains; connections run on as tasks of the drain and
-/// close once their request in flight is answered. A connection from a
-/// peer in `[http] proxy_protocol_from` has its PROXY header read first,
-/// within the header timeout, and is served as the client it names.
+/// close once their request in flight is answered. The front door lets
+/// connections in: a peer in `[http] proxy_protocol_from` has its PROXY
+/// header read first, within the header timeout, and is served as the
+/// client it names.
 pub async fn serve(state: Arc<HttpState>, listener: tokio::net::TcpListener) {
     let app = router(Arc::clone(&state));
-    let drain = state.proxy.drain();
-    let headers = Arc::new(HeaderReads::default());
-    loop {
-        let (tcp, peer) = tokio::select! {
-            () = drain.draining() => return,
-            accepted = authgres_wire::server::accept(&listener) => accepted,
-        };
-        let config = state.config();
-        if !config.proxy_protocol_from.contains(peer.ip()) {
-            if let Some(connection) = enter(&state, &app, tcp, peer, RelayedBy(None)) {
-                drain.spawn_client(connection);
-            }
-            continue;
-        }
-        let (state, app, headers) = (Arc::clone(&state), app.clone(), Arc::clone(&headers));
-        drain.spawn_client(async move {
-            let mut tcp = tcp;
-            match (headers.client_address(&mut tcp, peer, config.header_timeout)).await {
-                Ok(client) => {
-                    let relayed_by = RelayedBy(Some(peer.ip()));
-                    if let Some(connection) = enter(&state, &app, tcp, client, relayed_by) {
-                        connection.await;
-                    }
-                }
-                Err(refusal) => {
-                    state.proxy.log_refusal(peer, &refusal);
-                    refuse_header(tcp).await;
-                }
-            }
-        });
-    }
+    front_door::serve(Arc::new(HttpDoor { state, app }), listener).await;
 }
 
-/// Takes the connection of `peer` (the client's address, named by the
-/// balancer `relayed_by` if one sent a PROXY header) into the connection
-/// budget and returns the task serving it, or refuses it.
-fn enter(
-    state: &Arc<HttpState>,
-    app: &Router,
-    tcp: tokio::net::TcpStream,
-    peer: SocketAddr,
-    relayed_by: RelayedBy,
-) -> Option<impl Future<Output = ()> + Send + 'static> {
-    let drain = state.proxy.drain();
-    let entry = match state.proxy.budget().enter(peer.ip()) {
-        Ok(entry) => entry,
-        Err(full) => {
-            state.proxy.log_refusal(peer, &full);
-            drain.spawn_client(refuse(tcp));
-            return None;
+/// The HTTP listener's side of the front door.
+struct HttpDoor {
+    state: Arc<HttpState>,
+    app: Router,
+}
+
+impl Door for HttpDoor {
+    fn proxy(&self) -> &Arc<Proxy> {
+        &self.state.proxy
+    }
+
+    fn transport(&self) -> Transport {
+        Transport::Http
+    }
+
+    fn entry_rules(&self) -> EntryRules {
+        let config = self.state.config();
+        EntryRules {
+            proxy_protocol_from: config.proxy_protocol_from.clone(),
+            timeout: config.header_timeout,
         }
-    };
-    let _ = tcp.set_nodelay(true);
-    let app = app.clone();
-    let state = Arc::clone(state);
-    Some(async move {
-        let header_timeout = state.config().header_timeout;
-        let client = state.proxy.clients().register(peer, Transport::Http);
-        let deadline = tokio::time::Instant::now() + header_timeout;
-        let ticket = match entry.admit(deadline).await {
-            Ok(ticket) => ConnectionTicket::new(ticket, client),
-            Err(full) => {
-                state.proxy.log_refusal(peer, &full);
-                refuse(tcp).await;
-                return;
-            }
-        };
+    }
+
+    fn span(&self, _peer: SocketAddr, _relayed_by: Option<std::net::IpAddr>) -> tracing::Span {
+        // Requests log with their own fields; a WebSocket session opens
+        // its own span.
+        tracing::Span::none()
+    }
+
+    async fn serve(self: Arc<Self>, guest: Guest) {
+        let Guest {
+            tcp,
+            peer,
+            relayed_by,
+            ticket,
+            client,
+            ..
+        } = guest;
+        let _ = tcp.set_nodelay(true);
+        let ticket = ConnectionTicket::new(ticket, client);
+        let app = self.app.clone();
+        let relayed_by = RelayedBy(relayed_by);
         let service =
             hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
                 request.extensions_mut().insert(ConnectInfo(peer));
@@ -453,8 +418,9 @@ fn enter(
                 request.extensions_mut().insert(ticket.clone());
                 app.clone().oneshot(request)
             });
-        let proxy = &state.proxy;
-        let result = match state.acceptor() {
+        let header_timeout = self.state.config().header_timeout;
+        let proxy = &self.state.proxy;
+        let result = match self.state.acceptor() {
             Some(acceptor) => {
                 match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
@@ -472,7 +438,20 @@ fn enter(
         if let Err(error) = result {
             tracing::debug!(%error, %peer, "HTTP connection ended");
         }
-    })
+    }
+
+    async fn turn_away(self: Arc<Self>, mut tcp: tokio::net::TcpStream, why: TurnedAway) {
+        let response = match why {
+            TurnedAway::Full(_) => FULL.to_vec(),
+            TurnedAway::ProxyHeader(_) => format!(
+                "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-type: text/plain\r\n\
+                 content-length: {}\r\n\r\n{NO_PROXY_HEADER}",
+                NO_PROXY_HEADER.len()
+            )
+            .into_bytes(),
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(&response)).await;
+    }
 }
 
 /// Serves one connection; a drain lets the request in flight finish and

@@ -39,6 +39,7 @@ mod transaction;
 mod transport;
 mod upstream;
 
+pub mod front_door;
 pub mod server;
 
 pub use admission::{Admitted, Refusal, Request, admit};
@@ -55,7 +56,7 @@ pub use log_limit::LogLimiter;
 pub use metrics::Metrics;
 pub use pool::{Attempts, CheckoutError, ReadyFailure, UpstreamPool, reap};
 pub use proto::server_error::ServerError;
-pub use proxied::{AddressBlock, HeaderReads, ProxyProtocolFrom};
+pub use proxied::{AddressBlock, ProxyProtocolFrom};
 pub use proxy::{Collector, Proxy, Settings};
 pub use transport::{ALPN_HTTP1, ALPN_POSTGRESQL, Transport, UpstreamTls, tls_acceptor};
 pub use upstream::{

@@ -1,91 +1,60 @@
-//! The TCP listener: accepts clients up to the connection limit and runs a
-//! session task for each, until the proxy drains. A connection from a peer
-//! in `proxy_protocol_from` first has its PROXY header read ([`proxied`]),
-//! and is admitted and served as the client the header names.
+//! The Postgres listener: the front door ([`front_door`]) lets TCP
+//! clients in, a session serves each to its end, and a refusal is an
+//! ErrorResponse counted as a failed login.
 //!
-//! [`proxied`]: crate::proxied
+//! [`front_door`]: crate::front_door
 
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::error::SessionError;
-use crate::proxied::HeaderReads;
+use crate::front_door::{self, Door, EntryRules, Guest, TurnedAway};
 use crate::proxy::Proxy;
-use crate::session::refuse;
+use crate::session::{refuse, session_span};
+use crate::transport::Transport;
 
-/// Accepts connections on `listener` until the proxy's drain starts; the
-/// sessions it started run on as tasks of the drain.
+/// Accepts Postgres clients on `listener` until the proxy's drain starts;
+/// the sessions it started run on as tasks of the drain.
 pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
-    let headers = Arc::new(HeaderReads::default());
-    loop {
-        let (tcp, peer) = tokio::select! {
-            () = proxy.drain().draining() => return,
-            accepted = accept(&listener) => accepted,
-        };
-        let settings = proxy.settings();
-        if !settings.config.proxy_protocol_from.contains(peer.ip()) {
-            let session = enter(&proxy, tcp, peer, None);
-            proxy.drain().spawn_client(session);
-            continue;
-        }
-        let timeout = settings.config.auth_timeout;
-        let session = {
-            let (proxy, headers) = (Arc::clone(&proxy), Arc::clone(&headers));
-            async move {
-                let mut tcp = tcp;
-                match headers.client_address(&mut tcp, peer, timeout).await {
-                    Ok(client) => enter(&proxy, tcp, client, Some(peer.ip())).await,
-                    Err(refusal) => {
-                        proxy.log_refusal(peer, &refusal);
-                        let error = SessionError::ProxyHeader(refusal);
-                        proxy.metrics().login(crate::Transport::Wire, Err(&error));
-                        refuse(&mut tcp, &error).await;
-                    }
-                }
-            }
-        };
-        proxy.drain().spawn_client(session);
-    }
+    front_door::serve(Arc::new(PostgresDoor(proxy)), listener).await;
 }
 
-/// Takes the connection of `client` (relayed by a balancer at
-/// `relayed_by`, if one sent a PROXY header) into the budget and serves
-/// it, or tells it there is no room.
-fn enter(
-    proxy: &Arc<Proxy>,
-    tcp: TcpStream,
-    client: SocketAddr,
-    relayed_by: Option<IpAddr>,
-) -> impl Future<Output = ()> + Send + 'static {
-    let entered = proxy.budget().enter(client.ip());
-    let proxy = Arc::clone(proxy);
-    async move {
-        match entered {
-            Ok(entry) => proxy.serve_tcp(tcp, client, relayed_by, entry).await,
-            Err(full) => {
-                proxy.log_refusal(client, &full);
-                let error = SessionError::TooManyConnections;
-                proxy.metrics().login(crate::Transport::Wire, Err(&error));
-                let mut tcp = tcp;
-                refuse(&mut tcp, &error).await;
-            }
+/// The Postgres listener's side of the front door.
+struct PostgresDoor(Arc<Proxy>);
+
+impl Door for PostgresDoor {
+    fn proxy(&self) -> &Arc<Proxy> {
+        &self.0
+    }
+
+    fn transport(&self) -> Transport {
+        Transport::Wire
+    }
+
+    fn entry_rules(&self) -> EntryRules {
+        let settings = self.0.settings();
+        EntryRules {
+            proxy_protocol_from: settings.config.proxy_protocol_from.clone(),
+            timeout: settings.config.auth_timeout,
         }
     }
-}
 
-/// The next connection; accept errors (EMFILE and friends) are logged and
-/// retried after a short pause instead of spinning or ending the listener.
-pub async fn accept(listener: &TcpListener) -> (tokio::net::TcpStream, std::net::SocketAddr) {
-    loop {
-        match listener.accept().await {
-            Ok(accepted) => return accepted,
-            Err(error) => {
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
+    fn span(&self, peer: SocketAddr, relayed_by: Option<IpAddr>) -> tracing::Span {
+        session_span(peer, relayed_by, Transport::Wire)
+    }
+
+    fn serve(self: Arc<Self>, guest: Guest) -> impl Future<Output = ()> + Send + 'static {
+        Arc::clone(&self.0).serve_tcp(guest)
+    }
+
+    async fn turn_away(self: Arc<Self>, mut tcp: TcpStream, why: TurnedAway) {
+        let error = match why {
+            TurnedAway::Full(_) => SessionError::TooManyConnections,
+            TurnedAway::ProxyHeader(refusal) => SessionError::ProxyHeader(refusal),
+        };
+        self.0.metrics().login(Transport::Wire, Err(&error));
+        refuse(&mut tcp, &error).await;
     }
 }

@@ -26,14 +26,14 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
 use tracing::Instrument as _;
 
-use crate::budget::{Entry, Ticket};
+use crate::budget::Ticket;
 use crate::clients::{ClientHandle, ClientLogin};
 use crate::config::PoolMode;
 use crate::error::{Classify as _, SessionError, Severity};
+use crate::front_door::Guest;
 use crate::proto::backend;
 use crate::proto::negotiate::Startup;
 use crate::proxy::{Proxy, Settings};
@@ -49,52 +49,30 @@ pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> ClientIo for S {}
 
 impl Proxy {
-    /// Serves one TCP client at `peer` to the end; `entry` is its place in
-    /// the connection budget, `relayed_by` the load balancer whose PROXY
-    /// header named `peer`, if one did.
-    pub async fn serve_tcp(
-        self: Arc<Self>,
-        mut tcp: TcpStream,
-        peer: SocketAddr,
-        relayed_by: Option<IpAddr>,
-        entry: Entry,
-    ) {
-        let span = session_span(peer, relayed_by, Transport::Wire);
-        async move {
-            let settings = self.settings();
-            let client = self.clients.register(peer, Transport::Wire);
-            let deadline = Instant::now() + settings.config.auth_timeout;
-            let ticket = match entry.admit(deadline).await {
-                Ok(ticket) => ticket,
-                Err(full) => {
-                    self.log_refusal(peer, &full);
-                    let error = SessionError::TooManyConnections;
-                    self.metrics.login(Transport::Wire, Err(&error));
-                    refuse(&mut tcp, &error).await;
-                    return;
-                }
-            };
-            crate::transport::tune(&tcp, settings.config.tcp_keepalive);
-            let opened =
-                timeout_at(deadline, negotiate::over_tcp(tcp, settings.tls.as_ref())).await;
-            let place = Arrival {
-                peer,
-                relayed_by,
-                transport: Transport::Wire,
-                auth_deadline: deadline,
-                ticket,
-                client,
-            };
-            self.settle_negotiation(opened, settings, place).await;
-        }
-        .instrument(span)
+    /// Serves one TCP client the front door let in, to the end.
+    pub(crate) async fn serve_tcp(self: Arc<Self>, guest: Guest) {
+        let settings = self.settings();
+        crate::transport::tune(&guest.tcp, settings.config.tcp_keepalive);
+        let opened = timeout_at(
+            guest.deadline,
+            negotiate::over_tcp(guest.tcp, settings.tls.as_ref()),
+        )
         .await;
+        let place = Arrival {
+            peer: guest.peer,
+            relayed_by: guest.relayed_by,
+            transport: Transport::Wire,
+            auth_deadline: guest.deadline,
+            ticket: guest.ticket,
+            client: guest.client,
+        };
+        self.settle_negotiation(opened, settings, place).await;
     }
 
     /// Serves a client on a stream whose transport is settled (a
     /// WebSocket); `encrypted` tells whether it runs over TLS, `ticket` is
     /// its place in the connection budget, `relayed_by` as for
-    /// [`Proxy::serve_tcp`].
+    /// a TCP client's.
     #[allow(
         clippy::too_many_arguments,
         reason = "each is a fact about the connection"
@@ -327,7 +305,7 @@ impl<S: ClientIo> Session<'_, S> {
 }
 
 /// The span of one session: fields filled in as they become known.
-fn session_span(
+pub(crate) fn session_span(
     peer: SocketAddr,
     relayed_by: Option<IpAddr>,
     transport: Transport,
