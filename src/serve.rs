@@ -18,7 +18,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 
 use crate::admin::{self, Admin, ReloadRequest};
-use crate::config::{Loaded, UpstreamFixed};
+use crate::config::{Fixed, Loaded, restart_diff};
 
 /// How long a forced drain waits for sessions to send their 57P01 and
 /// close before the process exits.
@@ -62,56 +62,14 @@ fn reloadable(loaded: &Loaded, previous: Option<&Verifier>) -> anyhow::Result<Re
     })
 }
 
-/// Where the listeners are, and the admin listener's limits: fixed until
-/// a restart.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Addresses {
-    wire: String,
-    http: Option<String>,
-    /// `host:port` or `unix:PATH` (resolved).
-    admin: Option<String>,
-    admin_limits: Option<admin::Limits>,
-}
-
-impl Addresses {
-    fn of(loaded: &Loaded) -> anyhow::Result<Self> {
-        let admin = loaded.file.admin.as_ref();
-        Ok(Self {
-            wire: loaded.file.listen.address.clone(),
-            http: loaded.file.http.as_ref().map(|h| h.address.clone()),
-            admin: admin.map(|a| a.address(loaded)),
-            admin_limits: admin.map(crate::config::Admin::limits).transpose()?,
-        })
-    }
-
-    /// The settings among these that differ in `new`.
-    fn changed(&self, new: &Self) -> Vec<&'static str> {
-        let mut changed = Vec::new();
-        if self.wire != new.wire {
-            changed.push("[listen] address");
-        }
-        if self.http != new.http {
-            changed.push("[http] address");
-        }
-        if self.admin != new.admin {
-            changed.push("[admin] address");
-        }
-        if let (Some(old), Some(new)) = (&self.admin_limits, &new.admin_limits) {
-            changed.extend(old.changed(new));
-        }
-        changed
-    }
-}
-
 /// Everything `serve` needs, built and checked from a config.
 pub struct Prepared {
     config_path: PathBuf,
     proxy: Arc<Proxy>,
     http: Option<Arc<HttpState>>,
     registry: Registry,
-    addresses: Addresses,
-    /// What the upstream pools were built with.
-    upstream: UpstreamFixed,
+    /// What a reload cannot change.
+    fixed: Fixed,
     drain: DrainTimes,
     handover: Option<PathBuf>,
 }
@@ -162,7 +120,7 @@ pub async fn listen(prepared: &Prepared) -> anyhow::Result<Listeners> {
     if taking_over {
         tracing::info!("taking over the listeners of the running process");
     }
-    let addresses = &prepared.addresses;
+    let fixed = &prepared.fixed;
     // A handed-over socket is used only where this config still asks for
     // its address.
     let mut socket = |role: &str, address: &str| -> anyhow::Result<Option<TcpListener>> {
@@ -182,18 +140,18 @@ pub async fn listen(prepared: &Prepared) -> anyhow::Result<Listeners> {
         listener.set_nonblocking(true)?;
         Ok(Some(TcpListener::from_std(listener)?))
     };
-    let wire = match socket("wire", &addresses.wire)? {
+    let wire = match socket("wire", &fixed.wire_address)? {
         Some(wire) => wire,
-        None => bind(&addresses.wire, "").await?,
+        None => bind(&fixed.wire_address, "").await?,
     };
-    let http = match (&prepared.http, &addresses.http) {
+    let http = match (&prepared.http, &fixed.http_address) {
         (Some(_), Some(address)) => match socket("http", address)? {
             Some(http) => Some(http),
             None => Some(bind(address, "for HTTP ").await?),
         },
         _ => None,
     };
-    let admin = match &addresses.admin {
+    let admin = match &fixed.admin_address {
         Some(address) => Some(match admin::unix_path(address) {
             // The old process serves this path until it drains: replace it.
             Some(path) => admin::Listener::Unix(
@@ -248,8 +206,7 @@ pub fn prepare(config_path: &Path) -> anyhow::Result<Prepared> {
         proxy,
         http,
         registry,
-        addresses: Addresses::of(&loaded)?,
-        upstream: loaded.upstream_fixed()?,
+        fixed: loaded.fixed()?,
         drain: DrainTimes::of(&loaded),
         handover: loaded
             .file
@@ -279,8 +236,7 @@ pub async fn run(prepared: Prepared, listeners: Listeners) -> anyhow::Result<()>
         proxy,
         http,
         registry,
-        addresses,
-        upstream,
+        fixed,
         drain,
         handover,
     } = prepared;
@@ -308,7 +264,7 @@ pub async fn run(prepared: Prepared, listeners: Listeners) -> anyhow::Result<()>
     // it, unless a successor took its socket over (`handed_over` lives to
     // the end: the listener also stops when it is dropped).
     let (handed_over, admin_stop) = tokio::sync::watch::channel(false);
-    if let (Some(bound), Some(limits)) = (admin_listener, addresses.admin_limits.clone()) {
+    if let (Some(bound), Some(limits)) = (admin_listener, fixed.admin_limits.clone()) {
         let admin = Admin::new(Arc::clone(&proxy), registry, reloads);
         tokio::spawn(admin::serve(admin, bound, limits, admin_stop));
     }
@@ -327,8 +283,7 @@ pub async fn run(prepared: Prepared, listeners: Listeners) -> anyhow::Result<()>
         config_path,
         proxy: Arc::clone(&proxy),
         http,
-        addresses,
-        upstream,
+        fixed,
         drain: std::sync::Mutex::new(drain),
     };
     let delay = serve_until_stop(
@@ -493,9 +448,8 @@ struct Running {
     config_path: PathBuf,
     proxy: Arc<Proxy>,
     http: Option<Arc<HttpState>>,
-    addresses: Addresses,
-    /// What the upstream pools were built with: a reload keeps it.
-    upstream: UpstreamFixed,
+    /// What a reload cannot change: a reload names each change.
+    fixed: Fixed,
     drain: std::sync::Mutex<DrainTimes>,
 }
 
@@ -527,23 +481,16 @@ impl Running {
     fn try_reload(&self) -> anyhow::Result<Vec<&'static str>> {
         let loaded = Loaded::from_path(&self.config_path)?;
         let old_verifier = Arc::clone(&self.proxy.settings().verifier);
-        let mut built = reloadable(&loaded, Some(&old_verifier))?;
-        let mut restart = self.addresses.changed(&Addresses::of(&loaded)?);
-        // The pools keep the server, TLS and socket settings they were built
-        // with, and so does everything else: each change is named.
-        restart.extend(self.upstream.changed(&loaded.upstream_fixed()?));
-        built.settings.config.upstream = self.proxy.settings().config.upstream.clone();
-        if self.http.is_some() != built.http.is_some() {
-            restart.push("[http]");
-        }
+        let built = reloadable(&loaded, Some(&old_verifier))?;
+        let restart = restart_diff(&self.fixed, &loaded.fixed()?);
         let verifier = Arc::clone(&built.settings.verifier);
-        restart.extend(self.proxy.reload(built.settings));
+        self.proxy.reload(built.settings);
         *self
             .drain
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = DrainTimes::of(&loaded);
         if let (Some(state), Some((config, tls))) = (&self.http, built.http) {
-            restart.extend(state.reload(config, tls));
+            state.reload(config, tls);
         }
         // Providers that are new or changed fetch their keys now.
         tokio::spawn(async move { verifier.prefetch(std::time::SystemTime::now()).await });

@@ -4,6 +4,7 @@
 
 mod admin;
 mod cluster;
+mod fixed;
 mod http;
 mod listen;
 mod providers;
@@ -27,12 +28,13 @@ use roles::default_roles;
 
 pub use admin::Admin;
 pub use cluster::Cluster;
+pub use fixed::{Fixed, restart_diff};
 pub use http::Http;
 pub use listen::{Listen, Trusted, proxy_protocol_from};
 pub use providers::Provider;
 pub use roles::{Identity, Role, TableAccess, TokenPolicy};
 pub use secrets::Secrets;
-pub use upstream::{Upstream, UpstreamFixed, UpstreamTlsMode};
+pub use upstream::{Upstream, UpstreamTlsMode};
 
 /// The file as written.
 #[derive(Debug, Deserialize)]
@@ -177,7 +179,7 @@ pub(super) fn enabled(duration: Duration) -> Option<Duration> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use authgres_wire::TokenLogin;
     use providers::discovery_url;
@@ -219,7 +221,7 @@ mod tests {
     }
 
     /// A config from `text`, with no secrets file.
-    fn loaded(text: &str) -> Loaded {
+    pub(super) fn loaded(text: &str) -> Loaded {
         Loaded {
             file: toml::from_str(text).expect("parses"),
             base: PathBuf::from("."),

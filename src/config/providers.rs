@@ -114,7 +114,7 @@ pub enum OneOrMany {
 }
 
 pub(super) fn default_provider_roles() -> Vec<String> {
-    vec!["authenticated".into()]
+    vec![super::roles::DEFAULT_ROLE.into()]
 }
 
 pub(super) fn default_leeway() -> Duration {

@@ -98,11 +98,15 @@ pub(super) fn token_required() -> TokenPolicy {
     TokenPolicy::Required
 }
 
+/// The role a token logs in as unless configured otherwise: the only role
+/// without `[roles]`, and the one a provider allows by default.
+pub const DEFAULT_ROLE: &str = "authenticated";
+
 /// Without `[roles]`: `authenticated` only. Access without a token is
 /// opt-in: a `[roles.anonymous]` with `token = "none"`.
 pub(super) fn default_roles() -> BTreeMap<String, Role> {
     BTreeMap::from([(
-        "authenticated".to_owned(),
+        DEFAULT_ROLE.to_owned(),
         Role {
             password_env: Some("AUTHGRES_AUTHENTICATED_PASSWORD".into()),
             token: TokenPolicy::Required,

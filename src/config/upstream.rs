@@ -4,11 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use authgres_wire::{PoolLimits, PoolMode, defaults as wire};
 use serde::Deserialize;
-
-use super::Loaded;
 
 /// `[upstream]`: the real Postgres.
 #[derive(Debug, Deserialize)]
@@ -77,70 +74,4 @@ impl Default for Upstream {
 pub enum UpstreamTlsMode {
     Disable,
     VerifyFull,
-}
-
-/// What the upstream pools are built with, from the file: fixed until a
-/// restart, so a reload names each change rather than applying it to some
-/// connections and not others.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamFixed {
-    host: String,
-    port: u16,
-    connect_timeout: Duration,
-    tls: UpstreamTlsMode,
-    /// The contents of `tls_ca_file`: a new CA in the same file is a
-    /// change.
-    ca: Option<Vec<u8>>,
-    /// `[listen] tcp_keepalive`, which upstream sockets use too.
-    tcp_keepalive: Duration,
-}
-
-impl UpstreamFixed {
-    /// The settings that differ in `new`, named as the file names them.
-    pub fn changed(&self, new: &Self) -> Vec<&'static str> {
-        let mut changed = Vec::new();
-        if self.host != new.host {
-            changed.push("[upstream] host");
-        }
-        if self.port != new.port {
-            changed.push("[upstream] port");
-        }
-        if self.connect_timeout != new.connect_timeout {
-            changed.push("[upstream] connect_timeout");
-        }
-        if self.tls != new.tls {
-            changed.push("[upstream] tls");
-        } else if self.ca != new.ca {
-            changed.push("[upstream] tls_ca_file");
-        }
-        if self.tcp_keepalive != new.tcp_keepalive {
-            changed.push("[listen] tcp_keepalive (upstream connections)");
-        }
-        changed
-    }
-}
-
-impl Loaded {
-    /// What the upstream pools are built with, the CA file read.
-    pub fn upstream_fixed(&self) -> anyhow::Result<UpstreamFixed> {
-        let upstream = &self.file.upstream;
-        let ca = match (upstream.tls, &upstream.tls_ca_file) {
-            (UpstreamTlsMode::VerifyFull, Some(file)) => {
-                let path = self.path(file);
-                Some(
-                    std::fs::read(&path)
-                        .with_context(|| format!("[upstream] tls_ca_file {}", path.display()))?,
-                )
-            }
-            _ => None,
-        };
-        Ok(UpstreamFixed {
-            host: upstream.host.clone(),
-            port: upstream.port,
-            connect_timeout: upstream.connect_timeout,
-            tls: upstream.tls,
-            ca,
-            tcp_keepalive: self.file.listen.tcp_keepalive,
-        })
-    }
 }

@@ -153,28 +153,18 @@ impl HttpState {
     }
 
     /// Puts new limits and, on an HTTPS listener, a new certificate in
-    /// force for new connections and requests. Returns what changed but
-    /// needs a restart.
-    pub fn reload(
-        &self,
-        config: HttpConfig,
-        acceptor: Option<tokio_rustls::TlsAcceptor>,
-    ) -> Vec<&'static str> {
-        let mut restart = Vec::new();
-        if acceptor.is_some() != self.tls {
-            restart.push("[http] tls");
-        } else {
+    /// force for new connections and requests. Whether the listener is
+    /// HTTPS and the size of the body budget stay as they were: changing
+    /// them takes a restart.
+    pub fn reload(&self, config: HttpConfig, acceptor: Option<tokio_rustls::TlsAcceptor>) {
+        if acceptor.is_some() == self.tls {
             *self
                 .acceptor
                 .write()
                 .unwrap_or_else(PoisonError::into_inner) = acceptor;
         }
-        if config.max_request_bytes_total != self.bodies.total {
-            restart.push("[http] max_request_bytes_total");
-        }
         self.pool.set_limits(config.pool);
         *self.config.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(config);
-        restart
     }
 
     fn acceptor(&self) -> Option<tokio_rustls::TlsAcceptor> {

@@ -28,8 +28,6 @@ pub(crate) struct BodyBudget {
     bytes: std::sync::Arc<Semaphore>,
     /// Its permits: the most one request can reserve.
     permits: usize,
-    /// Its size as configured (a reload that changes it needs a restart).
-    pub(crate) total: usize,
 }
 
 impl BodyBudget {
@@ -39,7 +37,6 @@ impl BodyBudget {
         Self {
             bytes: std::sync::Arc::new(Semaphore::new(permits)),
             permits,
-            total,
         }
     }
 }

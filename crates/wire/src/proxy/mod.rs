@@ -84,22 +84,16 @@ impl Proxy {
     }
 
     /// Puts `new` in force for new sessions and new checkouts; running
-    /// sessions keep theirs. Returns the settings that changed but need a
-    /// restart (they keep their old values).
-    pub fn reload(&self, mut new: Settings) -> Vec<&'static str> {
+    /// sessions keep theirs. The upstream server and the instance id keep
+    /// their old values: changing them takes a restart.
+    pub fn reload(&self, mut new: Settings) {
         let old = self.settings();
-        let mut restart = Vec::new();
-        if new.config.cluster.instance_id != old.config.cluster.instance_id {
-            // Handed-out cancel keys name the old id.
-            new.config.cluster.instance_id = old.config.cluster.instance_id;
-            restart.push("[cluster] instance_id");
-        }
-        if !new.config.upstream.same_as(&old.config.upstream) {
-            // Pooled connections and cancels go to the server they came
-            // from; a new server means a new process.
-            new.config.upstream = old.config.upstream.clone();
-            restart.push("[upstream]");
-        }
+        // What cannot change without a restart stays as it was (the
+        // caller names each such change to the operator): handed-out
+        // cancel keys name the instance id, and pooled connections and
+        // cancels go to the server they came from.
+        new.config.cluster.instance_id = old.config.cluster.instance_id;
+        new.config.upstream = old.config.upstream.clone();
         self.budget.set_limits(new.config.connections);
         self.pool.set_limits(new.config.pool_limits);
         let replaced = !Arc::ptr_eq(&old.verifier, &new.verifier);
@@ -112,7 +106,6 @@ impl Proxy {
             // logins need its cache, and they use the new one.
             old.verifier.retire();
         }
-        restart
     }
 
     /// The connection budget every listener draws from.

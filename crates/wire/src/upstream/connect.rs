@@ -32,25 +32,6 @@ pub struct UpstreamConfig {
 }
 
 impl UpstreamConfig {
-    /// Whether `other` names the same server the same way (host, port,
-    /// timeouts, TLS). Verified TLS is the same only as the same loaded
-    /// configuration (a clone): trust roots cannot be compared, so a CA
-    /// loaded anew, even from an unchanged file, counts as a change.
-    pub fn same_as(&self, other: &Self) -> bool {
-        let same_tls = match (&self.tls, &other.tls) {
-            (UpstreamTls::Disable, UpstreamTls::Disable) => true,
-            (UpstreamTls::VerifyFull(mine), UpstreamTls::VerifyFull(theirs)) => {
-                Arc::ptr_eq(mine, theirs)
-            }
-            _ => false,
-        };
-        self.host == other.host
-            && self.port == other.port
-            && same_tls
-            && self.connect_timeout == other.connect_timeout
-            && self.tcp_keepalive == other.tcp_keepalive
-    }
-
     /// `host:port`.
     pub fn address(&self) -> String {
         format!("{}:{}", self.host, self.port)
