@@ -1,12 +1,12 @@
 //! Runs one /sql request on a pooled upstream connection.
 //!
-//! One round trip, the request pipelined ([`start`]): `BEGIN` with the batch options (for
-//! a batch), the signed claims set *transaction-locally*, each query as
-//! Parse/Bind/Describe/Execute with text parameters, `COMMIT`, `Sync`; then
-//! the connection's reset (which rolls back whatever is left open, clears
-//! the session and draws the identity generation the *next* request on
-//! this connection signs for, so nothing this request saw or set can verify
-//! there). The statements are encoded once, before a connection is
+//! One round trip, the request pipelined ([`start`]): each query as
+//! Parse/Bind/Describe/Execute with text parameters, inside the envelope
+//! wire builds for running statements under an identity
+//! ([`Upstream::envelope`]: `BEGIN` for a batch, the signed claims set
+//! transaction-locally, then `COMMIT`, `Sync` and the connection's reset,
+//! so nothing this request saw or set verifies for the next one). The
+//! statements are encoded once, before a connection is
 //! chosen ([`encode`]), so that the request's text can be freed as soon as
 //! it is sent; results are read by [`finish`].
 //!
@@ -21,13 +21,12 @@
 use std::time::Duration;
 
 use authgres_wire::{
-    AttachScope, ClaimsKey, PendingReset, ServerError, Upstream, UpstreamConfig, UpstreamError,
-    UpstreamKey,
+    ClaimsKey, Envelope, PendingReset, RequestIdentity, ServerError, Upstream, UpstreamConfig,
+    UpstreamError, UpstreamKey,
 };
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator as _;
 use postgres_protocol::message::backend::Message;
-use postgres_protocol::message::frontend;
 use serde_json::{Map, Value};
 use tokio::time::{Instant, timeout_at};
 
@@ -227,34 +226,26 @@ pub async fn start(
 ) -> Result<InFlight, ExecError> {
     let begin = batch.map(BatchOptions::begin).transpose()?;
     let internal = Instant::now() + limits.internal_timeout;
+    let identity = RequestIdentity {
+        key,
+        claims,
+        begin: begin.as_deref(),
+    };
     // A connection that served anyone is reset before this request sees it.
-    conn.claim(authgres_wire::next_client_id(), internal)
+    let Envelope {
+        mut head,
+        tail,
+        replies_before,
+        replies_after,
+        reset,
+    } = conn
+        .envelope(identity, internal)
         .await
         .map_err(ExecError::Readying)?;
-    let binding = conn
-        .take_binding(internal)
-        .await
-        .map_err(ExecError::Readying)?;
-    let mut head = BytesMut::with_capacity(1024);
-    let mut steps = Vec::new();
-    if let Some(begin) = &begin {
-        authgres_wire::append_statement(&mut head, begin, &[]).map_err(encode_error)?;
-        steps.push(Step::Internal);
-    }
-    if let Some(claims) = claims {
-        authgres_wire::append_attach(&mut head, key, &binding, claims, AttachScope::Transaction)
-            .map_err(encode_error)?;
-        steps.push(Step::Internal);
-    }
-    steps.extend((0..statements.count).map(|_| Step::User));
-    let mut tail = BytesMut::with_capacity(1024);
-    if begin.is_some() {
-        authgres_wire::append_statement(&mut tail, "COMMIT", &[]).map_err(encode_error)?;
-        steps.push(Step::Internal);
-    }
-    frontend::sync(&mut tail);
-    // Clean-up for the pool and the next request's generation, pipelined.
-    let reset = conn.append_reset(&mut tail)?;
+    let steps = std::iter::repeat_n(Step::Internal, replies_before)
+        .chain(std::iter::repeat_n(Step::User, statements.count))
+        .chain(std::iter::repeat_n(Step::Internal, replies_after))
+        .collect();
 
     let running = Running::new(conn.cancel_key(), limits.upstream);
     let deadline = Instant::now() + limits.statement_timeout;
@@ -424,7 +415,7 @@ fn encode_error(error: UpstreamError) -> ExecError {
     }
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
     Internal,
     User,

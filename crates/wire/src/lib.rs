@@ -60,8 +60,8 @@ pub use proxied::{AddressBlock, ProxyProtocolFrom};
 pub use proxy::{Collector, Proxy, Settings};
 pub use transport::{ALPN_HTTP1, ALPN_POSTGRESQL, Transport, UpstreamTls, tls_acceptor};
 pub use upstream::{
-    AttachScope, PendingReset, Reply, Upstream, UpstreamConfig, UpstreamKey, append_attach,
-    append_described, append_statement, connect as connect_upstream, next_client_id,
+    Envelope, PendingReset, Reply, RequestIdentity, Upstream, UpstreamConfig, UpstreamKey,
+    append_described, connect as connect_upstream,
 };
 
 /// The message-level pieces the fuzz targets and benchmarks drive, behind

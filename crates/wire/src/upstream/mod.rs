@@ -14,6 +14,7 @@
 
 mod attach;
 mod connect;
+mod envelope;
 mod repair;
 mod reset;
 
@@ -24,8 +25,10 @@ use postgres_protocol::message::backend::{Header, Message};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::time::{Instant, timeout_at};
 
-pub use attach::{AttachScope, append_attach, append_described, append_statement};
+pub use attach::append_described;
+pub(crate) use attach::append_statement;
 pub use connect::{UpstreamConfig, cancel, connect};
+pub use envelope::{Envelope, RequestIdentity};
 pub use repair::{PINNED_STARTUP, ROLE_DEFAULTS_SQLSTATE};
 pub use reset::PendingReset;
 
