@@ -5,18 +5,17 @@
 //! pooled connection.
 
 mod body;
+mod failure;
 pub mod request;
 
 pub(crate) use body::BodyBudget;
+pub use failure::Failure;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use authgres_jwt::FailureClass;
-use authgres_wire::{
-    Admitted, CheckoutError, Classify as _, ClientState, Refusal, Settings, Transport,
-};
+use authgres_wire::{Admitted, ClientState, Settings, Transport};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Extension, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -25,29 +24,6 @@ use serde_json::{Value, json};
 
 use crate::query::{self, BatchOptions, ExecError};
 use crate::{ConnectionTicket, HttpConfig, HttpState};
-
-/// An error answer: status and a JSON body with at least `message`.
-#[derive(Debug)]
-pub struct Failure {
-    status: StatusCode,
-    body: Value,
-}
-
-impl Failure {
-    /// A failure with `status` and the Postgres-style `code` and `message`.
-    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            body: json!({"message": message.into(), "code": code}),
-        }
-    }
-}
-
-impl IntoResponse for Failure {
-    fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body)).into_response()
-    }
-}
 
 /// Handles one request.
 pub async fn handle(
@@ -126,7 +102,7 @@ async fn run(
         }
         Err(refusal) => {
             metrics.login(Transport::Http, Err(&refusal));
-            return Err(refused(&refusal));
+            return Err(Failure::from(&refusal));
         }
     };
     ticket.authenticated();
@@ -137,7 +113,7 @@ async fn run(
     let (statements, batch) = request::statements(headers, &body)?;
     // Each is a copy of the one before: only the last is kept.
     drop(body);
-    let encoded = query::encode(&statements).map_err(exec_failure)?;
+    let encoded = query::encode(&statements).map_err(Failure::from)?;
     drop(statements);
     let (array_mode, raw) = (target.array_mode, target.raw);
     let claims = admitted.identity.as_ref().map(|i| &*i.claims_json);
@@ -184,7 +160,7 @@ async fn execute(
             .pool
             .checkout(&admitted.database, &admitted.role, password, 0)
             .await
-            .map_err(checkout_failure)?;
+            .map_err(Failure::from)?;
         let started = query::start(
             pooled.conn(),
             &run.settings.claims_key,
@@ -201,7 +177,7 @@ async fn execute(
                 // A connection whose exchange failed is marked broken and
                 // closed.
                 pooled.release();
-                return Err(exec_failure(error));
+                return Err(Failure::from(error));
             }
         }
     };
@@ -209,39 +185,7 @@ async fn execute(
     let outcome = query::finish(pooled.conn(), in_flight, query_limits).await;
     // A connection whose exchange failed is marked broken and closed.
     pooled.release();
-    outcome.map_err(exec_failure)
-}
-
-/// A request that did not produce results, as the driver reads it.
-fn exec_failure(error: ExecError) -> Failure {
-    match error {
-        ExecError::Db(error) => db_failure(&error),
-        error @ (ExecError::Isolation(_) | ExecError::Encode(_)) => {
-            Failure::new(StatusCode::BAD_REQUEST, "08P01", error.to_string())
-        }
-        ExecError::StatementTimeout(limit) => Failure::new(
-            StatusCode::BAD_REQUEST,
-            "57014",
-            format!(
-                "canceling statement due to statement timeout: the statements of a request \
-                 may run for {}s",
-                limit.as_secs_f64()
-            ),
-        ),
-        ExecError::TooLarge(limit) => Failure::new(
-            StatusCode::INSUFFICIENT_STORAGE,
-            "54000",
-            format!("response is larger than the limit of {limit} bytes"),
-        ),
-        ExecError::Readying(error) | ExecError::Upstream(error) => {
-            tracing::warn!(%error, "upstream failed during /sql");
-            Failure::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "08006",
-                "the database connection failed",
-            )
-        }
-    }
+    outcome.map_err(Failure::from)
 }
 
 /// What a request runs with: the settings it started with.
@@ -249,83 +193,4 @@ struct Run<'a> {
     state: &'a HttpState,
     settings: &'a Settings,
     config: &'a HttpConfig,
-}
-
-/// A refused login as Neon's driver reads it. Neon's own endpoint answers a
-/// failed login (bad password or JWT) with HTTP 400, like any error the
-/// client caused, and the driver builds a `NeonDbError` (with `code`) only
-/// from a 400 body: a 401 would lose the SQLSTATE. Only our side failing
-/// (the provider's keys out of reach) is a 5xx.
-fn refused(refusal: &Refusal) -> Failure {
-    let status = match refusal {
-        Refusal::Token(error) if error.class() == FailureClass::KeysUnavailable => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
-        Refusal::UnknownDatabase(_)
-        | Refusal::UnknownRole(_)
-        | Refusal::CleartextRefused(_)
-        | Refusal::TlsNotConfigured
-        | Refusal::MissingToken(..)
-        | Refusal::ClaimedRoleNotServed(_)
-        | Refusal::Token(_) => StatusCode::BAD_REQUEST,
-    };
-    match refusal.client_view() {
-        Some(view) => Failure::new(status, view.code.code(), view.message),
-        None => Failure::new(status, "28000", refusal.to_string()),
-    }
-}
-
-/// No connection: the pool stayed busy, or the database is unreachable.
-fn checkout_failure(error: CheckoutError) -> Failure {
-    match error {
-        CheckoutError::Timeout(waited) => Failure::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "53300",
-            format!(
-                "no database connection became free within {}s: the pool for this database \
-                 and role is busy",
-                waited.as_secs_f64()
-            ),
-        ),
-        CheckoutError::Upstream(error) => {
-            tracing::warn!(%error, "no upstream connection for /sql");
-            let message = error
-                .client_view()
-                .map_or_else(|| error.to_string(), |view| view.message);
-            Failure::new(StatusCode::SERVICE_UNAVAILABLE, "08001", message)
-        }
-    }
-}
-
-/// A Postgres error as Neon reports it: HTTP 400 with every field.
-fn db_failure(error: &authgres_wire::ServerError) -> Failure {
-    let names: [(u8, &str); 17] = [
-        (b'M', "message"),
-        (b'C', "code"),
-        (b'D', "detail"),
-        (b'H', "hint"),
-        (b'P', "position"),
-        (b'p', "internalPosition"),
-        (b'q', "internalQuery"),
-        (b'S', "severity"),
-        (b'W', "where"),
-        (b't', "table"),
-        (b'c', "column"),
-        (b's', "schema"),
-        (b'd', "dataType"),
-        (b'n', "constraint"),
-        (b'F', "file"),
-        (b'L', "line"),
-        (b'R', "routine"),
-    ];
-    let mut body = serde_json::Map::new();
-    for (code, name) in names {
-        if let Some(value) = error.field(code) {
-            body.insert(name.to_owned(), Value::String(value.to_owned()));
-        }
-    }
-    Failure {
-        status: StatusCode::BAD_REQUEST,
-        body: Value::Object(body),
-    }
 }
