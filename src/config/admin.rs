@@ -10,7 +10,7 @@ use super::Loaded;
 /// `[admin]`: metrics, health, pools, clients, reload.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Admin {
+pub struct AdminSection {
     /// `host:port`, or `unix:PATH` (relative to this file) for a Unix
     /// socket only the proxy's user can connect to.
     pub address: String,
@@ -32,7 +32,7 @@ pub struct Admin {
     pub allowed_hosts: Vec<String>,
 }
 
-impl Default for Admin {
+impl Default for AdminSection {
     fn default() -> Self {
         let limits = crate::admin::Limits::default();
         Self {
@@ -45,7 +45,7 @@ impl Default for Admin {
     }
 }
 
-impl Admin {
+impl AdminSection {
     /// The address to listen on: a Unix socket's path resolved against
     /// the config file's directory.
     pub fn address(&self, loaded: &Loaded) -> String {

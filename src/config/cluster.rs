@@ -11,7 +11,7 @@ use super::Loaded;
 /// `[cluster]`: this instance's id and its peers, for cancel requests.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Cluster {
+pub struct ClusterSection {
     pub instance_id: u16,
     /// `ID = "host:port"` for every instance, this one included.
     #[serde(default)]

@@ -55,7 +55,7 @@ impl Loaded {
             wire_address: file.listen.address.clone(),
             http_address: file.http.as_ref().map(|h| h.address.clone()),
             admin_address: admin.map(|a| a.address(self)),
-            admin_limits: admin.map(super::Admin::limits).transpose()?,
+            admin_limits: admin.map(super::AdminSection::limits).transpose()?,
             upstream: self.upstream_fixed()?,
             http_tls: file.http.as_ref().map(|h| h.tls),
             http_body_budget: file.http.as_ref().map(|h| h.max_request_bytes_total),

@@ -11,7 +11,7 @@ use super::listen::proxy_protocol_from;
 /// `[http]`: the /sql endpoint and WebSocket transport.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Http {
+pub struct HttpSection {
     pub address: String,
     #[serde(default)]
     pub tls: bool,

@@ -13,7 +13,7 @@ use super::Loaded;
 /// `[listen]`: the client-facing side.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Listen {
+pub struct ListenSection {
     pub address: String,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -45,7 +45,7 @@ pub struct Listen {
     pub proxy_protocol_from: Vec<Trusted>,
 }
 
-impl Default for Listen {
+impl Default for ListenSection {
     fn default() -> Self {
         Self {
             address: "127.0.0.1:6432".into(),

@@ -26,15 +26,15 @@ use serde::Deserialize;
 use providers::check_user_ids;
 use roles::default_roles;
 
-pub use admin::Admin;
-pub use cluster::Cluster;
+pub use admin::AdminSection;
+pub use cluster::ClusterSection;
 pub use fixed::{Fixed, restart_diff};
-pub use http::Http;
-pub use listen::{Listen, Trusted, proxy_protocol_from};
+pub use http::HttpSection;
+pub use listen::{ListenSection, Trusted, proxy_protocol_from};
 pub use providers::Provider;
-pub use roles::{Identity, Role, TableAccess, TokenPolicy};
+pub use roles::{IdentitySection, Role, TableAccess, TokenPolicy};
 pub use secrets::Secrets;
-pub use upstream::{Upstream, UpstreamTlsMode};
+pub use upstream::{UpstreamSection, UpstreamTlsMode};
 
 /// The file as written.
 #[derive(Debug, Deserialize)]
@@ -43,21 +43,21 @@ pub struct FileConfig {
     /// KEY=VALUE file with secrets; environment variables override it.
     pub secrets_file: Option<PathBuf>,
     #[serde(default)]
-    pub listen: Listen,
+    pub listen: ListenSection,
     #[serde(default)]
-    pub upstream: Upstream,
+    pub upstream: UpstreamSection,
     #[serde(default)]
-    pub identity: Identity,
+    pub identity: IdentitySection,
     #[serde(default = "default_roles")]
     pub roles: BTreeMap<String, Role>,
     #[serde(default)]
     pub providers: Vec<Provider>,
     /// `[http]`: absent disables HTTP.
-    pub http: Option<Http>,
+    pub http: Option<HttpSection>,
     /// `[admin]`: absent disables the admin listener.
-    pub admin: Option<Admin>,
+    pub admin: Option<AdminSection>,
     /// `[cluster]`: absent means the instance runs alone.
-    pub cluster: Option<Cluster>,
+    pub cluster: Option<ClusterSection>,
 }
 
 /// A config file with its secrets resolved.

@@ -14,12 +14,12 @@ use super::providers::discovery_url;
 /// `[identity]`: the claims-signing key and the verified-token cache.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Identity {
+pub struct IdentitySection {
     pub claims_key_env: String,
     pub verified_token_cache: u64,
 }
 
-impl Default for Identity {
+impl Default for IdentitySection {
     fn default() -> Self {
         Self {
             claims_key_env: "AUTHGRES_CLAIMS_KEY".into(),

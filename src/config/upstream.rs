@@ -10,7 +10,7 @@ use serde::Deserialize;
 /// `[upstream]`: the real Postgres.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Upstream {
+pub struct UpstreamSection {
     pub host: String,
     pub port: u16,
     pub databases: Vec<String>,
@@ -33,7 +33,7 @@ pub struct Upstream {
     pub internal_query_timeout: Duration,
 }
 
-impl Upstream {
+impl UpstreamSection {
     /// Pool limits with this many connections per (database, role).
     pub(super) fn pool_limits(&self, size: usize, checkout_timeout: Duration) -> PoolLimits {
         PoolLimits {
@@ -47,7 +47,7 @@ impl Upstream {
     }
 }
 
-impl Default for Upstream {
+impl Default for UpstreamSection {
     fn default() -> Self {
         Self {
             host: "127.0.0.1".into(),

@@ -22,7 +22,7 @@ use crate::transport::Transport;
 
 /// What a client asks for.
 #[derive(Debug, Clone, Copy)]
-pub struct Request<'a> {
+pub struct LoginRequest<'a> {
     /// The role (the startup packet's `user`).
     pub role: &'a str,
     /// The database.
@@ -88,7 +88,7 @@ pub enum Refusal {
 }
 
 /// Decides whether `request` may go on, and whether it needs a token.
-pub fn check(policy: &Policy, request: &Request<'_>) -> Result<Need, Refusal> {
+pub fn check(policy: &Policy, request: &LoginRequest<'_>) -> Result<Need, Refusal> {
     let role = policy
         .roles
         .get(request.role)
@@ -121,7 +121,7 @@ pub async fn admit(
     policy: &Policy,
     verifier: &Verifier,
     metrics: &Metrics,
-    request: &Request<'_>,
+    request: &LoginRequest<'_>,
     token: Option<&str>,
     now: SystemTime,
 ) -> Result<Admitted, Refusal> {

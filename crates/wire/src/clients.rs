@@ -84,7 +84,7 @@ pub struct ClientLogin {
 
 /// One registered connection.
 #[derive(Debug)]
-struct Entry {
+struct Registration {
     peer: SocketAddr,
     transport: AtomicU8,
     connected: SystemTime,
@@ -95,7 +95,7 @@ struct Entry {
 /// The registry.
 #[derive(Debug, Default)]
 pub struct Clients {
-    entries: Mutex<HashMap<u64, Arc<Entry>>>,
+    entries: Mutex<HashMap<u64, Arc<Registration>>>,
     next_id: AtomicU64,
 }
 
@@ -109,7 +109,7 @@ pub struct ClientHandle {
 
 /// Where a connection's state is recorded: cheap to clone, for the relay.
 #[derive(Debug, Clone)]
-pub struct Activity(Arc<Entry>);
+pub struct Activity(Arc<Registration>);
 
 impl Activity {
     /// Records what the connection is doing now.
@@ -153,14 +153,14 @@ fn transport_of(code: u8) -> Transport {
 }
 
 impl Clients {
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Entry>>> {
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Registration>>> {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Registers a connection just accepted.
     pub fn register(self: &Arc<Self>, peer: SocketAddr, transport: Transport) -> ClientHandle {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let entry = Arc::new(Entry {
+        let entry = Arc::new(Registration {
             peer,
             transport: AtomicU8::new(transport_code(transport)),
             connected: SystemTime::now(),

@@ -42,7 +42,7 @@ mod upstream;
 pub mod front_door;
 pub mod server;
 
-pub use admission::{Admitted, Refusal, Request, admit};
+pub use admission::{Admitted, LoginRequest, Refusal, admit};
 pub use budget::Ticket;
 pub use cancel::MAX_INSTANCE_ID;
 pub use clients::{ClientHandle, ClientState};

@@ -77,7 +77,7 @@ async fn run(
     body::check_declared(config, &body)?;
     let proxy = &state.proxy;
     let settings = proxy.settings();
-    let asked = authgres_wire::Request {
+    let asked = authgres_wire::LoginRequest {
         role: &target.role,
         database: &target.database,
         peer: peer.ip(),

@@ -29,8 +29,13 @@ fn policy(cleartext_tokens: CleartextTokens, databases: &[&str]) -> Policy {
     }
 }
 
-fn request<'a>(role: &'a str, database: &'a str, peer: IpAddr, encrypted: bool) -> Request<'a> {
-    Request {
+fn request<'a>(
+    role: &'a str,
+    database: &'a str,
+    peer: IpAddr,
+    encrypted: bool,
+) -> LoginRequest<'a> {
+    LoginRequest {
         role,
         database,
         peer,
@@ -43,7 +48,7 @@ fn request<'a>(role: &'a str, database: &'a str, peer: IpAddr, encrypted: bool) 
 #[test]
 fn through_a_balancer_cleartext_is_loopback_only_if_both_legs_are() {
     let policy = policy(CleartextTokens::LoopbackOnly, &["app"]);
-    let relayed = |peer, balancer| Request {
+    let relayed = |peer, balancer| LoginRequest {
         relayed_by: Some(balancer),
         ..request("authenticated", "app", peer, false)
     };

@@ -61,7 +61,7 @@ impl<S: ClientIo> Session<'_, S> {
         span.record("user", role.as_str());
         span.record("db", database.as_str());
         let forwarded = params::forwarded_parameters(&parameters)?;
-        let request = admission::Request {
+        let request = admission::LoginRequest {
             role,
             database,
             peer: self.peer.ip(),
