@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
+use authgres_wire::control::ControlRequest;
 use authgres_wire::{LogLimiter, Proxy};
 use axum::Router;
 use axum::extract::State;
@@ -175,17 +176,11 @@ impl Listener {
     }
 }
 
-/// A reload asked for over HTTP, with where to send the outcome.
-pub struct ReloadRequest {
-    /// The settings that need a restart, or why the config was refused.
-    pub reply: oneshot::Sender<Result<Vec<&'static str>, String>>,
-}
-
 /// What the admin routes share.
 pub struct Admin {
     proxy: Arc<Proxy>,
     registry: Registry,
-    reloads: mpsc::Sender<ReloadRequest>,
+    reloads: mpsc::Sender<ControlRequest>,
     /// The last upstream probe: when, and what it found.
     probe: Mutex<Option<(Instant, Result<(), String>)>>,
 }
@@ -196,7 +191,7 @@ impl Admin {
     pub fn new(
         proxy: Arc<Proxy>,
         registry: Registry,
-        reloads: mpsc::Sender<ReloadRequest>,
+        reloads: mpsc::Sender<ControlRequest>,
     ) -> Self {
         Self {
             proxy,
@@ -517,7 +512,12 @@ async fn reload(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Response
     let (reply, outcome) = oneshot::channel();
     // The server stops taking reloads when it drains: the request or its
     // reply is dropped, and the answer says so.
-    if admin.reloads.send(ReloadRequest { reply }).await.is_err() {
+    if admin
+        .reloads
+        .send(ControlRequest::Reload(reply))
+        .await
+        .is_err()
+    {
         return not_reloaded(StatusCode::SERVICE_UNAVAILABLE, DRAINING);
     }
     match tokio::time::timeout(RELOAD_TIMEOUT, outcome).await {

@@ -17,8 +17,9 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 
-use crate::admin::{self, Admin, ReloadRequest};
+use crate::admin::{self, Admin};
 use crate::config::{Fixed, Loaded, restart_diff};
+use authgres_wire::control::ControlRequest;
 
 /// How long a forced drain waits for sessions to send their 57P01 and
 /// close before the process exits.
@@ -249,7 +250,10 @@ pub async fn run(prepared: Prepared, listeners: Listeners) -> anyhow::Result<()>
         inherited,
         mut offer,
     } = listeners;
-    let (reloads, reload_requests) = mpsc::channel::<ReloadRequest>(4);
+    // Reloads, SHOW CONFIG and SHUTDOWN from the console and the admin
+    // API, answered by the serving phase.
+    let (control, control_requests) = mpsc::channel::<ControlRequest>(4);
+    proxy.set_control(control.clone());
     // Warm the key caches without delaying the listeners.
     let verifier = Arc::clone(&proxy.settings().verifier);
     tokio::spawn(async move { verifier.prefetch(std::time::SystemTime::now()).await });
@@ -265,7 +269,7 @@ pub async fn run(prepared: Prepared, listeners: Listeners) -> anyhow::Result<()>
     // the end: the listener also stops when it is dropped).
     let (handed_over, admin_stop) = tokio::sync::watch::channel(false);
     if let (Some(bound), Some(limits)) = (admin_listener, fixed.admin_limits.clone()) {
-        let admin = Admin::new(Arc::clone(&proxy), registry, reloads);
+        let admin = Admin::new(Arc::clone(&proxy), registry, control);
         tokio::spawn(admin::serve(admin, bound, limits, admin_stop));
     }
     if let Some(inherited) = inherited {
@@ -289,7 +293,7 @@ pub async fn run(prepared: Prepared, listeners: Listeners) -> anyhow::Result<()>
     let delay = serve_until_stop(
         &running,
         &mut signals,
-        reload_requests,
+        control_requests,
         successor,
         &handed_over,
     )
@@ -357,12 +361,13 @@ async fn take_over(
     Ok(())
 }
 
-/// Serves reloads until a stop signal or a successor ends the serving
-/// phase; returns how long to stay unready before the drain.
+/// Serves reloads and the console's control requests until a stop signal,
+/// `SHUTDOWN` or a successor ends the serving phase; returns how long to
+/// stay unready before the drain.
 async fn serve_until_stop(
     running: &Running,
     signals: &mut Signals,
-    mut reload_requests: mpsc::Receiver<ReloadRequest>,
+    mut control_requests: mpsc::Receiver<ControlRequest>,
     mut successor: std::pin::Pin<Box<impl std::future::Future<Output = ()>>>,
     handed_over: &tokio::sync::watch::Sender<bool>,
 ) -> Duration {
@@ -370,9 +375,18 @@ async fn serve_until_stop(
     loop {
         tokio::select! {
             _ = signals.hangup.recv() => running.reload_logged(),
-            Some(request) = reload_requests.recv() => {
-                let _ = request.reply.send(running.reload());
-            }
+            Some(request) = control_requests.recv() => match request {
+                ControlRequest::Reload(reply) => {
+                    let _ = reply.send(running.reload());
+                }
+                ControlRequest::ShowConfig(reply) => {
+                    let _ = reply.send(running.entries());
+                }
+                ControlRequest::Shutdown => {
+                    tracing::info!(clients = proxy.drain().clients(), "SHUTDOWN from the console: draining");
+                    return running.drain().delay;
+                }
+            },
             signal = signals.stop.next() => {
                 tracing::info!(signal, clients = proxy.drain().clients(), "draining");
                 return running.drain().delay;
@@ -460,6 +474,18 @@ impl Running {
             .drain
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The configuration in force, key by key (`SHOW CONFIG`): the file as
+    /// last loaded, fixed keys as they started.
+    fn entries(&self) -> Vec<authgres_wire::control::ConfigEntry> {
+        match Loaded::from_path(&self.config_path) {
+            Ok(loaded) => loaded.entries(),
+            Err(error) => {
+                tracing::warn!(error = %format!("{error:#}"), "SHOW CONFIG could not read the file");
+                Vec::new()
+            }
+        }
     }
 
     /// Reloads, logging the outcome.

@@ -3,12 +3,12 @@
 use std::time::Duration;
 
 use anyhow::bail;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::Loaded;
 
 /// `[admin]`: metrics, health, pools, clients, reload.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminSection {
     /// `host:port`, or `unix:PATH` (relative to this file) for a Unix

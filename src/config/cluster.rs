@@ -4,12 +4,12 @@ use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{Context as _, bail};
 use authgres_wire::ClusterConfig;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::Loaded;
 
 /// `[cluster]`: this instance's id and its peers, for cancel requests.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSection {
     pub instance_id: u16,

@@ -86,6 +86,33 @@ impl Loaded {
     }
 }
 
+/// The keys (as `section.key`; `section.*` for a whole section) that a
+/// reload cannot change: what [`restart_diff`] compares.
+pub const FIXED_KEYS: &[&str] = &[
+    "listen.address",
+    "listen.tcp_keepalive",
+    "http.address",
+    "http.tls",
+    "http.max_request_bytes_total",
+    "admin.*",
+    "upstream.host",
+    "upstream.port",
+    "upstream.connect_timeout",
+    "upstream.tls",
+    "upstream.tls_ca_file",
+    "cluster.instance_id",
+];
+
+/// Whether a reload changes `key` (`section.key`).
+pub fn changeable(key: &str) -> bool {
+    !FIXED_KEYS
+        .iter()
+        .any(|fixed| match fixed.strip_suffix('*') {
+            Some(section) => key.starts_with(section),
+            None => key == *fixed,
+        })
+}
+
 /// The fixed settings that differ between `old` (running) and `new` (a
 /// reloaded file), named as the file names them.
 pub fn restart_diff(old: &Fixed, new: &Fixed) -> Vec<&'static str> {
@@ -182,6 +209,29 @@ mod tests {
         for (from, to, named) in cases {
             assert_eq!(diff(BASE, &BASE.replace(from, to)), [named], "{to}");
         }
+    }
+
+    #[test]
+    fn every_setting_a_reload_names_is_listed_as_not_changeable() {
+        let names = [
+            "[listen] address",
+            "[http] address",
+            "[http] tls",
+            "[http] max_request_bytes_total",
+            "[admin] address",
+            "[admin] max_connections",
+            "[upstream] host",
+            "[upstream] port",
+            "[upstream] connect_timeout",
+            "[upstream] tls",
+            "[upstream] tls_ca_file",
+            "[cluster] instance_id",
+        ];
+        for name in names {
+            let key = name.trim_start_matches('[').replacen("] ", ".", 1);
+            assert!(!changeable(&key), "{key}");
+        }
+        assert!(changeable("upstream.pool_size") && changeable("listen.auth_timeout"));
     }
 
     #[test]

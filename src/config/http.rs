@@ -2,14 +2,14 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::Loaded;
 use super::listen::Trusted;
 use super::listen::proxy_protocol_from;
 
 /// `[http]`: the /sql endpoint and WebSocket transport.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSection {
     pub address: String,

@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use authgres_wire::{CleartextTokens, defaults as wire};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::Loaded;
 
 /// `[listen]`: the client-facing side.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenSection {
     pub address: String,
@@ -77,6 +77,12 @@ impl<'de> Deserialize<'de> for Trusted {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
         text.parse().map(Self).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Trusted {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&self.0)
     }
 }
 

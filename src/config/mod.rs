@@ -4,6 +4,8 @@
 
 mod admin;
 mod cluster;
+mod console;
+mod entries;
 mod fixed;
 mod http;
 mod listen;
@@ -21,13 +23,14 @@ use authgres_wire::{
     ClaimsKey, ClientLimits, ConnectionLimits, Policy, ProxyConfig, RoleConfig, UpstreamConfig,
     UpstreamTls,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use providers::check_user_ids;
 use roles::default_roles;
 
 pub use admin::AdminSection;
 pub use cluster::ClusterSection;
+pub use console::ConsoleSection;
 pub use fixed::{Fixed, restart_diff};
 pub use http::HttpSection;
 pub use listen::{ListenSection, Trusted, proxy_protocol_from};
@@ -37,7 +40,7 @@ pub use secrets::Secrets;
 pub use upstream::{UpstreamSection, UpstreamTlsMode};
 
 /// The file as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     /// KEY=VALUE file with secrets; environment variables override it.
@@ -58,6 +61,8 @@ pub struct FileConfig {
     pub admin: Option<AdminSection>,
     /// `[cluster]`: absent means the instance runs alone.
     pub cluster: Option<ClusterSection>,
+    /// `[console]`: absent disables the operators' console.
+    pub console: Option<ConsoleSection>,
 }
 
 /// A config file with its secrets resolved.
@@ -169,6 +174,7 @@ impl Loaded {
                 upstream.pool_limits(upstream.pool_size, upstream.checkout_timeout)
             },
             cluster: self.cluster()?,
+            console: self.console()?,
         })
     }
 }

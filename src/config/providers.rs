@@ -7,19 +7,20 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use authgres_jwt::{ClaimPath, FetchSettings, KeySource, ProviderConfig, UserIdConflict, UserIds};
 use jsonwebtoken::Algorithm;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::FileConfig;
 use super::Loaded;
 
 /// `[[providers]]`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Provider {
     pub name: String,
     pub issuer: String,
     pub jwks_url: Option<String>,
     #[serde(default)]
+    #[serde(skip_serializing_if = "OneOrMany::is_none")]
     pub audience: OneOrMany,
     #[serde(default = "default_provider_roles")]
     pub roles: Vec<String>,
@@ -104,13 +105,19 @@ pub(super) mod defaults {
 }
 
 /// A string or a list of strings.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Serialize, Default)]
 #[serde(untagged)]
 pub enum OneOrMany {
     #[default]
     None,
     One(String),
     Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn is_none(&self) -> bool {
+        matches!(self, Self::None)
+    }
 }
 
 pub(super) fn default_provider_roles() -> Vec<String> {

@@ -5,14 +5,14 @@ use std::collections::BTreeMap;
 
 use anyhow::bail;
 use authgres_wire::TokenLogin;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::Loaded;
 use super::providers::Provider;
 use super::providers::discovery_url;
 
 /// `[identity]`: the claims-signing key and the verified-token cache.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdentitySection {
     pub claims_key_env: String,
@@ -29,7 +29,7 @@ impl Default for IdentitySection {
 }
 
 /// `[roles.NAME]`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Role {
     /// Environment variable (or secrets-file key) holding the password.
@@ -60,7 +60,7 @@ impl Role {
 }
 
 /// `roles.NAME.table_access`.
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Deserialize, Serialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum TableAccess {
     /// SELECT, INSERT, UPDATE, DELETE: RLS policies decide which rows.
@@ -72,7 +72,7 @@ pub enum TableAccess {
 }
 
 /// `roles.NAME.login`.
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Deserialize, Serialize, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LoginMethod {
     /// The token as the password: every driver.
@@ -87,7 +87,7 @@ pub(super) fn default_oauth_scope() -> String {
 }
 
 /// `roles.NAME.token`.
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Deserialize, Serialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum TokenPolicy {
     Required,

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use authgres_wire::{PoolLimits, PoolMode, defaults as wire};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// `[upstream]`: the real Postgres.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamSection {
     pub host: String,
@@ -69,7 +69,7 @@ impl Default for UpstreamSection {
 }
 
 /// `upstream.tls`.
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Deserialize, Serialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum UpstreamTlsMode {
     Disable,

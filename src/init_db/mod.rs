@@ -56,10 +56,11 @@ pub async fn run(config: &Path, admin_url: Option<&str>, options: &Options) -> a
     init_db(&loaded, client, &existing, options).await
 }
 
-/// Generates the missing secrets into the secrets file: the claims key, and
-/// the password of each role that does not exist yet (or every role's, with
-/// `reset_passwords`). A role that exists keeps its password: a new one
-/// would lock out every proxy running with the old.
+/// Generates the missing secrets into the secrets file: the claims key,
+/// each console user's password, and the password of each role that does
+/// not exist yet (or every role's, with `reset_passwords`). A role that
+/// exists keeps its password: a new one would lock out every proxy running
+/// with the old.
 fn prepare_secrets(
     config: &Path,
     loaded: Loaded,
@@ -73,6 +74,17 @@ fn prepare_secrets(
         .is_none()
     {
         wanted.push((loaded.file.identity.claims_key_env.clone(), random_hex(32)));
+    }
+    if let Some(console) = &loaded.file.console {
+        for secret in console
+            .admin_users
+            .values()
+            .chain(console.stats_users.values())
+        {
+            if loaded.secrets.get(secret).is_none() && !wanted.iter().any(|(n, _)| n == secret) {
+                wanted.push((secret.clone(), random_hex(24)));
+            }
+        }
     }
     let mut unknown = Vec::new();
     for (name, role) in &loaded.file.roles {

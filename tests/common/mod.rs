@@ -42,6 +42,11 @@ pub use self::{
 };
 
 pub const DATABASE: &str = "app";
+/// The console's database name (the default) and its users' passwords in
+/// the test stack.
+pub const CONSOLE_DATABASE: &str = "authgres";
+pub const CONSOLE_OPS_PASSWORD: &str = "ops-console-password-0123456789";
+pub const CONSOLE_GRAFANA_PASSWORD: &str = "grafana-console-password-0123456789";
 pub const BIN: &str = env!("CARGO_BIN_EXE_authgres");
 
 pub fn psql_path() -> PathBuf {

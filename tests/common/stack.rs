@@ -134,6 +134,9 @@ tls = {http_tls}
 {http_extra}
 [admin]
 address = "127.0.0.1:{admin_port}"
+[console]
+admin_users = {{ ops = "AUTHGRES_CONSOLE_OPS_PASSWORD" }}
+stats_users = {{ grafana = "AUTHGRES_CONSOLE_GRAFANA_PASSWORD" }}
 [roles.authenticated]
 password_env = "AUTHGRES_AUTHENTICATED_PASSWORD"
 [roles.anonymous]
@@ -313,6 +316,11 @@ pub(super) fn spawn_proxy(dir: &Path, json_logs: bool) -> Child {
             if json_logs { "json" } else { "text" },
         )
         .env("NO_COLOR", "1")
+        .env("AUTHGRES_CONSOLE_OPS_PASSWORD", super::CONSOLE_OPS_PASSWORD)
+        .env(
+            "AUTHGRES_CONSOLE_GRAFANA_PASSWORD",
+            super::CONSOLE_GRAFANA_PASSWORD,
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)

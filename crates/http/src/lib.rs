@@ -135,7 +135,8 @@ impl HttpState {
     ) -> Arc<Self> {
         let upstream = proxy.settings().config.upstream.clone();
         let metrics = Arc::clone(proxy.metrics());
-        let pool = UpstreamPool::new("http", upstream, config.pool, metrics);
+        let gates = Arc::clone(proxy.gates());
+        let pool = UpstreamPool::new("http", upstream, config.pool, metrics, gates);
         proxy.report_pool(&pool);
         Arc::new(Self {
             proxy,

@@ -87,6 +87,24 @@ pub enum Refusal {
     ClaimedRoleNotServed(String),
 }
 
+/// Whether a secret (a token, a console password) may travel from `peer`
+/// (relayed by `relayed_by`) over this connection.
+pub fn cleartext_allowed(
+    policy: &Policy,
+    peer: IpAddr,
+    relayed_by: Option<IpAddr>,
+    encrypted: bool,
+) -> bool {
+    encrypted
+        || match policy.cleartext_tokens {
+            CleartextTokens::Allow => true,
+            CleartextTokens::LoopbackOnly => {
+                peer.is_loopback() && relayed_by.is_none_or(|b| b.is_loopback())
+            }
+            CleartextTokens::Refuse => false,
+        }
+}
+
 /// Decides whether `request` may go on, and whether it needs a token.
 pub fn check(policy: &Policy, request: &LoginRequest<'_>) -> Result<Need, Refusal> {
     let role = policy
@@ -99,14 +117,7 @@ pub fn check(policy: &Policy, request: &LoginRequest<'_>) -> Result<Need, Refusa
     if !role.requires_token {
         return Ok(Need::Nothing);
     }
-    let cleartext_ok = match policy.cleartext_tokens {
-        CleartextTokens::Allow => true,
-        CleartextTokens::LoopbackOnly => {
-            request.peer.is_loopback() && request.relayed_by.is_none_or(|b| b.is_loopback())
-        }
-        CleartextTokens::Refuse => false,
-    };
-    if !request.encrypted && !cleartext_ok {
+    if !cleartext_allowed(policy, request.peer, request.relayed_by, request.encrypted) {
         if request.transport == Transport::Wire && !policy.tls_offered {
             return Err(Refusal::TlsNotConfigured);
         }

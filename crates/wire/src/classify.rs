@@ -30,6 +30,12 @@ pub enum SqlState {
     AdminShutdown,
     /// `25P03` idle_in_transaction_session_timeout.
     IdleInTransactionTimeout,
+    /// `42601` syntax_error: a console command not understood.
+    SyntaxError,
+    /// `22023` invalid_parameter_value: a console command's argument.
+    InvalidParameterValue,
+    /// `57P03` cannot_connect_now: the database is disabled.
+    CannotConnectNow,
     /// `XX000` internal_error.
     Internal,
     /// A code relayed from the upstream server as is (five ASCII characters).
@@ -51,6 +57,9 @@ impl SqlState {
             Self::InsufficientPrivilege => "42501",
             Self::AdminShutdown => "57P01",
             Self::IdleInTransactionTimeout => "25P03",
+            Self::SyntaxError => "42601",
+            Self::InvalidParameterValue => "22023",
+            Self::CannotConnectNow => "57P03",
             Self::Internal => "XX000",
             Self::Upstream(code) => std::str::from_utf8(code).unwrap_or("XX000"),
         }

@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::SystemTime;
 
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+
 use crate::transport::Transport;
 
 /// What a client connection is doing.
@@ -80,6 +82,15 @@ pub struct ClientLogin {
     /// How it shares upstream connections (`none`, `session`,
     /// `transaction`).
     pub pool_mode: &'static str,
+    /// The `application_name` it gave at startup.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub application_name: Option<String>,
+    /// Whether its connection is encrypted.
+    pub tls: bool,
+    /// Its id in the upstream pools, which links it to the backend it
+    /// holds ([`crate::pool::ServerInfo::client`]).
+    #[serde(skip)]
+    pub pool_client: u64,
 }
 
 /// One registered connection.
@@ -90,6 +101,9 @@ struct Registration {
     connected: SystemTime,
     state: AtomicU8,
     login: OnceLock<ClientLogin>,
+    /// Cancelled when the connection must close now: a forced drain (its
+    /// parent) or the console's `KILL_CLIENT`.
+    closing: CancellationToken,
 }
 
 /// The registry.
@@ -97,6 +111,8 @@ struct Registration {
 pub struct Clients {
     entries: Mutex<HashMap<u64, Arc<Registration>>>,
     next_id: AtomicU64,
+    /// The drain's forced close, parent of every connection's own.
+    closing: CancellationToken,
 }
 
 /// A connection's place in the registry; it leaves when this drops.
@@ -131,6 +147,9 @@ pub struct ClientInfo {
     pub state: ClientState,
     /// Seconds since it connected.
     pub connected_secs: u64,
+    /// When it connected.
+    #[serde(skip)]
+    pub connected: SystemTime,
     /// Who it logged in as, once it has.
     #[serde(flatten)]
     pub login: Option<ClientLogin>,
@@ -153,6 +172,15 @@ fn transport_of(code: u8) -> Transport {
 }
 
 impl Clients {
+    /// A registry whose connections close when `closing` is cancelled
+    /// (the drain's forced close).
+    pub fn new(closing: CancellationToken) -> Self {
+        Self {
+            closing,
+            ..Self::default()
+        }
+    }
+
     fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Registration>>> {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -166,6 +194,7 @@ impl Clients {
             connected: SystemTime::now(),
             state: AtomicU8::new(ClientState::Authenticating.as_u8()),
             login: OnceLock::new(),
+            closing: self.closing.child_token(),
         });
         self.entries().insert(id, Arc::clone(&entry));
         ClientHandle {
@@ -189,11 +218,24 @@ impl Clients {
                 connected_secs: now
                     .duration_since(entry.connected)
                     .map_or(0, |age| age.as_secs()),
+                connected: entry.connected,
                 login: entry.login.get().cloned(),
             })
             .collect();
         infos.sort_by_key(|info| info.id);
         infos
+    }
+
+    /// Closes connection `id` now, as a forced drain would; false when
+    /// there is no such connection.
+    pub fn kill(&self, id: u64) -> bool {
+        match self.entries().get(&id) {
+            Some(entry) => {
+                entry.closing.cancel();
+                true
+            }
+            None => false,
+        }
     }
 
     /// How many connections are in each (transport, state).
@@ -240,6 +282,12 @@ impl ClientHandle {
     pub fn id(&self) -> u64 {
         self.id
     }
+
+    /// Completes when the connection must close now (a forced drain, or
+    /// the console's `KILL_CLIENT`).
+    pub fn closing(&self) -> WaitForCancellationFuture<'_> {
+        self.activity.0.closing.cancelled()
+    }
 }
 
 impl Drop for ClientHandle {
@@ -264,6 +312,9 @@ mod tests {
             provider: Some("clerk".into()),
             subject: Some("user_1".into()),
             pool_mode: "transaction",
+            application_name: None,
+            tls: false,
+            pool_client: 7,
         });
         b.set_state(ClientState::Active);
         let counts = clients.counts();

@@ -97,7 +97,7 @@ pub enum TokenLogin {
 
 /// Whether a token may travel over an unencrypted connection
 /// (`[listen] cleartext_tokens`: `allow`, `loopback`, `refuse`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CleartextTokens {
     /// Always allowed.
@@ -111,7 +111,7 @@ pub enum CleartextTokens {
 
 /// How a database's clients share upstream connections (`[upstream]
 /// pool_mode`: `none`, `session`, `transaction`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PoolMode {
     /// Every client gets a login of its own, closed when it leaves.
@@ -213,6 +213,48 @@ pub struct ProxyConfig {
     pub pool_limits: PoolLimits,
     /// Peers, for cancel requests.
     pub cluster: ClusterConfig,
+    /// The operators' console; `None`: there is none.
+    pub console: Option<ConsoleConfig>,
+}
+
+/// The operators' console (pgbouncer's admin database): who may log in to
+/// it, under which database name.
+#[derive(Clone)]
+pub struct ConsoleConfig {
+    /// The database name a client asks for to reach the console.
+    pub database: String,
+    /// Who may log in.
+    pub users: Vec<ConsoleUser>,
+}
+
+/// One console user.
+#[derive(Clone)]
+pub struct ConsoleUser {
+    /// The name given as the startup packet's `user`.
+    pub name: String,
+    /// The password (from the secrets file or the environment).
+    pub password: String,
+    /// What the user may run.
+    pub access: ConsoleAccess,
+}
+
+/// What a console user may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsoleAccess {
+    /// Every command (pgbouncer's `admin_users`).
+    Admin,
+    /// `SHOW` only (pgbouncer's `stats_users`).
+    Stats,
+}
+
+impl std::fmt::Debug for ConsoleConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let users: Vec<_> = self.users.iter().map(|u| (&u.name, u.access)).collect();
+        f.debug_struct("ConsoleConfig")
+            .field("database", &self.database)
+            .field("users", &users)
+            .finish()
+    }
 }
 
 impl ProxyConfig {

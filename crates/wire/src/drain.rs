@@ -75,6 +75,12 @@ impl Drain {
         self.draining.cancelled()
     }
 
+    /// The token a forced drain cancels, parent of each connection's own
+    /// ([`crate::clients::ClientHandle::closing`]).
+    pub(crate) fn closing_token(&self) -> CancellationToken {
+        self.closing.clone()
+    }
+
     /// Completes when the drain is forced (at once if it was).
     pub fn closing(&self) -> impl Future<Output = ()> + Send + '_ {
         self.closing.cancelled()

@@ -22,6 +22,8 @@ mod capacity;
 mod classify;
 mod clients;
 mod config;
+mod console;
+pub mod control;
 mod drain;
 mod error;
 mod identity;
@@ -47,8 +49,8 @@ pub use budget::Ticket;
 pub use cancel::MAX_INSTANCE_ID;
 pub use clients::{ClientHandle, ClientState};
 pub use config::{
-    CleartextTokens, ClientLimits, ClusterConfig, ConnectionLimits, Policy, PoolLimits, PoolMode,
-    ProxyConfig, RoleConfig, TokenLogin, defaults,
+    CleartextTokens, ClientLimits, ClusterConfig, ConnectionLimits, ConsoleAccess, ConsoleConfig,
+    ConsoleUser, Policy, PoolLimits, PoolMode, ProxyConfig, RoleConfig, TokenLogin, defaults,
 };
 pub use error::{Classify, UpstreamError};
 pub use identity::ClaimsKey;

@@ -105,6 +105,16 @@ async fn run(
             return Err(Failure::from(&refusal));
         }
     };
+    if proxy.gates().is_disabled(&admitted.database) {
+        return Err(Failure::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "57P03",
+            format!(
+                "database \"{}\" does not allow connections now: an operator disabled it",
+                admitted.database
+            ),
+        ));
+    }
     ticket.authenticated();
     ticket.set_state(ClientState::Active);
     // Only an admitted request gets its body read, and only within the

@@ -40,6 +40,9 @@ pub enum ProtocolViolation {
     /// The client chose a SASL mechanism it was not offered.
     #[error("SASL mechanism {0:?} was not offered (expected OAUTHBEARER)")]
     SaslMechanism(String),
+    /// A console message too large, too small, or not UTF-8.
+    #[error("console message of {0} bytes refused (at most 64 KiB of UTF-8 text)")]
+    ConsoleMessage(usize),
 }
 
 /// Every reason a client session ends before or instead of relaying.
@@ -58,6 +61,12 @@ pub enum SessionError {
     /// The startup message names no user.
     #[error("startup message missing the user parameter")]
     MissingUser,
+    /// A console login with an unknown user or a wrong password.
+    #[error("console login refused for user {0:?}")]
+    ConsoleLogin(String),
+    /// The console's DISABLE holds the database shut to new logins.
+    #[error("database {0:?} is disabled")]
+    DatabaseDisabled(String),
     /// The startup asked for a replication connection.
     #[error("replication connections are not supported")]
     Replication,
@@ -154,6 +163,16 @@ impl Classify for SessionError {
                 "no PostgreSQL user name specified in startup packet",
                 Some("connect as user \"authenticated\" with your token as the password"),
             ),
+            Self::ConsoleLogin(user) => ClientView::new(
+                S::InvalidPassword,
+                format!("password authentication failed for user \"{user}\""),
+                None,
+            ),
+            Self::DatabaseDisabled(database) => ClientView::new(
+                S::CannotConnectNow,
+                format!("database \"{database}\" does not allow connections now"),
+                Some("an operator disabled it (the console's DISABLE): try again later"),
+            ),
             Self::Replication => ClientView::new(
                 S::FeatureNotSupported,
                 "replication connections are not supported by authgres",
@@ -243,12 +262,14 @@ impl Classify for SessionError {
             | Self::MissingAlpn
             | Self::Tls(_)
             | Self::MissingUser
+            | Self::ConsoleLogin(_)
             | Self::Replication
             | Self::ForbiddenParameter(_)
             | Self::AuthTimeout(_)
             | Self::IdleInTransaction(_)
             | Self::ClientStalled(_) => Severity::Client,
             Self::TooManyConnections
+            | Self::DatabaseDisabled(_)
             | Self::PoolExhausted { .. }
             | Self::ProxyHeader(HeaderRefusal::Busy) => Severity::Service,
             Self::ProxyHeader(HeaderRefusal::Closed | HeaderRefusal::Io(_)) => Severity::Routine,
@@ -264,6 +285,8 @@ impl Classify for SessionError {
             Self::MissingAlpn => "tls_alpn",
             Self::Tls(_) => "tls_handshake",
             Self::MissingUser => "missing_user",
+            Self::ConsoleLogin(_) => "console_login",
+            Self::DatabaseDisabled(_) => "database_disabled",
             Self::Replication => "replication",
             Self::ForbiddenParameter(_) => "forbidden_parameter",
             Self::Refused(refusal) => refusal.label(),

@@ -14,7 +14,9 @@
 //! that is simply dropped. Idle connections are closed by [`reap`], which
 //! whoever owns the pool runs.
 
+mod gates;
 mod keeper;
+mod operate;
 mod pick;
 
 use std::collections::HashMap;
@@ -31,6 +33,9 @@ use crate::metrics::Metrics;
 use crate::upstream::{self, Owner, Upstream, UpstreamConfig};
 use keeper::Keeper;
 use pick::{Candidate, pick};
+
+pub use gates::Gates;
+pub use operate::ServerInfo;
 
 type Key = (String, String);
 
@@ -66,6 +71,12 @@ struct Slot {
 struct State {
     limits: PoolLimits,
     slots: HashMap<Key, Slot>,
+    /// Connections checked out, by serial: what `SHOW SERVERS` lists.
+    active: HashMap<u64, operate::Active>,
+    next_serial: u64,
+    /// Connections created before these instants are closed instead of
+    /// reused (the console's `RECONNECT`), by database; `None`: all.
+    retire_before: HashMap<Option<String>, Instant>,
 }
 
 /// Upstream connections by (database, role).
@@ -79,6 +90,8 @@ pub struct UpstreamPool {
     /// (`upstream::repair`). Never handed to a client.
     keepers: Mutex<HashMap<String, Keeper>>,
     metrics: Arc<Metrics>,
+    /// The console's PAUSE, shared with every pool of the proxy.
+    gates: Arc<Gates>,
 }
 
 /// A place in a slot: a permit, counted in `busy` while held.
@@ -94,6 +107,8 @@ pub struct Pooled {
     reused: bool,
     key: Key,
     pool: Arc<UpstreamPool>,
+    /// Its entry among the pool's active connections.
+    serial: u64,
     _place: SlotPermit,
 }
 
@@ -173,12 +188,14 @@ pub enum CheckoutError {
 
 impl UpstreamPool {
     /// An empty pool named `name` (in metrics) for the server in
-    /// `config`. Run [`reap`] beside it to close idle connections on time.
+    /// `config`, whose checkouts wait while `gates` pause their database.
+    /// Run [`reap`] beside it to close idle connections on time.
     pub fn new(
         name: &'static str,
         config: UpstreamConfig,
         limits: PoolLimits,
         metrics: Arc<Metrics>,
+        gates: Arc<Gates>,
     ) -> Arc<Self> {
         Arc::new(Self {
             name,
@@ -186,9 +203,13 @@ impl UpstreamPool {
             state: Mutex::new(State {
                 limits,
                 slots: HashMap::new(),
+                active: HashMap::new(),
+                next_serial: 0,
+                retire_before: HashMap::new(),
             }),
             keepers: Mutex::new(HashMap::new()),
             metrics,
+            gates,
         })
     }
 
@@ -269,6 +290,14 @@ impl UpstreamPool {
             let counts = (Arc::clone(&slot.busy), Arc::clone(&slot.waiting));
             (limits, Arc::clone(&slot.permits), counts.0, counts.1)
         };
+        if self.gates.is_paused(database) {
+            let _waiting = waiting.hold();
+            let deadline = Instant::now() + limits.checkout_timeout;
+            if !self.gates.wait_open(database, deadline).await {
+                self.metrics.checkout_timeout(self.name, database, role);
+                return Err(CheckoutError::Timeout(limits.checkout_timeout));
+            }
+        }
         // A free slot needs no timer: most checkouts take this path.
         let permit = match Arc::clone(&permits).try_acquire_owned() {
             Ok(permit) => {
@@ -294,23 +323,21 @@ impl UpstreamPool {
             _permit: permit,
             _busy: busy.hold(),
         };
-        if let Some(idle) = self.take_usable_idle(&key, client, &limits).await {
-            return Ok(Pooled {
-                conn: Some(idle.conn),
-                created: idle.created,
-                reused: true,
-                key,
-                pool: Arc::clone(self),
-                _place: place,
-            });
-        }
-        let connected = self.log_in(database, role, password, &[], &limits).await;
+        let (conn, created, reused) = match self.take_usable_idle(&key, client, &limits).await {
+            Some(idle) => (idle.conn, idle.created, true),
+            None => {
+                let conn = self.log_in(database, role, password, &[], &limits).await?;
+                (conn, Instant::now(), false)
+            }
+        };
+        let serial = self.activate(&conn, &key, created, client);
         Ok(Pooled {
-            conn: Some(connected?),
-            created: Instant::now(),
-            reused: false,
+            conn: Some(conn),
+            created,
+            reused,
             key,
             pool: Arc::clone(self),
+            serial,
             _place: place,
         })
     }
@@ -511,7 +538,12 @@ impl Pooled {
         };
         let now = Instant::now();
         let mut state = self.pool.state();
-        if conn.is_broken() || now.duration_since(self.created) >= state.limits.server_lifetime {
+        state.active.remove(&self.serial);
+        self.serial = operate::RELEASED;
+        if conn.is_broken()
+            || now.duration_since(self.created) >= state.limits.server_lifetime
+            || operate::retired(&state, &self.key.0, self.created)
+        {
             return;
         }
         conn.shrink();
@@ -521,6 +553,16 @@ impl Pooled {
                 created: self.created,
                 since: now,
             });
+        }
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        // Released connections left the list already (under the lock
+        // their release took); this is for those closed or abandoned.
+        if self.serial != operate::RELEASED {
+            self.pool.deactivate(self.serial);
         }
     }
 }

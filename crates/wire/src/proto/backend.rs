@@ -1,14 +1,19 @@
-//! Sans-IO encoding of the messages authgres itself sends to clients during
-//! the handshake: authentication requests, replayed ParameterStatus, the
-//! proxy's own BackendKeyData, ReadyForQuery and ErrorResponse.
+//! Sans-IO encoding of the messages authgres itself sends to clients: during
+//! the handshake, authentication requests, replayed ParameterStatus, the
+//! proxy's own BackendKeyData, ReadyForQuery and ErrorResponse; and the
+//! console's result sets (RowDescription, DataRow, CommandComplete) and
+//! errors.
 //!
 //! Formats: <https://www.postgresql.org/docs/current/protocol-message-formats.html>.
 //! Encoding uses `pgwire`'s message types; every function appends to the
 //! caller's buffer.
 
-use bytes::BytesMut;
+use bytes::{BufMut as _, BytesMut};
 use pgwire::messages::Message;
-use pgwire::messages::response::{ErrorResponse, ReadyForQuery, TransactionStatus};
+use pgwire::messages::data::{DataRow, FieldDescription, RowDescription};
+use pgwire::messages::response::{
+    CommandComplete, ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus,
+};
 use pgwire::messages::startup::{
     Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey,
 };
@@ -91,6 +96,79 @@ pub fn fatal_error(code: SqlState, message: &str, hint: Option<&str>, buf: &mut 
         fields.push((b'H', hint.to_owned()));
     }
     encode(&ErrorResponse::new(fields), buf);
+}
+
+/// An ErrorResponse at severity ERROR: the statement failed, the
+/// connection goes on.
+pub fn error(code: SqlState, message: &str, buf: &mut BytesMut) {
+    let fields = vec![
+        (b'S', "ERROR".to_owned()),
+        (b'V', "ERROR".to_owned()),
+        (b'C', code.code().to_owned()),
+        (b'M', message.to_owned()),
+    ];
+    encode(&ErrorResponse::new(fields), buf);
+}
+
+/// A NoticeResponse at severity NOTICE.
+pub fn notice(message: &str, buf: &mut BytesMut) {
+    let fields = vec![
+        (b'S', "NOTICE".to_owned()),
+        (b'V', "NOTICE".to_owned()),
+        (b'C', "00000".to_owned()),
+        (b'M', message.to_owned()),
+    ];
+    encode(&NoticeResponse::new(fields), buf);
+}
+
+/// The type of a result column: Postgres's type oid and size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnType {
+    /// `text`.
+    Text,
+    /// `bigint`.
+    BigInt,
+}
+
+/// RowDescription of text-format columns.
+pub fn row_description(columns: &[(&str, ColumnType)], buf: &mut BytesMut) {
+    let fields = columns
+        .iter()
+        .map(|&(name, kind)| {
+            let (type_id, type_size) = match kind {
+                ColumnType::Text => (25, -1),
+                ColumnType::BigInt => (20, 8),
+            };
+            FieldDescription::new(name.to_owned(), 0, 0, type_id, type_size, -1, 0)
+        })
+        .collect();
+    encode(&RowDescription::new(fields), buf);
+}
+
+/// DataRow of text values (`None`: NULL).
+pub fn data_row<'a>(values: impl ExactSizeIterator<Item = Option<&'a str>>, buf: &mut BytesMut) {
+    let count = i16::try_from(values.len()).unwrap_or(i16::MAX);
+    let mut data = BytesMut::new();
+    for value in values {
+        match value {
+            Some(text) => {
+                data.put_i32(i32::try_from(text.len()).unwrap_or(i32::MAX));
+                data.put_slice(text.as_bytes());
+            }
+            None => data.put_i32(-1),
+        }
+    }
+    encode(&DataRow::new(data, count), buf);
+}
+
+/// EmptyQueryResponse: the query had no statement.
+pub fn empty_query(buf: &mut BytesMut) {
+    buf.extend_from_slice(&[b'I', 0, 0, 0, 4]);
+}
+
+/// CommandComplete with `tag` (`SHOW`, `PAUSE`, ...).
+pub fn command_complete(tag: &str, buf: &mut BytesMut) {
+    encode(&CommandComplete::new(tag.to_owned()), buf);
 }
 
 #[cfg(test)]

@@ -15,11 +15,12 @@ use crate::budget::Budget;
 use crate::cancel::CancelRegistry;
 use crate::clients::Clients;
 use crate::config::ProxyConfig;
+use crate::control::ControlRequest;
 use crate::drain::Drain;
 use crate::identity::ClaimsKey;
 use crate::log_limit::LogLimiter;
 use crate::metrics::Metrics;
-use crate::pool::UpstreamPool;
+use crate::pool::{Gates, UpstreamPool};
 
 pub use collector::Collector;
 
@@ -51,6 +52,13 @@ pub struct Proxy {
     pub(crate) drain: Drain,
     pub(crate) clients: Arc<Clients>,
     pub(crate) metrics: Arc<Metrics>,
+    /// The console's PAUSE and DISABLE, shared by every pool.
+    pub(crate) gates: Arc<Gates>,
+    /// Where the console's RELOAD, SHOW CONFIG and SHUTDOWN go.
+    control: std::sync::OnceLock<tokio::sync::mpsc::Sender<ControlRequest>>,
+    /// When the proxy started: `SHOW STATS` averages over its uptime.
+    #[allow(dead_code, reason = "read by SHOW STATS once the stats API lands")]
+    pub(crate) started: std::time::SystemTime,
 }
 
 impl Proxy {
@@ -58,13 +66,17 @@ impl Proxy {
     /// [`Proxy::maintenance`] beside it.
     pub fn new(settings: Settings, metrics: Arc<Metrics>) -> Self {
         let config = &settings.config;
+        let gates = Arc::new(Gates::default());
         let pool = UpstreamPool::new(
             "wire",
             config.upstream.clone(),
             config.pool_limits,
             Arc::clone(&metrics),
+            Arc::clone(&gates),
         );
         let cancels = CancelRegistry::new(config.cluster.instance_id);
+        let drain = Drain::default();
+        let clients = Arc::new(Clients::new(drain.closing_token()));
         Self {
             budget: Budget::new(config.connections),
             pools: Mutex::new(vec![Arc::downgrade(&pool)]),
@@ -72,10 +84,30 @@ impl Proxy {
             settings: RwLock::new(Arc::new(settings)),
             cancels,
             refusals: LogLimiter::default(),
-            drain: Drain::default(),
-            clients: Arc::default(),
+            drain,
+            clients,
             metrics,
+            gates,
+            control: std::sync::OnceLock::new(),
+            started: std::time::SystemTime::now(),
         }
+    }
+
+    /// The console's PAUSE and DISABLE: a pool built beside this proxy
+    /// (HTTP's) takes them.
+    pub fn gates(&self) -> &Arc<Gates> {
+        &self.gates
+    }
+
+    /// Where the console sends the requests only the process can answer
+    /// (set once; later calls are ignored).
+    pub fn set_control(&self, control: tokio::sync::mpsc::Sender<ControlRequest>) {
+        let _ = self.control.set(control);
+    }
+
+    /// The channel to the process, if it set one.
+    pub(crate) fn control(&self) -> Option<&tokio::sync::mpsc::Sender<ControlRequest>> {
+        self.control.get()
     }
 
     /// The settings in force now; a session keeps the ones it started with.

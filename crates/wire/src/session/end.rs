@@ -58,6 +58,16 @@ pub(super) enum Boundary {
     Draining,
 }
 
+/// What stops a relay besides its own end.
+struct Stops<'a> {
+    /// The token's expiry, when enforced.
+    expires: Option<SystemTime>,
+    /// Until when a drain spares the session.
+    spared_until: Instant,
+    /// A forced drain or `KILL_CLIENT`.
+    closing: tokio_util::sync::WaitForCancellationFuture<'a>,
+}
+
 /// Relays until the session ends, then resets and returns the connection
 /// to the pool if it can be reused. `relay` may have followed part of the
 /// session already (a transaction-pooled client pinned to its connection).
@@ -75,12 +85,17 @@ pub(super) async fn relay_to_end<S: ClientIo>(
     let proxy = session.proxy;
     let limits = session.settings.config.client_limits;
     let spared_until = session.spared_until;
+    let closing = session.registered.closing();
     let client = &mut session.client;
     let conn = lease.conn();
     relay.forward(&pipelined, conn.stream()).await?;
     drop(pipelined);
-    let (stopped, boundary) =
-        relay_until_stop(proxy, client, conn, &mut relay, expires, spared_until).await;
+    let stops = Stops {
+        expires,
+        spared_until,
+        closing,
+    };
+    let (stopped, boundary) = relay_until_stop(proxy, client, conn, &mut relay, stops).await;
     let parting = Parting::after(stopped.as_ref(), &relay);
     let forced = stopped.is_none();
     // The server's last words (a FATAL) are the client's; so is what it
@@ -118,16 +133,21 @@ pub(super) async fn relay_to_end<S: ClientIo>(
 
 /// Relays until a side stops, asking the relay to stop at its next idle
 /// boundary once the token expires or a drain begins (after the grace of
-/// a session that logged in just before it). `None`: a forced drain
-/// stopped it wherever it was.
+/// a session that logged in just before it). `None`: a forced drain or the
+/// console's `KILL_CLIENT` stopped it wherever it was.
 async fn relay_until_stop<C: ClientIo>(
     proxy: &crate::proxy::Proxy,
     client: &mut C,
     conn: &mut crate::upstream::Upstream,
     relay: &mut Relay,
-    expires: Option<SystemTime>,
-    spared_until: Instant,
+    stops: Stops<'_>,
 ) -> (Option<Result<Stop, RelayError>>, Option<Boundary>) {
+    let Stops {
+        expires,
+        spared_until,
+        closing,
+    } = stops;
+    tokio::pin!(closing);
     let drain = proxy.drain();
     let expiry = async {
         match expires {
@@ -155,7 +175,7 @@ async fn relay_until_stop<C: ClientIo>(
                 boundary = Some(Boundary::Draining);
                 relay.stop_at_idle(true);
             }
-            () = drain.closing() => return (None, boundary),
+            () = &mut closing => return (None, boundary),
         }
     }
 }

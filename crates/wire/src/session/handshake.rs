@@ -119,7 +119,10 @@ impl<S: ClientIo> Session<'_, S> {
 
     /// Answers a startup asking for a newer minor version or protocol
     /// options: we speak 3.0 and none of the options, as Postgres says.
-    async fn negotiate_version(&mut self, startup: &Startup) -> Result<(), SessionError> {
+    pub(super) async fn negotiate_version(
+        &mut self,
+        startup: &Startup,
+    ) -> Result<(), SessionError> {
         let unsupported: Vec<String> = startup
             .parameters
             .keys()
@@ -137,7 +140,7 @@ impl<S: ClientIo> Session<'_, S> {
     }
 
     /// Asks for a cleartext password and reads it: the token.
-    async fn ask_token(&mut self) -> Result<String, SessionError> {
+    pub(super) async fn ask_token(&mut self) -> Result<String, SessionError> {
         let mut out = BytesMut::new();
         backend::ask_cleartext_password(&mut out);
         write_flush(&mut self.client, &out)

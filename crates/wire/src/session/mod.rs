@@ -14,6 +14,7 @@
 //! [`transactions`] (one upstream connection per transaction). A [`Session`] carries what every phase
 //! needs: the client stream, the bytes read ahead, where the client is.
 
+mod console;
 mod end;
 mod greet;
 mod handshake;
@@ -233,6 +234,16 @@ pub(crate) struct Session<'p, S> {
 impl<S: ClientIo> Session<'_, S> {
     /// The rest of the session's life, from the StartupMessage on.
     async fn run(mut self, startup: Startup) -> Result<(), SessionError> {
+        let settings = Arc::clone(&self.settings);
+        if let Some(console) = settings.config.console.as_ref().filter(|console| {
+            let user = startup.parameters.get("user");
+            startup.parameters.get("database").or(user) == Some(&console.database)
+        }) {
+            return match Box::pin(self.console(&startup, console)).await {
+                Ok(()) => Ok(()),
+                Err(error) => self.refused(error).await,
+            };
+        }
         // Boxed, as are the lease and the rare paths after it: token
         // verification and upstream logins are large futures, and an idle
         // session's task should not carry their size.
@@ -247,6 +258,11 @@ impl<S: ClientIo> Session<'_, S> {
         };
         if self.proxy.drain.is_draining() {
             return self.login_failed(SessionError::ShuttingDown).await;
+        }
+        let database = &login.admitted.database;
+        if self.proxy.gates.is_disabled(database) {
+            let error = SessionError::DatabaseDisabled(database.clone());
+            return self.login_failed(error).await;
         }
         let mode = self.settings.config.pool_mode_for(&login.admitted.database);
         let leased = Box::pin(lease::lease(self.proxy, &self.settings, &login, mode)).await;
@@ -274,6 +290,13 @@ impl<S: ClientIo> Session<'_, S> {
                 .map(|i| i.provider.to_string()),
             subject: login.admitted.identity.as_ref().map(|i| i.subject.clone()),
             pool_mode: mode.label(),
+            application_name: login
+                .forwarded
+                .iter()
+                .find(|(name, _)| name == "application_name")
+                .map(|(_, value)| value.clone()),
+            tls: self.encrypted,
+            pool_client: login.client_id,
         });
         match mode {
             PoolMode::Transaction => transactions::serve(self, login, greeted).await,

@@ -126,6 +126,7 @@ fn proxy_config(cluster: &Cluster, mode: PoolMode, pool_size: usize) -> ProxyCon
             ..PoolLimits::default()
         },
         cluster: crate::config::ClusterConfig::default(),
+        console: None,
     }
 }
 

@@ -78,7 +78,6 @@ async fn serve_transactions<S: ClientIo>(
     cancel: &CancelGuard,
 ) -> Result<Option<Pinned>, SessionError> {
     let mut first = std::mem::take(&mut session.inbox).to_vec();
-    let drain = session.proxy.drain();
     loop {
         if !next_transaction(session, &mut first).await? {
             return Ok(None);
@@ -106,7 +105,9 @@ async fn serve_transactions<S: ClientIo>(
         {
             Ok(()) => tokio::select! {
                 stopped = relay.run(&mut session.client, conn.stream()) => stopped,
-                () = drain.closing() => return forced(session, relay, pooled, cancel).await,
+                () = session.registered.closing() => {
+                    return forced(session, relay, pooled, cancel).await;
+                }
             },
             Err(error) => Err(error),
         };
@@ -158,6 +159,7 @@ async fn next_transaction<S: ClientIo>(
         let n = tokio::select! {
             read = session.client.read(&mut head) => read.map_err(SessionError::ClientIo)?,
             () = closing => return Err(SessionError::ShuttingDown),
+            () = session.registered.closing() => return Err(SessionError::ShuttingDown),
         };
         *first = head.get(..n).unwrap_or_default().to_vec();
     }

@@ -1,0 +1,366 @@
+//! The operators' console through the real binary: psql and drivers log
+//! in to the console's database with a console user's password and run
+//! pgbouncer's commands; PAUSE/RESUME under pgbench load fail no
+//! transaction, KILL_CLIENT closes exactly the client named, RECONNECT
+//! replaces the backends, DISABLE refuses new logins.
+
+#![allow(clippy::expect_used, reason = "test code: a panic is a failing test")]
+#![allow(missing_docs)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{
+    CONSOLE_DATABASE, CONSOLE_GRAFANA_PASSWORD, CONSOLE_OPS_PASSWORD, DATABASE, Options, Stack,
+    psql_path,
+};
+use tokio_postgres::SimpleQueryMessage;
+
+/// A console session as `user`.
+async fn console(
+    stack: &Stack,
+    user: &str,
+    password: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let conninfo = format!(
+        "host=127.0.0.1 port={} dbname={CONSOLE_DATABASE} user={user} password={password} \
+         sslmode=disable",
+        stack.port
+    );
+    let (client, connection) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+async fn ops(stack: &Stack) -> tokio_postgres::Client {
+    console(stack, "ops", CONSOLE_OPS_PASSWORD)
+        .await
+        .expect("ops logs in to the console")
+}
+
+/// The rows of `command`, each as column name → value.
+async fn show(
+    client: &tokio_postgres::Client,
+    command: &str,
+) -> Vec<std::collections::HashMap<String, Option<String>>> {
+    client
+        .simple_query(command)
+        .await
+        .unwrap_or_else(|e| panic!("{command}: {e}"))
+        .into_iter()
+        .filter_map(|message| match message {
+            SimpleQueryMessage::Row(row) => Some(
+                row.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.name().to_owned(), row.get(i).map(str::to_owned)))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+fn code(error: &tokio_postgres::Error) -> String {
+    error
+        .as_db_error()
+        .map(|e| e.code().code().to_owned())
+        .unwrap_or_else(|| format!("no SQLSTATE: {error}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn show_commands_list_clients_servers_and_pools_with_pgbouncers_columns() {
+    let stack = Stack::start().await;
+    let alice = stack.login("user_alice").await;
+    let backend: i32 = alice
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    let ops = ops(&stack).await;
+
+    let clients = show(&ops, "SHOW CLIENTS").await;
+    let alice_row = clients
+        .iter()
+        .find(|c| c["sub"].as_deref() == Some("user_alice"))
+        .expect("alice in SHOW CLIENTS");
+    assert_eq!(alice_row["user"].as_deref(), Some("authenticated"));
+    assert_eq!(alice_row["database"].as_deref(), Some(DATABASE));
+    assert_eq!(
+        alice_row["link"].as_deref(),
+        Some(backend.to_string().as_str())
+    );
+    assert!(
+        clients
+            .iter()
+            .any(|c| c["database"].as_deref() == Some(CONSOLE_DATABASE))
+    );
+
+    let servers = show(&ops, "SHOW SERVERS").await;
+    let server = servers
+        .iter()
+        .find(|s| s["remote_pid"].as_deref() == Some(backend.to_string().as_str()))
+        .expect("alice's backend in SHOW SERVERS");
+    assert_eq!(server["state"].as_deref(), Some("active"));
+    assert_eq!(server["link"], alice_row["id"], "linked to alice's client");
+
+    let pools = show(&ops, "SHOW POOLS").await;
+    let pool = pools
+        .iter()
+        .find(|p| {
+            p["database"].as_deref() == Some(DATABASE) && p["pool"].as_deref() == Some("wire")
+        })
+        .expect("the wire pool of app");
+    assert_eq!(pool["user"].as_deref(), Some("authenticated"));
+    assert_eq!(pool["cl_active"].as_deref(), Some("1"));
+    assert_eq!(pool["sv_active"].as_deref(), Some("1"));
+
+    let version = show(&ops, "SHOW VERSION").await;
+    assert!(
+        version[0]["version"]
+            .as_deref()
+            .is_some_and(|v| v.starts_with("authgres "))
+    );
+    let config = show(&ops, "SHOW CONFIG").await;
+    let address = config
+        .iter()
+        .find(|c| c["key"].as_deref() == Some("listen.address"))
+        .expect("listen.address in SHOW CONFIG");
+    assert_eq!(address["changeable"].as_deref(), Some("no"));
+    assert!(
+        config
+            .iter()
+            .all(|c| c["value"].as_deref() != Some(CONSOLE_OPS_PASSWORD)),
+        "no secret in SHOW CONFIG"
+    );
+    let databases = show(&ops, "SHOW DATABASES").await;
+    assert_eq!(databases[0]["name"].as_deref(), Some(DATABASE));
+    assert!(
+        show(&ops, "SHOW USERS")
+            .await
+            .iter()
+            .any(|u| u["name"].as_deref() == Some("anonymous"))
+    );
+    assert!(!show(&ops, "SHOW LISTS").await.is_empty());
+    assert!(!show(&ops, "SHOW HELP").await.is_empty());
+
+    let mem = ops
+        .simple_query("SHOW MEM")
+        .await
+        .expect_err("no allocator caches");
+    assert_eq!(code(&mem), "0A000");
+    let unknown = ops
+        .simple_query("select 1")
+        .await
+        .expect_err("not a command");
+    assert_eq!(code(&unknown), "42601");
+    // The session goes on after an error.
+    assert_eq!(show(&ops, "show version").await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn psql_runs_the_console_as_pgbouncer_operators_do() {
+    let stack = Stack::start().await;
+    let output = std::process::Command::new(psql_path())
+        .args(["-X", "-A", "-t", "-F", "|"])
+        .args(["-h", "127.0.0.1", "-p", &stack.port.to_string()])
+        .args(["-U", "ops", CONSOLE_DATABASE])
+        .args(["-c", "SHOW VERSION", "-c", "SHOW DATABASES"])
+        .env("PGPASSWORD", CONSOLE_OPS_PASSWORD)
+        .output()
+        .expect("psql");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("authgres "), "{stdout}");
+    assert!(
+        stdout.contains(&format!("{DATABASE}|127.0.0.1|")),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_console_refuses_wrong_passwords_and_stats_users_run_show_only() {
+    let stack = Stack::start().await;
+    let wrong = console(&stack, "ops", CONSOLE_GRAFANA_PASSWORD)
+        .await
+        .expect_err("another user's password");
+    assert_eq!(code(&wrong), "28P01");
+    let unknown = console(&stack, "root", CONSOLE_OPS_PASSWORD)
+        .await
+        .expect_err("no such console user");
+    assert_eq!(code(&unknown), "28P01");
+    // A token does not open the console, nor does a console password open
+    // the database.
+    let token = stack.issuer.token("user_alice");
+    let token_login = console(&stack, "ops", &token).await.expect_err("a token");
+    assert_eq!(code(&token_login), "28P01");
+    assert!(
+        stack
+            .connect("authenticated", CONSOLE_OPS_PASSWORD)
+            .await
+            .is_err()
+    );
+
+    let grafana = console(&stack, "grafana", CONSOLE_GRAFANA_PASSWORD)
+        .await
+        .expect("stats user logs in");
+    grafana
+        .simple_query("SHOW POOLS")
+        .await
+        .expect("a stats user may SHOW");
+    for command in [
+        "PAUSE",
+        "RESUME",
+        "RECONNECT",
+        "KILL_CLIENT 1",
+        "SHUTDOWN",
+        "RELOAD",
+    ] {
+        let refused = grafana.simple_query(command).await.expect_err(command);
+        assert_eq!(code(&refused), "42501", "{command}");
+    }
+    // Extended-protocol queries get a clear error, and the session goes on.
+    let prepared = grafana
+        .query("SHOW POOLS", &[])
+        .await
+        .expect_err("extended");
+    assert_eq!(code(&prepared), "0A000");
+    assert_eq!(show(&grafana, "SHOW VERSION").await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_client_closes_exactly_the_client_named() {
+    let stack = Stack::start().await;
+    let alice = stack.login("user_alice").await;
+    let bob = stack.login("user_bob").await;
+    let ops = ops(&stack).await;
+    let clients = show(&ops, "SHOW CLIENTS").await;
+    let alice_id = clients
+        .iter()
+        .find(|c| c["sub"].as_deref() == Some("user_alice"))
+        .and_then(|c| c["id"].clone())
+        .expect("alice's id");
+    show(&ops, &format!("KILL_CLIENT {alice_id}")).await;
+    let killed = alice
+        .simple_query("select 1")
+        .await
+        .expect_err("alice is closed");
+    assert!(
+        killed
+            .as_db_error()
+            .is_none_or(|e| e.code().code() == "57P01"),
+        "{killed}"
+    );
+    bob.simple_query("select 1").await.expect("bob goes on");
+    let again = ops
+        .simple_query(&format!("KILL_CLIENT {alice_id}"))
+        .await
+        .expect_err("alice is gone");
+    assert_eq!(code(&again), "22023");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reconnect_replaces_backends_and_disable_refuses_new_logins() {
+    let stack = Stack::start_with(Options {
+        upstream_extra: "pool_mode = \"transaction\"\n",
+        ..Options::default()
+    })
+    .await;
+    let alice = stack.login("user_alice").await;
+    let before: i32 = alice
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    let ops = ops(&stack).await;
+    show(&ops, "RECONNECT").await;
+    show(&ops, "WAIT_CLOSE").await;
+    let after: i32 = alice
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    assert_ne!(before, after, "a new backend after RECONNECT");
+
+    show(&ops, &format!("DISABLE {DATABASE}")).await;
+    let refused = stack
+        .connect("authenticated", &stack.issuer.token("user_bob"))
+        .await
+        .expect_err("disabled");
+    assert_eq!(code(&refused), "57P03");
+    alice
+        .simple_query("select 1")
+        .await
+        .expect("a logged-in client goes on");
+    show(&ops, &format!("ENABLE {DATABASE}")).await;
+    stack.login("user_bob").await;
+    let unknown = ops
+        .simple_query("DISABLE nosuch")
+        .await
+        .expect_err("no such database");
+    assert_eq!(code(&unknown), "3D000");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pause_and_resume_under_pgbench_load_fail_no_transaction() {
+    let stack = Stack::start_with(Options {
+        upstream_extra: "pool_mode = \"transaction\"\npool_size = 4\ncheckout_timeout = \"20s\"\n",
+        ..Options::default()
+    })
+    .await;
+    let script = stack.dir.path().join("pause.sql");
+    std::fs::write(
+        &script,
+        "begin;\nselect pg_sleep(0.002);\nselect auth.user_id();\ncommit;\n",
+    )
+    .expect("script");
+    let pgbench = std::process::Command::new(psql_path().with_file_name("pgbench"))
+        .args(["-n", "-c", "6", "-j", "2", "-T", "6", "-M", "simple", "-f"])
+        .arg(&script)
+        .args(["-h", "127.0.0.1", "-p", &stack.port.to_string()])
+        .args(["-U", "authenticated", DATABASE])
+        .env("PGPASSWORD", stack.issuer.token("user_bench"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("pgbench");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let ops = ops(&stack).await;
+    show(&ops, "PAUSE").await;
+    // Paused: no backend is checked out, the clients wait.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pools = show(&ops, "SHOW POOLS").await;
+    let pool = pools
+        .iter()
+        .find(|p| {
+            p["database"].as_deref() == Some(DATABASE) && p["pool"].as_deref() == Some("wire")
+        })
+        .expect("the wire pool");
+    assert_eq!(pool["sv_active"].as_deref(), Some("0"), "{pools:?}");
+    assert!(
+        pool["cl_waiting"].as_deref().is_some_and(|n| n != "0"),
+        "clients wait while paused: {pools:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    show(&ops, "RESUME").await;
+    let resumed = ops
+        .simple_query("RESUME")
+        .await
+        .expect_err("not paused any more");
+    assert_eq!(code(&resumed), "22023");
+
+    let output = pgbench.wait_with_output().expect("pgbench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("number of failed transactions: 0"),
+        "{stdout}"
+    );
+    assert!(!stderr.contains("aborted"), "{stderr}");
+}
