@@ -73,6 +73,9 @@ pub struct Limits {
     /// `Host` names accepted besides IP addresses and `localhost`
     /// ([`host_refusal`]).
     pub allowed_hosts: Vec<String>,
+    /// Whether every route but the health probes needs a console user's
+    /// credentials (`/console` always does).
+    pub require_auth: bool,
 }
 
 impl Default for Limits {
@@ -83,6 +86,7 @@ impl Default for Limits {
             header_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
             allowed_hosts: Vec::new(),
+            require_auth: false,
         }
     }
 }
@@ -131,6 +135,9 @@ impl Limits {
         }
         if self.allowed_hosts != new.allowed_hosts {
             changed.push("[admin] allowed_hosts");
+        }
+        if self.require_auth != new.require_auth {
+            changed.push("[admin] require_auth");
         }
         changed
     }
@@ -241,13 +248,30 @@ async fn probe(address: &str) -> std::io::Result<()> {
 /// The routes. Those that show who is connected or change anything
 /// answer only requests whose `Host` passes [`host_refusal`]; health
 /// checks answer whatever name a balancer's probe gives.
-fn router(admin: Arc<Admin>, allowed_hosts: Vec<String>) -> Router {
+fn router(admin: Arc<Admin>, allowed_hosts: Vec<String>, require_auth: bool) -> Router {
     let allowed_hosts: Arc<[String]> = allowed_hosts.into();
+    let credentials = Arc::clone(&admin.proxy);
     Router::new()
         .route("/metrics", get(metrics))
         .route("/pools", get(pools))
         .route("/clients", get(clients))
         .route("/reload", post(reload))
+        .route_layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                let proxy = Arc::clone(&credentials);
+                async move {
+                    if !require_auth {
+                        return next.run(request).await;
+                    }
+                    let needs_admin = request.method() == axum::http::Method::POST;
+                    match crate::console_api::authorize(&proxy, request.headers(), needs_admin) {
+                        Ok(_) => next.run(request).await,
+                        Err(refused) => refused.into_response(),
+                    }
+                }
+            },
+        ))
+        .route("/console", post(console))
         .route_layer(axum::middleware::from_fn(
             move |request: axum::extract::Request, next: axum::middleware::Next| {
                 let allowed_hosts = Arc::clone(&allowed_hosts);
@@ -278,7 +302,11 @@ pub async fn serve(
     limits: Limits,
     mut stop: watch::Receiver<bool>,
 ) {
-    let app = router(Arc::new(admin), limits.allowed_hosts.clone());
+    let app = router(
+        Arc::new(admin),
+        limits.allowed_hosts.clone(),
+        limits.require_auth,
+    );
     let budget = Arc::new(Semaphore::new(limits.max_connections));
     let refusals = LogLimiter::default();
     loop {
@@ -498,6 +526,14 @@ fn not_reloaded(status: StatusCode, error: &str) -> Response {
         axum::Json(json!({"reloaded": false, "error": error})),
     )
         .into_response()
+}
+
+/// `POST /console`: one console command, answered in JSON.
+async fn console(State(admin): State<Arc<Admin>>, headers: HeaderMap, body: String) -> Response {
+    if let Some(why) = from_a_web_page(&headers) {
+        return (StatusCode::FORBIDDEN, why).into_response();
+    }
+    crate::console_api::run(&admin.proxy, &headers, &body).await
 }
 
 async fn reload(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Response {

@@ -5,6 +5,7 @@ mod admin;
 mod check;
 mod cli;
 mod config;
+mod console_api;
 mod demo;
 mod handover;
 mod init_db;

@@ -364,3 +364,87 @@ async fn pause_and_resume_under_pgbench_load_fail_no_transaction() {
     );
     assert!(!stderr.contains("aborted"), "{stderr}");
 }
+
+/// `POST /console` on the admin listener as `user`, with `command`.
+async fn http_console(
+    stack: &Stack,
+    credentials: Option<(&str, &str)>,
+    command: &str,
+) -> (u16, serde_json::Value) {
+    let mut request = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{}/console", stack.admin_port))
+        .body(command.to_owned());
+    if let Some((user, password)) = credentials {
+        request = request.basic_auth(user, Some(password));
+    }
+    let response = request.send().await.expect("admin listener");
+    let status = response.status().as_u16();
+    let body = response.text().await.expect("body");
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_api_mirrors_the_console_with_the_console_users_credentials() {
+    let stack = Stack::start_with(Options {
+        admin_extra: "require_auth = true\n",
+        ..Options::default()
+    })
+    .await;
+    let _alice = stack.login("user_alice").await;
+    let ops = Some(("ops", CONSOLE_OPS_PASSWORD));
+    let grafana = Some(("grafana", CONSOLE_GRAFANA_PASSWORD));
+
+    let (status, body) = http_console(&stack, grafana, "SHOW CLIENTS").await;
+    assert_eq!(status, 200, "{body}");
+    let columns = body["columns"].as_array().expect("columns");
+    let sub = columns
+        .iter()
+        .position(|c| c == "sub")
+        .expect("a sub column");
+    assert!(
+        body["rows"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .any(|row| row[sub] == "user_alice"),
+        "{body}"
+    );
+    assert_eq!(http_console(&stack, None, "SHOW CLIENTS").await.0, 401);
+    let wrong = Some(("ops", CONSOLE_GRAFANA_PASSWORD));
+    assert_eq!(http_console(&stack, wrong, "SHOW CLIENTS").await.0, 401);
+    let (status, body) = http_console(&stack, grafana, "PAUSE").await;
+    assert_eq!((status, body["code"].as_str()), (403, Some("42501")));
+    let (status, body) = http_console(&stack, ops, "DISABLE nosuch").await;
+    assert_eq!((status, body["code"].as_str()), (400, Some("3D000")));
+    let (status, _) = http_console(&stack, ops, "SHOW POOLS; SHOW CLIENTS").await;
+    assert_eq!(status, 400, "one command per request");
+
+    // With require_auth, the other routes need the same credentials; the
+    // probes do not.
+    assert_eq!(stack.admin_get("/metrics").await.0, 401);
+    assert_eq!(stack.admin_post("/reload").await.0, 401);
+    assert_eq!(stack.admin_get("/healthz").await.0, 200);
+    let metrics = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}/metrics", stack.admin_port))
+        .basic_auth("grafana", Some(CONSOLE_GRAFANA_PASSWORD))
+        .send()
+        .await
+        .expect("metrics");
+    assert_eq!(metrics.status().as_u16(), 200);
+    let reload = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{}/reload", stack.admin_port))
+        .basic_auth("grafana", Some(CONSOLE_GRAFANA_PASSWORD))
+        .send()
+        .await
+        .expect("reload");
+    assert_eq!(reload.status().as_u16(), 403, "a stats user cannot reload");
+    let (status, body) = http_console(&stack, ops, "RELOAD").await;
+    assert_eq!(
+        (status, body["command"].as_str()),
+        (200, Some("RELOAD")),
+        "{body}"
+    );
+}

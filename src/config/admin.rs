@@ -30,6 +30,10 @@ pub struct AdminSection {
     /// refused, so a web page that rebinds its name to this host cannot
     /// read the admin routes.
     pub allowed_hosts: Vec<String>,
+    /// Whether `/metrics`, `/pools`, `/clients` and `/reload` need a
+    /// console user's credentials (HTTP Basic; `/reload` an admin user's).
+    /// `/console` always does; `/healthz` and `/readyz` never.
+    pub require_auth: bool,
 }
 
 impl Default for AdminSection {
@@ -41,6 +45,7 @@ impl Default for AdminSection {
             header_timeout: limits.header_timeout,
             idle_timeout: limits.idle_timeout,
             allowed_hosts: Vec::new(),
+            require_auth: limits.require_auth,
         }
     }
 }
@@ -73,6 +78,7 @@ impl AdminSection {
             header_timeout: self.header_timeout,
             idle_timeout: self.idle_timeout,
             allowed_hosts: self.allowed_hosts.clone(),
+            require_auth: self.require_auth,
         })
     }
 }

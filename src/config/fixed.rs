@@ -51,6 +51,12 @@ impl Loaded {
     pub fn fixed(&self) -> anyhow::Result<Fixed> {
         let file = &self.file;
         let admin = file.admin.as_ref();
+        if admin.is_some_and(|a| a.require_auth) && file.console.is_none() {
+            anyhow::bail!(
+                "[admin] require_auth = true needs a [console]: its users' credentials are the \
+                 admin API's"
+            );
+        }
         Ok(Fixed {
             wire_address: file.listen.address.clone(),
             http_address: file.http.as_ref().map(|h| h.address.clone()),

@@ -32,6 +32,8 @@ pub struct Options {
     pub http_extra: &'static str,
     /// Log JSON lines (`--log-format json`).
     pub json_logs: bool,
+    /// Extra lines for the config's [admin] section.
+    pub admin_extra: &'static str,
 }
 
 impl Default for Options {
@@ -47,6 +49,7 @@ impl Default for Options {
             http_tls: false,
             http_extra: "",
             json_logs: false,
+            admin_extra: "",
         }
     }
 }
@@ -134,6 +137,7 @@ tls = {http_tls}
 {http_extra}
 [admin]
 address = "127.0.0.1:{admin_port}"
+{admin_extra}
 [console]
 admin_users = {{ ops = "AUTHGRES_CONSOLE_OPS_PASSWORD" }}
 stats_users = {{ grafana = "AUTHGRES_CONSOLE_GRAFANA_PASSWORD" }}
@@ -160,6 +164,7 @@ roles = ["authenticated", "person"]
             listen_extra = options.listen_extra,
             http_tls = options.http_tls,
             http_extra = options.http_extra,
+            admin_extra = options.admin_extra,
             pg_port = cluster.port(),
             iss = issuer.issuer(),
             jwks = issuer.jwks_url(),

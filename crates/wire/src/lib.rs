@@ -22,7 +22,7 @@ mod capacity;
 mod classify;
 mod clients;
 mod config;
-mod console;
+pub mod console;
 pub mod control;
 mod drain;
 mod error;

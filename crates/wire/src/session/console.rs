@@ -103,16 +103,7 @@ impl<S: ClientIo> Session<'_, S> {
             });
         }
         let password = self.ask_token().await?;
-        // Every user's password is compared, found or not, so the time
-        // taken does not say which names exist.
-        let mut access = None;
-        for candidate in &console.users {
-            let same = constant_time_eq(candidate.password.as_bytes(), password.as_bytes());
-            if same && candidate.name == user {
-                access = Some(candidate.access);
-            }
-        }
-        match access {
+        match console.authenticate(&user, &password) {
             Some(access) => Ok((user, access)),
             None => Err(SessionError::ConsoleLogin(user)),
         }
@@ -263,13 +254,4 @@ fn query_text(body: &[u8]) -> Result<String, SessionError> {
     let text = body.strip_suffix(&[0]).unwrap_or(body);
     String::from_utf8(text.to_vec())
         .map_err(|_| ProtocolViolation::ConsoleMessage(body.len()).into())
-}
-
-/// Compares without stopping at the first difference.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut difference = a.len() ^ b.len();
-    for (x, y) in a.iter().zip(b.iter()) {
-        difference |= usize::from(x ^ y);
-    }
-    difference == 0
 }
