@@ -154,6 +154,20 @@ pub async fn run(proxy: &Proxy, access: ConsoleAccess, command: &Command) -> Res
             }
         }
         Command::KillClient(id) => {
+            let http = proxy
+                .clients
+                .snapshot()
+                .iter()
+                .any(|c| c.id == *id && c.transport == crate::Transport::Http.label());
+            if http {
+                return Err(Failed::new(
+                    SqlState::FeatureNotSupported,
+                    format!(
+                        "client {id} is an HTTP connection: its /sql requests end on their own \
+                         ([http] statement_timeout)"
+                    ),
+                ));
+            }
             if proxy.clients.kill(*id) {
                 Ok(done)
             } else {
