@@ -572,6 +572,12 @@ async fn with_a_handover_socket_sigterm_exits_after_the_drain_and_a_second_signa
     })
     .await;
     let handover = stack.dir.path().join("handover.sock");
+    // The Postgres port accepts (its backlog) as soon as it is bound, a
+    // moment before the handover socket is.
+    let bound_by = Instant::now() + Duration::from_secs(5);
+    while !handover.exists() && Instant::now() < bound_by {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(handover.exists(), "bound at start");
     let signalled = Instant::now();
     stack.signal(Signal::SIGTERM);
