@@ -202,14 +202,8 @@ async fn a_wrong_issuer_is_counted_and_logged_with_both_issuers() {
         .mint(&authgres_sandbox::TokenSpec::new("user_w").claim("iss", serde_json::json!(slashed)));
     let refused = stack.connect("authenticated", &token).await;
     assert!(refused.is_err());
-    let response = reqwest::Client::new()
-        .post(stack.http_url())
-        .header("Authorization", format!("Bearer {token}"))
-        .header(
-            "Neon-Connection-String",
-            format!("postgresql://authenticated@127.0.0.1/{DATABASE}"),
-        )
-        .body(r#"{"query": "select 1", "params": []}"#)
+    let response = stack
+        .sql_post(&token, r#"{"query": "select 1", "params": []}"#)
         .send()
         .await
         .expect("post");

@@ -256,17 +256,11 @@ async fn metrics_parse_and_move_with_logins_failures_and_transactions() {
     let impostor = authgres_sandbox::Signer::generate(stack.issuer.issuer()).expect("keys");
     let forged = impostor.mint(&authgres_sandbox::TokenSpec::new("user_x"));
     assert!(stack.connect("authenticated", &forged).await.is_err());
-    let response = reqwest::Client::new()
-        .post(stack.http_url())
-        .header(
-            "Authorization",
-            format!("Bearer {}", stack.issuer.token("user_h")),
+    let response = stack
+        .sql_post(
+            &stack.issuer.token("user_h"),
+            r#"{"query": "select 1 as one", "params": []}"#,
         )
-        .header(
-            "Neon-Connection-String",
-            format!("postgresql://authenticated@127.0.0.1/{DATABASE}"),
-        )
-        .body(r#"{"query": "select 1 as one", "params": []}"#)
         .send()
         .await
         .expect("post");
@@ -637,17 +631,11 @@ async fn a_second_signal_exits_within_300_ms_under_load() {
         let running = tokio::spawn(async move { busy.simple_query("select pg_sleep(30)").await });
         let idle = stack.login("user_idle").await;
         idle.batch_execute("begin").await.expect("begin");
-        let http = reqwest::Client::new()
-            .post(stack.http_url())
-            .header(
-                "Authorization",
-                format!("Bearer {}", stack.issuer.token("user_h")),
+        let http = stack
+            .sql_post(
+                &stack.issuer.token("user_h"),
+                r#"{"query": "select pg_sleep(30)", "params": []}"#,
             )
-            .header(
-                "Neon-Connection-String",
-                format!("postgresql://authenticated@127.0.0.1/{DATABASE}"),
-            )
-            .body(r#"{"query": "select pg_sleep(30)", "params": []}"#)
             .send();
         let http = tokio::spawn(http);
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -36,6 +36,16 @@ use crate::transport::Transport;
 
 pub use crate::stats::{SessionCounts, Tally};
 
+/// Encodes one metric under `name` (for the scrape-time collectors).
+pub(crate) fn emit(
+    encoder: &mut prometheus_client::encoding::DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric: &impl prometheus_client::encoding::EncodeMetric,
+) -> Result<(), std::fmt::Error> {
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
 /// Labels of a login's outcome.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LoginLabels {

@@ -8,9 +8,11 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+
+use crate::metrics::emit;
 
 /// Clock ticks per second of the times in `/proc/self/stat`: `USER_HZ`,
 /// which Linux fixes at 100 for user space on every architecture it runs
@@ -80,15 +82,6 @@ fn max_fds() -> Option<i64> {
         .next()?
         .parse()
         .ok()
-}
-
-fn emit(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    metric: &impl EncodeMetric,
-) -> Result<(), std::fmt::Error> {
-    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
 }
 
 impl prometheus_client::collector::Collector for Process {

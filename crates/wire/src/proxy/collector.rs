@@ -6,9 +6,7 @@
 use std::sync::{Arc, Weak};
 use std::time::SystemTime;
 
-use prometheus_client::encoding::{
-    DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet,
-};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
@@ -16,7 +14,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 
 use super::Proxy;
 use crate::clients::ClientState;
-use crate::metrics::{DatabaseLabels, PoolKeyLabels};
+use crate::metrics::{DatabaseLabels, PoolKeyLabels, emit};
 use crate::stats::{self, Counts, Entry};
 use crate::transport::Transport;
 
@@ -50,16 +48,6 @@ fn configured_zeros(proxy: &Proxy) {
         &settings.config.admission,
         &pools,
     );
-}
-
-/// Encodes one metric under `name`.
-fn emit(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    metric: &impl EncodeMetric,
-) -> Result<(), std::fmt::Error> {
-    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
