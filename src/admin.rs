@@ -3,10 +3,16 @@
 //!
 //! - `GET /metrics`: Prometheus text format (version 0.0.4).
 //! - `GET /healthz`: 200 while the process serves HTTP at all (liveness).
-//! - `GET /readyz`: 200 when the proxy should get new clients: not
-//!   draining, every provider's keys loaded (or within their staleness),
-//!   the upstream accepting connections; else 503. The body says which
-//!   check failed.
+//! - `GET /readyz`: 200 when this instance should get new clients: it is
+//!   not draining. What every instance shares (the upstream accepting
+//!   connections, each provider's keys loaded or within their staleness)
+//!   does not make it unready: the body says `"degraded": true` and which
+//!   check failed, and `authgres_degraded` is 1. Taking every instance out
+//!   of a load balancer because the database is down would only turn a
+//!   Postgres error naming the cause (08001) into a refused connection,
+//!   and delay recovery by the probes' period. `GET /readyz?strict` is
+//!   503 when degraded too, for a setup that has somewhere else to send
+//!   clients (another region's instances).
 //! - `GET /pools`, `GET /clients`: JSON, for the questions pgbouncer's
 //!   `SHOW POOLS` and `SHOW CLIENTS` answer.
 //! - `POST /reload`: the same as SIGHUP; answers what took effect or why
@@ -457,7 +463,12 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(admin): State<Arc<Admin>>) -> Response {
+async fn readyz(State(admin): State<Arc<Admin>>, uri: axum::http::Uri) -> Response {
+    let strict = uri.query().is_some_and(|query| {
+        query
+            .split('&')
+            .any(|pair| pair == "strict" || pair.starts_with("strict="))
+    });
     let draining = admin.proxy.drain().is_unready();
     let keys: Vec<_> = admin
         .proxy
@@ -475,9 +486,15 @@ async fn readyz(State(admin): State<Arc<Admin>>) -> Response {
     } else {
         admin.upstream().await
     };
-    let ready = !draining && keys_ready && upstream.is_ok();
+    let shared_ok = keys_ready && upstream.is_ok();
+    let degraded = !draining && !shared_ok;
+    if !draining {
+        admin.proxy.metrics().set_degraded(degraded);
+    }
+    let ready = !draining && (!strict || !degraded);
     let body = json!({
         "ready": ready,
+        "degraded": degraded,
         "draining": draining,
         "keys": keys.iter().map(|(provider, usable)| json!({"provider": provider, "usable": usable})).collect::<Vec<_>>(),
         "upstream": match &upstream { Ok(()) => "reachable".to_owned(), Err(why) => why.clone() },

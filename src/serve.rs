@@ -195,6 +195,7 @@ pub fn prepare(config_path: &Path) -> anyhow::Result<Prepared> {
         tracing::warn!("no [[providers]] configured: only token-less roles can log in");
     }
     let built = reloadable(&loaded, None)?;
+    log_start(config_path, &loaded);
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let proxy = Arc::new(Proxy::new(built.settings, metrics));
@@ -216,6 +217,35 @@ pub fn prepare(config_path: &Path) -> anyhow::Result<Prepared> {
             .as_ref()
             .map(|p| loaded.path(p)),
     })
+}
+
+/// The startup line: the version and what the configuration says, in a
+/// line an operator can read without the file (no secrets: passwords and
+/// keys are named by the variables that hold them, not shown).
+fn log_start(config_path: &Path, loaded: &Loaded) {
+    let file = &loaded.file;
+    let upstream = &file.upstream;
+    let providers: Vec<String> = file
+        .providers
+        .iter()
+        .map(|p| format!("{} ({})", p.name, p.issuer))
+        .collect();
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %config_path.display(),
+        listen = %file.listen.address,
+        tls = file.listen.tls_cert.is_some(),
+        http = file.http.as_ref().map(|h| h.address.as_str()),
+        admin = file.admin.as_ref().map(|a| a.address(loaded)),
+        upstream = %format_args!("{}:{}", upstream.host, upstream.port),
+        upstream_tls = ?upstream.tls,
+        databases = ?upstream.databases,
+        roles = ?file.roles.keys().collect::<Vec<_>>(),
+        providers = ?providers,
+        pool_mode = upstream.pool_mode.label(),
+        pool_size = upstream.pool_size,
+        "authgres starting"
+    );
 }
 
 /// Runs the proxy until it has drained after SIGTERM or Ctrl-C.

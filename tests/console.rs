@@ -116,6 +116,30 @@ async fn show_commands_list_clients_servers_and_pools_with_pgbouncers_columns() 
     assert_eq!(pool["cl_active"].as_deref(), Some("1"));
     assert_eq!(pool["sv_active"].as_deref(), Some("1"));
 
+    alice
+        .simple_query("select 1; select 2")
+        .await
+        .expect("queries");
+    let stats = show(&ops, "SHOW STATS").await;
+    let row = stats
+        .iter()
+        .find(|s| {
+            s["database"].as_deref() == Some(DATABASE)
+                && s["user"].as_deref() == Some("authenticated")
+        })
+        .expect("app/authenticated in SHOW STATS");
+    let count = |column: &str| -> u64 {
+        row[column]
+            .as_deref()
+            .and_then(|n| n.parse().ok())
+            .expect(column)
+    };
+    assert!(count("total_query_count") >= 2, "{row:?}");
+    assert!(
+        count("total_received") > 0 && count("total_sent") > 0,
+        "{row:?}"
+    );
+
     let version = show(&ops, "SHOW VERSION").await;
     assert!(
         version[0]["version"]

@@ -256,17 +256,11 @@ async fn metrics_parse_and_move_with_logins_failures_and_transactions() {
     let impostor = authgres_sandbox::Signer::generate(stack.issuer.issuer()).expect("keys");
     let forged = impostor.mint(&authgres_sandbox::TokenSpec::new("user_x"));
     assert!(stack.connect("authenticated", &forged).await.is_err());
-    let response = reqwest::Client::new()
-        .post(stack.http_url())
-        .header(
-            "Authorization",
-            format!("Bearer {}", stack.issuer.token("user_h")),
+    let response = stack
+        .sql_post(
+            &stack.issuer.token("user_h"),
+            r#"{"query": "select 1 as one", "params": []}"#,
         )
-        .header(
-            "Neon-Connection-String",
-            format!("postgresql://authenticated@127.0.0.1/{DATABASE}"),
-        )
-        .body(r#"{"query": "select 1 as one", "params": []}"#)
         .send()
         .await
         .expect("post");
@@ -275,32 +269,63 @@ async fn metrics_parse_and_move_with_logins_failures_and_transactions() {
     let after = stack.metrics().await;
     let tcp_ok = "authgres_logins_total{outcome=\"ok\",reason=\"none\",transport=\"tcp\"}";
     assert_eq!(delta(&before, &after, tcp_ok), 3.0);
+    // Each way a token fails is counted apart (issue 24), and by the
+    // provider the token names.
     let forged_sample =
-        "authgres_logins_total{outcome=\"refused\",reason=\"bad_token\",transport=\"tcp\"}";
+        "authgres_logins_total{outcome=\"refused\",reason=\"bad_signature\",transport=\"tcp\"}";
     assert_eq!(delta(&before, &after, forged_sample), 1.0);
+    let forged_by_provider = "authgres_token_verifications_total{outcome=\"refused\",provider=\"sandbox\",reason=\"bad_signature\"}";
+    assert_eq!(delta(&before, &after, forged_by_provider), 1.0);
     let http_ok = "authgres_logins_total{outcome=\"ok\",reason=\"none\",transport=\"http\"}";
     assert_eq!(delta(&before, &after, http_ok), 1.0);
+    // By database, role and transport.
+    let app = |transport: &str| {
+        format!("database=\"app\",role=\"authenticated\",transport=\"{transport}\"")
+    };
+    let tcp = app("tcp");
     assert!(
         delta(
             &before,
             &after,
-            "authgres_transactions_total{transport=\"tcp\"}"
+            &format!("authgres_transactions_total{{{tcp}}}")
         ) >= 5.0
     );
-    assert!(delta(&before, &after, "authgres_queries_total{transport=\"tcp\"}") >= 5.0);
+    assert!(delta(&before, &after, &format!("authgres_queries_total{{{tcp}}}")) >= 5.0);
     assert!(
         delta(
             &before,
             &after,
-            "authgres_client_received_bytes_total{transport=\"tcp\"}"
-        ) > 0.0
+            &format!("authgres_transaction_duration_seconds_count{{{tcp}}}")
+        ) >= 5.0
     );
     assert!(
         delta(
             &before,
             &after,
-            "authgres_client_sent_bytes_total{transport=\"tcp\"}"
-        ) > 0.0
+            "authgres_query_duration_seconds_bucket{database=\"app\",le=\"+Inf\",role=\"authenticated\",transport=\"tcp\"}"
+        ) >= 5.0
+    );
+    for bytes in ["received", "sent"] {
+        let sample = format!("authgres_client_{bytes}_bytes_total{{{tcp}}}");
+        assert!(delta(&before, &after, &sample) > 0.0, "{sample}");
+    }
+    // The /sql request counts in the same totals, as transport http.
+    let http = app("http");
+    assert_eq!(
+        delta(
+            &before,
+            &after,
+            &format!("authgres_transactions_total{{{http}}}")
+        ),
+        1.0
+    );
+    assert_eq!(
+        delta(
+            &before,
+            &after,
+            &format!("authgres_queries_total{{{http}}}")
+        ),
+        1.0
     );
     assert_eq!(
         delta(
@@ -335,7 +360,12 @@ async fn metrics_parse_and_move_with_logins_failures_and_transactions() {
         1.0
     );
     assert_eq!(value(&after, "authgres_draining"), 0.0);
-    assert!(value(&after, "authgres_upstream_login_seconds_count") >= 3.0);
+    assert!(
+        value(
+            &after,
+            "authgres_upstream_login_seconds_count{database=\"app\",role=\"authenticated\"}"
+        ) >= 3.0
+    );
 
     let (_, clients) = stack.admin_get("/clients").await;
     let clients: serde_json::Value = serde_json::from_str(&clients).expect("json");
@@ -348,20 +378,40 @@ async fn metrics_parse_and_move_with_logins_failures_and_transactions() {
     assert_eq!(subjects, ["user_a", "user_b", "user_c"], "{clients}");
 }
 
+/// Issue 24: a database that is down is every instance's problem, so it
+/// does not take them all out of the load balancer (clients get a
+/// Postgres error naming the cause, not a refused connection): `/readyz`
+/// stays 200 and says degraded, `?strict` is 503, `authgres_degraded` is
+/// 1. Sessions the restart killed each leave a line saying so. Draining
+/// is the instance's own state: 503.
 #[tokio::test(flavor = "multi_thread")]
-async fn readyz_is_503_while_the_upstream_is_down_and_while_draining() {
+async fn readyz_reports_a_down_upstream_as_degraded_and_is_503_while_draining() {
     let mut stack = Stack::start().await;
     stack.wait_ready().await;
     assert_eq!(stack.admin_get("/healthz").await.0, 200);
+    let (status, body) = stack.admin_get("/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"degraded\":false"), "{body}");
+    let victim = stack.login("user_victim").await;
+    victim.simple_query("select 1").await.expect("query");
 
     stack.cluster.stop();
     // The last probe's answer is reused for a second.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let (status, body) = stack.admin_get("/readyz").await;
-    assert_eq!(status, 503, "{body}");
+    assert_eq!(status, 200, "still ready: {body}");
+    assert!(body.contains("\"degraded\":true"), "{body}");
     assert!(body.contains(&stack.cluster.port().to_string()), "{body}");
+    let (status, body) = stack.admin_get("/readyz?strict").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(value(&stack.metrics().await, "authgres_degraded"), 1.0);
+    // The killed session's end is logged, with why.
+    stack.wait_log("reason=\"server_closed\"").await;
+    drop(victim);
     stack.cluster.start_again().expect("postgres starts again");
     stack.wait_ready().await;
+    stack.admin_get("/readyz").await;
+    assert_eq!(value(&stack.metrics().await, "authgres_degraded"), 0.0);
 
     let alice = stack.login("user_alice").await;
     alice.batch_execute("begin").await.expect("begin");
@@ -559,6 +609,61 @@ async fn shutdown_timeout_closes_what_is_left_and_a_second_signal_exits_at_once(
         "{:?}",
         second.elapsed()
     );
+}
+
+/// Issue 24: a second signal exits at once (it took 1.3 s), whatever the
+/// sessions are doing (a statement running on the server, an idle
+/// transaction, a `/sql` request waiting on the server) and whichever
+/// phase the first one started: the drain delay or the drain.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_signal_exits_within_300_ms_under_load() {
+    let mut stack = Stack::start_with(Options {
+        listen_extra: "shutdown_timeout = \"60s\"\ndrain_delay = \"2s\"\n",
+        ..Options::default()
+    })
+    .await;
+    for (second_signal, after) in [
+        (Signal::SIGTERM, Duration::from_millis(300)),
+        (Signal::SIGINT, Duration::from_millis(2500)),
+    ] {
+        stack.wait_ready().await;
+        let busy = stack.login("user_busy").await;
+        let running = tokio::spawn(async move { busy.simple_query("select pg_sleep(30)").await });
+        let idle = stack.login("user_idle").await;
+        idle.batch_execute("begin").await.expect("begin");
+        let http = stack
+            .sql_post(
+                &stack.issuer.token("user_h"),
+                r#"{"query": "select pg_sleep(30)", "params": []}"#,
+            )
+            .send();
+        let http = tokio::spawn(http);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let drains_before = stack.log().matches("draining").count();
+        stack.signal(Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stack.log().matches("draining").count() == drains_before {
+            assert!(Instant::now() < deadline, "never drained");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(after).await;
+        let second = Instant::now();
+        stack.signal(second_signal);
+        let status = stack
+            .wait_exit(Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("the second signal did nothing:\n{}", stack.log()));
+        let took = second.elapsed();
+        eprintln!("second signal {second_signal} {after:?} after the first: exit in {took:?}");
+        assert!(status.success(), "{status}");
+        assert!(took < Duration::from_millis(300), "{took:?}");
+        assert!(
+            running.await.expect("join").is_err(),
+            "the statement was cut"
+        );
+        http.abort();
+        drop(idle);
+        stack.restart_proxy();
+    }
 }
 
 /// Issue 21, 5.2: with `handover_socket` set, SIGTERM drained and the

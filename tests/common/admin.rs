@@ -38,11 +38,12 @@ impl Stack {
         parse_metrics(&text)
     }
 
-    /// Waits until `/readyz` answers 200.
+    /// Waits until `/readyz?strict` answers 200: ready, and not degraded
+    /// (the upstream reachable, every provider's keys loaded).
     pub async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let (status, body) = self.admin_get("/readyz").await;
+            let (status, body) = self.admin_get("/readyz?strict").await;
             if status == 200 {
                 return;
             }

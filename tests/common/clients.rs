@@ -12,6 +12,19 @@ impl Stack {
         format!("http://127.0.0.1:{}/sql", self.http_port)
     }
 
+    /// A `/sql` request as the Neon driver sends it, as `authenticated`
+    /// to the stack's database with `token`, carrying `body`.
+    pub fn sql_post(&self, token: &str, body: &'static str) -> reqwest::RequestBuilder {
+        reqwest::Client::new()
+            .post(self.http_url())
+            .header("Authorization", format!("Bearer {token}"))
+            .header(
+                "Neon-Connection-String",
+                format!("postgresql://authenticated@127.0.0.1/{DATABASE}"),
+            )
+            .body(body)
+    }
+
     /// A libpq-style connection string through the proxy.
     pub fn conninfo(&self, user: &str, password: &str, extra: &str) -> String {
         format!(

@@ -117,9 +117,9 @@ impl Instance {
         }
     }
 
-    /// Waits until its `/readyz` answers 200.
+    /// Waits until its `/readyz?strict` answers 200 (ready, not degraded).
     pub async fn wait_ready(&self) {
-        let url = format!("http://127.0.0.1:{}/readyz", self.admin_port);
+        let url = format!("http://127.0.0.1:{}/readyz?strict", self.admin_port);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(response) = reqwest::get(&url).await

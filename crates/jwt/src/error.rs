@@ -9,9 +9,16 @@ pub enum VerifyError {
     /// Not a well-formed JWT (bad base64, bad JSON, wrong shape, `alg: none`).
     #[error("token is malformed: {0}")]
     Malformed(&'static str),
-    /// No configured provider has the token's `iss`.
+    /// No configured provider has the token's `iss`. The message does
+    /// not repeat either field (the client sees it); [`VerifyError::diagnosis`]
+    /// gives them to the log.
     #[error("token issuer is not a configured identity provider")]
-    UnknownIssuer,
+    UnknownIssuer {
+        /// The token's `iss`, cut to [`MAX_DIAGNOSED`] characters.
+        presented: String,
+        /// The configured issuers.
+        expected: Vec<String>,
+    },
     /// The provider's key set has no key with the token's `kid`. The
     /// message does not repeat the `kid`: it is the client's text.
     #[error("token was signed with a key the identity provider does not publish")]
@@ -36,7 +43,13 @@ pub enum VerifyError {
     NotYetValid,
     /// `aud` does not name any configured audience.
     #[error("token audience is not accepted")]
-    WrongAudience,
+    WrongAudience {
+        /// The token's `aud` (a string, a list, or absent), cut to
+        /// [`MAX_DIAGNOSED`] characters.
+        presented: String,
+        /// The provider's accepted audiences.
+        expected: Vec<String>,
+    },
     /// A claim that must be present is missing or has the wrong type.
     #[error("token lacks a valid {0:?} claim")]
     MissingClaim(String),
@@ -82,18 +95,79 @@ impl VerifyError {
     pub fn class(&self) -> FailureClass {
         match self {
             Self::Malformed(_)
-            | Self::UnknownIssuer
+            | Self::UnknownIssuer { .. }
             | Self::UnknownKey { .. }
             | Self::AlgorithmNotAllowed { .. }
             | Self::BadSignature
             | Self::Expired
             | Self::NotYetValid
-            | Self::WrongAudience
+            | Self::WrongAudience { .. }
             | Self::MissingClaim(_)
             | Self::TooOld
             | Self::SubjectInOtherNamespace => FailureClass::BadToken,
             Self::RoleNotAllowed { .. } => FailureClass::RoleNotAllowed,
             Self::KeysUnavailable { .. } => FailureClass::KeysUnavailable,
         }
+    }
+
+    /// The failure's name as a metric label: one per variant, so a
+    /// dashboard tells an expired token from a wrong audience.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Malformed(_) => "malformed",
+            Self::UnknownIssuer { .. } => "unknown_issuer",
+            Self::UnknownKey { .. } => "unknown_key",
+            Self::AlgorithmNotAllowed { .. } => "algorithm_not_allowed",
+            Self::BadSignature => "bad_signature",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::WrongAudience { .. } => "wrong_audience",
+            Self::MissingClaim(_) => "missing_claim",
+            Self::TooOld => "too_old",
+            Self::RoleNotAllowed { .. } => "role_not_allowed",
+            Self::SubjectInOtherNamespace => "subject_in_other_namespace",
+            Self::KeysUnavailable { .. } => "keys_unavailable",
+        }
+    }
+
+    /// What an operator needs to see why the token was refused, beyond
+    /// the client's message: the presented and the expected `iss` or
+    /// `aud` (a Clerk development instance against a production one, a
+    /// trailing slash), the unknown `kid`. Never the token or a secret.
+    pub fn diagnosis(&self) -> Option<String> {
+        match self {
+            Self::UnknownIssuer {
+                presented,
+                expected,
+            } => Some(format!("iss {presented:?}, expected one of {expected:?}")),
+            Self::WrongAudience {
+                presented,
+                expected,
+            } => Some(format!("aud {presented}, expected one of {expected:?}")),
+            Self::UnknownKey { kid: Some(kid) } => Some(format!("kid {:?}", cut(kid))),
+            Self::Malformed(_)
+            | Self::UnknownKey { kid: None }
+            | Self::AlgorithmNotAllowed { .. }
+            | Self::BadSignature
+            | Self::Expired
+            | Self::NotYetValid
+            | Self::MissingClaim(_)
+            | Self::TooOld
+            | Self::RoleNotAllowed { .. }
+            | Self::SubjectInOtherNamespace
+            | Self::KeysUnavailable { .. } => None,
+        }
+    }
+}
+
+/// Most characters of a client's claim kept for a log line.
+pub const MAX_DIAGNOSED: usize = 200;
+
+/// `text` cut to [`MAX_DIAGNOSED`] characters: it is the client's, and a
+/// log line is not the place for a megabyte of it.
+pub(crate) fn cut(text: &str) -> String {
+    match text.char_indices().nth(MAX_DIAGNOSED) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text.to_owned(),
     }
 }

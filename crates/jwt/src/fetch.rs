@@ -220,8 +220,26 @@ fn classify(error: reqwest::Error) -> FetchError {
         }
         FetchError::Redirect(detail)
     } else {
-        FetchError::Http(error.to_string())
+        FetchError::Http(cause_chain(&error))
     }
+}
+
+/// An error with each of its causes, outermost first: reqwest's own words
+/// ("error sending request for url (...)") say nothing of why, its sources
+/// do ("connection refused", "invalid peer certificate: UnknownIssuer").
+fn cause_chain(error: &dyn std::error::Error) -> String {
+    let mut chain = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let words = cause.to_string();
+        // Some layers repeat their source's words in their own.
+        if !chain.contains(&words) {
+            chain.push_str(": ");
+            chain.push_str(&words);
+        }
+        source = cause.source();
+    }
+    chain
 }
 
 /// `max-age` from a Cache-Control header; `no-store`/`no-cache` mean zero.
@@ -260,5 +278,25 @@ mod tests {
         assert_eq!(parse_max_age("no-store"), Some(Duration::ZERO));
         assert_eq!(parse_max_age("public"), None);
         assert_eq!(parse_max_age("max-age=soon"), None);
+    }
+
+    /// Issue 24: a failed fetch said "error sending request" and not why.
+    #[tokio::test]
+    async fn a_failed_fetch_says_why_not_only_that_it_failed() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = closed.local_addr().expect("address").port();
+        drop(closed);
+        let fetcher = Fetcher::new(FetchSettings {
+            retries: 0,
+            ..FetchSettings::default()
+        })
+        .expect("fetcher");
+        let error = fetcher
+            .jwks(&format!("http://127.0.0.1:{port}/jwks.json"))
+            .await
+            .err()
+            .expect("nothing listens there");
+        let words = error.to_string().to_lowercase();
+        assert!(words.contains("connection refused"), "{words}");
     }
 }

@@ -147,7 +147,10 @@ impl Namespaces {
     pub(crate) fn user_id(&self, index: usize, sub: &str) -> Result<String, VerifyError> {
         // The verifier's own index; were it out of range, fail closed.
         let Some((own, foreign)) = self.providers.get(index) else {
-            return Err(VerifyError::UnknownIssuer);
+            return Err(VerifyError::UnknownIssuer {
+                presented: String::new(),
+                expected: Vec::new(),
+            });
         };
         let user_id = format!("{own}{sub}");
         if foreign

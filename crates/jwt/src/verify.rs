@@ -188,6 +188,17 @@ impl Verifier {
         self.keys.settle().await;
     }
 
+    /// The name of the provider whose issuer the token names, unverified:
+    /// for labelling a refusal, never for trusting anything.
+    pub fn provider_of(&self, token: &str) -> Option<Arc<str>> {
+        if token.len() > MAX_TOKEN_LEN {
+            return None;
+        }
+        let issuer = unverified_issuer(token).ok()?;
+        let index = self.providers.iter().position(|p| p.issuer == issuer)?;
+        self.names.get(index).cloned()
+    }
+
     /// Verifies `token` for a login as `role` at time `now`.
     pub async fn verify(
         &self,
@@ -247,7 +258,10 @@ impl Verifier {
             .providers
             .iter()
             .position(|p| p.issuer == issuer)
-            .ok_or(VerifyError::UnknownIssuer)?;
+            .ok_or_else(|| VerifyError::UnknownIssuer {
+                presented: crate::error::cut(&issuer),
+                expected: self.providers.iter().map(|p| p.issuer.clone()).collect(),
+            })?;
         let provider = &self.providers[index];
         let alg = header.alg;
         if !provider.algorithms.contains(&alg) {
@@ -458,8 +472,12 @@ fn check_claims(
     now: u64,
 ) -> Result<(), VerifyError> {
     let leeway = provider.leeway.as_secs();
-    if claims.get("iss").and_then(Value::as_str) != Some(provider.issuer.as_str()) {
-        return Err(VerifyError::UnknownIssuer);
+    let issuer = claims.get("iss").and_then(Value::as_str);
+    if issuer != Some(provider.issuer.as_str()) {
+        return Err(VerifyError::UnknownIssuer {
+            presented: crate::error::cut(issuer.unwrap_or_default()),
+            expected: vec![provider.issuer.clone()],
+        });
     }
     let exp = numeric_date(claims, "exp")?.ok_or(VerifyError::MissingClaim("exp".into()))?;
     if now >= exp.saturating_add(leeway) {
@@ -487,7 +505,13 @@ fn check_claims(
             _ => false,
         };
         if !ok {
-            return Err(VerifyError::WrongAudience);
+            let presented = claims
+                .get("aud")
+                .map_or_else(|| "absent".to_owned(), Value::to_string);
+            return Err(VerifyError::WrongAudience {
+                presented: crate::error::cut(&presented),
+                expected: provider.audience.clone(),
+            });
         }
     }
     for name in &provider.required_claims {

@@ -79,17 +79,22 @@ async fn audience_may_be_a_string_or_a_list() {
     let check = |token: String| async move { verifier.verify(&token, "authenticated", now).await };
     assert!(check(with_aud(json!("api://app"))).await.is_ok());
     assert!(check(with_aud(json!(["other", "api://app"]))).await.is_ok());
+    // The refusal carries what was presented and what was expected, for
+    // the operator's log (issue 24).
+    let wrong = |presented: &str| {
+        Err(VerifyError::WrongAudience {
+            presented: presented.to_owned(),
+            expected: vec!["api://app".to_owned()],
+        })
+    };
+    assert_eq!(check(with_aud(json!("other"))).await, wrong("\"other\""));
+    assert_eq!(check(with_aud(json!([]))).await, wrong("[]"));
+    let refused = check(issuer.mint(&TokenSpec::new("u"))).await;
+    assert_eq!(refused, wrong("absent"));
+    let diagnosis = refused.err().and_then(|e| e.diagnosis());
     assert_eq!(
-        check(with_aud(json!("other"))).await,
-        Err(VerifyError::WrongAudience)
-    );
-    assert_eq!(
-        check(with_aud(json!([]))).await,
-        Err(VerifyError::WrongAudience)
-    );
-    assert_eq!(
-        check(issuer.mint(&TokenSpec::new("u"))).await,
-        Err(VerifyError::WrongAudience)
+        diagnosis.as_deref(),
+        Some("aud absent, expected one of [\"api://app\"]")
     );
 }
 
@@ -199,5 +204,34 @@ async fn an_unreachable_jwks_is_reported_as_unavailable_keys() {
         Err(VerifyError::KeysUnavailable {
             provider: "down".into()
         })
+    );
+}
+
+/// Issue 24: a Clerk development instance against a production one, or a
+/// trailing slash, must be visible in the operator's log.
+#[tokio::test]
+async fn an_unknown_issuer_names_the_presented_and_the_expected_one() {
+    let issuer = Issuer::start().await.expect("issuer");
+    let verifier = verifier(&issuer, |_| {});
+    let slashed = format!("{}/", issuer.issuer());
+    let token = issuer.mint(&TokenSpec::new("u").claim("iss", json!(slashed)));
+    let refused = verifier
+        .verify(&token, "authenticated", SystemTime::now())
+        .await
+        .expect_err("another issuer");
+    assert_eq!(refused.reason(), "unknown_issuer");
+    assert_eq!(
+        refused.diagnosis(),
+        Some(format!(
+            "iss {slashed:?}, expected one of [{:?}]",
+            issuer.issuer()
+        ))
+    );
+    // Neither the presented issuer nor the expected one reaches the client.
+    assert!(!refused.to_string().contains(issuer.issuer()));
+    assert_eq!(verifier.provider_of(&token), None);
+    assert_eq!(
+        verifier.provider_of(&issuer.token("u")).as_deref(),
+        Some("sandbox")
     );
 }

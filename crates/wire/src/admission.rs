@@ -79,8 +79,10 @@ pub enum Refusal {
     /// The role needs a token and none was given.
     #[error("no token given for role {0:?}")]
     MissingToken(String, Transport),
-    /// The token did not verify, or may not log in as the role.
-    #[error("token rejected: {0}")]
+    /// The token did not verify, or may not log in as the role. Logged
+    /// with its [`VerifyError::diagnosis`]; the client sees only the
+    /// error's own words.
+    #[error("token rejected: {error}{detail}", error = .0, detail = diagnosis(.0))]
     Token(VerifyError),
     /// The token's `role_claim` names a role the proxy does not serve.
     #[error("the token's role {0:?} is not served by this proxy")]
@@ -103,6 +105,13 @@ pub fn cleartext_allowed(
             }
             CleartextTokens::Refuse => false,
         }
+}
+
+/// `error`'s diagnosis for the log, after a "; ".
+fn diagnosis(error: &VerifyError) -> String {
+    error
+        .diagnosis()
+        .map_or_else(String::new, |diagnosis| format!("; {diagnosis}"))
 }
 
 /// Decides whether `request` may go on, and whether it needs a token.
@@ -150,6 +159,10 @@ pub async fn admit(
     let started = std::time::Instant::now();
     let verified = verifier.verify(token, request.role, now).await;
     metrics.verification(started.elapsed(), verified.is_ok());
+    match &verified {
+        Ok(identity) => metrics.token(Some(&identity.provider), Ok(())),
+        Err(error) => metrics.token(verifier.provider_of(token).as_deref(), Err(error)),
+    }
     let identity = verified.map_err(Refusal::Token)?;
     if identity.role != request.role && !policy.roles.contains_key(&identity.role) {
         return Err(Refusal::ClaimedRoleNotServed(identity.role));
@@ -254,11 +267,9 @@ impl Classify for Refusal {
             Self::CleartextRefused(_) | Self::TlsNotConfigured => "cleartext_refused",
             Self::MissingToken(..) => "missing_token",
             Self::ClaimedRoleNotServed(_) => "claimed_role_not_served",
-            Self::Token(error) => match error.class() {
-                FailureClass::BadToken => "bad_token",
-                FailureClass::RoleNotAllowed => "role_not_allowed",
-                FailureClass::KeysUnavailable => "keys_unavailable",
-            },
+            // Each way a token fails apart: expired, bad_signature,
+            // unknown_issuer, wrong_audience, ... (issue 24).
+            Self::Token(error) => error.reason(),
         }
     }
 }

@@ -31,12 +31,14 @@ mod log_limit;
 pub mod metrics;
 mod params;
 mod pool;
+mod process;
 mod proto;
 mod proxied;
 mod proxy;
 mod random;
 mod relay;
 mod session;
+mod stats;
 mod transaction;
 mod transport;
 mod upstream;
@@ -60,6 +62,7 @@ pub use pool::{Attempts, CheckoutError, ReadyFailure, UpstreamPool, reap};
 pub use proto::server_error::ServerError;
 pub use proxied::{AddressBlock, ProxyProtocolFrom};
 pub use proxy::{Collector, Proxy, Settings};
+pub use stats::DatabaseStats;
 pub use transport::{ALPN_HTTP1, ALPN_POSTGRESQL, Transport, UpstreamTls, tls_acceptor};
 pub use upstream::{
     Envelope, PendingReset, Reply, RequestIdentity, Upstream, UpstreamConfig, UpstreamKey,

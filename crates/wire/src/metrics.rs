@@ -6,12 +6,17 @@
 //! what already exists at scrape time (clients by state, pool
 //! connections, each provider's keys, the verified-token cache, the drain)
 //! so nothing is counted twice. The relay's counters are resolved once per
-//! session ([`Tally`]): a relayed read costs one relaxed atomic add.
+//! session ([`Tally`], kept in [`crate::stats`]): a relayed read costs a
+//! relaxed atomic add, a transaction or query three.
 //!
 //! Label values come from closed sets (transports, outcomes, the failure
 //! classification of [`Classify::label`]) or from the configuration
 //! (providers, pool databases and roles); never from what a client sends
 //! before it is admitted.
+//!
+//! Every family is registered at start; those whose labels are known then
+//! have their zero series too ([`Metrics::register`], and the collector
+//! for the configured databases and roles).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,13 +27,23 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+
 use crate::classify::{Classify, Severity};
+use crate::stats::{DatabaseStats, Table};
 use crate::transport::Transport;
 
-/// Labels: the transport.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct TransportLabels {
-    transport: &'static str,
+pub use crate::stats::{SessionCounts, Tally};
+
+/// Encodes one metric under `name` (for the scrape-time collectors).
+pub(crate) fn emit(
+    encoder: &mut prometheus_client::encoding::DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric: &impl prometheus_client::encoding::EncodeMetric,
+) -> Result<(), std::fmt::Error> {
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
 }
 
 /// Labels of a login's outcome.
@@ -40,6 +55,35 @@ struct LoginLabels {
     outcome: &'static str,
     /// The failure classification; `none` for a login that succeeded.
     reason: &'static str,
+}
+
+/// Labels of a token verification: the provider the token names
+/// (`unknown` when none does), its outcome and, when refused, why.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    provider: String,
+    /// `ok`, `refused` or `failed` (the provider's keys out of reach).
+    outcome: &'static str,
+    /// [`authgres_jwt::VerifyError::reason`]; `none` when verified.
+    reason: &'static str,
+}
+
+/// Labels: a database and a role (configured, or a database the server
+/// has: see [`crate::stats`]).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct DatabaseLabels {
+    pub(crate) database: String,
+    pub(crate) role: String,
+}
+
+/// Labels of `authgres_build_info`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    /// `release` or `debug`.
+    profile: &'static str,
+    os: &'static str,
+    arch: &'static str,
 }
 
 /// Labels: an outcome.
@@ -77,7 +121,8 @@ struct HttpLabels {
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
-/// Latency buckets from 100 µs to about 13 s.
+/// Latency buckets from 100 µs to about 13 s (the same as
+/// [`crate::stats`]'s).
 fn latency() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 18))
 }
@@ -86,52 +131,38 @@ fn latency() -> Histogram {
 #[derive(Debug)]
 pub struct Metrics {
     logins: Family<LoginLabels, Counter>,
+    tokens: Family<TokenLabels, Counter>,
     verification: HistogramFamily<OutcomeLabels>,
-    upstream_login: Histogram,
+    upstream_login: HistogramFamily<DatabaseLabels>,
     upstream_login_errors: Family<ReasonLabels, Counter>,
     checkout_wait: HistogramFamily<PoolLabels>,
     checkout_timeouts: Family<PoolKeyLabels, Counter>,
-    transactions: Family<TransportLabels, Counter>,
-    queries: Family<TransportLabels, Counter>,
-    received: Family<TransportLabels, Counter>,
-    sent: Family<TransportLabels, Counter>,
+    /// Transactions, queries, bytes and waits per database and role,
+    /// encoded by the collector.
+    pub(crate) stats: Table,
     http_requests: Family<HttpLabels, Counter>,
     cancels: Family<OutcomeLabels, Counter>,
     reloads: Family<OutcomeLabels, Counter>,
+    degraded: Gauge,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self {
             logins: Family::default(),
+            tokens: Family::default(),
             verification: Family::new_with_constructor(latency),
-            upstream_login: latency(),
+            upstream_login: Family::new_with_constructor(latency),
             upstream_login_errors: Family::default(),
             checkout_wait: Family::new_with_constructor(latency),
             checkout_timeouts: Family::default(),
-            transactions: Family::default(),
-            queries: Family::default(),
-            received: Family::default(),
-            sent: Family::default(),
+            stats: Table::default(),
             http_requests: Family::default(),
             cancels: Family::default(),
             reloads: Family::default(),
+            degraded: Gauge::default(),
         }
     }
-}
-
-/// A session's relay counters, resolved once.
-#[derive(Debug, Clone, Default)]
-pub struct Tally {
-    /// Returns of the backend to idle (a transaction, or a statement
-    /// outside one, completed).
-    pub transactions: Counter,
-    /// Query and Execute messages relayed.
-    pub queries: Counter,
-    /// Bytes from the client.
-    pub received: Counter,
-    /// Bytes to the client.
-    pub sent: Counter,
 }
 
 impl Metrics {
@@ -150,13 +181,18 @@ impl Metrics {
             metrics.logins.clone(),
         );
         r.register(
+            "token_verifications",
+            "Tokens verified or refused, by the provider the token names, outcome and reason",
+            metrics.tokens.clone(),
+        );
+        r.register(
             "token_verification_seconds",
             "Time to verify a token (key fetches included)",
             metrics.verification.clone(),
         );
         r.register(
             "upstream_login_seconds",
-            "Time to connect and log in to the upstream Postgres",
+            "Time to connect and log in to the upstream Postgres, by database and role",
             metrics.upstream_login.clone(),
         );
         r.register(
@@ -175,26 +211,6 @@ impl Metrics {
             metrics.checkout_timeouts.clone(),
         );
         r.register(
-            "transactions",
-            "Transactions (and statements outside one) relayed",
-            metrics.transactions.clone(),
-        );
-        r.register(
-            "queries",
-            "Query and Execute messages relayed",
-            metrics.queries.clone(),
-        );
-        r.register(
-            "client_received_bytes",
-            "Bytes received from clients while relaying",
-            metrics.received.clone(),
-        );
-        r.register(
-            "client_sent_bytes",
-            "Bytes sent to clients while relaying",
-            metrics.sent.clone(),
-        );
-        r.register(
             "http_requests",
             "HTTP responses by route and status",
             metrics.http_requests.clone(),
@@ -209,7 +225,100 @@ impl Metrics {
             "Configuration reloads by outcome",
             metrics.reloads.clone(),
         );
+        r.register(
+            "degraded",
+            "1 while the last readiness check found a shared dependency failing (the upstream \
+             unreachable, a provider's keys unusable); the instance stays ready",
+            metrics.degraded.clone(),
+        );
+        r.register(
+            "build",
+            "The running build: version, profile, OS and architecture",
+            Info::new(BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                profile: if cfg!(debug_assertions) {
+                    "debug"
+                } else {
+                    "release"
+                },
+                os: std::env::consts::OS,
+                arch: std::env::consts::ARCH,
+            }),
+        );
+        registry.register_collector(Box::new(crate::process::Process::started_now()));
+        metrics.zeros();
         Arc::new(metrics)
+    }
+
+    /// The series whose labels are known at start, at zero, so dashboards
+    /// and alerts see them before the first event.
+    fn zeros(&self) {
+        for transport in crate::stats::TRANSPORTS {
+            let _ = self.logins.get_or_create(&LoginLabels {
+                transport: transport.label(),
+                outcome: "ok",
+                reason: "none",
+            });
+        }
+        for outcome in ["ok", "refused"] {
+            let _ = self.verification.get_or_create(&OutcomeLabels { outcome });
+        }
+        for outcome in ["applied", "refused"] {
+            let _ = self.reloads.get_or_create(&OutcomeLabels { outcome });
+        }
+        for outcome in ["forwarded", "unknown_key"] {
+            let _ = self.cancels.get_or_create(&OutcomeLabels { outcome });
+        }
+        for reason in [
+            "upstream_unreachable",
+            "upstream_connect_timeout",
+            "upstream_login_refused",
+        ] {
+            let _ = self
+                .upstream_login_errors
+                .get_or_create(&ReasonLabels { reason });
+        }
+        for pool in ["wire", "http"] {
+            let _ = self.checkout_wait.get_or_create(&PoolLabels { pool });
+        }
+        let _ = self.http_requests.get_or_create(&HttpLabels {
+            route: "sql",
+            status: 200,
+        });
+    }
+
+    /// The zero series of what the configuration names: each provider's
+    /// verified tokens, each configured database and role's upstream
+    /// logins and checkout timeouts in each pool. Idempotent: called at
+    /// start and at each scrape (a reload may add names).
+    pub(crate) fn configured<'a>(
+        &self,
+        providers: impl Iterator<Item = &'a str>,
+        policy: &crate::config::Policy,
+        pools: &[&'static str],
+    ) {
+        for provider in providers {
+            let _ = self.tokens.get_or_create(&TokenLabels {
+                provider: provider.to_owned(),
+                outcome: "ok",
+                reason: "none",
+            });
+        }
+        for database in &policy.databases {
+            for role in policy.roles.keys() {
+                let _ = self.upstream_login.get_or_create(&DatabaseLabels {
+                    database: database.clone(),
+                    role: role.clone(),
+                });
+                for &pool in pools {
+                    let _ = self.checkout_timeouts.get_or_create(&PoolKeyLabels {
+                        pool,
+                        database: database.clone(),
+                        role: role.clone(),
+                    });
+                }
+            }
+        }
     }
 
     /// Records how a login ended: `Ok` or why it did not.
@@ -234,6 +343,28 @@ impl Metrics {
             .inc();
     }
 
+    /// Records a token's verification by the provider it names (`None`:
+    /// it names none configured): `Ok`, or why it was refused.
+    pub fn token(&self, provider: Option<&str>, result: Result<(), &authgres_jwt::VerifyError>) {
+        let (outcome, reason) = match result {
+            Ok(()) => ("ok", "none"),
+            Err(error) => {
+                let outcome = match error.class() {
+                    authgres_jwt::FailureClass::KeysUnavailable => "failed",
+                    _ => "refused",
+                };
+                (outcome, error.reason())
+            }
+        };
+        self.tokens
+            .get_or_create(&TokenLabels {
+                provider: provider.unwrap_or("unknown").to_owned(),
+                outcome,
+                reason,
+            })
+            .inc();
+    }
+
     /// Records one token verification's time.
     pub fn verification(&self, took: Duration, verified: bool) {
         let outcome = if verified { "ok" } else { "refused" };
@@ -242,10 +373,23 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// Records one upstream login: its time, or why it failed.
-    pub fn upstream_login(&self, took: Duration, result: Result<(), &dyn Classify>) {
+    /// Records one upstream login to `database` as `role`: its time, or
+    /// why it failed.
+    pub fn upstream_login(
+        &self,
+        database: &str,
+        role: &str,
+        took: Duration,
+        result: Result<(), &dyn Classify>,
+    ) {
         match result {
-            Ok(()) => self.upstream_login.observe(took.as_secs_f64()),
+            Ok(()) => self
+                .upstream_login
+                .get_or_create(&DatabaseLabels {
+                    database: database.to_owned(),
+                    role: role.to_owned(),
+                })
+                .observe(took.as_secs_f64()),
             Err(error) => {
                 self.upstream_login_errors
                     .get_or_create(&ReasonLabels {
@@ -256,11 +400,18 @@ impl Metrics {
         }
     }
 
-    /// Records how long a checkout from `pool` waited for a connection.
+    /// Records how long a checkout from `pool` waited for a connection
+    /// (zero when one was free).
     pub fn checkout_wait(&self, pool: &'static str, waited: Duration) {
         self.checkout_wait
             .get_or_create(&PoolLabels { pool })
             .observe(waited.as_secs_f64());
+    }
+
+    /// Adds a checkout's wait to the totals of (`database`, `role`) (only
+    /// checkouts that waited: a free connection adds nothing).
+    pub fn waited(&self, database: &str, role: &str, waited: Duration) {
+        self.stats.entry(database, role).waited(waited);
     }
 
     /// Records a checkout that gave up.
@@ -274,17 +425,23 @@ impl Metrics {
             .inc();
     }
 
-    /// The relay counters of a session on `transport`.
-    pub fn tally(&self, transport: Transport) -> Tally {
-        let labels = TransportLabels {
-            transport: transport.label(),
-        };
-        Tally {
-            transactions: self.transactions.get_or_create_owned(&labels),
-            queries: self.queries.get_or_create_owned(&labels),
-            received: self.received.get_or_create_owned(&labels),
-            sent: self.sent.get_or_create_owned(&labels),
-        }
+    /// The counters of a session logged in to `database` as `role` over
+    /// `transport`: resolved once, then each count is an atomic add.
+    pub fn tally(&self, transport: Transport, database: &str, role: &str) -> Tally {
+        Tally::new(self.stats.entry(database, role), transport)
+    }
+
+    /// Totals per database and role since the proxy started, every
+    /// transport together, sorted by database and role: what the
+    /// console's `SHOW STATS` shows.
+    pub fn stats(&self) -> Vec<DatabaseStats> {
+        self.stats.entries().iter().map(|e| e.totals()).collect()
+    }
+
+    /// Records whether the last readiness check found a shared dependency
+    /// (the upstream, a provider's keys) failing.
+    pub fn set_degraded(&self, degraded: bool) {
+        self.degraded.set(i64::from(degraded));
     }
 
     /// Records an HTTP response.

@@ -77,8 +77,9 @@ pub struct ClientLimits {
     pub stalled_reader: Option<Duration>,
 }
 
-/// Where a relay reports what it moves: the session's counters and its
-/// state in the client registry.
+/// Where a relay reports what it moves: the session's counters (bytes,
+/// and each transaction and query with its time) and its state in the
+/// client registry.
 #[derive(Debug, Clone)]
 pub struct Observed {
     /// The counters.
@@ -206,6 +207,15 @@ pub struct Relay {
     observed: Option<Observed>,
     /// Whether the backend was idle when last looked at.
     was_idle: bool,
+    /// When the open transaction started (observed relays only).
+    transaction_started: Option<Instant>,
+    /// When the open query (a request cycle up to its ReadyForQuery)
+    /// started (observed relays only).
+    query_started: Option<Instant>,
+    /// Whether the server sent an error nobody asked for: the FATAL of a
+    /// backend being terminated (a database restart, `pg_terminate_backend`),
+    /// after which the client may close before the server does.
+    server_ended: bool,
 }
 
 impl Relay {
@@ -241,6 +251,9 @@ impl Relay {
             },
             observed: None,
             was_idle: true,
+            transaction_started: None,
+            query_started: None,
+            server_ended: false,
         }
     }
 
@@ -250,7 +263,8 @@ impl Relay {
         self.observed = Some(observed);
     }
 
-    /// Records a change between idle and in a transaction.
+    /// Records a change between idle and in a transaction, timing the
+    /// transaction.
     fn note_state(&mut self) {
         let idle = self.ledger.idle();
         if idle == self.was_idle {
@@ -259,21 +273,20 @@ impl Relay {
         self.was_idle = idle;
         if let Some(observed) = &self.observed {
             if idle {
-                observed.tally.transactions.inc();
+                if let Some(started) = self.transaction_started.take() {
+                    observed.tally.transaction(started.elapsed());
+                }
                 observed.activity.set(ClientState::Idle);
             } else {
+                self.transaction_started = Some(Instant::now());
                 observed.activity.set(ClientState::Active);
             }
         }
     }
 
-    fn count(
-        &self,
-        counter: fn(&Tally) -> &prometheus_client::metrics::counter::Counter,
-        n: usize,
-    ) {
+    fn count(&self, count: fn(&Tally, usize), n: usize) {
         if let Some(observed) = &self.observed {
-            counter(&observed.tally).inc_by(u64::try_from(n).unwrap_or(u64::MAX));
+            count(&observed.tally, n);
         }
     }
 
@@ -302,7 +315,7 @@ impl Relay {
                 break;
             }
             self.to_upstream.load(chunk);
-            self.count(|t| &t.received, chunk.len());
+            self.count(Tally::received, chunk.len());
             self.scan_client();
             poll_fn(|cx| self.to_upstream.poll_drain(cx, upstream))
                 .await
@@ -320,7 +333,7 @@ impl Relay {
     {
         for chunk in bytes.chunks(SERVER_BUFFER) {
             self.to_client.load(chunk);
-            self.count(|t| &t.sent, chunk.len());
+            self.count(Tally::sent, chunk.len());
             self.scan_server();
             poll_fn(|cx| self.to_client.poll_drain(cx, client))
                 .await
@@ -335,7 +348,13 @@ impl Relay {
         C: AsyncRead + AsyncWrite + Unpin + ?Sized,
         U: AsyncRead + AsyncWrite + Unpin + ?Sized,
     {
-        poll_fn(|cx| self.poll_run(cx, client, upstream)).await
+        let stopped = poll_fn(|cx| self.poll_run(cx, client, upstream)).await;
+        if let Some(observed) = &self.observed
+            && let Some(label) = stop_label(&stopped, self.server_ended)
+        {
+            observed.tally.stopped(label);
+        }
+        stopped
     }
 
     fn poll_run<C, U>(
@@ -369,7 +388,7 @@ impl Relay {
                     return Poll::Ready(Ok(Stop::ClientClosed));
                 }
                 self.watchdog.last_read = Instant::now();
-                self.count(|t| &t.received, read);
+                self.count(Tally::received, read);
                 self.scan_client();
                 progressed = true;
             }
@@ -395,7 +414,7 @@ impl Relay {
                     return Poll::Ready(Ok(Stop::UpstreamClosed));
                 }
                 self.watchdog.last_written = Instant::now();
-                self.count(|t| &t.sent, read);
+                self.count(Tally::sent, read);
                 self.scan_server();
                 progressed = true;
             }
@@ -489,10 +508,8 @@ impl Relay {
                         pipe.end = self.message_start.max(pipe.start);
                         break;
                     }
-                    if matches!(tag, b'Q' | b'E')
-                        && let Some(observed) = &self.observed
-                    {
-                        observed.tally.queries.inc();
+                    if self.query_started.is_none() && self.observed.is_some() {
+                        self.query_started = Some(Instant::now());
                     }
                     let tracker = &mut self.tracker;
                     if let Some(tracker) = tracker.as_mut() {
@@ -530,6 +547,9 @@ impl Relay {
             if self.server_frames.length() < 4 {
                 self.ledger.malformed_server_message();
             }
+            if tag == b'E' && self.ledger.settled() {
+                self.server_ended = true;
+            }
             let body = self.server_frames.body();
             let tracker = &mut self.tracker;
             self.ledger
@@ -540,6 +560,15 @@ impl Relay {
                 });
             if let Some(tracker) = tracker.as_mut() {
                 tracker.server_message(tag, body);
+            }
+            if tag == b'Z'
+                && let (Some(observed), Some(started)) = (&self.observed, self.query_started)
+            {
+                // The next query starts now if the client pipelined more
+                // requests behind this one.
+                let now = Instant::now();
+                observed.tally.query(now - started);
+                self.query_started = (!self.ledger.settled()).then_some(now);
             }
         }
         self.note_state();
@@ -587,6 +616,29 @@ impl Relay {
     pub fn take_tracker(&mut self) -> Option<Tracker> {
         self.tracker.take()
     }
+}
+
+/// How a relay's stop is named in the session's end-of-session log line;
+/// `None` for a stop that does not end the session by itself. A client
+/// that closed after the server's unsolicited FATAL (`server_ended`) was
+/// closed by the server.
+fn stop_label(stopped: &Result<Stop, RelayError>, server_ended: bool) -> Option<&'static str> {
+    Some(match stopped {
+        Ok(Stop::ClientClosed | Stop::ClientTerminated) | Err(RelayError::Client(_))
+            if server_ended =>
+        {
+            "server_closed"
+        }
+        Ok(Stop::ClientClosed) => "client_closed",
+        Ok(Stop::ClientTerminated) => "client_terminated",
+        Ok(Stop::UpstreamClosed) => "server_closed",
+        Ok(Stop::Idle) => return None,
+        Ok(Stop::Violation(_)) => "protocol_violation",
+        Ok(Stop::IdleInTransaction) => "idle_in_transaction",
+        Ok(Stop::ClientStalled) => "client_stalled",
+        Err(RelayError::Client(_)) => "client_io",
+        Err(RelayError::Upstream(_)) => "server_io",
+    })
 }
 
 /// Shuts the client down, best effort and bounded: a client that already

@@ -3,6 +3,11 @@
 //! read in [`request`]; the request is admitted from its headers, then its
 //! body is read within the proxy's budget for bodies (`body`) and run on a
 //! pooled connection.
+//!
+//! Each admitted request counts as one transaction of its database and
+//! role (transport `http`) with one query per statement, in the same
+//! totals as the Postgres listener's; each request is logged at debug
+//! (status, time, statements, rows: never the SQL or its parameters).
 
 mod body;
 mod failure;
@@ -13,8 +18,9 @@ pub use failure::Failure;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
+use authgres_wire::metrics::Tally;
 use authgres_wire::{Admitted, ClientState, Settings, Transport};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Extension, State};
@@ -35,8 +41,77 @@ pub async fn handle(
     body: Body,
 ) -> Response {
     let config = state.config();
-    let ran = run(&state, &config, (peer, relayed_by), &ticket, &headers, body).await;
+    let started = Instant::now();
+    let mut done = Done::default();
+    let client = (peer, relayed_by);
+    let ran = run(&state, &config, client, &ticket, &headers, body, &mut done).await;
     ticket.set_state(ClientState::Idle);
+    let response = respond(&config, ran);
+    done.finish(&response, started.elapsed());
+    response
+}
+
+/// What became of a request, for its counters and its log line.
+#[derive(Default)]
+struct Done {
+    /// Set once admitted: its database and role, and their counters.
+    admitted: Option<(String, String, Tally)>,
+    /// Bytes of the body read.
+    received: usize,
+    /// Statements run.
+    statements: usize,
+    /// Rows returned or affected.
+    rows: u64,
+    /// How long its statements ran, checkout included.
+    ran: Option<Duration>,
+}
+
+impl Done {
+    /// Counts the request into its database and role's totals and logs
+    /// it at debug (the statement count at trace). A transaction's time is
+    /// the whole request's, a query's its share of the time the
+    /// statements ran.
+    fn finish(&self, response: &Response, took: Duration) {
+        use hyper::body::Body as _;
+        let status = response.status().as_u16();
+        let sent = response.body().size_hint().exact().unwrap_or(0);
+        let Some((database, role, tally)) = &self.admitted else {
+            tracing::debug!(
+                method = "POST",
+                status,
+                took_ms = millis(took),
+                "/sql refused"
+            );
+            return;
+        };
+        tally.received(self.received);
+        tally.sent(usize::try_from(sent).unwrap_or(usize::MAX));
+        tally.transaction(took);
+        if let Some(ran) = self.ran {
+            let statements = u32::try_from(self.statements.max(1)).unwrap_or(u32::MAX);
+            for _ in 0..self.statements {
+                tally.query(ran / statements);
+            }
+        }
+        tracing::debug!(
+            method = "POST",
+            status,
+            took_ms = millis(took),
+            database,
+            role,
+            rows = self.rows,
+            "/sql request"
+        );
+        tracing::trace!(statements = self.statements, "/sql request's statements");
+    }
+}
+
+fn millis(took: Duration) -> u64 {
+    u64::try_from(took.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The response to a request's results, or to why it has none.
+fn respond(config: &HttpConfig, ran: Result<Value, Failure>) -> Response {
     match ran {
         Ok(value) => match serde_json::to_vec(&value) {
             Ok(bytes) if bytes.len() > config.max_response_bytes => Failure::new(
@@ -71,6 +146,7 @@ async fn run(
     ticket: &ConnectionTicket,
     headers: &HeaderMap,
     body: Body,
+    done: &mut Done,
 ) -> Result<Value, Failure> {
     let target = request::target(headers)?;
     // Over the limit is over the limit, before anyone is admitted.
@@ -102,6 +178,9 @@ async fn run(
         }
         Err(refusal) => {
             metrics.login(Transport::Http, Err(&refusal));
+            // At info, limited, as the Postgres listener's refusals: the
+            // presented and expected iss/aud say why.
+            proxy.log_refusal(peer, &refusal);
             return Err(Failure::from(&refusal));
         }
     };
@@ -115,12 +194,16 @@ async fn run(
             ),
         ));
     }
+    let tally = metrics.tally(Transport::Http, &admitted.database, &admitted.role);
+    done.admitted = Some((admitted.database.clone(), admitted.role.clone(), tally));
     ticket.authenticated();
     ticket.set_state(ClientState::Active);
     // Only an admitted request gets its body read, and only within the
     // budget; the reservation is held until the request is answered.
     let (body, reservation) = body::read(config, &state.bodies, body).await?;
+    done.received = body.len();
     let (statements, batch) = request::statements(headers, &body)?;
+    done.statements = statements.len();
     // Each is a copy of the one before: only the last is kept.
     drop(body);
     let encoded = query::encode(&statements).map_err(Failure::from)?;
@@ -133,7 +216,14 @@ async fn run(
         config,
     };
     let request = (encoded, reservation);
-    let results = execute(&run, &admitted, claims, request, batch.as_ref()).await?;
+    let started = Instant::now();
+    let results = execute(&run, &admitted, claims, request, batch.as_ref()).await;
+    done.ran = Some(started.elapsed());
+    let results = results?;
+    done.rows = results
+        .iter()
+        .map(|r| r.row_count.unwrap_or(r.rows.len() as u64))
+        .sum();
     let mut rendered: Vec<Value> = results
         .iter()
         .map(|r| query::result_json(r, array_mode, raw))

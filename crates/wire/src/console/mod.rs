@@ -208,12 +208,7 @@ async fn show(proxy: &Proxy, what: Show) -> Result<Table, Failed> {
         Show::Pools => tables::pools(proxy),
         Show::Clients => tables::clients(proxy),
         Show::Servers => tables::servers(proxy),
-        Show::Stats => {
-            return Err(Failed::new(
-                SqlState::FeatureNotSupported,
-                "SHOW STATS: merging",
-            ));
-        }
+        Show::Stats => tables::stats(proxy),
         Show::Config => tables::config(ask(proxy, ControlRequest::ShowConfig).await?),
         Show::Version => tables::version(),
         Show::Databases => tables::databases(proxy),

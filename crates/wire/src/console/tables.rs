@@ -225,7 +225,6 @@ pub(super) fn servers(proxy: &Proxy) -> Table {
 }
 
 /// `SHOW STATS`: totals since start by database and role.
-#[cfg(any())]
 pub(super) fn stats(proxy: &Proxy) -> Table {
     let uptime = proxy
         .started

@@ -310,6 +310,7 @@ impl UpstreamPool {
                 let acquired =
                     tokio::time::timeout(limits.checkout_timeout, permits.acquire_owned()).await;
                 self.metrics.checkout_wait(self.name, started.elapsed());
+                self.metrics.waited(database, role, started.elapsed());
                 match acquired {
                     Ok(Ok(permit)) => permit,
                     _ => {
@@ -433,6 +434,8 @@ impl UpstreamPool {
         let started = Instant::now();
         let connected = upstream::connect(&self.config, role, database, password, parameters).await;
         self.metrics.upstream_login(
+            database,
+            role,
             started.elapsed(),
             connected
                 .as_ref()

@@ -1,18 +1,21 @@
 //! The scrape-time half of `/metrics`: what the proxy holds now (clients,
-//! pools, provider keys), read when Prometheus asks. The event counters
-//! live in [`crate::metrics`].
+//! pools, provider keys) and the per-database totals of [`crate::stats`],
+//! read when Prometheus asks. The event counters live in
+//! [`crate::metrics`].
 
 use std::sync::{Arc, Weak};
 use std::time::SystemTime;
 
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 
 use super::Proxy;
 use crate::clients::ClientState;
-use crate::metrics::PoolKeyLabels;
+use crate::metrics::{DatabaseLabels, PoolKeyLabels, emit};
+use crate::stats::{self, Counts, Entry};
 use crate::transport::Transport;
 
 /// Reads the proxy's state at scrape time; register it with
@@ -23,22 +26,28 @@ pub struct Collector {
 }
 
 impl Collector {
-    /// A collector for `proxy` (holding it weakly).
+    /// A collector for `proxy` (holding it weakly). The series the
+    /// configuration names are made at zero now, so the first scrape has
+    /// them.
     pub fn new(proxy: &Arc<Proxy>) -> Self {
+        configured_zeros(proxy);
         Self {
             proxy: Arc::downgrade(proxy),
         }
     }
 }
 
-/// Encodes one metric under `name`.
-fn emit(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    metric: &impl EncodeMetric,
-) -> Result<(), std::fmt::Error> {
-    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+/// Makes the event counters' series for what the configuration in force
+/// names (providers, databases, roles, pools), at zero.
+fn configured_zeros(proxy: &Proxy) {
+    let settings = proxy.settings();
+    let providers = settings.verifier.key_status(SystemTime::now());
+    let pools: Vec<&'static str> = proxy.pools().iter().map(|p| p.name()).collect();
+    proxy.metrics.configured(
+        providers.iter().map(|status| status.provider.as_str()),
+        &settings.config.admission,
+        &pools,
+    );
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -69,9 +78,12 @@ impl prometheus_client::collector::Collector for Collector {
         let Some(proxy) = self.proxy.upgrade() else {
             return Ok(());
         };
+        // For the next scrape, after a reload that named new ones.
+        configured_zeros(&proxy);
         encode_clients(&proxy, &mut encoder)?;
         encode_pools(&proxy, &mut encoder)?;
         encode_keys(&proxy, &mut encoder)?;
+        encode_stats(&proxy, &mut encoder)?;
         emit(
             &mut encoder,
             "authgres_draining",
@@ -222,4 +234,153 @@ fn encode_keys(proxy: &Proxy, encoder: &mut DescriptorEncoder) -> Result<(), std
         &ConstCounter::new(cache.misses),
     )?;
     Ok(())
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatsLabels {
+    database: String,
+    role: String,
+    transport: &'static str,
+}
+
+/// One family of the per-database totals: a counter or a histogram read
+/// from each entry's [`Counts`] per transport.
+enum Read {
+    Counter(fn(&Counts) -> u64),
+    Histogram(Histogram),
+}
+
+/// A latency histogram of [`Counts`]: its count, its sum in microseconds
+/// and its buckets.
+struct Histogram {
+    count: fn(&Counts) -> u64,
+    sum_us: fn(&Counts) -> u64,
+    buckets: fn(&Counts) -> [u64; stats::BUCKETS + 1],
+}
+
+fn load(counter: &std::sync::atomic::AtomicU64) -> u64 {
+    counter.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Transactions, queries, bytes and their latency histograms per database,
+/// role and transport; the wait for pooled connections per database and
+/// role. The configured databases and roles are reported at zero before
+/// their first session.
+fn encode_stats(proxy: &Proxy, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    let entries = with_configured(proxy);
+    let families: [(&str, &str, Read); 6] = [
+        (
+            "authgres_transactions",
+            "Transactions (and statements outside one) completed, by database, role and transport",
+            Read::Counter(|c| load(&c.transactions)),
+        ),
+        (
+            "authgres_queries",
+            "Queries completed (each up to its ReadyForQuery; each statement of a /sql request), \
+             by database, role and transport",
+            Read::Counter(|c| load(&c.queries)),
+        ),
+        (
+            "authgres_client_received_bytes",
+            "Bytes received from clients, by database, role and transport",
+            Read::Counter(|c| load(&c.received)),
+        ),
+        (
+            "authgres_client_sent_bytes",
+            "Bytes sent to clients, by database, role and transport",
+            Read::Counter(|c| load(&c.sent)),
+        ),
+        (
+            "authgres_transaction_duration_seconds",
+            "Time from a transaction's first message to the ReadyForQuery that ends it",
+            Read::Histogram(Histogram {
+                count: |c| load(&c.transactions),
+                sum_us: |c| load(&c.transaction_us),
+                buckets: |c| c.transaction_buckets.counts(),
+            }),
+        ),
+        (
+            "authgres_query_duration_seconds",
+            "Time from a query's first message to its ReadyForQuery",
+            Read::Histogram(Histogram {
+                count: |c| load(&c.queries),
+                sum_us: |c| load(&c.query_us),
+                buckets: |c| c.query_buckets.counts(),
+            }),
+        ),
+    ];
+    for (name, help, read) in &families {
+        let metric_type = match read {
+            Read::Counter(..) => MetricType::Counter,
+            Read::Histogram(_) => MetricType::Histogram,
+        };
+        let mut family = encoder.encode_descriptor(name, help, None, metric_type)?;
+        for entry in &entries {
+            for transport in stats::TRANSPORTS {
+                let labels = StatsLabels {
+                    database: entry.database.clone(),
+                    role: entry.role.clone(),
+                    transport: transport.label(),
+                };
+                let counts = entry.counts(transport);
+                let series = family.encode_family(&labels)?;
+                encode_read(series, read, counts)?;
+            }
+        }
+    }
+    let mut wait = encoder.encode_descriptor(
+        "authgres_client_wait_seconds",
+        "Time clients waited for a pooled upstream connection, by database and role",
+        None,
+        MetricType::Counter,
+    )?;
+    for entry in &entries {
+        let labels = DatabaseLabels {
+            database: entry.database.clone(),
+            role: entry.role.clone(),
+        };
+        let seconds = load(&entry.wait_us) as f64 / 1e6;
+        wait.encode_family(&labels)?
+            .encode_counter::<NoLabelSet, _, f64>(&seconds, None)?;
+    }
+    Ok(())
+}
+
+fn encode_read(
+    mut series: MetricEncoder<'_>,
+    read: &Read,
+    counts: &Counts,
+) -> Result<(), std::fmt::Error> {
+    match read {
+        Read::Counter(value) => series.encode_counter::<NoLabelSet, _, f64>(&value(counts), None),
+        Read::Histogram(histogram) => {
+            let own = (histogram.buckets)(counts);
+            let buckets: Vec<(f64, u64)> = stats::bucket_bounds()
+                .chain(std::iter::once(f64::INFINITY))
+                .zip(own)
+                .collect();
+            let sum = (histogram.sum_us)(counts) as f64 / 1e6;
+            series.encode_histogram::<NoLabelSet>(sum, (histogram.count)(counts), &buckets, None)
+        }
+    }
+}
+
+/// Every entry counted so far, and an empty one for each configured
+/// (database, role) not counted yet.
+fn with_configured(proxy: &Proxy) -> Vec<Arc<Entry>> {
+    let mut entries = proxy.metrics.stats.entries();
+    let settings = proxy.settings();
+    let policy = &settings.config.admission;
+    for database in &policy.databases {
+        for role in policy.roles.keys() {
+            if !entries
+                .iter()
+                .any(|e| &e.database == database && &e.role == role)
+            {
+                entries.push(Arc::new(Entry::new(database, role)));
+            }
+        }
+    }
+    entries.sort_by(|a, b| (&a.database, &a.role).cmp(&(&b.database, &b.role)));
+    entries
 }

@@ -57,7 +57,6 @@ pub struct Proxy {
     /// Where the console's RELOAD, SHOW CONFIG and SHUTDOWN go.
     control: std::sync::OnceLock<tokio::sync::mpsc::Sender<ControlRequest>>,
     /// When the proxy started: `SHOW STATS` averages over its uptime.
-    #[allow(dead_code, reason = "read by SHOW STATS once the stats API lands")]
     pub(crate) started: std::time::SystemTime,
 }
 

@@ -211,3 +211,75 @@ async fn a_message_shorter_than_its_length_field_is_refused() {
         Stop::Violation(Violation::BadLength(0))
     );
 }
+
+/// Issue 24: an observed relay counts each request cycle up to its
+/// ReadyForQuery as a query (a pipelined one from the ReadyForQuery before
+/// it), each return to idle as a transaction, and says how it stopped.
+#[tokio::test]
+async fn an_observed_relay_counts_queries_transactions_and_its_stop() {
+    let (mut client, client_peer) = tokio::io::duplex(4096);
+    let (mut upstream, upstream_peer) = tokio::io::duplex(4096);
+    let metrics = crate::metrics::Metrics::unregistered();
+    let tally = metrics.tally(crate::transport::Transport::Wire, "app", "authenticated");
+    let clients = std::sync::Arc::new(crate::clients::Clients::default());
+    let handle = clients.register(
+        "127.0.0.1:1".parse().expect("address"),
+        crate::transport::Transport::Wire,
+    );
+    let mut relay = Relay::new(None);
+    relay.observe(Observed {
+        tally: tally.clone(),
+        activity: handle.activity(),
+    });
+    let relay = tokio::spawn(async move { relay.run(&mut client, &mut upstream).await });
+    let (mut client_peer, mut upstream_peer) = (client_peer, upstream_peer);
+
+    // Two syncs pipelined in one write.
+    let mut extended = Vec::new();
+    for _ in 0..2 {
+        extended.extend(message(b'P', b"\0select 1\0\0\0"));
+        extended.extend(message(b'B', b"\0\0\0\0\0\0\0\0"));
+        extended.extend(message(b'E', b"\0\0\0\0\0"));
+        extended.extend(message(b'S', b""));
+    }
+    client_peer.write_all(&extended).await.expect("write");
+    expect_read(&mut upstream_peer, &extended).await;
+    let mut reply = Vec::new();
+    for (tag, body) in [
+        (b'1', &b""[..]),
+        (b'2', b""),
+        (b'C', b"SELECT 1\0"),
+        (b'Z', b"I"),
+    ] {
+        reply.extend(message(tag, body));
+    }
+    for _ in 0..2 {
+        upstream_peer.write_all(&reply).await.expect("reply");
+        expect_read(&mut client_peer, &reply).await;
+    }
+    // A transaction block of two queries.
+    for (query, status) in [(&b"begin\0"[..], b"T"), (b"commit\0", b"I")] {
+        send(&mut client_peer, b'Q', query).await;
+        expect_read(&mut upstream_peer, &message(b'Q', query)).await;
+        send(&mut upstream_peer, b'Z', status).await;
+        expect_read(&mut client_peer, &message(b'Z', status)).await;
+    }
+    send(&mut client_peer, b'X', b"").await;
+    assert_eq!(
+        relay.await.expect("join").expect("relay"),
+        Stop::ClientTerminated
+    );
+
+    use std::sync::atomic::Ordering::Relaxed;
+    let session = tally.session();
+    assert_eq!(session.queries.load(Relaxed), 4);
+    assert_eq!(session.transactions.load(Relaxed), 2);
+    assert_eq!(session.stop(), Some("client_terminated"));
+    let [stats] = &metrics.stats()[..] else {
+        panic!("one database and role");
+    };
+    assert_eq!((stats.query_count, stats.xact_count), (4, 2));
+    assert_eq!(stats.received, session.received.load(Relaxed));
+    assert_eq!(stats.sent, session.sent.load(Relaxed));
+    assert_eq!(stats.sent, 2 * reply.len() as u64 + 2 * 6);
+}

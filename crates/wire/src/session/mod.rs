@@ -35,12 +35,19 @@ use crate::clients::{ClientHandle, ClientLogin};
 use crate::config::PoolMode;
 use crate::error::{Classify as _, SessionError, Severity};
 use crate::front_door::Guest;
+use crate::metrics::Tally;
 use crate::proto::backend;
 use crate::proto::negotiate::Startup;
 use crate::proxy::{Proxy, Settings};
 use crate::relay::Observed;
 use crate::transport::Transport;
 use negotiate::{Failed, Opened};
+
+tokio::task_local! {
+    /// The label of the error [`Proxy::report`] last logged for the
+    /// session running in this task: the end-of-session line's reason.
+    static ENDED: std::cell::Cell<&'static str>;
+}
 
 /// How long a refused client is given to read its ErrorResponse.
 const ERROR_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -125,7 +132,7 @@ impl Proxy {
             }
         };
         match result {
-            Ok(()) => tracing::debug!("session ended"),
+            Ok(()) => tracing::debug!("connection closed"),
             Err(error) => self.report(&error),
         }
     }
@@ -135,6 +142,7 @@ impl Proxy {
     /// the client is told, so the log never lags what the client saw.
     fn report(&self, error: &SessionError) {
         let reason = error.label();
+        let _ = ENDED.try_with(|ended| ended.set(reason));
         match error.severity() {
             Severity::Routine => tracing::debug!(%error, reason, "session ended"),
             Severity::Client => {
@@ -173,6 +181,7 @@ impl Proxy {
                     ticket: place.ticket,
                     registered: place.client,
                     spared_until: Instant::now(),
+                    tally: None,
                 };
                 session.run(startup).await
             }
@@ -229,6 +238,8 @@ pub(crate) struct Session<'p, S> {
     registered: ClientHandle,
     /// Until when a drain spares it (set once it is logged in).
     spared_until: Instant,
+    /// Its counters, resolved at login.
+    tally: Option<Tally>,
 }
 
 impl<S: ClientIo> Session<'_, S> {
@@ -298,10 +309,30 @@ impl<S: ClientIo> Session<'_, S> {
             tls: self.encrypted,
             pool_client: login.client_id,
         });
-        match mode {
-            PoolMode::Transaction => transactions::serve(self, login, greeted).await,
-            PoolMode::Session | PoolMode::None => end::hold(self, &login, greeted).await,
-        }
+        let tally = self.proxy.metrics.tally(
+            self.transport,
+            &login.admitted.database,
+            &login.admitted.role,
+        );
+        self.tally = Some(tally.clone());
+        let connected = (self.auth_deadline)
+            .checked_sub(self.settings.config.auth_timeout)
+            .unwrap_or_else(Instant::now);
+        let served = async {
+            let served = match mode {
+                PoolMode::Transaction => transactions::serve(self, login, greeted).await,
+                PoolMode::Session | PoolMode::None => end::hold(self, &login, greeted).await,
+            };
+            (served, ENDED.with(std::cell::Cell::get))
+        };
+        let (served, reported) = ENDED.scope(std::cell::Cell::new(""), served).await;
+        let reason = match &served {
+            Err(error) => error.label(),
+            Ok(()) if !reported.is_empty() => reported,
+            Ok(()) => tally.session().stop().unwrap_or("client_left"),
+        };
+        session_ended(&tally, connected.elapsed(), reason);
+        served
     }
 
     /// Counts a login that did not happen, then refuses it.
@@ -313,7 +344,7 @@ impl<S: ClientIo> Session<'_, S> {
     /// The relay counters and state reports of this session.
     fn observed(&self) -> Observed {
         Observed {
-            tally: self.proxy.metrics.tally(self.transport),
+            tally: self.tally.clone().unwrap_or_default(),
             activity: self.registered.activity(),
         }
     }
@@ -325,6 +356,23 @@ impl<S: ClientIo> Session<'_, S> {
         refuse(&mut self.client, &error).await;
         Ok(())
     }
+}
+
+/// The line every logged-in session ends with, at info: how long it
+/// lasted, what it moved and why it ended (`server_closed` when the
+/// database went away under it: a restart leaves one line per session).
+fn session_ended(tally: &Tally, lasted: std::time::Duration, reason: &'static str) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let counts = tally.session();
+    tracing::info!(
+        duration_ms = u64::try_from(lasted.as_millis()).unwrap_or(u64::MAX),
+        received = counts.received.load(Relaxed),
+        sent = counts.sent.load(Relaxed),
+        transactions = counts.transactions.load(Relaxed),
+        queries = counts.queries.load(Relaxed),
+        reason,
+        "session ended"
+    );
 }
 
 /// The span of one session: fields filled in as they become known.
@@ -340,7 +388,8 @@ pub(crate) fn session_span(
         transport = transport.label(),
         user = tracing::field::Empty,
         db = tracing::field::Empty,
-        sub = tracing::field::Empty
+        sub = tracing::field::Empty,
+        role = tracing::field::Empty
     )
 }
 
