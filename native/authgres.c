@@ -3,20 +3,22 @@
  * siblings from backend memory.
  *
  * The proxy calls auth.begin_session() on every fresh login and every
- * reset, signs HMAC-SHA256(key, binding || '\n' || claims) for the binding
- * it returns, and stores claims and signature (hex) in the settings
- * authgres.claims and authgres.signature. The portable path
- * (sql/auth.sql) checks that pair in SQL; this library checks
- * it in C and remembers what it verified, so a call costs two setting
- * lookups and two string comparisons. See docs/security.md.
+ * reset (the same PL/pgSQL function on both paths, see sql/auth.sql),
+ * signs HMAC-SHA256(key, binding || '\n' || claims) for the binding it
+ * returns, and stores claims and signature (hex) in the settings
+ * authgres.claims and authgres.signature. The portable path checks that
+ * pair in SQL; this library checks it in C and remembers what it
+ * verified, so a call costs two setting lookups, one currval and two
+ * string comparisons. See docs/security.md.
  *
  * How it holds against a client that can run any SQL:
- * - The generation lives in this backend's memory only. Only
- *   auth.begin_session() sets it, from nextval of the owner-only sequence
- *   auth.generation_seq (unique across backends and time), together with
- *   the session user; it forgets the previous generation and everything
- *   verified for it before anything else, so a client calling it can only
- *   end its own identity. No entry point takes a generation or a key.
+ * - The generation is this backend's currval of auth.generation_seq, as on
+ *   the portable path: only auth.begin_session() (SECURITY DEFINER) draws
+ *   it, the login roles have no privilege on the sequence, and this code
+ *   reads it as the sequence's owner. Both paths share it, so a database
+ *   switches path in place, live sessions and pooled backends included.
+ *   No entry point here takes an argument: a client can hand it no
+ *   generation and no key.
  * - The keys are read from auth.claims_keys (owner-only) by this code,
  *   directly from the table, whenever a pair is not the one last verified:
  *   nothing caches keys. Any change to that table invalidates it in every
@@ -29,7 +31,10 @@
  *   generation), elsewhere (another backend's generation and pid) or for
  *   another role therefore goes through the full check and fails it.
  * - The MAC comparison does not exit early; anything that does not verify
- *   is NULL, so owner-only policies match no rows.
+ *   is NULL, so owner-only policies match no rows. A client that runs
+ *   DISCARD SEQUENCES leaves its backend without a generation: the
+ *   functions raise until the proxy attaches again, as on the portable
+ *   path.
  * - The functions are PARALLEL UNSAFE (the default): a parallel worker
  *   would not have this backend's memory.
  *
@@ -41,9 +46,9 @@
 #include "access/table.h"
 #include "access/tableam.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_class.h"
 #include "common/cryptohash.h"
 #include "common/sha2.h"
-#include "executor/spi.h"
 #include "executor/tuptable.h"
 #include "fmgr.h"
 #include "mb/pg_wchar.h"
@@ -56,6 +61,7 @@
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
 #include "utils/uuid.h"
 
 PG_MODULE_MAGIC;
@@ -70,15 +76,6 @@ PG_MODULE_MAGIC;
 #define MAC_HEX_LENGTH (2 * MAC_LENGTH)
 /* auth.claims_keys stores key xor ipad and key xor opad, one block each. */
 #define PAD_LENGTH PG_SHA256_BLOCK_LENGTH
-
-/* This backend's identity generation, set only by auth.begin_session(). */
-typedef struct Generation
-{
-	bool		valid;
-	int64		number;
-	/* The session user it was drawn for. */
-	Oid			role;
-} Generation;
 
 /* What was last verified, and the answers derived from it. */
 typedef struct Verified
@@ -96,16 +93,17 @@ typedef struct Verified
 	pg_uuid_t	uid;
 } Verified;
 
-static Generation generation;
 static Verified verified;
 /* Holds verified's allocations; reset whenever it changes. */
 static MemoryContext verified_context = NULL;
 /* auth.claims_keys, as last looked up: its invalidation forgets. */
 static Oid	keys_relid = InvalidOid;
+/* auth.generation_seq and its owner, looked up again after invalidation. */
+static Oid	generation_relid = InvalidOid;
+static Oid	generation_owner = InvalidOid;
 
 void		_PG_init(void);
 
-PG_FUNCTION_INFO_V1(authgres_begin_session);
 PG_FUNCTION_INFO_V1(authgres_claims);
 PG_FUNCTION_INFO_V1(authgres_session);
 PG_FUNCTION_INFO_V1(authgres_user_id);
@@ -132,6 +130,8 @@ keys_changed(Datum arg, Oid relid)
 {
 	if (relid == InvalidOid || relid == keys_relid)
 		forget();
+	if (relid == InvalidOid || relid == generation_relid)
+		generation_relid = InvalidOid;
 }
 
 void
@@ -140,82 +140,41 @@ _PG_init(void)
 	CacheRegisterRelcacheCallback(keys_changed, (Datum) 0);
 }
 
-/* Refuses (AG001) while the session user has session defaults of its own. */
-static void
-refuse_role_defaults(Oid role, const char *name)
-{
-	Oid			types[2] = {OIDOID, OIDOID};
-	Datum		values[2] = {ObjectIdGetDatum(role), ObjectIdGetDatum(MyDatabaseId)};
-	int			found;
-
-	found = SPI_execute_with_args(
-								  "select 1 from pg_catalog.pg_db_role_setting s "
-								  " where s.setrole OPERATOR(pg_catalog.=) $1 "
-								  "   and (s.setdatabase OPERATOR(pg_catalog.=) 0::pg_catalog.oid "
-								  "        or s.setdatabase OPERATOR(pg_catalog.=) $2) limit 1",
-								  2, types, values, NULL, true, 1);
-	if (found != SPI_OK_SELECT)
-		elog(ERROR, "authgres: reading pg_db_role_setting failed: %s",
-			 SPI_result_code_string(found));
-	if (SPI_processed > 0)
-		ereport(ERROR,
-				(errcode(MAKE_SQLSTATE('A', 'G', '0', '0', '1')),
-				 errmsg("authgres: login role %s has session defaults of its own (ALTER ROLE ... SET)",
-						name),
-				 errhint("authgres clears them; set session defaults in proxy.toml [roles.NAME] settings")));
-}
-
 /*
- * Draws the next generation from auth.generation_seq, and clears the
- * portable path's verified mark, so that a switch to the portable path in
- * place finds this backend's state as its own auth.begin_session() leaves
- * it.
+ * This backend's generation: its currval of auth.generation_seq, read as
+ * the sequence's owner (the caller has no privilege on it). Raises, as
+ * currval does, when this backend has none.
  */
 static int64
-draw_generation(void)
+current_generation(void)
 {
-	int			result;
-	bool		isnull;
+	Oid			saved_user;
+	int			saved_context;
 	Datum		value;
 
-	result = SPI_execute(
-						 "select pg_catalog.nextval('auth.generation_seq'::pg_catalog.regclass), "
-						 "       pg_catalog.setval('auth.verified_seq'::pg_catalog.regclass, 0)",
-						 false, 1);
-	if (result != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "authgres: drawing a generation failed: %s",
-			 SPI_result_code_string(result));
-	value = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-	if (isnull)
-		elog(ERROR, "authgres: nextval returned NULL");
+	if (!OidIsValid(generation_relid))
+	{
+		Oid			namespace = get_namespace_oid("auth", false);
+		Oid			relid = get_relname_relid("generation_seq", namespace);
+		HeapTuple	tuple;
+
+		if (!OidIsValid(relid))
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_OBJECT),
+					 errmsg("authgres: auth.generation_seq does not exist; run authgres init-db")));
+		tuple = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
+		if (!HeapTupleIsValid(tuple))
+			elog(ERROR, "authgres: cache lookup failed for relation %u", relid);
+		generation_owner = ((Form_pg_class) GETSTRUCT(tuple))->relowner;
+		ReleaseSysCache(tuple);
+		generation_relid = relid;
+	}
+	GetUserIdAndSecContext(&saved_user, &saved_context);
+	SetUserIdAndSecContext(generation_owner, saved_context | SECURITY_LOCAL_USERID_CHANGE);
+	/* An error here is rethrown; aborting restores the user. */
+	value = DirectFunctionCall1(currval_oid, ObjectIdGetDatum(generation_relid));
+	SetUserIdAndSecContext(saved_user, saved_context);
 	return DatumGetInt64(value);
-}
-
-/*
- * auth.begin_session(): a new generation for this backend; returns the
- * binding the proxy signs. SECURITY DEFINER: it reads pg_db_role_setting
- * and draws from the owner's sequence.
- */
-Datum
-authgres_begin_session(PG_FUNCTION_ARGS)
-{
-	Oid			role = GetSessionUserId();
-	char	   *name = GetUserNameFromId(role, false);
-	int64		number;
-
-	/* Whatever happens below, the previous identity is gone. */
-	generation.valid = false;
-	forget();
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "authgres: SPI_connect failed");
-	refuse_role_defaults(role, name);
-	number = draw_generation();
-	SPI_finish();
-	generation.number = number;
-	generation.role = role;
-	generation.valid = true;
-	PG_RETURN_TEXT_P(cstring_to_text(psprintf(BINDING_PREFIX ":%d:" INT64_FORMAT ":%s",
-											  MyProcPid, number, name)));
 }
 
 /* SHA-256 of a || b. */
@@ -372,7 +331,7 @@ copy_text(const text *t)
  * it with its answers. NULL when it does not verify.
  */
 static const Verified *
-verify(const char *claims, const char *signature)
+verify(const char *claims, const char *signature, int64 generation, Oid role)
 {
 	uint8		given[MAC_LENGTH];
 	char	   *binding;
@@ -385,8 +344,8 @@ verify(const char *claims, const char *signature)
 
 	if (!parse_signature(signature, given))
 		return NULL;
-	binding = psprintf(BINDING_PREFIX ":%d:" INT64_FORMAT ":%s\n%s", MyProcPid, generation.number,
-					   GetUserNameFromId(generation.role, false), claims);
+	binding = psprintf(BINDING_PREFIX ":%d:" INT64_FORMAT ":%s\n%s", MyProcPid, generation,
+					   GetUserNameFromId(role, false), claims);
 	/* The proxy signs UTF-8, whatever the database's encoding. */
 	message = pg_server_to_any(binding, strlen(binding), PG_UTF8);
 	length = strlen(message);
@@ -415,8 +374,8 @@ verify(const char *claims, const char *signature)
 		verified.uid = *DatumGetUUIDP(DirectFunctionCall1(uuid_in, CStringGetDatum(s)));
 		verified.has_uid = true;
 	}
-	verified.generation = generation.number;
-	verified.role = generation.role;
+	verified.generation = generation;
+	verified.role = role;
 	verified.valid = true;
 	return &verified;
 }
@@ -427,20 +386,23 @@ current(void)
 {
 	const char *claims = GetConfigOption(CLAIMS_SETTING, true, false);
 	const char *signature;
+	int64		generation;
+	Oid			role;
 
-	if (claims == NULL || claims[0] == '\0' || !generation.valid ||
-		GetSessionUserId() != generation.role)
+	if (claims == NULL || claims[0] == '\0')
 		return NULL;
 	signature = GetConfigOption(SIGNATURE_SETTING, true, false);
 	if (signature == NULL)
 		return NULL;
+	generation = current_generation();
+	role = GetSessionUserId();
 	if (verified.valid &&
-		verified.generation == generation.number &&
-		verified.role == generation.role &&
+		verified.generation == generation &&
+		verified.role == role &&
 		strcmp(verified.signature, signature) == 0 &&
 		strcmp(verified.claims, claims) == 0)
 		return &verified;
-	return verify(claims, signature);
+	return verify(claims, signature, generation, role);
 }
 
 /* auth.session_claims(): the verified claims as text. */

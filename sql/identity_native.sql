@@ -5,19 +5,15 @@
 -- library; sql/auth.sql defines the same functions in SQL.
 --
 -- 'authgres' is searched on `dynamic_library_path` (by default `$libdir`,
--- where `make install` in native/ puts it). Only `auth.begin_session()` is
--- SECURITY DEFINER: it reads pg_db_role_setting and draws the generation
--- from the owner's sequence. The others run as the caller and read the
--- keys themselves (see native/authgres.c for how it holds). No function
--- here takes an argument, so a client can hand them no generation and no
--- key.
+-- where `make install` in native/ puts it). `auth.begin_session()` stays
+-- the PL/pgSQL one of sql/auth.sql: both paths draw the generation the
+-- same way, so a database switches path in place with its live sessions.
+-- These run as the caller; the library reads the generation as the
+-- sequence's owner and the keys straight from their table (see
+-- native/authgres.c for how it holds). None takes an argument, so a client
+-- can hand them no generation and no key.
 
 set search_path = pg_catalog, pg_temp;
-
-create or replace function auth.begin_session() returns text
-language c volatile security definer
-set search_path = pg_catalog, pg_temp
-as 'authgres', 'authgres_begin_session';
 
 create or replace function auth.session_claims() returns text
 language c stable security invoker
@@ -47,8 +43,6 @@ as 'authgres', 'authgres_issuer';
 drop function if exists auth.verify_session();
 drop function if exists auth.claims_mark(bigint, text, text);
 
-revoke all on function auth.begin_session() from public;
-grant execute on function auth.begin_session() to public;
 revoke all on function auth.session_claims(), auth.session(), auth.jwt(), auth.user_id(),
     auth.uid(), auth.issuer() from public;
 grant execute on function auth.session_claims(), auth.session(), auth.jwt(), auth.user_id(),

@@ -77,11 +77,6 @@ fn almost_expired(stack: &Stack, sub: &str) -> String {
     )
 }
 
-/// Whether init-db installed the native identity path for this stack.
-fn native(stack: &Stack) -> bool {
-    common::identity_path(&stack.init_db_output) == "native"
-}
-
 fn forged_claims(sub: &str) -> String {
     json!({"sub": sub, "iss": "whatever", "exp": 4_000_000_000u64}).to_string()
 }
@@ -171,9 +166,9 @@ async fn reset_of_each_setting_and_reset_all_inside_and_outside_transactions() {
     ] {
         let carol = login(&stack, "user_carol").await;
         carol.batch_execute(statement).await.expect(statement);
-        if statement == "discard sequences" && !native(&stack) {
-            // The portable path reads its generation with currval, which
-            // DISCARD SEQUENCES undefines: refused until the next attach.
+        if statement == "discard sequences" {
+            // Both paths read the generation with currval, which DISCARD
+            // SEQUENCES undefines: refused until the next attach.
             let error = carol
                 .query_one("select auth.user_id()", &[])
                 .await
@@ -199,9 +194,9 @@ async fn discard_all_and_discard_temp() {
     ] {
         let carol = login(&stack, "user_carol").await;
         carol.batch_execute(statement).await.expect(statement);
-        if statement == "discard sequences" && !native(&stack) {
-            // The portable path reads its generation with currval, which
-            // DISCARD SEQUENCES undefines: refused until the next attach.
+        if statement == "discard sequences" {
+            // Both paths read the generation with currval, which DISCARD
+            // SEQUENCES undefines: refused until the next attach.
             let error = carol
                 .query_one("select auth.user_id()", &[])
                 .await

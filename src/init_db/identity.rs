@@ -71,15 +71,12 @@ pub async fn install(
             format!("identity path: {}: {reason}", Path::Portable.describe()),
         ),
     };
-    match (before, path) {
-        (Some(Path::Portable), Path::Native) => line.push_str(
-            "\n  switched from portable: sessions attached before have no identity (NULL) until \
-             the proxy attaches them again (their next client, or a reconnect)",
-        ),
-        (Some(Path::Native), Path::Portable) => {
-            line.push_str("\n  switched from native: sessions attached before keep their identity");
-        }
-        _ => {}
+    if let Some(old) = before.filter(|old| *old != path) {
+        line.push_str(&format!(
+            "\n  switched from {}; both paths draw the generation alike, so attached sessions \
+             and pooled backends keep their identity",
+            old.describe()
+        ));
     }
     Ok((path, line))
 }
