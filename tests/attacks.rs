@@ -14,7 +14,7 @@ mod common;
 use std::time::Duration;
 
 use authgres_sandbox::TokenSpec;
-use common::{Stack, user_id};
+use common::{Stack, backend_pid, user_id};
 use serde_json::json;
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
@@ -166,19 +166,6 @@ async fn reset_of_each_setting_and_reset_all_inside_and_outside_transactions() {
     ] {
         let carol = login(&stack, "user_carol").await;
         carol.batch_execute(statement).await.expect(statement);
-        if statement == "discard sequences" {
-            // Both paths read the generation with currval, which DISCARD
-            // SEQUENCES undefines: refused until the next attach.
-            let error = carol
-                .query_one("select auth.user_id()", &[])
-                .await
-                .expect_err("no generation after DISCARD SEQUENCES");
-            assert_eq!(
-                error.code(),
-                Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE)
-            );
-            continue;
-        }
         assert_not_forged(&carol, "user_carol", statement).await;
     }
 }
@@ -924,4 +911,163 @@ async fn transaction_pooling_refuses_the_first_transaction_after_an_enforced_exp
         0,
         "a transaction ran after the token expired"
     );
+}
+
+// ---- what the identity paths remember ------------------------------------
+//
+// The native path keeps the last verified pair in backend memory, the
+// portable path a mark of it in a sequence: neither may answer for a
+// replayed, altered or re-keyed pair.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_verified_pair_does_not_survive_a_reset_of_its_backend() {
+    let stack = Stack::start_with(common::Options {
+        upstream_extra: "pool_size = 1",
+        ..Default::default()
+    })
+    .await;
+    let alice = login(&stack, ALICE).await;
+    let pid = backend_pid(&alice).await;
+    // Verified and remembered in this backend.
+    assert_eq!(user_id(&alice).await.as_deref(), Some(ALICE));
+    let (claims, signature) = capture(&alice).await;
+    drop(alice);
+    let bob = login(&stack, BOB).await;
+    assert_eq!(backend_pid(&bob).await, pid, "one pooled backend");
+    replay(&bob, &claims, &signature).await;
+    assert_eq!(user_id(&bob).await, None, "alice's pair after the reset");
+    let jwt: Option<String> = bob
+        .query_one("select auth.session()::text", &[])
+        .await
+        .expect("session")
+        .get(0);
+    assert_eq!(jwt, None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_verified_pair_answers_only_for_itself() {
+    let stack = Stack::start().await;
+    let carol = login(&stack, "user_carol").await;
+    assert_eq!(user_id(&carol).await.as_deref(), Some("user_carol"));
+    let (claims, signature) = capture(&carol).await;
+    let forged = claims.replace("user_carol", BOB);
+    let mut other = signature.clone().into_bytes();
+    other[0] = if other[0] == b'0' { b'1' } else { b'0' };
+    let other = String::from_utf8(other).expect("hex");
+    for (label, c, s) in [
+        (
+            "forged claims, remembered signature",
+            forged.as_str(),
+            signature.as_str(),
+        ),
+        (
+            "remembered claims, another signature",
+            claims.as_str(),
+            other.as_str(),
+        ),
+        (
+            "remembered claims, upper-case signature",
+            claims.as_str(),
+            &signature.to_uppercase(),
+        ),
+        ("remembered claims, no signature", claims.as_str(), ""),
+        (
+            "remembered claims plus a space",
+            &format!("{claims} "),
+            signature.as_str(),
+        ),
+    ] {
+        replay(&carol, c, s).await;
+        for call in [
+            "auth.user_id()",
+            "auth.session() ->> 'sub'",
+            "auth.jwt() ->> 'sub'",
+        ] {
+            let seen: Option<String> = carol
+                .query_one(&format!("select {call}"), &[])
+                .await
+                .expect(call)
+                .get(0);
+            assert_eq!(seen, None, "{label}: {call}");
+        }
+        // Restoring the verified pair restores the identity.
+        replay(&carol, &claims, &signature).await;
+        assert_eq!(
+            user_id(&carol).await.as_deref(),
+            Some("user_carol"),
+            "{label}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn begin_session_by_the_client_ends_only_its_own_identity() {
+    let stack = Stack::start().await;
+    let alice = login(&stack, ALICE).await;
+    let bob = login(&stack, BOB).await;
+    assert_eq!(user_id(&alice).await.as_deref(), Some(ALICE));
+    let (claims, signature) = capture(&alice).await;
+    let binding: String = alice
+        .query_one("select auth.begin_session()", &[])
+        .await
+        .expect("begin_session")
+        .get(0);
+    assert!(binding.starts_with("authgres-v1:"), "{binding}");
+    assert_eq!(user_id(&alice).await, None, "the old generation's pair");
+    replay(&alice, &claims, &signature).await;
+    assert_eq!(user_id(&alice).await, None, "the old pair, set again");
+    assert_eq!(user_id(&bob).await.as_deref(), Some(BOB), "bob keeps his");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_client_callable_function_takes_a_generation_or_a_key() {
+    let stack = Stack::start().await;
+    let carol = login(&stack, "user_carol").await;
+    // Every auth function a login role may execute takes no argument.
+    let callable: Vec<String> = carol
+        .query(
+            "select p.oid::regprocedure::text from pg_proc p \
+               join pg_namespace n on n.oid = p.pronamespace \
+              where n.nspname = 'auth' and has_function_privilege(p.oid, 'execute') \
+                and p.pronargs > 0",
+            &[],
+        )
+        .await
+        .expect("callable functions")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(callable.is_empty(), "callable with arguments: {callable:?}");
+    // Nor can a client reach the library's entry points itself.
+    for statement in [
+        "create function pg_temp.x() returns text language c as 'authgres', 'authgres_session'",
+        "load 'authgres'",
+        "select auth.verify_session()",
+    ] {
+        let error = carol.batch_execute(statement).await.expect_err(statement);
+        assert!(
+            matches!(error.code(), Some(c) if *c == SqlState::INSUFFICIENT_PRIVILEGE || *c == SqlState::UNDEFINED_FUNCTION),
+            "{statement}: {error}"
+        );
+    }
+    assert_eq!(user_id(&carol).await.as_deref(), Some("user_carol"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_deleted_by_hand_ends_the_identities_it_verified() {
+    let stack = Stack::start().await;
+    let alice = login(&stack, ALICE).await;
+    assert_eq!(user_id(&alice).await.as_deref(), Some(ALICE));
+    // Not through init-db: the trigger on the key table must tell both
+    // paths' memories.
+    stack
+        .installer()
+        .await
+        .batch_execute("delete from auth.claims_keys")
+        .await
+        .expect("delete keys");
+    assert_eq!(user_id(&alice).await, None, "remembered after its key went");
+    stack.init_db(&[]);
+    let bob = login(&stack, BOB).await;
+    assert_eq!(user_id(&bob).await.as_deref(), Some(BOB));
 }
