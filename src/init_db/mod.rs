@@ -265,7 +265,8 @@ async fn init_db(
         Some(v) => eprintln!("auth schema upgraded from v{v} to v{SCHEMA_VERSION}"),
         None => eprintln!("auth schema v{SCHEMA_VERSION} installed"),
     }
-    if previous.is_some_and(|v| v < 4) {
+    if previous.is_some_and(|v| v < 4) && path == IdentityPath::Portable {
+        // They have a generation but no verified mark (new in v4).
         eprintln!(
             "  sessions attached before this upgrade get an error from auth.*() until the proxy \
              attaches them again (their next client, or a reconnect)"
