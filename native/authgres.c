@@ -8,8 +8,8 @@
  * returns, and stores claims and signature (hex) in the settings
  * authgres.claims and authgres.signature. The portable path checks that
  * pair in SQL; this library checks it in C and remembers what it
- * verified, so a call costs two setting lookups, one currval and two
- * string comparisons. See docs/security.md.
+ * verified, so a call costs two setting lookups and two string
+ * comparisons. See docs/security.md.
  *
  * How it holds against a client that can run any SQL:
  * - The generation is this backend's currval of auth.generation_seq, as on
@@ -17,8 +17,14 @@
  *   it, the login roles have no privilege on the sequence, and this code
  *   reads it as the sequence's owner. Both paths share it, so a database
  *   switches path in place, live sessions and pooled backends included.
- *   No entry point here takes an argument: a client can hand it no
- *   generation and no key.
+ *   The value read is kept until begin_session says it drew another
+ *   (auth.generation_drawn(), right after its nextval) or the catalog
+ *   changes under it (any pg_proc invalidation, such as a switch of path,
+ *   or one of the sequence): a stale generation could only let an older
+ *   pair of this backend verify. No entry point here takes an argument: a
+ *   client can hand it no generation and no key, and calling
+ *   generation_drawn (owner-only) would only make the next call read it
+ *   again.
  * - The keys are read from auth.claims_keys (owner-only) by this code,
  *   directly from the table, whenever a pair is not the one last verified:
  *   nothing caches keys. Any change to that table invalidates it in every
@@ -31,10 +37,7 @@
  *   generation), elsewhere (another backend's generation and pid) or for
  *   another role therefore goes through the full check and fails it.
  * - The MAC comparison does not exit early; anything that does not verify
- *   is NULL, so owner-only policies match no rows. A client that runs
- *   DISCARD SEQUENCES leaves its backend without a generation: the
- *   functions raise until the proxy attaches again, as on the portable
- *   path.
+ *   is NULL, so owner-only policies match no rows.
  * - The functions are PARALLEL UNSAFE (the default): a parallel worker
  *   would not have this backend's memory.
  *
@@ -101,9 +104,13 @@ static Oid	keys_relid = InvalidOid;
 /* auth.generation_seq and its owner, looked up again after invalidation. */
 static Oid	generation_relid = InvalidOid;
 static Oid	generation_owner = InvalidOid;
+/* This backend's generation as last read, while known_generation_valid. */
+static bool known_generation_valid = false;
+static int64 known_generation;
 
 void		_PG_init(void);
 
+PG_FUNCTION_INFO_V1(authgres_generation_drawn);
 PG_FUNCTION_INFO_V1(authgres_claims);
 PG_FUNCTION_INFO_V1(authgres_session);
 PG_FUNCTION_INFO_V1(authgres_user_id);
@@ -131,13 +138,32 @@ keys_changed(Datum arg, Oid relid)
 	if (relid == InvalidOid || relid == keys_relid)
 		forget();
 	if (relid == InvalidOid || relid == generation_relid)
+	{
 		generation_relid = InvalidOid;
+		known_generation_valid = false;
+	}
+}
+
+/* A pg_proc invalidation: begin_session may have changed (a path switch). */
+static void
+functions_changed(Datum arg, int cacheid, uint32 hashvalue)
+{
+	known_generation_valid = false;
 }
 
 void
 _PG_init(void)
 {
 	CacheRegisterRelcacheCallback(keys_changed, (Datum) 0);
+	CacheRegisterSyscacheCallback(PROCOID, functions_changed, (Datum) 0);
+}
+
+/* auth.generation_drawn(): begin_session drew a new generation. */
+Datum
+authgres_generation_drawn(PG_FUNCTION_ARGS)
+{
+	known_generation_valid = false;
+	PG_RETURN_VOID();
 }
 
 /*
@@ -152,6 +178,8 @@ current_generation(void)
 	int			saved_context;
 	Datum		value;
 
+	if (known_generation_valid)
+		return known_generation;
 	if (!OidIsValid(generation_relid))
 	{
 		Oid			namespace = get_namespace_oid("auth", false);
@@ -174,7 +202,9 @@ current_generation(void)
 	/* An error here is rethrown; aborting restores the user. */
 	value = DirectFunctionCall1(currval_oid, ObjectIdGetDatum(generation_relid));
 	SetUserIdAndSecContext(saved_user, saved_context);
-	return DatumGetInt64(value);
+	known_generation = DatumGetInt64(value);
+	known_generation_valid = true;
+	return known_generation;
 }
 
 /* SHA-256 of a || b. */

@@ -131,6 +131,16 @@ revoke all on sequence auth.verified_seq from public;
 
 set search_path = pg_catalog, pg_temp;
 
+-- Told of every new generation of this backend. Nothing to do on the
+-- portable path; the native path replaces it with the library's function,
+-- which then reads the generation again instead of on every call.
+create or replace function auth.generation_drawn() returns void
+language sql volatile
+begin atomic
+    select;
+end;
+revoke all on function auth.generation_drawn() from public;
+
 -- Starts a new identity generation for this backend and returns the
 -- binding the proxy signs. Any earlier claims of this backend stop
 -- verifying. A client calling it can only invalidate its own identity.
@@ -163,6 +173,7 @@ begin
     end if;
     generation := pg_catalog.nextval('auth.generation_seq');
     perform pg_catalog.setval('auth.verified_seq', 0);
+    perform auth.generation_drawn();
     return 'authgres-v1:' || pg_catalog.pg_backend_pid() || ':' || generation || ':' || session_user;
 end
 $$;
