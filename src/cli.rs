@@ -67,6 +67,12 @@ enum Command {
         /// Finish a rotation: remove every claims key but the configured one.
         #[arg(long)]
         retire_old_keys: bool,
+        /// Install the portable identity path (core SQL) even where the
+        /// native one (the authgres library, from native/) could be: by
+        /// default init-db installs native when it runs as a superuser and
+        /// the server can load the library, and says which it chose.
+        #[arg(long)]
+        portable: bool,
     },
     /// Validate a configuration file and explain what it does.
     CheckConfig {
@@ -120,6 +126,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             retire_old_keys,
             reset_passwords,
             migration_roles,
+            portable,
         } => {
             let options = crate::init_db::Options {
                 old_keys: if retire_old_keys {
@@ -130,6 +137,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 rotate_claims_key,
                 reset_passwords,
                 migration_roles,
+                identity: if portable {
+                    crate::init_db::IdentityChoice::Portable
+                } else {
+                    crate::init_db::IdentityChoice::Best
+                },
             };
             crate::init_db::run(&config, admin_url.as_deref(), &options).await
         }

@@ -14,7 +14,7 @@ mod common;
 use std::time::Duration;
 
 use authgres_sandbox::TokenSpec;
-use common::{Stack, user_id};
+use common::{Stack, backend_pid, user_id};
 use serde_json::json;
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
@@ -75,6 +75,11 @@ fn almost_expired(stack: &Stack, sub: &str) -> String {
             .issued_at(std::time::SystemTime::now() - hour)
             .ttl(hour - Duration::from_secs(28)),
     )
+}
+
+/// Whether init-db installed the native identity path for this stack.
+fn native(stack: &Stack) -> bool {
+    common::identity_path(&stack.init_db_output) == "native"
 }
 
 fn forged_claims(sub: &str) -> String {
@@ -181,6 +186,25 @@ async fn discard_all_and_discard_temp() {
     ] {
         let carol = login(&stack, "user_carol").await;
         carol.batch_execute(statement).await.expect(statement);
+        if statement == "discard sequences" {
+            // Without this backend's currval of the generation sequence
+            // the functions raise until the next attach (the native path
+            // answers on if it had read the generation before).
+            match carol.query_one("select auth.user_id()", &[]).await {
+                Err(error) => {
+                    assert_eq!(
+                        error.code(),
+                        Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE)
+                    );
+                    continue;
+                }
+                Ok(row) => assert!(
+                    native(&stack),
+                    "portable answered {:?}",
+                    row.get::<_, Option<String>>(0)
+                ),
+            }
+        }
         assert_not_forged(&carol, "user_carol", statement).await;
     }
 }
@@ -479,10 +503,18 @@ async fn the_key_table_and_internal_state_are_out_of_reach() {
         "select * from auth.claims_keys",
         "insert into auth.claims_keys (ipad, opad) values (decode(repeat('00', 64), 'hex'), decode(repeat('00', 64), 'hex'))",
         "delete from auth.claims_keys",
-        "select * from auth.session_generations",
-        "update auth.session_generations set generation = 1",
         "select nextval('auth.generation_seq')",
         "select setval('auth.generation_seq', 1)",
+        "select currval('auth.generation_seq')",
+        "select setval('auth.verified_seq', 1)",
+        "select currval('auth.verified_seq')",
+        // The portable path's internals (absent on the native path).
+        "select auth.verify_session()",
+        "select auth.claims_mark(1, '{}', '')",
+        "select auth.generation_drawn()",
+        // The native library's entry points, reached another way.
+        "create function pg_temp.x() returns text language c as 'authgres', 'authgres_session'",
+        "load 'authgres'",
         "alter function auth.session() owner to authenticated",
         "create or replace function auth.session() returns jsonb language sql as $$ select '{\"sub\":\"user_bob\"}'::jsonb $$",
         "drop function auth.session()",
@@ -801,7 +833,7 @@ async fn init_db_upgrades_an_older_weaker_schema_in_place() {
     );
 
     let out = stack.init_db(&[]);
-    assert!(out.contains("upgraded from v0 to v3"), "{out}");
+    assert!(out.contains("upgraded from v0 to v4"), "{out}");
     let carol = login(&stack, "user_carol").await;
     carol
         .batch_execute(&format!(
@@ -894,4 +926,152 @@ async fn transaction_pooling_refuses_the_first_transaction_after_an_enforced_exp
         0,
         "a transaction ran after the token expired"
     );
+}
+
+// ---- what the identity paths remember ------------------------------------
+//
+// The native path keeps the last verified pair in backend memory, the
+// portable path a mark of it in a sequence: neither may answer for a
+// replayed, altered or re-keyed pair.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_verified_pair_does_not_survive_a_reset_of_its_backend() {
+    let stack = Stack::start_with(common::Options {
+        upstream_extra: "pool_size = 1",
+        ..Default::default()
+    })
+    .await;
+    let alice = login(&stack, ALICE).await;
+    let pid = backend_pid(&alice).await;
+    // Verified and remembered in this backend.
+    assert_eq!(user_id(&alice).await.as_deref(), Some(ALICE));
+    let (claims, signature) = capture(&alice).await;
+    drop(alice);
+    let bob = login(&stack, BOB).await;
+    assert_eq!(backend_pid(&bob).await, pid, "one pooled backend");
+    replay(&bob, &claims, &signature).await;
+    assert_eq!(user_id(&bob).await, None, "alice's pair after the reset");
+    let jwt: Option<String> = bob
+        .query_one("select auth.session()::text", &[])
+        .await
+        .expect("session")
+        .get(0);
+    assert_eq!(jwt, None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_verified_pair_answers_only_for_itself() {
+    let stack = Stack::start().await;
+    let carol = login(&stack, "user_carol").await;
+    assert_eq!(user_id(&carol).await.as_deref(), Some("user_carol"));
+    let (claims, signature) = capture(&carol).await;
+    let forged = claims.replace("user_carol", BOB);
+    let mut other = signature.clone().into_bytes();
+    other[0] = if other[0] == b'0' { b'1' } else { b'0' };
+    let other = String::from_utf8(other).expect("hex");
+    for (label, c, s) in [
+        (
+            "forged claims, remembered signature",
+            forged.as_str(),
+            signature.as_str(),
+        ),
+        (
+            "remembered claims, another signature",
+            claims.as_str(),
+            other.as_str(),
+        ),
+        (
+            "remembered claims, upper-case signature",
+            claims.as_str(),
+            &signature.to_uppercase(),
+        ),
+        ("remembered claims, no signature", claims.as_str(), ""),
+        (
+            "remembered claims plus a space",
+            &format!("{claims} "),
+            signature.as_str(),
+        ),
+    ] {
+        replay(&carol, c, s).await;
+        for call in [
+            "auth.user_id()",
+            "auth.session() ->> 'sub'",
+            "auth.jwt() ->> 'sub'",
+        ] {
+            let seen: Option<String> = carol
+                .query_one(&format!("select {call}"), &[])
+                .await
+                .expect(call)
+                .get(0);
+            assert_eq!(seen, None, "{label}: {call}");
+        }
+        // Restoring the verified pair restores the identity.
+        replay(&carol, &claims, &signature).await;
+        assert_eq!(
+            user_id(&carol).await.as_deref(),
+            Some("user_carol"),
+            "{label}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn begin_session_by_the_client_ends_only_its_own_identity() {
+    let stack = Stack::start().await;
+    let alice = login(&stack, ALICE).await;
+    let bob = login(&stack, BOB).await;
+    assert_eq!(user_id(&alice).await.as_deref(), Some(ALICE));
+    let (claims, signature) = capture(&alice).await;
+    let binding: String = alice
+        .query_one("select auth.begin_session()", &[])
+        .await
+        .expect("begin_session")
+        .get(0);
+    assert!(binding.starts_with("authgres-v1:"), "{binding}");
+    assert_eq!(user_id(&alice).await, None, "the old generation's pair");
+    replay(&alice, &claims, &signature).await;
+    assert_eq!(user_id(&alice).await, None, "the old pair, set again");
+    assert_eq!(user_id(&bob).await.as_deref(), Some(BOB), "bob keeps his");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_client_callable_function_takes_an_argument() {
+    let stack = Stack::start().await;
+    let carol = login(&stack, "user_carol").await;
+    // Every auth function a login role may execute takes no argument.
+    let callable: Vec<String> = carol
+        .query(
+            "select p.oid::regprocedure::text from pg_proc p \
+               join pg_namespace n on n.oid = p.pronamespace \
+              where n.nspname = 'auth' and has_function_privilege(p.oid, 'execute') \
+                and p.pronargs > 0",
+            &[],
+        )
+        .await
+        .expect("callable functions")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(callable.is_empty(), "callable with arguments: {callable:?}");
+    // The library's entry points: see the_key_table_and_internal_state_are_out_of_reach.
+    assert_eq!(user_id(&carol).await.as_deref(), Some("user_carol"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_deleted_by_hand_ends_the_identities_it_verified() {
+    let stack = Stack::start().await;
+    let alice = login(&stack, ALICE).await;
+    assert_eq!(user_id(&alice).await.as_deref(), Some(ALICE));
+    // Not through init-db: the trigger on the key table must tell both
+    // paths' memories.
+    stack
+        .installer()
+        .await
+        .batch_execute("delete from auth.claims_keys")
+        .await
+        .expect("delete keys");
+    assert_eq!(user_id(&alice).await, None, "remembered after its key went");
+    stack.init_db(&[]);
+    let bob = login(&stack, BOB).await;
+    assert_eq!(user_id(&bob).await.as_deref(), Some(BOB));
 }

@@ -325,7 +325,7 @@ async fn a_single_provider_is_unchanged_and_the_schema_upgrades() {
         .await
         .expect("back to v2");
     let out = stack.init_db(&[]);
-    assert!(out.contains("upgraded from v2 to v3"), "{out}");
+    assert!(out.contains("upgraded from v2 to v4"), "{out}");
     let client = stack.login(SUB).await;
     assert_eq!(who(&client).await.1.as_deref(), Some(stack.issuer.issuer()));
 }

@@ -16,11 +16,15 @@ use crate::config::Loaded;
 
 mod admin;
 mod grants;
+mod identity;
+mod policies;
 mod roles;
 mod shared_role;
 mod sql;
 
-/// The auth schema, applied verbatim.
+pub use identity::{Choice as IdentityChoice, Path as IdentityPath};
+
+/// The auth schema with the portable identity path, applied verbatim.
 pub const AUTH_SQL: &str = include_str!("../../sql/auth.sql");
 
 /// What `init-db` was asked to do besides installing.
@@ -35,6 +39,8 @@ pub struct Options {
     /// Roles that create tables later (migrations): tables they create are
     /// granted to the login roles as they appear.
     pub migration_roles: Vec<String>,
+    /// Which identity path to install: native where possible, or portable.
+    pub identity: IdentityChoice,
 }
 
 /// Installs or repairs everything in the database the administrator's
@@ -136,8 +142,10 @@ pub enum OldKeys {
     Retire,
 }
 
-/// The schema version `sql/auth.sql` installs (3: `auth.issuer()`).
-pub const SCHEMA_VERSION: i32 = 3;
+/// The schema version `sql/auth.sql` installs (4: the generation from
+/// `currval`, the verified mark, `auth.session_claims()`, and the native
+/// path beside it).
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// Writes a fresh claims key into the secrets file, replacing the current
 /// one there; the database keeps accepting the old key until
@@ -233,20 +241,34 @@ async fn init_db(
     )
     .await?;
     let mut report = roles::Report::default();
-    let tx = client.transaction().await?;
+    let mut tx = client.transaction().await?;
     for name in loaded.file.roles.keys() {
         let password = passwords
             .get(name)
             .map_or(roles::Password::Keep, |p| roles::Password::Set(p));
         roles::ensure(&tx, name, existing.get(name), password, &mut report).await?;
     }
+    let path_before = identity::installed(&tx).await?;
     let previous = install_schema(&tx, &administrator.name).await?;
+    let (path, path_line) = identity::install(
+        &mut tx,
+        path_before,
+        administrator.superuser,
+        options.identity,
+    )
+    .await?;
     let others = install_key(&tx, &key, options.old_keys).await?;
     for (name, role) in &loaded.file.roles {
         grants::public_schema(&tx, name, role.table_access(), &options.migration_roles).await?;
     }
     shared_role::close(&tx).await?;
     tx.commit().await?;
+    // A new keys' epoch now that the keys above are visible: a portable
+    // mark made meanwhile, under the keys before, is checked again.
+    client
+        .batch_execute("select pg_catalog.nextval('auth.keys_epoch_seq')")
+        .await
+        .context("starting a new keys' epoch")?;
     for line in &report.lines {
         eprintln!("{line}");
     }
@@ -255,6 +277,14 @@ async fn init_db(
         Some(v) => eprintln!("auth schema upgraded from v{v} to v{SCHEMA_VERSION}"),
         None => eprintln!("auth schema v{SCHEMA_VERSION} installed"),
     }
+    if previous.is_some_and(|v| v < 4) && path == IdentityPath::Portable {
+        // They have a generation but no verified mark (new in v4).
+        eprintln!(
+            "  sessions attached before this upgrade get an error from auth.*() until the proxy \
+             attaches them again (their next client, or a reconnect)"
+        );
+    }
+    eprintln!("{path_line}");
     if others > 0 {
         eprintln!(
             "{others} older claims key(s) still accepted: once every proxy runs with the new \
@@ -264,6 +294,11 @@ async fn init_db(
     let login_roles: Vec<String> = loaded.file.roles.keys().cloned().collect();
     for line in grants::without_rls(&client).await? {
         eprintln!("{line}");
+    }
+    if path == IdentityPath::Portable {
+        for line in policies::unwrapped(&client).await? {
+            eprintln!("{line}");
+        }
     }
     if options.migration_roles.is_empty() {
         eprintln!(

@@ -69,16 +69,68 @@ pub async fn connect_admin(url: &str) -> tokio_postgres::Client {
     client
 }
 
+/// Which identity path the tests ask init-db for:
+/// `AUTHGRES_TEST_IDENTITY` = `native` (init-db must choose it, or the
+/// test fails), `portable` (every init-db gets `--portable`, so CI can run
+/// the attack suites on it where native is available), unset: whatever
+/// init-db chooses (native on a superuser install where the sandbox could
+/// build the library).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityRequest {
+    Chosen,
+    Native,
+    Portable,
+}
+
+impl IdentityRequest {
+    /// The one `AUTHGRES_TEST_IDENTITY` selects.
+    pub fn from_env() -> Self {
+        match std::env::var("AUTHGRES_TEST_IDENTITY").as_deref() {
+            Ok("native") => Self::Native,
+            Ok("portable") => Self::Portable,
+            Ok("") | Err(_) => Self::Chosen,
+            Ok(other) => panic!("AUTHGRES_TEST_IDENTITY={other}: native or portable"),
+        }
+    }
+}
+
+/// The identity path init-db's output says it installed: "native" or
+/// "portable".
+pub fn identity_path(init_db_output: &str) -> &'static str {
+    if init_db_output.contains("identity path: native") {
+        "native"
+    } else {
+        assert!(
+            init_db_output.contains("identity path: portable"),
+            "init-db did not say which identity path it installed: {init_db_output}"
+        );
+        "portable"
+    }
+}
+
 pub(super) fn run_init_db(config: &Path, admin_url: &str, args: &[&str]) -> String {
-    let init = Command::new(BIN)
+    let request = IdentityRequest::from_env();
+    let mut command = Command::new(BIN);
+    command
         .args(["init-db", "--config"])
         .arg(config)
         .args(["--admin-url", admin_url])
         .args(args)
-        .env("PGSSLMODE", "disable")
-        .output()
-        .expect("run init-db");
+        .env("PGSSLMODE", "disable");
+    if request == IdentityRequest::Portable && !args.contains(&"--portable") {
+        command.arg("--portable");
+    }
+    let init = command.output().expect("run init-db");
     let stderr = String::from_utf8_lossy(&init.stderr).into_owned();
     assert!(init.status.success(), "init-db {args:?} failed: {stderr}");
+    let path = identity_path(&stderr);
+    // Which path this test runs on, for whoever reads its output.
+    eprintln!("init-db installed the {path} identity path");
+    if request == IdentityRequest::Native && !args.contains(&"--portable") {
+        assert_eq!(
+            path, "native",
+            "AUTHGRES_TEST_IDENTITY=native, but init-db installed the portable path: {stderr}"
+        );
+    }
     stderr
 }

@@ -32,7 +32,7 @@ mod stack;
 pub use self::{
     admin::{Samples, parse_metrics},
     fleet::{HAPROXY_SOURCE, Haproxy, Instance, SecondProxy},
-    installer::{Installer, connect_admin},
+    installer::{IdentityRequest, Installer, connect_admin, identity_path},
     queries::{
         active_statements, backend_pid, grant_role_to_authenticated, listening_client, pgbench_rls,
         todos_of, user_id,

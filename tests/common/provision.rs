@@ -1,8 +1,9 @@
 //! What the suite needs beyond Rust, provisioned on first use so that
 //! `cargo nextest run --workspace` passes on a fresh clone.
 //!
-//! - System packages (the Postgres server and client, a JRE and Debian's
-//!   pgjdbc, node and npm, pip, HAProxy): when the suite runs as root and any is
+//! - System packages (the Postgres server, its headers, make and gcc for
+//!   the native identity library, the client, a JRE and Debian's pgjdbc,
+//!   node and npm, pip, HAProxy): when the suite runs as root and any is
 //!   missing, the first test to need them installs all of them with apt;
 //!   otherwise every test that needs them fails with the same one line
 //!   naming all that is missing and how to install it.
@@ -70,6 +71,18 @@ const NEEDS: &[Need] = &[
                     || nix::unistd::User::from_name("postgres").is_ok_and(|u| u.is_some()))
         },
     },
+    // The headers of Debian's default server (postgresql-server-dev-15 on
+    // bookworm) and make: the sandbox builds the native identity library
+    // with them, so the suite runs the native path where Debian has a
+    // server.
+    Need {
+        package: "postgresql-server-dev-all",
+        present: || debian_server_headers() && on_path("make"),
+    },
+    Need {
+        package: "gcc",
+        present: || on_path("gcc"),
+    },
     Need {
         package: "postgresql-client",
         present: || super::psql_path().is_file() || on_path("psql"),
@@ -104,6 +117,31 @@ const NEEDS: &[Need] = &[
         },
     },
 ];
+
+/// Whether the newest Debian server (the one the sandbox picks when no
+/// other is named) has its headers installed.
+fn debian_server_headers() -> bool {
+    let newest = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .max();
+    let Some(major) = newest else {
+        // Installed together with the postgresql package.
+        return false;
+    };
+    Command::new(format!("/usr/lib/postgresql/{major}/bin/pg_config"))
+        .arg("--includedir-server")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .is_some_and(|o| {
+            Path::new(String::from_utf8_lossy(&o.stdout).trim())
+                .join("postgres.h")
+                .is_file()
+        })
+}
 
 /// Debian's pgjdbc.
 pub const PGJDBC_JAR: &str = "/usr/share/java/postgresql.jar";

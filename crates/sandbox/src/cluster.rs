@@ -25,6 +25,9 @@ pub struct Cluster {
     password: String,
     /// How to start the server again.
     server: Server,
+    /// Where the native identity library built for this server is, when
+    /// it could be built (see [`crate::native`]).
+    native_library: Option<PathBuf>,
 }
 
 /// What starting the server takes.
@@ -59,6 +62,7 @@ impl Cluster {
 
     fn start_inner(tls: Option<&crate::tls::TestCerts>, settings: &[&str]) -> anyhow::Result<Self> {
         let bindir = find_postgres_bindir()?;
+        let native_library = crate::native::library_dir(&bindir)?;
         let owner = OsUser::for_postgres()?;
         let dir = tempfile::Builder::new()
             .prefix("authgres-pg-")
@@ -69,6 +73,14 @@ impl Cluster {
         let data = dir.path().join("data");
         init(&bindir, &owner, dir.path(), &data, &password)?;
         let mut args = server_args(&owner, dir.path(), tls)?;
+        if let Some(library) = &native_library {
+            // Searched first for `LANGUAGE C AS 'authgres'`; the server's
+            // own directory after it.
+            args.extend([
+                "-c".to_owned(),
+                format!("dynamic_library_path={}:$libdir", library.display()),
+            ]);
+        }
         for setting in settings {
             args.extend(["-c".to_owned(), (*setting).to_owned()]);
         }
@@ -83,6 +95,7 @@ impl Cluster {
                 data,
                 args,
             },
+            native_library,
         };
         let mut last_error = None;
         for _ in 0..3 {
@@ -170,6 +183,13 @@ impl Cluster {
         }
         let _ = postmaster.kill();
         let _ = postmaster.wait();
+    }
+
+    /// The directory on this server's `dynamic_library_path` that holds the
+    /// native identity library, when one could be built for it: init-db
+    /// run as superuser then installs the native path.
+    pub fn native_library_dir(&self) -> Option<&Path> {
+        self.native_library.as_deref()
     }
 
     /// The loopback address the cluster listens on.
