@@ -472,3 +472,69 @@ async fn the_admin_api_mirrors_the_console_with_the_console_users_credentials() 
         "{body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn under_pgbench_reconnect_fails_nothing_and_kill_client_ends_exactly_one_client() {
+    let stack = Stack::start_with(Options {
+        upstream_extra: "pool_mode = \"transaction\"\npool_size = 4\n",
+        ..Options::default()
+    })
+    .await;
+    let script = stack.dir.path().join("load.sql");
+    std::fs::write(
+        &script,
+        "begin;\nselect pg_sleep(0.002);\nselect auth.user_id();\ncommit;\n",
+    )
+    .expect("script");
+    let pgbench = std::process::Command::new(psql_path().with_file_name("pgbench"))
+        .args(["-n", "-c", "4", "-j", "2", "-T", "6", "-M", "simple", "-f"])
+        .arg(&script)
+        .args(["-h", "127.0.0.1", "-p", &stack.port.to_string()])
+        .args(["-U", "authenticated", DATABASE])
+        .env("PGPASSWORD", stack.issuer.token("user_bench"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("pgbench");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let ops = ops(&stack).await;
+    let backends = |servers: &[std::collections::HashMap<String, Option<String>>]| {
+        servers
+            .iter()
+            .filter_map(|s| s["remote_pid"].clone())
+            .collect::<std::collections::HashSet<_>>()
+    };
+    let before = backends(&show(&ops, "SHOW SERVERS").await);
+    show(&ops, "RECONNECT").await;
+    show(&ops, "WAIT_CLOSE").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = backends(&show(&ops, "SHOW SERVERS").await);
+    assert!(
+        !after.is_empty() && before.is_disjoint(&after),
+        "{before:?} then {after:?}"
+    );
+
+    let victim = show(&ops, "SHOW CLIENTS")
+        .await
+        .into_iter()
+        .find(|c| c["sub"].as_deref() == Some("user_bench"))
+        .and_then(|c| c["id"].clone())
+        .expect("a pgbench client");
+    show(&ops, &format!("KILL_CLIENT {victim}")).await;
+
+    let output = pgbench.wait_with_output().expect("pgbench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let aborted = stderr
+        .lines()
+        .filter(|l| l.contains(" aborted in command "))
+        .count();
+    assert_eq!(
+        aborted, 1,
+        "exactly the killed client ends:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("number of failed transactions: 0"),
+        "{stdout}"
+    );
+}
