@@ -337,22 +337,12 @@ async fn pause_and_resume_under_pgbench_load_fail_no_transaction() {
         ..Options::default()
     })
     .await;
-    let script = stack.dir.path().join("pause.sql");
-    std::fs::write(
-        &script,
+    let pgbench = common::spawn_pgbench(
+        &stack,
         "begin;\nselect pg_sleep(0.002);\nselect auth.user_id();\ncommit;\n",
-    )
-    .expect("script");
-    let pgbench = std::process::Command::new(psql_path().with_file_name("pgbench"))
-        .args(["-n", "-c", "6", "-j", "2", "-T", "6", "-M", "simple", "-f"])
-        .arg(&script)
-        .args(["-h", "127.0.0.1", "-p", &stack.port.to_string()])
-        .args(["-U", "authenticated", DATABASE])
-        .env("PGPASSWORD", stack.issuer.token("user_bench"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("pgbench");
+        6,
+        6,
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let ops = ops(&stack).await;
     show(&ops, "PAUSE").await;
@@ -480,22 +470,12 @@ async fn under_pgbench_reconnect_fails_nothing_and_kill_client_ends_exactly_one_
         ..Options::default()
     })
     .await;
-    let script = stack.dir.path().join("load.sql");
-    std::fs::write(
-        &script,
+    let pgbench = common::spawn_pgbench(
+        &stack,
         "begin;\nselect pg_sleep(0.002);\nselect auth.user_id();\ncommit;\n",
-    )
-    .expect("script");
-    let pgbench = std::process::Command::new(psql_path().with_file_name("pgbench"))
-        .args(["-n", "-c", "4", "-j", "2", "-T", "6", "-M", "simple", "-f"])
-        .arg(&script)
-        .args(["-h", "127.0.0.1", "-p", &stack.port.to_string()])
-        .args(["-U", "authenticated", DATABASE])
-        .env("PGPASSWORD", stack.issuer.token("user_bench"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("pgbench");
+        4,
+        6,
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let ops = ops(&stack).await;
     let backends = |servers: &[std::collections::HashMap<String, Option<String>>]| {

@@ -15,7 +15,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use authgres_sandbox::Issuer;
-use common::{DATABASE, Options, Samples, Stack, psql_path};
+use common::{DATABASE, Options, Samples, Stack};
 use nix::sys::signal::Signal;
 
 fn delta(before: &Samples, after: &Samples, sample: &str) -> f64 {
@@ -64,22 +64,12 @@ async fn sigterm_drains_pgbench_in_transaction_mode_and_the_long_transaction_com
     })
     .await;
     create_log_table(&stack).await;
-    let script = stack.dir.path().join("drain.sql");
-    std::fs::write(
-        &script,
+    let pgbench = common::spawn_pgbench(
+        &stack,
         "begin;\ninsert into drained (client) values ('bench');\nselect pg_sleep(0.002);\ncommit;\n",
-    )
-    .expect("script");
-    let pgbench = std::process::Command::new(psql_path().with_file_name("pgbench"))
-        .args(["-n", "-c", "8", "-j", "2", "-T", "30", "-M", "simple", "-f"])
-        .arg(&script)
-        .args(["-h", "127.0.0.1", "-p", &stack.port.to_string()])
-        .args(["-U", "authenticated", DATABASE])
-        .env("PGPASSWORD", stack.issuer.token("user_bench"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("pgbench");
+        8,
+        30,
+    );
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let long = stack.login("user_long").await;
     let long_transaction = tokio::spawn(async move {

@@ -35,7 +35,7 @@ pub use self::{
     installer::{IdentityRequest, Installer, connect_admin, identity_path},
     queries::{
         active_statements, backend_pid, grant_role_to_authenticated, listening_client, pgbench_rls,
-        todos_of, user_id,
+        spawn_pgbench, todos_of, user_id,
     },
     raw::{RawClient, error_fields, message},
     stack::{Options, Stack},

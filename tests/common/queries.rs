@@ -119,6 +119,35 @@ pub fn pgbench_rls(stack: &Stack, token: &str, clients: u32) -> String {
     stdout
 }
 
+/// Starts pgbench against the proxy as `user_bench`: `script` (its text)
+/// in simple mode from `clients` clients for `seconds`, output piped.
+pub fn spawn_pgbench(
+    stack: &Stack,
+    script: &str,
+    clients: u32,
+    seconds: u32,
+) -> std::process::Child {
+    let path = stack
+        .dir
+        .path()
+        .join(format!("load-{clients}-{seconds}.sql"));
+    std::fs::write(&path, script).expect("script");
+    std::process::Command::new(psql_path().with_file_name("pgbench"))
+        .args(["-n", "-j", "2", "-M", "simple", "-c"])
+        .arg(clients.to_string())
+        .arg("-T")
+        .arg(seconds.to_string())
+        .arg("-f")
+        .arg(&path)
+        .args(["-h", "127.0.0.1", "-p", &stack.port.to_string()])
+        .args(["-U", "authenticated", DATABASE])
+        .env("PGPASSWORD", stack.issuer.token("user_bench"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("pgbench")
+}
+
 /// How many backends are running exactly `query` now, as the sandbox's
 /// superuser sees them (whoever's they are).
 pub async fn active_statements(stack: &Stack, query: &str) -> i64 {
