@@ -120,7 +120,7 @@ pub fn check(policy: &Policy, request: &LoginRequest<'_>) -> Result<Need, Refusa
         .roles
         .get(request.role)
         .ok_or_else(|| Refusal::UnknownRole(request.role.to_owned()))?;
-    if !policy.databases.is_empty() && !policy.databases.iter().any(|d| d == request.database) {
+    if !policy.serves_database(request.database) {
         return Err(Refusal::UnknownDatabase(request.database.to_owned()));
     }
     if !role.requires_token {

@@ -22,6 +22,13 @@ pub struct Policy {
     pub tls_offered: bool,
 }
 
+impl Policy {
+    /// Whether `database` is one the proxy serves.
+    pub fn serves_database(&self, database: &str) -> bool {
+        self.databases.is_empty() || self.databases.iter().any(|d| d == database)
+    }
+}
+
 /// Every default, in one place.
 pub mod defaults {
     use std::time::Duration;
@@ -254,22 +261,17 @@ impl ConsoleConfig {
     pub fn authenticate(&self, user: &str, password: &str) -> Option<ConsoleAccess> {
         let mut access = None;
         for candidate in &self.users {
-            let same = constant_time_eq(candidate.password.as_bytes(), password.as_bytes());
+            let same = aws_lc_rs::constant_time::verify_slices_are_equal(
+                candidate.password.as_bytes(),
+                password.as_bytes(),
+            )
+            .is_ok();
             if same && candidate.name == user {
                 access = Some(candidate.access);
             }
         }
         access
     }
-}
-
-/// Compares without stopping at the first difference.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut difference = a.len() ^ b.len();
-    for (x, y) in a.iter().zip(b.iter()) {
-        difference |= usize::from(x ^ y);
-    }
-    difference == 0
 }
 
 impl std::fmt::Debug for ConsoleConfig {

@@ -229,8 +229,7 @@ fn check_database(proxy: &Proxy, database: Option<&str>) -> Result<(), Failed> {
     let Some(database) = database else {
         return Ok(());
     };
-    let served = &proxy.settings().config.admission.databases;
-    if served.is_empty() || served.iter().any(|d| d == database) {
+    if proxy.settings().config.admission.serves_database(database) {
         Ok(())
     } else {
         Err(Failed::new(
