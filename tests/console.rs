@@ -39,11 +39,11 @@ async fn ops(stack: &Stack) -> tokio_postgres::Client {
         .expect("ops logs in to the console")
 }
 
-/// The rows of `command`, each as column name → value.
-async fn show(
-    client: &tokio_postgres::Client,
-    command: &str,
-) -> Vec<std::collections::HashMap<String, Option<String>>> {
+/// A result row: column name → value.
+type Row = std::collections::HashMap<String, Option<String>>;
+
+/// The rows of `command`.
+async fn show(client: &tokio_postgres::Client, command: &str) -> Vec<Row> {
     client
         .simple_query(command)
         .await
@@ -60,6 +60,19 @@ async fn show(
             _ => None,
         })
         .collect()
+}
+
+/// One short transaction that reads the identity: pgbench's script.
+const LOAD: &str = "begin;\nselect pg_sleep(0.002);\nselect auth.user_id();\ncommit;\n";
+
+/// The `SHOW POOLS` row of the wire pool for (app, authenticated).
+fn wire_pool_of_app(pools: &[Row]) -> &Row {
+    pools
+        .iter()
+        .find(|p| {
+            p["database"].as_deref() == Some(DATABASE) && p["pool"].as_deref() == Some("wire")
+        })
+        .expect("the wire pool of app in SHOW POOLS")
 }
 
 fn code(error: &tokio_postgres::Error) -> String {
@@ -106,12 +119,7 @@ async fn show_commands_list_clients_servers_and_pools_with_pgbouncers_columns() 
     assert_eq!(server["link"], alice_row["id"], "linked to alice's client");
 
     let pools = show(&ops, "SHOW POOLS").await;
-    let pool = pools
-        .iter()
-        .find(|p| {
-            p["database"].as_deref() == Some(DATABASE) && p["pool"].as_deref() == Some("wire")
-        })
-        .expect("the wire pool of app");
+    let pool = wire_pool_of_app(&pools);
     assert_eq!(pool["user"].as_deref(), Some("authenticated"));
     assert_eq!(pool["cl_active"].as_deref(), Some("1"));
     assert_eq!(pool["sv_active"].as_deref(), Some("1"));
@@ -337,24 +345,14 @@ async fn pause_and_resume_under_pgbench_load_fail_no_transaction() {
         ..Options::default()
     })
     .await;
-    let pgbench = common::spawn_pgbench(
-        &stack,
-        "begin;\nselect pg_sleep(0.002);\nselect auth.user_id();\ncommit;\n",
-        6,
-        6,
-    );
+    let pgbench = common::spawn_pgbench(&stack, LOAD, 6, 6);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let ops = ops(&stack).await;
     show(&ops, "PAUSE").await;
     // Paused: no backend is checked out, the clients wait.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let pools = show(&ops, "SHOW POOLS").await;
-    let pool = pools
-        .iter()
-        .find(|p| {
-            p["database"].as_deref() == Some(DATABASE) && p["pool"].as_deref() == Some("wire")
-        })
-        .expect("the wire pool");
+    let pool = wire_pool_of_app(&pools);
     assert_eq!(pool["sv_active"].as_deref(), Some("0"), "{pools:?}");
     assert!(
         pool["cl_waiting"].as_deref().is_some_and(|n| n != "0"),
@@ -470,15 +468,10 @@ async fn under_pgbench_reconnect_fails_nothing_and_kill_client_ends_exactly_one_
         ..Options::default()
     })
     .await;
-    let pgbench = common::spawn_pgbench(
-        &stack,
-        "begin;\nselect pg_sleep(0.002);\nselect auth.user_id();\ncommit;\n",
-        4,
-        6,
-    );
+    let pgbench = common::spawn_pgbench(&stack, LOAD, 4, 6);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let ops = ops(&stack).await;
-    let backends = |servers: &[std::collections::HashMap<String, Option<String>>]| {
+    let backends = |servers: &[Row]| {
         servers
             .iter()
             .filter_map(|s| s["remote_pid"].clone())
