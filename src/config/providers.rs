@@ -32,6 +32,8 @@ pub struct Provider {
     #[serde(default, with = "humantime_serde")]
     pub max_token_age: Option<Duration>,
     pub role_claim: Option<String>,
+    /// JSON path of the claim naming the client's tenant (`$.org_id`).
+    pub tenant_claim: Option<String>,
     pub shared_secret_env: Option<String>,
     #[serde(default = "defaults::min_ttl", with = "humantime_serde")]
     pub jwks_min_ttl: Duration,
@@ -170,6 +172,12 @@ impl Loaded {
         config.max_token_age = p.max_token_age;
         config.role_claim = p
             .role_claim
+            .as_deref()
+            .map(ClaimPath::parse)
+            .transpose()
+            .with_context(context)?;
+        config.tenant_claim = p
+            .tenant_claim
             .as_deref()
             .map(ClaimPath::parse)
             .transpose()

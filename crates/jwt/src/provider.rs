@@ -89,6 +89,9 @@ pub struct ProviderConfig {
     pub max_token_age: Option<Duration>,
     /// Take the database role from this claim instead of the startup user.
     pub role_claim: Option<ClaimPath>,
+    /// The claim naming the client's tenant (Clerk's `$.org_id`), for
+    /// routing to a tenant's database and for limits per tenant.
+    pub tenant_claim: Option<ClaimPath>,
     /// Shared secret for HS256/384/512 (Supabase's legacy JWT secret).
     pub shared_secret: Option<Vec<u8>>,
     /// JWKS fetching and caching.
@@ -111,6 +114,7 @@ impl ProviderConfig {
             required_claims: Vec::new(),
             max_token_age: None,
             role_claim: None,
+            tenant_claim: None,
             shared_secret: None,
             fetch: FetchSettings::default(),
             user_ids: UserIds::default(),

@@ -41,12 +41,21 @@ pub struct Identity {
     pub claims_json: Arc<str>,
     /// The token's `exp` (unix seconds).
     pub expires_at: u64,
+    /// The provider's issuer (the token's `iss`), for audit.
+    pub issuer: Arc<str>,
+    /// The token's `jti`, when it has one, for audit.
+    pub token_id: Option<String>,
+    /// The tenant the token belongs to: the provider's `tenant_claim`
+    /// (Clerk's `org_id`), when it has one and the token carries it.
+    pub tenant: Option<String>,
 }
 
 /// Verifies tokens against the configured providers.
 pub struct Verifier {
     providers: Vec<Arc<ProviderConfig>>,
     names: Vec<Arc<str>>,
+    /// Their issuers, shared by every identity they verify.
+    issuers: Vec<Arc<str>>,
     /// Each provider's user-id prefix and the prefixes it must keep out of.
     namespaces: Namespaces,
     keys: Arc<KeyStore>,
@@ -132,6 +141,10 @@ impl Verifier {
             names: providers
                 .iter()
                 .map(|p| Arc::from(p.name.as_str()))
+                .collect(),
+            issuers: providers
+                .iter()
+                .map(|p| Arc::from(p.issuer.as_str()))
                 .collect(),
             namespaces,
             providers,
@@ -312,6 +325,11 @@ impl Verifier {
             signed.insert("sub".to_owned(), Value::String(user_id.clone()));
             crate::claims_json::ascii_json(&signed)?
         };
+        let tenant = tenant(provider, &claims)?;
+        let token_id = match claims.get("jti") {
+            Some(Value::String(jti)) => Some(crate::error::cut(jti)),
+            _ => None,
+        };
         let identity = Identity {
             provider: Arc::clone(&self.names[index]),
             subject,
@@ -319,6 +337,9 @@ impl Verifier {
             role: String::new(),
             claims_json: Arc::from(claims_json),
             expires_at,
+            issuer: Arc::clone(&self.issuers[index]),
+            token_id,
+            tenant,
         };
         Ok(Verified {
             provider: index,
@@ -543,6 +564,30 @@ fn resolve_role(
             provider: provider.name.clone(),
             role: role.to_owned(),
         })
+    }
+}
+
+/// Longest tenant value accepted: a tenant names pools, limits and
+/// databases, so it stays a short key.
+pub const MAX_TENANT_LEN: usize = 128;
+
+/// The token's tenant, by the provider's `tenant_claim`: a string or an
+/// integer, or `None` when the claim is absent (a user outside any
+/// organisation). Any other value is refused rather than guessed at.
+fn tenant(
+    provider: &ProviderConfig,
+    claims: &Map<String, Value>,
+) -> Result<Option<String>, VerifyError> {
+    let Some(path) = &provider.tenant_claim else {
+        return Ok(None);
+    };
+    let bad = || VerifyError::MissingClaim("tenant (tenant_claim): a string or an integer".into());
+    match path.lookup(claims) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(tenant)) if tenant.is_empty() => Ok(None),
+        Some(Value::String(tenant)) if tenant.len() <= MAX_TENANT_LEN => Ok(Some(tenant.clone())),
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(Some(n.to_string())),
+        Some(_) => Err(bad()),
     }
 }
 

@@ -352,6 +352,55 @@ async fn role_claim_required_claims_and_max_token_age() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn tenant_claim_issuer_and_jti_reach_the_identity() {
+    let (issuer, certs) = https_issuer().await;
+    let mut config = provider(&issuer, &certs);
+    config.tenant_claim = Some(ClaimPath::parse("$.o.id").expect("path"));
+    let verifier = Verifier::new(vec![config]).expect("verifier");
+    let t0 = SystemTime::now();
+    let mint = |claims: serde_json::Value| {
+        let mut spec = TokenSpec::new("u");
+        for (k, v) in claims.as_object().expect("object") {
+            spec = spec.claim(k, v.clone());
+        }
+        issuer.mint(&spec)
+    };
+    let acme = mint(json!({"o": {"id": "org_acme"}, "jti": "t-1"}));
+    let identity = verifier.verify(&acme, ROLE, t0).await.expect("verified");
+    assert_eq!(identity.tenant.as_deref(), Some("org_acme"));
+    assert_eq!(identity.token_id.as_deref(), Some("t-1"));
+    assert_eq!(&*identity.issuer, issuer.issuer());
+
+    let numbered = mint(json!({"o": {"id": 42}}));
+    let identity = verifier
+        .verify(&numbered, ROLE, t0)
+        .await
+        .expect("verified");
+    assert_eq!(identity.tenant.as_deref(), Some("42"));
+    assert_eq!(identity.token_id, None);
+
+    let none = mint(json!({}));
+    assert_eq!(
+        verifier
+            .verify(&none, ROLE, t0)
+            .await
+            .expect("verified")
+            .tenant,
+        None
+    );
+
+    // A tenant is a key: a list, an object or an overlong string is refused,
+    // never turned into one.
+    for odd in [json!(["a", "b"]), json!({"x": 1}), json!("x".repeat(129))] {
+        let token = mint(json!({"o": {"id": odd}}));
+        assert!(matches!(
+            verifier.verify(&token, ROLE, t0).await,
+            Err(VerifyError::MissingClaim(_))
+        ));
+    }
+}
+
 /// Runs `f` and returns what was logged meanwhile. The subscriber is
 /// process-global (nextest runs one test per process) so that background
 /// refreshes on other threads log into it too.
