@@ -1,11 +1,14 @@
 //! `[[providers]]`: identity providers, their keys, and the rule that
 //! no two of them give one `auth.user_id()` to two people.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use authgres_jwt::{ClaimPath, FetchSettings, KeySource, ProviderConfig, UserIdConflict, UserIds};
+use authgres_jwt::{
+    ClaimPath, FetchSettings, KeySource, ProviderConfig, RoleClaim, UserIdConflict, UserIds,
+};
 use jsonwebtoken::Algorithm;
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +35,11 @@ pub struct Provider {
     #[serde(default, with = "humantime_serde")]
     pub max_token_age: Option<Duration>,
     pub role_claim: Option<String>,
+    /// Claim values mapped to roles (`{ "org:admin" = "editor" }`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub role_claim_values: BTreeMap<String, String>,
+    /// The role of a token whose claim grants none.
+    pub role_claim_default: Option<String>,
     /// JSON path of the claim naming the client's tenant (`$.org_id`).
     pub tenant_claim: Option<String>,
     pub shared_secret_env: Option<String>,
@@ -170,12 +178,22 @@ impl Loaded {
         config.leeway = p.leeway;
         config.required_claims = p.required_claims.clone();
         config.max_token_age = p.max_token_age;
-        config.role_claim = p
-            .role_claim
-            .as_deref()
-            .map(ClaimPath::parse)
-            .transpose()
-            .with_context(context)?;
+        config.role_claim = match &p.role_claim {
+            Some(path) => {
+                let path = ClaimPath::parse(path).with_context(context)?;
+                let mut rule = RoleClaim::new(path, super::roles::DEFAULT_ROLE);
+                rule.values = p.role_claim_values.clone().into_iter().collect();
+                rule.default = p.role_claim_default.clone();
+                Some(rule)
+            }
+            None if !p.role_claim_values.is_empty() || p.role_claim_default.is_some() => {
+                bail!(
+                    "provider {:?}: role_claim_values and role_claim_default need role_claim",
+                    p.name
+                )
+            }
+            None => None,
+        };
         config.tenant_claim = p
             .tenant_claim
             .as_deref()

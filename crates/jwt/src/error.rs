@@ -64,6 +64,15 @@ pub enum VerifyError {
         /// Role the client asked for.
         role: String,
     },
+    /// The token's role claim does not grant the role the client asked
+    /// for (and the role is not the provider's floor, `role_claim_default`).
+    #[error("the token grants {}, not role {requested:?}", granted_list(.granted))]
+    RoleNotGranted {
+        /// Role the client asked for (the startup `user`).
+        requested: String,
+        /// Roles the claim grants that the provider allows, cut to a few.
+        granted: Vec<String>,
+    },
     /// The token's `sub`, from a provider without a `user_id_prefix`,
     /// starts with another provider's prefix: as a user id it would be
     /// one of that provider's users. The message does not repeat the
@@ -105,7 +114,9 @@ impl VerifyError {
             | Self::MissingClaim(_)
             | Self::TooOld
             | Self::SubjectInOtherNamespace => FailureClass::BadToken,
-            Self::RoleNotAllowed { .. } => FailureClass::RoleNotAllowed,
+            Self::RoleNotAllowed { .. } | Self::RoleNotGranted { .. } => {
+                FailureClass::RoleNotAllowed
+            }
             Self::KeysUnavailable { .. } => FailureClass::KeysUnavailable,
         }
     }
@@ -125,6 +136,7 @@ impl VerifyError {
             Self::MissingClaim(_) => "missing_claim",
             Self::TooOld => "too_old",
             Self::RoleNotAllowed { .. } => "role_not_allowed",
+            Self::RoleNotGranted { .. } => "role_not_granted",
             Self::SubjectInOtherNamespace => "subject_in_other_namespace",
             Self::KeysUnavailable { .. } => "keys_unavailable",
         }
@@ -154,8 +166,21 @@ impl VerifyError {
             | Self::MissingClaim(_)
             | Self::TooOld
             | Self::RoleNotAllowed { .. }
+            | Self::RoleNotGranted { .. }
             | Self::SubjectInOtherNamespace
             | Self::KeysUnavailable { .. } => None,
+        }
+    }
+}
+
+/// The roles a claim granted, for a message: `no role` or `role(s) "a", "b"`.
+fn granted_list(granted: &[String]) -> String {
+    match granted {
+        [] => "no role this proxy serves".to_owned(),
+        [one] => format!("role {one:?}"),
+        many => {
+            let names: Vec<String> = many.iter().map(|r| format!("{r:?}")).collect();
+            format!("roles {}", names.join(", "))
         }
     }
 }

@@ -1,5 +1,6 @@
 //! One identity provider's settings, validated before use.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use jsonwebtoken::Algorithm;
@@ -66,6 +67,46 @@ impl Default for FetchSettings {
     }
 }
 
+/// The roles a token's claim grants, and how the startup `user` chooses
+/// among them:
+///
+/// - a `user` the claim grants is that role;
+/// - a `user` equal to [`RoleClaim::default`] (the floor every token of
+///   the provider may use) is that role;
+/// - a `user` equal to [`RoleClaim::token_chooses`] (`authenticated`: one
+///   connection string for every user of an app) is the first role the
+///   claim grants, else the default, else refused;
+/// - any other `user` is refused: the claim and the user disagree.
+///
+/// Only roles in the provider's `roles` are ever granted, so a claim can
+/// never name a role the operator did not list.
+#[derive(Debug, Clone)]
+pub struct RoleClaim {
+    /// Where the claim is: a string or a list of strings.
+    pub path: ClaimPath,
+    /// Claim values mapped to role names (Clerk's `org:admin` → `editor`).
+    /// When not empty, only mapped values grant a role.
+    pub values: HashMap<String, String>,
+    /// The role of a token whose claim grants none of the provider's
+    /// roles; `None`: such a token is refused.
+    pub default: Option<String>,
+    /// The startup user that lets the token choose its role.
+    pub token_chooses: String,
+}
+
+impl RoleClaim {
+    /// A claim at `path` whose values are role names, with no default,
+    /// chosen by the startup user `token_chooses`.
+    pub fn new(path: ClaimPath, token_chooses: &str) -> Self {
+        Self {
+            path,
+            values: HashMap::new(),
+            default: None,
+            token_chooses: token_chooses.to_owned(),
+        }
+    }
+}
+
 /// An identity provider whose tokens may log in.
 #[derive(Debug, Clone)]
 pub struct ProviderConfig {
@@ -87,8 +128,9 @@ pub struct ProviderConfig {
     pub required_claims: Vec<String>,
     /// Refuse tokens issued (`iat`) longer ago than this.
     pub max_token_age: Option<Duration>,
-    /// Take the database role from this claim instead of the startup user.
-    pub role_claim: Option<ClaimPath>,
+    /// Take the database role from a claim: which roles a token grants,
+    /// and the startup user's part in choosing among them.
+    pub role_claim: Option<RoleClaim>,
     /// The claim naming the client's tenant (Clerk's `$.org_id`), for
     /// routing to a tenant's database and for limits per tenant.
     pub tenant_claim: Option<ClaimPath>,
@@ -134,6 +176,19 @@ impl ProviderConfig {
             return Err(err(
                 "roles is empty: the provider could log in as nothing".into()
             ));
+        }
+        if let Some(rule) = &self.role_claim {
+            let listed = |role: &String| self.roles.contains(role);
+            if let Some(default) = rule.default.as_ref().filter(|d| !listed(d)) {
+                return Err(err(format!(
+                    "role_claim_default {default:?} is not among the provider's roles"
+                )));
+            }
+            if let Some(role) = rule.values.values().find(|r| !listed(r)) {
+                return Err(err(format!(
+                    "role_claim_values maps to {role:?}, which is not among the provider's roles"
+                )));
+            }
         }
         if self.algorithms.is_empty() {
             return Err(err("algorithms is empty".into()));

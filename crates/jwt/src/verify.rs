@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 
 use crate::error::VerifyError;
 use crate::keystore::{Fetched, KeyStatus, KeyStore};
-use crate::provider::{ConfigError, KeySource, ProviderConfig, SYMMETRIC};
+use crate::provider::{ConfigError, KeySource, ProviderConfig, RoleClaim, SYMMETRIC};
 use crate::token_cache::{self, TokenCache, Verified};
 use crate::user_id::{Namespaces, UserIdConflict, check_user_ids};
 
@@ -543,28 +543,68 @@ fn check_claims(
     Ok(())
 }
 
-/// The role a login gets: the role claim when configured, otherwise the
-/// requested role; either way one the provider may use.
+/// The role a login gets: the requested role when the provider has no
+/// role claim, otherwise as [`RoleClaim`] rules; either way one the
+/// provider may use.
 fn resolve_role(
     provider: &ProviderConfig,
     claims: &Map<String, Value>,
     requested: &str,
 ) -> Result<String, VerifyError> {
-    let role = match &provider.role_claim {
-        Some(path) => match path.lookup(claims) {
-            Some(Value::String(role)) if !role.is_empty() => role.as_str(),
-            _ => return Err(VerifyError::MissingClaim("role (role_claim)".into())),
-        },
-        None => requested,
+    let allowed = |role: &str| provider.roles.iter().any(|r| r == role);
+    let Some(rule) = &provider.role_claim else {
+        return if allowed(requested) {
+            Ok(requested.to_owned())
+        } else {
+            Err(VerifyError::RoleNotAllowed {
+                provider: provider.name.clone(),
+                role: requested.to_owned(),
+            })
+        };
     };
-    if provider.roles.iter().any(|r| r == role) {
-        Ok(role.to_owned())
-    } else {
-        Err(VerifyError::RoleNotAllowed {
-            provider: provider.name.clone(),
-            role: role.to_owned(),
-        })
+    let granted = granted_roles(rule, claims, allowed);
+    let floor = rule.default.as_deref().filter(|d| allowed(d));
+    if granted.iter().any(|g| g == requested) || floor == Some(requested) {
+        return Ok(requested.to_owned());
     }
+    if requested == rule.token_chooses
+        && let Some(role) = granted.first().map(String::as_str).or(floor)
+    {
+        return Ok(role.to_owned());
+    }
+    Err(VerifyError::RoleNotGranted {
+        requested: crate::error::cut(requested),
+        granted: granted.into_iter().take(8).collect(),
+    })
+}
+
+/// The provider's roles `rule`'s claim grants, in claim order: the claim
+/// is a string or a list of strings (anything else grants nothing),
+/// mapped through `rule.values` when it has any.
+fn granted_roles(
+    rule: &RoleClaim,
+    claims: &Map<String, Value>,
+    allowed: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    let values: Vec<&str> = match rule.path.lookup(claims) {
+        Some(Value::String(one)) => vec![one.as_str()],
+        Some(Value::Array(many)) => many.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    };
+    let mut granted: Vec<String> = Vec::new();
+    for value in values {
+        let role = if rule.values.is_empty() {
+            Some(value)
+        } else {
+            rule.values.get(value).map(String::as_str)
+        };
+        if let Some(role) = role.filter(|r| allowed(r))
+            && !granted.iter().any(|g| g == role)
+        {
+            granted.push(role.to_owned());
+        }
+    }
+    granted
 }
 
 /// Longest tenant value accepted: a tenant names pools, limits and

@@ -13,7 +13,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use authgres_jwt::{ClaimPath, KeySource, ProviderConfig, Verifier, VerifyError};
+use authgres_jwt::{ClaimPath, KeySource, ProviderConfig, RoleClaim, Verifier, VerifyError};
 use authgres_sandbox::tls::TestCerts;
 use authgres_sandbox::{Behavior, Issuer, KeyKind, TokenSpec};
 use serde_json::json;
@@ -309,7 +309,10 @@ async fn role_claim_required_claims_and_max_token_age() {
     let (issuer, certs) = https_issuer().await;
     let mut config = provider(&issuer, &certs);
     config.roles = vec![ROLE.into(), "reporting".into()];
-    config.role_claim = Some(ClaimPath::parse("$.metadata.db_role").expect("path"));
+    config.role_claim = Some(RoleClaim::new(
+        ClaimPath::parse("$.metadata.db_role").expect("path"),
+        ROLE,
+    ));
     config.required_claims = vec!["org_id".into()];
     config.max_token_age = Some(secs(600));
     let verifier = Verifier::new(vec![config]).expect("verifier");
@@ -331,7 +334,7 @@ async fn role_claim_required_claims_and_max_token_age() {
     let no_role = mint(json!({"org_id": "org_1"}), t0);
     assert!(matches!(
         verifier.verify(&no_role, ROLE, t0).await,
-        Err(VerifyError::MissingClaim(_))
+        Err(VerifyError::RoleNotGranted { .. })
     ));
     let superuser = mint(
         json!({"org_id": "o", "metadata": {"db_role": "postgres"}}),
@@ -339,7 +342,7 @@ async fn role_claim_required_claims_and_max_token_age() {
     );
     assert!(matches!(
         verifier.verify(&superuser, ROLE, t0).await,
-        Err(VerifyError::RoleNotAllowed { .. })
+        Err(VerifyError::RoleNotGranted { .. })
     ));
     let no_org = mint(json!({"metadata": {"db_role": "reporting"}}), t0);
     assert_eq!(
@@ -399,6 +402,77 @@ async fn tenant_claim_issuer_and_jti_reach_the_identity() {
             Err(VerifyError::MissingClaim(_))
         ));
     }
+}
+
+/// The role-claim rule: the claim grants (a string or a list, mapped),
+/// the startup user chooses among what it grants, `authenticated` lets
+/// the token choose, the default is a floor, and nothing escalates.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_claim_grants_and_the_startup_user_must_agree() {
+    let (issuer, certs) = https_issuer().await;
+    let mut config = provider(&issuer, &certs);
+    config.roles = vec![ROLE.into(), "editor".into(), "reader".into()];
+    let mut rule = RoleClaim::new(ClaimPath::parse("$.org_role").expect("path"), ROLE);
+    rule.values = [
+        ("org:admin", "editor"),
+        ("org:member", "reader"),
+        ("org:root", "postgres"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    rule.default = Some("reader".into());
+    config.role_claim = Some(rule.clone());
+    // A mapping to a role the provider does not list is a config error.
+    assert!(Verifier::new(vec![config.clone()]).is_err());
+    rule.values.remove("org:root");
+    config.role_claim = Some(rule);
+    let verifier = Verifier::new(vec![config]).expect("verifier");
+    let t0 = SystemTime::now();
+    let with_role =
+        |role: serde_json::Value| issuer.mint(&TokenSpec::new("u").claim("org_role", role));
+    let role = |token: String, requested: &'static str| {
+        let verifier = &verifier;
+        async move { verifier.verify(&token, requested, t0).await.map(|i| i.role) }
+    };
+    let admin = with_role(json!("org:admin"));
+    // The token chooses when the client asks for `authenticated`.
+    assert_eq!(role(admin.clone(), ROLE).await, Ok("editor".into()));
+    // The client may ask for what the claim grants, or for the floor.
+    assert_eq!(role(admin.clone(), "editor").await, Ok("editor".into()));
+    assert_eq!(role(admin.clone(), "reader").await, Ok("reader".into()));
+    // A member asking for editor is refused, never escalated.
+    let member = with_role(json!("org:member"));
+    assert_eq!(
+        role(member.clone(), "editor").await,
+        Err(VerifyError::RoleNotGranted {
+            requested: "editor".into(),
+            granted: vec!["reader".into()],
+        })
+    );
+    // A list grants each mapped value; the first one is the token's choice.
+    let both = with_role(json!(["org:unknown", "org:member", "org:admin"]));
+    assert_eq!(role(both.clone(), ROLE).await, Ok("reader".into()));
+    assert_eq!(role(both, "editor").await, Ok("editor".into()));
+    // Unmapped, unknown or odd values grant nothing: the default applies.
+    for odd in [
+        json!("org:root"),
+        json!("editor"),
+        json!(7),
+        json!({"r": "editor"}),
+    ] {
+        assert_eq!(
+            role(with_role(odd.clone()), ROLE).await,
+            Ok("reader".into()),
+            "{odd}"
+        );
+        assert!(matches!(
+            role(with_role(odd), "editor").await,
+            Err(VerifyError::RoleNotGranted { .. })
+        ));
+    }
+    let none = issuer.mint(&TokenSpec::new("u"));
+    assert_eq!(role(none, ROLE).await, Ok("reader".into()));
 }
 
 /// Runs `f` and returns what was logged meanwhile. The subscriber is

@@ -120,8 +120,10 @@ async fn verifier(issuer: &Issuer, role_claim: Option<&str>) -> Verifier {
         &issuer.jwks_url(),
         &["authenticated", "reporting"],
     );
-    provider.role_claim = role_claim
-        .map(|path| authgres_jwt::ClaimPath::parse(path).unwrap_or_else(|e| panic!("{path}: {e}")));
+    provider.role_claim = role_claim.map(|path| {
+        let path = authgres_jwt::ClaimPath::parse(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        authgres_jwt::RoleClaim::new(path, "authenticated")
+    });
     Verifier::new(vec![provider]).expect("provider")
 }
 
