@@ -247,7 +247,7 @@ pub async fn start(
         .chain(std::iter::repeat_n(Step::Internal, replies_after))
         .collect();
 
-    let running = Running::new(conn.cancel_key(), limits.upstream);
+    let running = Running::new(conn.cancel_key());
     let deadline = Instant::now() + limits.statement_timeout;
     let sending = timeout_at(deadline, async {
         // A server that stops reading is abandoned like a slow statement.
@@ -360,14 +360,12 @@ pub async fn finish(
 /// dropped first (the request was abandoned), they are cancelled on the
 /// server, so nothing runs on for a client that is gone.
 struct Running {
-    target: Option<(UpstreamKey, UpstreamConfig)>,
+    target: Option<UpstreamKey>,
 }
 
 impl Running {
-    fn new(key: UpstreamKey, upstream: &UpstreamConfig) -> Self {
-        Self {
-            target: Some((key, upstream.clone())),
-        }
+    fn new(key: UpstreamKey) -> Self {
+        Self { target: Some(key) }
     }
 
     /// The reply was read: nothing is left running.
@@ -378,10 +376,10 @@ impl Running {
     /// Cancels the statements now; returns whether the server took the
     /// CancelRequest.
     async fn cancel(mut self) -> bool {
-        let Some((key, upstream)) = self.target.take() else {
+        let Some(key) = self.target.take() else {
             return true;
         };
-        match key.cancel(&upstream).await {
+        match key.cancel().await {
             Ok(()) => true,
             Err(error) => {
                 tracing::warn!(%error, "could not cancel an abandoned /sql statement");
@@ -393,14 +391,14 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let Some((key, upstream)) = self.target.take() else {
+        let Some(key) = self.target.take() else {
             return;
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         runtime.spawn(async move {
-            if let Err(error) = key.cancel(&upstream).await {
+            if let Err(error) = key.cancel().await {
                 tracing::warn!(%error, "could not cancel an abandoned /sql statement");
             }
         });

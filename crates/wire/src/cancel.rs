@@ -41,7 +41,7 @@ use crate::config::{ClusterConfig, ProxyConfig};
 use crate::log_limit::LogLimiter;
 use crate::metrics::Metrics;
 use crate::transport::send_cancel_request;
-use crate::upstream::{self, UpstreamKey};
+use crate::upstream::UpstreamKey;
 
 /// How long forwarding a cancel to a peer or the server may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
@@ -192,7 +192,7 @@ impl CancelRegistry {
             });
             return;
         };
-        match upstream::cancel(&config.upstream, backend).await {
+        match backend.cancel().await {
             Ok(()) => {
                 metrics.cancel("forwarded");
                 self.log(|suppressed| tracing::info!(suppressed, "cancel request forwarded"));
@@ -318,6 +318,8 @@ mod tests {
         UpstreamKey {
             pid: 100,
             secret: Arc::from(&5i32.to_be_bytes()[..]),
+            address: Arc::from("127.0.0.1:5432"),
+            connect_timeout: std::time::Duration::from_secs(1),
         }
     }
 

@@ -528,7 +528,7 @@ impl Pooled {
     /// nobody waits for cannot take the pool past its size.
     pub async fn abandon(mut self, deadline: Instant) {
         if let Some(conn) = self.conn.take() {
-            conn.abandon(&self.pool.config, deadline).await;
+            conn.abandon(deadline).await;
         }
     }
 

@@ -265,7 +265,7 @@ pub(super) async fn finish(
         (Lease::Pooled(pooled), Parting::Abandon) => pooled.abandon(deadline).await,
         (Lease::Pooled(_), Parting::Close) => {}
         (Lease::Own(upstream), Parting::Abandon) => {
-            upstream.abandon(&settings.config.upstream, deadline).await;
+            upstream.abandon(deadline).await;
         }
         (Lease::Own(upstream), Parting::Reuse | Parting::Close) => upstream.terminate().await,
     }

@@ -67,6 +67,8 @@ pub async fn connect(
         key: UpstreamKey {
             pid: 0,
             secret: Arc::from(&[][..]),
+            address: Arc::from(address.as_str()),
+            connect_timeout: config.connect_timeout,
         },
         role: role.to_owned(),
         database: database.to_owned(),
@@ -116,10 +118,8 @@ async fn log_in(
     }
     let established = login.established();
     conn.parameters = established.parameters;
-    conn.key = UpstreamKey {
-        pid: established.pid,
-        secret: Arc::from(established.cancel_key),
-    };
+    conn.key.pid = established.pid;
+    conn.key.secret = Arc::from(established.cancel_key);
     Ok(())
 }
 
@@ -170,24 +170,21 @@ async fn secure(
     Ok(MaybeTls::Tls(Box::new(stream)))
 }
 
-/// Forwards a CancelRequest for `key` to the server, within
-/// `connect_timeout`.
-pub async fn cancel(config: &UpstreamConfig, key: &UpstreamKey) -> Result<(), UpstreamError> {
-    let deadline = Instant::now() + config.connect_timeout;
-    let address = config.address();
-    crate::transport::send_cancel_request(&address, key.pid, &key.secret, deadline)
-        .await
-        .map_err(|source| match source.kind() {
-            std::io::ErrorKind::TimedOut => UpstreamError::ConnectTimeout,
-            _ => UpstreamError::Connect { address, source },
-        })
-}
-
 impl UpstreamKey {
-    /// Cancels whatever this backend is running now ([`cancel`]): for
-    /// callers outside this crate that give up on a statement they sent
-    /// (a deadline passed, their client left) and must not leave it running.
-    pub async fn cancel(&self, config: &UpstreamConfig) -> Result<(), UpstreamError> {
-        cancel(config, self).await
+    /// Forwards a CancelRequest for this backend to its server, within
+    /// the server's `connect_timeout`: for a client's cancel, and for
+    /// callers that give up on a statement they sent (a deadline passed,
+    /// their client left) and must not leave it running.
+    pub async fn cancel(&self) -> Result<(), UpstreamError> {
+        let deadline = Instant::now() + self.connect_timeout;
+        crate::transport::send_cancel_request(&self.address, self.pid, &self.secret, deadline)
+            .await
+            .map_err(|source| match source.kind() {
+                std::io::ErrorKind::TimedOut => UpstreamError::ConnectTimeout,
+                _ => UpstreamError::Connect {
+                    address: self.address.to_string(),
+                    source,
+                },
+            })
     }
 }

@@ -27,7 +27,7 @@ use tokio::time::{Instant, timeout_at};
 
 pub use attach::append_described;
 pub(crate) use attach::append_statement;
-pub use connect::{UpstreamConfig, cancel, connect};
+pub use connect::{UpstreamConfig, connect};
 pub use envelope::{Envelope, RequestIdentity};
 pub use repair::{PINNED_STARTUP, ROLE_DEFAULTS_SQLSTATE};
 pub use reset::PendingReset;
@@ -48,6 +48,11 @@ pub struct UpstreamKey {
     /// Its cancel key (shared: retargeting a session's cancel entry must
     /// not allocate).
     pub secret: Arc<[u8]>,
+    /// The server it runs on (`host:port`): with `[databases]` a proxy
+    /// talks to several.
+    pub address: Arc<str>,
+    /// How long reaching that server may take.
+    pub connect_timeout: std::time::Duration,
 }
 
 /// Whose session state (identity, settings, statements) a pooled

@@ -177,7 +177,7 @@ impl Upstream {
     /// pauses, until the server closes the connection (the backend
     /// reached the Terminate and exited) or `deadline` passes. Returns
     /// whether the backend was seen to end.
-    pub async fn abandon(mut self, config: &super::UpstreamConfig, deadline: Instant) -> bool {
+    pub async fn abandon(mut self, deadline: Instant) -> bool {
         // A backend blocked on a full socket may not take even these five
         // bytes until it is cancelled: cancel it all the same.
         let queued = (Instant::now() + std::time::Duration::from_secs(1)).min(deadline);
@@ -186,7 +186,7 @@ impl Upstream {
         }
         let mut pause = std::time::Duration::from_millis(50);
         loop {
-            if let Err(error) = tokio::time::timeout_at(deadline, super::cancel(config, &self.key))
+            if let Err(error) = tokio::time::timeout_at(deadline, self.key.cancel())
                 .await
                 .unwrap_or(Err(UpstreamError::Deadline))
             {
