@@ -5,6 +5,7 @@
 mod admin;
 mod cluster;
 mod console;
+mod databases;
 mod entries;
 mod fixed;
 mod http;
@@ -31,6 +32,7 @@ use roles::default_roles;
 pub use admin::AdminSection;
 pub use cluster::ClusterSection;
 pub use console::ConsoleSection;
+pub use databases::DatabaseSection;
 pub use fixed::{Fixed, restart_diff};
 pub use http::HttpSection;
 pub use listen::{ListenSection, Trusted, proxy_protocol_from};
@@ -49,6 +51,10 @@ pub struct FileConfig {
     pub listen: ListenSection,
     #[serde(default)]
     pub upstream: UpstreamSection,
+    /// `[databases.<name>]`: names that lead to another server, database
+    /// or one database per tenant.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub databases: BTreeMap<String, DatabaseSection>,
     #[serde(default)]
     pub identity: IdentitySection,
     #[serde(default = "default_roles")]
@@ -129,28 +135,33 @@ impl Loaded {
             );
         }
         let listen = &self.file.listen;
-        Ok(ProxyConfig {
-            upstream: UpstreamConfig {
-                host: self.file.upstream.host.clone(),
-                port: self.file.upstream.port,
-                connect_timeout: self.file.upstream.connect_timeout,
-                tls: match self.file.upstream.tls {
-                    UpstreamTlsMode::Disable => UpstreamTls::Disable,
-                    UpstreamTlsMode::VerifyFull => UpstreamTls::verify_full(
-                        self.file
-                            .upstream
-                            .tls_ca_file
-                            .as_ref()
-                            .map(|p| self.path(p))
-                            .as_deref(),
-                    )
-                    .context("[upstream] tls")?,
-                },
-                tcp_keepalive: enabled(listen.tcp_keepalive),
+        let upstream = UpstreamConfig {
+            host: self.file.upstream.host.clone(),
+            port: self.file.upstream.port,
+            connect_timeout: self.file.upstream.connect_timeout,
+            tls: match self.file.upstream.tls {
+                UpstreamTlsMode::Disable => UpstreamTls::Disable,
+                UpstreamTlsMode::VerifyFull => UpstreamTls::verify_full(
+                    self.file
+                        .upstream
+                        .tls_ca_file
+                        .as_ref()
+                        .map(|p| self.path(p))
+                        .as_deref(),
+                )
+                .context("[upstream] tls")?,
             },
+            tcp_keepalive: enabled(listen.tcp_keepalive),
+        };
+        let (routes, entry_pool_modes) = self.routes(&upstream)?;
+        let mut pool_mode_by_database = self.file.upstream.pool_mode_by_database.clone();
+        pool_mode_by_database.extend(entry_pool_modes);
+        Ok(ProxyConfig {
+            upstream,
             admission: Policy {
                 roles,
                 databases: self.file.upstream.databases.clone(),
+                routes,
                 cleartext_tokens: listen.cleartext_tokens,
                 tls_offered: listen.tls_cert.is_some(),
             },
@@ -168,7 +179,7 @@ impl Loaded {
             tcp_keepalive: enabled(listen.tcp_keepalive),
             enforce_token_expiry: listen.enforce_token_expiry,
             pool_mode: self.file.upstream.pool_mode,
-            pool_mode_by_database: self.file.upstream.pool_mode_by_database.clone(),
+            pool_mode_by_database,
             pool_limits: {
                 let upstream = &self.file.upstream;
                 upstream.pool_limits(upstream.pool_size, upstream.checkout_timeout)

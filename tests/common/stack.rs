@@ -203,6 +203,12 @@ roles = ["authenticated", "person"]
         run_init_db(&self.config_path(), &self.admin_url, args)
     }
 
+    /// Runs `authgres init-db` with the stack's config against another
+    /// database (a tenant's, another server's).
+    pub fn init_db_at(&self, admin_url: &str) -> String {
+        run_init_db(&self.config_path(), admin_url, &[])
+    }
+
     /// Connects as whoever installed authgres (see [`Installer`]).
     pub async fn installer(&self) -> tokio_postgres::Client {
         connect_admin(&self.admin_url).await

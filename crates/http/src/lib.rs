@@ -34,8 +34,8 @@ use std::time::Duration;
 
 use authgres_wire::front_door::{self, Door, EntryRules, Guest, TurnedAway};
 use authgres_wire::{
-    ClientHandle, ClientState, PoolLimits, Proxy, ProxyProtocolFrom, Ticket, Transport,
-    UpstreamPool,
+    ClientHandle, ClientState, PoolLimits, Proxy, ProxyProtocolFrom, ServerPools, Ticket,
+    Transport, UpstreamPool,
 };
 use axum::Router;
 use axum::body::Body;
@@ -113,8 +113,8 @@ impl Default for HttpConfig {
 pub struct HttpState {
     /// The wire proxy: settings, verifier, claims key, WebSocket sessions.
     pub proxy: Arc<Proxy>,
-    /// Upstream connections for /sql.
-    pub pool: Arc<UpstreamPool>,
+    /// Upstream connections for /sql, by server.
+    pub pool: ServerPools,
     /// Limits; a reload replaces them.
     config: RwLock<Arc<HttpConfig>>,
     /// The HTTPS certificate; a reload replaces it. `None`: plain HTTP.
@@ -137,7 +137,7 @@ impl HttpState {
         let metrics = Arc::clone(proxy.metrics());
         let gates = Arc::clone(proxy.gates());
         let pool = UpstreamPool::new("http", upstream, config.pool, metrics, gates);
-        proxy.report_pool(&pool);
+        let pool = ServerPools::new(pool, Arc::clone(proxy.reported_pools()));
         Arc::new(Self {
             proxy,
             pool,
@@ -178,7 +178,7 @@ impl HttpState {
     /// Closes the `/sql` pool's idle connections on time; completes when
     /// the state is gone.
     pub fn maintenance(self: &Arc<Self>) -> impl Future<Output = ()> + Send + 'static {
-        authgres_wire::reap(Arc::downgrade(&self.pool))
+        authgres_wire::reap(Arc::downgrade(self.pool.upstream()))
     }
 }
 

@@ -21,8 +21,8 @@
 use std::time::Duration;
 
 use authgres_wire::{
-    ClaimsKey, Envelope, PendingReset, RequestIdentity, ServerError, Upstream, UpstreamConfig,
-    UpstreamError, UpstreamKey,
+    ClaimsKey, Envelope, PendingReset, RequestIdentity, ServerError, Upstream, UpstreamError,
+    UpstreamKey,
 };
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator as _;
@@ -136,10 +136,9 @@ pub enum ExecError {
     Upstream(#[from] UpstreamError),
 }
 
-/// How long a request may take on its connection, and where to send a
-/// cancel for it.
+/// How long a request may take on its connection.
 #[derive(Clone, Copy)]
-pub struct Limits<'a> {
+pub struct Limits {
     /// Largest response, in bytes.
     pub max_bytes: usize,
     /// Deadline of each exchange the proxy runs on its own (readying the
@@ -147,8 +146,6 @@ pub struct Limits<'a> {
     pub internal_timeout: Duration,
     /// Time the request's own statements may run, all together.
     pub statement_timeout: Duration,
-    /// The server, for a CancelRequest.
-    pub upstream: &'a UpstreamConfig,
 }
 
 /// A request's own statements in the extended protocol, encoded once
@@ -222,7 +219,7 @@ pub async fn start(
     claims: Option<&str>,
     statements: &Encoded,
     batch: Option<&BatchOptions>,
-    limits: Limits<'_>,
+    limits: Limits,
 ) -> Result<InFlight, ExecError> {
     let begin = batch.map(BatchOptions::begin).transpose()?;
     let internal = Instant::now() + limits.internal_timeout;
@@ -292,7 +289,7 @@ pub async fn start(
 pub async fn finish(
     conn: &mut Upstream,
     request: InFlight,
-    limits: Limits<'_>,
+    limits: Limits,
 ) -> Result<Vec<StatementResult>, ExecError> {
     let InFlight {
         steps,

@@ -70,12 +70,11 @@ impl Default for FetchSettings {
 /// The roles a token's claim grants, and how the startup `user` chooses
 /// among them:
 ///
-/// - a `user` the claim grants is that role;
-/// - a `user` equal to [`RoleClaim::default`] (the floor every token of
-///   the provider may use) is that role;
 /// - a `user` equal to [`RoleClaim::token_chooses`] (`authenticated`: one
 ///   connection string for every user of an app) is the first role the
 ///   claim grants, else the default, else refused;
+/// - any other `user` the claim grants is that role, and so is
+///   [`RoleClaim::default`] (the floor every token of the provider may use);
 /// - any other `user` is refused: the claim and the user disagree.
 ///
 /// Only roles in the provider's `roles` are ever granted, so a claim can

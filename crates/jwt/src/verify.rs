@@ -564,12 +564,12 @@ fn resolve_role(
     };
     let granted = granted_roles(rule, claims, allowed);
     let floor = rule.default.as_deref().filter(|d| allowed(d));
-    if granted.iter().any(|g| g == requested) || floor == Some(requested) {
-        return Ok(requested.to_owned());
-    }
-    if requested == rule.token_chooses
-        && let Some(role) = granted.first().map(String::as_str).or(floor)
-    {
+    let chosen = if requested == rule.token_chooses {
+        granted.first().map(String::as_str).or(floor)
+    } else {
+        (granted.iter().any(|g| g == requested) || floor == Some(requested)).then_some(requested)
+    };
+    if let Some(role) = chosen {
         return Ok(role.to_owned());
     }
     Err(VerifyError::RoleNotGranted {

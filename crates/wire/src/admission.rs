@@ -18,6 +18,7 @@ use authgres_jwt::{FailureClass, Identity, Verifier, VerifyError};
 use crate::classify::{Classify, ClientView, Severity, SqlState};
 use crate::config::{CleartextTokens, Policy};
 use crate::metrics::Metrics;
+use crate::routing::{self, Destination, NoRoute};
 use crate::transport::Transport;
 
 /// What a client asks for.
@@ -54,8 +55,11 @@ pub struct Admitted {
     /// The role to log in upstream as (the requested one, or the one the
     /// token's `role_claim` chose).
     pub role: String,
-    /// The database.
+    /// The database on the server (the requested one, or where its
+    /// `[databases]` entry sends this client's tenant).
     pub database: String,
+    /// The server and the entry that chose it.
+    pub destination: Destination,
     /// The verified identity; `None` for an anonymous role.
     pub identity: Option<Identity>,
 }
@@ -87,6 +91,9 @@ pub enum Refusal {
     /// The token's `role_claim` names a role the proxy does not serve.
     #[error("the token's role {0:?} is not served by this proxy")]
     ClaimedRoleNotServed(String),
+    /// The database is chosen by tenant, and this client's has none.
+    #[error(transparent)]
+    NoRoute(#[from] NoRoute),
 }
 
 /// Whether a secret (a token, a console password) may travel from `peer`
@@ -145,13 +152,18 @@ pub async fn admit(
     token: Option<&str>,
     now: SystemTime,
 ) -> Result<Admitted, Refusal> {
-    let admitted = |role: &str, identity| Admitted {
-        role: role.to_owned(),
-        database: request.database.to_owned(),
-        identity,
+    let admitted = |role: &str, identity: Option<Identity>| {
+        let tenant = identity.as_ref().and_then(|i| i.tenant.as_deref());
+        let (database, destination) = routing::route(&policy.routes, request.database, tenant)?;
+        Ok(Admitted {
+            role: role.to_owned(),
+            database,
+            destination,
+            identity,
+        })
     };
     if check(policy, request)? == Need::Nothing {
-        return Ok(admitted(request.role, None));
+        return admitted(request.role, None);
     }
     let token = token
         .filter(|token| !token.is_empty())
@@ -168,7 +180,7 @@ pub async fn admit(
         return Err(Refusal::ClaimedRoleNotServed(identity.role));
     }
     let role = identity.role.clone();
-    Ok(admitted(&role, Some(identity)))
+    admitted(&role, Some(identity))
 }
 
 impl Classify for Refusal {
@@ -187,6 +199,18 @@ impl Classify for Refusal {
                 format!("role \"{role}\" is not served by this proxy"),
                 Some(
                     "connect as one of the roles in the proxy's [roles] configuration, e.g. \"authenticated\"",
+                ),
+            ),
+            Self::NoRoute(NoRoute::NotServed { database }) => view(
+                S::UnknownDatabase,
+                format!("database \"{database}\" is not served by this proxy"),
+                None,
+            ),
+            Self::NoRoute(no_route) => view(
+                S::InvalidAuthorization,
+                no_route.to_string(),
+                Some(
+                    "the database is chosen by the token's tenant claim: sign in to an organization this proxy routes",
                 ),
             ),
             Self::UnknownDatabase(db) => view(
@@ -256,7 +280,8 @@ impl Classify for Refusal {
             | Self::TlsNotConfigured
             | Self::MissingToken(..)
             | Self::Token(_)
-            | Self::ClaimedRoleNotServed(_) => Severity::Client,
+            | Self::ClaimedRoleNotServed(_)
+            | Self::NoRoute(_) => Severity::Client,
         }
     }
 
@@ -267,6 +292,9 @@ impl Classify for Refusal {
             Self::CleartextRefused(_) | Self::TlsNotConfigured => "cleartext_refused",
             Self::MissingToken(..) => "missing_token",
             Self::ClaimedRoleNotServed(_) => "claimed_role_not_served",
+            Self::NoRoute(NoRoute::NotServed { .. }) => "unknown_database",
+            Self::NoRoute(NoRoute::NoTenant { .. }) => "no_tenant",
+            Self::NoRoute(NoRoute::UnknownTenant { .. }) => "unknown_tenant",
             // Each way a token fails apart: expired, bad_signature,
             // unknown_issuer, wrong_audience, ... (issue 24).
             Self::Token(error) => error.reason(),

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 pub use crate::budget::ConnectionLimits;
 pub use crate::relay::ClientLimits;
+pub use crate::routing::{DatabaseName, DatabaseRoute};
 use crate::upstream::UpstreamConfig;
 
 /// What admission decides on.
@@ -13,8 +14,11 @@ use crate::upstream::UpstreamConfig;
 pub struct Policy {
     /// Roles served, by name.
     pub roles: HashMap<String, RoleConfig>,
-    /// Databases served; empty serves any.
+    /// Databases served on the `[upstream]` server; empty serves any
+    /// (when there are no `routes`).
     pub databases: Vec<String>,
+    /// `[databases]` entries by the name clients connect to.
+    pub routes: HashMap<String, DatabaseRoute>,
     /// Whether a token may travel over an unencrypted connection.
     pub cleartext_tokens: CleartextTokens,
     /// Whether the Postgres listener has a certificate: a refused cleartext
@@ -23,9 +27,16 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Whether `database` is one the proxy serves.
+    /// Whether `database` is one the proxy serves: a `[databases]` entry
+    /// clients may name, or one of `databases`. An empty `databases`
+    /// serves any name only when there are no entries, so a tenant's
+    /// database cannot be reached past its entry by its own name.
     pub fn serves_database(&self, database: &str) -> bool {
-        self.databases.is_empty() || self.databases.iter().any(|d| d == database)
+        match self.routes.get(database) {
+            Some(entry) => entry.direct,
+            None if self.databases.is_empty() => self.routes.is_empty(),
+            None => self.databases.iter().any(|d| d == database),
+        }
     }
 }
 
@@ -291,6 +302,13 @@ impl ProxyConfig {
             .get(database)
             .copied()
             .unwrap_or(self.pool_mode)
+    }
+
+    /// The pool mode of an admitted client: its `[databases]` entry's, or
+    /// its database's.
+    pub fn pool_mode_of(&self, admitted: &crate::admission::Admitted) -> PoolMode {
+        let name = admitted.destination.entry.as_deref();
+        self.pool_mode_for(name.unwrap_or(&admitted.database))
     }
 
     /// Whether any database is pooled.

@@ -37,6 +37,7 @@ mod proxied;
 mod proxy;
 mod random;
 mod relay;
+mod routing;
 mod session;
 mod stats;
 mod transaction;
@@ -52,16 +53,18 @@ pub use cancel::MAX_INSTANCE_ID;
 pub use clients::{ClientHandle, ClientState};
 pub use config::{
     CleartextTokens, ClientLimits, ClusterConfig, ConnectionLimits, ConsoleAccess, ConsoleConfig,
-    ConsoleUser, Policy, PoolLimits, PoolMode, ProxyConfig, RoleConfig, TokenLogin, defaults,
+    ConsoleUser, DatabaseName, DatabaseRoute, Policy, PoolLimits, PoolMode, ProxyConfig,
+    RoleConfig, TokenLogin, defaults,
 };
 pub use error::{Classify, UpstreamError};
 pub use identity::ClaimsKey;
 pub use log_limit::LogLimiter;
 pub use metrics::Metrics;
-pub use pool::{Attempts, CheckoutError, ReadyFailure, UpstreamPool, reap};
+pub use pool::{Attempts, CheckoutError, ReadyFailure, ServerPools, UpstreamPool, reap};
 pub use proto::server_error::ServerError;
 pub use proxied::{AddressBlock, ProxyProtocolFrom};
 pub use proxy::{Collector, Proxy, Settings};
+pub use routing::{Destination, NoRoute};
 pub use stats::DatabaseStats;
 pub use transport::{ALPN_HTTP1, ALPN_POSTGRESQL, Transport, UpstreamTls, tls_acceptor};
 pub use upstream::{

@@ -86,6 +86,7 @@ impl From<&Refusal> for Failure {
             | Refusal::TlsNotConfigured
             | Refusal::MissingToken(..)
             | Refusal::ClaimedRoleNotServed(_)
+            | Refusal::NoRoute(_)
             | Refusal::Token(_) => StatusCode::BAD_REQUEST,
         };
         match refusal.client_view() {

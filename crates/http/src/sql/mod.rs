@@ -245,19 +245,17 @@ async fn execute(
     request: (query::Encoded, body::Reservation),
     batch: Option<&BatchOptions>,
 ) -> Result<Vec<query::StatementResult>, Failure> {
-    let state = run.state;
-    let limits = state.pool.limits();
-    let attempts = state.pool.attempts();
+    let pool = run.state.pool.get(admitted.destination.server.as_ref());
+    let limits = pool.limits();
+    let attempts = pool.attempts();
     let password = run.settings.config.password(&admitted.role);
     let query_limits = query::Limits {
         max_bytes: run.config.max_response_bytes,
         internal_timeout: limits.internal_query_timeout,
         statement_timeout: run.config.statement_timeout,
-        upstream: state.pool.config(),
     };
     let (mut pooled, in_flight) = loop {
-        let mut pooled = state
-            .pool
+        let mut pooled = pool
             .checkout(&admitted.database, &admitted.role, password, 0)
             .await
             .map_err(Failure::from)?;

@@ -24,6 +24,7 @@ fn policy(cleartext_tokens: CleartextTokens, databases: &[&str]) -> Policy {
             ("reporting".to_owned(), role(true)),
         ]),
         databases: databases.iter().map(|d| (*d).to_owned()).collect(),
+        routes: HashMap::new(),
         cleartext_tokens,
         tls_offered: true,
     }

@@ -18,6 +18,7 @@ mod gates;
 mod keeper;
 mod operate;
 mod pick;
+mod servers;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -36,6 +37,7 @@ use pick::{Candidate, pick};
 
 pub use gates::Gates;
 pub use operate::ServerInfo;
+pub use servers::{Reported, ServerPools};
 
 type Key = (String, String);
 

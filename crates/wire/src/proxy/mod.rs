@@ -6,7 +6,7 @@
 mod collector;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::sync::{Arc, PoisonError, RwLock, Weak};
 
 use authgres_jwt::Verifier;
 use tokio::time::Instant;
@@ -20,7 +20,8 @@ use crate::drain::Drain;
 use crate::identity::ClaimsKey;
 use crate::log_limit::LogLimiter;
 use crate::metrics::Metrics;
-use crate::pool::{Gates, UpstreamPool};
+use crate::pool::{Gates, Reported, ServerPools, UpstreamPool};
+use crate::upstream::UpstreamConfig;
 
 pub use collector::Collector;
 
@@ -40,10 +41,11 @@ pub struct Settings {
 /// The proxy: its settings and the state all sessions share.
 pub struct Proxy {
     pub(crate) settings: RwLock<Arc<Settings>>,
-    /// Upstream connections of the wire sessions.
-    pub(crate) pool: Arc<UpstreamPool>,
-    /// Every pool to report (this one, HTTP's), for metrics and `/pools`.
-    pub(crate) pools: Mutex<Vec<Weak<UpstreamPool>>>,
+    /// Upstream connections of the wire sessions, by server.
+    pub(crate) pools_by_server: ServerPools,
+    /// Every pool to report (the wire sessions', HTTP's), for metrics and
+    /// `/pools`.
+    pub(crate) pools: Reported,
     pub(crate) cancels: CancelRegistry,
     /// Client connections held, by every listener.
     pub(crate) budget: Arc<Budget>,
@@ -76,10 +78,11 @@ impl Proxy {
         let cancels = CancelRegistry::new(config.cluster.instance_id);
         let drain = Drain::default();
         let clients = Arc::new(Clients::new(drain.closing_token()));
+        let pools = Reported::default();
         Self {
             budget: Budget::new(config.connections),
-            pools: Mutex::new(vec![Arc::downgrade(&pool)]),
-            pool,
+            pools_by_server: ServerPools::new(pool, Arc::clone(&pools)),
+            pools,
             settings: RwLock::new(Arc::new(settings)),
             cancels,
             refusals: LogLimiter::default(),
@@ -126,7 +129,7 @@ impl Proxy {
         new.config.cluster.instance_id = old.config.cluster.instance_id;
         new.config.upstream = old.config.upstream.clone();
         self.budget.set_limits(new.config.connections);
-        self.pool.set_limits(new.config.pool_limits);
+        self.pools_by_server.set_limits(new.config.pool_limits);
         let replaced = !Arc::ptr_eq(&old.verifier, &new.verifier);
         *self
             .settings
@@ -159,12 +162,10 @@ impl Proxy {
         &self.metrics
     }
 
-    /// Adds a pool to those reported in metrics and `/pools`.
-    pub fn report_pool(&self, pool: &Arc<UpstreamPool>) {
-        self.pools
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(Arc::downgrade(pool));
+    /// Where pools made beside this proxy (HTTP's) are reported, in
+    /// metrics and `/pools`.
+    pub fn reported_pools(&self) -> &Reported {
+        &self.pools
     }
 
     /// Every pool reported.
@@ -185,14 +186,20 @@ impl Proxy {
         }
     }
 
-    /// The upstream pool of the wire sessions.
+    /// The wire sessions' pool of the `[upstream]` server.
     pub fn pool(&self) -> &Arc<UpstreamPool> {
-        &self.pool
+        self.pools_by_server.upstream()
+    }
+
+    /// The wire sessions' pool of `server` (`None`: `[upstream]`'s).
+    pub(crate) fn pool_for(&self, server: Option<&Arc<UpstreamConfig>>) -> Arc<UpstreamPool> {
+        self.pools_by_server.get(server)
     }
 
     /// Background work the proxy needs while it runs: closing idle
     /// upstream connections on time. Completes when the proxy is gone.
+    /// (Pools of `[databases]` servers start their own when made.)
     pub fn maintenance(self: &Arc<Self>) -> impl std::future::Future<Output = ()> + Send + 'static {
-        crate::pool::reap(Arc::downgrade(&self.pool))
+        crate::pool::reap(Arc::downgrade(self.pool()))
     }
 }

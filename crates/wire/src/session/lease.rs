@@ -8,13 +8,15 @@
 //! been sent on it yet, so the checkout tries another, or a new login,
 //! until `checkout_timeout`.
 
+use std::sync::Arc;
+
 use tokio::time::Instant;
 
 use super::handshake::SessionLogin;
 use crate::config::PoolMode;
 use crate::error::{SessionError, UpstreamError};
 use crate::identity::ClaimsKey;
-use crate::pool::{CheckoutError, Pooled};
+use crate::pool::{CheckoutError, Pooled, UpstreamPool};
 use crate::proxy::{Proxy, Settings};
 use crate::transaction::PooledClient;
 use crate::upstream::Upstream;
@@ -79,8 +81,9 @@ pub(super) async fn lease(
         claims: login.claims(),
         settings: &login.settings,
     };
+    let pool = proxy.pool_for(admitted.destination.server.as_ref());
     let (pooled, parameters) = checkout(
-        proxy,
+        &pool,
         settings,
         &admitted.database,
         &admitted.role,
@@ -101,7 +104,7 @@ async fn own_login(
     let admitted = &login.admitted;
     let config = &settings.config;
     let connected = proxy
-        .pool()
+        .pool_for(admitted.destination.server.as_ref())
         .log_in_unpooled(
             &admitted.database,
             &admitted.role,
@@ -112,18 +115,17 @@ async fn own_login(
     Ok(connected?)
 }
 
-/// A pooled connection for (`database`, `role`) readied for `client`,
-/// trying others while the one it got fails before anything of the
-/// client's was sent on it.
+/// A pooled connection of `pool` for (`database`, `role`) readied for
+/// `client`, trying others while the one it got fails before anything of
+/// the client's was sent on it.
 pub(super) async fn checkout(
-    proxy: &Proxy,
+    pool: &Arc<UpstreamPool>,
     settings: &Settings,
     database: &str,
     role: &str,
     client: u64,
     readying: Readying<'_>,
 ) -> Result<(Pooled, Vec<(String, String)>), SessionError> {
-    let pool = proxy.pool();
     let limits = pool.limits();
     let attempts = pool.attempts();
     let password = settings.config.password(role);

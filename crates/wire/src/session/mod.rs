@@ -275,7 +275,7 @@ impl<S: ClientIo> Session<'_, S> {
             let error = SessionError::DatabaseDisabled(database.clone());
             return self.login_failed(error).await;
         }
-        let mode = self.settings.config.pool_mode_for(&login.admitted.database);
+        let mode = self.settings.config.pool_mode_of(&login.admitted);
         let leased = Box::pin(lease::lease(self.proxy, &self.settings, &login, mode)).await;
         let leased = match leased {
             Ok(leased) => leased,

@@ -104,6 +104,7 @@ fn proxy_config(cluster: &Cluster, mode: PoolMode, pool_size: usize) -> ProxyCon
         admission: Policy {
             roles: HashMap::from([("authenticated".to_owned(), role)]),
             databases: vec!["app".to_owned()],
+            routes: HashMap::new(),
             cleartext_tokens: CleartextTokens::LoopbackOnly,
             tls_offered: true,
         },

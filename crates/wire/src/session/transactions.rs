@@ -9,6 +9,7 @@
 //! session, and releases the connection. A client whose session cannot
 //! move (LISTEN, SET ROLE, ...) keeps its connection to the end.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use tokio::io::AsyncReadExt as _;
@@ -23,6 +24,7 @@ use crate::cancel::CancelGuard;
 use crate::clients::ClientState;
 use crate::error::SessionError;
 use crate::pool::Pooled;
+use crate::pool::UpstreamPool;
 use crate::relay::{self, Relay, RelayError, Stop};
 use crate::transaction::{PooledClient, Tracker};
 
@@ -45,9 +47,11 @@ pub(super) async fn serve<S: ClientIo>(
     };
     let (database, role) = (login.admitted.database, login.admitted.role);
     drop(login.admitted.identity);
-    let proxy = session.proxy;
-    let served = serve_transactions(&mut session, &database, &role, client, &cancel).await;
-    proxy.pool().disown(&database, &role, login.client_id);
+    let pool = session
+        .proxy
+        .pool_for(login.admitted.destination.server.as_ref());
+    let served = serve_transactions(&mut session, &pool, &database, &role, client, &cancel).await;
+    pool.disown(&database, &role, login.client_id);
     match served {
         Ok(Some((relay, pooled, expires))) => {
             Box::pin(relay_to_end(
@@ -72,6 +76,7 @@ type Pinned = (Relay, Pooled, Option<SystemTime>);
 /// pins it to a connection.
 async fn serve_transactions<S: ClientIo>(
     session: &mut Session<'_, S>,
+    pool: &Arc<UpstreamPool>,
     database: &str,
     role: &str,
     mut client: PooledClient,
@@ -86,9 +91,9 @@ async fn serve_transactions<S: ClientIo>(
             return Err(SessionError::TokenExpired);
         }
         let readying = Readying::Transaction(&client);
-        let (proxy, settings) = (session.proxy, &session.settings);
+        let settings = &session.settings;
         session.registered.set_state(ClientState::Waiting);
-        let checkout = lease::checkout(proxy, settings, database, role, client.id, readying);
+        let checkout = lease::checkout(pool, settings, database, role, client.id, readying);
         let (mut pooled, _) = Box::pin(checkout).await?;
         let conn = pooled.conn();
         cancel.retarget(Some(conn.cancel_key())).await;
