@@ -4,6 +4,9 @@
 //! claim sends each tenant to its own database, on this server or
 //! another, in both pool modes, over TCP, `/sql` and WebSocket.
 
+#![allow(clippy::expect_used, reason = "test code: a panic is a failing test")]
+#![allow(missing_docs)]
+
 mod common;
 
 use std::path::Path;
@@ -165,12 +168,14 @@ async fn a_role_claim_chooses_the_role_and_nothing_escalates() {
     // answered with another role.
     let refused = connect(&stack, "editor", "app", &member)
         .await
-        .err()
-        .expect("refused");
+        .map(drop)
+        .expect_err("refused");
     assert_eq!(code(&refused), "28000", "{refused}");
     let message = refused.as_db_error().map(|e| e.message().to_owned());
     assert!(
-        message.as_deref().is_some_and(|m| m.contains("grants role \"reader\"")),
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("grants role \"reader\"")),
         "{message:?}"
     );
     // A claim naming a role the provider does not allow grants nothing:
@@ -185,8 +190,8 @@ async fn a_role_claim_chooses_the_role_and_nothing_escalates() {
     for role in ["editor", "postgres"] {
         let refused = connect(&stack, role, "app", &owner)
             .await
-            .err()
-            .expect("refused");
+            .map(drop)
+            .expect_err("refused");
         assert_eq!(code(&refused), "28000", "{role}: {refused}");
     }
     let plain = connect(&stack, "authenticated", "app", &plain)
@@ -267,7 +272,7 @@ async fn tenants_land_in_their_own_database_in_both_pool_modes_over_tcp() {
                 .expect("cancel sent");
         };
         let (slow, ()) = tokio::join!(slow, canceller);
-        let error = slow.err().expect("cancelled");
+        let error = slow.map(drop).expect_err("cancelled");
         assert_eq!(code(&error), "57014", "{tenant}: {error}");
     }
     // No tenant, a tenant without a database, a tenant that cannot name
@@ -290,8 +295,8 @@ async fn tenants_land_in_their_own_database_in_both_pool_modes_over_tcp() {
     // Anonymous logins carry no tenant.
     let anonymous = connect(&stack, "anonymous", "app_tx", "")
         .await
-        .err()
-        .expect("refused");
+        .map(drop)
+        .expect_err("refused");
     assert_eq!(code(&anonymous), "28000", "{anonymous}");
 }
 

@@ -84,7 +84,7 @@ impl Loaded {
             }
         }
         // A map's pool mode is its tenants' unless their entry sets one.
-        for (name, entry) in entries {
+        for entry in entries.values() {
             if let Some(mode) = entry.pool_mode.filter(|_| !entry.tenants.is_empty()) {
                 for target in entry.tenants.values() {
                     pool_modes.entry(target.clone()).or_insert(mode);
