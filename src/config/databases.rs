@@ -127,3 +127,61 @@ impl Loaded {
         })))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::loaded;
+
+    fn routes_of(text: &str) -> anyhow::Result<Vec<(String, bool, Option<String>)>> {
+        let loaded = loaded(text);
+        let upstream = loaded.upstream_config()?;
+        let (routes, _) = loaded.routes(&upstream)?;
+        let mut seen: Vec<_> = routes
+            .into_iter()
+            .map(|(name, r)| (name, r.direct, r.server.map(|s| s.address())))
+            .collect();
+        seen.sort();
+        Ok(seen)
+    }
+
+    #[test]
+    fn entries_name_their_server_and_map_targets_are_not_served_directly() {
+        let seen = routes_of(
+            "[upstream]\nport = 5432\n\
+             [databases.b2b]\ntenants = { acme = \"acme\" }\n\
+             [databases.acme]\nhost = \"10.0.0.9\"\ndbname = \"acme_prod\"\n\
+             [databases.app]\ndbname = \"app_{tenant}\"\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            seen,
+            vec![
+                ("acme".into(), false, Some("10.0.0.9:5432".into())),
+                ("app".into(), true, None),
+                ("b2b".into(), true, None),
+            ]
+        );
+    }
+
+    #[test]
+    fn maps_to_nowhere_chains_and_names_in_two_places_are_refused() {
+        for (text, says) in [
+            (
+                "[databases.b2b]\ntenants = { acme = \"nope\" }\n",
+                "not a [databases] entry",
+            ),
+            (
+                "[databases.a]\ntenants = { x = \"b\" }\n[databases.b]\ntenants = { y = \"c\" }\n[databases.c]\n",
+                "a tenants map of its own",
+            ),
+            (
+                "[upstream]\ndatabases = [\"app\"]\n[databases.app]\n",
+                "name it in one place",
+            ),
+            ("[databases.app]\ndbname = \"{org}\"\n", "only placeholder"),
+        ] {
+            let error = routes_of(text).expect_err(text);
+            assert!(format!("{error:#}").contains(says), "{text}: {error:#}");
+        }
+    }
+}

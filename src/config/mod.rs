@@ -115,6 +115,29 @@ impl Loaded {
         ClaimsKey::from_hex(&hex).with_context(|| format!("{name} is not a valid claims key"))
     }
 
+    /// The `[upstream]` server.
+    pub(super) fn upstream_config(&self) -> anyhow::Result<UpstreamConfig> {
+        let listen = &self.file.listen;
+        Ok(UpstreamConfig {
+            host: self.file.upstream.host.clone(),
+            port: self.file.upstream.port,
+            connect_timeout: self.file.upstream.connect_timeout,
+            tls: match self.file.upstream.tls {
+                UpstreamTlsMode::Disable => UpstreamTls::Disable,
+                UpstreamTlsMode::VerifyFull => UpstreamTls::verify_full(
+                    self.file
+                        .upstream
+                        .tls_ca_file
+                        .as_ref()
+                        .map(|p| self.path(p))
+                        .as_deref(),
+                )
+                .context("[upstream] tls")?,
+            },
+            tcp_keepalive: enabled(listen.tcp_keepalive),
+        })
+    }
+
     /// Wire settings.
     pub fn proxy_config(&self) -> anyhow::Result<ProxyConfig> {
         let mut roles = HashMap::new();
@@ -135,24 +158,7 @@ impl Loaded {
             );
         }
         let listen = &self.file.listen;
-        let upstream = UpstreamConfig {
-            host: self.file.upstream.host.clone(),
-            port: self.file.upstream.port,
-            connect_timeout: self.file.upstream.connect_timeout,
-            tls: match self.file.upstream.tls {
-                UpstreamTlsMode::Disable => UpstreamTls::Disable,
-                UpstreamTlsMode::VerifyFull => UpstreamTls::verify_full(
-                    self.file
-                        .upstream
-                        .tls_ca_file
-                        .as_ref()
-                        .map(|p| self.path(p))
-                        .as_deref(),
-                )
-                .context("[upstream] tls")?,
-            },
-            tcp_keepalive: enabled(listen.tcp_keepalive),
-        };
+        let upstream = self.upstream_config()?;
         let (routes, entry_pool_modes) = self.routes(&upstream)?;
         let mut pool_mode_by_database = self.file.upstream.pool_mode_by_database.clone();
         pool_mode_by_database.extend(entry_pool_modes);
