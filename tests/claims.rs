@@ -225,7 +225,7 @@ async fn a_role_claim_chooses_the_role_and_nothing_escalates() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tenants_land_in_their_own_database_in_both_pool_modes_over_tcp() {
-    let (stack, _other) = claims_stack().await;
+    let (stack, other) = claims_stack().await;
     let acme = token(
         &stack,
         "u_acme",
@@ -291,6 +291,50 @@ async fn tenants_land_in_their_own_database_in_both_pool_modes_over_tcp() {
             .err();
         let refused = refused.unwrap_or_else(|| panic!("{database} was served"));
         assert_eq!(code(&refused), expected, "{database}: {refused}");
+    }
+    // The console lists the entries as written, with their servers.
+    let console = connect(
+        &stack,
+        "ops",
+        common::CONSOLE_DATABASE,
+        common::CONSOLE_OPS_PASSWORD,
+    )
+    .await
+    .expect("console");
+    let rows: Vec<Vec<String>> = console
+        .simple_query("SHOW DATABASES")
+        .await
+        .expect("SHOW DATABASES")
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(
+                (0..4)
+                    .map(|i| row.get(i).unwrap_or("").to_owned())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect();
+    let other_port = other.port().to_string();
+    for expected in [
+        [
+            "app_tx",
+            "127.0.0.1",
+            &stack.cluster.port().to_string(),
+            "tenant_{tenant}",
+        ],
+        [
+            "b2b",
+            "127.0.0.1",
+            &stack.cluster.port().to_string(),
+            "(by tenant)",
+        ],
+        ["globex_db", "127.0.0.1", &other_port, "tenant_globex"],
+    ] {
+        assert!(
+            rows.iter().any(|r| r == &expected),
+            "{expected:?} in {rows:?}"
+        );
     }
     // Anonymous logins carry no tenant.
     let anonymous = connect(&stack, "anonymous", "app_tx", "")

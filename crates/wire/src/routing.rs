@@ -65,6 +65,16 @@ impl DatabaseName {
     }
 }
 
+impl std::fmt::Display for DatabaseName {
+    /// As configured: `app_{tenant}` for a template.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Fixed(name) => f.write_str(name),
+            Self::PerTenant { before, after } => write!(f, "{before}{{tenant}}{after}"),
+        }
+    }
+}
+
 /// Where an admitted client's connections go.
 #[derive(Debug, Clone, Default)]
 pub struct Destination {

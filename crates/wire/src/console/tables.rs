@@ -323,23 +323,37 @@ pub(super) fn databases(proxy: &Proxy) -> Table {
     let config = &settings.config;
     let servers: Vec<ServerInfo> = proxy.pools().iter().flat_map(|p| p.servers()).collect();
     let flag = |on: bool| text(i32::from(on));
-    let rows = databases_known(proxy)
+    let row = |name: &str, host: &str, port: u16, database: String| {
+        let current = servers.iter().filter(|s| s.database == database).count();
+        vec![
+            text(name),
+            text(host),
+            text(port),
+            text(&database),
+            text(config.pool_limits.max_per_key),
+            text(config.pool_mode_for(name).label()),
+            text(current),
+            flag(proxy.gates.is_paused(&database)),
+            flag(proxy.gates.is_disabled(&database)),
+        ]
+    };
+    let (host, port) = (&config.upstream.host, config.upstream.port);
+    let mut rows: Vec<_> = databases_known(proxy)
         .into_iter()
-        .map(|name| {
-            let current = servers.iter().filter(|s| s.database == name).count();
-            vec![
-                text(&name),
-                text(&config.upstream.host),
-                text(config.upstream.port),
-                text(&name),
-                text(config.pool_limits.max_per_key),
-                text(config.pool_mode_for(&name).label()),
-                text(current),
-                flag(proxy.gates.is_paused(&name)),
-                flag(proxy.gates.is_disabled(&name)),
-            ]
-        })
+        .map(|name| row(&name, host, port, name.clone()))
         .collect();
+    // `[databases]` entries: a template or a map shows as written.
+    let mut routes: Vec<_> = config.admission.routes.iter().collect();
+    routes.sort_by_key(|(name, _)| *name);
+    for (name, route) in routes {
+        let server = route.server.as_deref().unwrap_or(&config.upstream);
+        let database = if route.tenants.is_empty() {
+            route.dbname.to_string()
+        } else {
+            "(by tenant)".to_owned()
+        };
+        rows.push(row(name, &server.host, server.port, database));
+    }
     let columns = [
         ("name", Text),
         ("host", Text),
