@@ -18,6 +18,9 @@
 #            loads below)
 #     rounds: how many times to run every load (default 1)
 #
+# AUTHGRES_THREADS (the proxy's --threads) is passed on to both authgres
+# processes: AUTHGRES_THREADS=1 runs each on one thread.
+#
 # Builds the release binary; installs pgbench and pgbouncer (Debian's
 # packages) when they are missing and this runs as root.
 set -euo pipefail
@@ -123,19 +126,26 @@ ticks_per_second=$(getconf CLK_TCK)
 # The proxy's own CPU per transaction over a fixed transaction count: on
 # two shared cores throughput mostly measures pgbench and Postgres, while
 # this is the proxy's cost alone.
-cpu_per_transaction() { # pid port database password transactions-per-client
-    local pid=$1 port=$2 db=$3 password=$4 per_client=$5 before after out
+cpu_per_transaction() { # pid port database password clients transactions
+    local pid=$1 port=$2 db=$3 password=$4 clients=$5 total=$6 before after out per_client
+    per_client=$((total / clients))
     before=$(cpu_ticks "$pid")
-    out=$(pgbench_run "$port" "$db" "$password" -c 8 -M simple -t "$per_client") || true
+    out=$(pgbench_run "$port" "$db" "$password" -c "$clients" -M simple -t "$per_client") || true
     after=$(cpu_ticks "$pid")
-    if ! echo "$out" | grep -q "actually processed: $((8 * per_client))/"; then
+    if ! echo "$out" | grep -q "actually processed: $((clients * per_client))/"; then
         cpu_us=fail
         return
     fi
     cpu_us=$(python3 -c "import sys; t, hz, n = map(float, sys.argv[1:]); print(f'{t / hz / n * 1e6:.1f}')" \
-        "$((after - before))" "$ticks_per_second" "$((8 * per_client))")
+        "$((after - before))" "$ticks_per_second" "$((clients * per_client))")
 }
-ratio() { python3 -c "import sys; a, b = map(float, sys.argv[1:]); print(f'{a / b:.2f}' if a and b else '-')" "$1" "$2"; }
+ratio() { python3 -c "
+import sys
+try:
+    a, b = map(float, sys.argv[1:])
+    print(f'{a / b:.2f}' if a and b else '-')
+except ValueError:
+    print('-')" "$1" "$2"; }
 added() { python3 -c "import sys; a, b = sys.argv[1:]; print(f'{(float(a) - float(b)) * 1000:.0f}' if 'fail' not in (a, b) else '-')" "$1" "$2"; }
 target() { # mode -> bouncer_db authgres_port authgres_pid
     if [ "$1" = session ]; then
@@ -168,14 +178,17 @@ for load in "${loads[@]}"; do
             "$(added "$lat" "$direct_lat")" "$(ratio "$tps" "$direct_tps")" "$(ratio "$tps" "$bouncer_tps")"
     done
 done
-per_client=$(( seconds * 1000 ))
-echo "--- proxy CPU per transaction (utime+stime from /proc), pgbench -c 8 -M simple -t $per_client$label"
-printf "%-22s %10s\n" target "µs / tx"
+total=$(( seconds * 8000 ))
+for clients in 8 32; do
+echo "--- proxy CPU per transaction (utime+stime from /proc), pgbench -c $clients -M simple, $total transactions$label"
+printf "%-22s %10s %8s\n" target "µs / tx" "ratio"
 for mode in $modes; do
     target "$mode"
-    cpu_per_transaction "$bouncer" "$bouncer_port" "$bouncer_db" "$role_password" "$per_client"
-    printf "%-22s %10s\n" "pgbouncer $mode" "$cpu_us"
-    cpu_per_transaction "$authgres_pid" "$authgres_port" app "$AUTHGRES_TOKEN_A" "$per_client"
-    printf "%-22s %10s\n" "authgres $mode" "$cpu_us"
+    cpu_per_transaction "$bouncer" "$bouncer_port" "$bouncer_db" "$role_password" "$clients" "$total"
+    bouncer_us=$cpu_us
+    printf "%-22s %10s %8s\n" "pgbouncer $mode" "$cpu_us" 1.00
+    cpu_per_transaction "$authgres_pid" "$authgres_port" app "$AUTHGRES_TOKEN_A" "$clients" "$total"
+    printf "%-22s %10s %8s\n" "authgres $mode" "$cpu_us" "$(ratio "$cpu_us" "$bouncer_us")"
+done
 done
 done

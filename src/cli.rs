@@ -18,6 +18,11 @@ pub struct Cli {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+    /// Threads that run client sessions: 1 runs everything on one thread
+    /// (no cross-thread wake-ups); more, a work-stealing pool of that
+    /// many. Default: one per CPU core.
+    #[arg(long, global = true, env = "AUTHGRES_THREADS")]
+    pub threads: Option<std::num::NonZeroUsize>,
     #[command(subcommand)]
     command: Command,
 }

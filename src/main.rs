@@ -17,6 +17,21 @@ use clap::Parser as _;
 /// How long an exiting process waits for blocking work left running.
 const EXIT_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// The async runtime: one thread, or a work-stealing pool of `threads`
+/// (one per core by default).
+fn runtime(threads: Option<std::num::NonZeroUsize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match threads.map(std::num::NonZeroUsize::get) {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder.enable_all().build()
+}
+
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
     let logs = tracing_subscriber::fmt()
@@ -41,7 +56,7 @@ fn main() -> std::process::ExitCode {
     }
     // One TLS crypto provider for rustls in the whole process.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime(cli.threads) {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
