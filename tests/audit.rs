@@ -341,6 +341,21 @@ async fn every_transport_writes_one_line_per_transaction_with_the_tokens_identit
     assert!(!metrics.keys().any(|k| k.contains("org_b")));
     assert_eq!(metrics["authgres_audit_lines_total"], 9.0);
     assert_eq!(metrics["authgres_audit_dropped_total"], 0.0);
+
+    // Item 4: the tenants' listing counts both, series or not.
+    let (status, body) = stack.admin_get("/tenants").await;
+    assert_eq!(status, 200, "{body}");
+    let listed: Value = serde_json::from_str(&body).expect("JSON");
+    let count = |tenant: &str| {
+        listed["tenants"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .find(|t| t["tenant"] == tenant)
+            .map(|t| t["transactions"].clone())
+    };
+    assert_eq!(count("org_a"), Some(json!(5)), "{body}");
+    assert_eq!(count("org_b"), Some(json!(3)), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
