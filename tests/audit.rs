@@ -356,6 +356,19 @@ async fn every_transport_writes_one_line_per_transaction_with_the_tokens_identit
     };
     assert_eq!(count("org_a"), Some(json!(5)), "{body}");
     assert_eq!(count("org_b"), Some(json!(3)), "{body}");
+
+    // logrotate: the file moves away, SIGHUP opens a new one.
+    let rotated = stack.dir.path().join("audit.log.1");
+    std::fs::rename(audit_path(&stack), &rotated).expect("rotate");
+    stack.signal(nix::sys::signal::Signal::SIGHUP);
+    stack.wait_log("configuration reloaded").await;
+    let client = stack.connect("authenticated", &alice).await.expect("alice");
+    client.simple_query("select 1").await.expect("select");
+    let after = lines(&stack, 1).await;
+    assert_eq!(after.len(), 1, "{after:#?}");
+    assert_eq!(after[0]["jti"], "jti-alice");
+    let old = std::fs::read_to_string(&rotated).expect("rotated log");
+    assert_eq!(old.lines().count(), 9);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -29,6 +29,9 @@ pub use record::{Facts, Recorder, SessionAudit};
 pub use writer::{Output, Sink};
 
 pub(crate) use writer::Counters;
+
+#[cfg(test)]
+mod relay_tests;
 use writer::Writer;
 
 /// Every audit default, in one place.
