@@ -259,17 +259,10 @@ impl Relay {
     }
 
     /// Reports bytes, queries, transactions and the client's state to
-    /// `observed`.
-    /// Called before the relay moves anything: an audited session's
-    /// framers keep the bodies its lines are made from.
+    /// `observed` (and audit lines to its audit, `relay/audited.rs`).
+    /// Called before the relay moves anything.
     pub fn observe(&mut self, observed: Observed) {
-        if let Some(session) = &observed.audit {
-            let recorder = Recorder::new(std::sync::Arc::clone(session));
-            let statements = recorder.session().logs_statements();
-            (self.client_frames, self.server_frames) =
-                framers(self.tracker.is_some(), Some(statements));
-            self.audit = Some(Box::new(recorder));
-        }
+        self.audit_with(observed.audit.as_ref());
         self.observed = Some(observed);
     }
 
@@ -297,21 +290,6 @@ impl Relay {
                 self.transaction_started = Some(Instant::now());
                 observed.activity.set(ClientState::Active);
             }
-        }
-    }
-
-    /// Writes the audit line of a transaction (or statement) the session
-    /// ended inside, saying how it ended.
-    fn audit_unfinished(&mut self, ended: &'static str) {
-        let Some(audit) = self.audit.as_deref_mut() else {
-            return;
-        };
-        let open = match audit.session().per() {
-            Per::Transaction => self.transaction_started.take(),
-            Per::Statement => self.query_started.take(),
-        };
-        if let Some(started) = open {
-            audit.finish(started.elapsed(), Some(ended));
         }
     }
 
@@ -717,5 +695,6 @@ pub async fn close_client<C: AsyncWrite + Unpin + ?Sized>(client: &mut C) {
     let _ = tokio::time::timeout(Duration::from_secs(2), client.shutdown()).await;
 }
 
+mod audited;
 #[cfg(test)]
 mod tests;
