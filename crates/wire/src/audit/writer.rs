@@ -32,6 +32,12 @@ pub enum Output {
     File(PathBuf),
 }
 
+/// How long the writer waits after each batch before it looks at the
+/// queue again: lines gather meanwhile, so a busy proxy wakes the thread
+/// (a system call in the session that sends) about once per batch, not
+/// once per line. A line reaches the output at most this much later.
+const LINGER: Duration = Duration::from_millis(5);
+
 /// What the writer thread is asked to do.
 enum Message {
     /// One line, newline included.
@@ -192,7 +198,7 @@ fn open_file(path: &Path) -> io::Result<std::fs::File> {
 }
 
 /// The writer thread: writes what arrives, flushing whenever the queue
-/// runs dry, until every sender is gone.
+/// runs dry (then lingering), until every sender is gone.
 fn write_lines(mut received: mpsc::Receiver<Message>, mut target: Target, counters: &Counters) {
     while let Some(message) = received.blocking_recv() {
         let mut next = Some(message);
@@ -203,6 +209,7 @@ fn write_lines(mut received: mpsc::Receiver<Message>, mut target: Target, counte
         if let Err(error) = target.out.flush() {
             warn_output(&error);
         }
+        std::thread::sleep(LINGER);
     }
     let _ = target.out.flush();
 }
