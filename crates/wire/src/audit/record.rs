@@ -305,6 +305,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn full_text_is_kept_as_sent_up_to_the_bound_and_off_keeps_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.log");
+        let mut config = AuditConfig {
+            per: Per::Statement,
+            statements: Statements::Full,
+            max_statement_bytes: 24,
+            output: super::super::Output::File(path.clone()),
+            queue: 8,
+        };
+        let hub = super::super::Hub::new(Counters::new(Counter::default(), Counter::default()));
+        hub.configure(Some(&config));
+        let facts = Facts {
+            transport: Transport::Http,
+            encrypted: false,
+            identity: None,
+            role: "anonymous",
+            database: "app",
+            client: "127.0.0.1:5000".parse().expect("address"),
+        };
+        let sink = hub.sink().expect("writer runs");
+        let session = Arc::new(SessionAudit::new(&config, sink.clone(), &facts));
+        let mut full = Recorder::new(session);
+        full.statement("select 'kept as sent' /* and this */");
+        full.finish(Duration::from_micros(1), None);
+        config.statements = Statements::Off;
+        let mut off = Recorder::new(Arc::new(SessionAudit::new(&config, sink, &facts)));
+        off.statement("select 'never logged'");
+        off.finish(Duration::from_micros(1), None);
+        assert!(hub.flush(Duration::from_secs(5)).await);
+        let text = std::fs::read_to_string(&path).expect("log");
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON"))
+            .collect();
+        assert_eq!(
+            lines[0]["statements"],
+            serde_json::json!(["select 'kept as sent' /*"])
+        );
+        assert_eq!(lines[0]["statements_cut"], true);
+        assert_eq!(lines[0]["transport"], "http");
+        assert!(lines[1].get("statements").is_none(), "{text}");
+        assert!(!text.contains("never logged"));
+    }
+
+    #[tokio::test]
     async fn a_line_carries_the_identity_rows_code_and_normalized_text() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("audit.log");
