@@ -34,15 +34,21 @@ async fn exchange(
     client.read_exact(&mut got).await.expect("relayed");
 }
 
-#[tokio::test]
-async fn an_audited_relay_writes_a_line_per_transaction_and_for_one_left_open() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("audit.log");
+/// An audited relay between pipes, run in a task: (client peer, upstream
+/// peer, the task, the hub), lines going to `path`.
+fn audited(
+    path: &std::path::Path,
+) -> (
+    DuplexStream,
+    DuplexStream,
+    tokio::task::JoinHandle<Result<Stop, crate::relay::RelayError>>,
+    Hub,
+) {
     let config = AuditConfig {
         per: Per::Transaction,
         statements: Statements::Normalized,
         max_statement_bytes: 4096,
-        output: Output::File(path.clone()),
+        output: Output::File(path.to_owned()),
         queue: 64,
     };
     let hub = Hub::new(Counters::new(Counter::default(), Counter::default()));
@@ -59,8 +65,8 @@ async fn an_audited_relay_writes_a_line_per_transaction_and_for_one_left_open() 
     let metrics = crate::metrics::Metrics::unregistered();
     let clients = Arc::new(crate::clients::Clients::default());
     let handle = clients.register(facts.client, Transport::WebSocket);
-    let (mut client, mut client_peer) = tokio::io::duplex(4096);
-    let (mut upstream, mut upstream_peer) = tokio::io::duplex(4096);
+    let (mut client, client_peer) = tokio::io::duplex(4096);
+    let (mut upstream, upstream_peer) = tokio::io::duplex(4096);
     let mut relay = Relay::new(None);
     relay.observe(Observed {
         tally: metrics.tally(Transport::WebSocket, "app", "anonymous"),
@@ -68,6 +74,35 @@ async fn an_audited_relay_writes_a_line_per_transaction_and_for_one_left_open() 
         audit: Some(Arc::new(session)),
     });
     let running = tokio::spawn(async move { relay.run(&mut client, &mut upstream).await });
+    (client_peer, upstream_peer, running, hub)
+}
+
+#[tokio::test]
+async fn a_relay_given_up_inside_a_transaction_still_writes_its_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.log");
+    let (mut client, mut upstream, running, hub) = audited(&path);
+    exchange(
+        &mut client,
+        &mut upstream,
+        "begin",
+        &[(b'C', b"BEGIN\0"), (b'Z', b"T")],
+    )
+    .await;
+    running.abort();
+    assert!(running.await.is_err(), "aborted");
+    assert!(hub.flush(Duration::from_secs(5)).await);
+    let text = std::fs::read_to_string(&path).expect("log");
+    let line: Value = serde_json::from_str(text.trim()).expect("one JSON line");
+    assert_eq!(line["ended"], "interrupted", "{text}");
+    assert_eq!(line["statements"], json!(["begin"]));
+}
+
+#[tokio::test]
+async fn an_audited_relay_writes_a_line_per_transaction_and_for_one_left_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.log");
+    let (mut client_peer, mut upstream_peer, running, hub) = audited(&path);
     let (c, u) = (&mut client_peer, &mut upstream_peer);
 
     let insert = [(b'C', &b"INSERT 0 3\0"[..]), (b'Z', b"I")];

@@ -1,7 +1,8 @@
 //! The relay's part in the audit log: an audited session's framers keep
 //! the bodies its lines are made from (CommandComplete, ErrorResponse, and
 //! Query and Parse when statements are logged), and a transaction the
-//! session ends inside still gets its line. The per-message and
+//! session ends inside still gets its line, even when the relay is given
+//! up rather than run to its stop. The per-message and
 //! per-transaction hooks are one `Option` check each in `relay.rs`; an
 //! unaudited relay frames exactly as before.
 
@@ -35,5 +36,13 @@ impl Relay {
         if let Some(started) = open {
             audit.finish(started.elapsed(), Some(ended));
         }
+    }
+}
+
+/// A relay given up inside a transaction without [`Relay::run`] returning
+/// (a forced drain, `KILL_CLIENT`, a failed forward) still writes its line.
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.audit_unfinished("interrupted");
     }
 }
