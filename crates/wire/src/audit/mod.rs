@@ -9,7 +9,7 @@
 //! never change, serialized then); the relay feeds a [`Recorder`] the
 //! CommandComplete and ErrorResponse bodies it already frames (and the
 //! Query and Parse bodies when statements are logged) and hands a
-//! finished line to the [`writer`] at each transaction's end. With
+//! finished line to the writer ([`Sink`]) at each transaction's end. With
 //! `[audit]` absent nothing is built and the relay captures nothing more
 //! than it did. `/sql` builds the same line per request.
 //!
