@@ -15,6 +15,9 @@
 //!   clients (another region's instances).
 //! - `GET /pools`, `GET /clients`: JSON, for the questions pgbouncer's
 //!   `SHOW POOLS` and `SHOW CLIENTS` answer.
+//! - `GET /identities`, `GET /tenants`: JSON, the heaviest users and
+//!   tenants over the `[metrics]` window (`SHOW IDENTITIES`, `SHOW
+//!   TENANTS`); `?limit=N` lists the first N (default 100).
 //! - `POST /reload`: the same as SIGHUP; answers what took effect or why
 //!   the new config was refused.
 //!
@@ -261,6 +264,8 @@ fn router(admin: Arc<Admin>, allowed_hosts: Vec<String>, require_auth: bool) -> 
         .route("/metrics", get(metrics))
         .route("/pools", get(pools))
         .route("/clients", get(clients))
+        .route("/identities", get(identities))
+        .route("/tenants", get(tenants))
         .route("/reload", post(reload))
         .route_layer(axum::middleware::from_fn(
             move |request: axum::extract::Request, next: axum::middleware::Next| {
@@ -514,6 +519,37 @@ async fn pools(State(admin): State<Arc<Admin>>) -> Response {
 
 async fn clients(State(admin): State<Arc<Admin>>) -> Response {
     axum::Json(json!({ "clients": admin.proxy.clients().snapshot() })).into_response()
+}
+
+/// Rows `/identities` and `/tenants` list unless `?limit=` says otherwise.
+const DEFAULT_TOP: usize = 100;
+
+/// `?limit=N` of a listing.
+#[derive(Debug, serde::Deserialize)]
+struct Limit {
+    limit: Option<usize>,
+}
+
+async fn identities(
+    State(admin): State<Arc<Admin>>,
+    axum::extract::Query(limit): axum::extract::Query<Limit>,
+) -> Response {
+    let top = admin
+        .proxy
+        .metrics()
+        .top_identities(limit.limit.unwrap_or(DEFAULT_TOP));
+    axum::Json(json!({ "identities": top })).into_response()
+}
+
+async fn tenants(
+    State(admin): State<Arc<Admin>>,
+    axum::extract::Query(limit): axum::extract::Query<Limit>,
+) -> Response {
+    let top = admin
+        .proxy
+        .metrics()
+        .top_tenants(limit.limit.unwrap_or(DEFAULT_TOP));
+    axum::Json(json!({ "tenants": top })).into_response()
 }
 
 /// Why a request is refused as one a web page made, if it is: a browser

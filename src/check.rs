@@ -39,10 +39,18 @@ pub fn check_config(config: &Path) -> anyhow::Result<()> {
     if let Some(admin) = &file.admin {
         let limits = admin.limits()?;
         println!(
-            "admin    {} (/metrics /healthz /readyz /pools /clients, POST /reload), \
-             at most {} connections",
+            "admin    {} (/metrics /healthz /readyz /pools /clients /identities /tenants, \
+             POST /reload), at most {} connections",
             admin.address(&loaded),
             limits.max_connections
+        );
+    }
+    if let Some(audit) = file.audit.as_ref().filter(|a| a.enabled) {
+        println!(
+            "audit    one line per {}, statement text {}, to {} (a full queue drops, counted)",
+            format!("{:?}", audit.per).to_lowercase(),
+            format!("{:?}", audit.statements).to_lowercase(),
+            audit.output
         );
     }
     print_upstream(file);

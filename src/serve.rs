@@ -25,6 +25,9 @@ use authgres_wire::control::ControlRequest;
 /// close before the process exits.
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
 
+/// How long the exit waits for the audit writer to write what is queued.
+const AUDIT_FLUSH: Duration = Duration::from_secs(5);
+
 /// What a reload can replace, built and checked from one config.
 struct Reloadable {
     settings: Settings,
@@ -199,6 +202,11 @@ pub fn prepare(config_path: &Path) -> anyhow::Result<Prepared> {
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let proxy = Arc::new(Proxy::new(built.settings, metrics));
+    if let Some(audit) = &proxy.settings().config.audit
+        && proxy.audit_output().is_none()
+    {
+        anyhow::bail!("[audit] output {:?} could not be opened", audit.output);
+    }
     registry.register_collector(Box::new(authgres_wire::Collector::new(&proxy)));
     let http = built
         .http
@@ -330,6 +338,10 @@ pub async fn run(prepared: Prepared, listeners: Listeners) -> anyhow::Result<()>
     .await;
     let timeout = running.drain().timeout;
     close(&proxy, &mut signals, tasks, delay, timeout).await;
+    // Every audit line of the sessions that ended is written before exit.
+    if !proxy.flush_audit(AUDIT_FLUSH).await {
+        tracing::warn!(wait = ?AUDIT_FLUSH, "the audit log was not flushed in time");
+    }
     Ok(())
 }
 

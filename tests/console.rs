@@ -511,3 +511,64 @@ async fn under_pgbench_reconnect_fails_nothing_and_kill_client_ends_exactly_one_
         "{stdout}"
     );
 }
+
+/// Issue 25 item 4: under pgbench load from one user, `SHOW IDENTITIES`
+/// lists that user first, a light user after it with its exact count; a
+/// stats user may run it, and the admin API lists the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn show_identities_under_load_lists_the_heavy_user_first() {
+    let stack = Stack::start().await;
+    let pgbench = common::spawn_pgbench(&stack, LOAD, 4, 3);
+    let light = stack.login("user_light").await;
+    for _ in 0..5 {
+        light.simple_query("select 1").await.expect("select");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let output = pgbench.wait_with_output().expect("pgbench");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let grafana = console(&stack, "grafana", CONSOLE_GRAFANA_PASSWORD)
+        .await
+        .expect("grafana logs in");
+    let rows = show(&grafana, "SHOW IDENTITIES").await;
+    let first = rows.first().expect("a row");
+    assert_eq!(first["user_id"].as_deref(), Some("user_bench"), "{rows:?}");
+    assert_eq!(first["provider"].as_deref(), Some("sandbox"));
+    let bench: u64 = first["transactions"]
+        .as_deref()
+        .and_then(|n| n.parse().ok())
+        .expect("a count");
+    assert!(bench > 50, "{rows:?}");
+    let light_row = rows
+        .iter()
+        .find(|r| r["user_id"].as_deref() == Some("user_light"))
+        .expect("the light user is listed");
+    assert_eq!(light_row["transactions"].as_deref(), Some("5"), "{rows:?}");
+    assert_eq!(light_row["error_bound_us"].as_deref(), Some("0"));
+    // No provider names a tenant here.
+    assert!(show(&grafana, "SHOW TENANTS").await.is_empty());
+    let help = show(&grafana, "SHOW HELP").await;
+    assert!(help.iter().any(|r| {
+        r["command"]
+            .as_deref()
+            .is_some_and(|c| c.contains("IDENTITIES"))
+    }));
+
+    let (status, body) = stack.admin_get("/identities?limit=1").await;
+    assert_eq!(status, 200, "{body}");
+    let listed: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let identities = listed["identities"].as_array().expect("a list");
+    assert_eq!(identities.len(), 1, "{body}");
+    assert_eq!(identities[0]["user_id"], "user_bench");
+    let (status, body) = http_console(
+        &stack,
+        Some(("grafana", CONSOLE_GRAFANA_PASSWORD)),
+        "SHOW IDENTITIES",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["rows"][0][1], "user_bench", "{body}");
+}

@@ -107,6 +107,7 @@ pub const FIXED_KEYS: &[&str] = &[
     "upstream.tls",
     "upstream.tls_ca_file",
     "cluster.instance_id",
+    "audit.queue",
 ];
 
 /// Whether a reload changes `key` (`section.key`).

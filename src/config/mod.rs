@@ -3,6 +3,7 @@
 //! `proxy.toml`.
 
 mod admin;
+mod audit;
 mod cluster;
 mod console;
 mod databases;
@@ -10,6 +11,7 @@ mod entries;
 mod fixed;
 mod http;
 mod listen;
+mod metrics;
 mod providers;
 mod roles;
 mod secrets;
@@ -30,12 +32,14 @@ use providers::check_user_ids;
 use roles::default_roles;
 
 pub use admin::AdminSection;
+pub use audit::AuditSection;
 pub use cluster::ClusterSection;
 pub use console::ConsoleSection;
 pub use databases::DatabaseSection;
 pub use fixed::{Fixed, restart_diff};
 pub use http::HttpSection;
 pub use listen::{ListenSection, Trusted, proxy_protocol_from};
+pub use metrics::MetricsSection;
 pub use providers::Provider;
 pub use roles::{IdentitySection, Role, TableAccess, TokenPolicy};
 pub use secrets::Secrets;
@@ -69,6 +73,11 @@ pub struct FileConfig {
     pub cluster: Option<ClusterSection>,
     /// `[console]`: absent disables the operators' console.
     pub console: Option<ConsoleSection>,
+    /// `[audit]`: absent disables the audit log.
+    pub audit: Option<AuditSection>,
+    /// `[metrics]`: per-identity counting.
+    #[serde(default)]
+    pub metrics: MetricsSection,
 }
 
 /// A config file with its secrets resolved.
@@ -192,6 +201,8 @@ impl Loaded {
             },
             cluster: self.cluster()?,
             console: self.console()?,
+            audit: self.audit()?,
+            usage: self.usage()?,
         })
     }
 }

@@ -233,6 +233,10 @@ pub struct ProxyConfig {
     pub cluster: ClusterConfig,
     /// The operators' console; `None`: there is none.
     pub console: Option<ConsoleConfig>,
+    /// The audit log; `None`: there is none.
+    pub audit: Option<crate::audit::AuditConfig>,
+    /// What is counted per identity and tenant.
+    pub usage: crate::usage::UsageConfig,
 }
 
 /// The operators' console (pgbouncer's admin database): who may log in to

@@ -16,6 +16,7 @@
 //! Protocol reference: <https://www.postgresql.org/docs/current/protocol.html>.
 
 mod admission;
+pub mod audit;
 mod budget;
 mod cancel;
 mod capacity;
@@ -26,6 +27,7 @@ pub mod console;
 pub mod control;
 mod drain;
 mod error;
+mod heavy;
 mod identity;
 mod log_limit;
 pub mod metrics;
@@ -43,6 +45,7 @@ mod stats;
 mod transaction;
 mod transport;
 mod upstream;
+mod usage;
 
 pub mod front_door;
 pub mod server;
@@ -71,6 +74,7 @@ pub use upstream::{
     Envelope, PendingReset, Reply, RequestIdentity, Upstream, UpstreamConfig, UpstreamKey,
     append_described, connect as connect_upstream,
 };
+pub use usage::{IdentityUsage, UsageConfig, Who, defaults as usage_defaults};
 
 /// The message-level pieces the fuzz targets and benchmarks drive, behind
 /// the `internals` feature. Not a stable API.

@@ -144,6 +144,12 @@ pub struct Metrics {
     cancels: Family<OutcomeLabels, Counter>,
     reloads: Family<OutcomeLabels, Counter>,
     degraded: Gauge,
+    /// The heaviest identities and tenants, and the named tenants' series.
+    pub(crate) usage: Arc<crate::usage::Usage>,
+    /// Audit lines written.
+    pub(crate) audit_lines: Counter,
+    /// Audit lines lost (a full queue, a failing output).
+    pub(crate) audit_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -161,6 +167,9 @@ impl Default for Metrics {
             cancels: Family::default(),
             reloads: Family::default(),
             degraded: Gauge::default(),
+            usage: Arc::default(),
+            audit_lines: Counter::default(),
+            audit_dropped: Counter::default(),
         }
     }
 }
@@ -224,6 +233,16 @@ impl Metrics {
             "config_reloads",
             "Configuration reloads by outcome",
             metrics.reloads.clone(),
+        );
+        r.register(
+            "audit_lines",
+            "Audit lines written ([audit])",
+            metrics.audit_lines.clone(),
+        );
+        r.register(
+            "audit_dropped",
+            "Audit lines lost: the writer's queue was full or its output failed",
+            metrics.audit_dropped.clone(),
         );
         r.register(
             "degraded",
@@ -429,6 +448,32 @@ impl Metrics {
     /// `transport`: resolved once, then each count is an atomic add.
     pub fn tally(&self, transport: Transport, database: &str, role: &str) -> Tally {
         Tally::new(self.stats.entry(database, role), transport)
+    }
+
+    /// The same for a session with `identity`: its transactions count
+    /// toward the heaviest identities and its tenant too.
+    pub fn tally_of(
+        &self,
+        transport: Transport,
+        database: &str,
+        role: &str,
+        identity: Option<&authgres_jwt::Identity>,
+    ) -> Tally {
+        let tally = self.tally(transport, database, role);
+        match identity {
+            Some(identity) => tally.identified(Arc::new(self.usage.who(identity))),
+            None => tally,
+        }
+    }
+
+    /// The `n` heaviest identities over the `[metrics] top_window`.
+    pub fn top_identities(&self, n: usize) -> Vec<crate::usage::IdentityUsage> {
+        self.usage.top_identities(n)
+    }
+
+    /// The `n` heaviest tenants over the `[metrics] top_window`.
+    pub fn top_tenants(&self, n: usize) -> Vec<crate::usage::IdentityUsage> {
+        self.usage.top_tenants(n)
     }
 
     /// Totals per database and role since the proxy started, every

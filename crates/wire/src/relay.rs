@@ -21,6 +21,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::audit::{Per, Recorder, SessionAudit};
 use crate::clients::{Activity, ClientState};
 use crate::metrics::Tally;
 use crate::proto::framer::{Frame, Framer, TagSet};
@@ -87,6 +88,9 @@ pub struct Observed {
     /// The client's state, set to active and idle as transactions start
     /// and end.
     pub activity: Activity,
+    /// The session's audit log, when `[audit]` is on: a line at each
+    /// transaction's (or statement's) end.
+    pub audit: Option<std::sync::Arc<SessionAudit>>,
 }
 
 /// The timer behind a [`ClientLimits`], armed only while a limit can run out.
@@ -205,6 +209,9 @@ pub struct Relay {
     stop_at_idle: bool,
     watchdog: Watchdog,
     observed: Option<Observed>,
+    /// What the open transaction's audit line says so far (audited
+    /// sessions only).
+    audit: Option<Box<Recorder>>,
     /// Whether the backend was idle when last looked at.
     was_idle: bool,
     /// When the open transaction started (observed relays only).
@@ -224,19 +231,12 @@ impl Relay {
     /// `tracker`, what the client's session holds is followed
     /// (transaction pooling).
     pub fn new(tracker: Option<Tracker>) -> Self {
-        let (client_bodies, server_bodies) = match tracker {
-            Some(_) => (Tracker::CLIENT_BODIES, Tracker::SERVER_BODIES),
-            None => (TagSet::NONE, TagSet::NONE),
-        };
+        let (client_frames, server_frames) = framers(tracker.is_some(), None);
         Self {
             to_upstream: Pipe::new(CLIENT_BUFFER),
             to_client: Pipe::new(SERVER_BUFFER),
-            client_frames: Framer::new(TagSet::ALL, client_bodies, MAX_CAPTURED),
-            server_frames: Framer::new(
-                ledger::SERVER_REPORTED.union(Tracker::SERVER_REPORTED),
-                ledger::SERVER_BODIES.union(server_bodies),
-                64,
-            ),
+            client_frames,
+            server_frames,
             ledger: Ledger::default(),
             tracker,
             message_start: 0,
@@ -250,6 +250,7 @@ impl Relay {
                 last_written: Instant::now(),
             },
             observed: None,
+            audit: None,
             was_idle: true,
             transaction_started: None,
             query_started: None,
@@ -258,8 +259,10 @@ impl Relay {
     }
 
     /// Reports bytes, queries, transactions and the client's state to
-    /// `observed`.
+    /// `observed` (and audit lines to its audit, `relay/audited.rs`).
+    /// Called before the relay moves anything.
     pub fn observe(&mut self, observed: Observed) {
+        self.audit_with(observed.audit.as_ref());
         self.observed = Some(observed);
     }
 
@@ -274,7 +277,13 @@ impl Relay {
         if let Some(observed) = &self.observed {
             if idle {
                 if let Some(started) = self.transaction_started.take() {
-                    observed.tally.transaction(started.elapsed());
+                    let took = started.elapsed();
+                    observed.tally.transaction(took);
+                    if let Some(audit) = self.audit.as_deref_mut()
+                        && audit.session().per() == Per::Transaction
+                    {
+                        audit.finish(took, None);
+                    }
                 }
                 observed.activity.set(ClientState::Idle);
             } else {
@@ -353,6 +362,7 @@ impl Relay {
             && let Some(label) = stop_label(&stopped, self.server_ended)
         {
             observed.tally.stopped(label);
+            self.audit_unfinished(label);
         }
         stopped
     }
@@ -515,6 +525,9 @@ impl Relay {
                     if let Some(tracker) = tracker.as_mut() {
                         tracker.client_message(tag, self.client_frames.body());
                     }
+                    if let Some(audit) = self.audit.as_deref_mut() {
+                        audit.client_message(tag, self.client_frames.body());
+                    }
                     self.ledger.client_message(tag, &mut |request, outcome| {
                         if let Some(tracker) = tracker.as_mut() {
                             tracker.retired(request, outcome);
@@ -561,6 +574,9 @@ impl Relay {
             if let Some(tracker) = tracker.as_mut() {
                 tracker.server_message(tag, body);
             }
+            if let Some(audit) = self.audit.as_deref_mut() {
+                audit.server_message(tag, body);
+            }
             if tag == b'Z'
                 && let (Some(observed), Some(started)) = (&self.observed, self.query_started)
             {
@@ -568,6 +584,11 @@ impl Relay {
                 // requests behind this one.
                 let now = Instant::now();
                 observed.tally.query(now - started);
+                if let Some(audit) = self.audit.as_deref_mut()
+                    && audit.session().per() == Per::Statement
+                {
+                    audit.finish(now - started, None);
+                }
                 self.query_started = (!self.ledger.settled()).then_some(now);
             }
         }
@@ -618,6 +639,33 @@ impl Relay {
     }
 }
 
+/// The framers of a relay: the client's reports every message; the
+/// server's the messages the ledger (and the tracker) follow. Bodies kept:
+/// what the tracker reads (transaction pooling) and, for an audited
+/// session (`Some(statements)`), what its lines are made from.
+fn framers(tracked: bool, audit: Option<bool>) -> (Framer, Framer) {
+    let (mut client_bodies, mut server_bodies) = match tracked {
+        true => (Tracker::CLIENT_BODIES, Tracker::SERVER_BODIES),
+        false => (TagSet::NONE, TagSet::NONE),
+    };
+    let mut server_capture = 64;
+    if let Some(statements) = audit {
+        if statements {
+            client_bodies = client_bodies.union(Recorder::CLIENT_BODIES);
+        }
+        server_bodies = server_bodies.union(Recorder::SERVER_BODIES);
+        server_capture = Recorder::SERVER_CAPTURE;
+    }
+    (
+        Framer::new(TagSet::ALL, client_bodies, MAX_CAPTURED),
+        Framer::new(
+            ledger::SERVER_REPORTED.union(Tracker::SERVER_REPORTED),
+            ledger::SERVER_BODIES.union(server_bodies),
+            server_capture,
+        ),
+    )
+}
+
 /// How a relay's stop is named in the session's end-of-session log line;
 /// `None` for a stop that does not end the session by itself. A client
 /// that closed after the server's unsolicited FATAL (`server_ended`) was
@@ -647,5 +695,6 @@ pub async fn close_client<C: AsyncWrite + Unpin + ?Sized>(client: &mut C) {
     let _ = tokio::time::timeout(Duration::from_secs(2), client.shutdown()).await;
 }
 
+mod audited;
 #[cfg(test)]
 mod tests;

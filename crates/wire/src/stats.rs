@@ -263,6 +263,8 @@ pub struct Tally {
     entry: Arc<Entry>,
     transport: Transport,
     session: Arc<SessionCounts>,
+    /// The session's identity, for the heaviest identities and tenants.
+    who: Option<Arc<crate::usage::Who>>,
 }
 
 impl Default for Tally {
@@ -278,6 +280,15 @@ impl Tally {
             entry,
             transport,
             session: Arc::default(),
+            who: None,
+        }
+    }
+
+    /// The same counters, also counting each transaction for `who`.
+    pub(crate) fn identified(self, who: Arc<crate::usage::Who>) -> Self {
+        Self {
+            who: Some(who),
+            ..self
         }
     }
 
@@ -301,8 +312,12 @@ impl Tally {
 
     /// A transaction (or a statement outside one) that took `took`.
     pub fn transaction(&self, took: Duration) {
-        self.counts().transaction(micros(took));
+        let us = micros(took);
+        self.counts().transaction(us);
         self.session.transactions.fetch_add(1, Ordering::Relaxed);
+        if let Some(who) = &self.who {
+            who.transaction(us);
+        }
     }
 
     /// A query that took `took`.

@@ -32,6 +32,13 @@ impl Failure {
     }
 }
 
+impl Failure {
+    /// Its SQLSTATE, for the audit log.
+    pub fn code(&self) -> Option<&str> {
+        self.body.get("code").and_then(Value::as_str)
+    }
+}
+
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
         (self.status, axum::Json(self.body)).into_response()

@@ -20,6 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use authgres_wire::audit::{Facts, Recorder};
 use authgres_wire::metrics::Tally;
 use authgres_wire::{Admitted, ClientState, Settings, Transport};
 use axum::body::Body;
@@ -46,6 +47,9 @@ pub async fn handle(
     let client = (peer, relayed_by);
     let ran = run(&state, &config, client, &ticket, &headers, body, &mut done).await;
     ticket.set_state(ClientState::Idle);
+    if let (Err(failure), Some(audit)) = (&ran, done.audit.as_mut()) {
+        audit.error(failure.code().unwrap_or("?????"));
+    }
     let response = respond(&config, ran);
     done.finish(&response, started.elapsed());
     response
@@ -64,6 +68,8 @@ struct Done {
     rows: u64,
     /// How long its statements ran, checkout included.
     ran: Option<Duration>,
+    /// Its audit line, when `[audit]` is on (made once admitted).
+    audit: Option<Recorder>,
 }
 
 impl Done {
@@ -71,7 +77,7 @@ impl Done {
     /// it at debug (the statement count at trace). A transaction's time is
     /// the whole request's, a query's its share of the time the
     /// statements ran.
-    fn finish(&self, response: &Response, took: Duration) {
+    fn finish(&mut self, response: &Response, took: Duration) {
         use hyper::body::Body as _;
         let status = response.status().as_u16();
         let sent = response.body().size_hint().exact().unwrap_or(0);
@@ -84,6 +90,10 @@ impl Done {
             );
             return;
         };
+        if let Some(audit) = self.audit.as_mut() {
+            audit.rows(self.rows);
+            audit.finish(took, None);
+        }
         tally.received(self.received);
         tally.sent(usize::try_from(sent).unwrap_or(usize::MAX));
         tally.transaction(took);
@@ -194,8 +204,23 @@ async fn run(
             ),
         ));
     }
-    let tally = metrics.tally(Transport::Http, &admitted.database, &admitted.role);
+    let identity = admitted.identity.as_ref();
+    let tally = metrics.tally_of(
+        Transport::Http,
+        &admitted.database,
+        &admitted.role,
+        identity,
+    );
     done.admitted = Some((admitted.database.clone(), admitted.role.clone(), tally));
+    let facts = Facts {
+        transport: Transport::Http,
+        encrypted: state.tls,
+        identity,
+        role: &admitted.role,
+        database: &admitted.database,
+        client: peer,
+    };
+    done.audit = proxy.audit_session(&settings, &facts).map(Recorder::new);
     ticket.authenticated();
     ticket.set_state(ClientState::Active);
     // Only an admitted request gets its body read, and only within the
@@ -204,6 +229,11 @@ async fn run(
     done.received = body.len();
     let (statements, batch) = request::statements(headers, &body)?;
     done.statements = statements.len();
+    if let Some(audit) = done.audit.as_mut() {
+        for statement in &statements {
+            audit.statement(&statement.query);
+        }
+    }
     // Each is a copy of the one before: only the last is kept.
     drop(body);
     let encoded = query::encode(&statements).map_err(Failure::from)?;

@@ -26,6 +26,10 @@ pub enum Show {
     Lists,
     /// pgbouncer's allocator caches: authgres has none.
     Mem,
+    /// The heaviest identities (users) over the `[metrics]` window.
+    Identities,
+    /// The heaviest tenants over the same window.
+    Tenants,
 }
 
 /// A console command.
@@ -154,6 +158,8 @@ fn show(what: &str) -> Option<Show> {
         "USERS" => Show::Users,
         "LISTS" => Show::Lists,
         "MEM" => Show::Mem,
+        "IDENTITIES" => Show::Identities,
+        "TENANTS" => Show::Tenants,
         _ => return None,
     })
 }
@@ -180,6 +186,11 @@ mod tests {
             Ok(Command::Pause(Some("app".into())))
         );
         assert_eq!(parse("KILL_CLIENT 42"), Ok(Command::KillClient(42)));
+        assert_eq!(
+            parse("show identities"),
+            Ok(Command::Show(Show::Identities))
+        );
+        assert_eq!(parse("SHOW TENANTS"), Ok(Command::Show(Show::Tenants)));
         assert_eq!(parse("set application_name = 'x'"), Ok(Command::Set));
         let statements: Vec<_> = statements("show pools; ;SHOW VERSION;").collect();
         assert_eq!(statements, ["show pools", "SHOW VERSION"]);
@@ -201,6 +212,7 @@ mod tests {
     #[test]
     fn only_show_and_set_are_for_stats_users() {
         assert!(!parse("SHOW STATS").expect("show").needs_admin());
+        assert!(!parse("SHOW IDENTITIES").expect("show").needs_admin());
         assert!(parse("PAUSE").expect("pause").needs_admin());
         assert!(parse("KILL_CLIENT 1").expect("kill").needs_admin());
     }

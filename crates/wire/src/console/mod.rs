@@ -9,6 +9,7 @@
 
 pub mod command;
 mod tables;
+mod usage;
 
 use std::time::Duration;
 
@@ -214,6 +215,8 @@ async fn show(proxy: &Proxy, what: Show) -> Result<Table, Failed> {
         Show::Databases => tables::databases(proxy),
         Show::Users => tables::users(proxy),
         Show::Lists => tables::lists(proxy),
+        Show::Identities => crate::console::usage::identities(proxy),
+        Show::Tenants => crate::console::usage::tenants(proxy),
         Show::Mem => {
             return Err(Failed::new(
                 SqlState::FeatureNotSupported,

@@ -15,14 +15,17 @@ use crate::proto::backend::ColumnType::{self, BigInt, Text};
 use crate::proxy::Proxy;
 
 /// A table from its columns and rows.
-fn table(columns: &[(&'static str, ColumnType)], rows: Vec<Vec<Option<String>>>) -> Table {
+pub(super) fn table(
+    columns: &[(&'static str, ColumnType)],
+    rows: Vec<Vec<Option<String>>>,
+) -> Table {
     Table {
         columns: columns.to_vec(),
         rows,
     }
 }
 
-fn text(value: impl ToString) -> Option<String> {
+pub(super) fn text(value: impl ToString) -> Option<String> {
     Some(value.to_string())
 }
 
@@ -35,6 +38,8 @@ fn time(at: SystemTime) -> Option<String> {
 pub(super) fn help() -> Table {
     let commands = [
         "SHOW HELP|POOLS|CLIENTS|SERVERS|STATS|CONFIG|VERSION|DATABASES|USERS|LISTS",
+        "SHOW IDENTITIES  the heaviest users by transaction time ([metrics] top_window)",
+        "SHOW TENANTS     the heaviest tenants by transaction time",
         "PAUSE [db]       new transactions wait; returns when running ones finished",
         "RESUME [db]",
         "RECONNECT [db]   replace every server connection as it comes free",

@@ -84,6 +84,7 @@ impl prometheus_client::collector::Collector for Collector {
         encode_pools(&proxy, &mut encoder)?;
         encode_keys(&proxy, &mut encoder)?;
         encode_stats(&proxy, &mut encoder)?;
+        proxy.metrics.usage.encode(&mut encoder)?;
         emit(
             &mut encoder,
             "authgres_draining",

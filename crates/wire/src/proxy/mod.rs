@@ -60,6 +60,8 @@ pub struct Proxy {
     control: std::sync::OnceLock<tokio::sync::mpsc::Sender<ControlRequest>>,
     /// When the proxy started: `SHOW STATS` averages over its uptime.
     pub(crate) started: std::time::SystemTime,
+    /// The audit log's writer, once `[audit]` is configured.
+    audit: crate::audit::Hub,
 }
 
 impl Proxy {
@@ -79,6 +81,12 @@ impl Proxy {
         let drain = Drain::default();
         let clients = Arc::new(Clients::new(drain.closing_token()));
         let pools = Reported::default();
+        let audit = crate::audit::Hub::new(crate::audit::Counters::new(
+            metrics.audit_lines.clone(),
+            metrics.audit_dropped.clone(),
+        ));
+        audit.configure(config.audit.as_ref());
+        metrics.usage.configure(&config.usage);
         Self {
             budget: Budget::new(config.connections),
             pools_by_server: ServerPools::new(pool, Arc::clone(&pools)),
@@ -92,6 +100,7 @@ impl Proxy {
             gates,
             control: std::sync::OnceLock::new(),
             started: std::time::SystemTime::now(),
+            audit,
         }
     }
 
@@ -130,6 +139,9 @@ impl Proxy {
         new.config.upstream = old.config.upstream.clone();
         self.budget.set_limits(new.config.connections);
         self.pools_by_server.set_limits(new.config.pool_limits);
+        // Every reload (SIGHUP) opens the audit file again: logrotate.
+        self.audit.configure(new.config.audit.as_ref());
+        self.metrics.usage.configure(&new.config.usage);
         let replaced = !Arc::ptr_eq(&old.verifier, &new.verifier);
         *self
             .settings
@@ -140,6 +152,32 @@ impl Proxy {
             // logins need its cache, and they use the new one.
             old.verifier.retire();
         }
+    }
+
+    /// The audit of a session `facts` describes, when `settings` (the
+    /// session's) have `[audit]`.
+    pub fn audit_session(
+        &self,
+        settings: &Settings,
+        facts: &crate::audit::Facts<'_>,
+    ) -> Option<Arc<crate::audit::SessionAudit>> {
+        let config = settings.config.audit.as_ref()?;
+        let sink = self.audit.sink()?;
+        Some(Arc::new(crate::audit::SessionAudit::new(
+            config, sink, facts,
+        )))
+    }
+
+    /// Where audit lines are written, while the writer runs.
+    pub fn audit_output(&self) -> Option<crate::audit::Output> {
+        self.audit.output()
+    }
+
+    /// Waits, up to `wait`, until the audit lines queued so far are
+    /// written and flushed (the last thing the process does); whether
+    /// they were.
+    pub async fn flush_audit(&self, wait: std::time::Duration) -> bool {
+        self.audit.flush(wait).await
     }
 
     /// The connection budget every listener draws from.

@@ -230,6 +230,7 @@ async fn an_observed_relay_counts_queries_transactions_and_its_stop() {
     relay.observe(Observed {
         tally: tally.clone(),
         activity: handle.activity(),
+        audit: None,
     });
     let relay = tokio::spawn(async move { relay.run(&mut client, &mut upstream).await });
     let (mut client_peer, mut upstream_peer) = (client_peer, upstream_peer);

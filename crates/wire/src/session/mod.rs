@@ -182,6 +182,7 @@ impl Proxy {
                     registered: place.client,
                     spared_until: Instant::now(),
                     tally: None,
+                    audit: None,
                 };
                 session.run(startup).await
             }
@@ -240,6 +241,8 @@ pub(crate) struct Session<'p, S> {
     spared_until: Instant,
     /// Its counters, resolved at login.
     tally: Option<Tally>,
+    /// Its audit log, when `[audit]` is on (made at login).
+    audit: Option<Arc<crate::audit::SessionAudit>>,
 }
 
 impl<S: ClientIo> Session<'_, S> {
@@ -309,12 +312,17 @@ impl<S: ClientIo> Session<'_, S> {
             tls: self.encrypted,
             pool_client: login.client_id,
         });
-        let tally = self.proxy.metrics.tally(
+        let admitted = &login.admitted;
+        let tally = self.proxy.metrics.tally_of(
             self.transport,
-            &login.admitted.database,
-            &login.admitted.role,
+            &admitted.database,
+            &admitted.role,
+            admitted.identity.as_ref(),
         );
         self.tally = Some(tally.clone());
+        self.audit = self
+            .proxy
+            .audit_session(&self.settings, &self.audit_facts(admitted));
         let connected = (self.auth_deadline)
             .checked_sub(self.settings.config.auth_timeout)
             .unwrap_or_else(Instant::now);
@@ -335,6 +343,18 @@ impl<S: ClientIo> Session<'_, S> {
         served
     }
 
+    /// What the session's audit lines say about who and where.
+    fn audit_facts<'a>(&self, admitted: &'a crate::Admitted) -> crate::audit::Facts<'a> {
+        crate::audit::Facts {
+            transport: self.transport,
+            encrypted: self.encrypted,
+            identity: admitted.identity.as_ref(),
+            role: &admitted.role,
+            database: &admitted.database,
+            client: self.peer,
+        }
+    }
+
     /// Counts a login that did not happen, then refuses it.
     async fn login_failed(self, error: SessionError) -> Result<(), SessionError> {
         self.proxy.metrics.login(self.transport, Err(&error));
@@ -346,6 +366,7 @@ impl<S: ClientIo> Session<'_, S> {
         Observed {
             tally: self.tally.clone().unwrap_or_default(),
             activity: self.registered.activity(),
+            audit: self.audit.clone(),
         }
     }
 

@@ -128,6 +128,8 @@ fn proxy_config(cluster: &Cluster, mode: PoolMode, pool_size: usize) -> ProxyCon
         },
         cluster: crate::config::ClusterConfig::default(),
         console: None,
+        audit: None,
+        usage: crate::usage::UsageConfig::default(),
     }
 }
 
