@@ -8,6 +8,7 @@ mod console;
 mod entries;
 mod fixed;
 mod http;
+mod limits;
 mod listen;
 mod providers;
 mod roles;
@@ -175,6 +176,7 @@ impl Loaded {
             },
             cluster: self.cluster()?,
             console: self.console()?,
+            identity_limits: self.identity_limits()?,
         })
     }
 }

@@ -222,6 +222,9 @@ pub struct ProxyConfig {
     pub cluster: ClusterConfig,
     /// The operators' console; `None`: there is none.
     pub console: Option<ConsoleConfig>,
+    /// Connections and transactions per user and per tenant, by role and
+    /// by provider.
+    pub identity_limits: crate::limits::LimitTable,
 }
 
 /// The operators' console (pgbouncer's admin database): who may log in to

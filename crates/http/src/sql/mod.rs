@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use authgres_wire::metrics::Tally;
-use authgres_wire::{Admitted, ClientState, Settings, Transport};
+use authgres_wire::{Admitted, ClientState, Fairness, Proxy, Settings, Transport, Turn};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Extension, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -210,10 +210,18 @@ async fn run(
     drop(statements);
     let (array_mode, raw) = (target.array_mode, target.raw);
     let claims = admitted.identity.as_ref().map(|i| &*i.claims_json);
+    // Each request is a transaction against its identity's limit;
+    // anonymous requests take turns in a busy pool by address.
+    let _turn = limited(proxy, &admitted)?;
+    let fair_key = admitted
+        .identity
+        .as_ref()
+        .map_or_else(|| peer.ip().to_string(), |i| i.user_id.clone());
     let run = Run {
         state,
         settings: &settings,
         config,
+        fair: Fairness::new(&fair_key),
     };
     let request = (encoded, reservation);
     let started = Instant::now();
@@ -258,7 +266,7 @@ async fn execute(
     let (mut pooled, in_flight) = loop {
         let mut pooled = state
             .pool
-            .checkout(&admitted.database, &admitted.role, password, 0)
+            .checkout(&admitted.database, &admitted.role, password, 0, run.fair)
             .await
             .map_err(Failure::from)?;
         let started = query::start(
@@ -293,4 +301,22 @@ struct Run<'a> {
     state: &'a HttpState,
     settings: &'a Settings,
     config: &'a HttpConfig,
+    /// Whose turn its checkout takes in a busy pool.
+    fair: Fairness<'a>,
+}
+
+/// The request's place under its identity's limit of transactions
+/// (`None`: anonymous, or no limit applies), or the 429 that refuses it.
+fn limited(proxy: &Proxy, admitted: &Admitted) -> Result<Option<Turn>, Failure> {
+    let Some(identity) = &admitted.identity else {
+        return Ok(None);
+    };
+    let limiter = proxy.limiter();
+    let mut who = limiter.who(identity, &admitted.role);
+    limiter.begin(&mut who).map_err(|refusal| {
+        proxy
+            .metrics()
+            .identity_limit(Transport::Http, refusal.limit);
+        Failure::from(&refusal)
+    })
 }

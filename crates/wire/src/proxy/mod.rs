@@ -18,6 +18,7 @@ use crate::config::ProxyConfig;
 use crate::control::ControlRequest;
 use crate::drain::Drain;
 use crate::identity::ClaimsKey;
+use crate::limits::Limiter;
 use crate::log_limit::LogLimiter;
 use crate::metrics::Metrics;
 use crate::pool::{Gates, UpstreamPool};
@@ -54,6 +55,9 @@ pub struct Proxy {
     pub(crate) metrics: Arc<Metrics>,
     /// The console's PAUSE and DISABLE, shared by every pool.
     pub(crate) gates: Arc<Gates>,
+    /// Connections and transactions per user and tenant: the counts
+    /// outlive reloads, which replace only the limits.
+    pub(crate) limiter: Limiter,
     /// Where the console's RELOAD, SHOW CONFIG and SHUTDOWN go.
     control: std::sync::OnceLock<tokio::sync::mpsc::Sender<ControlRequest>>,
     /// When the proxy started: `SHOW STATS` averages over its uptime.
@@ -76,6 +80,7 @@ impl Proxy {
         let cancels = CancelRegistry::new(config.cluster.instance_id);
         let drain = Drain::default();
         let clients = Arc::new(Clients::new(drain.closing_token()));
+        let limiter = Limiter::new(config.identity_limits.clone());
         Self {
             budget: Budget::new(config.connections),
             pools: Mutex::new(vec![Arc::downgrade(&pool)]),
@@ -87,6 +92,7 @@ impl Proxy {
             clients,
             metrics,
             gates,
+            limiter,
             control: std::sync::OnceLock::new(),
             started: std::time::SystemTime::now(),
         }
@@ -127,6 +133,7 @@ impl Proxy {
         new.config.upstream = old.config.upstream.clone();
         self.budget.set_limits(new.config.connections);
         self.pool.set_limits(new.config.pool_limits);
+        self.limiter.configure(new.config.identity_limits.clone());
         let replaced = !Arc::ptr_eq(&old.verifier, &new.verifier);
         *self
             .settings
@@ -142,6 +149,11 @@ impl Proxy {
     /// The connection budget every listener draws from.
     pub fn budget(&self) -> &Arc<Budget> {
         &self.budget
+    }
+
+    /// The limits per identity every transport counts against.
+    pub fn limiter(&self) -> &Limiter {
+        &self.limiter
     }
 
     /// The shutdown state every listener and session follows.

@@ -127,6 +127,7 @@ fn proxy_config(cluster: &Cluster, mode: PoolMode, pool_size: usize) -> ProxyCon
         },
         cluster: crate::config::ClusterConfig::default(),
         console: None,
+        identity_limits: crate::limits::LimitTable::default(),
     }
 }
 
