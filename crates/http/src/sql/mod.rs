@@ -212,7 +212,7 @@ async fn run(
     let claims = admitted.identity.as_ref().map(|i| &*i.claims_json);
     // Each request is a transaction against its identity's limit;
     // anonymous requests take turns in a busy pool by address.
-    let _turn = limited(proxy, &admitted)?;
+    let _turn = limited(proxy, peer, &admitted)?;
     let fair_key = admitted
         .identity
         .as_ref()
@@ -306,8 +306,9 @@ struct Run<'a> {
 }
 
 /// The request's place under its identity's limit of transactions
-/// (`None`: anonymous, or no limit applies), or the 429 that refuses it.
-fn limited(proxy: &Proxy, admitted: &Admitted) -> Result<Option<Turn>, Failure> {
+/// (`None`: anonymous, or no limit applies), or the 429 that refuses it
+/// (counted, and logged as the listeners' refusals are).
+fn limited(proxy: &Proxy, peer: SocketAddr, admitted: &Admitted) -> Result<Option<Turn>, Failure> {
     let Some(identity) = &admitted.identity else {
         return Ok(None);
     };
@@ -317,6 +318,7 @@ fn limited(proxy: &Proxy, admitted: &Admitted) -> Result<Option<Turn>, Failure> 
         proxy
             .metrics()
             .identity_limit(Transport::Http, refusal.limit);
+        proxy.log_refusal(peer, &refusal);
         Failure::from(&refusal)
     })
 }
