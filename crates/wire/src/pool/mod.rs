@@ -296,10 +296,8 @@ impl UpstreamPool {
             // Holding the counters marks the slot in use for `prune`
             // while this checkout runs.
             let counts = (Arc::clone(&slot.busy), Arc::clone(&slot.waiting));
-            let permits = (Arc::clone(&slot.permits), Arc::clone(&slot.turnstiles));
-            (limits, permits, counts.0, counts.1)
+            (limits, Arc::clone(&slot.permits), counts.0, counts.1)
         };
-        let (permits, turnstiles) = permits;
         if self.gates.is_paused(database) {
             let _waiting = waiting.hold();
             let deadline = Instant::now() + limits.checkout_timeout;
@@ -317,6 +315,7 @@ impl UpstreamPool {
             Err(_) => {
                 let started = Instant::now();
                 let _waiting = waiting.hold();
+                let turnstiles = self.turnstiles(&key);
                 let acquired = tokio::time::timeout(
                     limits.checkout_timeout,
                     turnstiles.acquire(fair, Arc::clone(&permits)),
