@@ -6,7 +6,8 @@
 //!
 //! Each admitted request counts as one transaction of its database and
 //! role (transport `http`) with one query per statement, in the same
-//! totals as the Postgres listener's; each request is logged at debug
+//! totals as the Postgres listener's, and as one against its identity's
+//! limit of transactions (HTTP 429 over it); each request is logged at debug
 //! (status, time, statements, rows: never the SQL or its parameters).
 
 mod body;
