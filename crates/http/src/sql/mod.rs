@@ -214,15 +214,19 @@ async fn run(
     // Each request is a transaction against its identity's limit;
     // anonymous requests take turns in a busy pool by address.
     let _turn = limited(proxy, peer, &admitted)?;
-    let fair_key = admitted
-        .identity
-        .as_ref()
-        .map_or_else(|| peer.ip().to_string(), |i| i.user_id.clone());
+    let address;
+    let fair_key = match &admitted.identity {
+        Some(identity) => identity.user_id.as_str(),
+        None => {
+            address = peer.ip().to_string();
+            &address
+        }
+    };
     let run = Run {
         state,
         settings: &settings,
         config,
-        fair: Fairness::new(&fair_key),
+        fair: Fairness::new(fair_key),
     };
     let request = (encoded, reservation);
     let started = Instant::now();
@@ -314,12 +318,13 @@ fn limited(proxy: &Proxy, peer: SocketAddr, admitted: &Admitted) -> Result<Optio
         return Ok(None);
     };
     let limiter = proxy.limiter();
-    let mut who = limiter.who(identity, &admitted.role);
-    limiter.begin(&mut who).map_err(|refusal| {
-        proxy
-            .metrics()
-            .identity_limit(Transport::Http, refusal.limit);
-        proxy.log_refusal(peer, &refusal);
-        Failure::from(&refusal)
-    })
+    limiter
+        .begin_request(identity, &admitted.role)
+        .map_err(|refusal| {
+            proxy
+                .metrics()
+                .identity_limit(Transport::Http, refusal.limit);
+            proxy.log_refusal(peer, &refusal);
+            Failure::from(&refusal)
+        })
 }

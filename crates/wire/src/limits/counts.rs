@@ -204,6 +204,20 @@ impl Limiter {
         Ok(Some(Turn(Place::new(&self.counts, who, false))))
     }
 
+    /// A transaction for one request of `identity` as `role` (`/sql`):
+    /// [`Limiter::begin`] for a [`Who`] built only when a transaction
+    /// limit is configured at all.
+    pub fn begin_request(
+        &self,
+        identity: &Identity,
+        role: &str,
+    ) -> Result<Option<Turn>, LimitRefusal> {
+        if !self.transactions.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        self.begin(&mut self.who(identity, role))
+    }
+
     /// How many users and tenants hold something now (the map's size).
     pub fn active(&self) -> usize {
         self.counts

@@ -66,14 +66,14 @@ impl<S: ClientIo> Session<'_, S> {
     }
 }
 
-/// A transaction for the holder of `hold` (`None`: anonymous, unlimited),
-/// or the limit that refuses it, counted.
+/// A transaction for `who` (`None`: anonymous, unlimited), or the limit
+/// that refuses it, counted.
 pub(super) fn begin(
     proxy: &Proxy,
     transport: Transport,
-    hold: Option<&mut Who>,
+    who: Option<&mut Who>,
 ) -> Result<Option<Turn>, LimitRefusal> {
-    match hold {
+    match who {
         Some(who) => proxy
             .limiter()
             .begin(who)
