@@ -207,11 +207,17 @@ async fn the_users_of_one_tenant_share_its_limits_and_another_tenant_is_unaffect
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn sql_over_the_limit_gets_429_with_the_sqlstate() {
+async fn a_session_holds_one_transaction_and_sql_over_the_limit_gets_429_with_the_sqlstate() {
     let stack = start("").await;
     configure(&stack, "max_transactions_per_user = 1", "").await;
-    // In session pooling a session holds its backend: one transaction.
+    // In session pooling a session holds its backend: one transaction,
+    // so a second session is refused at login.
     let held = stack.login("user_1").await;
+    let error = stack
+        .connect("authenticated", &stack.issuer.token("user_1"))
+        .await
+        .expect_err("a second backend");
+    assert_eq!(refusal(&error).0, "53400");
     let response = stack
         .sql_post(&stack.issuer.token("user_1"), r#"{"query": "select 1"}"#)
         .send()
