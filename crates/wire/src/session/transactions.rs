@@ -124,8 +124,8 @@ async fn serve_transactions<S: ClientIo>(
         let readying = Readying::Transaction(&client);
         let (proxy, settings) = (session.proxy, &session.settings);
         session.registered.set_state(ClientState::Waiting);
-        let client_id = (client.id, fair);
-        let checkout = lease::checkout(proxy, settings, database, role, client_id, readying);
+        let whose = (client.id, fair);
+        let checkout = lease::checkout(proxy, settings, database, role, whose, readying);
         let (mut pooled, _) = Box::pin(checkout).await?;
         let conn = pooled.conn();
         cancel.retarget(Some(conn.cancel_key())).await;
