@@ -44,6 +44,7 @@ const FAMILIES: &[(&str, bool)] = &[
     ("authgres_http_requests_total", true),
     ("authgres_cancel_requests_total", true),
     ("authgres_config_reloads_total", true),
+    ("authgres_identity_limit_refusals_total", true),
     ("authgres_degraded", true),
     ("authgres_draining", true),
     ("authgres_clients", true),

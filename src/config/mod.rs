@@ -10,6 +10,7 @@ mod databases;
 mod entries;
 mod fixed;
 mod http;
+mod limits;
 mod listen;
 mod metrics;
 mod providers;
@@ -203,6 +204,7 @@ impl Loaded {
             console: self.console()?,
             audit: self.audit()?,
             usage: self.usage()?,
+            identity_limits: self.identity_limits()?,
         })
     }
 }

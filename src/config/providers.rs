@@ -70,6 +70,11 @@ pub struct Provider {
     /// (or none) is the same person: set on both.
     #[serde(default)]
     pub shared_user_ids: bool,
+    /// Limits per identity (`limits.rs`): unset is unlimited.
+    pub max_connections_per_user: Option<u32>,
+    pub max_transactions_per_user: Option<u32>,
+    pub max_connections_per_tenant: Option<u32>,
+    pub max_transactions_per_tenant: Option<u32>,
 }
 
 impl Provider {

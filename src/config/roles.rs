@@ -47,6 +47,11 @@ pub struct Role {
     /// (default: `read_write` with a token, `read_only` without).
     #[serde(default)]
     table_access: Option<TableAccess>,
+    /// Limits per identity (`limits.rs`): unset is unlimited.
+    pub max_connections_per_user: Option<u32>,
+    pub max_transactions_per_user: Option<u32>,
+    pub max_connections_per_tenant: Option<u32>,
+    pub max_transactions_per_tenant: Option<u32>,
 }
 
 impl Role {
@@ -113,6 +118,10 @@ pub(super) fn default_roles() -> BTreeMap<String, Role> {
             login: LoginMethod::Password,
             oauth_scope: default_oauth_scope(),
             table_access: None,
+            max_connections_per_user: None,
+            max_transactions_per_user: None,
+            max_connections_per_tenant: None,
+            max_transactions_per_tenant: None,
         },
     )])
 }

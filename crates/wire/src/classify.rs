@@ -16,6 +16,8 @@ pub enum SqlState {
     UnknownDatabase,
     /// `53300` too_many_connections.
     TooManyConnections,
+    /// `53400` configuration_limit_exceeded: a limit per identity.
+    ConfigurationLimitExceeded,
     /// `08P01` protocol_violation.
     ProtocolViolation,
     /// `08006` connection_failure: the upstream went away.
@@ -50,6 +52,7 @@ impl SqlState {
             Self::InvalidAuthorization => "28000",
             Self::UnknownDatabase => "3D000",
             Self::TooManyConnections => "53300",
+            Self::ConfigurationLimitExceeded => "53400",
             Self::ProtocolViolation => "08P01",
             Self::ConnectionFailure => "08006",
             Self::UnableToConnect => "08001",

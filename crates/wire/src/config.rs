@@ -237,6 +237,9 @@ pub struct ProxyConfig {
     pub audit: Option<crate::audit::AuditConfig>,
     /// What is counted per identity and tenant.
     pub usage: crate::usage::UsageConfig,
+    /// Connections and transactions per user and per tenant, by role and
+    /// by provider.
+    pub identity_limits: crate::limits::LimitTable,
 }
 
 /// The operators' console (pgbouncer's admin database): who may log in to

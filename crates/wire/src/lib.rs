@@ -29,6 +29,7 @@ mod drain;
 mod error;
 mod heavy;
 mod identity;
+mod limits;
 mod log_limit;
 pub mod metrics;
 mod params;
@@ -61,9 +62,10 @@ pub use config::{
 };
 pub use error::{Classify, UpstreamError};
 pub use identity::ClaimsKey;
+pub use limits::{IdentityLimits, Limit, LimitRefusal, LimitTable, Limiter, Seat, Turn, Who};
 pub use log_limit::LogLimiter;
 pub use metrics::Metrics;
-pub use pool::{Attempts, CheckoutError, ReadyFailure, ServerPools, UpstreamPool, reap};
+pub use pool::{Attempts, CheckoutError, Fairness, ReadyFailure, ServerPools, UpstreamPool, reap};
 pub use proto::server_error::ServerError;
 pub use proxied::{AddressBlock, ProxyProtocolFrom};
 pub use proxy::{Collector, Proxy, Settings};
@@ -74,7 +76,7 @@ pub use upstream::{
     Envelope, PendingReset, Reply, RequestIdentity, Upstream, UpstreamConfig, UpstreamKey,
     append_described, connect as connect_upstream,
 };
-pub use usage::{IdentityUsage, UsageConfig, Who, defaults as usage_defaults};
+pub use usage::{IdentityUsage, UsageConfig, defaults as usage_defaults};
 
 /// The message-level pieces the fuzz targets and benchmarks drive, behind
 /// the `internals` feature. Not a stable API.

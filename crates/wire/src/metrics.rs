@@ -98,6 +98,14 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+/// Labels of a refusal by a limit per identity: which limit, over which
+/// transport (never who: one series per user would be unbounded).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IdentityLimitLabels {
+    limit: &'static str,
+    transport: &'static str,
+}
+
 /// Labels of one pool key.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct PoolKeyLabels {
@@ -150,6 +158,7 @@ pub struct Metrics {
     pub(crate) audit_lines: Counter,
     /// Audit lines lost (a full queue, a failing output).
     pub(crate) audit_dropped: Counter,
+    identity_limits: Family<IdentityLimitLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -170,6 +179,7 @@ impl Default for Metrics {
             usage: Arc::default(),
             audit_lines: Counter::default(),
             audit_dropped: Counter::default(),
+            identity_limits: Family::default(),
         }
     }
 }
@@ -245,6 +255,12 @@ impl Metrics {
             metrics.audit_dropped.clone(),
         );
         r.register(
+            "identity_limit_refusals",
+            "Connections and transactions refused by a limit per user or tenant, by limit and \
+             transport",
+            metrics.identity_limits.clone(),
+        );
+        r.register(
             "degraded",
             "1 while the last readiness check found a shared dependency failing (the upstream \
              unreachable, a provider's keys unusable); the instance stays ready",
@@ -304,6 +320,12 @@ impl Metrics {
             route: "sql",
             status: 200,
         });
+        for limit in crate::limits::Limit::ALL {
+            let _ = self.identity_limits.get_or_create(&IdentityLimitLabels {
+                limit: limit.label(),
+                transport: Transport::Wire.label(),
+            });
+        }
     }
 
     /// The zero series of what the configuration names: each provider's
@@ -499,6 +521,16 @@ impl Metrics {
     /// Records what became of a CancelRequest.
     pub fn cancel(&self, outcome: &'static str) {
         self.cancels.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    /// Records work refused by a limit per identity.
+    pub fn identity_limit(&self, transport: Transport, limit: crate::limits::Limit) {
+        self.identity_limits
+            .get_or_create(&IdentityLimitLabels {
+                limit: limit.label(),
+                transport: transport.label(),
+            })
+            .inc();
     }
 
     /// Records a configuration reload.

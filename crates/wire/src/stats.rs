@@ -264,7 +264,7 @@ pub struct Tally {
     transport: Transport,
     session: Arc<SessionCounts>,
     /// The session's identity, for the heaviest identities and tenants.
-    who: Option<Arc<crate::usage::Who>>,
+    who: Option<Arc<crate::usage::UsageSubject>>,
 }
 
 impl Default for Tally {
@@ -285,7 +285,7 @@ impl Tally {
     }
 
     /// The same counters, also counting each transaction for `who`.
-    pub(crate) fn identified(self, who: Arc<crate::usage::Who>) -> Self {
+    pub(crate) fn identified(self, who: Arc<crate::usage::UsageSubject>) -> Self {
         Self {
             who: Some(who),
             ..self

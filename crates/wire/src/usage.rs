@@ -4,7 +4,7 @@
 //! Prometheus series for the tenants the configuration names, never one
 //! series per user.
 //!
-//! A session resolves its [`Who`] once, at login (the keys hashed, a named
+//! A session resolves its [`UsageSubject`] once, at login (the keys hashed, a named
 //! tenant's counters found); each transaction then costs one shard lock
 //! per tracker and, for a named tenant, two relaxed atomic adds.
 
@@ -98,7 +98,7 @@ fn limits(config: &UsageConfig) -> Limits {
 
 /// A session's identity for usage, resolved at login.
 #[derive(Debug)]
-pub struct Who {
+pub struct UsageSubject {
     usage: Arc<Usage>,
     identity: (u64, Arc<Labels>),
     tenant: Option<(u64, Arc<Labels>)>,
@@ -106,7 +106,7 @@ pub struct Who {
     series: Option<Arc<TenantCounts>>,
 }
 
-impl Who {
+impl UsageSubject {
     /// Counts one transaction that took `us` microseconds.
     pub(crate) fn transaction(&self, us: u64) {
         let now = Instant::now();
@@ -138,8 +138,8 @@ impl Usage {
         named.now = tenants;
     }
 
-    /// The [`Who`] of a session with `identity`.
-    pub(crate) fn who(self: &Arc<Self>, identity: &Identity) -> Who {
+    /// The [`UsageSubject`] of a session with `identity`.
+    pub(crate) fn who(self: &Arc<Self>, identity: &Identity) -> UsageSubject {
         let labels = Arc::new(Labels {
             provider: Arc::clone(&identity.provider),
             user_id: Some(identity.user_id.clone()),
@@ -161,7 +161,7 @@ impl Usage {
                 .ok()
                 .and_then(|_| named.counts.get(tenant).cloned())
         });
-        Who {
+        UsageSubject {
             usage: Arc::clone(self),
             identity: (self.identities.key(&labels), labels),
             tenant,

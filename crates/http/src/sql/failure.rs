@@ -8,7 +8,7 @@
 //! `code`) only from a 400 body; only the service failing is a 5xx.
 
 use authgres_jwt::FailureClass;
-use authgres_wire::{CheckoutError, Classify as _, Refusal, ServerError};
+use authgres_wire::{CheckoutError, Classify as _, LimitRefusal, Refusal, ServerError};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -99,6 +99,18 @@ impl From<&Refusal> for Failure {
         match refusal.client_view() {
             Some(view) => Self::new(status, view.code.code(), view.message),
             None => Self::new(status, "28000", refusal.to_string()),
+        }
+    }
+}
+
+/// A request over its user's or tenant's limit of transactions: 429, the
+/// SQLSTATE (53400) and the words a Postgres client would get.
+impl From<&LimitRefusal> for Failure {
+    fn from(refusal: &LimitRefusal) -> Self {
+        let status = StatusCode::TOO_MANY_REQUESTS;
+        match refusal.client_view() {
+            Some(view) => Self::new(status, view.code.code(), view.message),
+            None => Self::new(status, "53400", refusal.to_string()),
         }
     }
 }

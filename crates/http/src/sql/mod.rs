@@ -6,7 +6,8 @@
 //!
 //! Each admitted request counts as one transaction of its database and
 //! role (transport `http`) with one query per statement, in the same
-//! totals as the Postgres listener's; each request is logged at debug
+//! totals as the Postgres listener's, and as one against its identity's
+//! limit of transactions (HTTP 429 over it); each request is logged at debug
 //! (status, time, statements, rows: never the SQL or its parameters).
 
 mod body;
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use authgres_wire::audit::{Facts, Recorder};
 use authgres_wire::metrics::Tally;
-use authgres_wire::{Admitted, ClientState, Settings, Transport};
+use authgres_wire::{Admitted, ClientState, Fairness, Proxy, Settings, Transport, Turn};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Extension, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -240,10 +241,22 @@ async fn run(
     drop(statements);
     let (array_mode, raw) = (target.array_mode, target.raw);
     let claims = admitted.identity.as_ref().map(|i| &*i.claims_json);
+    // Each request is a transaction against its identity's limit;
+    // anonymous requests take turns in a busy pool by address.
+    let _turn = limited(proxy, peer, &admitted)?;
+    let address;
+    let fair_key = match &admitted.identity {
+        Some(identity) => identity.user_id.as_str(),
+        None => {
+            address = peer.ip().to_string();
+            &address
+        }
+    };
     let run = Run {
         state,
         settings: &settings,
         config,
+        fair: Fairness::new(fair_key),
     };
     let request = (encoded, reservation);
     let started = Instant::now();
@@ -286,7 +299,7 @@ async fn execute(
     };
     let (mut pooled, in_flight) = loop {
         let mut pooled = pool
-            .checkout(&admitted.database, &admitted.role, password, 0)
+            .checkout(&admitted.database, &admitted.role, password, 0, run.fair)
             .await
             .map_err(Failure::from)?;
         let started = query::start(
@@ -321,4 +334,25 @@ struct Run<'a> {
     state: &'a HttpState,
     settings: &'a Settings,
     config: &'a HttpConfig,
+    /// Whose turn its checkout takes in a busy pool.
+    fair: Fairness<'a>,
+}
+
+/// The request's place under its identity's limit of transactions
+/// (`None`: anonymous, or no limit applies), or the 429 that refuses it
+/// (counted, and logged as the listeners' refusals are).
+fn limited(proxy: &Proxy, peer: SocketAddr, admitted: &Admitted) -> Result<Option<Turn>, Failure> {
+    let Some(identity) = &admitted.identity else {
+        return Ok(None);
+    };
+    let limiter = proxy.limiter();
+    limiter
+        .begin_request(identity, &admitted.role)
+        .map_err(|refusal| {
+            proxy
+                .metrics()
+                .identity_limit(Transport::Http, refusal.limit);
+            proxy.log_refusal(peer, &refusal);
+            Failure::from(&refusal)
+        })
 }

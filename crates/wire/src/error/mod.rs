@@ -103,6 +103,9 @@ pub enum SessionError {
         /// The checkout timeout.
         waited: Duration,
     },
+    /// The client's user or tenant is at a limit per identity.
+    #[error(transparent)]
+    IdentityLimit(#[from] crate::limits::LimitRefusal),
     /// The session's token expired and expiry is enforced.
     #[error("the session's token expired")]
     TokenExpired,
@@ -184,6 +187,7 @@ impl Classify for SessionError {
                 Some("remove it from the connection options"),
             ),
             Self::Refused(refusal) => refusal.client_view(),
+            Self::IdentityLimit(refusal) => refusal.client_view(),
             Self::OAuthDiscovery(role) => ClientView::new(
                 S::InvalidAuthorization,
                 format!("OAuth bearer authentication failed for user \"{role}\""),
@@ -275,6 +279,7 @@ impl Classify for SessionError {
             Self::ProxyHeader(HeaderRefusal::Closed | HeaderRefusal::Io(_)) => Severity::Routine,
             Self::ProxyHeader(_) => Severity::Client,
             Self::Refused(refusal) => refusal.severity(),
+            Self::IdentityLimit(refusal) => refusal.severity(),
             Self::SessionStateLost(error) | Self::Upstream(error) => error.severity(),
         }
     }
@@ -290,6 +295,7 @@ impl Classify for SessionError {
             Self::Replication => "replication",
             Self::ForbiddenParameter(_) => "forbidden_parameter",
             Self::Refused(refusal) => refusal.label(),
+            Self::IdentityLimit(refusal) => refusal.label(),
             Self::OAuthDiscovery(_) => "oauth_discovery",
             Self::AuthTimeout(_) => "auth_timeout",
             Self::TooManyConnections => "too_many_connections",

@@ -6,7 +6,8 @@
 //! [`pick`]'s decision. An idle connection is never handed out if it is
 //! past its idle timeout or lifetime, if the server spoke or hung up while
 //! it sat idle (a restart, `pg_terminate_backend`), or if it was idle long
-//! enough to need a health check and fails it.
+//! enough to need a health check and fails it. When a slot is full its
+//! waiters take turns by identity ([`fair`]).
 //!
 //! A [`Pooled`] connection goes back only through [`Pooled::release`],
 //! which its user calls once it is known to be idle and clean; one whose
@@ -14,6 +15,7 @@
 //! that is simply dropped. Idle connections are closed by [`reap`], which
 //! whoever owns the pool runs.
 
+mod fair;
 mod gates;
 mod keeper;
 mod operate;
@@ -35,6 +37,7 @@ use crate::upstream::{self, Owner, Upstream, UpstreamConfig};
 use keeper::Keeper;
 use pick::{Candidate, pick};
 
+pub use fair::Fairness;
 pub use gates::Gates;
 pub use operate::ServerInfo;
 pub use servers::{Reported, ServerPools};
@@ -67,6 +70,8 @@ struct Slot {
     /// Connections checked out (permits held), and clients waiting for one.
     busy: Arc<Count>,
     waiting: Arc<Count>,
+    /// Where its waiters take turns by identity.
+    turnstiles: Arc<fair::Turnstiles>,
 }
 
 /// The pool's mutable state, under one lock.
@@ -268,13 +273,15 @@ impl UpstreamPool {
     }
 
     /// A connection for (`database`, `role`) for `client`: an idle one as
-    /// [`pick`] chooses, or a new login as `role` with `password`.
+    /// [`pick`] chooses, or a new login as `role` with `password`. When
+    /// none is free, waiters take turns by `fair` ([`fair`]).
     pub async fn checkout(
         self: &Arc<Self>,
         database: &str,
         role: &str,
         password: Option<&str>,
         client: u64,
+        fair: Fairness<'_>,
     ) -> Result<Pooled, CheckoutError> {
         let key = (database.to_owned(), role.to_owned());
         let (limits, permits, busy, waiting) = {
@@ -286,6 +293,7 @@ impl UpstreamPool {
                 size: limits.max_per_key,
                 busy: Arc::default(),
                 waiting: Arc::default(),
+                turnstiles: Arc::default(),
             });
             // Holding the counters marks the slot in use for `prune`
             // while this checkout runs.
@@ -309,8 +317,12 @@ impl UpstreamPool {
             Err(_) => {
                 let started = Instant::now();
                 let _waiting = waiting.hold();
-                let acquired =
-                    tokio::time::timeout(limits.checkout_timeout, permits.acquire_owned()).await;
+                let turnstiles = self.turnstiles(&key);
+                let acquired = tokio::time::timeout(
+                    limits.checkout_timeout,
+                    turnstiles.acquire(fair, Arc::clone(&permits)),
+                )
+                .await;
                 self.metrics.checkout_wait(self.name, started.elapsed());
                 self.metrics.waited(database, role, started.elapsed());
                 match acquired {

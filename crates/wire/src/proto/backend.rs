@@ -101,12 +101,20 @@ pub fn fatal_error(code: SqlState, message: &str, hint: Option<&str>, buf: &mut 
 /// An ErrorResponse at severity ERROR: the statement failed, the
 /// connection goes on.
 pub fn error(code: SqlState, message: &str, buf: &mut BytesMut) {
-    let fields = vec![
+    error_hinted(code, message, None, buf);
+}
+
+/// [`error`] with a hint.
+pub fn error_hinted(code: SqlState, message: &str, hint: Option<&str>, buf: &mut BytesMut) {
+    let mut fields = vec![
         (b'S', "ERROR".to_owned()),
         (b'V', "ERROR".to_owned()),
         (b'C', code.code().to_owned()),
         (b'M', message.to_owned()),
     ];
+    if let Some(hint) = hint {
+        fields.push((b'H', hint.to_owned()));
+    }
     encode(&ErrorResponse::new(fields), buf);
 }
 

@@ -13,6 +13,7 @@
 //!   with a bearer token by;
 //! - [`login`] and [`scram`]: the proxy's own login to the upstream server;
 //! - [`server_error`]: ErrorResponse fields;
+//! - [`request_end`]: where a request the proxy answers itself ends;
 //! - [`proxy_header`]: the PROXY protocol v2 header a load balancer sends
 //!   before the client's first byte.
 //!
@@ -27,6 +28,7 @@ pub mod login;
 pub mod negotiate;
 pub mod oauthbearer;
 pub mod proxy_header;
+pub mod request_end;
 pub mod scram;
 pub mod server_error;
 pub mod startup;

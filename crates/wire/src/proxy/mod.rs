@@ -18,6 +18,7 @@ use crate::config::ProxyConfig;
 use crate::control::ControlRequest;
 use crate::drain::Drain;
 use crate::identity::ClaimsKey;
+use crate::limits::Limiter;
 use crate::log_limit::LogLimiter;
 use crate::metrics::Metrics;
 use crate::pool::{Gates, Reported, ServerPools, UpstreamPool};
@@ -56,6 +57,9 @@ pub struct Proxy {
     pub(crate) metrics: Arc<Metrics>,
     /// The console's PAUSE and DISABLE, shared by every pool.
     pub(crate) gates: Arc<Gates>,
+    /// Connections and transactions per user and tenant: the counts
+    /// outlive reloads, which replace only the limits.
+    pub(crate) limiter: Limiter,
     /// Where the console's RELOAD, SHOW CONFIG and SHUTDOWN go.
     control: std::sync::OnceLock<tokio::sync::mpsc::Sender<ControlRequest>>,
     /// When the proxy started: `SHOW STATS` averages over its uptime.
@@ -87,6 +91,7 @@ impl Proxy {
         ));
         audit.configure(config.audit.as_ref());
         metrics.usage.configure(&config.usage);
+        let limiter = Limiter::new(config.identity_limits.clone());
         Self {
             budget: Budget::new(config.connections),
             pools_by_server: ServerPools::new(pool, Arc::clone(&pools)),
@@ -98,6 +103,7 @@ impl Proxy {
             clients,
             metrics,
             gates,
+            limiter,
             control: std::sync::OnceLock::new(),
             started: std::time::SystemTime::now(),
             audit,
@@ -142,6 +148,7 @@ impl Proxy {
         // Every reload (SIGHUP) opens the audit file again: logrotate.
         self.audit.configure(new.config.audit.as_ref());
         self.metrics.usage.configure(&new.config.usage);
+        self.limiter.configure(new.config.identity_limits.clone());
         let replaced = !Arc::ptr_eq(&old.verifier, &new.verifier);
         *self
             .settings
@@ -183,6 +190,11 @@ impl Proxy {
     /// The connection budget every listener draws from.
     pub fn budget(&self) -> &Arc<Budget> {
         &self.budget
+    }
+
+    /// The limits per identity every transport counts against.
+    pub fn limiter(&self) -> &Limiter {
+        &self.limiter
     }
 
     /// The shutdown state every listener and session follows.

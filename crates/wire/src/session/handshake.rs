@@ -32,6 +32,11 @@ pub(super) struct SessionLogin {
     pub(super) settings: Vec<(String, String)>,
     /// The process-unique id of this client for the pool.
     pub(super) client_id: u64,
+    /// Whose turn its checkouts take in a busy pool: its user id, or for
+    /// an anonymous client its address.
+    pub(super) fair_key: Box<str>,
+    /// What it holds against its identity's limits, once counted.
+    pub(super) hold: Option<super::limited::IdentityHold>,
 }
 
 impl SessionLogin {
@@ -113,11 +118,17 @@ impl<S: ClientIo> Session<'_, S> {
             }
         }
         let settings = params::settings(&forwarded);
+        let fair_key = match &admitted.identity {
+            Some(identity) => identity.user_id.as_str().into(),
+            None => self.peer.ip().to_string().into(),
+        };
         Ok(SessionLogin {
             admitted,
             forwarded,
             settings,
             client_id: upstream::next_client_id(),
+            fair_key,
+            hold: None,
         })
     }
 

@@ -16,7 +16,7 @@ use super::handshake::SessionLogin;
 use crate::config::PoolMode;
 use crate::error::{SessionError, UpstreamError};
 use crate::identity::ClaimsKey;
-use crate::pool::{CheckoutError, Pooled, UpstreamPool};
+use crate::pool::{CheckoutError, Fairness, Pooled, UpstreamPool};
 use crate::proxy::{Proxy, Settings};
 use crate::transaction::PooledClient;
 use crate::upstream::Upstream;
@@ -87,7 +87,7 @@ pub(super) async fn lease(
         settings,
         &admitted.database,
         &admitted.role,
-        login.client_id,
+        (login.client_id, Fairness::new(&login.fair_key)),
         readying,
     )
     .await?;
@@ -116,14 +116,15 @@ async fn own_login(
 }
 
 /// A pooled connection of `pool` for (`database`, `role`) readied for
-/// `client`, trying others while the one it got fails before anything of
-/// the client's was sent on it.
+/// `client` (its pool id, and whose turn it takes in a busy pool), trying
+/// others while the one it got fails before anything of the client's was
+/// sent on it.
 pub(super) async fn checkout(
     pool: &Arc<UpstreamPool>,
     settings: &Settings,
     database: &str,
     role: &str,
-    client: u64,
+    (client, fair): (u64, Fairness<'_>),
     readying: Readying<'_>,
 ) -> Result<(Pooled, Vec<(String, String)>), SessionError> {
     let limits = pool.limits();
@@ -131,7 +132,7 @@ pub(super) async fn checkout(
     let password = settings.config.password(role);
     loop {
         let mut pooled = pool
-            .checkout(database, role, password, client)
+            .checkout(database, role, password, client, fair)
             .await
             .map_err(|error| match error {
                 CheckoutError::Timeout(waited) => SessionError::PoolExhausted {

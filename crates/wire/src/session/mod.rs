@@ -19,6 +19,7 @@ mod end;
 mod greet;
 mod handshake;
 mod lease;
+mod limited;
 mod negotiate;
 mod transactions;
 
@@ -262,7 +263,7 @@ impl<S: ClientIo> Session<'_, S> {
         // verification and upstream logins are large futures, and an idle
         // session's task should not carry their size.
         let login = timeout_at(self.auth_deadline, Box::pin(self.handshake(startup))).await;
-        let login = match login {
+        let mut login = match login {
             Ok(Ok(login)) => login,
             Ok(Err(error)) => return self.login_failed(error).await,
             Err(_) => {
@@ -279,6 +280,10 @@ impl<S: ClientIo> Session<'_, S> {
             return self.login_failed(error).await;
         }
         let mode = self.settings.config.pool_mode_of(&login.admitted);
+        login.hold = match self.hold_identity(&login, mode) {
+            Ok(hold) => hold,
+            Err(error) => return self.login_failed(error).await,
+        };
         let leased = Box::pin(lease::lease(self.proxy, &self.settings, &login, mode)).await;
         let leased = match leased {
             Ok(leased) => leased,

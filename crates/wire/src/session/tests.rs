@@ -130,6 +130,7 @@ fn proxy_config(cluster: &Cluster, mode: PoolMode, pool_size: usize) -> ProxyCon
         console: None,
         audit: None,
         usage: crate::usage::UsageConfig::default(),
+        identity_limits: crate::limits::LimitTable::default(),
     }
 }
 

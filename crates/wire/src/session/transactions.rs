@@ -19,12 +19,13 @@ use super::end::{self, Parting, relay_to_end};
 use super::greet::Greeted;
 use super::handshake::SessionLogin;
 use super::lease::{self, Lease, Readying};
+use super::limited::{self, IdentityHold};
 use super::{ClientIo, Session};
 use crate::cancel::CancelGuard;
 use crate::clients::ClientState;
 use crate::error::SessionError;
-use crate::pool::Pooled;
-use crate::pool::UpstreamPool;
+use crate::limits::{Turn, Who};
+use crate::pool::{Fairness, Pooled, UpstreamPool};
 use crate::relay::{self, Relay, RelayError, Stop};
 use crate::transaction::{PooledClient, Tracker};
 
@@ -46,40 +47,68 @@ pub(super) async fn serve<S: ClientIo>(
         tracker: Tracker::default(),
     };
     let (database, role) = (login.admitted.database, login.admitted.role);
+    // Its seat stays to the end; each transaction is counted on its own.
+    let mut hold = login.hold;
+    let fair_key = login.fair_key;
     drop(login.admitted.identity);
     let pool = session
         .proxy
         .pool_for(login.admitted.destination.server.as_ref());
-    let served = serve_transactions(&mut session, &pool, &database, &role, client, &cancel).await;
+    let who = hold.as_mut().map(IdentityHold::who);
+    let fair = Fairness::new(&fair_key);
+    let served = serve_transactions(
+        &mut session,
+        &pool,
+        (&database, &role),
+        client,
+        (who, fair),
+        &cancel,
+    )
+    .await;
     pool.disown(&database, &role, login.client_id);
     match served {
-        Ok(Some((relay, pooled, expires))) => {
-            Box::pin(relay_to_end(
+        Ok(Some(Pinned {
+            relay,
+            pooled,
+            expires,
+            turn,
+        })) => {
+            let ended = Box::pin(relay_to_end(
                 session,
                 relay,
                 Lease::Pooled(pooled),
                 &cancel,
                 expires,
             ))
-            .await
+            .await;
+            drop(turn);
+            ended
         }
         Ok(None) => Ok(()),
         Err(error) => session.refused(error).await,
     }
 }
 
-/// A client pinned to its connection: the relay and connection to go on
-/// with, and the token expiry.
-type Pinned = (Relay, Pooled, Option<SystemTime>);
+/// A client pinned to its connection: what it goes on with.
+struct Pinned {
+    relay: Relay,
+    pooled: Pooled,
+    /// The token's expiry.
+    expires: Option<SystemTime>,
+    /// The connection counted against the identity's transaction limit.
+    turn: Option<Turn>,
+}
 
 /// Runs the client's transactions until it leaves (`None`) or its session
-/// pins it to a connection.
+/// pins it to a connection. Each counts against the identity's limit of
+/// transactions (`who`: `None` for an anonymous client); one refused is
+/// answered with an error and the session goes on.
 async fn serve_transactions<S: ClientIo>(
     session: &mut Session<'_, S>,
     pool: &Arc<UpstreamPool>,
-    database: &str,
-    role: &str,
+    (database, role): (&str, &str),
     mut client: PooledClient,
+    (mut who, fair): (Option<&mut Who>, Fairness<'_>),
     cancel: &CancelGuard,
 ) -> Result<Option<Pinned>, SessionError> {
     let mut first = std::mem::take(&mut session.inbox).to_vec();
@@ -90,10 +119,18 @@ async fn serve_transactions<S: ClientIo>(
         if client.expired(SystemTime::now()) {
             return Err(SessionError::TokenExpired);
         }
+        let turn = match limited::begin(session.proxy, session.transport, who.as_deref_mut()) {
+            Ok(turn) => turn,
+            Err(refusal) => {
+                limited::decline(session, &mut first, &refusal).await?;
+                continue;
+            }
+        };
         let readying = Readying::Transaction(&client);
         let settings = &session.settings;
         session.registered.set_state(ClientState::Waiting);
-        let checkout = lease::checkout(pool, settings, database, role, client.id, readying);
+        let whose = (client.id, fair);
+        let checkout = lease::checkout(pool, settings, database, role, whose, readying);
         let (mut pooled, _) = Box::pin(checkout).await?;
         let conn = pooled.conn();
         cancel.retarget(Some(conn.cancel_key())).await;
@@ -131,7 +168,12 @@ async fn serve_transactions<S: ClientIo>(
                         "client keeps its upstream connection until it leaves"
                     );
                     relay.stop_at_idle(false);
-                    return Ok(Some((relay, pooled, client.expires)));
+                    return Ok(Some(Pinned {
+                        relay,
+                        pooled,
+                        expires: client.expires,
+                        turn,
+                    }));
                 }
             }
             continue;
