@@ -112,10 +112,16 @@ struct Pipe {
     unflushed: bool,
 }
 
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        spare::give(std::mem::take(&mut self.buf));
+    }
+}
+
 impl Pipe {
     fn new(size: usize) -> Self {
         Self {
-            buf: vec![0; size].into_boxed_slice(),
+            buf: spare::take(size),
             start: 0,
             end: 0,
             unflushed: false,
@@ -696,5 +702,6 @@ pub async fn close_client<C: AsyncWrite + Unpin + ?Sized>(client: &mut C) {
 }
 
 mod audited;
+mod spare;
 #[cfg(test)]
 mod tests;
