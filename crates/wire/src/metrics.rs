@@ -441,12 +441,15 @@ impl Metrics {
         }
     }
 
-    /// Records how long a checkout from `pool` waited for a connection
-    /// (zero when one was free).
-    pub fn checkout_wait(&self, pool: &'static str, waited: Duration) {
-        self.checkout_wait
-            .get_or_create(&PoolLabels { pool })
-            .observe(waited.as_secs_f64());
+    /// Where checkouts from `pool` record how long they waited for a
+    /// connection (zero when one was free): a pool keeps it, so a
+    /// checkout does not look its series up.
+    pub fn checkout_wait(&self, pool: &'static str) -> CheckoutWait {
+        CheckoutWait(
+            self.checkout_wait
+                .get_or_create(&PoolLabels { pool })
+                .clone(),
+        )
     }
 
     /// Adds a checkout's wait to the totals of (`database`, `role`) (only
@@ -537,5 +540,16 @@ impl Metrics {
     pub fn reload(&self, applied: bool) {
         let outcome = if applied { "applied" } else { "refused" };
         self.reloads.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+}
+
+/// One pool's checkout-wait histogram ([`Metrics::checkout_wait`]).
+#[derive(Clone)]
+pub struct CheckoutWait(Histogram);
+
+impl CheckoutWait {
+    /// Records one checkout's wait.
+    pub fn observe(&self, waited: Duration) {
+        self.0.observe(waited.as_secs_f64());
     }
 }

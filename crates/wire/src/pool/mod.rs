@@ -97,6 +97,8 @@ pub struct UpstreamPool {
     /// (`upstream::repair`). Never handed to a client.
     keepers: Mutex<HashMap<String, Keeper>>,
     metrics: Arc<Metrics>,
+    /// This pool's series of checkout waits.
+    checkout_wait: crate::metrics::CheckoutWait,
     /// The console's PAUSE, shared with every pool of the proxy.
     gates: Arc<Gates>,
 }
@@ -215,6 +217,7 @@ impl UpstreamPool {
                 retire_before: HashMap::new(),
             }),
             keepers: Mutex::new(HashMap::new()),
+            checkout_wait: metrics.checkout_wait(name),
             metrics,
             gates,
         })
@@ -311,7 +314,7 @@ impl UpstreamPool {
         // A free slot needs no timer: most checkouts take this path.
         let permit = match Arc::clone(&permits).try_acquire_owned() {
             Ok(permit) => {
-                self.metrics.checkout_wait(self.name, Duration::ZERO);
+                self.checkout_wait.observe(Duration::ZERO);
                 permit
             }
             Err(_) => {
@@ -323,7 +326,7 @@ impl UpstreamPool {
                     turnstiles.acquire(fair, Arc::clone(&permits)),
                 )
                 .await;
-                self.metrics.checkout_wait(self.name, started.elapsed());
+                self.checkout_wait.observe(started.elapsed());
                 self.metrics.waited(database, role, started.elapsed());
                 match acquired {
                     Ok(Ok(permit)) => permit,
