@@ -20,7 +20,7 @@ pub struct Cli {
     pub log_format: LogFormat,
     /// Threads that run client sessions: 1 runs everything on one thread
     /// (no cross-thread wake-ups); more, a work-stealing pool of that
-    /// many. Default: one per CPU core.
+    /// many. Default: 1 on machines of up to 2 cores, else one per core.
     #[arg(long, global = true, env = "AUTHGRES_THREADS")]
     pub threads: Option<std::num::NonZeroUsize>,
     #[command(subcommand)]

@@ -17,17 +17,28 @@ use clap::Parser as _;
 /// How long an exiting process waits for blocking work left running.
 const EXIT_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// The async runtime: one thread, or a work-stealing pool of `threads`
-/// (one per core by default).
+/// Machines with this many cores or fewer run the proxy on one thread
+/// unless told otherwise: on two cores shared with Postgres and clients,
+/// a work-stealing pool spent a quarter more CPU per transaction on
+/// cross-thread wake-ups than one thread did (`benches/compare.sh`,
+/// README "Benchmarks"), as pgbouncer's single thread shows.
+const ONE_THREAD_UP_TO_CORES: usize = 2;
+
+/// The async runtime: `threads` (default: one on small machines, else one
+/// per core); one thread runs everything with no cross-thread wake-ups,
+/// more are a work-stealing pool.
 fn runtime(threads: Option<std::num::NonZeroUsize>) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = match threads.map(std::num::NonZeroUsize::get) {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(n);
-            builder
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let threads = threads.map_or_else(
+        || if cores <= ONE_THREAD_UP_TO_CORES { 1 } else { cores },
+        std::num::NonZeroUsize::get,
+    );
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
     };
     builder.enable_all().build()
 }
