@@ -362,7 +362,7 @@ async fn tenants_land_in_their_own_database_over_sql_and_websocket() {
                 .current_dir(&dir)
                 .env("AUTHGRES_HTTP_URL", http_url)
                 .env("AUTHGRES_PG_HOSTPORT", pg)
-                .env("AUTHGRES_DATABASES", "app_tx,b2b")
+                .env("AUTHGRES_DATABASES", "app_tx,app_session,b2b")
                 .env("AUTHGRES_TOKENS", tokens.to_string())
                 .output()
                 .expect("run node")
@@ -378,7 +378,7 @@ async fn tenants_land_in_their_own_database_over_sql_and_websocket() {
     );
     let seen: Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
     for transport in ["http", "ws"] {
-        for database in ["app_tx", "b2b"] {
+        for database in ["app_tx", "app_session", "b2b"] {
             let acme = &seen[format!("{transport}:{database}/acme")];
             assert_eq!(acme["tenant"], "acme", "{transport} {database}: {seen}");
             assert_eq!(acme["role"], "editor", "{transport} {database}: {seen}");
