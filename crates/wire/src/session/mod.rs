@@ -265,32 +265,32 @@ impl<S: ClientIo> Session<'_, S> {
         let login = timeout_at(self.auth_deadline, Box::pin(self.handshake(startup))).await;
         let mut login = match login {
             Ok(Ok(login)) => login,
-            Ok(Err(error)) => return self.login_failed(error).await,
+            Ok(Err(error)) => return Box::pin(self.login_failed(error)).await,
             Err(_) => {
                 let waited = self.settings.config.auth_timeout;
-                return self.login_failed(SessionError::AuthTimeout(waited)).await;
+                return Box::pin(self.login_failed(SessionError::AuthTimeout(waited))).await;
             }
         };
         if self.proxy.drain.is_draining() {
-            return self.login_failed(SessionError::ShuttingDown).await;
+            return Box::pin(self.login_failed(SessionError::ShuttingDown)).await;
         }
         let database = &login.admitted.database;
         if self.proxy.gates.is_disabled(database) {
             let error = SessionError::DatabaseDisabled(database.clone());
-            return self.login_failed(error).await;
+            return Box::pin(self.login_failed(error)).await;
         }
         let mode = self.settings.config.pool_mode_of(&login.admitted);
         login.hold = match self.hold_identity(&login, mode) {
             Ok(hold) => hold,
-            Err(error) => return self.login_failed(error).await,
+            Err(error) => return Box::pin(self.login_failed(error)).await,
         };
         let leased = Box::pin(lease::lease(self.proxy, &self.settings, &login, mode)).await;
         let leased = match leased {
             Ok(leased) => leased,
-            Err(error) => return self.login_failed(error).await,
+            Err(error) => return Box::pin(self.login_failed(error)).await,
         };
         let authenticated = login.admitted.identity.is_some();
-        let greeted = match self.greet(leased, mode, authenticated).await {
+        let greeted = match Box::pin(self.greet(leased, mode, authenticated)).await {
             Ok(greeted) => greeted,
             Err(error) => {
                 self.proxy.metrics.login(self.transport, Err(&error));

@@ -85,7 +85,7 @@ pub(super) async fn serve<S: ClientIo>(
             ended
         }
         Ok(None) => Ok(()),
-        Err(error) => session.refused(error).await,
+        Err(error) => Box::pin(session.refused(error)).await,
     }
 }
 
@@ -122,7 +122,7 @@ async fn serve_transactions<S: ClientIo>(
         let turn = match limited::begin(session.proxy, session.transport, who.as_deref_mut()) {
             Ok(turn) => turn,
             Err(refusal) => {
-                limited::decline(session, &mut first, &refusal).await?;
+                Box::pin(limited::decline(session, &mut first, &refusal)).await?;
                 continue;
             }
         };
@@ -148,7 +148,7 @@ async fn serve_transactions<S: ClientIo>(
             Ok(()) => tokio::select! {
                 stopped = relay.run(&mut session.client, conn.stream()) => stopped,
                 () = session.registered.closing() => {
-                    return forced(session, relay, pooled, cancel).await;
+                    return Box::pin(forced(session, relay, pooled, cancel)).await;
                 }
             },
             Err(error) => Err(error),
@@ -178,7 +178,9 @@ async fn serve_transactions<S: ClientIo>(
             }
             continue;
         }
-        return finish_transaction(session, relay, pooled, cancel, stopped).await;
+        // Boxed, as are the other rare paths: an idle session's task
+        // should not carry their size.
+        return Box::pin(finish_transaction(session, relay, pooled, cancel, stopped)).await;
     }
 }
 
