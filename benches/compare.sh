@@ -45,26 +45,11 @@ need pgbench postgresql-client
 need pgbouncer pgbouncer
 pgbouncer=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
 
-work=$(mktemp -d)
-chmod 755 "$work"
-cleanup() {
-    [ -n "${bouncer:-}" ] && kill "$bouncer" 2>/dev/null
-    [ -n "${txn:-}" ] && kill "$txn" 2>/dev/null
-    kill "$demo" 2>/dev/null; wait "$demo" 2>/dev/null
-    rm -rf "$work"
-}
-trap cleanup EXIT
-AUTHGRES_LOG=warn "$bin" demo --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
-    --env "$work/demo.env" --state-dir "$work/state" >"$work/demo.out" 2>&1 &
-demo=$!
-for _ in $(seq 1 600); do [ -s "$work/demo.env" ] && grep -q HTTP_URL "$work/demo.env" && break; sleep 0.1; done
-# shellcheck disable=SC1091
-. "$work/demo.env"
-pg_port=$(sed -n 's/^port = \([0-9]*\)/\1/p' "$work/state/proxy.toml")
-role_password=$(sed -n 's/^AUTHGRES_AUTHENTICATED_PASSWORD=//p' "$work/state/authgres.env")
+# shellcheck source=benches/lib/demo.sh
+. "$(dirname "$0")/lib/demo.sh"
 
 # pgbouncer in session mode in front of the same server, same role.
-bouncer_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+bouncer_port=$(free_port)
 cat >"$work/userlist.txt" <<TXT
 "authenticated" "$role_password"
 TXT
@@ -87,20 +72,14 @@ chmod 644 "$work"/*.ini "$work"/*.txt
 if [ "$(id -u)" = 0 ]; then as=(-u postgres); else as=(); fi
 "$pgbouncer" "${as[@]}" "$work/pgbouncer.ini" >"$work/pgbouncer.out" 2>&1 &
 bouncer=$!
+extra_pids+=("$bouncer")
 
 # A second authgres from the demo's configuration, in transaction mode.
-txn_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-python3 - "$work/state/proxy.toml" "$work/state/proxy-txn.toml" "$txn_port" <<'PY'
-import re, sys
-text = open(sys.argv[1]).read()
-text = re.sub(r'\[http\]\naddress = "[^"]*"\n', "", text)
-text = re.sub(r'\[admin\]\naddress = "[^"]*"\n', "", text)
-text = re.sub(r'(\[listen\]\naddress = ")[^"]*"', r'\g<1>127.0.0.1:' + sys.argv[3] + '"', text)
-text = text.replace("[upstream]\n", '[upstream]\npool_mode = "transaction"\n')
-open(sys.argv[2], "w").write(text)
-PY
+txn_port=$(free_port)
+derived_config "$work/state/proxy-txn.toml" "$txn_port" 'pool_mode = "transaction"'
 AUTHGRES_LOG=warn "$bin" serve --config "$work/state/proxy-txn.toml" >"$work/txn.out" 2>&1 &
 txn=$!
+extra_pids+=("$txn")
 sleep 1
 
 echo "select 1;" >"$work/select.sql"

@@ -26,40 +26,19 @@ cargo build --release --quiet
 command -v pgbench >/dev/null || { echo "pgbench is missing: apt-get install postgresql-client" >&2; exit 1; }
 pgbouncer=$(command -v pgbouncer || { [ -x /usr/sbin/pgbouncer ] && echo /usr/sbin/pgbouncer; } || true)
 
-work=$(mktemp -d)
-chmod 755 "$work"
-cleanup() {
-    [ -n "${bouncer:-}" ] && kill "$bouncer" 2>/dev/null
-    [ -n "${fair:-}" ] && kill "$fair" 2>/dev/null
-    kill "$demo" 2>/dev/null; wait "$demo" 2>/dev/null
-    rm -rf "$work"
-}
-trap cleanup EXIT
-AUTHGRES_LOG=warn "$bin" demo --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
-    --env "$work/demo.env" --state-dir "$work/state" >"$work/demo.out" 2>&1 &
-demo=$!
-for _ in $(seq 1 600); do [ -s "$work/demo.env" ] && grep -q HTTP_URL "$work/demo.env" && break; sleep 0.1; done
-# shellcheck disable=SC1091
-. "$work/demo.env"
-pg_port=$(sed -n 's/^port = \([0-9]*\)/\1/p' "$work/state/proxy.toml")
-role_password=$(sed -n 's/^AUTHGRES_AUTHENTICATED_PASSWORD=//p' "$work/state/authgres.env")
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=benches/lib/demo.sh
+. "$(dirname "$0")/lib/demo.sh"
 
 # authgres from the demo's configuration: transaction pooling, `pool`
 # connections, a checkout timeout no waiter reaches.
 fair_port=$(free_port)
-python3 - "$work/state/proxy.toml" "$work/state/proxy-fair.toml" "$fair_port" "$pool" <<'PY'
-import re, sys
-text = open(sys.argv[1]).read()
-text = re.sub(r'\[http\]\naddress = "[^"]*"\n', "", text)
-text = re.sub(r'\[admin\]\naddress = "[^"]*"\n', "", text)
-text = re.sub(r'(\[listen\]\naddress = ")[^"]*"', r'\g<1>127.0.0.1:' + sys.argv[3] + '"', text)
-text = text.replace("[upstream]\n", '[upstream]\npool_mode = "transaction"\npool_size = %s\n'
-                    'checkout_timeout = "60s"\n' % sys.argv[4])
-open(sys.argv[2], "w").write(text)
-PY
+derived_config "$work/state/proxy-fair.toml" "$fair_port" \
+    "pool_mode = \"transaction\"
+pool_size = $pool
+checkout_timeout = \"60s\""
 AUTHGRES_LOG=warn "$bin" serve --config "$work/state/proxy-fair.toml" >"$work/fair.out" 2>&1 &
 fair=$!
+extra_pids+=("$fair")
 
 if [ -n "$pgbouncer" ]; then
     bouncer_port=$(free_port)
@@ -83,6 +62,7 @@ INI
     if [ "$(id -u)" = 0 ]; then as=(-u postgres); else as=(); fi
     "$pgbouncer" "${as[@]}" "$work/pgbouncer.ini" >"$work/pgbouncer.out" 2>&1 &
     bouncer=$!
+    extra_pids+=("$bouncer")
 fi
 sleep 1
 echo "$sql;" >"$work/tx.sql"
