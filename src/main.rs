@@ -30,7 +30,13 @@ const ONE_THREAD_UP_TO_CORES: usize = 2;
 fn runtime(threads: Option<std::num::NonZeroUsize>) -> std::io::Result<tokio::runtime::Runtime> {
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     let threads = threads.map_or_else(
-        || if cores <= ONE_THREAD_UP_TO_CORES { 1 } else { cores },
+        || {
+            if cores <= ONE_THREAD_UP_TO_CORES {
+                1
+            } else {
+                cores
+            }
+        },
         std::num::NonZeroUsize::get,
     );
     let mut builder = if threads == 1 {
