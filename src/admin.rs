@@ -530,26 +530,28 @@ struct Limit {
     limit: Option<usize>,
 }
 
-async fn identities(
-    State(admin): State<Arc<Admin>>,
-    axum::extract::Query(limit): axum::extract::Query<Limit>,
-) -> Response {
-    let top = admin
-        .proxy
-        .metrics()
-        .top_identities(limit.limit.unwrap_or(DEFAULT_TOP));
-    axum::Json(json!({ "identities": top })).into_response()
+async fn identities(admin: State<Arc<Admin>>, limit: axum::extract::Query<Limit>) -> Response {
+    heaviest(
+        admin,
+        limit,
+        "identities",
+        authgres_wire::Metrics::top_identities,
+    )
 }
 
-async fn tenants(
+async fn tenants(admin: State<Arc<Admin>>, limit: axum::extract::Query<Limit>) -> Response {
+    heaviest(admin, limit, "tenants", authgres_wire::Metrics::top_tenants)
+}
+
+/// A heaviest-first listing under `key`, `?limit=` rows long.
+fn heaviest(
     State(admin): State<Arc<Admin>>,
     axum::extract::Query(limit): axum::extract::Query<Limit>,
+    key: &str,
+    top: fn(&authgres_wire::Metrics, usize) -> Vec<authgres_wire::IdentityUsage>,
 ) -> Response {
-    let top = admin
-        .proxy
-        .metrics()
-        .top_tenants(limit.limit.unwrap_or(DEFAULT_TOP));
-    axum::Json(json!({ "tenants": top })).into_response()
+    let rows = top(admin.proxy.metrics(), limit.limit.unwrap_or(DEFAULT_TOP));
+    axum::Json(json!({ key: rows })).into_response()
 }
 
 /// Why a request is refused as one a web page made, if it is: a browser
