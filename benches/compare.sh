@@ -49,30 +49,11 @@ pgbouncer=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
 . "$(dirname "$0")/lib/demo.sh"
 
 # pgbouncer in session mode in front of the same server, same role.
-bouncer_port=$(free_port)
-cat >"$work/userlist.txt" <<TXT
-"authenticated" "$role_password"
-TXT
-cat >"$work/pgbouncer.ini" <<INI
-[databases]
-app = host=127.0.0.1 port=$pg_port dbname=app
-app_txn = host=127.0.0.1 port=$pg_port dbname=app pool_mode=transaction
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $bouncer_port
-auth_type = scram-sha-256
-auth_file = $work/userlist.txt
-pool_mode = session
+start_pgbouncer "app = host=127.0.0.1 port=$pg_port dbname=app
+app_txn = host=127.0.0.1 port=$pg_port dbname=app pool_mode=transaction" \
+    "pool_mode = session
 default_pool_size = 100
-max_client_conn = 1000
-unix_socket_dir =
-logfile =
-INI
-chmod 644 "$work"/*.ini "$work"/*.txt
-if [ "$(id -u)" = 0 ]; then as=(-u postgres); else as=(); fi
-"$pgbouncer" "${as[@]}" "$work/pgbouncer.ini" >"$work/pgbouncer.out" 2>&1 &
-bouncer=$!
-extra_pids+=("$bouncer")
+max_client_conn = 1000"
 
 # A second authgres from the demo's configuration, in transaction mode.
 txn_port=$(free_port)

@@ -41,28 +41,11 @@ fair=$!
 extra_pids+=("$fair")
 
 if [ -n "$pgbouncer" ]; then
-    bouncer_port=$(free_port)
-    printf '"authenticated" "%s"\n' "$role_password" >"$work/userlist.txt"
-    cat >"$work/pgbouncer.ini" <<INI
-[databases]
-app = host=127.0.0.1 port=$pg_port dbname=app
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $bouncer_port
-auth_type = scram-sha-256
-auth_file = $work/userlist.txt
-pool_mode = transaction
+    start_pgbouncer "app = host=127.0.0.1 port=$pg_port dbname=app" \
+        "pool_mode = transaction
 default_pool_size = $pool
 max_client_conn = 1000
-query_wait_timeout = 60
-unix_socket_dir =
-logfile =
-INI
-    chmod 644 "$work"/*.ini "$work"/*.txt
-    if [ "$(id -u)" = 0 ]; then as=(-u postgres); else as=(); fi
-    "$pgbouncer" "${as[@]}" "$work/pgbouncer.ini" >"$work/pgbouncer.out" 2>&1 &
-    bouncer=$!
-    extra_pids+=("$bouncer")
+query_wait_timeout = 60"
 fi
 sleep 1
 echo "$sql;" >"$work/tx.sql"

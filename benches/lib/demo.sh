@@ -38,3 +38,30 @@ text = text.replace("[upstream]\n", "[upstream]\n" + sys.argv[4] + "\n")
 open(sys.argv[2], "w").write(text)
 PY
 }
+
+# Starts pgbouncer ($pgbouncer) on a free port ($bouncer_port) in front of
+# the demo's server, as the demo's role with its password: $1 is the
+# [databases] section's lines, $2 the [pgbouncer] settings beyond the
+# listener and the authentication. Sets `bouncer`.
+start_pgbouncer() { # databases settings
+    bouncer_port=$(free_port)
+    printf '"authenticated" "%s"\n' "$role_password" >"$work/userlist.txt"
+    cat >"$work/pgbouncer.ini" <<INI
+[databases]
+$1
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $bouncer_port
+auth_type = scram-sha-256
+auth_file = $work/userlist.txt
+unix_socket_dir =
+logfile =
+$2
+INI
+    chmod 644 "$work"/*.ini "$work"/*.txt
+    local as=()
+    if [ "$(id -u)" = 0 ]; then as=(-u postgres); fi
+    "$pgbouncer" "${as[@]}" "$work/pgbouncer.ini" >"$work/pgbouncer.out" 2>&1 &
+    bouncer=$!
+    extra_pids+=("$bouncer")
+}
