@@ -289,7 +289,11 @@ impl CancelGuard {
     /// Points the client's cancel key at `upstream` (or at nothing); waits
     /// for a cancel being forwarded to the old target to finish first.
     pub(crate) async fn retarget(&self, upstream: Option<UpstreamKey>) {
-        *self.target.lock().await = upstream;
+        // Held only while a cancel is forwarded: almost always free.
+        match self.target.try_lock() {
+            Ok(mut target) => *target = upstream,
+            Err(_) => *self.target.lock().await = upstream,
+        }
     }
 }
 

@@ -22,6 +22,7 @@ use std::hash::BuildHasher as _;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use rustc_hash::FxHashMap;
 use tokio::time::Instant;
 
 /// Shards: sessions on two cores rarely meet on one lock.
@@ -70,8 +71,10 @@ struct Shard {
     limits: Limits,
     /// When the current window started.
     started: Instant,
-    current: HashMap<u64, Slot>,
-    previous: HashMap<u64, Slot>,
+    /// By key: already a keyed hash of the labels, so hashed again only
+    /// cheaply.
+    current: FxHashMap<u64, Slot>,
+    previous: FxHashMap<u64, Slot>,
     /// Whether a window has ended since the shard was made.
     rolled: bool,
 }
@@ -81,8 +84,8 @@ impl Shard {
         Self {
             limits,
             started: now,
-            current: HashMap::new(),
-            previous: HashMap::new(),
+            current: FxHashMap::default(),
+            previous: FxHashMap::default(),
             rolled: false,
         }
     }

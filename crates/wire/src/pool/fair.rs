@@ -32,18 +32,6 @@ impl<'a> Fairness<'a> {
     }
 }
 
-impl super::UpstreamPool {
-    /// The turnstiles of the slot for `key` (it exists while a checkout
-    /// of it runs; were it gone, a fresh set only loses the turn-taking).
-    pub(super) fn turnstiles(&self, key: &super::Key) -> Arc<Turnstiles> {
-        self.state()
-            .slots
-            .get(key)
-            .map(|slot| Arc::clone(&slot.turnstiles))
-            .unwrap_or_default()
-    }
-}
-
 /// The turnstiles of one slot, by identity.
 #[derive(Debug, Default)]
 pub(super) struct Turnstiles {

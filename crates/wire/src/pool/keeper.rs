@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Idle, Key, UpstreamPool};
+use super::{Idle, Slot, UpstreamPool};
 use crate::upstream::{self, Owner, Upstream};
 
 /// The `application_name` of a keeper connection (see `keepers`), so an
@@ -107,7 +107,7 @@ impl UpstreamPool {
             // Dead or refused: a later login of the role starts another.
             self.keepers().remove(role);
         }
-        while let Some((key, mut idle)) = self.take_idle_of_role(role) {
+        while let Some((slot, mut idle)) = self.take_idle_of_role(role) {
             let restored = async {
                 if idle.conn.owner() != Owner::Nobody {
                     idle.conn.reset(deadline).await?;
@@ -119,9 +119,7 @@ impl UpstreamPool {
                 Ok(()) => {
                     log_restored(role);
                     idle.since = Instant::now();
-                    if let Some(slot) = self.state().slots.get_mut(&key) {
-                        slot.idle.push(idle);
-                    }
+                    slot.connections().idle.push(idle);
                     return true;
                 }
                 Err(error) => tracing::debug!(%error, "restoring the password failed here"),
@@ -136,13 +134,17 @@ impl UpstreamPool {
     }
 
     /// Removes an idle connection of `role` (any database), if any.
-    fn take_idle_of_role(&self, role: &str) -> Option<(Key, Idle)> {
-        let mut state = self.state();
-        state
-            .slots
-            .iter_mut()
-            .filter(|(key, slot)| key.1 == role && !slot.idle.is_empty())
-            .find_map(|(key, slot)| slot.idle.pop().map(|idle| (key.clone(), idle)))
+    fn take_idle_of_role(&self, role: &str) -> Option<(Arc<Slot>, Idle)> {
+        let slots = self
+            .state()
+            .slots()
+            .filter(|slot| slot.role == role)
+            .cloned()
+            .collect::<Vec<_>>();
+        slots.into_iter().find_map(|slot| {
+            let idle = slot.connections().idle.pop()?;
+            Some((slot, idle))
+        })
     }
 }
 

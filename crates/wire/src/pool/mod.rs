@@ -26,6 +26,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
+use rustc_hash::FxHashMap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -41,8 +42,6 @@ pub use fair::Fairness;
 pub use gates::Gates;
 pub use operate::ServerInfo;
 pub use servers::{Reported, ServerPools};
-
-type Key = (String, String);
 
 /// An idle connection and its ages.
 struct Idle {
@@ -61,29 +60,67 @@ impl Idle {
     }
 }
 
-/// The connections of one (database, role).
+impl pick::Owned for Idle {
+    fn owner(&self) -> Owner {
+        self.conn.owner()
+    }
+}
+
+/// The connections of one (database, role). Shared by the pool's map and
+/// by every checkout of it under way or held, so a checkout touches the
+/// map once and the slot's own lock after that; a slot leaves the map
+/// only when nothing else holds it ([`UpstreamPool::prune`]).
 struct Slot {
-    idle: Vec<Idle>,
+    database: String,
+    role: String,
     permits: Arc<Semaphore>,
+    /// Connections checked out (permits held), and clients waiting for one.
+    busy: Count,
+    waiting: Count,
+    /// Where its waiters take turns by identity.
+    turnstiles: fair::Turnstiles,
+    connections: Mutex<Connections>,
+}
+
+/// A slot's connections, under its lock.
+struct Connections {
+    idle: Vec<Idle>,
+    /// Checked out, by place: what `SHOW SERVERS` lists.
+    active: operate::ActiveList,
     /// Its size, as its semaphore was last sized.
     size: usize,
-    /// Connections checked out (permits held), and clients waiting for one.
-    busy: Arc<Count>,
-    waiting: Arc<Count>,
-    /// Where its waiters take turns by identity.
-    turnstiles: Arc<fair::Turnstiles>,
+    /// The pool's limits, as last set.
+    limits: PoolLimits,
+    /// Connections created before this are closed instead of reused (the
+    /// console's `RECONNECT`).
+    retire_before: Option<Instant>,
+}
+
+impl Slot {
+    fn connections(&self) -> std::sync::MutexGuard<'_, Connections> {
+        self.connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn retired(connections: &Connections, created: Instant) -> bool {
+        connections.retire_before.is_some_and(|at| created < at)
+    }
 }
 
 /// The pool's mutable state, under one lock.
 struct State {
     limits: PoolLimits,
-    slots: HashMap<Key, Slot>,
-    /// Connections checked out, by serial: what `SHOW SERVERS` lists.
-    active: HashMap<u64, operate::Active>,
-    next_serial: u64,
-    /// Connections created before these instants are closed instead of
-    /// reused (the console's `RECONNECT`), by database; `None`: all.
-    retire_before: HashMap<Option<String>, Instant>,
+    /// By database, then role: looked up with borrowed names, on every
+    /// checkout. The names are the configuration's (or a template's
+    /// filled from verified claims), not a client's choice.
+    slots: FxHashMap<String, FxHashMap<String, Arc<Slot>>>,
+}
+
+impl State {
+    fn slots(&self) -> impl Iterator<Item = &Arc<Slot>> {
+        self.slots.values().flat_map(FxHashMap::values)
+    }
 }
 
 /// Upstream connections by (database, role).
@@ -114,10 +151,9 @@ pub struct Pooled {
     conn: Option<Upstream>,
     created: Instant,
     reused: bool,
-    key: Key,
-    pool: Arc<UpstreamPool>,
-    /// Its entry among the pool's active connections.
-    serial: u64,
+    slot: Arc<Slot>,
+    /// Its place among the slot's active connections; `None` once released.
+    place: Option<usize>,
     _place: SlotPermit,
 }
 
@@ -211,10 +247,7 @@ impl UpstreamPool {
             config,
             state: Mutex::new(State {
                 limits,
-                slots: HashMap::new(),
-                active: HashMap::new(),
-                next_serial: 0,
-                retire_before: HashMap::new(),
+                slots: FxHashMap::default(),
             }),
             keepers: Mutex::new(HashMap::new()),
             checkout_wait: metrics.checkout_wait(name),
@@ -238,9 +271,11 @@ impl UpstreamPool {
     pub fn set_limits(&self, limits: PoolLimits) {
         let mut state = self.state();
         state.limits = limits;
-        for slot in state.slots.values_mut() {
-            capacity::resize(&slot.permits, slot.size, limits.max_per_key);
-            slot.size = limits.max_per_key;
+        for slot in state.slots() {
+            let mut connections = slot.connections();
+            capacity::resize(&slot.permits, connections.size, limits.max_per_key);
+            connections.size = limits.max_per_key;
+            connections.limits = limits;
         }
     }
 
@@ -257,15 +292,17 @@ impl UpstreamPool {
     pub fn snapshot(&self) -> PoolSnapshot {
         let state = self.state();
         let mut slots: Vec<SlotSnapshot> = state
-            .slots
-            .iter()
-            .map(|((database, role), slot)| SlotSnapshot {
-                database: database.clone(),
-                role: role.clone(),
-                idle: slot.idle.len(),
-                in_use: slot.busy.get(),
-                waiting: slot.waiting.get(),
-                size: slot.size,
+            .slots()
+            .map(|slot| {
+                let connections = slot.connections();
+                SlotSnapshot {
+                    database: slot.database.clone(),
+                    role: slot.role.clone(),
+                    idle: connections.idle.len(),
+                    in_use: slot.busy.get(),
+                    waiting: slot.waiting.get(),
+                    size: connections.size,
+                }
             })
             .collect();
         slots.sort_by(|a, b| (&a.database, &a.role).cmp(&(&b.database, &b.role)));
@@ -286,25 +323,9 @@ impl UpstreamPool {
         client: u64,
         fair: Fairness<'_>,
     ) -> Result<Pooled, CheckoutError> {
-        let key = (database.to_owned(), role.to_owned());
-        let (limits, permits, busy, waiting) = {
-            let mut state = self.state();
-            let limits = state.limits;
-            let slot = state.slots.entry(key.clone()).or_insert_with(|| Slot {
-                idle: Vec::new(),
-                permits: Arc::new(Semaphore::new(limits.max_per_key)),
-                size: limits.max_per_key,
-                busy: Arc::default(),
-                waiting: Arc::default(),
-                turnstiles: Arc::default(),
-            });
-            // Holding the counters marks the slot in use for `prune`
-            // while this checkout runs.
-            let counts = (Arc::clone(&slot.busy), Arc::clone(&slot.waiting));
-            (limits, Arc::clone(&slot.permits), counts.0, counts.1)
-        };
+        let (slot, limits) = self.slot(database, role);
         if self.gates.is_paused(database) {
-            let _waiting = waiting.hold();
+            let _waiting = slot.waiting.hold();
             let deadline = Instant::now() + limits.checkout_timeout;
             if !self.gates.wait_open(database, deadline).await {
                 self.metrics.checkout_timeout(self.name, database, role);
@@ -312,18 +333,17 @@ impl UpstreamPool {
             }
         }
         // A free slot needs no timer: most checkouts take this path.
-        let permit = match Arc::clone(&permits).try_acquire_owned() {
+        let permit = match Arc::clone(&slot.permits).try_acquire_owned() {
             Ok(permit) => {
                 self.checkout_wait.observe(Duration::ZERO);
                 permit
             }
             Err(_) => {
                 let started = Instant::now();
-                let _waiting = waiting.hold();
-                let turnstiles = self.turnstiles(&key);
+                let _waiting = slot.waiting.hold();
                 let acquired = tokio::time::timeout(
                     limits.checkout_timeout,
-                    turnstiles.acquire(fair, Arc::clone(&permits)),
+                    slot.turnstiles.acquire(fair, Arc::clone(&slot.permits)),
                 )
                 .await;
                 self.checkout_wait.observe(started.elapsed());
@@ -339,25 +359,54 @@ impl UpstreamPool {
         };
         let place = SlotPermit {
             _permit: permit,
-            _busy: busy.hold(),
+            _busy: slot.busy.hold(),
         };
-        let (conn, created, reused) = match self.take_usable_idle(&key, client, &limits).await {
-            Some(idle) => (idle.conn, idle.created, true),
+        let taken = Self::take_usable_idle(&slot, client, &limits).await;
+        let (conn, created, reused, at) = match taken {
+            Some((idle, at)) => (idle.conn, idle.created, true, at),
             None => {
                 let conn = self.log_in(database, role, password, &[], &limits).await?;
-                (conn, Instant::now(), false)
+                let created = Instant::now();
+                let at = (slot.connections().active).insert(&conn, (created, created), client);
+                (conn, created, false, at)
             }
         };
-        let serial = self.activate(&conn, &key, created, client);
         Ok(Pooled {
             conn: Some(conn),
             created,
             reused,
-            key,
-            pool: Arc::clone(self),
-            serial,
+            slot,
+            place: Some(at),
             _place: place,
         })
+    }
+
+    /// The slot of (`database`, `role`), made on first use, and the limits
+    /// now.
+    fn slot(&self, database: &str, role: &str) -> (Arc<Slot>, PoolLimits) {
+        let mut state = self.state();
+        let limits = state.limits;
+        if let Some(slot) = state.slots.get(database).and_then(|roles| roles.get(role)) {
+            return (Arc::clone(slot), limits);
+        }
+        let slot = Arc::new(Slot {
+            database: database.to_owned(),
+            role: role.to_owned(),
+            permits: Arc::new(Semaphore::new(limits.max_per_key)),
+            busy: Count::default(),
+            waiting: Count::default(),
+            turnstiles: fair::Turnstiles::default(),
+            connections: Mutex::new(Connections {
+                idle: Vec::new(),
+                active: operate::ActiveList::default(),
+                size: limits.max_per_key,
+                limits,
+                retire_before: None,
+            }),
+        });
+        (state.slots.entry(database.to_owned()).or_default())
+            .insert(role.to_owned(), Arc::clone(&slot));
+        (slot, limits)
     }
 
     /// The retry policy for checkouts starting now ([`Attempts`]).
@@ -367,29 +416,67 @@ impl UpstreamPool {
         }
     }
 
-    /// The idle connection [`pick`] chooses for `client`, skipping (and
-    /// closing) those past their lifetime, those the server spoke on or
-    /// closed while they sat idle, and those that fail a due health check.
-    async fn take_usable_idle(&self, key: &Key, client: u64, limits: &PoolLimits) -> Option<Idle> {
-        while let Some(mut idle) = self.take_idle(key, client) {
+    /// The idle connection [`pick`] chooses for `client`, listed as
+    /// active (its place returned), skipping (and closing) those past
+    /// their lifetime, those the server spoke on or closed while they sat
+    /// idle, and those that fail a due health check.
+    async fn take_usable_idle(
+        slot: &Slot,
+        client: u64,
+        limits: &PoolLimits,
+    ) -> Option<(Idle, usize)> {
+        loop {
+            let mut idle = match Self::take_idle(slot, client, limits) {
+                Taken::Ready(idle, at) => return Some((idle, at)),
+                Taken::Check(idle) => idle,
+                Taken::None => return None,
+            };
+            let deadline = Instant::now() + limits.internal_query_timeout;
+            if let Err(error) = idle.conn.ping(deadline).await {
+                tracing::debug!(%error, "an idle upstream connection failed its health check");
+                continue;
+            }
             let now = Instant::now();
-            if idle.candidate().expired(limits, now.into_std()) {
+            let at = (slot.connections().active).insert(&idle.conn, (idle.created, now), client);
+            return Some((idle, at));
+        }
+    }
+
+    /// Takes the idle connection [`pick`] chooses for `client`: listed as
+    /// active at once if it is usable as it is, or to be checked first.
+    /// Those past their lifetime or closed by the server are dropped
+    /// (after the lock is let go).
+    fn take_idle(slot: &Slot, client: u64, limits: &PoolLimits) -> Taken {
+        let mut dropped = Vec::new();
+        let now = Instant::now();
+        let mut connections = slot.connections();
+        let taken = loop {
+            // Checked out, the caller included.
+            let busy = slot.busy.get();
+            let may_grow = busy + connections.idle.len() < connections.size;
+            let Some(at) = pick(&connections.idle, client, may_grow) else {
+                break Taken::None;
+            };
+            let mut idle = connections.idle.remove(at);
+            let candidate = idle.candidate();
+            if candidate.expired(limits, now.into_std()) {
+                dropped.push(idle);
                 continue;
             }
             if idle.conn.spoke_while_idle() {
                 tracing::debug!("an idle upstream connection was closed by the server");
+                dropped.push(idle);
                 continue;
             }
-            if idle.candidate().needs_check(limits, now.into_std()) {
-                let deadline = now + limits.internal_query_timeout;
-                if let Err(error) = idle.conn.ping(deadline).await {
-                    tracing::debug!(%error, "an idle upstream connection failed its health check");
-                    continue;
-                }
+            if candidate.needs_check(limits, now.into_std()) {
+                break Taken::Check(idle);
             }
-            return Some(idle);
-        }
-        None
+            let at = (connections.active).insert(&idle.conn, (idle.created, now), client);
+            break Taken::Ready(idle, at);
+        };
+        drop(connections);
+        drop(dropped);
+        taken
     }
 
     /// Logs in a connection of a client's own (`pool_mode = "none"`),
@@ -462,29 +549,13 @@ impl UpstreamPool {
         connected
     }
 
-    /// Removes the idle connection [`pick`] chooses for `client`.
-    fn take_idle(&self, key: &Key, client: u64) -> Option<Idle> {
-        let mut state = self.state();
-        let slot = state.slots.get_mut(key)?;
-        let candidates: Vec<Candidate> = slot.idle.iter().map(Idle::candidate).collect();
-        // Checked out, the caller included.
-        let busy = slot.busy.get();
-        let may_grow = busy + slot.idle.len() < slot.size;
-        let at = pick(&candidates, client, may_grow)?;
-        (at < slot.idle.len()).then(|| slot.idle.remove(at))
-    }
-
     /// Marks the idle connections holding `client`'s session as nobody's
     /// to come back to (the client left); they are reset before reuse.
     pub fn disown(&self, database: &str, role: &str, client: u64) {
-        let key = (database.to_owned(), role.to_owned());
-        let mut state = self.state();
-        for idle in state
-            .slots
-            .get_mut(&key)
-            .into_iter()
-            .flat_map(|s| &mut s.idle)
-        {
+        let Some(slot) = self.existing(database, role) else {
+            return;
+        };
+        for idle in &mut slot.connections().idle {
             if idle.conn.owner() == Owner::Client(client) {
                 idle.conn.set_owner(Owner::Unknown);
             }
@@ -493,34 +564,48 @@ impl UpstreamPool {
 
     /// Idle connections for (`database`, `role`).
     pub fn idle(&self, database: &str, role: &str) -> usize {
-        let key = (database.to_owned(), role.to_owned());
-        self.state()
-            .slots
-            .get(&key)
-            .map_or(0, |slot| slot.idle.len())
+        self.existing(database, role)
+            .map_or(0, |slot| slot.connections().idle.len())
+    }
+
+    /// The slot of (`database`, `role`), if it exists.
+    fn existing(&self, database: &str, role: &str) -> Option<Arc<Slot>> {
+        let state = self.state();
+        state.slots.get(database)?.get(role).map(Arc::clone)
     }
 
     /// Closes idle connections past their idle timeout or lifetime at
     /// `now`, and forgets (database, role) entries with no connection and
-    /// no one waiting; returns how many connections it closed.
+    /// nothing holding them (no checkout under way or held, nobody
+    /// waiting); returns how many connections it closed.
     pub fn prune(&self, now: Instant) -> usize {
         let mut state = self.state();
         let limits = state.limits;
         let mut closed = 0;
-        state.slots.retain(|_, slot| {
-            let before = slot.idle.len();
-            slot.idle
-                .retain(|idle| !idle.candidate().expired(&limits, now.into_std()));
-            closed += before - slot.idle.len();
-            // Unused: nothing idle or checked out, nobody waiting, and no
-            // checkout under way (it would hold the counters).
-            !(slot.idle.is_empty()
-                && slot.busy.get() == 0
-                && slot.waiting.get() == 0
-                && Arc::strong_count(&slot.busy) == 1)
-        });
+        for roles in state.slots.values_mut() {
+            roles.retain(|_, slot| {
+                let mut connections = slot.connections();
+                let before = connections.idle.len();
+                connections
+                    .idle
+                    .retain(|idle| !idle.candidate().expired(&limits, now.into_std()));
+                closed += before - connections.idle.len();
+                !(connections.idle.is_empty() && Arc::strong_count(slot) == 1)
+            });
+        }
+        state.slots.retain(|_, roles| !roles.is_empty());
         closed
     }
+}
+
+/// What [`UpstreamPool::take_idle`] found.
+enum Taken {
+    /// A connection to hand out, listed as active at this place.
+    Ready(Idle, usize),
+    /// A connection to check before handing it out.
+    Check(Idle),
+    /// None: log in a new one.
+    None,
 }
 
 impl Pooled {
@@ -557,23 +642,23 @@ impl Pooled {
             return;
         };
         let now = Instant::now();
-        let mut state = self.pool.state();
-        state.active.remove(&self.serial);
-        self.serial = operate::RELEASED;
+        conn.shrink();
+        let mut connections = self.slot.connections();
+        if let Some(at) = self.place.take() {
+            connections.active.remove(at);
+        }
         if conn.is_broken()
-            || now.duration_since(self.created) >= state.limits.server_lifetime
-            || operate::retired(&state, &self.key.0, self.created)
+            || now.duration_since(self.created) >= connections.limits.server_lifetime
+            || Slot::retired(&connections, self.created)
         {
+            drop(connections);
             return;
         }
-        conn.shrink();
-        if let Some(slot) = state.slots.get_mut(&self.key) {
-            slot.idle.push(Idle {
-                conn,
-                created: self.created,
-                since: now,
-            });
-        }
+        connections.idle.push(Idle {
+            conn,
+            created: self.created,
+            since: now,
+        });
     }
 }
 
@@ -581,8 +666,8 @@ impl Drop for Pooled {
     fn drop(&mut self) {
         // Released connections left the list already (under the lock
         // their release took); this is for those closed or abandoned.
-        if self.serial != operate::RELEASED {
-            self.pool.deactivate(self.serial);
+        if let Some(at) = self.place.take() {
+            self.slot.connections().active.remove(at);
         }
     }
 }

@@ -3,28 +3,80 @@
 //! (replace every connection of a database as it comes free) and the
 //! waits of `PAUSE` and `WAIT_CLOSE`.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use super::{Key, State, UpstreamPool};
+use super::{Slot, UpstreamPool};
 use crate::upstream::Upstream;
-
-/// The serial of a [`super::Pooled`] whose release took it off the list.
-pub(super) const RELEASED: u64 = 0;
 
 /// How often the console's waits look again.
 const POLL: Duration = Duration::from_millis(20);
 
 /// A connection checked out.
-#[derive(Debug, Clone)]
-pub(super) struct Active {
+#[derive(Debug, Clone, Copy)]
+struct Active {
     pid: i32,
-    key: Key,
     created: Instant,
     since: Instant,
     /// The pool id of the client using it.
     client: u64,
+}
+
+/// A slot's checked-out connections, each at a place that stays its own
+/// until it is removed (a free place is used again), so listing and
+/// removing one costs no allocation and no hashing.
+#[derive(Debug, Default)]
+pub(super) struct ActiveList {
+    places: Vec<Option<Active>>,
+    free: Vec<usize>,
+}
+
+impl ActiveList {
+    /// Lists `conn`, created at `created`, checked out at `now` by
+    /// `client`; returns its place.
+    pub(super) fn insert(
+        &mut self,
+        conn: &Upstream,
+        (created, now): (Instant, Instant),
+        client: u64,
+    ) -> usize {
+        let active = Active {
+            pid: conn.pid(),
+            created,
+            since: now,
+            client,
+        };
+        match self.free.pop() {
+            Some(at) => {
+                if let Some(place) = self.places.get_mut(at) {
+                    *place = Some(active);
+                }
+                at
+            }
+            None => {
+                self.places.push(Some(active));
+                self.places.len() - 1
+            }
+        }
+    }
+
+    /// Takes the connection at `at` off the list.
+    pub(super) fn remove(&mut self, at: usize) {
+        if let Some(place) = self.places.get_mut(at).filter(|place| place.is_some()) {
+            *place = None;
+            self.free.push(at);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Active> {
+        self.places.iter().flatten()
+    }
+
+    fn len(&self) -> usize {
+        self.places.len() - self.free.len()
+    }
 }
 
 /// One server connection, as `SHOW SERVERS` shows it.
@@ -54,18 +106,6 @@ pub struct ServerInfo {
     pub tls: bool,
 }
 
-/// Whether a connection of `database` created at `created` was retired by
-/// a `RECONNECT`.
-pub(super) fn retired(state: &State, database: &str, created: Instant) -> bool {
-    let before = |key: Option<String>| {
-        state
-            .retire_before
-            .get(&key)
-            .is_some_and(|&at| created < at)
-    };
-    before(None) || before(Some(database.to_owned()))
-}
-
 /// Wall-clock time of a monotonic instant in the past.
 fn wall(at: Instant) -> SystemTime {
     SystemTime::now()
@@ -74,42 +114,15 @@ fn wall(at: Instant) -> SystemTime {
 }
 
 impl UpstreamPool {
-    /// Lists `conn` among the active connections; returns its serial.
-    pub(super) fn activate(
-        &self,
-        conn: &Upstream,
-        key: &Key,
-        created: Instant,
-        client: u64,
-    ) -> u64 {
-        let mut state = self.state();
-        state.next_serial += 1;
-        let serial = state.next_serial;
-        let active = Active {
-            pid: conn.pid(),
-            key: key.clone(),
-            created,
-            since: Instant::now(),
-            client,
-        };
-        state.active.insert(serial, active);
-        serial
-    }
-
-    /// Takes connection `serial` off the active list.
-    pub(super) fn deactivate(&self, serial: u64) {
-        self.state().active.remove(&serial);
-    }
-
     /// Every server connection now, active ones first.
     pub fn servers(&self) -> Vec<ServerInfo> {
         let address = self.config.address();
         let tls = !matches!(self.config.tls, crate::transport::UpstreamTls::Disable);
-        let info = |pid, key: &Key, state, created, since, client| ServerInfo {
+        let info = |pid, slot: &Slot, state, created, since, client| ServerInfo {
             pool: self.name,
             pid,
-            database: key.0.clone(),
-            role: key.1.clone(),
+            database: slot.database.clone(),
+            role: slot.role.clone(),
             state,
             connected: wall(created),
             since: wall(since),
@@ -117,18 +130,24 @@ impl UpstreamPool {
             addr: address.clone(),
             tls,
         };
-        let state = self.state();
-        let mut servers: Vec<ServerInfo> = state
-            .active
-            .values()
-            .map(|a| info(a.pid, &a.key, "active", a.created, a.since, Some(a.client)))
-            .collect();
-        for (key, slot) in &state.slots {
-            for idle in &slot.idle {
-                let pid = idle.conn.pid();
-                servers.push(info(pid, key, "idle", idle.created, idle.since, None));
-            }
+        let mut servers = Vec::new();
+        let mut idle = Vec::new();
+        for slot in self.slots() {
+            let connections = slot.connections();
+            servers.extend(
+                connections
+                    .active
+                    .iter()
+                    .map(|a| info(a.pid, &slot, "active", a.created, a.since, Some(a.client))),
+            );
+            idle.extend(
+                connections
+                    .idle
+                    .iter()
+                    .map(|i| info(i.conn.pid(), &slot, "idle", i.created, i.since, None)),
+            );
         }
+        servers.append(&mut idle);
         servers
     }
 
@@ -137,39 +156,51 @@ impl UpstreamPool {
     /// anew (after a password or server change). Returns how many it
     /// closed now.
     pub fn reconnect(&self, database: Option<&str>) -> usize {
-        let mut state = self.state();
-        state
-            .retire_before
-            .insert(database.map(str::to_owned), Instant::now());
+        let now = Instant::now();
         let mut closed = 0;
-        for (key, slot) in &mut state.slots {
-            if database.is_none_or(|d| d == key.0) {
-                closed += slot.idle.len();
-                slot.idle.clear();
-            }
+        for slot in self.slots_of(database) {
+            let mut connections = slot.connections();
+            connections.retire_before = Some(now);
+            closed += connections.idle.len();
+            connections.idle.clear();
         }
         closed
     }
 
     /// Connections of `database` (`None`: of all) checked out now.
     pub fn in_use(&self, database: Option<&str>) -> usize {
-        self.state()
-            .active
-            .values()
-            .filter(|a| database.is_none_or(|d| d == a.key.0))
-            .count()
+        (self.slots_of(database).iter())
+            .map(|slot| slot.connections().active.len())
+            .sum()
     }
 
     /// Active connections of `database` (`None`: of all) that a
     /// `RECONNECT` retired and that are still out.
     fn retired_in_use(&self, database: Option<&str>) -> usize {
+        (self.slots_of(database).iter())
+            .map(|slot| {
+                let connections = slot.connections();
+                (connections.active.iter())
+                    .filter(|a| Slot::retired(&connections, a.created))
+                    .count()
+            })
+            .sum()
+    }
+
+    /// The slots of `database` (`None`: every slot), taken from the map so
+    /// that each is then locked on its own.
+    fn slots_of(&self, database: Option<&str>) -> Vec<Arc<Slot>> {
         let state = self.state();
         state
-            .active
-            .values()
-            .filter(|a| database.is_none_or(|d| d == a.key.0))
-            .filter(|a| retired(&state, &a.key.0, a.created))
-            .count()
+            .slots()
+            .filter(|slot| database.is_none_or(|d| d == slot.database))
+            .cloned()
+            .collect()
+    }
+
+    /// Every slot (see [`UpstreamPool::slots_of`]).
+    fn slots(&self) -> Vec<Arc<Slot>> {
+        self.slots_of(None)
     }
 
     /// Waits until no connection of `database` (`None`: of any) is

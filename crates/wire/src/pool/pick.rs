@@ -31,13 +31,25 @@ impl Candidate {
     }
 }
 
+/// What the choice needs of an idle connection: whose session it holds.
+pub(crate) trait Owned {
+    /// The owner of the session it holds.
+    fn owner(&self) -> Owner;
+}
+
+impl Owned for Candidate {
+    fn owner(&self) -> Owner {
+        self.owner
+    }
+}
+
 /// The idle connection (index into `idle`, oldest first) a checkout for
 /// `client` takes, most preferred first: one holding `client`'s own
 /// session; a clean one; one whose client has left; none while the pool
 /// `may_grow` (a new login beats taking over a session); else the one idle
 /// longest, whose client is the least likely to be back soon.
-pub(crate) fn pick(idle: &[Candidate], client: u64, may_grow: bool) -> Option<usize> {
-    let with = |owner: Owner| idle.iter().rposition(|c| c.owner == owner);
+pub(crate) fn pick<T: Owned>(idle: &[T], client: u64, may_grow: bool) -> Option<usize> {
+    let with = |owner: Owner| idle.iter().rposition(|c| c.owner() == owner);
     with(Owner::Client(client))
         .or_else(|| with(Owner::Nobody))
         .or_else(|| with(Owner::Unknown))
@@ -76,7 +88,7 @@ mod tests {
             "grow rather than take over"
         );
         assert_eq!(pick(&idle[..1], 9, false), Some(0));
-        assert_eq!(pick(&[], 9, false), None);
+        assert_eq!(pick::<Candidate>(&[], 9, false), None);
     }
 
     #[test]
