@@ -45,7 +45,9 @@ pub use servers::{Reported, ServerPools};
 
 /// An idle connection and its ages.
 struct Idle {
-    conn: Upstream,
+    /// Boxed, here and in [`Pooled`]: a connection moves between the two
+    /// on every transaction, and a pointer moves cheaper than its state.
+    conn: Box<Upstream>,
     created: Instant,
     since: Instant,
 }
@@ -148,7 +150,7 @@ struct SlotPermit {
 
 /// A checked-out connection.
 pub struct Pooled {
-    conn: Option<Upstream>,
+    conn: Option<Box<Upstream>>,
     created: Instant,
     reused: bool,
     slot: Arc<Slot>,
@@ -365,7 +367,9 @@ impl UpstreamPool {
         let (conn, created, reused, at) = match taken {
             Some((idle, at)) => (idle.conn, idle.created, true, at),
             None => {
-                let conn = self.log_in(database, role, password, &[], &limits).await?;
+                // Boxed: a login's future is large and rarely needed.
+                let login = Box::pin(self.log_in(database, role, password, &[], &limits));
+                let conn = Box::new(login.await?);
                 let created = Instant::now();
                 let at = (slot.connections().active).insert(&conn, (created, created), client);
                 (conn, created, false, at)
