@@ -380,3 +380,111 @@ async fn a_notification_sent_right_after_listen_returns_is_not_lost() {
         assert_eq!(note, format!("n{round}"));
     }
 }
+
+/// The first value of a query's first row, over the simple protocol:
+/// tokio-postgres prepares a named statement for each extended query, and
+/// a client holding named statements never shares its session.
+async fn simple_value(client: &tokio_postgres::Client, sql: &str) -> Option<String> {
+    let rows = client.simple_query(sql).await.expect("simple query");
+    rows.iter().find_map(|message| match message {
+        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+        _ => None,
+    })
+}
+
+/// Session-level advisory locks the client's backend holds: the reset
+/// releases them, so they show whether a connection was reset.
+async fn advisory_locks(client: &tokio_postgres::Client) -> String {
+    let sql =
+        "select count(*) from pg_locks where locktype = 'advisory' and pid = pg_backend_pid()";
+    simple_value(client, sql).await.unwrap_or_default()
+}
+
+/// Who `auth.user_id()` says the client is, over the simple protocol.
+async fn simple_user(client: &tokio_postgres::Client) -> Option<String> {
+    simple_value(client, "select auth.user_id()").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_presenting_the_same_token_share_a_session_and_no_one_else_does() {
+    let stack = start(POOL_OF_ONE).await;
+    let token = stack.issuer.token("user_alice");
+    let first = stack.connect("authenticated", &token).await.expect("first");
+    let second = stack
+        .connect("authenticated", &token)
+        .await
+        .expect("second");
+    let lock = "select pg_advisory_lock(7)";
+    first.batch_execute(lock).await.expect("lock");
+    // Same verified claims, same settings: the one connection passes from
+    // the first client to the second as it is, without a reset.
+    assert_eq!(advisory_locks(&second).await, "1", "the session was reset");
+    assert_eq!(simple_user(&second).await.as_deref(), Some("user_alice"));
+    // Another identity gets it only after a reset.
+    let bob = stack.login("user_bob").await;
+    assert_eq!(advisory_locks(&bob).await, "0", "Bob met Alice's session");
+    assert_eq!(simple_user(&bob).await.as_deref(), Some("user_bob"));
+    // So does another token of the same user (other claims).
+    first.batch_execute(lock).await.expect("lock");
+    let spec = authgres_sandbox::TokenSpec::new("user_alice")
+        .claim("sid", serde_json::json!("sess_other"));
+    let other = stack
+        .connect("authenticated", &stack.issuer.mint(&spec))
+        .await
+        .expect("other token");
+    assert_eq!(
+        advisory_locks(&other).await,
+        "0",
+        "another token met the session"
+    );
+    // And a client whose settings differ: the first's application_name
+    // stays its own.
+    first
+        .batch_execute("set application_name = 'first-app'; select pg_advisory_lock(7)")
+        .await
+        .expect("set");
+    assert_eq!(
+        advisory_locks(&second).await,
+        "0",
+        "other settings met the session"
+    );
+    let name = "select current_setting('application_name')";
+    assert_ne!(
+        simple_value(&second, name).await.as_deref(),
+        Some("first-app")
+    );
+    assert_eq!(
+        simple_value(&first, name).await.as_deref(),
+        Some("first-app")
+    );
+    // The anonymous role never shares: anyone can be anonymous.
+    let anonymous = stack.connect("anonymous", "").await.expect("anonymous");
+    anonymous.batch_execute(lock).await.expect("lock");
+    let stranger = stack.connect("anonymous", "").await.expect("stranger");
+    assert_eq!(
+        advisory_locks(&stranger).await,
+        "0",
+        "anonymous clients shared"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_holding_prepared_statements_is_not_shared_even_with_the_same_token() {
+    let stack = start(POOL_OF_ONE).await;
+    let token = stack.issuer.token("user_alice");
+    let first = stack.connect("authenticated", &token).await.expect("first");
+    let second = stack
+        .connect("authenticated", &token)
+        .await
+        .expect("second");
+    let statement = first.prepare("select 1").await.expect("prepare");
+    first.query(&statement, &[]).await.expect("query");
+    let prepared = simple_value(&second, "select count(*) from pg_prepared_statements").await;
+    assert_eq!(
+        prepared.as_deref(),
+        Some("0"),
+        "the second client met the first's statement"
+    );
+    // The first client's statement follows it back.
+    first.query(&statement, &[]).await.expect("query again");
+}

@@ -34,7 +34,7 @@ use crate::capacity::{self, Count, Held};
 use crate::config::PoolLimits;
 use crate::error::UpstreamError;
 use crate::metrics::Metrics;
-use crate::upstream::{self, Owner, Upstream, UpstreamConfig};
+use crate::upstream::{self, Owner, SessionShape, Upstream, UpstreamConfig};
 use keeper::Keeper;
 use pick::{Candidate, pick};
 
@@ -325,6 +325,21 @@ impl UpstreamPool {
         client: u64,
         fair: Fairness<'_>,
     ) -> Result<Pooled, CheckoutError> {
+        self.checkout_as(database, role, password, (client, None), fair)
+            .await
+    }
+
+    /// [`UpstreamPool::checkout`] for a client whose session would be
+    /// `wanted`: an idle connection holding such a session is preferred
+    /// to a clean one (see `upstream::shape`).
+    pub async fn checkout_as(
+        self: &Arc<Self>,
+        database: &str,
+        role: &str,
+        password: Option<&str>,
+        (client, wanted): (u64, Option<&SessionShape>),
+        fair: Fairness<'_>,
+    ) -> Result<Pooled, CheckoutError> {
         let (slot, limits) = self.slot(database, role);
         if self.gates.is_paused(database) {
             let _waiting = slot.waiting.hold();
@@ -363,7 +378,7 @@ impl UpstreamPool {
             _permit: permit,
             _busy: slot.busy.hold(),
         };
-        let taken = Self::take_usable_idle(&slot, client, &limits).await;
+        let taken = Self::take_usable_idle(&slot, (client, wanted), &limits).await;
         let (conn, created, reused, at) = match taken {
             Some((idle, at)) => (idle.conn, idle.created, true, at),
             None => {
@@ -426,11 +441,11 @@ impl UpstreamPool {
     /// idle, and those that fail a due health check.
     async fn take_usable_idle(
         slot: &Slot,
-        client: u64,
+        (client, wanted): (u64, Option<&SessionShape>),
         limits: &PoolLimits,
     ) -> Option<(Idle, usize)> {
         loop {
-            let mut idle = match Self::take_idle(slot, client, limits) {
+            let mut idle = match Self::take_idle(slot, (client, wanted), limits) {
                 Taken::Ready(idle, at) => return Some((idle, at)),
                 Taken::Check(idle) => idle,
                 Taken::None => return None,
@@ -450,7 +465,11 @@ impl UpstreamPool {
     /// active at once if it is usable as it is, or to be checked first.
     /// Those past their lifetime or closed by the server are dropped
     /// (after the lock is let go).
-    fn take_idle(slot: &Slot, client: u64, limits: &PoolLimits) -> Taken {
+    fn take_idle(
+        slot: &Slot,
+        (client, wanted): (u64, Option<&SessionShape>),
+        limits: &PoolLimits,
+    ) -> Taken {
         let mut dropped = Vec::new();
         let now = Instant::now();
         let mut connections = slot.connections();
@@ -458,7 +477,8 @@ impl UpstreamPool {
             // Checked out, the caller included.
             let busy = slot.busy.get();
             let may_grow = busy + connections.idle.len() < connections.size;
-            let Some(at) = pick(&connections.idle, client, may_grow) else {
+            let same = |idle: &Idle| wanted.is_some_and(|wanted| idle.conn.serves(wanted));
+            let Some(at) = pick(&connections.idle, client, same, may_grow) else {
                 break Taken::None;
             };
             let mut idle = connections.idle.remove(at);

@@ -45,12 +45,20 @@ impl Owned for Candidate {
 
 /// The idle connection (index into `idle`, oldest first) a checkout for
 /// `client` takes, most preferred first: one holding `client`'s own
-/// session; a clean one; one whose client has left; none while the pool
-/// `may_grow` (a new login beats taking over a session); else the one idle
-/// longest, whose client is the least likely to be back soon.
-pub(crate) fn pick<T: Owned>(idle: &[T], client: u64, may_grow: bool) -> Option<usize> {
+/// session; one holding a session exactly like it (`same`, see
+/// `upstream::shape`: no reset, no attach); a clean one; one whose client
+/// has left; none while the pool `may_grow` (a new login beats taking
+/// over a session); else the one idle longest, whose client is the least
+/// likely to be back soon.
+pub(crate) fn pick<T: Owned>(
+    idle: &[T],
+    client: u64,
+    same: impl Fn(&T) -> bool,
+    may_grow: bool,
+) -> Option<usize> {
     let with = |owner: Owner| idle.iter().rposition(|c| c.owner() == owner);
     with(Owner::Client(client))
+        .or_else(|| idle.iter().rposition(&same))
         .or_else(|| with(Owner::Nobody))
         .or_else(|| with(Owner::Unknown))
         .or_else(|| (!may_grow && !idle.is_empty()).then_some(0))
@@ -79,16 +87,22 @@ mod tests {
             at(base, Owner::Nobody, 2),
             at(base, Owner::Client(1), 3),
         ];
-        assert_eq!(pick(&idle, 1, true), Some(3));
-        assert_eq!(pick(&idle, 9, true), Some(2));
-        assert_eq!(pick(&idle[..2], 9, true), Some(1));
+        let none = |_: &Candidate| false;
+        assert_eq!(pick(&idle, 1, none, true), Some(3));
+        assert_eq!(pick(&idle, 9, none, true), Some(2));
+        assert_eq!(pick(&idle[..2], 9, none, true), Some(1));
         assert_eq!(
-            pick(&idle[..1], 9, true),
+            pick(&idle[..1], 9, none, true),
             None,
             "grow rather than take over"
         );
-        assert_eq!(pick(&idle[..1], 9, false), Some(0));
-        assert_eq!(pick::<Candidate>(&[], 9, false), None);
+        assert_eq!(pick(&idle[..1], 9, none, false), Some(0));
+        assert_eq!(pick::<Candidate>(&[], 9, none, false), None);
+        // A session exactly like the client's beats a clean connection,
+        // but not the client's own.
+        let like_client_2 = |c: &Candidate| c.owner == Owner::Client(2);
+        assert_eq!(pick(&idle, 9, like_client_2, true), Some(0));
+        assert_eq!(pick(&idle, 1, like_client_2, true), Some(3));
     }
 
     #[test]

@@ -25,8 +25,9 @@ use crate::upstream::Upstream;
 pub(super) enum Lease {
     /// From the pool: reset and returned when the client leaves cleanly.
     Pooled(Pooled),
-    /// A login of its own, closed when the client leaves.
-    Own(Upstream),
+    /// A login of its own, closed when the client leaves (boxed, as the
+    /// pool boxes its connections).
+    Own(Box<Upstream>),
 }
 
 impl Lease {
@@ -71,7 +72,7 @@ pub(super) async fn lease(
                 .attach(&settings.claims_key, login.claims(), &[], deadline)
                 .await
             {
-                Ok(parameters) => return Ok((Lease::Own(conn), parameters)),
+                Ok(parameters) => return Ok((Lease::Own(Box::new(conn)), parameters)),
                 Err(UpstreamError::RoleDefaults { .. }) if attempts > 0 => {}
                 Err(error) => return Err(error.into()),
             }
@@ -131,8 +132,12 @@ pub(super) async fn checkout(
     let attempts = pool.attempts();
     let password = settings.config.password(role);
     loop {
+        let wanted = match &readying {
+            Readying::Transaction(pooled_client) => pooled_client.shape(),
+            Readying::Login { .. } => None,
+        };
         let mut pooled = pool
-            .checkout(database, role, password, client, fair)
+            .checkout_as(database, role, password, (client, wanted), fair)
             .await
             .map_err(|error| match error {
                 CheckoutError::Timeout(waited) => SessionError::PoolExhausted {

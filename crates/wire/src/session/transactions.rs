@@ -27,7 +27,7 @@ use crate::error::SessionError;
 use crate::limits::{Turn, Who};
 use crate::pool::{Fairness, Pooled, UpstreamPool};
 use crate::relay::{self, Relay, RelayError, Stop};
-use crate::transaction::{PooledClient, Tracker};
+use crate::transaction::PooledClient;
 
 /// Serves a transaction-pooled client from its greeting on.
 pub(super) async fn serve<S: ClientIo>(
@@ -39,13 +39,9 @@ pub(super) async fn serve<S: ClientIo>(
     if let Lease::Pooled(pooled) = lease {
         pooled.release();
     }
-    let client = PooledClient {
-        id: login.client_id,
-        claims: login.claims().map(str::to_owned),
-        expires: session.expiry(&login),
-        settings: login.settings,
-        tracker: Tracker::default(),
-    };
+    let expires = session.expiry(&login);
+    let claims = login.claims().map(str::to_owned);
+    let client = PooledClient::new(login.client_id, claims, login.settings, expires);
     let (database, role) = (login.admitted.database, login.admitted.role);
     // Its seat stays to the end; each transaction is counted on its own.
     let mut hold = login.hold;

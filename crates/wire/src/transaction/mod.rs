@@ -26,6 +26,7 @@
 mod state;
 mod tracker;
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::BytesMut;
@@ -36,7 +37,7 @@ pub use tracker::Tracker;
 
 use crate::error::UpstreamError;
 use crate::identity::{CLAIMS_SETTING, ClaimsKey, SIGNATURE_SETTING};
-use crate::upstream::{Owner, Upstream};
+use crate::upstream::{Owner, SessionShape, Upstream};
 
 /// A client of a transaction-pooled database, between its transactions.
 pub(crate) struct PooledClient {
@@ -51,37 +52,73 @@ pub(crate) struct PooledClient {
     pub(crate) tracker: Tracker,
     /// When its token expires, if expiry is enforced.
     pub(crate) expires: Option<SystemTime>,
+    /// What its session on a connection consists of, for another client
+    /// of the same identity to take as it is (`None`: anonymous).
+    shape: Option<Arc<SessionShape>>,
 }
 
 impl PooledClient {
+    /// A client `id` with `claims` (`None`: anonymous) and startup
+    /// `settings`, whose token expires at `expires` if enforced.
+    pub(crate) fn new(
+        id: u64,
+        claims: Option<String>,
+        settings: Vec<(String, String)>,
+        expires: Option<SystemTime>,
+    ) -> Self {
+        let shape = SessionShape::new(claims.as_deref(), &settings);
+        Self {
+            id,
+            claims,
+            settings,
+            tracker: Tracker::default(),
+            expires,
+            shape,
+        }
+    }
+
+    /// What its session would be on a connection (see
+    /// [`crate::upstream::SessionShape`]).
+    pub(crate) fn shape(&self) -> Option<&SessionShape> {
+        self.shape.as_deref()
+    }
+
     /// Whether its token has expired and expiry is enforced.
     pub(crate) fn expired(&self, now: SystemTime) -> bool {
         self.expires.is_some_and(|at| now >= at)
     }
 
     /// Gives a connection from the pool this client's session: nothing to
-    /// do if it holds it already; otherwise (after the reset
-    /// [`Upstream::claim`] does for a connection held by anyone else) the
-    /// identity is attached, the settings applied and the named statements
-    /// prepared again.
+    /// do if it holds it already, or a session exactly like it; otherwise
+    /// (after the reset [`Upstream::claim_as`] does for a connection held
+    /// by anyone else) the identity is attached, the settings applied and
+    /// the named statements prepared again.
     pub(crate) async fn take(
         &self,
         conn: &mut Upstream,
         key: &ClaimsKey,
         deadline: Instant,
     ) -> Result<(), UpstreamError> {
-        if conn.claim(self.id, deadline).await? {
-            return Ok(());
+        if !conn.claim_as(self.id, self.shape(), deadline).await? {
+            conn.attach(key, self.claims.as_deref(), &self.settings, deadline)
+                .await?;
+            replay_statements(conn, self.tracker.statements(), deadline).await?;
         }
-        conn.attach(key, self.claims.as_deref(), &self.settings, deadline)
-            .await?;
-        replay_statements(conn, self.tracker.statements(), deadline).await
+        // Its own shape from now on: what it does next (a statement it
+        // prepares) decides whether the connection is shared again.
+        conn.share_as(self.shape.clone());
+        Ok(())
     }
 
     /// Whether the transaction that just ended needs
     /// [`PooledClient::settle`] (most do not); if not, forgets the names it
     /// mentioned.
     pub(crate) fn unsettled(&mut self) -> bool {
+        if let Some(shape) = &self.shape
+            && self.tracker.statements().next().is_some()
+        {
+            shape.prepared_statements();
+        }
         let unsettled = self.tracker.untrackable().is_some() || self.tracker.touched();
         if !unsettled {
             self.tracker.take_mentioned();
@@ -128,6 +165,16 @@ impl PooledClient {
             reset_pool_only_settings(conn, deadline).await?;
         }
         self.tracker.retain_statements(&state.protocol_statements);
+        if state.settings != self.settings {
+            let shape = SessionShape::new(self.claims.as_deref(), &state.settings);
+            if let (Some(old), Some(new)) = (&self.shape, &shape)
+                && old.has_statements()
+            {
+                new.prepared_statements();
+            }
+            self.shape = shape;
+            conn.share_as(self.shape.clone());
+        }
         self.settings = state.settings;
         if state.identity != *conn.attached() {
             // The client cleared or changed its identity settings: the

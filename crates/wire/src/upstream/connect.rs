@@ -75,6 +75,7 @@ pub async fn connect(
         parameters: Vec::new(),
         next_binding: None,
         owner: Owner::Nobody,
+        shape: None,
         attached: Attached::default(),
         for_client: BytesMut::new(),
         broken: false,

@@ -17,6 +17,7 @@ mod connect;
 mod envelope;
 mod repair;
 mod reset;
+mod shape;
 
 use std::sync::Arc;
 
@@ -31,6 +32,7 @@ pub use connect::{UpstreamConfig, connect};
 pub use envelope::{Envelope, RequestIdentity};
 pub use repair::{PINNED_STARTUP, ROLE_DEFAULTS_SQLSTATE};
 pub use reset::PendingReset;
+pub use shape::SessionShape;
 
 use crate::error::UpstreamError;
 use crate::proto::server_error::ServerError;
@@ -107,6 +109,9 @@ pub struct Upstream {
     /// next user: a request then needs no round trip for it.
     next_binding: Option<String>,
     owner: Owner,
+    /// The session its owner left, for another client of the same identity
+    /// to take as it is ([`shape`]); `None` while none may.
+    shape: Option<Arc<SessionShape>>,
     attached: Attached,
     /// Notifications (LISTEN) that arrived while the proxy ran its own
     /// queries, as the server sent them, for the client they belong to.
@@ -141,9 +146,26 @@ impl Upstream {
         self.owner
     }
 
-    /// Records whose session state the connection holds now.
+    /// Records whose session state the connection holds now; one whose
+    /// session no longer matches its owner's shape ([`Owner::Unknown`])
+    /// is shared with nobody.
     pub fn set_owner(&mut self, owner: Owner) {
+        if matches!(owner, Owner::Unknown | Owner::Nobody) {
+            self.shape = None;
+        }
         self.owner = owner;
+    }
+
+    /// Records the session its owner leaves on it as `shape` (see
+    /// [`shape`]).
+    pub fn share_as(&mut self, shape: Option<Arc<SessionShape>>) {
+        self.shape = shape;
+    }
+
+    /// Whether a client whose session would be `wanted` may take it as it
+    /// is.
+    pub fn serves(&self, wanted: &SessionShape) -> bool {
+        self.owner != Owner::Unknown && self.shape.as_ref().is_some_and(|s| s.serves(wanted))
     }
 
     /// The identity attached for the current client.

@@ -73,6 +73,7 @@ impl Upstream {
             Ok(binding) => {
                 self.next_binding = Some(binding);
                 self.owner = Owner::Nobody;
+                self.shape = None;
                 self.attached = Attached::default();
                 // The previous client's, and it is gone.
                 self.for_client.clear();
@@ -141,8 +142,21 @@ impl Upstream {
     /// session is reset first. Returns whether it already holds this
     /// client's session (identity, settings and statements in place).
     pub async fn claim(&mut self, client: u64, deadline: Instant) -> Result<bool, UpstreamError> {
+        self.claim_as(client, None, deadline).await
+    }
+
+    /// [`Upstream::claim`], except that a session that is exactly what
+    /// `client`'s would be (`wanted`, see [`super::shape`]) is taken as it
+    /// is.
+    pub async fn claim_as(
+        &mut self,
+        client: u64,
+        wanted: Option<&super::SessionShape>,
+        deadline: Instant,
+    ) -> Result<bool, UpstreamError> {
         let held = match self.owner {
             Owner::Client(id) if id == client => true,
+            Owner::Client(_) if wanted.is_some_and(|wanted| self.serves(wanted)) => true,
             Owner::Nobody => false,
             Owner::Client(_) | Owner::Unknown => {
                 self.reset(deadline).await?;

@@ -1,0 +1,92 @@
+//! Which clients may take a connection another client's session is in
+//! without a reset: those of the same identity, whose session would be
+//! made exactly the same.
+//!
+//! In transaction pooling a connection goes back to the pool still holding
+//! its client's session, and anyone else gets it only after a reset and a
+//! fresh attach (two round trips). Many clients often present the very
+//! same token (an app's connection pool, a user's tabs, a benchmark): for
+//! them the reset would rebuild what the connection already holds. A
+//! connection whose session holds exactly a client's verified claims (the
+//! same JSON, so the same `sub`, `iss` and `jti`), its settings, and no
+//! named prepared statement is handed to that client as it is.
+//!
+//! Clients of different identities never share a session, nor anonymous
+//! clients (no claims: anyone). What a client leaves that the proxy
+//! cannot see (a session advisory lock, a random seed) passes to another
+//! client holding the same token, as pgbouncer passes it to any client;
+//! it never passes to another identity.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// What a transaction-pooled client's session on a connection consists
+/// of, shared between the client and the connections it made so.
+#[derive(Debug)]
+pub struct SessionShape {
+    claims: String,
+    settings: Vec<(String, String)>,
+    /// Set once the client prepared a named statement: the connections it
+    /// used may hold it, and another client's Parse of the same name would
+    /// fail there.
+    statements: AtomicBool,
+}
+
+impl SessionShape {
+    /// The shape of a session with `claims` attached and `settings`
+    /// applied; `None` for an anonymous client, which never shares.
+    pub fn new(claims: Option<&str>, settings: &[(String, String)]) -> Option<Arc<Self>> {
+        Some(Arc::new(Self {
+            claims: claims?.to_owned(),
+            settings: settings.to_vec(),
+            statements: AtomicBool::new(false),
+        }))
+    }
+
+    /// Notes that its client prepared a named statement: no connection
+    /// made so is shared from now on.
+    pub fn prepared_statements(&self) {
+        self.statements.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether its client prepared a named statement.
+    pub fn has_statements(&self) -> bool {
+        self.statements.load(Ordering::Relaxed)
+    }
+
+    /// Whether a connection holding `self` may be handed as it is to a
+    /// client whose session would be `wanted`.
+    pub fn serves(&self, wanted: &Self) -> bool {
+        !self.has_statements()
+            && !wanted.has_statements()
+            && self.claims == wanted.claims
+            && self.settings == wanted.settings
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(claims: &str, settings: &[(&str, &str)]) -> Arc<SessionShape> {
+        let settings: Vec<_> = (settings.iter())
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .collect();
+        SessionShape::new(Some(claims), &settings).unwrap_or_else(|| unreachable!())
+    }
+
+    #[test]
+    fn only_the_same_claims_and_settings_without_statements_share() {
+        let a = shape(r#"{"sub":"a"}"#, &[("DateStyle", "ISO")]);
+        assert!(a.serves(&shape(r#"{"sub":"a"}"#, &[("DateStyle", "ISO")])));
+        assert!(!a.serves(&shape(r#"{"sub":"b"}"#, &[("DateStyle", "ISO")])));
+        assert!(!a.serves(&shape(r#"{"sub":"a"}"#, &[])));
+        let other = shape(r#"{"sub":"a"}"#, &[("DateStyle", "ISO")]);
+        other.prepared_statements();
+        assert!(!a.serves(&other) && !other.serves(&a));
+        assert!(
+            SessionShape::new(None, &[]).is_none(),
+            "anonymous never shares"
+        );
+    }
+}
