@@ -7,9 +7,11 @@
 //!
 //! * A connection goes back to the pool still holding its client's
 //!   session (identity, settings, prepared statements), and that client's
-//!   next transaction takes it again if it is free. Anyone else gets it only
-//!   after a reset ([`Upstream::claim`]), which draws a new identity
-//!   generation, so the old identity no longer verifies.
+//!   next transaction takes it again if it is free; so may a client of the
+//!   same token whose session would be exactly the same
+//!   ([`crate::upstream::SessionShape`]). Anyone else gets it only after a
+//!   reset ([`Upstream::claim_as`]), which draws a new identity generation,
+//!   so the old identity no longer verifies.
 //! * On another connection, the client's identity is attached, its
 //!   settings are applied, and its named prepared statements are prepared
 //!   again from the Parse messages the [`Tracker`] kept.
