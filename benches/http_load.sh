@@ -15,7 +15,7 @@
 # may use its connection, which the TCP clients here, each finding its own
 # backend free, are not. Each phase also prints the proxy's and the
 # server's CPU per request (utime + stime from /proc; the server's over its
-# processes alive at the phase's end: pooled backends outlive it), figures
+# processes alive at the phase's end and those it reaped), figures
 # that hold still when other work shares the cores. With a single-threaded
 # proxy (--threads, 1 on 2 cores) and the cores shared, the proxy's CPU per
 # request is what the two rates' ratio follows.
@@ -56,7 +56,10 @@ echo "select * from todos where user_id = auth.user_id();" >"$work/select.sql"
 
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || true; }
 server_ticks() { # "pid ticks" of the server's processes, by pid
-    for pid in "$postmaster" $(pgrep -P "$postmaster"); do
+    # The postmaster's with its reaped children's: wrk's hanging up at its
+    # end ends the requests in flight, and with them their backends.
+    awk -v pid="$postmaster" '{print pid, $14 + $15 + $16 + $17}' "/proc/$postmaster/stat"
+    for pid in $(pgrep -P "$postmaster"); do
         t=$(ticks "$pid")
         [ -n "$t" ] && echo "$pid $t"
     done | sort
@@ -74,15 +77,23 @@ phase() { # proxy-pid command...
     p1=$(ticks "$proxy")
     server_ticks >"$work/server.1"
     grep -E "Latency |Non-2xx|latency average|failed" "$work/phase.out" || true
-    count=$(grep -oE "^ *[0-9]+ requests in|actually processed: [0-9]+" "$work/phase.out" | grep -oE "[0-9]+" | head -1)
-    rate=$(grep -E "Requests/sec|^tps" "$work/phase.out" | grep -oE "[0-9]+\.[0-9]+" | head -1)
-    join -a 2 -e 0 -o 0,1.2,2.2 "$work/server.0" "$work/server.1" | awk -v n="$count" -v p=$((p1 - p0)) -v hz="$hz" -v rate="$rate" \
+    count=$(grep -oE "^ *[0-9]+ requests in|actually processed: [0-9]+" "$work/phase.out" | grep -oE "[0-9]+" | head -1 || true)
+    rate=$(grep -E "Requests/sec|^tps" "$work/phase.out" | grep -oE "[0-9]+\.[0-9]+" | head -1 || true)
+    if [ -z "$count" ] || [ -z "$rate" ]; then
+        echo "no rate from $1:" >&2
+        cat "$work/phase.out" >&2
+        exit 1
+    fi
+    join -a 1 -a 2 -e 0 -o 0,1.2,2.2 "$work/server.0" "$work/server.1" | awk -v n="$count" -v p=$((p1 - p0)) -v hz="$hz" -v rate="$rate" \
         '{s += $3 - $2} END {printf "%.0f req/s; CPU per request: proxy %.0f µs, server %.0f µs\n", rate, p * 1e6 / hz / n, s * 1e6 / hz / n}' |
         tee -a "$work/rates"
 }
 
 echo "machine: $(nproc) cores; $connections connections; ${seconds}s each"
 echo "--- HTTP /sql (wrk, keep-alive)"
+# Fills the pool first: pgbench leaves its connections' logins out of its
+# rate too.
+wrk -t2 -c"$connections" -d2s -s "$work/sql.lua" "$AUTHGRES_HTTP_URL" >/dev/null
 phase "$demo" wrk -t2 -c"$connections" -d"${seconds}s" -s "$work/sql.lua" "$AUTHGRES_HTTP_URL"
 pgbench_run() { # port
     PGSSLMODE=disable PGPORT=$1 PGPASSWORD=$AUTHGRES_TOKEN_A pgbench -n -M extended -c "$connections" -j 2 \
