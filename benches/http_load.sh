@@ -93,7 +93,8 @@ echo "machine: $(nproc) cores; $connections connections; ${seconds}s each"
 echo "--- HTTP /sql (wrk, keep-alive)"
 # Fills the pool first: pgbench leaves its connections' logins out of its
 # rate too.
-wrk -t2 -c"$connections" -d2s -s "$work/sql.lua" "$AUTHGRES_HTTP_URL" >/dev/null
+wrk -t2 -c"$connections" -d2s -s "$work/sql.lua" "$AUTHGRES_HTTP_URL" >"$work/warm.out" 2>&1 ||
+    { cat "$work/warm.out" "$work/demo.out" >&2; exit 1; }
 phase "$demo" wrk -t2 -c"$connections" -d"${seconds}s" -s "$work/sql.lua" "$AUTHGRES_HTTP_URL"
 pgbench_run() { # port
     PGSSLMODE=disable PGPORT=$1 PGPASSWORD=$AUTHGRES_TOKEN_A pgbench -n -M extended -c "$connections" -j 2 \
