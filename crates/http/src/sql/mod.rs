@@ -28,7 +28,6 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Extension, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
 
 use crate::query::{self, BatchOptions, ExecError};
 use crate::{ConnectionTicket, HttpConfig, HttpState};
@@ -121,31 +120,24 @@ fn millis(took: Duration) -> u64 {
     u64::try_from(took.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The response to a request's results, or to why it has none.
-fn respond(config: &HttpConfig, ran: Result<Value, Failure>) -> Response {
+/// The response to a request's results (their JSON), or to why it has
+/// none.
+fn respond(config: &HttpConfig, ran: Result<Vec<u8>, Failure>) -> Response {
     match ran {
-        Ok(value) => match serde_json::to_vec(&value) {
-            Ok(bytes) if bytes.len() > config.max_response_bytes => Failure::new(
-                StatusCode::INSUFFICIENT_STORAGE,
-                "54000",
-                format!(
-                    "response is larger than the limit of {} bytes",
-                    config.max_response_bytes
-                ),
-            )
+        Ok(bytes) if bytes.len() > config.max_response_bytes => Failure::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "54000",
+            format!(
+                "response is larger than the limit of {} bytes",
+                config.max_response_bytes
+            ),
+        )
+        .into_response(),
+        Ok(bytes) => (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            bytes,
+        )
             .into_response(),
-            Ok(bytes) => (
-                [(axum::http::header::CONTENT_TYPE, "application/json")],
-                bytes,
-            )
-                .into_response(),
-            Err(error) => Failure::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "XX000",
-                error.to_string(),
-            )
-            .into_response(),
-        },
         Err(failure) => failure.into_response(),
     }
 }
@@ -158,7 +150,7 @@ async fn run(
     headers: &HeaderMap,
     body: Body,
     done: &mut Done,
-) -> Result<Value, Failure> {
+) -> Result<Vec<u8>, Failure> {
     let target = request::target(headers)?;
     // Over the limit is over the limit, before anyone is admitted.
     body::check_declared(config, &body)?;
@@ -267,14 +259,29 @@ async fn run(
         .iter()
         .map(|r| r.row_count.unwrap_or(r.rows.len() as u64))
         .sum();
-    let mut rendered: Vec<Value> = results
-        .iter()
-        .map(|r| query::result_json(r, array_mode, raw))
-        .collect();
-    Ok(match batch {
-        Some(_) => json!({ "results": rendered }),
-        None => rendered.pop().unwrap_or(Value::Null),
-    })
+    Ok(render(&results, batch.is_some(), array_mode, raw))
+}
+
+/// The response body: a batch's results as `{"results": [...]}`, a single
+/// statement's result on its own.
+fn render(results: &[query::StatementResult], batch: bool, array_mode: bool, raw: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1024);
+    if !batch {
+        match results.last() {
+            Some(result) => query::write_result(&mut out, result, array_mode, raw),
+            None => out.extend_from_slice(b"null"),
+        }
+        return out;
+    }
+    out.extend_from_slice(b"{\"results\":[");
+    for (i, result) in results.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        query::write_result(&mut out, result, array_mode, raw);
+    }
+    out.extend_from_slice(b"]}");
+    out
 }
 
 /// Runs the request on a pooled connection; one that turns out dead (the
