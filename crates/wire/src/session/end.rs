@@ -175,29 +175,33 @@ async fn relay_until_stop<C: ClientIo>(
     } = stops;
     tokio::pin!(closing);
     let drain = proxy.drain();
-    let expiry = async {
-        match expires {
-            Some(at) => {
-                let left = at
-                    .duration_since(SystemTime::now())
-                    .unwrap_or(Duration::ZERO);
-                tokio::time::sleep(left).await;
-            }
+    // The timers are boxed, made only when they can fire: every idle
+    // session holds this future.
+    let mut expiry = expires.map(|at| {
+        let left = at
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        Box::pin(tokio::time::sleep(left))
+    });
+    let expired = async {
+        match expiry.as_mut() {
+            Some(expiry) => expiry.await,
             None => std::future::pending().await,
         }
     };
-    tokio::pin!(expiry);
-    let spared = tokio::time::sleep_until(spared_until);
-    tokio::pin!(spared);
+    tokio::pin!(expired);
     let mut boundary = None;
     loop {
         tokio::select! {
             stopped = relay.run(client, conn.stream()) => return (Some(stopped), boundary),
-            () = &mut expiry, if boundary.is_none() => {
+            () = &mut expired, if boundary.is_none() => {
                 boundary = Some(Boundary::TokenExpired);
                 relay.stop_at_idle(true);
             }
-            () = async { drain.draining().await; (&mut spared).await }, if boundary.is_none() => {
+            () = async {
+                drain.draining().await;
+                Box::pin(tokio::time::sleep_until(spared_until)).await;
+            }, if boundary.is_none() => {
                 boundary = Some(Boundary::Draining);
                 relay.stop_at_idle(true);
             }

@@ -90,7 +90,8 @@ impl Proxy {
             crate::transport::tune(&tcp, settings.config.tcp_keepalive);
             let negotiation = negotiate::over_tcp(tcp, settings.tls.as_ref());
             let opened = Box::pin(timeout_at(place.auth_deadline, negotiation)).await;
-            self.settle_negotiation(opened, settings, place).await;
+            let next = self.opened(opened, settings, place);
+            self.serve_opened(next).await;
         }
     }
 
@@ -128,30 +129,104 @@ impl Proxy {
                 ticket,
                 client,
             });
-            self.settle_negotiation(opened, settings, place).await;
+            let next = self.opened(opened, settings, place);
+            self.serve_opened(next).await;
         }
         .instrument(span)
         .await;
     }
 
-    /// Runs what the negotiation opened to the end and logs how it ended.
-    async fn settle_negotiation<S: ClientIo>(
+    /// What the negotiation led to, taken apart in a plain function: an
+    /// async fn keeps its arguments twice, and the futures after this one
+    /// are held by every idle client.
+    fn opened<S: ClientIo>(
         &self,
         opened: Result<Result<Opened<S>, Failed<S>>, tokio::time::error::Elapsed>,
         settings: Arc<Settings>,
         place: Box<Arrival>,
-    ) {
-        let result = match opened {
-            Ok(opened) => self.open(opened, settings, place).await,
+    ) -> Next<'_, S> {
+        let Arrival {
+            peer,
+            relayed_by,
+            transport,
+            auth_deadline,
+            ticket,
+            client,
+        } = *place;
+        match opened {
+            Ok(Ok(Opened::Session {
+                stream,
+                inbox,
+                startup,
+                encrypted,
+            })) => {
+                let session = Session {
+                    proxy: self,
+                    settings,
+                    client: stream,
+                    inbox,
+                    peer,
+                    relayed_by,
+                    transport,
+                    encrypted,
+                    auth_deadline,
+                    ticket,
+                    registered: client,
+                    spared_until: Instant::now(),
+                    tally: None,
+                    audit: None,
+                };
+                Next::Session(session, startup)
+            }
+            Ok(Ok(Opened::Cancel { pid, key })) => Next::Cancel { pid, key, settings },
+            Ok(Ok(Opened::Closed)) => Next::Ended(Ok(())),
+            Ok(Err(Failed { stream, error })) => {
+                self.metrics.login(transport, Err(&error));
+                self.report(&error);
+                Next::Refuse(stream, error)
+            }
             Err(_) => {
                 let error = SessionError::AuthTimeout(settings.config.auth_timeout);
-                self.metrics.login(place.transport, Err(&error));
-                Err(error)
+                self.metrics.login(transport, Err(&error));
+                Next::Ended(Err(error))
             }
-        };
-        match result {
-            Ok(()) => tracing::debug!("connection closed"),
-            Err(error) => self.report(&error),
+        }
+    }
+
+    /// Serves what the negotiation led to, to the end, and logs how it
+    /// ended. `next` is used in place, never moved: the session lives in
+    /// this future once.
+    fn serve_opened<'a, S: ClientIo + 'a>(
+        &'a self,
+        mut next: Next<'a, S>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'a {
+        async move {
+            let result = match &mut next {
+                Next::Session(session, startup) => {
+                    let startup = Startup {
+                        minor_version: startup.minor_version,
+                        parameters: std::mem::take(&mut startup.parameters),
+                    };
+                    session.run(startup).await
+                }
+                Next::Cancel { pid, key, settings } => {
+                    let config = &settings.config;
+                    let forward = self.cancels.forward(config, &self.metrics, *pid, key);
+                    Box::pin(forward).await;
+                    Ok(())
+                }
+                Next::Refuse(stream, error) => {
+                    if let Some(stream) = stream {
+                        Box::pin(refuse(stream, error)).await;
+                    }
+                    Ok(())
+                }
+                Next::Ended(result) => std::mem::replace(result, Ok(())),
+            };
+            match result {
+                Ok(()) => tracing::debug!("connection closed"),
+                Err(error) => self.report(&error),
+            }
         }
     }
 
@@ -171,63 +246,22 @@ impl Proxy {
             Severity::Service => tracing::warn!(%error, reason, "session failed"),
         }
     }
+}
 
-    /// After the negotiation: a session, a cancel, or nothing.
-    async fn open<S: ClientIo>(
-        &self,
-        opened: Result<Opened<S>, Failed<S>>,
+/// What a negotiation led to.
+enum Next<'p, S> {
+    /// A session, from its StartupMessage on.
+    Session(Session<'p, S>, Startup),
+    /// A CancelRequest to forward.
+    Cancel {
+        pid: i32,
+        key: Vec<u8>,
         settings: Arc<Settings>,
-        place: Box<Arrival>,
-    ) -> Result<(), SessionError> {
-        match opened {
-            Ok(Opened::Session {
-                stream,
-                inbox,
-                startup,
-                encrypted,
-            }) => {
-                let Arrival {
-                    peer,
-                    relayed_by,
-                    transport,
-                    auth_deadline,
-                    ticket,
-                    client,
-                } = *place;
-                let mut session = Session {
-                    proxy: self,
-                    settings,
-                    client: stream,
-                    inbox,
-                    peer,
-                    relayed_by,
-                    transport,
-                    encrypted,
-                    auth_deadline,
-                    ticket,
-                    registered: client,
-                    spared_until: Instant::now(),
-                    tally: None,
-                    audit: None,
-                };
-                session.run(startup).await
-            }
-            Ok(Opened::Cancel { pid, key }) => {
-                let config = &settings.config;
-                Box::pin(self.cancels.forward(config, &self.metrics, pid, &key)).await;
-                Ok(())
-            }
-            Ok(Opened::Closed) => Ok(()),
-            Err(Failed { stream, error }) => {
-                self.metrics.login(place.transport, Err(&error));
-                self.report(&error);
-                if let Some(mut stream) = stream {
-                    Box::pin(refuse(&mut stream, &error)).await;
-                }
-                Ok(())
-            }
-        }
-    }
+    },
+    /// A refusal to send, if the stream is still there.
+    Refuse(Option<S>, SessionError),
+    /// Nothing more to do.
+    Ended(Result<(), SessionError>),
 }
 
 /// Where a new connection stands before its negotiation settles.

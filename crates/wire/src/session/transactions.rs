@@ -84,11 +84,14 @@ fn between<S: ClientIo>(session: &Session<'_, S>, logged: Box<LoggedIn>) -> Betw
     if let Lease::Pooled(pooled) = lease {
         pooled.release();
     }
+    let claims = login.claims().map(str::to_owned);
+    let mut settings = login.settings;
+    settings.shrink_to_fit();
     let client = PooledClient {
         id: login.client_id,
-        claims: login.claims().map(str::to_owned),
+        claims,
         expires,
-        settings: login.settings,
+        settings,
         tracker: Tracker::default(),
     };
     let pool = session
@@ -251,7 +254,8 @@ async fn next_transaction<S: ClientIo>(
         let mut head = [0u8; 64];
         let closing = async {
             drain.draining().await;
-            tokio::time::sleep_until(spared_until).await;
+            // Boxed: a timer held by every idle client for a drain.
+            Box::pin(tokio::time::sleep_until(spared_until)).await;
         };
         let n = tokio::select! {
             read = session.client.read(&mut head) => read.map_err(SessionError::ClientIo)?,
