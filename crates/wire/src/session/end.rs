@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use super::greet::Greeted;
 use super::handshake::SessionLogin;
 use super::lease::Lease;
-use super::limited::IdentityHold;
+use super::limited::{Counted, IdentityHold};
 use super::{ClientIo, LoggedIn, Session, refuse};
 use crate::cancel::CancelGuard;
 use crate::config::ClientLimits;
@@ -48,7 +48,7 @@ fn held<S: ClientIo>(
     let held = Box::new(Held {
         relay,
         lease,
-        _counted: login.hold,
+        _counted: login.hold.map(IdentityHold::counted),
     });
     (held, cancel, expires)
 }
@@ -59,7 +59,7 @@ pub(super) struct Held {
     pub(super) lease: Lease,
     /// What it holds against its identity's limits (its seat, the
     /// connection it keeps), let go when the backend has been handed back.
-    pub(super) _counted: Option<IdentityHold>,
+    pub(super) _counted: Option<Counted>,
 }
 
 impl<S: ClientIo> Session<'_, S> {
@@ -89,8 +89,8 @@ struct Stops<'a> {
     expires: Option<SystemTime>,
     /// Until when a drain spares the session.
     spared_until: Instant,
-    /// A forced drain or `KILL_CLIENT`.
-    closing: tokio_util::sync::WaitForCancellationFuture<'a>,
+    /// Whose closing is a forced drain or `KILL_CLIENT`.
+    registered: &'a crate::clients::ClientHandle,
 }
 
 /// Relays until the session ends, then resets and returns the connection
@@ -111,7 +111,7 @@ pub(super) async fn relay_to_end<S: ClientIo>(
     let stops = Stops {
         expires,
         spared_until: session.spared_until,
-        closing: session.registered.closing(),
+        registered: &session.registered,
     };
     let client = &mut session.client;
     let Held { relay, lease, .. } = &mut *held;
@@ -171,8 +171,9 @@ async fn relay_until_stop<C: ClientIo>(
     let Stops {
         expires,
         spared_until,
-        closing,
+        registered,
     } = stops;
+    let closing = registered.closing();
     tokio::pin!(closing);
     let drain = proxy.drain();
     // The timers are boxed, made only when they can fire: every idle
