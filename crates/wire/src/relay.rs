@@ -474,11 +474,15 @@ impl Relay {
                 return match self.poll_watchdog(cx) {
                     Some(stop) => Poll::Ready(Ok(stop)),
                     None => {
-                        // Both sides wait: an idle session holds no
-                        // buffers until a side has something to say (a
-                        // spare's take is no system call).
-                        self.to_upstream.release();
-                        self.to_client.release();
+                        // Both sides wait at an idle boundary: an idle
+                        // session holds no buffers until a side has
+                        // something to say (a spare's take is no system
+                        // call). Mid-request they are kept: the server's
+                        // answer comes soon.
+                        if self.is_idle() {
+                            self.to_upstream.release();
+                            self.to_client.release();
+                        }
                         Poll::Pending
                     }
                 };
