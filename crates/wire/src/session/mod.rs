@@ -139,6 +139,10 @@ impl Proxy {
     /// What the negotiation led to, taken apart in a plain function: an
     /// async fn keeps its arguments twice, and the futures after this one
     /// are held by every idle client.
+    #[allow(
+        clippy::boxed_local,
+        reason = "the caller's future holds the place as one pointer until now"
+    )]
     fn opened<S: ClientIo>(
         &self,
         opened: Result<Result<Opened<S>, Failed<S>>, tokio::time::error::Elapsed>,
@@ -196,6 +200,10 @@ impl Proxy {
     /// Serves what the negotiation led to, to the end, and logs how it
     /// ended. `next` is used in place, never moved: the session lives in
     /// this future once.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn would keep `next`, the session, twice"
+    )]
     fn serve_opened<'a, S: ClientIo + 'a>(
         &'a self,
         mut next: Next<'a, S>,
@@ -249,6 +257,10 @@ impl Proxy {
 }
 
 /// What a negotiation led to.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "the session is served in place; boxing it saves nothing"
+)]
 enum Next<'p, S> {
     /// A session, from its StartupMessage on.
     Session(Session<'p, S>, Startup),
