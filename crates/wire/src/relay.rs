@@ -103,9 +103,15 @@ struct Watchdog {
     last_written: Instant,
 }
 
-/// One direction's buffer: bytes read and not yet written.
+/// One direction's buffer: bytes read and not yet written. The buffer is
+/// held only while the pipe is in use: an idle session's relay holds none
+/// ([`Pipe::release`]), and takes one from the thread's spares
+/// (`relay/spare.rs`) when a side has something to say.
 struct Pipe {
+    /// Empty (no allocation) while released.
     buf: Box<[u8]>,
+    /// The size of the buffer it takes.
+    size: usize,
     start: usize,
     end: usize,
     /// Written but not flushed (TLS and WebSocket streams buffer).
@@ -114,17 +120,37 @@ struct Pipe {
 
 impl Drop for Pipe {
     fn drop(&mut self) {
-        spare::give(std::mem::take(&mut self.buf));
+        if !self.buf.is_empty() {
+            spare::give(std::mem::take(&mut self.buf));
+        }
     }
 }
 
 impl Pipe {
     fn new(size: usize) -> Self {
         Self {
-            buf: spare::take(size),
+            buf: Box::default(),
+            size,
             start: 0,
             end: 0,
             unflushed: false,
+        }
+    }
+
+    /// The buffer, taken from the spares if the pipe holds none.
+    fn buffer(&mut self) -> &mut [u8] {
+        if self.buf.is_empty() {
+            self.buf = spare::take(self.size);
+        }
+        &mut self.buf
+    }
+
+    /// Gives the buffer back to the thread's spares if nothing in it
+    /// waits to be written.
+    fn release(&mut self) {
+        if self.settled() && !self.buf.is_empty() {
+            spare::give(std::mem::take(&mut self.buf));
+            (self.start, self.end) = (0, 0);
         }
     }
 
@@ -138,8 +164,9 @@ impl Pipe {
 
     /// Loads `chunk` (at most the buffer's size) as the bytes to write.
     fn load(&mut self, chunk: &[u8]) {
-        let len = chunk.len().min(self.buf.len());
-        self.buf[..len].copy_from_slice(&chunk[..len]);
+        let buf = self.buffer();
+        let len = chunk.len().min(buf.len());
+        buf[..len].copy_from_slice(&chunk[..len]);
         (self.start, self.end) = (0, len);
     }
 
@@ -150,7 +177,7 @@ impl Pipe {
         reader: &mut R,
     ) -> Poll<io::Result<usize>> {
         debug_assert!(self.is_empty());
-        let mut read = ReadBuf::new(&mut self.buf);
+        let mut read = ReadBuf::new(self.buffer());
         ready!(Pin::new(reader).poll_read(cx, &mut read))?;
         let n = read.filled().len();
         (self.start, self.end) = (0, n);
@@ -446,7 +473,18 @@ impl Relay {
             if !progressed {
                 return match self.poll_watchdog(cx) {
                     Some(stop) => Poll::Ready(Ok(stop)),
-                    None => Poll::Pending,
+                    None => {
+                        // Both sides wait at an idle boundary: an idle
+                        // session holds no buffers until a side has
+                        // something to say (a spare's take is no system
+                        // call). Mid-request they are kept: the server's
+                        // answer comes soon.
+                        if self.is_idle() {
+                            self.to_upstream.release();
+                            self.to_client.release();
+                        }
+                        Poll::Pending
+                    }
                 };
             }
         }

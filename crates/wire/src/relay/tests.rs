@@ -284,3 +284,50 @@ async fn an_observed_relay_counts_queries_transactions_and_its_stop() {
     assert_eq!(stats.sent, session.sent.load(Relaxed));
     assert_eq!(stats.sent, 2 * reply.len() as u64 + 2 * 6);
 }
+
+/// Runs `relay` until it waits on both sides (or stops).
+async fn run_until_waiting(
+    relay: &mut Relay,
+    client: &mut DuplexStream,
+    upstream: &mut DuplexStream,
+) -> Option<Result<Stop, RelayError>> {
+    let waiting = std::time::Duration::from_millis(50);
+    tokio::time::timeout(waiting, relay.run(client, upstream))
+        .await
+        .ok()
+}
+
+#[tokio::test]
+async fn a_relay_idle_on_both_sides_holds_no_buffers_and_takes_them_again() {
+    let (mut client, mut client_peer) = tokio::io::duplex(4096);
+    let (mut upstream, mut upstream_peer) = tokio::io::duplex(4096);
+    let mut relay = Relay::new(None);
+    let holds =
+        |relay: &Relay| !relay.to_upstream.buf.is_empty() || !relay.to_client.buf.is_empty();
+    assert!(!holds(&relay), "a new relay takes buffers only when used");
+    assert!(
+        run_until_waiting(&mut relay, &mut client, &mut upstream)
+            .await
+            .is_none()
+    );
+    assert!(!holds(&relay), "an idle session holds buffers");
+    let query = message(b'Q', b"select 1\0");
+    client_peer.write_all(&query).await.expect("write");
+    assert!(
+        run_until_waiting(&mut relay, &mut client, &mut upstream)
+            .await
+            .is_none()
+    );
+    expect_read(&mut upstream_peer, &query).await;
+    assert!(holds(&relay), "mid-request, the buffers are kept");
+    let answer = [message(b'C', b"SELECT 1\0"), message(b'Z', b"I")].concat();
+    upstream_peer.write_all(&answer).await.expect("write");
+    assert!(
+        run_until_waiting(&mut relay, &mut client, &mut upstream)
+            .await
+            .is_none()
+    );
+    expect_read(&mut client_peer, &answer).await;
+    assert!(!holds(&relay));
+    assert!(relay.is_idle());
+}

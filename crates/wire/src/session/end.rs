@@ -16,7 +16,8 @@ use tokio::time::Instant;
 use super::greet::Greeted;
 use super::handshake::SessionLogin;
 use super::lease::Lease;
-use super::{ClientIo, Session, refuse};
+use super::limited::{Counted, IdentityHold};
+use super::{ClientIo, LoggedIn, Session, refuse};
 use crate::cancel::CancelGuard;
 use crate::config::ClientLimits;
 use crate::error::{ProtocolViolation, SessionError};
@@ -25,16 +26,40 @@ use crate::relay::{self, Relay, RelayError, Stop};
 
 /// Serves a session that keeps its connection, from its greeting on.
 pub(super) async fn hold<S: ClientIo>(
-    session: Session<'_, S>,
-    login: &SessionLogin,
-    greeted: Greeted,
+    session: &mut Session<'_, S>,
+    logged: Box<LoggedIn>,
 ) -> Result<(), SessionError> {
-    let expires = session.expiry(login);
+    let (held, cancel, expires) = held(session, logged);
+    relay_to_end(session, held, &cancel, expires).await
+}
+
+/// What a session that keeps its connection holds while it relays, in one
+/// box sized to it: the whole of its login is let go.
+fn held<S: ClientIo>(
+    session: &Session<'_, S>,
+    logged: Box<LoggedIn>,
+) -> (Box<Held>, CancelGuard, Option<SystemTime>) {
+    let expires = session.expiry(&logged.login);
+    let LoggedIn { login, greeted, .. } = *logged;
     let Greeted { lease, cancel } = greeted;
     let mut relay = Relay::new(None);
     relay.watch(session.settings.config.client_limits);
     relay.observe(session.observed());
-    Box::pin(relay_to_end(session, relay, lease, &cancel, expires)).await
+    let held = Box::new(Held {
+        relay,
+        lease,
+        _counted: login.hold.map(IdentityHold::counted),
+    });
+    (held, cancel, expires)
+}
+
+/// What a session relaying to its end holds.
+pub(super) struct Held {
+    pub(super) relay: Relay,
+    pub(super) lease: Lease,
+    /// What it holds against its identity's limits (its seat, the
+    /// connection it keeps), let go when the backend has been handed back.
+    pub(super) _counted: Option<Counted>,
 }
 
 impl<S: ClientIo> Session<'_, S> {
@@ -64,8 +89,8 @@ struct Stops<'a> {
     expires: Option<SystemTime>,
     /// Until when a drain spares the session.
     spared_until: Instant,
-    /// A forced drain or `KILL_CLIENT`.
-    closing: tokio_util::sync::WaitForCancellationFuture<'a>,
+    /// Whose closing is a forced drain or `KILL_CLIENT`.
+    registered: &'a crate::clients::ClientHandle,
 }
 
 /// Relays until the session ends, then resets and returns the connection
@@ -75,28 +100,26 @@ struct Stops<'a> {
 /// An expired token or a drain ends the session at its next idle
 /// transaction boundary; a forced drain ends it now.
 pub(super) async fn relay_to_end<S: ClientIo>(
-    mut session: Session<'_, S>,
-    mut relay: Relay,
-    mut lease: Lease,
+    session: &mut Session<'_, S>,
+    mut held: Box<Held>,
     cancel: &CancelGuard,
     expires: Option<SystemTime>,
 ) -> Result<(), SessionError> {
     let pipelined = std::mem::take(&mut session.inbox);
     let proxy = session.proxy;
     let limits = session.settings.config.client_limits;
-    let spared_until = session.spared_until;
-    let closing = session.registered.closing();
+    let stops = Stops {
+        expires,
+        spared_until: session.spared_until,
+        registered: &session.registered,
+    };
     let client = &mut session.client;
+    let Held { relay, lease, .. } = &mut *held;
     let conn = lease.conn();
     relay.forward(&pipelined, conn.stream()).await?;
     drop(pipelined);
-    let stops = Stops {
-        expires,
-        spared_until,
-        closing,
-    };
-    let (stopped, boundary) = relay_until_stop(proxy, client, conn, &mut relay, stops).await;
-    let parting = Parting::after(stopped.as_ref(), &relay);
+    let (stopped, boundary) = relay_until_stop(proxy, client, conn, relay, stops).await;
+    let parting = Parting::after(stopped.as_ref(), relay);
     let forced = stopped.is_none();
     // The server's last words (a FATAL) are the client's; so is what it
     // sent before a forced drain.
@@ -112,8 +135,11 @@ pub(super) async fn relay_to_end<S: ClientIo>(
         );
     }
     // The backend goes back, or is closed, before anything waits on a
-    // client that may not be reading.
-    finish(&session.settings, cancel, lease, parting).await;
+    // client that may not be reading. Boxed: a reset is a large future
+    // that an idle session should not carry.
+    Box::pin(finish(&session.settings, cancel, held.lease, parting)).await;
+    let client = &mut session.client;
+    let relay = &mut held.relay;
     if last_words {
         let _ = tokio::time::timeout(super::ERROR_WRITE_TIMEOUT, relay.flush_client(client)).await;
     }
@@ -145,33 +171,38 @@ async fn relay_until_stop<C: ClientIo>(
     let Stops {
         expires,
         spared_until,
-        closing,
+        registered,
     } = stops;
+    let closing = registered.closing();
     tokio::pin!(closing);
     let drain = proxy.drain();
-    let expiry = async {
-        match expires {
-            Some(at) => {
-                let left = at
-                    .duration_since(SystemTime::now())
-                    .unwrap_or(Duration::ZERO);
-                tokio::time::sleep(left).await;
-            }
+    // The timers are boxed, made only when they can fire: every idle
+    // session holds this future.
+    let mut expiry = expires.map(|at| {
+        let left = at
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        Box::pin(tokio::time::sleep(left))
+    });
+    let expired = async {
+        match expiry.as_mut() {
+            Some(expiry) => expiry.await,
             None => std::future::pending().await,
         }
     };
-    tokio::pin!(expiry);
-    let spared = tokio::time::sleep_until(spared_until);
-    tokio::pin!(spared);
+    tokio::pin!(expired);
     let mut boundary = None;
     loop {
         tokio::select! {
             stopped = relay.run(client, conn.stream()) => return (Some(stopped), boundary),
-            () = &mut expiry, if boundary.is_none() => {
+            () = &mut expired, if boundary.is_none() => {
                 boundary = Some(Boundary::TokenExpired);
                 relay.stop_at_idle(true);
             }
-            () = async { drain.draining().await; (&mut spared).await }, if boundary.is_none() => {
+            () = async {
+                drain.draining().await;
+                Box::pin(tokio::time::sleep_until(spared_until)).await;
+            }, if boundary.is_none() => {
                 boundary = Some(Boundary::Draining);
                 relay.stop_at_idle(true);
             }

@@ -31,8 +31,16 @@ pub(super) struct IdentityHold {
     /// Its client connection, counted until the session ends.
     _seat: Seat,
     /// The upstream connection a session-pooled (or unpooled) session
-    /// holds to its end.
-    _lease: Option<Turn>,
+    /// holds to its end (boxed: a transaction-pooled client, idle, has
+    /// none).
+    _lease: Option<Box<Turn>>,
+}
+
+/// What a session that keeps its connection holds against its identity's
+/// limits to its end: no [`Who`], as it asks for nothing more.
+pub(super) struct Counted {
+    _seat: Seat,
+    _lease: Option<Box<Turn>>,
 }
 
 impl<S: ClientIo> Session<'_, S> {
@@ -61,7 +69,7 @@ impl<S: ClientIo> Session<'_, S> {
         Ok(Some(IdentityHold {
             who,
             _seat: seat,
-            _lease: lease,
+            _lease: lease.map(Box::new),
         }))
     }
 }
@@ -86,6 +94,14 @@ impl IdentityHold {
     /// Who the session is counted as.
     pub(super) fn who(&mut self) -> &mut Who {
         &mut self.who
+    }
+
+    /// What it keeps counted once it will ask for nothing more.
+    pub(super) fn counted(self) -> Counted {
+        Counted {
+            _seat: self._seat,
+            _lease: self._lease,
+        }
     }
 }
 

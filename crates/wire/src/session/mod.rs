@@ -42,6 +42,8 @@ use crate::proto::negotiate::Startup;
 use crate::proxy::{Proxy, Settings};
 use crate::relay::Observed;
 use crate::transport::Transport;
+use greet::Greeted;
+use handshake::SessionLogin;
 use negotiate::{Failed, Opened};
 
 tokio::task_local! {
@@ -59,23 +61,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> ClientIo for S {}
 
 impl Proxy {
     /// Serves one TCP client the front door let in, to the end.
-    pub(crate) async fn serve_tcp(self: Arc<Self>, guest: Guest) {
-        let settings = self.settings();
-        crate::transport::tune(&guest.tcp, settings.config.tcp_keepalive);
-        let opened = timeout_at(
-            guest.deadline,
-            negotiate::over_tcp(guest.tcp, settings.tls.as_ref()),
-        )
-        .await;
-        let place = Arrival {
-            peer: guest.peer,
-            relayed_by: guest.relayed_by,
+    ///
+    /// The guest is taken apart before the future is made: an async fn
+    /// keeps its arguments twice, and every byte of this future is held
+    /// by every idle client.
+    pub(crate) fn serve_tcp(
+        self: Arc<Self>,
+        guest: Guest,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let Guest {
+            tcp,
+            peer,
+            relayed_by,
+            deadline,
+            ticket,
+            client,
+        } = guest;
+        let place = Box::new(Arrival {
+            peer,
+            relayed_by,
             transport: Transport::Wire,
-            auth_deadline: guest.deadline,
-            ticket: guest.ticket,
-            client: guest.client,
-        };
-        self.settle_negotiation(opened, settings, place).await;
+            auth_deadline: deadline,
+            ticket,
+            client,
+        });
+        async move {
+            let settings = self.settings();
+            crate::transport::tune(&tcp, settings.config.tcp_keepalive);
+            let negotiation = negotiate::over_tcp(tcp, settings.tls.as_ref());
+            let opened = Box::pin(timeout_at(place.auth_deadline, negotiation)).await;
+            let next = self.opened(opened, settings, place);
+            self.serve_opened(next).await;
+        }
     }
 
     /// Serves a client on a stream whose transport is settled (a
@@ -102,39 +119,122 @@ impl Proxy {
             let settings = self.settings();
             client.set_transport(Transport::WebSocket);
             let deadline = Instant::now() + settings.config.auth_timeout;
-            let opened = timeout_at(deadline, negotiate::settled(stream, encrypted)).await;
-            let place = Arrival {
+            let negotiation = negotiate::settled(stream, encrypted);
+            let opened = Box::pin(timeout_at(deadline, negotiation)).await;
+            let place = Box::new(Arrival {
                 peer,
                 relayed_by,
                 transport: Transport::WebSocket,
                 auth_deadline: deadline,
                 ticket,
                 client,
-            };
-            self.settle_negotiation(opened, settings, place).await;
+            });
+            let next = self.opened(opened, settings, place);
+            self.serve_opened(next).await;
         }
         .instrument(span)
         .await;
     }
 
-    /// Runs what the negotiation opened to the end and logs how it ended.
-    async fn settle_negotiation<S: ClientIo>(
+    /// What the negotiation led to, taken apart in a plain function: an
+    /// async fn keeps its arguments twice, and the futures after this one
+    /// are held by every idle client.
+    #[allow(
+        clippy::boxed_local,
+        reason = "the caller's future holds the place as one pointer until now"
+    )]
+    fn opened<S: ClientIo>(
         &self,
         opened: Result<Result<Opened<S>, Failed<S>>, tokio::time::error::Elapsed>,
         settings: Arc<Settings>,
-        place: Arrival,
-    ) {
-        let result = match opened {
-            Ok(opened) => self.open(opened, settings, place).await,
+        place: Box<Arrival>,
+    ) -> Next<'_, S> {
+        let Arrival {
+            peer,
+            relayed_by,
+            transport,
+            auth_deadline,
+            ticket,
+            client,
+        } = *place;
+        match opened {
+            Ok(Ok(Opened::Session {
+                stream,
+                inbox,
+                startup,
+                encrypted,
+            })) => {
+                let session = Session {
+                    proxy: self,
+                    settings,
+                    client: stream,
+                    inbox,
+                    peer,
+                    relayed_by,
+                    transport,
+                    encrypted,
+                    auth_deadline,
+                    ticket,
+                    registered: client,
+                    spared_until: Instant::now(),
+                    tally: None,
+                    audit: None,
+                };
+                Next::Session(session, startup)
+            }
+            Ok(Ok(Opened::Cancel { pid, key })) => Next::Cancel { pid, key, settings },
+            Ok(Ok(Opened::Closed)) => Next::Ended(Ok(())),
+            Ok(Err(Failed { stream, error })) => {
+                self.metrics.login(transport, Err(&error));
+                self.report(&error);
+                Next::Refuse(stream, error)
+            }
             Err(_) => {
                 let error = SessionError::AuthTimeout(settings.config.auth_timeout);
-                self.metrics.login(place.transport, Err(&error));
-                Err(error)
+                self.metrics.login(transport, Err(&error));
+                Next::Ended(Err(error))
             }
-        };
-        match result {
-            Ok(()) => tracing::debug!("connection closed"),
-            Err(error) => self.report(&error),
+        }
+    }
+
+    /// Serves what the negotiation led to, to the end, and logs how it
+    /// ended. `next` is used in place, never moved: the session lives in
+    /// this future once.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn would keep `next`, the session, twice"
+    )]
+    fn serve_opened<'a, S: ClientIo + 'a>(
+        &'a self,
+        mut next: Next<'a, S>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'a {
+        async move {
+            let result = match &mut next {
+                Next::Session(session, startup) => {
+                    let startup = Startup {
+                        minor_version: startup.minor_version,
+                        parameters: std::mem::take(&mut startup.parameters),
+                    };
+                    session.run(startup).await
+                }
+                Next::Cancel { pid, key, settings } => {
+                    let config = &settings.config;
+                    let forward = self.cancels.forward(config, &self.metrics, *pid, key);
+                    Box::pin(forward).await;
+                    Ok(())
+                }
+                Next::Refuse(stream, error) => {
+                    if let Some(stream) = stream {
+                        Box::pin(refuse(stream, error)).await;
+                    }
+                    Ok(())
+                }
+                Next::Ended(result) => std::mem::replace(result, Ok(())),
+            };
+            match result {
+                Ok(()) => tracing::debug!("connection closed"),
+                Err(error) => self.report(&error),
+            }
         }
     }
 
@@ -154,55 +254,26 @@ impl Proxy {
             Severity::Service => tracing::warn!(%error, reason, "session failed"),
         }
     }
+}
 
-    /// After the negotiation: a session, a cancel, or nothing.
-    async fn open<S: ClientIo>(
-        &self,
-        opened: Result<Opened<S>, Failed<S>>,
+/// What a negotiation led to.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "the session is served in place; boxing it saves nothing"
+)]
+enum Next<'p, S> {
+    /// A session, from its StartupMessage on.
+    Session(Session<'p, S>, Startup),
+    /// A CancelRequest to forward.
+    Cancel {
+        pid: i32,
+        key: Vec<u8>,
         settings: Arc<Settings>,
-        place: Arrival,
-    ) -> Result<(), SessionError> {
-        match opened {
-            Ok(Opened::Session {
-                stream,
-                inbox,
-                startup,
-                encrypted,
-            }) => {
-                let session = Session {
-                    proxy: self,
-                    settings,
-                    client: stream,
-                    inbox,
-                    peer: place.peer,
-                    relayed_by: place.relayed_by,
-                    transport: place.transport,
-                    encrypted,
-                    auth_deadline: place.auth_deadline,
-                    ticket: place.ticket,
-                    registered: place.client,
-                    spared_until: Instant::now(),
-                    tally: None,
-                    audit: None,
-                };
-                session.run(startup).await
-            }
-            Ok(Opened::Cancel { pid, key }) => {
-                let config = &settings.config;
-                self.cancels.forward(config, &self.metrics, pid, &key).await;
-                Ok(())
-            }
-            Ok(Opened::Closed) => Ok(()),
-            Err(Failed { stream, error }) => {
-                self.metrics.login(place.transport, Err(&error));
-                self.report(&error);
-                if let Some(mut stream) = stream {
-                    refuse(&mut stream, &error).await;
-                }
-                Ok(())
-            }
-        }
-    }
+    },
+    /// A refusal to send, if the stream is still there.
+    Refuse(Option<S>, SessionError),
+    /// Nothing more to do.
+    Ended(Result<(), SessionError>),
 }
 
 /// Where a new connection stands before its negotiation settles.
@@ -246,9 +317,21 @@ pub(crate) struct Session<'p, S> {
     audit: Option<Arc<crate::audit::SessionAudit>>,
 }
 
+/// A session logged in: what it goes on with until it ends.
+struct LoggedIn {
+    login: SessionLogin,
+    /// The leased connection and the client's cancel entry.
+    greeted: Greeted,
+    mode: PoolMode,
+    /// Its counters.
+    tally: Tally,
+    /// When the client connected.
+    connected: Instant,
+}
+
 impl<S: ClientIo> Session<'_, S> {
     /// The rest of the session's life, from the StartupMessage on.
-    async fn run(mut self, startup: Startup) -> Result<(), SessionError> {
+    async fn run(&mut self, startup: Startup) -> Result<(), SessionError> {
         let settings = Arc::clone(&self.settings);
         if let Some(console) = settings.config.console.as_ref().filter(|console| {
             let user = startup.parameters.get("user");
@@ -256,41 +339,69 @@ impl<S: ClientIo> Session<'_, S> {
         }) {
             return match Box::pin(self.console(&startup, console)).await {
                 Ok(()) => Ok(()),
-                Err(error) => self.refused(error).await,
+                Err(error) => Box::pin(self.refused(error)).await,
             };
         }
-        // Boxed, as are the lease and the rare paths after it: token
-        // verification and upstream logins are large futures, and an idle
-        // session's task should not carry their size.
-        let login = timeout_at(self.auth_deadline, Box::pin(self.handshake(startup))).await;
+        drop(settings);
+        // Boxed, as are the rare paths after it: token verification and
+        // upstream logins are large futures, and an idle session's task
+        // should not carry their size. What it goes on with is one box.
+        let Some(logged) = Box::pin(self.log_in(startup)).await? else {
+            return Ok(());
+        };
+        let (tally, connected) = (logged.tally.clone(), logged.connected);
+        let served = async {
+            let served = match logged.mode {
+                PoolMode::Transaction => transactions::serve(self, logged).await,
+                PoolMode::Session | PoolMode::None => end::hold(self, logged).await,
+            };
+            (served, ENDED.with(std::cell::Cell::get))
+        };
+        let (served, reported) = ENDED.scope(std::cell::Cell::new(""), served).await;
+        let reason = match &served {
+            Err(error) => error.label(),
+            Ok(()) if !reported.is_empty() => reported,
+            Ok(()) => tally.session().stop().unwrap_or("client_left"),
+        };
+        session_ended(&tally, connected.elapsed(), reason);
+        served
+    }
+
+    /// From the StartupMessage to the greeting: the token, admission, the
+    /// limits, the lease. `None`: the login was refused (and the client
+    /// told).
+    async fn log_in(&mut self, startup: Startup) -> Result<Option<Box<LoggedIn>>, SessionError> {
+        let login = timeout_at(self.auth_deadline, self.handshake(startup)).await;
         let mut login = match login {
             Ok(Ok(login)) => login,
-            Ok(Err(error)) => return Box::pin(self.login_failed(error)).await,
+            Ok(Err(error)) => return self.login_failed(error).await.map(|()| None),
             Err(_) => {
                 let waited = self.settings.config.auth_timeout;
-                return Box::pin(self.login_failed(SessionError::AuthTimeout(waited))).await;
+                let error = SessionError::AuthTimeout(waited);
+                return self.login_failed(error).await.map(|()| None);
             }
         };
         if self.proxy.drain.is_draining() {
-            return Box::pin(self.login_failed(SessionError::ShuttingDown)).await;
+            let error = SessionError::ShuttingDown;
+            return self.login_failed(error).await.map(|()| None);
         }
         let database = &login.admitted.database;
         if self.proxy.gates.is_disabled(database) {
             let error = SessionError::DatabaseDisabled(database.clone());
-            return Box::pin(self.login_failed(error)).await;
+            return self.login_failed(error).await.map(|()| None);
         }
         let mode = self.settings.config.pool_mode_of(&login.admitted);
         login.hold = match self.hold_identity(&login, mode) {
             Ok(hold) => hold,
-            Err(error) => return Box::pin(self.login_failed(error)).await,
+            Err(error) => return self.login_failed(error).await.map(|()| None),
         };
-        let leased = Box::pin(lease::lease(self.proxy, &self.settings, &login, mode)).await;
+        let leased = lease::lease(self.proxy, &self.settings, &login, mode).await;
         let leased = match leased {
             Ok(leased) => leased,
-            Err(error) => return Box::pin(self.login_failed(error)).await,
+            Err(error) => return self.login_failed(error).await.map(|()| None),
         };
         let authenticated = login.admitted.identity.is_some();
-        let greeted = match Box::pin(self.greet(leased, mode, authenticated)).await {
+        let greeted = match self.greet(leased, mode, authenticated).await {
             Ok(greeted) => greeted,
             Err(error) => {
                 self.proxy.metrics.login(self.transport, Err(&error));
@@ -331,21 +442,13 @@ impl<S: ClientIo> Session<'_, S> {
         let connected = (self.auth_deadline)
             .checked_sub(self.settings.config.auth_timeout)
             .unwrap_or_else(Instant::now);
-        let served = async {
-            let served = match mode {
-                PoolMode::Transaction => transactions::serve(self, login, greeted).await,
-                PoolMode::Session | PoolMode::None => end::hold(self, &login, greeted).await,
-            };
-            (served, ENDED.with(std::cell::Cell::get))
-        };
-        let (served, reported) = ENDED.scope(std::cell::Cell::new(""), served).await;
-        let reason = match &served {
-            Err(error) => error.label(),
-            Ok(()) if !reported.is_empty() => reported,
-            Ok(()) => tally.session().stop().unwrap_or("client_left"),
-        };
-        session_ended(&tally, connected.elapsed(), reason);
-        served
+        Ok(Some(Box::new(LoggedIn {
+            login,
+            greeted,
+            mode,
+            tally,
+            connected,
+        })))
     }
 
     /// What the session's audit lines say about who and where.
@@ -361,7 +464,7 @@ impl<S: ClientIo> Session<'_, S> {
     }
 
     /// Counts a login that did not happen, then refuses it.
-    async fn login_failed(self, error: SessionError) -> Result<(), SessionError> {
+    async fn login_failed(&mut self, error: SessionError) -> Result<(), SessionError> {
         self.proxy.metrics.login(self.transport, Err(&error));
         self.refused(error).await
     }
@@ -377,7 +480,7 @@ impl<S: ClientIo> Session<'_, S> {
 
     /// Reports why the session is refused, tells the client, and ends the
     /// session.
-    async fn refused(mut self, error: SessionError) -> Result<(), SessionError> {
+    async fn refused(&mut self, error: SessionError) -> Result<(), SessionError> {
         self.proxy.report(&error);
         refuse(&mut self.client, &error).await;
         Ok(())

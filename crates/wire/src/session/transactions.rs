@@ -15,68 +15,43 @@ use std::time::SystemTime;
 use tokio::io::AsyncReadExt as _;
 use tokio::time::Instant;
 
-use super::end::{self, Parting, relay_to_end};
+use super::end::{self, Held, Parting, relay_to_end};
 use super::greet::Greeted;
-use super::handshake::SessionLogin;
 use super::lease::{self, Lease, Readying};
 use super::limited::{self, IdentityHold};
-use super::{ClientIo, Session};
+use super::{ClientIo, LoggedIn, Session};
 use crate::cancel::CancelGuard;
 use crate::clients::ClientState;
 use crate::error::SessionError;
-use crate::limits::{Turn, Who};
+use crate::limits::Turn;
 use crate::pool::{Fairness, Pooled, UpstreamPool};
 use crate::relay::{self, Relay, RelayError, Stop};
 use crate::transaction::PooledClient;
 
 /// Serves a transaction-pooled client from its greeting on.
 pub(super) async fn serve<S: ClientIo>(
-    mut session: Session<'_, S>,
-    login: SessionLogin,
-    greeted: Greeted,
+    session: &mut Session<'_, S>,
+    logged: Box<LoggedIn>,
 ) -> Result<(), SessionError> {
-    let Greeted { lease, cancel } = greeted;
-    if let Lease::Pooled(pooled) = lease {
-        pooled.release();
-    }
-    let expires = session.expiry(&login);
-    let claims = login.claims().map(str::to_owned);
-    let client = PooledClient::new(login.client_id, claims, login.settings, expires);
-    let (database, role) = (login.admitted.database, login.admitted.role);
-    // Its seat stays to the end; each transaction is counted on its own.
-    let mut hold = login.hold;
-    let fair_key = login.fair_key;
-    drop(login.admitted.identity);
-    let pool = session
-        .proxy
-        .pool_for(login.admitted.destination.server.as_ref());
-    let who = hold.as_mut().map(IdentityHold::who);
-    let fair = Fairness::new(&fair_key);
-    let served = serve_transactions(
-        &mut session,
-        &pool,
-        (&database, &role),
+    let mut between = between(session, logged);
+    let served = serve_transactions(session, &mut between).await;
+    let Between {
+        pool,
+        database,
+        role,
         client,
-        (who, fair),
-        &cancel,
-    )
-    .await;
-    pool.disown(&database, &role, login.client_id);
+        cancel,
+        ..
+    } = &between;
+    pool.disown(database, role, client.id);
     match served {
-        Ok(Some(Pinned {
-            relay,
-            pooled,
-            expires,
-            turn,
-        })) => {
-            let ended = Box::pin(relay_to_end(
-                session,
-                relay,
-                Lease::Pooled(pooled),
-                &cancel,
+        Ok(Some(pinned)) => {
+            let Pinned {
+                held,
                 expires,
-            ))
-            .await;
+                turn,
+            } = *pinned;
+            let ended = Box::pin(relay_to_end(session, held, cancel, expires)).await;
             drop(turn);
             ended
         }
@@ -85,99 +60,173 @@ pub(super) async fn serve<S: ClientIo>(
     }
 }
 
+/// What a transaction-pooled client holds between its transactions
+/// (besides its stream): no upstream connection, no buffers, none of its
+/// login but what its next transaction needs.
+struct Between {
+    pool: Arc<UpstreamPool>,
+    database: String,
+    role: String,
+    client: PooledClient,
+    /// Its seat, counted to the end; each transaction is counted on its own.
+    hold: Option<IdentityHold>,
+    /// Whose turn its checkouts take in a busy pool.
+    fair_key: Box<str>,
+    cancel: CancelGuard,
+}
+
+/// The client's state between transactions, from its login: the connection
+/// it logged in on goes back to the pool, the rest of the login is let go.
+fn between<S: ClientIo>(session: &Session<'_, S>, logged: Box<LoggedIn>) -> Between {
+    let expires = session.expiry(&logged.login);
+    let LoggedIn { login, greeted, .. } = *logged;
+    let Greeted { lease, cancel } = greeted;
+    if let Lease::Pooled(pooled) = lease {
+        pooled.release();
+    }
+    let claims = login.claims().map(str::to_owned);
+    let mut settings = login.settings;
+    settings.shrink_to_fit();
+    let client = PooledClient::new(login.client_id, claims, settings, expires);
+    let pool = session
+        .proxy
+        .pool_for(login.admitted.destination.server.as_ref());
+    Between {
+        pool,
+        database: login.admitted.database,
+        role: login.admitted.role,
+        client,
+        hold: login.hold,
+        fair_key: login.fair_key,
+        cancel,
+    }
+}
+
 /// A client pinned to its connection: what it goes on with.
 struct Pinned {
-    relay: Relay,
-    pooled: Pooled,
+    held: Box<Held>,
     /// The token's expiry.
     expires: Option<SystemTime>,
     /// The connection counted against the identity's transaction limit.
     turn: Option<Turn>,
 }
 
+/// How a transaction ended.
+enum Done {
+    /// At an idle boundary, the connection released: the client goes on.
+    Next,
+    /// The client's session cannot move: it keeps the connection.
+    Pinned(Box<Pinned>),
+    /// The session ended with it.
+    Left,
+}
+
 /// Runs the client's transactions until it leaves (`None`) or its session
-/// pins it to a connection. Each counts against the identity's limit of
-/// transactions (`who`: `None` for an anonymous client); one refused is
-/// answered with an error and the session goes on.
+/// pins it to a connection.
 async fn serve_transactions<S: ClientIo>(
     session: &mut Session<'_, S>,
-    pool: &Arc<UpstreamPool>,
-    (database, role): (&str, &str),
-    mut client: PooledClient,
-    (mut who, fair): (Option<&mut Who>, Fairness<'_>),
-    cancel: &CancelGuard,
-) -> Result<Option<Pinned>, SessionError> {
+    between: &mut Between,
+) -> Result<Option<Box<Pinned>>, SessionError> {
     let mut first = std::mem::take(&mut session.inbox).to_vec();
     loop {
         if !next_transaction(session, &mut first).await? {
             return Ok(None);
         }
-        if client.expired(SystemTime::now()) {
+        if between.client.expired(SystemTime::now()) {
             return Err(SessionError::TokenExpired);
         }
-        let turn = match limited::begin(session.proxy, session.transport, who.as_deref_mut()) {
-            Ok(turn) => turn,
-            Err(refusal) => {
-                Box::pin(limited::decline(session, &mut first, &refusal)).await?;
-                continue;
-            }
-        };
-        let readying = Readying::Transaction(&client);
-        let settings = &session.settings;
-        session.registered.set_state(ClientState::Waiting);
-        let whose = (client.id, fair);
-        let checkout = lease::checkout(pool, settings, database, role, whose, readying);
-        let (mut pooled, _) = Box::pin(checkout).await?;
-        let conn = pooled.conn();
-        cancel.retarget(Some(conn.cancel_key())).await;
-        let mut relay = Relay::new(Some(std::mem::take(&mut client.tracker)));
-        relay.watch(settings.config.client_limits);
-        relay.observe(session.observed());
-        relay.stop_at_idle(true);
-        relay
-            .deliver(&conn.take_for_client(), &mut session.client)
-            .await?;
-        let stopped = match relay
-            .forward(&std::mem::take(&mut first), conn.stream())
-            .await
-        {
-            Ok(()) => tokio::select! {
-                stopped = relay.run(&mut session.client, conn.stream()) => stopped,
-                () = session.registered.closing() => {
-                    return Box::pin(forced(session, relay, pooled, cancel)).await;
-                }
-            },
-            Err(error) => Err(error),
-        };
-        if let Ok(Stop::Idle) = stopped {
-            if let Some(tracker) = relay.take_tracker() {
-                client.tracker = tracker;
-            }
-            match Box::pin(settle(session, &mut client, &mut pooled, &mut relay)).await? {
-                Settled::Released => {
-                    cancel.retarget(None).await;
-                    pooled.release();
-                }
-                Settled::Pinned(reason) => {
-                    tracing::info!(
-                        reason,
-                        "client keeps its upstream connection until it leaves"
-                    );
-                    relay.stop_at_idle(false);
-                    return Ok(Some(Pinned {
-                        relay,
-                        pooled,
-                        expires: client.expires,
-                        turn,
-                    }));
-                }
-            }
-            continue;
+        // Boxed: a transaction's future (checkout, relay, settle) is
+        // large and exists only while the transaction runs; the client's
+        // task, held by every idle client, stays small. One allocation a
+        // transaction, as the boxed checkout it holds was before.
+        match Box::pin(transaction(session, between, &mut first)).await? {
+            Done::Next => {}
+            Done::Pinned(pinned) => return Ok(Some(pinned)),
+            Done::Left => return Ok(None),
         }
-        // Boxed, as are the other rare paths: an idle session's task
-        // should not carry their size.
-        return Box::pin(finish_transaction(session, relay, pooled, cancel, stopped)).await;
     }
+}
+
+/// Runs one transaction, its first bytes in `first`: counted against the
+/// identity's limit of transactions (one refused is answered with an error
+/// and the session goes on), a connection checked out, relayed to the idle
+/// boundary, settled and released.
+async fn transaction<S: ClientIo>(
+    session: &mut Session<'_, S>,
+    between: &mut Between,
+    first: &mut Vec<u8>,
+) -> Result<Done, SessionError> {
+    let Between {
+        pool,
+        database,
+        role,
+        client,
+        hold,
+        fair_key,
+        cancel,
+    } = between;
+    let who = hold.as_mut().map(IdentityHold::who);
+    let turn = match limited::begin(session.proxy, session.transport, who) {
+        Ok(turn) => turn,
+        Err(refusal) => {
+            Box::pin(limited::decline(session, first, &refusal)).await?;
+            return Ok(Done::Next);
+        }
+    };
+    let readying = Readying::Transaction(client);
+    let settings = &session.settings;
+    session.registered.set_state(ClientState::Waiting);
+    let whose = (client.id, Fairness::new(fair_key));
+    let (mut pooled, _) = lease::checkout(pool, settings, database, role, whose, readying).await?;
+    let conn = pooled.conn();
+    cancel.retarget(Some(conn.cancel_key())).await;
+    let mut relay = Relay::new(Some(std::mem::take(&mut client.tracker)));
+    relay.watch(settings.config.client_limits);
+    relay.observe(session.observed());
+    relay.stop_at_idle(true);
+    relay
+        .deliver(&conn.take_for_client(), &mut session.client)
+        .await?;
+    let stopped = match relay.forward(&std::mem::take(first), conn.stream()).await {
+        Ok(()) => tokio::select! {
+            stopped = relay.run(&mut session.client, conn.stream()) => stopped,
+            () = session.registered.closing() => {
+                return Box::pin(forced(session, relay, pooled, cancel)).await;
+            }
+        },
+        Err(error) => Err(error),
+    };
+    if let Ok(Stop::Idle) = stopped {
+        if let Some(tracker) = relay.take_tracker() {
+            client.tracker = tracker;
+        }
+        return match settle(session, client, &mut pooled, &mut relay).await? {
+            Settled::Released => {
+                cancel.retarget(None).await;
+                pooled.release();
+                Ok(Done::Next)
+            }
+            Settled::Pinned(reason) => {
+                tracing::info!(
+                    reason,
+                    "client keeps its upstream connection until it leaves"
+                );
+                relay.stop_at_idle(false);
+                let held = Box::new(Held {
+                    relay,
+                    lease: Lease::Pooled(pooled),
+                    _counted: None,
+                });
+                Ok(Done::Pinned(Box::new(Pinned {
+                    held,
+                    expires: client.expires,
+                    turn,
+                })))
+            }
+        };
+    }
+    // Boxed, as are the other rare paths.
+    Box::pin(finish_transaction(session, relay, pooled, cancel, stopped)).await
 }
 
 /// Waits, holding nothing, for the client's next transaction to start
@@ -199,7 +248,8 @@ async fn next_transaction<S: ClientIo>(
         let mut head = [0u8; 64];
         let closing = async {
             drain.draining().await;
-            tokio::time::sleep_until(spared_until).await;
+            // Boxed: a timer held by every idle client for a drain.
+            Box::pin(tokio::time::sleep_until(spared_until)).await;
         };
         let n = tokio::select! {
             read = session.client.read(&mut head) => read.map_err(SessionError::ClientIo)?,
@@ -254,7 +304,7 @@ async fn finish_transaction<S: ClientIo>(
     pooled: Pooled,
     cancel: &CancelGuard,
     stopped: Result<Stop, RelayError>,
-) -> Result<Option<Pinned>, SessionError> {
+) -> Result<Done, SessionError> {
     let parting = Parting::after(Some(&stopped), &relay);
     if let Some(why) = relay.lost() {
         tracing::debug!(
@@ -275,7 +325,7 @@ async fn finish_transaction<S: ClientIo>(
         Some(error) => Err(error),
         None => {
             relay::close_client(&mut session.client).await;
-            Ok(None)
+            Ok(Done::Left)
         }
     }
 }
@@ -289,7 +339,7 @@ async fn forced<S: ClientIo>(
     mut relay: Relay,
     pooled: Pooled,
     cancel: &CancelGuard,
-) -> Result<Option<Pinned>, SessionError> {
+) -> Result<Done, SessionError> {
     let parting = Parting::after(None, &relay);
     end::finish(&session.settings, cancel, Lease::Pooled(pooled), parting).await;
     let flushed = tokio::time::timeout(
@@ -301,5 +351,5 @@ async fn forced<S: ClientIo>(
         return Err(SessionError::ShuttingDown);
     }
     relay::close_client(&mut session.client).await;
-    Ok(None)
+    Ok(Done::Left)
 }

@@ -163,7 +163,7 @@ impl Upstream {
         let binding = self.take_binding(deadline).await?;
         self.attached = Attached::default();
         if claims.is_none() && settings.is_empty() {
-            return Ok(self.parameters.clone());
+            return Ok(self.parameters.to_vec());
         }
         let mut out = BytesMut::new();
         for (name, value) in settings {
@@ -175,7 +175,7 @@ impl Upstream {
         };
         frontend::sync(&mut out);
         self.send(&out).await?;
-        let mut parameters = self.parameters.clone();
+        let mut parameters = self.parameters.to_vec();
         let reply = self
             .read_reply(deadline, |message| {
                 if let Message::ParameterStatus(body) = message {

@@ -104,7 +104,9 @@ pub struct Upstream {
     /// ([`repair`]) and for logs.
     role: String,
     database: String,
-    parameters: Vec<(String, String)>,
+    /// The ParameterStatus values of the login, shared with the other
+    /// connections that reported the same (`connect.rs`).
+    parameters: Arc<[(String, String)]>,
     /// The binding of the identity generation the last reset drew, for the
     /// next user: a request then needs no round trip for it.
     next_binding: Option<String>,
