@@ -23,7 +23,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use authgres_wire::audit::{Facts, Recorder};
 use authgres_wire::metrics::Tally;
-use authgres_wire::{Admitted, ClientState, Fairness, Proxy, Settings, Transport, Turn};
+use authgres_wire::{
+    Admitted, ClientState, Fairness, Proxy, SessionShape, Settings, Transport, Turn,
+};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Extension, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -304,20 +306,27 @@ async fn execute(
         internal_timeout: limits.internal_query_timeout,
         statement_timeout: run.config.statement_timeout,
     };
+    // A connection holding the same token's session is preferred: it
+    // needs no reset and no attach (see `query`).
+    let shape = SessionShape::new(claims, &[]);
+    let caller = query::Caller {
+        key: &run.settings.claims_key,
+        claims,
+        client: authgres_wire::next_client_id(),
+        shape: shape.as_ref(),
+    };
     let (mut pooled, in_flight) = loop {
         let mut pooled = pool
-            .checkout(&admitted.database, &admitted.role, password, 0, run.fair)
+            .checkout_as(
+                &admitted.database,
+                &admitted.role,
+                password,
+                (caller.client, shape.as_deref()),
+                run.fair,
+            )
             .await
             .map_err(Failure::from)?;
-        let started = query::start(
-            pooled.conn(),
-            &run.settings.claims_key,
-            claims,
-            &request.0,
-            batch,
-            query_limits,
-        )
-        .await;
+        let started = query::start(pooled.conn(), caller, &request.0, batch, query_limits).await;
         match started {
             Ok(in_flight) => break (pooled, in_flight),
             Err(ExecError::Readying(error)) if attempts.another(&error) => {}
