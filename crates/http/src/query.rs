@@ -17,7 +17,8 @@
 //! an error, and neither its statements' text nor their command tags show
 //! anything that can outlive the transaction (what transaction pooling's
 //! [`Tracker`] looks for, plus session advisory locks, `setseed`,
-//! temporary tables and a `ROLLBACK` that undoes the attach). Otherwise
+//! `begin_session`, temporary tables and a `ROLLBACK` that may undo the
+//! attach). Otherwise
 //! the connection is reset before it goes back to the pool. Any other
 //! identity gets the connection only after a reset.
 //!
@@ -29,9 +30,8 @@
 //! backend keeps running a statement whose client is gone until it next
 //! writes, and closing the socket does not stop it.
 
-use std::time::Duration;
-
 use std::sync::Arc;
+use std::time::Duration;
 
 use authgres_wire::{
     ClaimsKey, Envelope, PendingReset, RequestIdentity, ServerError, SessionShape, Tracker,
