@@ -12,8 +12,8 @@
 //! open, clears the session and draws the binding the *next* request signs
 //! for.
 //!
-//! A request with a token has a [`SessionShape`] (its verified claims, no
-//! settings), and the connection is claimed for it as a
+//! A request with a token has a [`SessionShape`] (its verified claims, and
+//! for `/sql` which key signs them), and the connection is claimed for it as a
 //! transaction-pooled client's is ([`Upstream::claim_as`]): one holding
 //! exactly such a session, left by an earlier request of the same token,
 //! is taken as it is and the head attaches nothing; any other connection
