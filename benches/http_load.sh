@@ -11,9 +11,10 @@
 # otherwise give pgbench TLS that /sql does not pay for), each load
 # generator with two threads, and the TCP side in transaction pooling, the
 # mode a serverless request implies (session pooling is printed too). Each
-# /sql request is a client of its own: it is reset before the next request
-# may use its connection, which the TCP clients here, each finding its own
-# backend free, are not. Each phase also prints the proxy's and the
+# /sql request is a client of its own, all presenting the same token: the
+# next request takes a connection as the last one left it, with no reset
+# (as the TCP clients here, each finding its own backend free, do). Each
+# phase also prints the proxy's and the
 # server's CPU per request (utime + stime from /proc; the server's over its
 # processes alive at the phase's end and those it reaped), figures
 # that hold still when other work shares the cores. With a single-threaded
@@ -61,7 +62,9 @@ server_ticks() { # "pid ticks" of the server's processes, by pid
     awk -v pid="$postmaster" '{print pid, $14 + $15 + $16 + $17}' "/proc/$postmaster/stat"
     for pid in $(pgrep -P "$postmaster"); do
         t=$(ticks "$pid")
-        [ -n "$t" ] && echo "$pid $t"
+        # Gone since pgrep saw it (a backend of a request wrk abandoned):
+        # not a failure, which `[ ] &&` would make the loop's status.
+        if [ -n "$t" ]; then echo "$pid $t"; fi
     done | sort
 }
 # Runs a load ($2...) against the proxy $1; prints its rate, and the

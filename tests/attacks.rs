@@ -1075,3 +1075,137 @@ async fn a_key_deleted_by_hand_ends_the_identities_it_verified() {
     let bob = login(&stack, BOB).await;
     assert_eq!(user_id(&bob).await.as_deref(), Some(BOB));
 }
+
+// ---- /sql: a token's requests share a session, nobody else's do --------
+
+/// `/sql` with one pooled connection: every request runs on the backend
+/// the request before it used.
+async fn one_sql_connection() -> Stack {
+    Stack::start_with(common::Options {
+        http_extra: "pool_size = 1",
+        ..Default::default()
+    })
+    .await
+}
+
+/// A `/sql` request as `role` (rows as arrays of text): status and body.
+async fn sql(
+    stack: &Stack,
+    token: Option<&str>,
+    role: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let mut request = reqwest::Client::new()
+        .post(stack.http_url())
+        .header(
+            "Neon-Connection-String",
+            format!(
+                "postgresql://{role}@127.0.0.1:{}/{}",
+                stack.port,
+                common::DATABASE
+            ),
+        )
+        .header("Neon-Array-Mode", "true")
+        .header("Neon-Raw-Text-Output", "true")
+        .json(&body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.expect("/sql request");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or_default())
+}
+
+/// What a request sees of its session: who it is, whose rows RLS shows
+/// it, what earlier requests may have planted, and its backend.
+const WHO_AND_WHAT: &str = "select auth.user_id(), \
+     (select coalesce(string_agg(distinct user_id, ','), '') from todos), \
+     current_setting('application_name'), \
+     coalesce(current_setting('app.planted', true), ''), \
+     current_setting('statement_timeout'), \
+     coalesce(current_setting('authgres.claims', true), ''), \
+     pg_backend_pid()";
+
+/// The row [`WHO_AND_WHAT`] gives `token`'s request, checked to be its
+/// own (`me`) and free of anything planted; returns the backend's pid.
+async fn sees_only_itself(stack: &Stack, token: &str, me: &str, after: &str) -> String {
+    let (status, body) = sql(
+        stack,
+        Some(token),
+        "authenticated",
+        json!({ "query": WHO_AND_WHAT }),
+    )
+    .await;
+    assert_eq!(status, 200, "{me} after {after}: {body}");
+    let row = &body["rows"][0];
+    assert_eq!(row[0], me, "{me}'s identity after {after}: {body}");
+    assert_eq!(row[1], me, "{me}'s rows after {after}: {body}");
+    assert_ne!(row[2], "planted", "{me}: application_name after {after}");
+    assert_eq!(row[3], "", "{me}: a custom setting after {after}");
+    assert_ne!(row[4], "4242s", "{me}: statement_timeout after {after}");
+    let claims = row[5].as_str().unwrap_or_default();
+    assert!(
+        claims.contains(&format!("\"sub\":\"{me}\"")),
+        "{me}: the claims in the session after {after}: {claims}"
+    );
+    row[6].as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sql_requests_alternating_between_users_never_share_a_session() {
+    let stack = one_sql_connection().await;
+    let alice = stack.issuer.token(ALICE);
+    let bob = stack.issuer.token(BOB);
+    for (token, task) in [(&alice, "alice's"), (&bob, "bob's")] {
+        let insert = json!({"query": "insert into todos (task) values ($1)", "params": [task]});
+        let (status, body) = sql(&stack, Some(token), "authenticated", insert).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // What one request may leave in its session, each as a request of
+    // its own (or a batch); the last ones forge or drop the identity.
+    let plants = [
+        json!({"query": "set application_name = 'planted'"}),
+        json!({"query": "select set_config('application_name', 'planted', false)"}),
+        json!({"query": "select pg_catalog.set_config('app.planted', 'yes', false)"}),
+        json!({"queries": [
+            {"query": "set statement_timeout = '4242s'"},
+            {"query": "select 1"},
+        ]}),
+        json!({"queries": [
+            {"query": "select set_config('app.planted', 'yes', false)"},
+            {"query": "select 1/0"},
+        ]}),
+        json!({"query": "set authgres.claims = '{\"sub\":\"user_mallory\"}'"}),
+        json!({"query": "select set_config('authgres.claims', '{\"sub\":\"user_mallory\"}', false)"}),
+        json!({"query": "reset all"}),
+        json!({"query": "discard all"}),
+        json!({"query": "select auth.begin_session()"}),
+        json!({"query": "rollback"}),
+        json!({"query": "begin"}),
+    ];
+    let mut pids = std::collections::BTreeSet::new();
+    for plant in &plants {
+        for (me, token, other, other_token) in
+            [(ALICE, &alice, BOB, &bob), (BOB, &bob, ALICE, &alice)]
+        {
+            let after = format!("{me}'s {plant}");
+            sql(&stack, Some(token), "authenticated", plant.clone()).await;
+            // The other user first, then the planter itself: each starts
+            // clean of what the request before it set.
+            pids.insert(sees_only_itself(&stack, other_token, other, &after).await);
+            sql(&stack, Some(token), "authenticated", plant.clone()).await;
+            pids.insert(sees_only_itself(&stack, token, me, &after).await);
+            pids.insert(sees_only_itself(&stack, token, me, &after).await);
+            pids.insert(sees_only_itself(&stack, other_token, other, &after).await);
+        }
+    }
+    assert_eq!(pids.len(), 1, "one pooled connection served every request");
+    // An anonymous request, with a token or without, has no identity.
+    for token in [None, Some(alice.as_str())] {
+        let who = json!({"query": "select auth.user_id() is null, (select count(*) from todos)"});
+        let (status, body) = sql(&stack, token, "anonymous", who).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["rows"][0][0], "t", "{body}");
+        assert_eq!(body["rows"][0][1], "0", "{body}");
+    }
+}

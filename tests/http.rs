@@ -138,6 +138,72 @@ async fn nothing_a_request_leaves_reaches_the_next_request() {
     assert_eq!(body["rows"][0]["me"], Value::Null);
 }
 
+/// What a request sees of its session: the signature attached (which
+/// changes with every reset: a new generation, a new signature), who it
+/// is, and what an earlier request may have left.
+const SESSION: &str = "select current_setting('authgres.signature'), auth.user_id(), \
+     current_setting('application_name'), coalesce(current_setting('app.x', true), ''), \
+     (select count(*) from pg_locks where locktype = 'advisory' and pid = pg_backend_pid()), \
+     to_regclass('pg_temp.t') is null, pg_backend_pid()";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tokens_requests_share_its_session_until_one_may_have_changed_it() {
+    let stack = Stack::start_with(common::Options {
+        http_extra: "pool_size = 1",
+        ..Default::default()
+    })
+    .await;
+    let http = Http::new(&stack);
+    let alice = stack.issuer.token("user_alice");
+    let bob = stack.issuer.token("user_bob");
+    let session = |body: &Value| -> Vec<String> {
+        let row = body["rows"][0].as_array().cloned().unwrap_or_default();
+        row.iter()
+            .map(|v| v.as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let first = session(&http.query(&alice, SESSION).await);
+    assert_eq!(first[1], "user_alice");
+    assert_eq!(first[3..6], ["", "0", "t"]);
+    let again = session(&http.query(&alice, SESSION).await);
+    assert_eq!(
+        again, first,
+        "the same token's next request takes the session as it is: no reset, no attach"
+    );
+    // After a request that may have left something in its session, the
+    // next one starts from a reset: a new signature, nothing left.
+    let mut before = again;
+    for (statement, status) in [
+        ("set application_name = 'x'", 200),
+        ("select set_config('app.x', '1', false)", 200),
+        ("select pg_advisory_lock(7)", 200),
+        ("select 1 as one into temp t", 200),
+        ("create temp table t (x int)", 200),
+        ("select 1/0", 400),
+        ("begin", 200),
+    ] {
+        let (got, body) = http
+            .post(Some(&alice), &[], json!({"query": statement}))
+            .await;
+        assert_eq!(got, status, "{statement}: {body}");
+        let after = session(&http.query(&alice, SESSION).await);
+        assert_ne!(after[0], before[0], "no reset after {statement}");
+        assert_eq!(after[1], "user_alice", "after {statement}");
+        assert_eq!(after[2..6], first[2..6], "left by {statement}");
+        assert_eq!(after[6], before[6], "one pooled connection");
+        before = after;
+    }
+    // Another identity takes the connection only after a reset, and so
+    // does Alice after it.
+    let bobs = session(&http.query(&bob, SESSION).await);
+    assert_eq!(bobs[1], "user_bob");
+    assert_ne!(bobs[0], before[0]);
+    let alices = session(&http.query(&alice, SESSION).await);
+    assert_eq!(alices[1], "user_alice");
+    assert_ne!(alices[0], bobs[0]);
+    assert_ne!(alices[0], before[0]);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_open_or_failed_transaction_is_rolled_back_before_reuse() {
     let stack = Stack::start().await;

@@ -3,12 +3,24 @@
 //! One round trip, the request pipelined ([`start`]): each query as
 //! Parse/Bind/Describe/Execute with text parameters, inside the envelope
 //! wire builds for running statements under an identity
-//! ([`Upstream::envelope`]: `BEGIN` for a batch, the signed claims set
-//! transaction-locally, then `COMMIT`, `Sync` and the connection's reset,
-//! so nothing this request saw or set verifies for the next one). The
+//! ([`Upstream::envelope`]: `BEGIN` for a batch, the signed claims unless
+//! the connection holds them already, then `COMMIT` and `Sync`). The
 //! statements are encoded once, before a connection is
 //! chosen ([`encode`]), so that the request's text can be freed as soon as
 //! it is sent; results are read by [`finish`].
+//!
+//! Nothing a request saw or set reaches the next one. An anonymous
+//! request's connection is reset in the same round trip. A request with a
+//! token leaves its connection holding the token's session (the claims
+//! attached, nothing else) for the next request of the same token, which
+//! then skips the reset and the attach; only when it ended idle, without
+//! an error, and neither its statements' text nor their command tags show
+//! anything that can outlive the transaction (what transaction pooling's
+//! [`Tracker`] looks for, plus session advisory locks, `setseed`,
+//! `begin_session`, temporary tables and a `ROLLBACK` that may undo the
+//! attach). Otherwise
+//! the connection is reset before it goes back to the pool. Any other
+//! identity gets the connection only after a reset.
 //!
 //! The request's statements run under `[http] statement_timeout`, the
 //! proxy's own exchanges under the upstream `internal_query_timeout`. A
@@ -18,11 +30,12 @@
 //! backend keeps running a statement whose client is gone until it next
 //! writes, and closing the socket does not stop it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use authgres_wire::{
-    ClaimsKey, Envelope, PendingReset, RequestIdentity, ServerError, Upstream, UpstreamError,
-    UpstreamKey,
+    ClaimsKey, Envelope, PendingReset, RequestIdentity, ServerError, SessionShape, Tracker,
+    Upstream, UpstreamError, UpstreamKey,
 };
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator as _;
@@ -148,12 +161,33 @@ pub struct Limits {
     pub statement_timeout: Duration,
 }
 
+/// ReadyForQuery status outside a transaction block.
+const IDLE: u8 = b'I';
+
+/// Who a request runs as.
+#[derive(Clone, Copy)]
+pub struct Caller<'a> {
+    /// The key the claims are signed with.
+    pub key: &'a ClaimsKey,
+    /// The verified claims (JSON); `None` for an anonymous role.
+    pub claims: Option<&'a str>,
+    /// The request's owner tag for its connection (a fresh
+    /// [`authgres_wire::next_client_id`]).
+    pub client: u64,
+    /// Its session, which a connection may keep for the next request of
+    /// the same token (`None`: anonymous, reset after every request).
+    pub shape: Option<&'a Arc<SessionShape>>,
+}
+
 /// A request's own statements in the extended protocol, encoded once
 /// before a connection is chosen, so the request's text (and the body it
 /// came from) can be freed as soon as it is sent.
 pub struct Encoded {
     bytes: BytesMut,
     count: usize,
+    /// Whether a statement's text shows it may leave session state
+    /// ([`may_touch_session`]).
+    touches: bool,
 }
 
 /// Encodes `statements` (Parse/Bind/Describe/Execute each, text
@@ -166,7 +200,9 @@ pub fn encode(statements: &[Statement]) -> Result<Encoded, ExecError> {
         .map(|s| s.query.len() + s.params.iter().map(param_size).sum::<usize>())
         .sum();
     let mut bytes = BytesMut::with_capacity(text + 64 * statements.len());
+    let mut touches = false;
     for statement in statements {
+        touches |= may_touch_session(&statement.query);
         let params: Vec<Option<String>> = statement
             .params
             .iter()
@@ -179,7 +215,38 @@ pub fn encode(statements: &[Statement]) -> Result<Encoded, ExecError> {
     Ok(Encoded {
         bytes,
         count: statements.len(),
+        touches,
     })
+}
+
+/// Whether a statement's text shows that it may leave session state no
+/// command tag reveals: a call of `set_config` (as transaction pooling's
+/// [`Tracker`] finds it), a session advisory lock (not the `xact` ones), a
+/// random seed, a new identity generation (`auth.begin_session()`, after
+/// which the attached claims no longer verify), or the word
+/// `temp`/`temporary` (`SELECT ... INTO TEMP` and `CREATE TEMP TABLE ...
+/// AS` complete as `SELECT`). False alarms cost a reset.
+fn may_touch_session(text: &str) -> bool {
+    let text = text.as_bytes();
+    let contains = |needle: &[u8]| {
+        (text.windows(needle.len())).any(|window| window.eq_ignore_ascii_case(needle))
+    };
+    let is_word = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'$';
+    let word =
+        |wanted: &[u8]| (text.split(|b| !is_word(b))).any(|word| word.eq_ignore_ascii_case(wanted));
+    Tracker::calls_set_config(text)
+        || contains(b"advisory_lock")
+        || contains(b"setseed")
+        || contains(b"begin_session")
+        || word(b"temp")
+        || word(b"temporary")
+}
+
+/// Whether a statement's command tag shows it may have left session state:
+/// one transaction pooling tracks, or a `ROLLBACK` (also to a savepoint),
+/// which may have undone the identity attached in the same transaction.
+fn tag_touches_session(tag: &str) -> bool {
+    Tracker::leaves_session_state(tag.as_bytes()) || tag == "ROLLBACK"
 }
 
 /// About the size of a parameter's text on the wire.
@@ -202,21 +269,26 @@ const COPY_LIMIT: usize = 64 * 1024;
 /// A request sent on a connection and its reply not yet read.
 pub struct InFlight {
     steps: Vec<Step>,
-    reset: PendingReset,
+    /// The reset pipelined after an anonymous request.
+    reset: Option<PendingReset>,
+    /// The session a request with a token may leave on the connection.
+    keep: Option<Arc<SessionShape>>,
+    /// Whether the statements' text shows they may leave session state.
+    touches: bool,
     running: Running,
     deadline: Instant,
 }
 
 /// Readies `conn` and sends the request: `BEGIN` (for a batch), the claims
-/// (if any) attached for the transaction, the statements, `COMMIT`, `Sync`
-/// and the reset. The statements' time (`statement_timeout`) starts here;
+/// (if any, and not attached already), the statements, `COMMIT`, `Sync`
+/// and, for an anonymous request, the reset. The statements' time
+/// (`statement_timeout`) starts here;
 /// read their results with [`finish`]. If the returned request is dropped
 /// before that (the client hung up), its statements are cancelled on the
 /// server, and the connection, dropped too, is closed.
 pub async fn start(
     conn: &mut Upstream,
-    key: &ClaimsKey,
-    claims: Option<&str>,
+    caller: Caller<'_>,
     statements: &Encoded,
     batch: Option<&BatchOptions>,
     limits: Limits,
@@ -224,11 +296,14 @@ pub async fn start(
     let begin = batch.map(BatchOptions::begin).transpose()?;
     let internal = Instant::now() + limits.internal_timeout;
     let identity = RequestIdentity {
-        key,
-        claims,
+        key: caller.key,
+        claims: caller.claims,
         begin: begin.as_deref(),
+        client: caller.client,
+        shape: caller.shape.map(|shape| &**shape),
     };
-    // A connection that served anyone is reset before this request sees it.
+    // A connection that served anyone but the same token's earlier
+    // requests is reset before this request sees it.
     let Envelope {
         mut head,
         tail,
@@ -264,6 +339,8 @@ pub async fn start(
         Ok(Ok(())) => Ok(InFlight {
             steps,
             reset,
+            keep: caller.shape.cloned(),
+            touches: statements.touches,
             running,
             deadline,
         }),
@@ -285,7 +362,8 @@ pub async fn start(
 /// Reads the results of a request [`start`] sent, within its statement
 /// timeout; past it, or when an error leaves them behind, the statements
 /// are cancelled on the server, and the connection is reused only once
-/// the reset proves it idle.
+/// the reset proves it idle. A request with a token that left nothing in
+/// the session leaves its connection as it is ([`settle`]).
 pub async fn finish(
     conn: &mut Upstream,
     request: InFlight,
@@ -294,6 +372,8 @@ pub async fn finish(
     let InFlight {
         steps,
         reset,
+        keep,
+        touches,
         running,
         deadline,
     } = request;
@@ -305,6 +385,7 @@ pub async fn finish(
         size: 0,
         max_bytes: limits.max_bytes,
         too_large: false,
+        touched: touches,
     };
     // The outer deadline comes first: the inner one only bounds the read.
     let read_by = deadline + limits.internal_timeout;
@@ -330,9 +411,8 @@ pub async fn finish(
             if !running.cancel().await {
                 // No cancel delivered: nothing can prove it idle.
                 conn.mark_broken();
-            } else if let Err(error) = conn
-                .finish_reset(reset, Instant::now() + limits.internal_timeout)
-                .await
+            } else if let Err(error) =
+                settle(conn, reset, None, Instant::now() + limits.internal_timeout).await
             {
                 // The reset skips whatever the cancelled statements still
                 // had to say; a backend that does not come back idle is
@@ -342,8 +422,10 @@ pub async fn finish(
             return Err(ExecError::StatementTimeout(limits.statement_timeout));
         }
     };
-    conn.finish_reset(reset, Instant::now() + limits.internal_timeout)
-        .await?;
+    let clean =
+        reply.error.is_none() && reply.status == IDLE && !collect.touched && !collect.too_large;
+    let keep = keep.filter(|_| clean);
+    settle(conn, reset, keep, Instant::now() + limits.internal_timeout).await?;
     if let Some(error) = reply.error {
         return Err(ExecError::Db(error));
     }
@@ -351,6 +433,27 @@ pub async fn finish(
         return Err(ExecError::TooLarge(limits.max_bytes));
     }
     Ok(collect.results)
+}
+
+/// Brings a connection whose request's replies are all read back for the
+/// next request, within `deadline`: an anonymous request's by reading the
+/// reset in its tail; one with a token left `keep` (it ended clean) as it
+/// is, holding that session for the next request of the same token;
+/// otherwise by a reset, read before the connection can go back.
+async fn settle(
+    conn: &mut Upstream,
+    reset: Option<PendingReset>,
+    keep: Option<Arc<SessionShape>>,
+    deadline: Instant,
+) -> Result<(), UpstreamError> {
+    match (reset, keep) {
+        (Some(pending), _) => conn.finish_reset(pending, deadline).await,
+        (None, Some(shape)) => {
+            conn.share_as(Some(shape));
+            Ok(())
+        }
+        (None, None) => conn.reset(deadline).await,
+    }
 }
 
 /// A request's statements sent and their reply not yet read: if this is
@@ -425,6 +528,9 @@ struct Collect<'a> {
     size: usize,
     max_bytes: usize,
     too_large: bool,
+    /// Whether a statement may have left session state (its text, then
+    /// its command tag).
+    touched: bool,
 }
 
 impl Collect<'_> {
@@ -466,8 +572,11 @@ impl Collect<'_> {
                 }
             }
             Message::CommandComplete(body) => {
-                let tag = body.tag().map_err(malformed)?.to_owned();
-                self.finish_step(Some(&tag));
+                let tag = body.tag().map_err(malformed)?;
+                if self.steps.get(self.step) == Some(&Step::User) {
+                    self.touched |= tag_touches_session(tag);
+                }
+                self.finish_step(Some(tag));
             }
             Message::EmptyQueryResponse => self.finish_step(None),
             _ => {}
@@ -632,6 +741,42 @@ mod tests {
             type_oid,
             type_size: -1,
             type_modifier: -1,
+        }
+    }
+
+    #[test]
+    fn what_may_leave_session_state_is_seen_in_text_or_tag() {
+        for text in [
+            "select set_config('a.b', '1', false)",
+            "SELECT PG_CATALOG.SET_CONFIG('a.b', '1', false)",
+            "select pg_advisory_lock(1)",
+            "select pg_try_advisory_lock_shared(1)",
+            "select setseed(0.5)",
+            "select auth.begin_session()",
+            "select 1 into TEMP t",
+            "create temporary table t as select 1",
+        ] {
+            assert!(may_touch_session(text), "{text}");
+        }
+        for text in [
+            "select * from todos where user_id = auth.user_id()",
+            "select pg_advisory_xact_lock(1)",
+            "select temperature, pg_temp.f() from temps",
+        ] {
+            assert!(!may_touch_session(text), "{text}");
+        }
+        for tag in [
+            "SET",
+            "RESET",
+            "DISCARD ALL",
+            "LISTEN",
+            "ROLLBACK",
+            "CREATE TABLE",
+        ] {
+            assert!(tag_touches_session(tag), "{tag}");
+        }
+        for tag in ["SELECT 1", "INSERT 0 1", "COMMIT", "BEGIN", "SETTINGS"] {
+            assert!(!tag_touches_session(tag), "{tag}");
         }
     }
 

@@ -71,10 +71,11 @@ pub use proxied::{AddressBlock, ProxyProtocolFrom};
 pub use proxy::{Collector, Proxy, Settings};
 pub use routing::{Destination, NoRoute};
 pub use stats::DatabaseStats;
+pub use transaction::Tracker;
 pub use transport::{ALPN_HTTP1, ALPN_POSTGRESQL, Transport, UpstreamTls, tls_acceptor};
 pub use upstream::{
-    Envelope, PendingReset, Reply, RequestIdentity, Upstream, UpstreamConfig, UpstreamKey,
-    append_described, connect as connect_upstream,
+    Envelope, PendingReset, Reply, RequestIdentity, SessionShape, Upstream, UpstreamConfig,
+    UpstreamKey, append_described, connect as connect_upstream, next_client_id,
 };
 pub use usage::{IdentityUsage, UsageConfig, defaults as usage_defaults};
 

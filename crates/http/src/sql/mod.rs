@@ -23,7 +23,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use authgres_wire::audit::{Facts, Recorder};
 use authgres_wire::metrics::Tally;
-use authgres_wire::{Admitted, ClientState, Fairness, Proxy, Settings, Transport, Turn};
+use authgres_wire::{
+    Admitted, ClientState, Fairness, Proxy, SessionShape, Settings, Transport, Turn,
+};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Extension, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -304,20 +306,34 @@ async fn execute(
         internal_timeout: limits.internal_query_timeout,
         statement_timeout: run.config.statement_timeout,
     };
+    // A connection holding the same token's session is preferred: it
+    // needs no reset and no attach (see `query`). Signed by the same key
+    // too: after a reload that rotated it, a session signed with the old
+    // one is reset and signed again, not kept until the old key is
+    // retired and its identity stops verifying.
+    let signed_by = [(
+        SIGNED_BY.to_owned(),
+        run.settings.claims_key.sign(SIGNED_BY, ""),
+    )];
+    let shape = SessionShape::new(claims, &signed_by);
+    let caller = query::Caller {
+        key: &run.settings.claims_key,
+        claims,
+        client: authgres_wire::next_client_id(),
+        shape: shape.as_ref(),
+    };
     let (mut pooled, in_flight) = loop {
         let mut pooled = pool
-            .checkout(&admitted.database, &admitted.role, password, 0, run.fair)
+            .checkout_as(
+                &admitted.database,
+                &admitted.role,
+                password,
+                (caller.client, shape.as_deref()),
+                run.fair,
+            )
             .await
             .map_err(Failure::from)?;
-        let started = query::start(
-            pooled.conn(),
-            &run.settings.claims_key,
-            claims,
-            &request.0,
-            batch,
-            query_limits,
-        )
-        .await;
+        let started = query::start(pooled.conn(), caller, &request.0, batch, query_limits).await;
         match started {
             Ok(in_flight) => break (pooled, in_flight),
             Err(ExecError::Readying(error)) if attempts.another(&error) => {}
@@ -335,6 +351,10 @@ async fn execute(
     pooled.release();
     outcome.map_err(Failure::from)
 }
+
+/// Not a setting: in a request's [`SessionShape`], which key signed the
+/// claims attached (a MAC of this name under it, so the key is not shown).
+const SIGNED_BY: &str = "authgres.signed_by";
 
 /// What a request runs with: the settings it started with.
 struct Run<'a> {

@@ -142,24 +142,33 @@ impl Tracker {
             return;
         }
         let command = body.map(|b| b.strip_suffix(b"\0").unwrap_or(b));
-        if command.is_some_and(|command| {
-            SESSION_COMMANDS.iter().any(|session_command| {
-                command
-                    .strip_prefix(*session_command)
-                    .is_some_and(|rest| rest.first().is_none_or(|&b| b == b' '))
-            })
-        }) {
+        if command.is_some_and(Self::leaves_session_state) {
             self.touched = true;
         }
+    }
+
+    /// Whether a command tag (a CommandComplete's, without its NUL) names
+    /// a command whose effect can outlive the transaction that ran it.
+    /// `/sql` asks too, to know which requests must be reset after.
+    pub fn leaves_session_state(command: &[u8]) -> bool {
+        SESSION_COMMANDS.iter().any(|session_command| {
+            command
+                .strip_prefix(*session_command)
+                .is_some_and(|rest| rest.first().is_none_or(|&b| b == b' '))
+        })
+    }
+
+    /// Whether a statement's text calls `set_config`, whose effect can
+    /// outlive the transaction with no command tag to show it.
+    pub fn calls_set_config(text: &[u8]) -> bool {
+        text.windows(b"set_config".len())
+            .any(|w| w.eq_ignore_ascii_case(b"set_config"))
     }
 
     /// Notes what a statement's text says about session state: a call of
     /// `set_config`, and the dotted names that may be custom settings.
     fn read_statement(&mut self, text: &[u8]) {
-        if text
-            .windows(b"set_config".len())
-            .any(|w| w.eq_ignore_ascii_case(b"set_config"))
-        {
+        if Self::calls_set_config(text) {
             self.touched = true;
         }
         let is_word = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'$' || *b == b'.';
