@@ -405,15 +405,18 @@ async fn simple_user(client: &tokio_postgres::Client) -> Option<String> {
     simple_value(client, "select auth.user_id()").await
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn clients_presenting_the_same_token_share_a_session_and_no_one_else_does() {
+/// A pool of one connection and two clients logged in with one token.
+async fn one_token_twice() -> (Stack, tokio_postgres::Client, tokio_postgres::Client) {
     let stack = start(POOL_OF_ONE).await;
     let token = stack.issuer.token("user_alice");
     let first = stack.connect("authenticated", &token).await.expect("first");
-    let second = stack
-        .connect("authenticated", &token)
-        .await
-        .expect("second");
+    let second = (stack.connect("authenticated", &token).await).expect("second");
+    (stack, first, second)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_presenting_the_same_token_share_a_session_and_no_one_else_does() {
+    let (stack, first, second) = one_token_twice().await;
     let lock = "select pg_advisory_lock(7)";
     first.batch_execute(lock).await.expect("lock");
     // Same verified claims, same settings: the one connection passes from
@@ -470,13 +473,7 @@ async fn clients_presenting_the_same_token_share_a_session_and_no_one_else_does(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_session_holding_prepared_statements_is_not_shared_even_with_the_same_token() {
-    let stack = start(POOL_OF_ONE).await;
-    let token = stack.issuer.token("user_alice");
-    let first = stack.connect("authenticated", &token).await.expect("first");
-    let second = stack
-        .connect("authenticated", &token)
-        .await
-        .expect("second");
+    let (stack, first, second) = one_token_twice().await;
     let statement = first.prepare("select 1").await.expect("prepare");
     first.query(&statement, &[]).await.expect("query");
     let prepared = simple_value(&second, "select count(*) from pg_prepared_statements").await;
