@@ -473,7 +473,7 @@ async fn clients_presenting_the_same_token_share_a_session_and_no_one_else_does(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_session_holding_prepared_statements_is_not_shared_even_with_the_same_token() {
-    let (stack, first, second) = one_token_twice().await;
+    let (_stack, first, second) = one_token_twice().await;
     let statement = first.prepare("select 1").await.expect("prepare");
     first.query(&statement, &[]).await.expect("query");
     let prepared = simple_value(&second, "select count(*) from pg_prepared_statements").await;

@@ -306,16 +306,10 @@ async fn execute(
         internal_timeout: limits.internal_query_timeout,
         statement_timeout: run.config.statement_timeout,
     };
-    // A connection holding the same token's session is preferred: it
-    // needs no reset and no attach (see `query`). Signed by the same key
-    // too: after a reload that rotated it, a session signed with the old
-    // one is reset and signed again, not kept until the old key is
-    // retired and its identity stops verifying.
-    let signed_by = [(
-        SIGNED_BY.to_owned(),
-        run.settings.claims_key.sign(SIGNED_BY, ""),
-    )];
-    let shape = SessionShape::new(claims, &signed_by);
+    // A connection holding the same token's session, signed with the
+    // same key, is preferred: it needs no reset and no attach (see
+    // `query`).
+    let shape = SessionShape::new(claims, &run.settings.claims_key, &[]);
     let caller = query::Caller {
         key: &run.settings.claims_key,
         claims,
@@ -351,10 +345,6 @@ async fn execute(
     pooled.release();
     outcome.map_err(Failure::from)
 }
-
-/// Not a setting: in a request's [`SessionShape`], which key signed the
-/// claims attached (a MAC of this name under it, so the key is not shown).
-const SIGNED_BY: &str = "authgres.signed_by";
 
 /// What a request runs with: the settings it started with.
 struct Run<'a> {

@@ -87,7 +87,8 @@ fn between<S: ClientIo>(session: &Session<'_, S>, logged: Box<LoggedIn>) -> Betw
     let claims = login.claims().map(str::to_owned);
     let mut settings = login.settings;
     settings.shrink_to_fit();
-    let client = PooledClient::new(login.client_id, claims, settings, expires);
+    let id = (login.client_id, &session.settings.claims_key);
+    let client = PooledClient::new(id, claims, settings, expires);
     let pool = session
         .proxy
         .pool_for(login.admitted.destination.server.as_ref());

@@ -63,12 +63,12 @@ impl PooledClient {
     /// A client `id` with `claims` (`None`: anonymous) and startup
     /// `settings`, whose token expires at `expires` if enforced.
     pub(crate) fn new(
-        id: u64,
+        (id, key): (u64, &ClaimsKey),
         claims: Option<String>,
         settings: Vec<(String, String)>,
         expires: Option<SystemTime>,
     ) -> Self {
-        let shape = SessionShape::new(claims.as_deref(), &settings);
+        let shape = SessionShape::new(claims.as_deref(), key, &settings);
         Self {
             id,
             claims,
@@ -168,13 +168,7 @@ impl PooledClient {
         }
         self.tracker.retain_statements(&state.protocol_statements);
         if state.settings != self.settings {
-            let shape = SessionShape::new(self.claims.as_deref(), &state.settings);
-            if let (Some(old), Some(new)) = (&self.shape, &shape)
-                && old.has_statements()
-            {
-                new.prepared_statements();
-            }
-            self.shape = shape;
+            self.shape = (self.shape.as_deref()).map(|shape| shape.with_settings(&state.settings));
             conn.share_as(self.shape.clone());
         }
         self.settings = state.settings;

@@ -20,11 +20,21 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::identity::ClaimsKey;
+
+/// The text whose MAC names the key that signed a session.
+const SIGNED_BY: &str = "authgres session shape";
+
 /// What a transaction-pooled client's session on a connection consists
 /// of, shared between the client and the connections it made so.
 #[derive(Debug)]
 pub struct SessionShape {
     claims: String,
+    /// Which claims key signed them (a MAC of a fixed text under the key,
+    /// not the key): after a reload that rotates the key, a session signed
+    /// with the old one is reset and signed again, not passed on until the
+    /// old key is retired and its identity stops verifying.
+    signed_by: String,
     settings: Vec<(String, String)>,
     /// Set once the client prepared a named statement: the connections it
     /// used may hold it, and another client's Parse of the same name would
@@ -33,14 +43,31 @@ pub struct SessionShape {
 }
 
 impl SessionShape {
-    /// The shape of a session with `claims` attached and `settings`
-    /// applied; `None` for an anonymous client, which never shares.
-    pub fn new(claims: Option<&str>, settings: &[(String, String)]) -> Option<Arc<Self>> {
+    /// The shape of a session with `claims` attached, signed with `key`,
+    /// and `settings` applied; `None` for an anonymous client, which never
+    /// shares.
+    pub fn new(
+        claims: Option<&str>,
+        key: &ClaimsKey,
+        settings: &[(String, String)],
+    ) -> Option<Arc<Self>> {
         Some(Arc::new(Self {
             claims: claims?.to_owned(),
+            signed_by: key.sign(SIGNED_BY, ""),
             settings: settings.to_vec(),
             statements: AtomicBool::new(false),
         }))
+    }
+
+    /// The same session with `settings` instead (after its client changed
+    /// them); a client that prepared named statements still has them.
+    pub fn with_settings(&self, settings: &[(String, String)]) -> Arc<Self> {
+        Arc::new(Self {
+            claims: self.claims.clone(),
+            signed_by: self.signed_by.clone(),
+            settings: settings.to_vec(),
+            statements: AtomicBool::new(self.has_statements()),
+        })
     }
 
     /// Notes that its client prepared a named statement: no connection
@@ -60,6 +87,7 @@ impl SessionShape {
         !self.has_statements()
             && !wanted.has_statements()
             && self.claims == wanted.claims
+            && self.signed_by == wanted.signed_by
             && self.settings == wanted.settings
     }
 }
@@ -68,11 +96,20 @@ impl SessionShape {
 mod tests {
     use super::*;
 
+    fn shaped(
+        claims: Option<&str>,
+        key: u8,
+        settings: &[(String, String)],
+    ) -> Option<Arc<SessionShape>> {
+        let key = ClaimsKey::from_bytes([key; crate::identity::CLAIMS_KEY_LEN]);
+        SessionShape::new(claims, &key, settings)
+    }
+
     fn shape(claims: &str, settings: &[(&str, &str)]) -> Arc<SessionShape> {
         let settings: Vec<_> = (settings.iter())
             .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
             .collect();
-        SessionShape::new(Some(claims), &settings).unwrap_or_else(|| unreachable!())
+        shaped(Some(claims), 1, &settings).unwrap_or_else(|| unreachable!())
     }
 
     #[test]
@@ -84,9 +121,9 @@ mod tests {
         let other = shape(r#"{"sub":"a"}"#, &[("DateStyle", "ISO")]);
         other.prepared_statements();
         assert!(!a.serves(&other) && !other.serves(&a));
-        assert!(
-            SessionShape::new(None, &[]).is_none(),
-            "anonymous never shares"
-        );
+        assert!(shaped(None, 1, &[]).is_none(), "anonymous never shares");
+        let iso = [("DateStyle".to_owned(), "ISO".to_owned())];
+        let rotated = shaped(Some(r#"{"sub":"a"}"#), 2, &iso).unwrap_or_else(|| unreachable!());
+        assert!(!a.serves(&rotated), "signed with another key");
     }
 }
