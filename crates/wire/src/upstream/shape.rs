@@ -35,6 +35,7 @@ pub struct SessionShape {
     /// with the old one is reset and signed again, not passed on until the
     /// old key is retired and its identity stops verifying.
     signed_by: String,
+    /// Sorted: the server lists a session's settings in its own order.
     settings: Vec<(String, String)>,
     /// Set once the client prepared a named statement: the connections it
     /// used may hold it, and another client's Parse of the same name would
@@ -54,7 +55,7 @@ impl SessionShape {
         Some(Arc::new(Self {
             claims: claims?.to_owned(),
             signed_by: key.sign(SIGNED_BY, ""),
-            settings: settings.to_vec(),
+            settings: sorted(settings),
             statements: AtomicBool::new(false),
         }))
     }
@@ -65,7 +66,7 @@ impl SessionShape {
         Arc::new(Self {
             claims: self.claims.clone(),
             signed_by: self.signed_by.clone(),
-            settings: settings.to_vec(),
+            settings: sorted(settings),
             statements: AtomicBool::new(self.has_statements()),
         })
     }
@@ -90,6 +91,12 @@ impl SessionShape {
             && self.signed_by == wanted.signed_by
             && self.settings == wanted.settings
     }
+}
+
+fn sorted(settings: &[(String, String)]) -> Vec<(String, String)> {
+    let mut settings = settings.to_vec();
+    settings.sort();
+    settings
 }
 
 #[cfg(test)]
@@ -118,6 +125,12 @@ mod tests {
         assert!(a.serves(&shape(r#"{"sub":"a"}"#, &[("DateStyle", "ISO")])));
         assert!(!a.serves(&shape(r#"{"sub":"b"}"#, &[("DateStyle", "ISO")])));
         assert!(!a.serves(&shape(r#"{"sub":"a"}"#, &[])));
+        let two = [("DateStyle", "ISO"), ("TimeZone", "UTC")];
+        let swapped = [("TimeZone", "UTC"), ("DateStyle", "ISO")];
+        assert!(
+            shape("{}", &two).serves(&shape("{}", &swapped)),
+            "the order matters not"
+        );
         let other = shape(r#"{"sub":"a"}"#, &[("DateStyle", "ISO")]);
         other.prepared_statements();
         assert!(!a.serves(&other) && !other.serves(&a));
