@@ -5,14 +5,23 @@
 //! A connection registers when it is accepted and leaves the registry when
 //! its [`ClientHandle`] drops. Its state changes are one atomic store, so
 //! the relay can report a transaction's start and end without a lock.
+//!
+//! The registry is also how a connection's task is told to end: a drain
+//! (close at the next transaction boundary), a forced drain or the
+//! console's `KILL_CLIENT` (close now) raise a flag in its entry and wake
+//! its task. Waiting for that costs a connection one waker slot and its
+//! task one atomic operation per poll, no list of waiters and no lock: a
+//! transaction-pooled client waits for it at every transaction.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::task::{Context, Poll};
 use std::time::SystemTime;
 
-use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use futures_util::task::AtomicWaker;
 
 use crate::transport::Transport;
 
@@ -101,9 +110,46 @@ struct Registration {
     connected: SystemTime,
     state: AtomicU8,
     login: OnceLock<ClientLogin>,
-    /// Cancelled when the connection must close now: a forced drain (its
-    /// parent) or the console's `KILL_CLIENT`.
-    closing: CancellationToken,
+    /// What it has been told from outside its task.
+    told: Told,
+}
+
+/// A drain began: close at the next transaction boundary.
+const DRAIN: u8 = 1;
+/// Close now: a forced drain or the console's `KILL_CLIENT`.
+const CLOSE: u8 = 2;
+
+/// Flags raised for a connection's task, and the waker of the one task
+/// that waits for them (a connection's own).
+#[derive(Debug, Default)]
+struct Told {
+    raised: AtomicU8,
+    waker: AtomicWaker,
+}
+
+impl Told {
+    fn raise(&self, flags: u8) {
+        self.raised.fetch_or(flags, Ordering::AcqRel);
+        self.waker.wake();
+    }
+
+    fn is_raised(&self, flag: u8) -> bool {
+        self.raised.load(Ordering::Acquire) & flag != 0
+    }
+
+    fn poll_raised(&self, flag: u8, cx: &mut Context<'_>) -> Poll<()> {
+        if self.is_raised(flag) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // Raised between the check and the registration: its wake may
+        // have gone to the waker before this one.
+        if self.is_raised(flag) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
 }
 
 /// The registry.
@@ -111,8 +157,9 @@ struct Registration {
 pub struct Clients {
     entries: Mutex<HashMap<u64, Arc<Registration>>>,
     next_id: AtomicU64,
-    /// The drain's forced close, parent of every connection's own.
-    closing: CancellationToken,
+    /// What every connection has been told ([`Clients::tell_all`]),
+    /// including those registered after.
+    told_all: AtomicU8,
 }
 
 /// A connection's place in the registry; it leaves when this drops.
@@ -172,15 +219,6 @@ fn transport_of(code: u8) -> Transport {
 }
 
 impl Clients {
-    /// A registry whose connections close when `closing` is cancelled
-    /// (the drain's forced close).
-    pub fn new(closing: CancellationToken) -> Self {
-        Self {
-            closing,
-            ..Self::default()
-        }
-    }
-
     fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Registration>>> {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -194,9 +232,15 @@ impl Clients {
             connected: SystemTime::now(),
             state: AtomicU8::new(ClientState::Authenticating.as_u8()),
             login: OnceLock::new(),
-            closing: self.closing.child_token(),
+            told: Told::default(),
         });
-        self.entries().insert(id, Arc::clone(&entry));
+        let mut entries = self.entries();
+        // Read under the lock `tell_all` raises under: a connection
+        // registered during a drain is told as the others were.
+        let told = self.told_all.load(Ordering::Acquire);
+        entry.told.raised.store(told, Ordering::Release);
+        entries.insert(id, Arc::clone(&entry));
+        drop(entries);
         ClientHandle {
             clients: Arc::clone(self),
             id,
@@ -231,10 +275,30 @@ impl Clients {
     pub fn kill(&self, id: u64) -> bool {
         match self.entries().get(&id) {
             Some(entry) => {
-                entry.closing.cancel();
+                entry.told.raise(CLOSE);
                 true
             }
             None => false,
+        }
+    }
+
+    /// Tells every connection, and each registered from now on, that a
+    /// drain has begun ([`ClientHandle::draining`]).
+    pub(crate) fn drain_all(&self) {
+        self.tell_all(DRAIN);
+    }
+
+    /// Tells every connection, and each registered from now on, to close
+    /// now ([`ClientHandle::closing`]): a forced drain.
+    pub(crate) fn close_all(&self) {
+        self.tell_all(DRAIN | CLOSE);
+    }
+
+    fn tell_all(&self, flags: u8) {
+        let entries = self.entries();
+        self.told_all.fetch_or(flags, Ordering::AcqRel);
+        for entry in entries.values() {
+            entry.told.raise(flags);
         }
     }
 
@@ -285,8 +349,21 @@ impl ClientHandle {
 
     /// Completes when the connection must close now (a forced drain, or
     /// the console's `KILL_CLIENT`).
-    pub fn closing(&self) -> WaitForCancellationFuture<'_> {
-        self.activity.0.closing.cancelled()
+    pub fn closing(&self) -> impl Future<Output = ()> + Send + '_ {
+        let told = &self.activity.0.told;
+        std::future::poll_fn(move |cx| told.poll_raised(CLOSE, cx))
+    }
+
+    /// Completes when a drain has begun (at once if it has): the
+    /// connection should close at its next transaction boundary.
+    pub fn draining(&self) -> impl Future<Output = ()> + Send + '_ {
+        let told = &self.activity.0.told;
+        std::future::poll_fn(move |cx| told.poll_raised(DRAIN, cx))
+    }
+
+    /// Whether a drain has begun.
+    pub fn is_draining(&self) -> bool {
+        self.activity.0.told.is_raised(DRAIN)
     }
 }
 
@@ -329,5 +406,37 @@ mod tests {
         assert_eq!(json[1]["transport"], "http");
         drop(a);
         assert_eq!(clients.snapshot().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_drain_and_a_kill_reach_the_waiting_task_and_later_connections() {
+        let clients = Arc::new(Clients::default());
+        let peer: SocketAddr = "127.0.0.1:5000".parse().expect("addr");
+        let waiting = clients.register(peer, Transport::Wire);
+        let killed = clients.register(peer, Transport::Wire);
+        let waited = tokio::spawn(async move {
+            waiting.draining().await;
+            waiting.closing().await;
+        });
+        let killed_id = killed.id();
+        let kill_waited = tokio::spawn(async move { killed.closing().await });
+        tokio::task::yield_now().await;
+        assert!(clients.kill(killed_id));
+        tokio::time::timeout(std::time::Duration::from_secs(5), kill_waited)
+            .await
+            .expect("a kill wakes its task")
+            .expect("task");
+        clients.drain_all();
+        let later = clients.register(peer, Transport::Wire);
+        assert!(later.is_draining(), "registered during a drain: told");
+        assert!(!waited.is_finished(), "a drain alone does not close");
+        clients.close_all();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waited)
+            .await
+            .expect("a forced drain wakes its task")
+            .expect("task");
+        tokio::time::timeout(std::time::Duration::from_secs(5), later.closing())
+            .await
+            .expect("and reaches one registered before it");
     }
 }

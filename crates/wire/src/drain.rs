@@ -17,15 +17,21 @@
 //!
 //! Every client connection, on every listener, runs as a task of the one
 //! [`Drain`], so the process knows when the last one is gone
-//! ([`Drain::wait_clients`]). Sessions learn of the phases through
-//! [`Drain::draining`] and [`Drain::closing`]; the policy (how long to
-//! wait before forcing) is the caller's.
+//! ([`Drain::wait_clients`]). Listeners learn of the phases through
+//! [`Drain::draining`] and [`Drain::closing`]; each client connection is
+//! told through its entry in the client registry the drain keeps
+//! ([`crate::clients::ClientHandle::draining`], `closing`), which costs it
+//! no waiter list. The policy (how long to wait before forcing) is the
+//! caller's.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::clients::Clients;
 
 /// How long after its login a session is spared by a drain.
 pub const FRESH_SESSION_GRACE: Duration = Duration::from_secs(1);
@@ -37,6 +43,8 @@ pub struct Drain {
     draining: CancellationToken,
     closing: CancellationToken,
     clients: TaskTracker,
+    /// The connections to tell.
+    registry: Arc<Clients>,
 }
 
 impl Drain {
@@ -51,6 +59,7 @@ impl Drain {
     pub fn start(&self) {
         self.unready();
         self.draining.cancel();
+        self.registry.drain_all();
         self.clients.close();
     }
 
@@ -63,6 +72,7 @@ impl Drain {
     pub fn force(&self) {
         self.start();
         self.closing.cancel();
+        self.registry.close_all();
     }
 
     /// Whether a drain has started.
@@ -75,10 +85,9 @@ impl Drain {
         self.draining.cancelled()
     }
 
-    /// The token a forced drain cancels, parent of each connection's own
-    /// ([`crate::clients::ClientHandle::closing`]).
-    pub(crate) fn closing_token(&self) -> CancellationToken {
-        self.closing.clone()
+    /// The client registry whose connections it tells.
+    pub(crate) fn registry(&self) -> &Arc<Clients> {
+        &self.registry
     }
 
     /// Completes when the drain is forced (at once if it was).

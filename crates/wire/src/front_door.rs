@@ -21,7 +21,6 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
-use tracing::Instrument as _;
 
 use crate::budget::{Full, Ticket};
 use crate::clients::ClientHandle;
@@ -82,6 +81,10 @@ pub struct Guest {
     pub ticket: Ticket,
     /// Its entry in the client registry.
     pub client: ClientHandle,
+    /// The span its log lines go in ([`Door::span`]). The door enters it
+    /// where it logs, not on every poll: a span entered per poll costs
+    /// more than a pooled transaction's own work.
+    pub span: tracing::Span,
 }
 
 /// Why the front door turned a connection away.
@@ -109,8 +112,8 @@ pub async fn serve<D: Door>(door: Arc<D>, listener: TcpListener) {
         let rules = door.entry_rules();
         if !rules.proxy_protocol_from.contains(peer.ip()) {
             let span = door.span(peer, None);
-            let entering = let_in(Arc::clone(&door), tcp, peer, None, rules.timeout);
-            drain.spawn_client(entering.instrument(span));
+            let entering = let_in(Arc::clone(&door), tcp, peer, None, rules.timeout, span);
+            drain.spawn_client(entering);
             continue;
         }
         let (door, headers) = (Arc::clone(&door), Arc::clone(&headers));
@@ -119,8 +122,7 @@ pub async fn serve<D: Door>(door: Arc<D>, listener: TcpListener) {
             match headers.client_address(&mut tcp, peer, rules.timeout).await {
                 Ok(client) => {
                     let span = door.span(client, Some(peer.ip()));
-                    let entering = let_in(door, tcp, client, Some(peer.ip()), rules.timeout);
-                    entering.instrument(span).await;
+                    let_in(door, tcp, client, Some(peer.ip()), rules.timeout, span).await;
                 }
                 Err(refusal) => turn_away(door, tcp, peer, refusal.into()).await,
             }
@@ -137,6 +139,7 @@ async fn let_in<D: Door>(
     peer: SocketAddr,
     relayed_by: Option<IpAddr>,
     timeout: Duration,
+    span: tracing::Span,
 ) {
     let entry = match door.proxy().budget().enter(peer.ip()) {
         Ok(entry) => entry,
@@ -155,6 +158,7 @@ async fn let_in<D: Door>(
         deadline,
         ticket,
         client,
+        span,
     };
     door.serve(guest).await;
 }

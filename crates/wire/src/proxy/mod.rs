@@ -83,7 +83,7 @@ impl Proxy {
         );
         let cancels = CancelRegistry::new(config.cluster.instance_id);
         let drain = Drain::default();
-        let clients = Arc::new(Clients::new(drain.closing_token()));
+        let clients = Arc::clone(drain.registry());
         let pools = Reported::default();
         let audit = crate::audit::Hub::new(crate::audit::Counters::new(
             metrics.audit_lines.clone(),

@@ -12,6 +12,7 @@
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use super::greet::Greeted;
 use super::handshake::SessionLogin;
@@ -106,7 +107,7 @@ pub(super) async fn relay_to_end<S: ClientIo>(
     expires: Option<SystemTime>,
 ) -> Result<(), SessionError> {
     let pipelined = std::mem::take(&mut session.inbox);
-    let proxy = session.proxy;
+    let span = session.span.clone();
     let limits = session.settings.config.client_limits;
     let stops = Stops {
         expires,
@@ -118,40 +119,43 @@ pub(super) async fn relay_to_end<S: ClientIo>(
     let conn = lease.conn();
     relay.forward(&pipelined, conn.stream()).await?;
     drop(pipelined);
-    let (stopped, boundary) = relay_until_stop(proxy, client, conn, relay, stops).await;
+    let (stopped, boundary) = relay_until_stop(client, conn, relay, stops).await;
     let parting = Parting::after(stopped.as_ref(), relay);
     let forced = stopped.is_none();
     // The server's last words (a FATAL) are the client's; so is what it
     // sent before a forced drain.
     let last_words = forced || matches!(stopped, Some(Ok(Stop::UpstreamClosed)));
-    let ended = match stopped {
-        None => Some(SessionError::ShuttingDown),
-        Some(stopped) => ending(stopped, boundary, limits),
-    };
-    if let Some(why) = relay.lost() {
-        tracing::debug!(
-            why,
-            "upstream connection closed: its state could not be followed"
-        );
-    }
+    let ended = span.in_scope(|| {
+        if let Some(why) = relay.lost() {
+            tracing::debug!(
+                why,
+                "upstream connection closed: its state could not be followed"
+            );
+        }
+        match stopped {
+            None => Some(SessionError::ShuttingDown),
+            Some(stopped) => ending(stopped, boundary, limits),
+        }
+    });
     // The backend goes back, or is closed, before anything waits on a
     // client that may not be reading. Boxed: a reset is a large future
     // that an idle session should not carry.
-    Box::pin(finish(&session.settings, cancel, held.lease, parting)).await;
-    let client = &mut session.client;
+    let finished = finish(&session.settings, cancel, held.lease, parting);
+    Box::pin(finished.instrument(span)).await;
     let relay = &mut held.relay;
     if last_words {
-        let _ = tokio::time::timeout(super::ERROR_WRITE_TIMEOUT, relay.flush_client(client)).await;
+        let flushed = relay.flush_client(&mut session.client);
+        let _ = tokio::time::timeout(super::ERROR_WRITE_TIMEOUT, flushed).await;
     }
     match ended {
         // A forced drain mid-message cannot add an ErrorResponse.
         Some(error) if !forced || relay.client_at_boundary() => {
-            proxy.report(&error);
-            refuse(client, &error).await;
+            session.report(&error);
+            refuse(&mut session.client, &error).await;
             Ok(())
         }
         _ => {
-            relay::close_client(client).await;
+            relay::close_client(&mut session.client).await;
             Ok(())
         }
     }
@@ -162,7 +166,6 @@ pub(super) async fn relay_to_end<S: ClientIo>(
 /// a session that logged in just before it). `None`: a forced drain or the
 /// console's `KILL_CLIENT` stopped it wherever it was.
 async fn relay_until_stop<C: ClientIo>(
-    proxy: &crate::proxy::Proxy,
     client: &mut C,
     conn: &mut crate::upstream::Upstream,
     relay: &mut Relay,
@@ -175,7 +178,6 @@ async fn relay_until_stop<C: ClientIo>(
     } = stops;
     let closing = registered.closing();
     tokio::pin!(closing);
-    let drain = proxy.drain();
     // The timers are boxed, made only when they can fire: every idle
     // session holds this future.
     let mut expiry = expires.map(|at| {
@@ -191,22 +193,27 @@ async fn relay_until_stop<C: ClientIo>(
         }
     };
     tokio::pin!(expired);
+    let drained = async {
+        registered.draining().await;
+        Box::pin(tokio::time::sleep_until(spared_until)).await;
+    };
+    tokio::pin!(drained);
     let mut boundary = None;
     loop {
         tokio::select! {
+            // The relay first: what is in flight is relayed before a
+            // stop is asked for; the stops are checked on the same poll.
+            biased;
             stopped = relay.run(client, conn.stream()) => return (Some(stopped), boundary),
+            () = &mut closing => return (None, boundary),
             () = &mut expired, if boundary.is_none() => {
                 boundary = Some(Boundary::TokenExpired);
                 relay.stop_at_idle(true);
             }
-            () = async {
-                drain.draining().await;
-                Box::pin(tokio::time::sleep_until(spared_until)).await;
-            }, if boundary.is_none() => {
+            () = &mut drained, if boundary.is_none() => {
                 boundary = Some(Boundary::Draining);
                 relay.stop_at_idle(true);
             }
-            () = &mut closing => return (None, boundary),
         }
     }
 }

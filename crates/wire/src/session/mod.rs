@@ -46,12 +46,6 @@ use greet::Greeted;
 use handshake::SessionLogin;
 use negotiate::{Failed, Opened};
 
-tokio::task_local! {
-    /// The label of the error [`Proxy::report`] last logged for the
-    /// session running in this task: the end-of-session line's reason.
-    static ENDED: std::cell::Cell<&'static str>;
-}
-
 /// How long a refused client is given to read its ErrorResponse.
 const ERROR_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -76,6 +70,7 @@ impl Proxy {
             deadline,
             ticket,
             client,
+            span,
         } = guest;
         let place = Box::new(Arrival {
             peer,
@@ -84,11 +79,13 @@ impl Proxy {
             auth_deadline: deadline,
             ticket,
             client,
+            span,
         });
         async move {
             let settings = self.settings();
             crate::transport::tune(&tcp, settings.config.tcp_keepalive);
             let negotiation = negotiate::over_tcp(tcp, settings.tls.as_ref());
+            let negotiation = negotiation.instrument(place.span.clone());
             let opened = Box::pin(timeout_at(place.auth_deadline, negotiation)).await;
             let next = self.opened(opened, settings, place);
             self.serve_opened(next).await;
@@ -115,25 +112,22 @@ impl Proxy {
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
         let span = session_span(peer, relayed_by, Transport::WebSocket);
-        async move {
-            let settings = self.settings();
-            client.set_transport(Transport::WebSocket);
-            let deadline = Instant::now() + settings.config.auth_timeout;
-            let negotiation = negotiate::settled(stream, encrypted);
-            let opened = Box::pin(timeout_at(deadline, negotiation)).await;
-            let place = Box::new(Arrival {
-                peer,
-                relayed_by,
-                transport: Transport::WebSocket,
-                auth_deadline: deadline,
-                ticket,
-                client,
-            });
-            let next = self.opened(opened, settings, place);
-            self.serve_opened(next).await;
-        }
-        .instrument(span)
-        .await;
+        let settings = self.settings();
+        client.set_transport(Transport::WebSocket);
+        let deadline = Instant::now() + settings.config.auth_timeout;
+        let negotiation = negotiate::settled(stream, encrypted).instrument(span.clone());
+        let opened = Box::pin(timeout_at(deadline, negotiation)).await;
+        let place = Box::new(Arrival {
+            peer,
+            relayed_by,
+            transport: Transport::WebSocket,
+            auth_deadline: deadline,
+            ticket,
+            client,
+            span,
+        });
+        let next = self.opened(opened, settings, place);
+        self.serve_opened(next).await;
     }
 
     /// What the negotiation led to, taken apart in a plain function: an
@@ -156,7 +150,9 @@ impl Proxy {
             auth_deadline,
             ticket,
             client,
+            span,
         } = *place;
+        let _in = span.enter();
         match opened {
             Ok(Ok(Opened::Session {
                 stream,
@@ -179,11 +175,18 @@ impl Proxy {
                     spared_until: Instant::now(),
                     tally: None,
                     audit: None,
+                    span: span.clone(),
+                    ended: "",
                 };
                 Next::Session(session, startup)
             }
-            Ok(Ok(Opened::Cancel { pid, key })) => Next::Cancel { pid, key, settings },
-            Ok(Ok(Opened::Closed)) => Next::Ended(Ok(())),
+            Ok(Ok(Opened::Cancel { pid, key })) => Next::Cancel {
+                pid,
+                key,
+                settings,
+                span: span.clone(),
+            },
+            Ok(Ok(Opened::Closed)) => Next::Ended(Ok(()), span.clone()),
             Ok(Err(Failed { stream, error })) => {
                 self.metrics.login(transport, Err(&error));
                 self.report(&error);
@@ -192,7 +195,7 @@ impl Proxy {
             Err(_) => {
                 let error = SessionError::AuthTimeout(settings.config.auth_timeout);
                 self.metrics.login(transport, Err(&error));
-                Next::Ended(Err(error))
+                Next::Ended(Err(error), span.clone())
             }
         }
     }
@@ -209,28 +212,34 @@ impl Proxy {
         mut next: Next<'a, S>,
     ) -> impl std::future::Future<Output = ()> + Send + 'a {
         async move {
-            let result = match &mut next {
+            let (result, span) = match &mut next {
                 Next::Session(session, startup) => {
                     let startup = Startup {
                         minor_version: startup.minor_version,
                         parameters: std::mem::take(&mut startup.parameters),
                     };
-                    session.run(startup).await
+                    (session.run(startup).await, &session.span)
                 }
-                Next::Cancel { pid, key, settings } => {
+                Next::Cancel {
+                    pid,
+                    key,
+                    settings,
+                    span,
+                } => {
                     let config = &settings.config;
                     let forward = self.cancels.forward(config, &self.metrics, *pid, key);
-                    Box::pin(forward).await;
-                    Ok(())
+                    Box::pin(forward.instrument(span.clone())).await;
+                    (Ok(()), &*span)
                 }
                 Next::Refuse(stream, error) => {
                     if let Some(stream) = stream {
                         Box::pin(refuse(stream, error)).await;
                     }
-                    Ok(())
+                    return;
                 }
-                Next::Ended(result) => std::mem::replace(result, Ok(())),
+                Next::Ended(result, span) => (std::mem::replace(result, Ok(())), &*span),
             };
+            let _in = span.enter();
             match result {
                 Ok(()) => tracing::debug!("connection closed"),
                 Err(error) => self.report(&error),
@@ -243,7 +252,6 @@ impl Proxy {
     /// the client is told, so the log never lags what the client saw.
     fn report(&self, error: &SessionError) {
         let reason = error.label();
-        let _ = ENDED.try_with(|ended| ended.set(reason));
         match error.severity() {
             Severity::Routine => tracing::debug!(%error, reason, "session ended"),
             Severity::Client => {
@@ -269,11 +277,12 @@ enum Next<'p, S> {
         pid: i32,
         key: Vec<u8>,
         settings: Arc<Settings>,
+        span: tracing::Span,
     },
-    /// A refusal to send, if the stream is still there.
+    /// A refusal to send, if the stream is still there (already logged).
     Refuse(Option<S>, SessionError),
-    /// Nothing more to do.
-    Ended(Result<(), SessionError>),
+    /// Nothing more to do but log how it ended, in its span.
+    Ended(Result<(), SessionError>, tracing::Span),
 }
 
 /// Where a new connection stands before its negotiation settles.
@@ -288,6 +297,8 @@ struct Arrival {
     ticket: Ticket,
     /// Its entry in the client registry.
     client: ClientHandle,
+    /// Where its log lines go.
+    span: tracing::Span,
 }
 
 /// One client's session after its StartupMessage.
@@ -315,6 +326,13 @@ pub(crate) struct Session<'p, S> {
     tally: Option<Tally>,
     /// Its audit log, when `[audit]` is on (made at login).
     audit: Option<Arc<crate::audit::SessionAudit>>,
+    /// The span its log lines go in. Entered where the session logs, and
+    /// around its login and its rare paths, not on every poll of its
+    /// relay: that would cost more than a pooled transaction's own work.
+    span: tracing::Span,
+    /// The label of the error it last reported ([`Session::report`]):
+    /// the end-of-session line's reason.
+    ended: &'static str,
 }
 
 /// A session logged in: what it goes on with until it ends.
@@ -337,7 +355,8 @@ impl<S: ClientIo> Session<'_, S> {
             let user = startup.parameters.get("user");
             startup.parameters.get("database").or(user) == Some(&console.database)
         }) {
-            return match Box::pin(self.console(&startup, console)).await {
+            let span = self.span.clone();
+            return match Box::pin(self.console(&startup, console).instrument(span)).await {
                 Ok(()) => Ok(()),
                 Err(error) => Box::pin(self.refused(error)).await,
             };
@@ -346,25 +365,31 @@ impl<S: ClientIo> Session<'_, S> {
         // Boxed, as are the rare paths after it: token verification and
         // upstream logins are large futures, and an idle session's task
         // should not carry their size. What it goes on with is one box.
-        let Some(logged) = Box::pin(self.log_in(startup)).await? else {
+        let span = self.span.clone();
+        let Some(logged) = Box::pin(self.log_in(startup).instrument(span)).await? else {
             return Ok(());
         };
         let (tally, connected) = (logged.tally.clone(), logged.connected);
-        let served = async {
-            let served = match logged.mode {
-                PoolMode::Transaction => transactions::serve(self, logged).await,
-                PoolMode::Session | PoolMode::None => end::hold(self, logged).await,
-            };
-            (served, ENDED.with(std::cell::Cell::get))
+        // Not in the span: it is entered where the session logs.
+        let served = match logged.mode {
+            PoolMode::Transaction => transactions::serve(self, logged).await,
+            PoolMode::Session | PoolMode::None => end::hold(self, logged).await,
         };
-        let (served, reported) = ENDED.scope(std::cell::Cell::new(""), served).await;
         let reason = match &served {
             Err(error) => error.label(),
-            Ok(()) if !reported.is_empty() => reported,
+            Ok(()) if !self.ended.is_empty() => self.ended,
             Ok(()) => tally.session().stop().unwrap_or("client_left"),
         };
-        session_ended(&tally, connected.elapsed(), reason);
+        self.span
+            .in_scope(|| session_ended(&tally, connected.elapsed(), reason));
         served
+    }
+
+    /// Logs why the session failed, in its span ([`Proxy::report`]), and
+    /// keeps the reason for the line it ends with.
+    fn report(&mut self, error: &SessionError) {
+        self.ended = error.label();
+        self.span.in_scope(|| self.proxy.report(error));
     }
 
     /// From the StartupMessage to the greeting: the token, admission, the
@@ -481,7 +506,7 @@ impl<S: ClientIo> Session<'_, S> {
     /// Reports why the session is refused, tells the client, and ends the
     /// session.
     async fn refused(&mut self, error: SessionError) -> Result<(), SessionError> {
-        self.proxy.report(&error);
+        self.report(&error);
         refuse(&mut self.client, &error).await;
         Ok(())
     }

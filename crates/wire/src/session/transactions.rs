@@ -14,6 +14,7 @@ use std::time::SystemTime;
 
 use tokio::io::AsyncReadExt as _;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use super::end::{self, Held, Parting, relay_to_end};
 use super::greet::Greeted;
@@ -170,7 +171,8 @@ async fn transaction<S: ClientIo>(
     let turn = match limited::begin(session.proxy, session.transport, who) {
         Ok(turn) => turn,
         Err(refusal) => {
-            Box::pin(limited::decline(session, first, &refusal)).await?;
+            let span = session.span.clone();
+            Box::pin(limited::decline(session, first, &refusal).instrument(span)).await?;
             return Ok(Done::Next);
         }
     };
@@ -190,9 +192,11 @@ async fn transaction<S: ClientIo>(
         .await?;
     let stopped = match relay.forward(&std::mem::take(first), conn.stream()).await {
         Ok(()) => tokio::select! {
+            biased;
             stopped = relay.run(&mut session.client, conn.stream()) => stopped,
             () = session.registered.closing() => {
-                return Box::pin(forced(session, relay, pooled, cancel)).await;
+                let span = session.span.clone();
+                return Box::pin(forced(session, relay, pooled, cancel).instrument(span)).await;
             }
         },
         Err(error) => Err(error),
@@ -208,10 +212,12 @@ async fn transaction<S: ClientIo>(
                 Ok(Done::Next)
             }
             Settled::Pinned(reason) => {
-                tracing::info!(
-                    reason,
-                    "client keeps its upstream connection until it leaves"
-                );
+                session.span.in_scope(|| {
+                    tracing::info!(
+                        reason,
+                        "client keeps its upstream connection until it leaves"
+                    );
+                });
                 relay.stop_at_idle(false);
                 let held = Box::new(Held {
                     relay,
@@ -227,7 +233,9 @@ async fn transaction<S: ClientIo>(
         };
     }
     // Boxed, as are the other rare paths.
-    Box::pin(finish_transaction(session, relay, pooled, cancel, stopped)).await
+    let span = session.span.clone();
+    let finished = finish_transaction(session, relay, pooled, cancel, stopped);
+    Box::pin(finished.instrument(span)).await
 }
 
 /// Waits, holding nothing, for the client's next transaction to start
@@ -239,23 +247,26 @@ async fn next_transaction<S: ClientIo>(
     session: &mut Session<'_, S>,
     first: &mut Vec<u8>,
 ) -> Result<bool, SessionError> {
-    let drain = session.proxy.drain();
+    let registered = &session.registered;
     let spared_until = session.spared_until;
-    if drain.is_draining() && Instant::now() >= spared_until {
+    if registered.is_draining() && Instant::now() >= spared_until {
         return Err(SessionError::ShuttingDown);
     }
     if first.is_empty() {
         // Idle: no upstream connection, no buffers beyond this one.
         let mut head = [0u8; 64];
-        let closing = async {
-            drain.draining().await;
+        let drained = async {
+            registered.draining().await;
             // Boxed: a timer held by every idle client for a drain.
             Box::pin(tokio::time::sleep_until(spared_until)).await;
         };
         let n = tokio::select! {
+            // The client's bytes first: a transaction that has started
+            // runs before a drain closes the client.
+            biased;
             read = session.client.read(&mut head) => read.map_err(SessionError::ClientIo)?,
-            () = closing => return Err(SessionError::ShuttingDown),
-            () = session.registered.closing() => return Err(SessionError::ShuttingDown),
+            () = registered.closing() => return Err(SessionError::ShuttingDown),
+            () = drained => return Err(SessionError::ShuttingDown),
         };
         *first = head.get(..n).unwrap_or_default().to_vec();
     }
@@ -283,7 +294,8 @@ async fn settle<S: ClientIo>(
     }
     let deadline = Instant::now() + session.settings.config.pool_limits.internal_query_timeout;
     let conn = pooled.conn();
-    match client.settle(conn, deadline).await {
+    let settled = client.settle(conn, deadline);
+    match settled.instrument(session.span.clone()).await {
         Ok(pinned) => {
             relay
                 .deliver(&conn.take_for_client(), &mut session.client)
