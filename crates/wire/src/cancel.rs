@@ -95,11 +95,134 @@ pub(crate) fn forwarded(pid: i32) -> i32 {
     pid | FORWARDED
 }
 
-/// The backend currently serving a client, if any.
-pub(crate) type Target = Arc<tokio::sync::Mutex<Option<UpstreamKey>>>;
+/// The backend currently serving a client, if any, and whether a cancel
+/// to it is being forwarded: a session must not hand that backend to
+/// another client until the cancel is delivered.
+///
+/// A transaction-pooled client points it at a backend and back at nothing
+/// in every transaction, so that is one uncontended lock; only a
+/// retarget that meets a cancel in flight waits.
+#[derive(Debug, Default)]
+pub(crate) struct Target {
+    state: Mutex<Aim>,
+    /// Wakes retargets waiting for a cancel in flight.
+    delivered: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct Aim {
+    backend: Option<UpstreamKey>,
+    /// A cancel to `backend` is being forwarded.
+    forwarding: bool,
+    /// The session waits to retarget: it goes before any further cancel,
+    /// so a flood of cancels cannot hold its backend.
+    retarget_waiting: bool,
+}
+
+impl Target {
+    fn new(backend: Option<UpstreamKey>) -> Self {
+        Self {
+            state: Mutex::new(Aim {
+                backend,
+                forwarding: false,
+                retarget_waiting: false,
+            }),
+            delivered: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn aim(&self) -> std::sync::MutexGuard<'_, Aim> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Points it at `backend` once no cancel is in flight.
+    async fn set(&self, backend: Option<UpstreamKey>) {
+        let mut backend = Some(backend);
+        if self.try_set(&mut backend) {
+            return;
+        }
+        let _waiting = RetargetWaiting(self);
+        loop {
+            let delivered = self.delivered.notified();
+            tokio::pin!(delivered);
+            // Registered before the check: a delivery after it wakes us.
+            delivered.as_mut().enable();
+            if self.try_set(&mut backend) {
+                return;
+            }
+            delivered.await;
+        }
+    }
+
+    /// Points it at the backend in `backend` unless a cancel is in
+    /// flight, in which case it marks a retarget waiting.
+    fn try_set(&self, backend: &mut Option<Option<UpstreamKey>>) -> bool {
+        let mut aim = self.aim();
+        if aim.forwarding {
+            aim.retarget_waiting = true;
+            return false;
+        }
+        aim.backend = backend.take().flatten();
+        true
+    }
+
+    /// The backend to forward a cancel to, held until the returned guard
+    /// drops (a second cancel for the same key waits its turn), or `None`
+    /// between transactions.
+    async fn forwarding(&self) -> Option<Forwarding<'_>> {
+        loop {
+            let delivered = self.delivered.notified();
+            tokio::pin!(delivered);
+            delivered.as_mut().enable();
+            {
+                let mut aim = self.aim();
+                if !aim.forwarding && !aim.retarget_waiting {
+                    let backend = aim.backend.clone()?;
+                    aim.forwarding = true;
+                    return Some(Forwarding {
+                        target: self,
+                        backend,
+                    });
+                }
+            }
+            delivered.await;
+        }
+    }
+
+    /// Where it points now.
+    #[cfg(test)]
+    fn backend(&self) -> Option<UpstreamKey> {
+        self.aim().backend.clone()
+    }
+}
+
+/// A retarget that had to wait: when it is done (or dropped), cancels
+/// held back for it go on.
+struct RetargetWaiting<'a>(&'a Target);
+
+impl Drop for RetargetWaiting<'_> {
+    fn drop(&mut self) {
+        self.0.aim().retarget_waiting = false;
+        self.0.delivered.notify_waiters();
+    }
+}
+
+/// A cancel being forwarded to `backend`; its session's retargets wait
+/// until this drops.
+struct Forwarding<'a> {
+    target: &'a Target,
+    backend: UpstreamKey,
+}
+
+impl Drop for Forwarding<'_> {
+    fn drop(&mut self) {
+        self.target.aim().forwarding = false;
+        self.target.delivered.notify_waiters();
+    }
+}
 
 /// Live sessions by the pid their client was given: its key and target.
-type Sessions = HashMap<i32, ([u8; 4], Target)>;
+type Sessions = HashMap<i32, ([u8; 4], Arc<Target>)>;
 
 /// Live sessions by the cancel key their client was given.
 #[derive(Default, Clone)]
@@ -181,8 +304,7 @@ impl CancelRegistry {
         };
         // Held while forwarding: the session cannot hand its backend to
         // another client until this cancel is delivered.
-        let target = target.lock().await;
-        let Some(backend) = target.as_ref() else {
+        let Some(forwarding) = target.forwarding().await else {
             metrics.cancel("between_transactions");
             self.log(|suppressed| {
                 tracing::info!(
@@ -192,7 +314,7 @@ impl CancelRegistry {
             });
             return;
         };
-        match backend.cancel().await {
+        match forwarding.backend.cancel().await {
             Ok(()) => {
                 metrics.cancel("forwarded");
                 self.log(|suppressed| tracing::info!(suppressed, "cancel request forwarded"));
@@ -240,7 +362,7 @@ impl CancelRegistry {
         random: &mut impl FnMut() -> u64,
     ) -> CancelGuard {
         let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
-        let target = Arc::new(tokio::sync::Mutex::new(upstream));
+        let target = Arc::new(Target::new(upstream));
         let instance = i32::from(self.instance_id) << RANDOM_PID_BITS;
         loop {
             let [a, b, c, d, e, f, g, h] = random().to_be_bytes();
@@ -262,7 +384,7 @@ impl CancelRegistry {
 
     /// The target of the session with this exact (pid, key). Hold its lock
     /// while forwarding the cancel.
-    pub(crate) fn lookup(&self, pid: i32, key: &[u8]) -> Option<Target> {
+    pub(crate) fn lookup(&self, pid: i32, key: &[u8]) -> Option<Arc<Target>> {
         let sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
         match sessions.get(&pid) {
             Some((expected, target))
@@ -278,7 +400,7 @@ impl CancelRegistry {
 /// Keeps a session's cancel entry alive.
 pub(crate) struct CancelGuard {
     registry: CancelRegistry,
-    target: Target,
+    target: Arc<Target>,
     /// The pid the client sees.
     pub(crate) pid: i32,
     /// The key the client sees.
@@ -289,11 +411,7 @@ impl CancelGuard {
     /// Points the client's cancel key at `upstream` (or at nothing); waits
     /// for a cancel being forwarded to the old target to finish first.
     pub(crate) async fn retarget(&self, upstream: Option<UpstreamKey>) {
-        // Held only while a cancel is forwarded: almost always free.
-        match self.target.try_lock() {
-            Ok(mut target) => *target = upstream,
-            Err(_) => *self.target.lock().await = upstream,
-        }
+        self.target.set(upstream).await;
     }
 }
 
@@ -313,7 +431,7 @@ mod tests {
 
     async fn resolve(registry: &CancelRegistry, pid: i32, key: u32) -> Option<UpstreamKey> {
         match registry.lookup(pid, &key.to_be_bytes()) {
-            Some(target) => target.lock().await.clone(),
+            Some(target) => target.backend(),
             None => None,
         }
     }
@@ -389,12 +507,16 @@ mod tests {
         let registry = CancelRegistry::default();
         let guard = registry.register(Some(upstream()), &mut || 0x0000_0007_0000_0009);
         let target = registry.lookup(7, &9u32.to_be_bytes()).expect("registered");
-        let forwarding = target.lock().await;
+        let forwarding = target.forwarding().await.expect("aimed");
+        assert_eq!(forwarding.backend, upstream());
         let mut retarget = Box::pin(guard.retarget(None));
         assert!(futures_now(&mut retarget).is_none(), "did not wait");
+        let mut second = Box::pin(target.forwarding());
+        assert!(futures_now(&mut second).is_none(), "a second cancel waits");
         drop(forwarding);
         retarget.await;
-        assert_eq!(*target.lock().await, None);
+        assert_eq!(target.backend(), None);
+        assert!(second.await.is_none(), "then finds nothing to cancel");
     }
 
     /// Polls a future once.

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 use authgres_wire::audit::{Facts, Recorder};
 use authgres_wire::metrics::Tally;
 use authgres_wire::{
-    Admitted, ClientState, Fairness, Proxy, SessionShape, Settings, Transport, Turn,
+    Admitted, ClientState, Fairness, Proxy, SessionShape, Settings, Transport, Turn, UpstreamPool,
 };
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Extension, State};
@@ -299,8 +299,8 @@ async fn execute(
 ) -> Result<Vec<query::StatementResult>, Failure> {
     let pool = run.state.pool.get(admitted.destination.server.as_ref());
     let limits = pool.limits();
-    let attempts = pool.attempts();
-    let password = run.settings.config.password(&admitted.role);
+    let attempts = UpstreamPool::attempts(&limits);
+    let password = || run.settings.config.password(&admitted.role);
     let query_limits = query::Limits {
         max_bytes: run.config.max_response_bytes,
         internal_timeout: limits.internal_query_timeout,

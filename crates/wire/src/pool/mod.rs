@@ -325,18 +325,19 @@ impl UpstreamPool {
         client: u64,
         fair: Fairness<'_>,
     ) -> Result<Pooled, CheckoutError> {
-        self.checkout_as(database, role, password, (client, None), fair)
+        self.checkout_as(database, role, || password, (client, None), fair)
             .await
     }
 
     /// [`UpstreamPool::checkout`] for a client whose session would be
     /// `wanted`: an idle connection holding such a session is preferred
-    /// to a clean one (see `upstream::shape`).
-    pub async fn checkout_as(
+    /// to a clean one (see `upstream::shape`). The role's password is
+    /// looked up only for a new login.
+    pub async fn checkout_as<'p>(
         self: &Arc<Self>,
         database: &str,
         role: &str,
-        password: Option<&str>,
+        password: impl FnOnce() -> Option<&'p str>,
         (client, wanted): (u64, Option<&SessionShape>),
         fair: Fairness<'_>,
     ) -> Result<Pooled, CheckoutError> {
@@ -383,7 +384,7 @@ impl UpstreamPool {
             Some((idle, at)) => (idle.conn, idle.created, true, at),
             None => {
                 // Boxed: a login's future is large and rarely needed.
-                let login = Box::pin(self.log_in(database, role, password, &[], &limits));
+                let login = Box::pin(self.log_in(database, role, password(), &[], &limits));
                 let conn = Box::new(login.await?);
                 let created = Instant::now();
                 let at = (slot.connections().active).insert(&conn, (created, created), client);
@@ -428,10 +429,11 @@ impl UpstreamPool {
         (slot, limits)
     }
 
-    /// The retry policy for checkouts starting now ([`Attempts`]).
-    pub fn attempts(&self) -> Attempts {
+    /// The retry policy for checkouts starting now under `limits`
+    /// ([`Attempts`]).
+    pub fn attempts(limits: &PoolLimits) -> Attempts {
         Attempts {
-            give_up: Instant::now() + self.limits().checkout_timeout,
+            give_up: Instant::now() + limits.checkout_timeout,
         }
     }
 

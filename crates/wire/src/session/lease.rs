@@ -129,8 +129,8 @@ pub(super) async fn checkout(
     readying: Readying<'_>,
 ) -> Result<(Pooled, Vec<(String, String)>), SessionError> {
     let limits = pool.limits();
-    let attempts = pool.attempts();
-    let password = settings.config.password(role);
+    let attempts = UpstreamPool::attempts(&limits);
+    let password = || settings.config.password(role);
     loop {
         let wanted = match &readying {
             Readying::Transaction(pooled_client) => pooled_client.shape(),
