@@ -75,7 +75,7 @@ pub struct Framer {
     start_reported: bool,
     /// The current body is being collected (it is captured and fits).
     collecting: bool,
-    body: Vec<u8>,
+    body: Body,
     /// Whether `body` holds the complete body of the message that just ended.
     body_complete: bool,
 }
@@ -95,7 +95,7 @@ impl Framer {
             body_left: 0,
             start_reported: false,
             collecting: false,
-            body: Vec::new(),
+            body: Body::default(),
             body_complete: false,
         }
     }
@@ -136,8 +136,7 @@ impl Framer {
             let rest = bytes.get(at..).unwrap_or_default();
             let take = self.body_left.min(rest.len());
             if self.collecting {
-                self.body
-                    .extend_from_slice(rest.get(..take).unwrap_or_default());
+                self.body.extend(rest.get(..take).unwrap_or_default());
             }
             self.body_left -= take;
             at += take;
@@ -156,7 +155,7 @@ impl Framer {
     /// The body of the message that just ended, if its kind is captured and
     /// it was within the limit.
     pub fn body(&self) -> Option<&[u8]> {
-        self.body_complete.then_some(&self.body[..])
+        self.body_complete.then(|| self.body.as_slice())
     }
 
     /// The length field of the message that just ended (4 for an empty
@@ -168,6 +167,61 @@ impl Framer {
     /// Whether the stream sits between messages (not inside one).
     pub fn at_boundary(&self) -> bool {
         self.header_len == 0 && self.body_left == 0
+    }
+}
+
+/// Bodies up to this long are collected in place.
+const INLINE: usize = 64;
+
+/// A collected body: in place up to [`INLINE`] bytes (a ReadyForQuery, a
+/// command tag, a short statement), on the heap beyond. A pooled
+/// transaction builds its relay afresh, so a body that always allocated
+/// would allocate in every transaction.
+#[derive(Debug)]
+struct Body {
+    /// Bytes in `inline`, while `heap` is empty.
+    len: usize,
+    inline: [u8; INLINE],
+    /// The body, once it outgrew `inline`.
+    heap: Vec<u8>,
+}
+
+impl Default for Body {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            inline: [0; INLINE],
+            heap: Vec::new(),
+        }
+    }
+}
+
+impl Body {
+    fn clear(&mut self) {
+        self.len = 0;
+        self.heap.clear();
+    }
+
+    fn extend(&mut self, bytes: &[u8]) {
+        if self.heap.is_empty() {
+            let end = self.len + bytes.len();
+            if let Some(into) = self.inline.get_mut(self.len..end) {
+                into.copy_from_slice(bytes);
+                self.len = end;
+                return;
+            }
+            let kept = self.inline.get(..self.len).unwrap_or_default();
+            self.heap.extend_from_slice(kept);
+        }
+        self.heap.extend_from_slice(bytes);
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        if self.heap.is_empty() {
+            self.inline.get(..self.len).unwrap_or_default()
+        } else {
+            &self.heap
+        }
     }
 }
 
@@ -242,6 +296,39 @@ pub(crate) mod tests {
         let mut framer = Framer::new(TagSet::ALL, capture, 64);
         let bytes: Vec<&[u8]> = stream.chunks(1).collect();
         assert_eq!(frames(&mut framer, &bytes), whole);
+    }
+
+    #[test]
+    fn bodies_longer_than_those_kept_in_place_are_whole_at_every_split() {
+        let long: Vec<u8> = (0..=u8::MAX).cycle().take(INLINE * 3 + 5).collect();
+        let exact: Vec<u8> = (0..INLINE).map(|i| u8::try_from(i).unwrap_or(0)).collect();
+        let mut stream = message(b'Q', &long);
+        stream.extend(message(b'Q', b"select 1\0"));
+        stream.extend(message(b'Q', &exact));
+        stream.extend(message(b'Q', &long));
+        let capture = TagSet::of(b"Q");
+        let bodies = |framer: &mut Framer, chunks: &[&[u8]]| -> Vec<Vec<u8>> {
+            frames(framer, chunks)
+                .into_iter()
+                .filter_map(|(_, _, body)| body)
+                .collect()
+        };
+        let expected = vec![
+            long.clone(),
+            b"select 1\0".to_vec(),
+            exact.clone(),
+            long.clone(),
+        ];
+        let mut framer = Framer::new(TagSet::ALL, capture, 1024);
+        assert_eq!(bodies(&mut framer, &[&stream]), expected);
+        for split in (0..stream.len()).step_by(7) {
+            let (a, b) = stream.split_at(split);
+            let mut framer = Framer::new(TagSet::ALL, capture, 1024);
+            assert_eq!(bodies(&mut framer, &[a, b]), expected, "split at {split}");
+        }
+        let mut framer = Framer::new(TagSet::ALL, capture, 1024);
+        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+        assert_eq!(bodies(&mut framer, &bytes), expected);
     }
 
     #[test]

@@ -177,7 +177,7 @@ enum CopyEnd {
 #[derive(Debug)]
 pub struct Ledger {
     /// Messages sent and not yet taken up by the server, run-length coded.
-    queue: VecDeque<(InFlight, u32)>,
+    queue: Runs,
     /// The message the server is processing, if any.
     current: Option<InFlight>,
     mode: Mode,
@@ -194,7 +194,7 @@ pub struct Ledger {
 impl Default for Ledger {
     fn default() -> Self {
         Self {
-            queue: VecDeque::new(),
+            queue: Runs::default(),
             current: None,
             mode: Mode::Normal,
             status: IDLE,
@@ -474,5 +474,87 @@ impl Ledger {
 
 #[cfg(any(test, feature = "internals"))]
 pub mod model;
+/// Runs in place before the queue spills to the heap: a pooled
+/// transaction builds its ledger afresh, and a simple query or an
+/// extended-query batch (Bind, Execute, Sync) fits.
+const RUNS_IN_PLACE: usize = 4;
+
+/// The ledger's queue of runs (message kind, count), oldest first: the
+/// oldest in place, the rest, once those are full, on the heap.
+#[derive(Debug)]
+struct Runs {
+    /// A ring of the oldest runs: `len` of them from `start`.
+    in_place: [(InFlight, u32); RUNS_IN_PLACE],
+    start: usize,
+    len: usize,
+    /// Runs after those in place.
+    spilled: VecDeque<(InFlight, u32)>,
+}
+
+impl Default for Runs {
+    fn default() -> Self {
+        Self {
+            // Placeholders: only `len` of them from `start` are runs.
+            in_place: [(InFlight::Sync, 0); RUNS_IN_PLACE],
+            start: 0,
+            len: 0,
+            spilled: VecDeque::new(),
+        }
+    }
+}
+
+impl Runs {
+    fn len(&self) -> usize {
+        self.len + self.spilled.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn slot(&self, nth: usize) -> usize {
+        (self.start + nth) % RUNS_IN_PLACE
+    }
+
+    fn back_mut(&mut self) -> Option<&mut (InFlight, u32)> {
+        if !self.spilled.is_empty() {
+            return self.spilled.back_mut();
+        }
+        let last = self.len.checked_sub(1)?;
+        let at = self.slot(last);
+        self.in_place.get_mut(at)
+    }
+
+    /// Adds a run after the others: in place while there is room and
+    /// nothing has spilled (which would put it before older runs).
+    fn push_back(&mut self, run: (InFlight, u32)) {
+        if self.len < RUNS_IN_PLACE && self.spilled.is_empty() {
+            let at = self.slot(self.len);
+            if let Some(place) = self.in_place.get_mut(at) {
+                *place = run;
+                self.len += 1;
+                return;
+            }
+        }
+        self.spilled.push_back(run);
+    }
+
+    fn front_mut(&mut self) -> Option<&mut (InFlight, u32)> {
+        if self.len == 0 {
+            return self.spilled.front_mut();
+        }
+        self.in_place.get_mut(self.start)
+    }
+
+    fn pop_front(&mut self) {
+        if self.len == 0 {
+            self.spilled.pop_front();
+            return;
+        }
+        self.start = self.slot(1);
+        self.len -= 1;
+    }
+}
+
 #[cfg(test)]
 mod tests;

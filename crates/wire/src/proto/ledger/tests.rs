@@ -237,3 +237,54 @@ fn a_backend_waits_for_the_client_once_everything_sent_is_answered() {
     let (ledger, _) = play(&[Client(b"Qdc"), Server(b"G")]);
     assert!(!ledger.waiting_for_client(), "the COPY is being finished");
 }
+
+#[test]
+fn runs_keep_their_order_in_place_spilled_and_back_again() {
+    let kinds = [
+        InFlight::Query,
+        InFlight::Parse,
+        InFlight::Bind,
+        InFlight::Execute,
+        InFlight::Sync,
+    ];
+    let mut runs = Runs::default();
+    let mut model = std::collections::VecDeque::new();
+    // A deterministic walk of pushes, merges into the last run and pops,
+    // through the ring's wrap and the spill, against a plain queue.
+    let mut state = 7u32;
+    for step in 0..2000u32 {
+        state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        // Phases of growth (two pushes in three) and of draining (one).
+        let roll = (state >> 16) % 3;
+        let pushes = if (step / 150) % 2 == 0 {
+            roll != 0
+        } else {
+            roll == 0
+        };
+        if pushes {
+            let kind = kinds[(state >> 8) as usize % kinds.len()];
+            match (runs.back_mut(), model.back_mut()) {
+                (Some(last), Some(expected)) if last.0 == kind => {
+                    last.1 += 1;
+                    *expected = (kind, last.1);
+                }
+                _ => {
+                    runs.push_back((kind, 1));
+                    model.push_back((kind, 1));
+                }
+            }
+        } else if let Some(front) = runs.front_mut() {
+            assert_eq!(Some(&*front), model.front(), "step {step}");
+            runs.pop_front();
+            model.pop_front();
+        }
+        assert_eq!(runs.len(), model.len(), "step {step}");
+        assert_eq!(runs.back_mut().map(|run| *run), model.back().copied());
+    }
+    while let Some(front) = runs.front_mut() {
+        assert_eq!(Some(&*front), model.front());
+        runs.pop_front();
+        model.pop_front();
+    }
+    assert!(runs.is_empty() && model.is_empty());
+}
