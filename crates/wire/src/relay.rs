@@ -256,6 +256,10 @@ pub struct Relay {
     /// backend being terminated (a database restart, `pg_terminate_backend`),
     /// after which the client may close before the server does.
     server_ended: bool,
+    /// The time read once for everything that happens in one poll
+    /// ([`Relay::now`]): reading the clock for each message's timings was
+    /// a dozen reads a pooled transaction.
+    clock: Option<Instant>,
 }
 
 impl Relay {
@@ -265,6 +269,7 @@ impl Relay {
     /// (transaction pooling).
     pub fn new(tracker: Option<Tracker>) -> Self {
         let (client_frames, server_frames) = framers(tracker.is_some(), None);
+        let now = Instant::now();
         Self {
             to_upstream: Pipe::new(CLIENT_BUFFER),
             to_client: Pipe::new(SERVER_BUFFER),
@@ -279,8 +284,8 @@ impl Relay {
             watchdog: Watchdog {
                 watch: ClientLimits::default(),
                 sleep: None,
-                last_read: Instant::now(),
-                last_written: Instant::now(),
+                last_read: now,
+                last_written: now,
             },
             observed: None,
             audit: None,
@@ -288,7 +293,14 @@ impl Relay {
             transaction_started: None,
             query_started: None,
             server_ended: false,
+            clock: None,
         }
+    }
+
+    /// The time for what happens in this poll (or this `forward` or
+    /// `deliver` step): read once, when first asked for.
+    fn now(&mut self) -> Instant {
+        *self.clock.get_or_insert_with(Instant::now)
     }
 
     /// Reports bytes, queries, transactions and the client's state to
@@ -310,7 +322,8 @@ impl Relay {
         if let Some(observed) = &self.observed {
             if idle {
                 if let Some(started) = self.transaction_started.take() {
-                    let took = started.elapsed();
+                    let now = *self.clock.get_or_insert_with(Instant::now);
+                    let took = now.saturating_duration_since(started);
                     observed.tally.transaction(took);
                     if let Some(audit) = self.audit.as_deref_mut()
                         && audit.session().per() == Per::Transaction
@@ -320,7 +333,7 @@ impl Relay {
                 }
                 observed.activity.set(ClientState::Idle);
             } else {
-                self.transaction_started = Some(Instant::now());
+                self.transaction_started = Some(*self.clock.get_or_insert_with(Instant::now));
                 observed.activity.set(ClientState::Active);
             }
         }
@@ -356,6 +369,7 @@ impl Relay {
             if self.terminated || self.violation.is_some() {
                 break;
             }
+            self.clock = None;
             self.to_upstream.load(chunk);
             self.count(Tally::received, chunk.len());
             self.scan_client();
@@ -374,6 +388,7 @@ impl Relay {
         C: AsyncWrite + Unpin + ?Sized,
     {
         for chunk in bytes.chunks(SERVER_BUFFER) {
+            self.clock = None;
             self.to_client.load(chunk);
             self.count(Tally::sent, chunk.len());
             self.scan_server();
@@ -410,6 +425,7 @@ impl Relay {
         C: AsyncRead + AsyncWrite + Unpin + ?Sized,
         U: AsyncRead + AsyncWrite + Unpin + ?Sized,
     {
+        self.clock = None;
         loop {
             // At the idle boundary it stops at, the relay reads neither side
             // (what the client sends next belongs to its next transaction)
@@ -430,7 +446,7 @@ impl Relay {
                 if read == 0 {
                     return Poll::Ready(Ok(Stop::ClientClosed));
                 }
-                self.watchdog.last_read = Instant::now();
+                self.watchdog.last_read = self.now();
                 self.count(Tally::received, read);
                 self.scan_client();
                 progressed = true;
@@ -456,7 +472,7 @@ impl Relay {
                 if read == 0 {
                     return Poll::Ready(Ok(Stop::UpstreamClosed));
                 }
-                self.watchdog.last_written = Instant::now();
+                self.watchdog.last_written = self.now();
                 self.count(Tally::sent, read);
                 self.scan_server();
                 progressed = true;
@@ -467,7 +483,7 @@ impl Relay {
                 .poll_progress(cx, client)
                 .map_err(RelayError::Client)?;
             if moved && self.to_client.start != before {
-                self.watchdog.last_written = Instant::now();
+                self.watchdog.last_written = self.now();
             }
             progressed |= moved;
             if !progressed {
@@ -509,7 +525,7 @@ impl Relay {
                 (a, b) => a.or(b),
             };
             let (at, stop) = next?;
-            if Instant::now() >= at {
+            if self.now() >= at {
                 return Some(stop);
             }
             let sleep = self
@@ -563,7 +579,7 @@ impl Relay {
                         break;
                     }
                     if self.query_started.is_none() && self.observed.is_some() {
-                        self.query_started = Some(Instant::now());
+                        self.query_started = Some(*self.clock.get_or_insert_with(Instant::now));
                     }
                     let tracker = &mut self.tracker;
                     if let Some(tracker) = tracker.as_mut() {
@@ -626,7 +642,7 @@ impl Relay {
             {
                 // The next query starts now if the client pipelined more
                 // requests behind this one.
-                let now = Instant::now();
+                let now = *self.clock.get_or_insert_with(Instant::now);
                 observed.tally.query(now - started);
                 if let Some(audit) = self.audit.as_deref_mut()
                     && audit.session().per() == Per::Statement
