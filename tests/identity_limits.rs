@@ -157,6 +157,70 @@ async fn in_transaction_pooling_the_transaction_past_the_limit_is_refused_and_th
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_client_pipelining_without_pause_past_its_limit_is_still_killed() {
+    let stack = start(TRANSACTION_POOLING).await;
+    configure(&stack, "max_transactions_per_user = 1", "").await;
+    let held = stack.login("user_1").await;
+    let flooder = std::sync::Arc::new(stack.login("user_1").await);
+    held.batch_execute("begin; select 1")
+        .await
+        .expect("held open");
+    let conninfo = format!(
+        "host=127.0.0.1 port={} dbname={} user=ops password={} sslmode=disable",
+        stack.port,
+        common::CONSOLE_DATABASE,
+        common::CONSOLE_OPS_PASSWORD
+    );
+    let (ops, connection) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+        .await
+        .expect("the console");
+    tokio::spawn(connection);
+    // The flooder is user_1's later client.
+    let flooder_id = ops
+        .simple_query("SHOW CLIENTS")
+        .await
+        .expect("SHOW CLIENTS")
+        .into_iter()
+        .filter_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) => {
+                (row.get("sub") == Some("user_1")).then(|| row.get("id").map(str::to_owned))
+            }
+            _ => None,
+        })
+        .flatten()
+        .max_by_key(|id| id.parse::<u64>().unwrap_or(0))
+        .expect("the flooder's id");
+    // Requests always in flight: every one refused with 53400, and many
+    // more already sent when the proxy finishes one.
+    let mut flood = tokio::task::JoinSet::new();
+    for _ in 0..256 {
+        let flooder = std::sync::Arc::clone(&flooder);
+        flood.spawn(async move {
+            loop {
+                match flooder.simple_query("select 1").await {
+                    Err(error) if error.code().is_some_and(|c| c.code() == "53400") => {}
+                    Err(_) => return true,
+                    Ok(_) => return false,
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ops.simple_query(&format!("KILL_CLIENT {flooder_id}"))
+        .await
+        .expect("KILL_CLIENT");
+    let ended = tokio::time::timeout(Duration::from_secs(10), flood.join_next())
+        .await
+        .expect("the killed client's connection closed while it kept sending")
+        .expect("a task")
+        .expect("the task ran");
+    assert!(ended, "a request ran past the limit");
+    held.batch_execute("commit")
+        .await
+        .expect("the other goes on");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_users_of_one_tenant_share_its_limits_and_another_tenant_is_unaffected() {
     let stack = start(TRANSACTION_POOLING).await;
     configure(

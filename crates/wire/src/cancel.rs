@@ -382,8 +382,11 @@ impl CancelRegistry {
         }
     }
 
-    /// The target of the session with this exact (pid, key). Hold its lock
-    /// while forwarding the cancel.
+    /// The target of the session with this exact (pid, key); forward the
+    /// cancel while holding its [`Target::forwarding`] guard. A cancel
+    /// waiting behind another when the session retargets is sent to where
+    /// the session points then (nowhere, between transactions): the
+    /// retarget goes first.
     pub(crate) fn lookup(&self, pid: i32, key: &[u8]) -> Option<Arc<Target>> {
         let sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
         match sessions.get(&pid) {

@@ -100,6 +100,10 @@ pub struct ClientLogin {
     /// holds ([`crate::pool::ServerInfo::client`]).
     #[serde(skip)]
     pub pool_client: u64,
+    /// The role it asked for at startup, when its token chose another
+    /// (`role_claim`); its log lines name both.
+    #[serde(skip)]
+    pub requested_role: Option<String>,
 }
 
 /// One registered connection.
@@ -342,28 +346,40 @@ impl ClientHandle {
             .store(transport_code(transport), Ordering::Relaxed);
     }
 
+    /// Who it logged in as, once it has.
+    pub fn login(&self) -> Option<&ClientLogin> {
+        self.activity.0.login.get()
+    }
+
     /// Its registry id.
     pub fn id(&self) -> u64 {
         self.id
     }
 
     /// Completes when the connection must close now (a forced drain, or
-    /// the console's `KILL_CLIENT`).
-    pub fn closing(&self) -> impl Future<Output = ()> + Send + '_ {
+    /// the console's `KILL_CLIENT`). Only the connection's own task may
+    /// wait for it (or for [`ClientHandle::draining`]): the entry keeps one
+    /// waker, the last one to wait.
+    pub(crate) fn closing(&self) -> impl Future<Output = ()> + Send + '_ {
         let told = &self.activity.0.told;
         std::future::poll_fn(move |cx| told.poll_raised(CLOSE, cx))
     }
 
     /// Completes when a drain has begun (at once if it has): the
     /// connection should close at its next transaction boundary.
-    pub fn draining(&self) -> impl Future<Output = ()> + Send + '_ {
+    pub(crate) fn draining(&self) -> impl Future<Output = ()> + Send + '_ {
         let told = &self.activity.0.told;
         std::future::poll_fn(move |cx| told.poll_raised(DRAIN, cx))
     }
 
     /// Whether a drain has begun.
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.activity.0.told.is_raised(DRAIN)
+    }
+
+    /// Whether the connection must close now.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.activity.0.told.is_raised(CLOSE)
     }
 }
 
@@ -392,6 +408,7 @@ mod tests {
             application_name: None,
             tls: false,
             pool_client: 7,
+            requested_role: None,
         });
         b.set_state(ClientState::Active);
         let counts = clients.counts();

@@ -300,7 +300,7 @@ impl Relay {
     /// The time for what happens in this poll (or this `forward` or
     /// `deliver` step): read once, when first asked for.
     fn now(&mut self) -> Instant {
-        *self.clock.get_or_insert_with(Instant::now)
+        now(&mut self.clock)
     }
 
     /// Reports bytes, queries, transactions and the client's state to
@@ -322,8 +322,7 @@ impl Relay {
         if let Some(observed) = &self.observed {
             if idle {
                 if let Some(started) = self.transaction_started.take() {
-                    let now = *self.clock.get_or_insert_with(Instant::now);
-                    let took = now.saturating_duration_since(started);
+                    let took = now(&mut self.clock).saturating_duration_since(started);
                     observed.tally.transaction(took);
                     if let Some(audit) = self.audit.as_deref_mut()
                         && audit.session().per() == Per::Transaction
@@ -333,7 +332,7 @@ impl Relay {
                 }
                 observed.activity.set(ClientState::Idle);
             } else {
-                self.transaction_started = Some(*self.clock.get_or_insert_with(Instant::now));
+                self.transaction_started = Some(now(&mut self.clock));
                 observed.activity.set(ClientState::Active);
             }
         }
@@ -509,36 +508,34 @@ impl Relay {
     /// Whether a [`ClientLimits`] limit ran out; otherwise arms the timer for the
     /// nearest one that can.
     fn poll_watchdog(&mut self, cx: &mut Context<'_>) -> Option<Stop> {
-        loop {
-            let dog = &self.watchdog;
-            let idle_in_transaction = self.ledger.idle_in_transaction()
-                && self.to_upstream.is_empty()
-                && self.client_frames.at_boundary();
-            let idle = (dog.watch.idle_in_transaction)
-                .filter(|_| idle_in_transaction)
-                .map(|limit| (dog.last_read + limit, Stop::IdleInTransaction));
-            let stalled = (dog.watch.stalled_reader)
-                .filter(|_| !self.to_client.is_empty())
-                .map(|limit| (dog.last_written + limit, Stop::ClientStalled));
-            let next = match (idle, stalled) {
-                (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
-                (a, b) => a.or(b),
-            };
-            let (at, stop) = next?;
-            if self.now() >= at {
-                return Some(stop);
-            }
-            let sleep = self
-                .watchdog
-                .sleep
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
-            if sleep.deadline() != at {
-                sleep.as_mut().reset(at);
-            }
-            if sleep.as_mut().poll(cx).is_pending() {
-                return None;
-            }
+        let dog = &self.watchdog;
+        let idle_in_transaction = self.ledger.idle_in_transaction()
+            && self.to_upstream.is_empty()
+            && self.client_frames.at_boundary();
+        let idle = (dog.watch.idle_in_transaction)
+            .filter(|_| idle_in_transaction)
+            .map(|limit| (dog.last_read + limit, Stop::IdleInTransaction));
+        let stalled = (dog.watch.stalled_reader)
+            .filter(|_| !self.to_client.is_empty())
+            .map(|limit| (dog.last_written + limit, Stop::ClientStalled));
+        let next = match (idle, stalled) {
+            (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+            (a, b) => a.or(b),
+        };
+        let (at, stop) = next?;
+        if self.now() >= at {
+            return Some(stop);
         }
+        let sleep = self
+            .watchdog
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if sleep.deadline() != at {
+            sleep.as_mut().reset(at);
+        }
+        // Ready: the timer says `at` has passed, whatever the time this
+        // poll read before it.
+        sleep.as_mut().poll(cx).is_ready().then_some(stop)
     }
 
     /// Writes what the server sent and the client has not received yet.
@@ -579,7 +576,7 @@ impl Relay {
                         break;
                     }
                     if self.query_started.is_none() && self.observed.is_some() {
-                        self.query_started = Some(*self.clock.get_or_insert_with(Instant::now));
+                        self.query_started = Some(now(&mut self.clock));
                     }
                     let tracker = &mut self.tracker;
                     if let Some(tracker) = tracker.as_mut() {
@@ -642,7 +639,7 @@ impl Relay {
             {
                 // The next query starts now if the client pipelined more
                 // requests behind this one.
-                let now = *self.clock.get_or_insert_with(Instant::now);
+                let now = now(&mut self.clock);
                 observed.tally.query(now - started);
                 if let Some(audit) = self.audit.as_deref_mut()
                     && audit.session().per() == Per::Statement
@@ -703,6 +700,12 @@ impl Relay {
 /// server's the messages the ledger (and the tracker) follow. Bodies kept:
 /// what the tracker reads (transaction pooling) and, for an audited
 /// session (`Some(statements)`), what its lines are made from.
+/// The time in `clock`, read now if it holds none ([`Relay::now`], for
+/// where `self` is borrowed in part).
+fn now(clock: &mut Option<Instant>) -> Instant {
+    *clock.get_or_insert_with(Instant::now)
+}
+
 fn framers(tracked: bool, audit: Option<bool>) -> (Framer, Framer) {
     let (mut client_bodies, mut server_bodies) = match tracked {
         true => (Tracker::CLIENT_BODIES, Tracker::SERVER_BODIES),

@@ -56,6 +56,7 @@ impl<S: ClientIo> Session<'_, S> {
             application_name: startup.parameters.get("application_name").cloned(),
             tls: self.encrypted,
             pool_client: 0,
+            requested_role: None,
         });
         tracing::info!(?access, "console session started");
         let mut out = BytesMut::new();
@@ -202,11 +203,12 @@ impl<S: ClientIo> Session<'_, S> {
             if let Some(message) = take_message(&mut self.inbox)? {
                 return Ok(Some(message));
             }
-            let drain = self.proxy.drain();
+            let registered = &self.registered;
             let read = tokio::select! {
+                biased;
+                () = registered.closing() => return Err(SessionError::ShuttingDown),
+                () = registered.draining() => return Err(SessionError::ShuttingDown),
                 read = self.client.read_buf(&mut self.inbox) => read,
-                () = drain.draining() => return Err(SessionError::ShuttingDown),
-                () = self.registered.closing() => return Err(SessionError::ShuttingDown),
             };
             if read.map_err(SessionError::ClientIo)? == 0 {
                 return Ok(None);

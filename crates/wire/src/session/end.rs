@@ -107,7 +107,7 @@ pub(super) async fn relay_to_end<S: ClientIo>(
     expires: Option<SystemTime>,
 ) -> Result<(), SessionError> {
     let pipelined = std::mem::take(&mut session.inbox);
-    let span = session.span.clone();
+    let span = session.span();
     let limits = session.settings.config.client_limits;
     let stops = Stops {
         expires,

@@ -37,6 +37,8 @@ pub(super) struct SessionLogin {
     pub(super) fair_key: Box<str>,
     /// What it holds against its identity's limits, once counted.
     pub(super) hold: Option<super::limited::IdentityHold>,
+    /// The role it asked for, when its token chose another.
+    pub(super) requested_role: Option<String>,
 }
 
 impl SessionLogin {
@@ -122,6 +124,8 @@ impl<S: ClientIo> Session<'_, S> {
             Some(identity) => identity.user_id.as_str().into(),
             None => self.peer.ip().to_string().into(),
         };
+        let requested_role =
+            (admitted.identity.is_some() && admitted.role != *role).then(|| role.clone());
         Ok(SessionLogin {
             admitted,
             forwarded,
@@ -129,6 +133,7 @@ impl<S: ClientIo> Session<'_, S> {
             client_id: upstream::next_client_id(),
             fair_key,
             hold: None,
+            requested_role,
         })
     }
 

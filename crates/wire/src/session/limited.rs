@@ -132,9 +132,7 @@ pub(super) async fn decline<S: ClientIo>(
     if let Some(view) = error.client_view() {
         backend::error_hinted(view.code, &view.message, view.hint, &mut out);
     }
-    write_flush(&mut session.client, &out)
-        .await
-        .map_err(SessionError::ClientIo)?;
+    answer(session, &out).await?;
     let mut end = RequestEnd::default();
     let mut rest = std::mem::take(first);
     loop {
@@ -150,9 +148,21 @@ pub(super) async fn decline<S: ClientIo>(
     }
     out.clear();
     backend::ready_for_query_idle(&mut out);
-    write_flush(&mut session.client, &out)
-        .await
-        .map_err(SessionError::ClientIo)
+    answer(session, &out).await
+}
+
+/// Writes `bytes` to the client, unless it is killed (or a forced drain
+/// closes it) first: a client that stops reading must not hold its task
+/// past that.
+async fn answer<S: ClientIo>(
+    session: &mut Session<'_, S>,
+    bytes: &[u8],
+) -> Result<(), SessionError> {
+    tokio::select! {
+        biased;
+        () = session.registered.closing() => Err(SessionError::ShuttingDown),
+        written = write_flush(&mut session.client, bytes) => written.map_err(SessionError::ClientIo),
+    }
 }
 
 /// Reads the client's next bytes into `into`; false when it closed. A
@@ -162,11 +172,14 @@ async fn read_more<S: ClientIo>(
     into: &mut Vec<u8>,
 ) -> Result<bool, SessionError> {
     let mut chunk = [0u8; 1024];
-    let drain = session.proxy.drain();
+    let registered = &session.registered;
     let n = tokio::select! {
+        // A kill or a drain first: a client sending without pause must
+        // not keep it from being seen.
+        biased;
+        () = registered.closing() => return Err(SessionError::ShuttingDown),
+        () = registered.draining() => return Err(SessionError::ShuttingDown),
         read = session.client.read(&mut chunk) => read.map_err(SessionError::ClientIo)?,
-        () = drain.draining() => return Err(SessionError::ShuttingDown),
-        () = session.registered.closing() => return Err(SessionError::ShuttingDown),
     };
     into.extend_from_slice(chunk.get(..n).unwrap_or_default());
     Ok(n > 0)

@@ -218,7 +218,7 @@ impl Proxy {
                         minor_version: startup.minor_version,
                         parameters: std::mem::take(&mut startup.parameters),
                     };
-                    (session.run(startup).await, &session.span)
+                    (session.run(startup).await, session.span())
                 }
                 Next::Cancel {
                     pid,
@@ -229,7 +229,7 @@ impl Proxy {
                     let config = &settings.config;
                     let forward = self.cancels.forward(config, &self.metrics, *pid, key);
                     Box::pin(forward.instrument(span.clone())).await;
-                    (Ok(()), &*span)
+                    (Ok(()), span.clone())
                 }
                 Next::Refuse(stream, error) => {
                     if let Some(stream) = stream {
@@ -237,7 +237,7 @@ impl Proxy {
                     }
                     return;
                 }
-                Next::Ended(result, span) => (std::mem::replace(result, Ok(())), &*span),
+                Next::Ended(result, span) => (std::mem::replace(result, Ok(())), span.clone()),
             };
             let _in = span.enter();
             match result {
@@ -326,9 +326,10 @@ pub(crate) struct Session<'p, S> {
     tally: Option<Tally>,
     /// Its audit log, when `[audit]` is on (made at login).
     audit: Option<Arc<crate::audit::SessionAudit>>,
-    /// The span its log lines go in. Entered where the session logs, and
-    /// around its login and its rare paths, not on every poll of its
-    /// relay: that would cost more than a pooled transaction's own work.
+    /// The span its log lines go in, until it logs in ([`Session::span`]).
+    /// Entered where the session logs, and around its login and its rare
+    /// paths, not on every poll of its relay: that would cost more than a
+    /// pooled transaction's own work.
     span: tracing::Span,
     /// The label of the error it last reported ([`Session::report`]):
     /// the end-of-session line's reason.
@@ -369,6 +370,9 @@ impl<S: ClientIo> Session<'_, S> {
         let Some(logged) = Box::pin(self.log_in(startup).instrument(span)).await? else {
             return Ok(());
         };
+        // Logged in: the span's fields are in the registry's record of the
+        // login, and an idle client should not hold them twice.
+        self.span = tracing::Span::none();
         let (tally, connected) = (logged.tally.clone(), logged.connected);
         // Not in the span: it is entered where the session logs.
         let served = match logged.mode {
@@ -380,7 +384,7 @@ impl<S: ClientIo> Session<'_, S> {
             Ok(()) if !self.ended.is_empty() => self.ended,
             Ok(()) => tally.session().stop().unwrap_or("client_left"),
         };
-        self.span
+        self.span()
             .in_scope(|| session_ended(&tally, connected.elapsed(), reason));
         served
     }
@@ -389,7 +393,29 @@ impl<S: ClientIo> Session<'_, S> {
     /// keeps the reason for the line it ends with.
     fn report(&mut self, error: &SessionError) {
         self.ended = error.label();
-        self.span.in_scope(|| self.proxy.report(error));
+        self.span().in_scope(|| self.proxy.report(error));
+    }
+
+    /// The span its log lines go in: the one it logged in under, or once
+    /// it has let that go, the same made again from the registry's
+    /// record of its login.
+    fn span(&self) -> tracing::Span {
+        if !self.span.is_none() {
+            return self.span.clone();
+        }
+        let span = session_span(self.peer, self.relayed_by, self.transport);
+        if let Some(login) = self.registered.login() {
+            let requested = login.requested_role.as_deref();
+            span.record("user", requested.unwrap_or(&login.role));
+            span.record("db", login.database.as_str());
+            if let Some(subject) = &login.subject {
+                span.record("sub", subject.as_str());
+            }
+            if requested.is_some() {
+                span.record("role", login.role.as_str());
+            }
+        }
+        span
     }
 
     /// From the StartupMessage to the greeting: the token, admission, the
@@ -452,6 +478,7 @@ impl<S: ClientIo> Session<'_, S> {
                 .map(|(_, value)| value.clone()),
             tls: self.encrypted,
             pool_client: login.client_id,
+            requested_role: login.requested_role.clone(),
         });
         let admitted = &login.admitted;
         let tally = self.proxy.metrics.tally_of(

@@ -171,7 +171,7 @@ async fn transaction<S: ClientIo>(
     let turn = match limited::begin(session.proxy, session.transport, who) {
         Ok(turn) => turn,
         Err(refusal) => {
-            let span = session.span.clone();
+            let span = session.span();
             Box::pin(limited::decline(session, first, &refusal).instrument(span)).await?;
             return Ok(Done::Next);
         }
@@ -195,7 +195,7 @@ async fn transaction<S: ClientIo>(
             biased;
             stopped = relay.run(&mut session.client, conn.stream()) => stopped,
             () = session.registered.closing() => {
-                let span = session.span.clone();
+                let span = session.span();
                 return Box::pin(forced(session, relay, pooled, cancel).instrument(span)).await;
             }
         },
@@ -212,7 +212,7 @@ async fn transaction<S: ClientIo>(
                 Ok(Done::Next)
             }
             Settled::Pinned(reason) => {
-                session.span.in_scope(|| {
+                session.span().in_scope(|| {
                     tracing::info!(
                         reason,
                         "client keeps its upstream connection until it leaves"
@@ -233,7 +233,7 @@ async fn transaction<S: ClientIo>(
         };
     }
     // Boxed, as are the other rare paths.
-    let span = session.span.clone();
+    let span = session.span();
     let finished = finish_transaction(session, relay, pooled, cancel, stopped);
     Box::pin(finished.instrument(span)).await
 }
@@ -249,7 +249,9 @@ async fn next_transaction<S: ClientIo>(
 ) -> Result<bool, SessionError> {
     let registered = &session.registered;
     let spared_until = session.spared_until;
-    if registered.is_draining() && Instant::now() >= spared_until {
+    // Checked here too: a client whose next transaction is already sent
+    // finds the read ready at once, and must not get past a kill that way.
+    if registered.is_closing() || registered.is_draining() && Instant::now() >= spared_until {
         return Err(SessionError::ShuttingDown);
     }
     if first.is_empty() {
@@ -261,11 +263,11 @@ async fn next_transaction<S: ClientIo>(
             Box::pin(tokio::time::sleep_until(spared_until)).await;
         };
         let n = tokio::select! {
-            // The client's bytes first: a transaction that has started
-            // runs before a drain closes the client.
+            // A kill first; then the client's bytes: a transaction that
+            // has started runs before a drain closes the client.
             biased;
-            read = session.client.read(&mut head) => read.map_err(SessionError::ClientIo)?,
             () = registered.closing() => return Err(SessionError::ShuttingDown),
+            read = session.client.read(&mut head) => read.map_err(SessionError::ClientIo)?,
             () = drained => return Err(SessionError::ShuttingDown),
         };
         *first = head.get(..n).unwrap_or_default().to_vec();
@@ -295,7 +297,7 @@ async fn settle<S: ClientIo>(
     let deadline = Instant::now() + session.settings.config.pool_limits.internal_query_timeout;
     let conn = pooled.conn();
     let settled = client.settle(conn, deadline);
-    match settled.instrument(session.span.clone()).await {
+    match settled.instrument(session.span()).await {
         Ok(pinned) => {
             relay
                 .deliver(&conn.take_for_client(), &mut session.client)
