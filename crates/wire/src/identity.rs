@@ -9,6 +9,8 @@
 //! rewrites the settings, or replays a pair captured on another backend or in
 //! an earlier session, gets NULL. See `sql/auth.sql` and docs/security.md.
 
+use std::sync::Arc;
+
 use aws_lc_rs::hmac;
 
 /// Setting that carries the claims JSON.
@@ -25,7 +27,13 @@ const BLOCK: usize = 64;
 pub struct ClaimsKey {
     bytes: [u8; CLAIMS_KEY_LEN],
     key: hmac::Key,
+    /// A MAC of a fixed text under the key ([`ClaimsKey::mark`]), shared
+    /// by everything that names the key.
+    mark: Arc<str>,
 }
+
+/// What [`ClaimsKey::mark`] is a MAC of.
+const MARKED: &str = "authgres claims key mark";
 
 impl std::fmt::Debug for ClaimsKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -54,10 +62,15 @@ impl ClaimsKey {
 
     /// A key from raw bytes.
     pub fn from_bytes(bytes: [u8; CLAIMS_KEY_LEN]) -> Self {
-        Self {
-            key: hmac::Key::new(hmac::HMAC_SHA256, &bytes),
-            bytes,
-        }
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &bytes);
+        let mark = Arc::from(hex(hmac::sign(&key, MARKED.as_bytes()).as_ref()));
+        Self { bytes, key, mark }
+    }
+
+    /// Names the key without revealing it: equal for the same key, made
+    /// once per key (every pooled session's shape carries it).
+    pub fn mark(&self) -> &Arc<str> {
+        &self.mark
     }
 
     /// The hex MAC of `binding` + `\n` + `claims_json`.

@@ -65,7 +65,9 @@ pub use identity::ClaimsKey;
 pub use limits::{IdentityLimits, Limit, LimitRefusal, LimitTable, Limiter, Seat, Turn, Who};
 pub use log_limit::LogLimiter;
 pub use metrics::Metrics;
-pub use pool::{Attempts, CheckoutError, Fairness, ReadyFailure, ServerPools, UpstreamPool, reap};
+pub use pool::{
+    Attempts, CheckoutError, Fairness, PoolKey, ReadyFailure, ServerPools, UpstreamPool, reap,
+};
 pub use proto::server_error::ServerError;
 pub use proxied::{AddressBlock, ProxyProtocolFrom};
 pub use proxy::{Collector, Proxy, Settings};

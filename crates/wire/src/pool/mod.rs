@@ -72,6 +72,29 @@ impl pick::Owned for Idle {
 /// by every checkout of it under way or held, so a checkout touches the
 /// map once and the slot's own lock after that; a slot leaves the map
 /// only when nothing else holds it ([`UpstreamPool::prune`]).
+/// A (database, role) of a pool, for [`UpstreamPool::checkout_keyed`]:
+/// its slot stays while a key to it is held.
+#[derive(Clone)]
+pub struct PoolKey(Arc<Slot>);
+
+impl PoolKey {
+    /// The database.
+    pub fn database(&self) -> &str {
+        &self.0.database
+    }
+
+    /// The role.
+    pub fn role(&self) -> &str {
+        &self.0.role
+    }
+}
+
+impl std::fmt::Debug for PoolKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PoolKey({}, {})", self.database(), self.role())
+    }
+}
+
 struct Slot {
     database: String,
     role: String,
@@ -341,7 +364,29 @@ impl UpstreamPool {
         (client, wanted): (u64, Option<&SessionShape>),
         fair: Fairness<'_>,
     ) -> Result<Pooled, CheckoutError> {
-        let (slot, limits) = self.slot(database, role);
+        let key = self.key(database, role);
+        self.checkout_keyed(&key, password, (client, wanted), fair)
+            .await
+    }
+
+    /// The (database, role) whose connections a client checks out, held
+    /// by a transaction-pooled client between its transactions: a checkout
+    /// by key looks nothing up, and the client keeps no copy of the names.
+    pub fn key(&self, database: &str, role: &str) -> PoolKey {
+        PoolKey(self.slot(database, role).0)
+    }
+
+    /// [`UpstreamPool::checkout_as`] for a key of this pool.
+    pub async fn checkout_keyed<'p>(
+        self: &Arc<Self>,
+        key: &PoolKey,
+        password: impl FnOnce() -> Option<&'p str>,
+        (client, wanted): (u64, Option<&SessionShape>),
+        fair: Fairness<'_>,
+    ) -> Result<Pooled, CheckoutError> {
+        let slot = Arc::clone(&key.0);
+        let limits = slot.connections().limits;
+        let (database, role) = (slot.database.as_str(), slot.role.as_str());
         if self.gates.is_paused(database) {
             let _waiting = slot.waiting.hold();
             let deadline = Instant::now() + limits.checkout_timeout;
@@ -577,11 +622,8 @@ impl UpstreamPool {
 
     /// Marks the idle connections holding `client`'s session as nobody's
     /// to come back to (the client left); they are reset before reuse.
-    pub fn disown(&self, database: &str, role: &str, client: u64) {
-        let Some(slot) = self.existing(database, role) else {
-            return;
-        };
-        for idle in &mut slot.connections().idle {
+    pub fn disown(&self, key: &PoolKey, client: u64) {
+        for idle in &mut key.0.connections().idle {
             if idle.conn.owner() == Owner::Client(client) {
                 idle.conn.set_owner(Owner::Unknown);
             }

@@ -16,7 +16,7 @@ use super::handshake::SessionLogin;
 use crate::config::PoolMode;
 use crate::error::{SessionError, UpstreamError};
 use crate::identity::ClaimsKey;
-use crate::pool::{CheckoutError, Fairness, Pooled, UpstreamPool};
+use crate::pool::{CheckoutError, Fairness, PoolKey, Pooled, UpstreamPool};
 use crate::proxy::{Proxy, Settings};
 use crate::transaction::PooledClient;
 use crate::upstream::Upstream;
@@ -86,8 +86,7 @@ pub(super) async fn lease(
     let (pooled, parameters) = checkout(
         &pool,
         settings,
-        &admitted.database,
-        &admitted.role,
+        &pool.key(&admitted.database, &admitted.role),
         (login.client_id, Fairness::new(&login.fair_key)),
         readying,
     )
@@ -123,26 +122,25 @@ async fn own_login(
 pub(super) async fn checkout(
     pool: &Arc<UpstreamPool>,
     settings: &Settings,
-    database: &str,
-    role: &str,
+    key: &PoolKey,
     (client, fair): (u64, Fairness<'_>),
     readying: Readying<'_>,
 ) -> Result<(Pooled, Vec<(String, String)>), SessionError> {
     let limits = pool.limits();
     let attempts = UpstreamPool::attempts(&limits);
-    let password = || settings.config.password(role);
+    let password = || settings.config.password(key.role());
     loop {
         let wanted = match &readying {
             Readying::Transaction(pooled_client) => pooled_client.shape(),
             Readying::Login { .. } => None,
         };
         let mut pooled = pool
-            .checkout_as(database, role, password, (client, wanted), fair)
+            .checkout_keyed(key, password, (client, wanted), fair)
             .await
             .map_err(|error| match error {
                 CheckoutError::Timeout(waited) => SessionError::PoolExhausted {
-                    database: database.to_owned(),
-                    role: role.to_owned(),
+                    database: key.database().to_owned(),
+                    role: key.role().to_owned(),
                     waited,
                 },
                 CheckoutError::Upstream(error) => SessionError::Upstream(error),

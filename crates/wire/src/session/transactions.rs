@@ -25,7 +25,7 @@ use crate::cancel::CancelGuard;
 use crate::clients::ClientState;
 use crate::error::SessionError;
 use crate::limits::Turn;
-use crate::pool::{Fairness, Pooled, UpstreamPool};
+use crate::pool::{Fairness, PoolKey, Pooled, UpstreamPool};
 use crate::relay::{self, Relay, RelayError, Stop};
 use crate::transaction::PooledClient;
 
@@ -38,13 +38,12 @@ pub(super) async fn serve<S: ClientIo>(
     let served = serve_transactions(session, &mut between).await;
     let Between {
         pool,
-        database,
-        role,
+        key,
         client,
         cancel,
         ..
     } = &between;
-    pool.disown(database, role, client.id);
+    pool.disown(key, client.id);
     match served {
         Ok(Some(pinned)) => {
             let Pinned {
@@ -66,8 +65,8 @@ pub(super) async fn serve<S: ClientIo>(
 /// login but what its next transaction needs.
 struct Between {
     pool: Arc<UpstreamPool>,
-    database: String,
-    role: String,
+    /// Its (database, role) in the pool.
+    key: PoolKey,
     client: PooledClient,
     /// Its seat, counted to the end; each transaction is counted on its own.
     hold: Option<IdentityHold>,
@@ -94,9 +93,8 @@ fn between<S: ClientIo>(session: &Session<'_, S>, logged: Box<LoggedIn>) -> Betw
         .proxy
         .pool_for(login.admitted.destination.server.as_ref());
     Between {
+        key: pool.key(&login.admitted.database, &login.admitted.role),
         pool,
-        database: login.admitted.database,
-        role: login.admitted.role,
         client,
         hold: login.hold,
         fair_key: login.fair_key,
@@ -160,8 +158,7 @@ async fn transaction<S: ClientIo>(
 ) -> Result<Done, SessionError> {
     let Between {
         pool,
-        database,
-        role,
+        key,
         client,
         hold,
         fair_key,
@@ -180,7 +177,7 @@ async fn transaction<S: ClientIo>(
     let settings = &session.settings;
     session.registered.set_state(ClientState::Waiting);
     let whose = (client.id, Fairness::new(fair_key));
-    let (mut pooled, _) = lease::checkout(pool, settings, database, role, whose, readying).await?;
+    let (mut pooled, _) = lease::checkout(pool, settings, key, whose, readying).await?;
     let conn = pooled.conn();
     cancel.retarget(Some(conn.cancel_key())).await;
     let mut relay = Relay::new(Some(std::mem::take(&mut client.tracker)));

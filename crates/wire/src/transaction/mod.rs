@@ -45,8 +45,6 @@ use crate::upstream::{Owner, SessionShape, Upstream};
 pub(crate) struct PooledClient {
     /// Process-unique id, the owner tag of connections holding its session.
     pub(crate) id: u64,
-    /// The verified claims (JSON), `None` for anonymous roles.
-    pub(crate) claims: Option<String>,
     /// Settings to apply on a connection that does not hold its session:
     /// from the startup packet, then as read after SET and friends.
     pub(crate) settings: Vec<(String, String)>,
@@ -71,7 +69,6 @@ impl PooledClient {
         let shape = SessionShape::new(claims.as_deref(), key, &settings);
         Self {
             id,
-            claims,
             settings,
             tracker: Tracker::default(),
             expires,
@@ -83,6 +80,12 @@ impl PooledClient {
     /// [`crate::upstream::SessionShape`]).
     pub(crate) fn shape(&self) -> Option<&SessionShape> {
         self.shape.as_deref()
+    }
+
+    /// The verified claims (JSON), `None` for anonymous roles: kept once,
+    /// in its shape.
+    pub(crate) fn claims(&self) -> Option<&str> {
+        self.shape.as_deref().map(SessionShape::claims)
     }
 
     /// Whether its token has expired and expiry is enforced.
@@ -102,7 +105,7 @@ impl PooledClient {
         deadline: Instant,
     ) -> Result<(), UpstreamError> {
         if !conn.claim_as(self.id, self.shape(), deadline).await? {
-            conn.attach(key, self.claims.as_deref(), &self.settings, deadline)
+            conn.attach(key, self.claims(), &self.settings, deadline)
                 .await?;
             replay_statements(conn, self.tracker.statements(), deadline).await?;
         }

@@ -22,9 +22,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::identity::ClaimsKey;
 
-/// The text whose MAC names the key that signed a session.
-const SIGNED_BY: &str = "authgres session shape";
-
 /// What a transaction-pooled client's session on a connection consists
 /// of, shared between the client and the connections it made so.
 #[derive(Debug)]
@@ -34,7 +31,7 @@ pub struct SessionShape {
     /// not the key): after a reload that rotates the key, a session signed
     /// with the old one is reset and signed again, not passed on until the
     /// old key is retired and its identity stops verifying.
-    signed_by: String,
+    signed_by: Arc<str>,
     /// Sorted: the server lists a session's settings in its own order.
     settings: Vec<(String, String)>,
     /// Set once the client prepared a named statement: the connections it
@@ -54,7 +51,7 @@ impl SessionShape {
     ) -> Option<Arc<Self>> {
         Some(Arc::new(Self {
             claims: claims?.to_owned(),
-            signed_by: key.sign(SIGNED_BY, ""),
+            signed_by: Arc::clone(key.mark()),
             settings: sorted(settings),
             statements: AtomicBool::new(false),
         }))
@@ -65,7 +62,7 @@ impl SessionShape {
     pub fn with_settings(&self, settings: &[(String, String)]) -> Arc<Self> {
         Arc::new(Self {
             claims: self.claims.clone(),
-            signed_by: self.signed_by.clone(),
+            signed_by: Arc::clone(&self.signed_by),
             settings: sorted(settings),
             statements: AtomicBool::new(self.has_statements()),
         })
@@ -75,6 +72,11 @@ impl SessionShape {
     /// made so is shared from now on.
     pub fn prepared_statements(&self) {
         self.statements.store(true, Ordering::Relaxed);
+    }
+
+    /// The verified claims (JSON) attached in it.
+    pub fn claims(&self) -> &str {
+        &self.claims
     }
 
     /// Whether its client prepared a named statement.
