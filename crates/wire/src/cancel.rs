@@ -138,52 +138,56 @@ impl Target {
     /// Points it at `backend` once no cancel is in flight.
     async fn set(&self, backend: Option<UpstreamKey>) {
         let mut backend = Some(backend);
-        if self.try_set(&mut backend) {
-            return;
-        }
-        let _waiting = RetargetWaiting(self);
-        loop {
-            let delivered = self.delivered.notified();
-            tokio::pin!(delivered);
-            // Registered before the check: a delivery after it wakes us.
-            delivered.as_mut().enable();
-            if self.try_set(&mut backend) {
-                return;
+        let mut waiting = RetargetWaiting {
+            target: self,
+            armed: false,
+        };
+        self.when(|aim| {
+            if aim.forwarding {
+                aim.retarget_waiting = true;
+                waiting.armed = true;
+                return None;
             }
-            delivered.await;
-        }
-    }
-
-    /// Points it at the backend in `backend` unless a cancel is in
-    /// flight, in which case it marks a retarget waiting.
-    fn try_set(&self, backend: &mut Option<Option<UpstreamKey>>) -> bool {
-        let mut aim = self.aim();
-        if aim.forwarding {
-            aim.retarget_waiting = true;
-            return false;
-        }
-        aim.backend = backend.take().flatten();
-        true
+            aim.backend = backend.take().flatten();
+            Some(())
+        })
+        .await;
     }
 
     /// The backend to forward a cancel to, held until the returned guard
     /// drops (a second cancel for the same key waits its turn), or `None`
     /// between transactions.
     async fn forwarding(&self) -> Option<Forwarding<'_>> {
+        let backend = self
+            .when(|aim| {
+                if aim.forwarding || aim.retarget_waiting {
+                    return None;
+                }
+                let backend = aim.backend.clone();
+                aim.forwarding = backend.is_some();
+                Some(backend)
+            })
+            .await?;
+        Some(Forwarding {
+            target: self,
+            backend,
+        })
+    }
+
+    /// The first `Some` that `attempt` makes of the aim, tried now and
+    /// again after each delivered cancel: most calls find it at once and
+    /// register no waiter.
+    async fn when<T>(&self, mut attempt: impl FnMut(&mut Aim) -> Option<T>) -> T {
+        if let Some(done) = attempt(&mut self.aim()) {
+            return done;
+        }
         loop {
             let delivered = self.delivered.notified();
             tokio::pin!(delivered);
+            // Registered before the check: a delivery after it wakes us.
             delivered.as_mut().enable();
-            {
-                let mut aim = self.aim();
-                if !aim.forwarding && !aim.retarget_waiting {
-                    let backend = aim.backend.clone()?;
-                    aim.forwarding = true;
-                    return Some(Forwarding {
-                        target: self,
-                        backend,
-                    });
-                }
+            if let Some(done) = attempt(&mut self.aim()) {
+                return done;
             }
             delivered.await;
         }
@@ -196,14 +200,19 @@ impl Target {
     }
 }
 
-/// A retarget that had to wait: when it is done (or dropped), cancels
-/// held back for it go on.
-struct RetargetWaiting<'a>(&'a Target);
+/// A retarget that had to wait (`armed`): when it is done (or dropped),
+/// cancels held back for it go on.
+struct RetargetWaiting<'a> {
+    target: &'a Target,
+    armed: bool,
+}
 
 impl Drop for RetargetWaiting<'_> {
     fn drop(&mut self) {
-        self.0.aim().retarget_waiting = false;
-        self.0.delivered.notify_waiters();
+        if self.armed {
+            self.target.aim().retarget_waiting = false;
+            self.target.delivered.notify_waiters();
+        }
     }
 }
 
