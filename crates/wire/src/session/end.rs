@@ -20,6 +20,7 @@ use super::lease::Lease;
 use super::limited::{Counted, IdentityHold};
 use super::{ClientIo, LoggedIn, Session, refuse};
 use crate::cancel::CancelGuard;
+use crate::clients::ClientHandle;
 use crate::config::ClientLimits;
 use crate::error::{ProtocolViolation, SessionError};
 use crate::proxy::Settings;
@@ -193,10 +194,7 @@ async fn relay_until_stop<C: ClientIo>(
         }
     };
     tokio::pin!(expired);
-    let drained = async {
-        registered.draining().await;
-        Box::pin(tokio::time::sleep_until(spared_until)).await;
-    };
+    let drained = drain_reaches(registered, spared_until);
     tokio::pin!(drained);
     let mut boundary = None;
     loop {
@@ -216,6 +214,15 @@ async fn relay_until_stop<C: ClientIo>(
             }
         }
     }
+}
+
+/// Completes when a drain has begun and the session's grace after its
+/// login (`spared_until`) is over: where a drain closes it, at its next
+/// idle boundary. The timer is boxed, made only once a drain begins: every
+/// idle session holds this future.
+pub(super) async fn drain_reaches(registered: &ClientHandle, spared_until: Instant) {
+    registered.draining().await;
+    Box::pin(tokio::time::sleep_until(spared_until)).await;
 }
 
 /// The error a relay's stop ends the session with, if any: `boundary` says

@@ -254,11 +254,7 @@ async fn next_transaction<S: ClientIo>(
     if first.is_empty() {
         // Idle: no upstream connection, no buffers beyond this one.
         let mut head = [0u8; 64];
-        let drained = async {
-            registered.draining().await;
-            // Boxed: a timer held by every idle client for a drain.
-            Box::pin(tokio::time::sleep_until(spared_until)).await;
-        };
+        let drained = end::drain_reaches(registered, spared_until);
         let n = tokio::select! {
             // A kill first; then the client's bytes: a transaction that
             // has started runs before a drain closes the client.
