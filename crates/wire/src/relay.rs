@@ -425,6 +425,10 @@ impl Relay {
         U: AsyncRead + AsyncWrite + Unpin + ?Sized,
     {
         self.clock = None;
+        // A side whose read was pending once in this poll has its waker
+        // registered: reading it again before the task is woken can only
+        // be pending again, at a cost per poll.
+        let (mut client_waits, mut server_waits) = (false, false);
         loop {
             // At the idle boundary it stops at, the relay reads neither side
             // (what the client sends next belongs to its next transaction)
@@ -436,19 +440,20 @@ impl Relay {
             let mut progressed = false;
             let ended = self.terminated || self.violation.is_some();
             // Client to upstream.
-            if !stopping
-                && !ended
-                && self.to_upstream.is_empty()
-                && let Poll::Ready(read) = self.to_upstream.poll_fill(cx, client)
-            {
-                let read = read.map_err(RelayError::Client)?;
-                if read == 0 {
-                    return Poll::Ready(Ok(Stop::ClientClosed));
+            if !stopping && !ended && !client_waits && self.to_upstream.is_empty() {
+                match self.to_upstream.poll_fill(cx, client) {
+                    Poll::Pending => client_waits = true,
+                    Poll::Ready(read) => {
+                        let read = read.map_err(RelayError::Client)?;
+                        if read == 0 {
+                            return Poll::Ready(Ok(Stop::ClientClosed));
+                        }
+                        self.watchdog.last_read = self.now();
+                        self.count(Tally::received, read);
+                        self.scan_client();
+                        progressed = true;
+                    }
                 }
-                self.watchdog.last_read = self.now();
-                self.count(Tally::received, read);
-                self.scan_client();
-                progressed = true;
             }
             progressed |= self
                 .to_upstream
@@ -463,18 +468,20 @@ impl Relay {
                 }
             }
             // Upstream to client.
-            if !stopping
-                && self.to_client.is_empty()
-                && let Poll::Ready(read) = self.to_client.poll_fill(cx, upstream)
-            {
-                let read = read.map_err(RelayError::Upstream)?;
-                if read == 0 {
-                    return Poll::Ready(Ok(Stop::UpstreamClosed));
+            if !stopping && !server_waits && self.to_client.is_empty() {
+                match self.to_client.poll_fill(cx, upstream) {
+                    Poll::Pending => server_waits = true,
+                    Poll::Ready(read) => {
+                        let read = read.map_err(RelayError::Upstream)?;
+                        if read == 0 {
+                            return Poll::Ready(Ok(Stop::UpstreamClosed));
+                        }
+                        self.watchdog.last_written = self.now();
+                        self.count(Tally::sent, read);
+                        self.scan_server();
+                        progressed = true;
+                    }
                 }
-                self.watchdog.last_written = self.now();
-                self.count(Tally::sent, read);
-                self.scan_server();
-                progressed = true;
             }
             let before = self.to_client.start;
             let moved = self
@@ -725,7 +732,9 @@ fn framers(tracked: bool, audit: Option<bool>) -> (Framer, Framer) {
             ledger::SERVER_REPORTED.union(Tracker::SERVER_REPORTED),
             ledger::SERVER_BODIES.union(server_bodies),
             server_capture,
-        ),
+        )
+        // The server's messages are read where they end.
+        .ends_only(),
     )
 }
 

@@ -59,9 +59,12 @@ pub enum Frame {
 /// Follows message framing across arbitrary chunk boundaries.
 #[derive(Debug)]
 pub struct Framer {
-    /// Messages whose start and end are reported; the rest pass without a
-    /// stop, which keeps result streams fast.
+    /// Messages whose end is reported; the rest pass without a stop, which
+    /// keeps result streams fast.
     report: TagSet,
+    /// Messages whose start is reported too: `report`, unless the caller
+    /// needs only ends ([`Framer::ends_only`]).
+    starts: TagSet,
     /// Messages whose bodies are collected, up to `capture_limit` bytes.
     capture: TagSet,
     capture_limit: usize,
@@ -71,7 +74,7 @@ pub struct Framer {
     length: u32,
     /// Bytes of the current message body still to pass.
     body_left: usize,
-    /// The start of the current message was reported.
+    /// The start of the current message was reported (or not wanted).
     start_reported: bool,
     /// The current body is being collected (it is captured and fits).
     collecting: bool,
@@ -87,6 +90,7 @@ impl Framer {
     pub fn new(report: TagSet, capture: TagSet, capture_limit: usize) -> Self {
         Self {
             report,
+            starts: report,
             capture,
             capture_limit,
             header: [0; 5],
@@ -100,17 +104,34 @@ impl Framer {
         }
     }
 
+    /// The same framer reporting only where messages end: one stop per
+    /// reported message instead of two, for a caller that reads only ends.
+    #[must_use]
+    pub fn ends_only(mut self) -> Self {
+        self.starts = TagSet::NONE;
+        self
+    }
+
     /// Consumes `bytes` up to the next message start or end; returns how
     /// many were consumed and the boundary reached, if any (`None` means all
     /// of `bytes` was consumed inside messages).
     pub fn next(&mut self, bytes: &[u8]) -> (usize, Option<Frame>) {
         let mut at = 0;
         while let Some(&first) = bytes.get(at) {
-            if self.header_len == 0 && !self.start_reported {
-                self.start_reported = true;
-                self.body_complete = false;
-                if self.report.contains(first) {
-                    return (at, Some(Frame::Start(first)));
+            if self.header_len == 0 {
+                if !self.start_reported {
+                    self.start_reported = true;
+                    self.body_complete = false;
+                    if self.starts.contains(first) {
+                        return (at, Some(Frame::Start(first)));
+                    }
+                }
+                // Most headers arrive whole: read in place, not gathered.
+                if let Some(&[tag, a, b, c, d]) = bytes.get(at..at + 5) {
+                    self.header[0] = tag;
+                    self.header_len = 5;
+                    at += 5;
+                    self.begin_body(u32::from_be_bytes([a, b, c, d]));
                 }
             }
             if self.header_len < 5 {
@@ -126,12 +147,7 @@ impl Framer {
                     break;
                 }
                 let [_, a, b, c, d] = self.header;
-                self.length = u32::from_be_bytes([a, b, c, d]);
-                self.body_left =
-                    usize::try_from(self.length.saturating_sub(4)).unwrap_or(usize::MAX);
-                self.body.clear();
-                self.collecting =
-                    self.capture.contains(self.header[0]) && self.body_left <= self.capture_limit;
+                self.begin_body(u32::from_be_bytes([a, b, c, d]));
             }
             let rest = bytes.get(at..).unwrap_or_default();
             let take = self.body_left.min(rest.len());
@@ -150,6 +166,15 @@ impl Framer {
             }
         }
         (at, None)
+    }
+
+    /// Starts the body of the message whose header was just read.
+    fn begin_body(&mut self, length: u32) {
+        self.length = length;
+        self.body_left = usize::try_from(length.saturating_sub(4)).unwrap_or(usize::MAX);
+        self.body.clear();
+        self.collecting =
+            self.capture.contains(self.header[0]) && self.body_left <= self.capture_limit;
     }
 
     /// The body of the message that just ended, if its kind is captured and
@@ -354,6 +379,30 @@ pub(crate) mod tests {
             ]
         );
         assert!(framer.at_boundary());
+    }
+
+    #[test]
+    fn a_framer_for_ends_only_stops_once_per_message_at_every_split() {
+        let mut stream = message(b'T', &[0; 30]);
+        stream.extend(message(b'D', b"row"));
+        stream.extend(message(b'C', b"SELECT 1\0"));
+        stream.extend(message(b'Z', b"I"));
+        let framer = || Framer::new(TagSet::of(b"TCZ"), TagSet::of(b"CZ"), 64).ends_only();
+        let whole = frames(&mut framer(), &[&stream]);
+        assert_eq!(
+            whole,
+            vec![
+                (35, Frame::End(b'T'), None),
+                (57, Frame::End(b'C'), Some(b"SELECT 1\0".to_vec())),
+                (63, Frame::End(b'Z'), Some(b"I".to_vec())),
+            ]
+        );
+        for split in 0..stream.len() {
+            let (a, b) = stream.split_at(split);
+            assert_eq!(frames(&mut framer(), &[a, b]), whole, "split at {split}");
+        }
+        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+        assert_eq!(frames(&mut framer(), &bytes), whole);
     }
 
     #[test]
