@@ -159,30 +159,27 @@ impl Tracker {
     }
 
     /// Whether a statement's text calls `set_config`, whose effect can
-    /// outlive the transaction with no command tag to show it.
+    /// outlive the transaction with no command tag to show it. Read
+    /// conservatively: the name anywhere in the text, in any case.
     pub fn calls_set_config(text: &[u8]) -> bool {
-        text.windows(b"set_config".len())
-            .any(|w| w.eq_ignore_ascii_case(b"set_config"))
+        words(text).any(|(word, _)| names_set_config(word))
     }
 
     /// Notes what a statement's text says about session state: a call of
-    /// `set_config`, and the dotted names that may be custom settings.
+    /// `set_config`, and the dotted names that may be custom settings. One
+    /// pass over the text, which every transaction-pooled statement pays.
     fn read_statement(&mut self, text: &[u8]) {
-        if Self::calls_set_config(text) {
-            self.touched = true;
-        }
-        let is_word = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'$' || *b == b'.';
-        for word in text.split(|b| !is_word(b)) {
-            if self.mentioned.len() >= MAX_MENTIONED {
-                break;
+        for (word, dotted) in words(text) {
+            if !self.touched && names_set_config(word) {
+                self.touched = true;
             }
-            let parts = || word.split(|b| *b == b'.');
-            let is_name = word.len() <= MAX_NAME
-                && word.contains(&b'.')
-                && parts().all(|part| {
-                    part.first()
-                        .is_some_and(|b| b.is_ascii_alphabetic() || *b == b'_')
-                });
+            if !dotted || self.mentioned.len() >= MAX_MENTIONED || word.len() > MAX_NAME {
+                continue;
+            }
+            let is_name = word.split(|b| *b == b'.').all(|part| {
+                part.first()
+                    .is_some_and(|b| b.is_ascii_alphabetic() || *b == b'_')
+            });
             if is_name && let Ok(name) = std::str::from_utf8(word) {
                 self.mentioned.insert(name.to_ascii_lowercase());
             }
@@ -250,6 +247,52 @@ impl Tracker {
 fn cstr(bytes: &[u8]) -> Option<&str> {
     let end = bytes.iter().position(|&b| b == 0)?;
     std::str::from_utf8(&bytes[..end]).ok()
+}
+
+/// Bytes that can be part of a name, dotted or not: ASCII letters and
+/// digits, `_`, `$` and `.`.
+const WORD_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut c: u8 = 0;
+    loop {
+        table[c as usize] = c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c == b'.';
+        if c == u8::MAX {
+            break table;
+        }
+        c += 1;
+    }
+};
+
+/// The runs of [`WORD_BYTES`] in `text`, each with whether it holds a dot.
+/// Every letter of `set_config` is a word byte, so the name never spans
+/// two words.
+fn words(text: &[u8]) -> impl Iterator<Item = (&[u8], bool)> {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let rest = text.get(at..)?;
+        let start = at + rest.iter().position(|&b| WORD_BYTES[usize::from(b)])?;
+        let mut dotted = false;
+        let len = text
+            .get(start..)
+            .unwrap_or_default()
+            .iter()
+            .take_while(|&&b| {
+                dotted |= b == b'.';
+                WORD_BYTES[usize::from(b)]
+            })
+            .count();
+        at = start + len;
+        Some((text.get(start..at).unwrap_or_default(), dotted))
+    })
+}
+
+/// Whether `word` holds `set_config`, in any case.
+fn names_set_config(word: &[u8]) -> bool {
+    const NAME: &[u8] = b"set_config";
+    word.len() >= NAME.len()
+        && word
+            .windows(NAME.len())
+            .any(|w| w.eq_ignore_ascii_case(NAME))
 }
 
 #[cfg(test)]
@@ -344,6 +387,30 @@ mod tests {
             ["app.tenant", "pg_catalog.set_config", "t.id"]
         );
         assert!(tracker.take_mentioned().is_empty());
+    }
+
+    #[test]
+    fn set_config_is_found_wherever_the_text_holds_it() {
+        let naive = |text: &[u8]| {
+            text.windows(10)
+                .any(|w| w.eq_ignore_ascii_case(b"set_config"))
+        };
+        for text in [
+            &b"select set_config('a.b', '1', false)"[..],
+            b"SELECT\"SET_CONFIG\"('a.b','1',false)",
+            b"select x.set_config(1)",
+            b"select 1;set_config",
+            b"set_config",
+            b"set_confi",
+            b"select reset_configs from t",
+            b"select 'set_config' as s",
+            b"select set config",
+            b"select set$config",
+            b"",
+            b"\xffset_config\xff",
+        ] {
+            assert_eq!(Tracker::calls_set_config(text), naive(text), "{text:?}");
+        }
     }
 
     #[test]
