@@ -135,6 +135,19 @@ impl Target {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Points it at `backend` now unless a cancel is in flight (or waits
+    /// to be), which gets `backend` back: the common case, with no future.
+    fn try_set(&self, backend: Option<UpstreamKey>) -> Result<(), Option<UpstreamKey>> {
+        let mut aim = self.aim();
+        if aim.forwarding || aim.retarget_waiting {
+            return Err(backend);
+        }
+        let old = std::mem::replace(&mut aim.backend, backend);
+        drop(aim);
+        drop(old);
+        Ok(())
+    }
+
     /// Points it at `backend` once no cancel is in flight.
     async fn set(&self, backend: Option<UpstreamKey>) {
         let mut backend = Some(backend);
@@ -423,7 +436,9 @@ impl CancelGuard {
     /// Points the client's cancel key at `upstream` (or at nothing); waits
     /// for a cancel being forwarded to the old target to finish first.
     pub(crate) async fn retarget(&self, upstream: Option<UpstreamKey>) {
-        self.target.set(upstream).await;
+        if let Err(upstream) = self.target.try_set(upstream) {
+            self.target.set(upstream).await;
+        }
     }
 }
 

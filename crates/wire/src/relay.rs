@@ -322,8 +322,9 @@ impl Relay {
         if let Some(observed) = &self.observed {
             if idle {
                 if let Some(started) = self.transaction_started.take() {
-                    let took = now(&mut self.clock).saturating_duration_since(started);
-                    observed.tally.transaction(took);
+                    let now = now(&mut self.clock);
+                    let took = now.saturating_duration_since(started);
+                    observed.tally.transaction(took, now);
                     if let Some(audit) = self.audit.as_deref_mut()
                         && audit.session().per() == Per::Transaction
                     {

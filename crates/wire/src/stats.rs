@@ -310,13 +310,14 @@ impl Tally {
         self.session.sent.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// A transaction (or a statement outside one) that took `took`.
-    pub fn transaction(&self, took: Duration) {
+    /// A transaction (or a statement outside one) that took `took`,
+    /// ending `now` (the caller's clock reading, not another).
+    pub fn transaction(&self, took: Duration, now: tokio::time::Instant) {
         let us = micros(took);
         self.counts().transaction(us);
         self.session.transactions.fetch_add(1, Ordering::Relaxed);
         if let Some(who) = &self.who {
-            who.transaction(us);
+            who.transaction(us, now);
         }
     }
 
@@ -366,10 +367,10 @@ mod tests {
         let table = Table::default();
         let tcp = Tally::new(table.entry("app", "authenticated"), Transport::Wire);
         let http = Tally::new(table.entry("app", "authenticated"), Transport::Http);
-        tcp.transaction(Duration::from_micros(300));
+        tcp.transaction(Duration::from_micros(300), tokio::time::Instant::now());
         tcp.query(Duration::from_micros(250));
         tcp.received(10);
-        http.transaction(Duration::from_micros(700));
+        http.transaction(Duration::from_micros(700), tokio::time::Instant::now());
         http.sent(5);
         table
             .entry("app", "authenticated")

@@ -107,9 +107,8 @@ pub struct UsageSubject {
 }
 
 impl UsageSubject {
-    /// Counts one transaction that took `us` microseconds.
-    pub(crate) fn transaction(&self, us: u64) {
-        let now = Instant::now();
+    /// Counts one transaction that took `us` microseconds, ending `now`.
+    pub(crate) fn transaction(&self, us: u64, now: Instant) {
         let (key, labels) = &self.identity;
         self.usage.identities.record(*key, labels, us, now);
         if let Some((key, labels)) = &self.tenant {

@@ -98,7 +98,7 @@ impl Done {
         }
         tally.received(self.received);
         tally.sent(usize::try_from(sent).unwrap_or(usize::MAX));
-        tally.transaction(took);
+        tally.transaction(took, tokio::time::Instant::now());
         if let Some(ran) = self.ran {
             let statements = u32::try_from(self.statements.max(1)).unwrap_or(u32::MAX);
             for _ in 0..self.statements {
@@ -299,7 +299,7 @@ async fn execute(
 ) -> Result<Vec<query::StatementResult>, Failure> {
     let pool = run.state.pool.get(admitted.destination.server.as_ref());
     let limits = pool.limits();
-    let attempts = UpstreamPool::attempts(&limits);
+    let attempts = UpstreamPool::attempts(&limits, tokio::time::Instant::now());
     let password = || run.settings.config.password(&admitted.role);
     let query_limits = query::Limits {
         max_bytes: run.config.max_response_bytes,

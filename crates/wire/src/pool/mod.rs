@@ -87,6 +87,12 @@ impl PoolKey {
     pub fn role(&self) -> &str {
         &self.0.role
     }
+
+    /// The pool's limits now, from the slot (the pool-wide lock is not
+    /// taken).
+    pub fn limits(&self) -> PoolLimits {
+        self.0.connections().limits
+    }
 }
 
 impl std::fmt::Debug for PoolKey {
@@ -175,6 +181,8 @@ struct SlotPermit {
 pub struct Pooled {
     conn: Option<Box<Upstream>>,
     created: Instant,
+    /// When it was handed out.
+    taken: Instant,
     reused: bool,
     slot: Arc<Slot>,
     /// Its place among the slot's active connections; `None` once released.
@@ -425,7 +433,7 @@ impl UpstreamPool {
             _busy: slot.busy.hold(),
         };
         let taken = Self::take_usable_idle(&slot, (client, wanted), &limits).await;
-        let (conn, created, reused, at) = match taken {
+        let (conn, created, reused, (at, taken)) = match taken {
             Some((idle, at)) => (idle.conn, idle.created, true, at),
             None => {
                 // Boxed: a login's future is large and rarely needed.
@@ -433,12 +441,13 @@ impl UpstreamPool {
                 let conn = Box::new(login.await?);
                 let created = Instant::now();
                 let at = (slot.connections().active).insert(&conn, (created, created), client);
-                (conn, created, false, at)
+                (conn, created, false, (at, created))
             }
         };
         Ok(Pooled {
             conn: Some(conn),
             created,
+            taken,
             reused,
             slot,
             place: Some(at),
@@ -476,9 +485,9 @@ impl UpstreamPool {
 
     /// The retry policy for checkouts starting now under `limits`
     /// ([`Attempts`]).
-    pub fn attempts(limits: &PoolLimits) -> Attempts {
+    pub fn attempts(limits: &PoolLimits, now: Instant) -> Attempts {
         Attempts {
-            give_up: Instant::now() + limits.checkout_timeout,
+            give_up: now + limits.checkout_timeout,
         }
     }
 
@@ -490,10 +499,11 @@ impl UpstreamPool {
         slot: &Slot,
         (client, wanted): (u64, Option<&SessionShape>),
         limits: &PoolLimits,
-    ) -> Option<(Idle, usize)> {
+    ) -> Option<(Idle, (usize, Instant))> {
         loop {
-            let mut idle = match Self::take_idle(slot, (client, wanted), limits) {
-                Taken::Ready(idle, at) => return Some((idle, at)),
+            let now = Instant::now();
+            let mut idle = match Self::take_idle(slot, (client, wanted), limits, now) {
+                Taken::Ready(idle, at) => return Some((idle, (at, now))),
                 Taken::Check(idle) => idle,
                 Taken::None => return None,
             };
@@ -504,21 +514,22 @@ impl UpstreamPool {
             }
             let now = Instant::now();
             let at = (slot.connections().active).insert(&idle.conn, (idle.created, now), client);
-            return Some((idle, at));
+            return Some((idle, (at, now)));
         }
     }
 
-    /// Takes the idle connection [`pick`] chooses for `client`: listed as
-    /// active at once if it is usable as it is, or to be checked first.
+    /// Takes the idle connection [`pick`] chooses for `client` at `now`:
+    /// listed as active at once if it is usable as it is, or to be checked
+    /// first.
     /// Those past their lifetime or closed by the server are dropped
     /// (after the lock is let go).
     fn take_idle(
         slot: &Slot,
         (client, wanted): (u64, Option<&SessionShape>),
         limits: &PoolLimits,
+        now: Instant,
     ) -> Taken {
         let mut dropped = Vec::new();
-        let now = Instant::now();
         let mut connections = slot.connections();
         let taken = loop {
             // Checked out, the caller included.
@@ -690,6 +701,12 @@ impl Pooled {
     /// while idle).
     pub fn reused(&self) -> bool {
         self.reused
+    }
+
+    /// When it was handed out: deadlines for readying it start here, with
+    /// no clock read of their own.
+    pub fn taken(&self) -> Instant {
+        self.taken
     }
 
     /// Ends a connection whose backend may still be working for a client

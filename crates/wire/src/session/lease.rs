@@ -126,8 +126,8 @@ pub(super) async fn checkout(
     (client, fair): (u64, Fairness<'_>),
     readying: Readying<'_>,
 ) -> Result<(Pooled, Vec<(String, String)>), SessionError> {
-    let limits = pool.limits();
-    let attempts = UpstreamPool::attempts(&limits);
+    let limits = key.limits();
+    let attempts = UpstreamPool::attempts(&limits, Instant::now());
     let password = || settings.config.password(key.role());
     loop {
         let wanted = match &readying {
@@ -145,7 +145,7 @@ pub(super) async fn checkout(
                 },
                 CheckoutError::Upstream(error) => SessionError::Upstream(error),
             })?;
-        let deadline = Instant::now() + limits.internal_query_timeout;
+        let deadline = pooled.taken() + limits.internal_query_timeout;
         let key = &settings.claims_key;
         match ready(key, pooled.conn(), client, &readying, deadline).await {
             Ok(parameters) => return Ok((pooled, parameters)),
