@@ -395,10 +395,12 @@ impl UpstreamPool {
         let slot = Arc::clone(&key.0);
         let limits = slot.connections().limits;
         let (database, role) = (slot.database.as_str(), slot.role.as_str());
+        // The waits below are boxed: they are rare, and their futures
+        // would make every checkout's (and transaction's) larger.
         if self.gates.is_paused(database) {
             let _waiting = slot.waiting.hold();
             let deadline = Instant::now() + limits.checkout_timeout;
-            if !self.gates.wait_open(database, deadline).await {
+            if !Box::pin(self.gates.wait_open(database, deadline)).await {
                 self.metrics.checkout_timeout(self.name, database, role);
                 return Err(CheckoutError::Timeout(limits.checkout_timeout));
             }
@@ -412,10 +414,10 @@ impl UpstreamPool {
             Err(_) => {
                 let started = Instant::now();
                 let _waiting = slot.waiting.hold();
-                let acquired = tokio::time::timeout(
+                let acquired = Box::pin(tokio::time::timeout(
                     limits.checkout_timeout,
                     slot.turnstiles.acquire(fair, Arc::clone(&slot.permits)),
-                )
+                ))
                 .await;
                 self.checkout_wait.observe(started.elapsed());
                 self.metrics.waited(database, role, started.elapsed());
@@ -508,7 +510,7 @@ impl UpstreamPool {
                 Taken::None => return None,
             };
             let deadline = Instant::now() + limits.internal_query_timeout;
-            if let Err(error) = idle.conn.ping(deadline).await {
+            if let Err(error) = Box::pin(idle.conn.ping(deadline)).await {
                 tracing::debug!(%error, "an idle upstream connection failed its health check");
                 continue;
             }

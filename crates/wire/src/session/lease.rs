@@ -170,9 +170,14 @@ async fn ready(
     deadline: Instant,
 ) -> Result<Vec<(String, String)>, UpstreamError> {
     match readying {
+        // Boxed: once a session, and a future larger than a
+        // transaction's checkout.
         Readying::Login { claims, settings } => {
-            conn.claim(client, deadline).await?;
-            conn.attach(claims_key, *claims, settings, deadline).await
+            Box::pin(async {
+                conn.claim(client, deadline).await?;
+                conn.attach(claims_key, *claims, settings, deadline).await
+            })
+            .await
         }
         Readying::Transaction(pooled_client) => pooled_client
             .take(conn, claims_key, deadline)

@@ -139,12 +139,19 @@ async fn serve_transactions<S: ClientIo>(
         // large and exists only while the transaction runs; the client's
         // task, held by every idle client, stays small. One allocation a
         // transaction, as the boxed checkout it holds was before.
-        match Box::pin(transaction(session, between, &mut first)).await? {
+        match boxed(|| transaction(session, between, &mut first)).await? {
             Done::Next => {}
             Done::Pinned(pinned) => return Ok(Some(pinned)),
             Done::Left => return Ok(None),
         }
     }
+}
+
+/// The future `make` makes, on the heap: allocated first, so the future
+/// can be written there (`Box::pin` of a made future copies all of it,
+/// its unused states included).
+fn boxed<F: std::future::Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
+    Box::into_pin(Box::write(Box::new_uninit(), make()))
 }
 
 /// Runs one transaction, its first bytes in `first`: counted against the
@@ -178,8 +185,23 @@ async fn transaction<S: ClientIo>(
     session.registered.set_state(ClientState::Waiting);
     let whose = (client.id, Fairness::new(fair_key));
     let (mut pooled, _) = lease::checkout(pool, settings, key, whose, readying).await?;
+    cancel.retarget(Some(pooled.conn().cancel_key())).await;
+    // Its own future: the checkout's and the relay's then share their
+    // space in this one (a value live across both would be kept apart).
+    relay_transaction(session, (client, cancel), pooled, turn, first).await
+}
+
+/// Relays a transaction on the connection checked out for it, to the
+/// idle boundary, then settles and releases it (or pins the client).
+async fn relay_transaction<S: ClientIo>(
+    session: &mut Session<'_, S>,
+    (client, cancel): (&mut PooledClient, &CancelGuard),
+    mut pooled: Pooled,
+    turn: Option<Turn>,
+    first: &mut Vec<u8>,
+) -> Result<Done, SessionError> {
+    let settings = &session.settings;
     let conn = pooled.conn();
-    cancel.retarget(Some(conn.cancel_key())).await;
     let mut relay = Relay::new(Some(std::mem::take(&mut client.tracker)));
     relay.watch(settings.config.client_limits);
     relay.observe(session.observed());
@@ -192,8 +214,12 @@ async fn transaction<S: ClientIo>(
             biased;
             stopped = relay.run(&mut session.client, conn.stream()) => stopped,
             () = session.registered.closing() => {
+                // Boxed in a statement of its own: a temporary in an
+                // awaited statement (the relay it takes) is kept in this
+                // future's state.
                 let span = session.span();
-                return Box::pin(forced(session, relay, pooled, cancel).instrument(span)).await;
+                let forced = Box::pin(forced(session, relay, pooled, cancel).instrument(span));
+                return forced.await;
             }
         },
         Err(error) => Err(error),
@@ -202,7 +228,8 @@ async fn transaction<S: ClientIo>(
         if let Some(tracker) = relay.take_tracker() {
             client.tracker = tracker;
         }
-        return match settle(session, client, &mut pooled, &mut relay).await? {
+        let settled = settle(session, client, &mut pooled, &mut relay).await?;
+        return match settled {
             Settled::Released => {
                 cancel.retarget(None).await;
                 pooled.release();
@@ -229,10 +256,11 @@ async fn transaction<S: ClientIo>(
             }
         };
     }
-    // Boxed, as are the other rare paths.
+    // Boxed, as are the other rare paths (and so, as above).
     let span = session.span();
-    let finished = finish_transaction(session, relay, pooled, cancel, stopped);
-    Box::pin(finished.instrument(span)).await
+    let finished =
+        Box::pin(finish_transaction(session, relay, pooled, cancel, stopped).instrument(span));
+    finished.await
 }
 
 /// Waits, holding nothing, for the client's next transaction to start
@@ -289,8 +317,10 @@ async fn settle<S: ClientIo>(
     }
     let deadline = Instant::now() + session.settings.config.pool_limits.internal_query_timeout;
     let conn = pooled.conn();
-    let settled = client.settle(conn, deadline);
-    match settled.instrument(session.span()).await {
+    // Boxed: restoring a session runs queries, a large future, in few
+    // transactions; the transaction's own future stays small.
+    let settled = Box::pin(client.settle(conn, deadline).instrument(session.span()));
+    match settled.await {
         Ok(pinned) => {
             relay
                 .deliver(&conn.take_for_client(), &mut session.client)

@@ -104,14 +104,31 @@ impl PooledClient {
         key: &ClaimsKey,
         deadline: Instant,
     ) -> Result<(), UpstreamError> {
+        // Most transactions find the session in place. Boxed: the rest
+        // runs queries, a future larger than the whole transaction's.
+        if !conn.claim_held(self.id, self.shape()) {
+            Box::pin(self.take_over(conn, key, deadline)).await?;
+        }
+        // Its own shape from now on: what it does next (a statement it
+        // prepares) decides whether the connection is shared again.
+        conn.share_as(self.shape.clone());
+        Ok(())
+    }
+
+    /// Brings a connection that does not hold this client's session to
+    /// it: reset if anyone else used it, then the identity, settings and
+    /// named statements.
+    async fn take_over(
+        &self,
+        conn: &mut Upstream,
+        key: &ClaimsKey,
+        deadline: Instant,
+    ) -> Result<(), UpstreamError> {
         if !conn.claim_as(self.id, self.shape(), deadline).await? {
             conn.attach(key, self.claims(), &self.settings, deadline)
                 .await?;
             replay_statements(conn, self.tracker.statements(), deadline).await?;
         }
-        // Its own shape from now on: what it does next (a statement it
-        // prepares) decides whether the connection is shared again.
-        conn.share_as(self.shape.clone());
         Ok(())
     }
 

@@ -154,18 +154,29 @@ impl Upstream {
         wanted: Option<&super::SessionShape>,
         deadline: Instant,
     ) -> Result<bool, UpstreamError> {
-        let held = match self.owner {
-            Owner::Client(id) if id == client => true,
-            Owner::Client(_) if wanted.is_some_and(|wanted| self.serves(wanted)) => true,
-            Owner::Nobody => false,
-            Owner::Client(_) | Owner::Unknown => {
-                self.reset(deadline).await?;
-                false
-            }
-        };
+        if self.claim_held(client, wanted) {
+            return Ok(true);
+        }
+        if self.owner != Owner::Nobody {
+            self.reset(deadline).await?;
+        }
         // Whatever happens next happens in this client's session.
         self.owner = Owner::Client(client);
-        Ok(held)
+        Ok(false)
+    }
+
+    /// Claims the connection for `client` if it holds `client`'s session
+    /// (or one exactly like `wanted`) as it is: no query, no wait. False
+    /// leaves it unclaimed, for [`Upstream::claim_as`].
+    pub fn claim_held(&mut self, client: u64, wanted: Option<&super::SessionShape>) -> bool {
+        let held = match self.owner {
+            Owner::Client(id) => id == client || wanted.is_some_and(|wanted| self.serves(wanted)),
+            Owner::Nobody | Owner::Unknown => false,
+        };
+        if held {
+            self.owner = Owner::Client(client);
+        }
+        held
     }
 
     /// Checks that the server still answers: an empty query.
