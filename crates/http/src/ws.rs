@@ -213,6 +213,9 @@ fn unmask(bytes: &mut [u8], mask: [u8; 4], offset: usize) {
     }
 }
 
+/// A WebSocket may hold a frame's bytes it has read: it cannot tell.
+impl<IO> authgres_wire::ReadHint for WsStream<IO> {}
+
 impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<IO> {
     /// Reads payload bytes; pings that arrive are answered from here too,
     /// between data frames, so an idle session (one that only reads)

@@ -71,6 +71,7 @@ pub use pool::{
 pub use proto::server_error::ServerError;
 pub use proxied::{AddressBlock, ProxyProtocolFrom};
 pub use proxy::{Collector, Proxy, Settings};
+pub use relay::ReadHint;
 pub use routing::{Destination, NoRoute};
 pub use stats::DatabaseStats;
 pub use transaction::Tracker;

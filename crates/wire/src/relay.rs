@@ -35,6 +35,45 @@ const SERVER_BUFFER: usize = 8 * 1024;
 /// Largest message body kept for the tracker (a named Parse to replay).
 const MAX_CAPTURED: usize = 256 * 1024;
 
+/// A stream that can tell, without registering a waker, that a read would
+/// find nothing new since its last one. The relay's poll reads a side it
+/// already left waiting only when this cannot say so: each such read costs
+/// a lock and a waker check in tokio, and does nothing.
+pub trait ReadHint {
+    /// `true` only when a read is known to find nothing (tokio's readiness
+    /// for it is clear); `false` when it may, or the stream cannot tell.
+    fn known_unreadable(&self) -> bool {
+        false
+    }
+}
+
+impl<T: ReadHint + ?Sized> ReadHint for &mut T {
+    fn known_unreadable(&self) -> bool {
+        (**self).known_unreadable()
+    }
+}
+
+/// An in-memory pipe cannot tell.
+impl ReadHint for tokio::io::DuplexStream {}
+
+/// A side's read as the relay left it.
+#[derive(Debug, Clone, Copy, Default)]
+struct Armed {
+    /// The last read was pending on I/O, so the task's waker is registered
+    /// with the stream until a readable event wakes it (and sets the
+    /// readiness [`ReadHint`] reads). A read pending because the task's
+    /// cooperative budget ran out registers nothing, and does not arm.
+    client: bool,
+    server: bool,
+}
+
+impl Armed {
+    /// Notes a pending read of a side: armed if the budget was not why.
+    fn pending() -> bool {
+        tokio::task::coop::has_budget_remaining()
+    }
+}
+
 /// Why [`Relay::run`] returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
@@ -247,6 +286,8 @@ pub struct Relay {
     audit: Option<Box<Recorder>>,
     /// Whether the backend was idle when last looked at.
     was_idle: bool,
+    /// Which sides' reads wait with the task's waker registered.
+    armed: Armed,
     /// When the open transaction started (observed relays only).
     transaction_started: Option<Instant>,
     /// When the open query (a request cycle up to its ReadyForQuery)
@@ -290,6 +331,7 @@ impl Relay {
             observed: None,
             audit: None,
             was_idle: true,
+            armed: Armed::default(),
             transaction_started: None,
             query_started: None,
             server_ended: false,
@@ -402,8 +444,8 @@ impl Relay {
     /// Relays until a side ends or the session stops at an idle boundary.
     pub async fn run<C, U>(&mut self, client: &mut C, upstream: &mut U) -> Result<Stop, RelayError>
     where
-        C: AsyncRead + AsyncWrite + Unpin + ?Sized,
-        U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+        C: AsyncRead + AsyncWrite + ReadHint + Unpin + ?Sized,
+        U: AsyncRead + AsyncWrite + ReadHint + Unpin + ?Sized,
     {
         let stopped = poll_fn(|cx| self.poll_run(cx, client, upstream)).await;
         if let Some(observed) = &self.observed
@@ -422,14 +464,17 @@ impl Relay {
         upstream: &mut U,
     ) -> Poll<Result<Stop, RelayError>>
     where
-        C: AsyncRead + AsyncWrite + Unpin + ?Sized,
-        U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+        C: AsyncRead + AsyncWrite + ReadHint + Unpin + ?Sized,
+        U: AsyncRead + AsyncWrite + ReadHint + Unpin + ?Sized,
     {
         self.clock = None;
-        // A side whose read was pending once in this poll has its waker
-        // registered: reading it again before the task is woken can only
-        // be pending again, at a cost per poll.
-        let (mut client_waits, mut server_waits) = (false, false);
+        // A side whose read was left pending has its waker registered:
+        // reading it again before it is woken can only be pending again,
+        // at a cost per poll. Within this poll that is known; across polls
+        // (the task woken by the other side, or by something else) the
+        // stream's readiness tells.
+        let mut client_waits = self.armed.client && client.known_unreadable();
+        let mut server_waits = self.armed.server && upstream.known_unreadable();
         loop {
             // At the idle boundary it stops at, the relay reads neither side
             // (what the client sends next belongs to its next transaction)
@@ -443,8 +488,12 @@ impl Relay {
             // Client to upstream.
             if !stopping && !ended && !client_waits && self.to_upstream.is_empty() {
                 match self.to_upstream.poll_fill(cx, client) {
-                    Poll::Pending => client_waits = true,
+                    Poll::Pending => {
+                        client_waits = true;
+                        self.armed.client = Armed::pending();
+                    }
                     Poll::Ready(read) => {
+                        self.armed.client = false;
                         let read = read.map_err(RelayError::Client)?;
                         if read == 0 {
                             return Poll::Ready(Ok(Stop::ClientClosed));
@@ -471,8 +520,12 @@ impl Relay {
             // Upstream to client.
             if !stopping && !server_waits && self.to_client.is_empty() {
                 match self.to_client.poll_fill(cx, upstream) {
-                    Poll::Pending => server_waits = true,
+                    Poll::Pending => {
+                        server_waits = true;
+                        self.armed.server = Armed::pending();
+                    }
                     Poll::Ready(read) => {
+                        self.armed.server = false;
                         let read = read.map_err(RelayError::Upstream)?;
                         if read == 0 {
                             return Poll::Ready(Ok(Stop::UpstreamClosed));

@@ -145,6 +145,20 @@ pub enum MaybeTls<P, T> {
     Tls(Box<T>),
 }
 
+/// Plain TCP says from tokio's readiness, cleared by the read that found
+/// the socket empty and set by the event that wakes its reader; TLS may
+/// hold decrypted bytes the socket does not show, so it cannot tell.
+impl<T> crate::relay::ReadHint for MaybeTls<TcpStream, T> {
+    fn known_unreadable(&self) -> bool {
+        match self {
+            Self::Plain(tcp) => tcp
+                .try_io(tokio::io::Interest::READABLE, || Ok(()))
+                .is_err(),
+            Self::Tls(_) => false,
+        }
+    }
+}
+
 /// A client connection: TCP, or TLS accepted by the proxy.
 pub type ClientStream = MaybeTls<TcpStream, TlsStream<TcpStream>>;
 
@@ -318,6 +332,48 @@ pub(crate) async fn send_cancel_request(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn plain_tcp_is_known_unreadable_only_between_an_empty_read_and_new_bytes() {
+        use crate::relay::ReadHint as _;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut peer = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut stream: ClientStream = MaybeTls::Plain(tcp);
+        peer.write_all(b"hello").await.expect("write");
+        let mut buf = [0u8; 64];
+        // The bytes wake the reader; a read shorter than its buffer
+        // clears the readiness.
+        let n = stream.read(&mut buf).await.expect("read");
+        assert_eq!(&buf[..n], b"hello");
+        assert!(stream.known_unreadable());
+        // New bytes set it again once the driver sees them.
+        peer.write_all(b"more").await.expect("write");
+        let waited = tokio::time::timeout(Duration::from_secs(5), async {
+            while stream.known_unreadable() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "new bytes never showed");
+        let n = stream.read(&mut buf).await.expect("read");
+        assert_eq!(&buf[..n], b"more");
+        // So does the peer's close.
+        assert!(stream.known_unreadable());
+        drop(peer);
+        let waited = tokio::time::timeout(Duration::from_secs(5), async {
+            while stream.known_unreadable() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "the close never showed");
+    }
 
     #[tokio::test]
     async fn tuned_sockets_probe_idle_peers() {

@@ -40,7 +40,7 @@ use crate::metrics::Tally;
 use crate::proto::backend;
 use crate::proto::negotiate::Startup;
 use crate::proxy::{Proxy, Settings};
-use crate::relay::Observed;
+use crate::relay::{Observed, ReadHint};
 use crate::transport::Transport;
 use greet::Greeted;
 use handshake::SessionLogin;
@@ -50,8 +50,8 @@ use negotiate::{Failed, Opened};
 const ERROR_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A client stream: TCP, TLS, WebSocket, or an in-memory pipe in tests.
-pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> ClientIo for S {}
+pub(crate) trait ClientIo: AsyncRead + AsyncWrite + ReadHint + Unpin + Send {}
+impl<S: AsyncRead + AsyncWrite + ReadHint + Unpin + Send> ClientIo for S {}
 
 impl Proxy {
     /// Serves one TCP client the front door let in, to the end.
@@ -109,7 +109,7 @@ impl Proxy {
         ticket: Ticket,
         client: ClientHandle,
     ) where
-        S: AsyncRead + AsyncWrite + Unpin + Send,
+        S: AsyncRead + AsyncWrite + ReadHint + Unpin + Send,
     {
         let span = session_span(peer, relayed_by, Transport::WebSocket);
         let settings = self.settings();

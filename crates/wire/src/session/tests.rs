@@ -386,6 +386,8 @@ struct NoticeOnClose {
     notice_sent: bool,
 }
 
+impl crate::relay::ReadHint for NoticeOnClose {}
+
 impl tokio::io::AsyncRead for NoticeOnClose {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,

@@ -198,11 +198,22 @@ impl Upstream {
         if !self.inbox.is_empty() {
             return true;
         }
+        // Readiness is cleared by the read that found the socket empty, so
+        // while it is clear nothing has arrived since: no peek, no waker.
+        let tcp = self.stream.tcp();
+        if tcp
+            .try_io(tokio::io::Interest::READABLE, || Ok(()))
+            .is_err()
+        {
+            return false;
+        }
+        // Set: something arrived, or a read that filled its buffer left it
+        // set. A peek tells.
         let waker = std::task::Waker::noop();
         let mut cx = std::task::Context::from_waker(waker);
         let mut byte = [0u8; 1];
         let mut buf = tokio::io::ReadBuf::new(&mut byte);
-        self.stream.tcp().poll_peek(&mut cx, &mut buf).is_ready()
+        tcp.poll_peek(&mut cx, &mut buf).is_ready()
     }
 
     /// What the server sent for the client while the proxy ran its own
