@@ -447,6 +447,11 @@ impl Relay {
         C: AsyncRead + AsyncWrite + ReadHint + Unpin + ?Sized,
         U: AsyncRead + AsyncWrite + ReadHint + Unpin + ?Sized,
     {
+        // Between runs others may read the streams (a transaction's
+        // settling reads the server's replies) and leave no waker behind:
+        // each run reads both sides first. During a run the relay alone
+        // holds them.
+        self.armed = Armed::default();
         let stopped = poll_fn(|cx| self.poll_run(cx, client, upstream)).await;
         if let Some(observed) = &self.observed
             && let Some(label) = stop_label(&stopped, self.server_ended)

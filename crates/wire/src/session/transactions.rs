@@ -214,12 +214,8 @@ async fn relay_transaction<S: ClientIo>(
             biased;
             stopped = relay.run(&mut session.client, conn.stream()) => stopped,
             () = session.registered.closing() => {
-                // Boxed in a statement of its own: a temporary in an
-                // awaited statement (the relay it takes) is kept in this
-                // future's state.
                 let span = session.span();
-                let forced = Box::pin(forced(session, relay, pooled, cancel).instrument(span));
-                return forced.await;
+                return Box::pin(forced(session, relay, pooled, cancel).instrument(span)).await;
             }
         },
         Err(error) => Err(error),
@@ -256,11 +252,10 @@ async fn relay_transaction<S: ClientIo>(
             }
         };
     }
-    // Boxed, as are the other rare paths (and so, as above).
+    // Boxed, as are the other rare paths.
     let span = session.span();
-    let finished =
-        Box::pin(finish_transaction(session, relay, pooled, cancel, stopped).instrument(span));
-    finished.await
+    let finished = finish_transaction(session, relay, pooled, cancel, stopped);
+    Box::pin(finished.instrument(span)).await
 }
 
 /// Waits, holding nothing, for the client's next transaction to start
