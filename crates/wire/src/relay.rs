@@ -59,18 +59,42 @@ impl ReadHint for tokio::io::DuplexStream {}
 /// A side's read as the relay left it.
 #[derive(Debug, Clone, Copy, Default)]
 struct Armed {
-    /// The last read was pending on I/O, so the task's waker is registered
-    /// with the stream until a readable event wakes it (and sets the
-    /// readiness [`ReadHint`] reads). A read pending because the task's
-    /// cooperative budget ran out registers nothing, and does not arm.
+    /// The last read was pending on I/O, so the waker of that poll is
+    /// registered with the stream until a readable event wakes it (and
+    /// sets the readiness [`ReadHint`] reads). A read pending because the
+    /// task's cooperative budget ran out registers nothing, and does not
+    /// arm.
     client: bool,
     server: bool,
+    /// The waker those reads registered (its data and vtable addresses,
+    /// as [`std::task::Waker::will_wake`] compares them): a poll with
+    /// another waker reads both sides.
+    waker: (usize, usize),
 }
 
 impl Armed {
     /// Notes a pending read of a side: armed if the budget was not why.
     fn pending() -> bool {
         tokio::task::coop::has_budget_remaining()
+    }
+
+    /// What identifies `waker`.
+    fn id(waker: &std::task::Waker) -> (usize, usize) {
+        (
+            waker.data().addr(),
+            std::ptr::from_ref(waker.vtable()).addr(),
+        )
+    }
+
+    /// Starts a poll with `waker`: what was armed under another is not.
+    fn poll_with(&mut self, waker: &std::task::Waker) {
+        let id = Self::id(waker);
+        if self.waker != id {
+            *self = Self {
+                waker: id,
+                ..Self::default()
+            };
+        }
     }
 }
 
@@ -478,8 +502,26 @@ impl Relay {
         // at a cost per poll. Within this poll that is known; across polls
         // (the task woken by the other side, or by something else) the
         // stream's readiness tells.
+        self.armed.poll_with(cx.waker());
         let mut client_waits = self.armed.client && client.known_unreadable();
         let mut server_waits = self.armed.server && upstream.known_unreadable();
+        // Tests (debug builds) hold the hint to its word: a read skipped
+        // must have been pending.
+        #[cfg(debug_assertions)]
+        {
+            if client_waits && self.to_upstream.is_empty() {
+                assert!(
+                    self.to_upstream.poll_fill(cx, client).is_pending(),
+                    "the client's read was skipped with bytes to read"
+                );
+            }
+            if server_waits && self.to_client.is_empty() {
+                assert!(
+                    self.to_client.poll_fill(cx, upstream).is_pending(),
+                    "the server's read was skipped with bytes to read"
+                );
+            }
+        }
         loop {
             // At the idle boundary it stops at, the relay reads neither side
             // (what the client sends next belongs to its next transaction)
