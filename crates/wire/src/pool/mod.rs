@@ -485,7 +485,7 @@ impl UpstreamPool {
         (slot, limits)
     }
 
-    /// The retry policy for checkouts starting now under `limits`
+    /// The retry policy for checkouts starting at `now` under `limits`
     /// ([`Attempts`]).
     pub fn attempts(limits: &PoolLimits, now: Instant) -> Attempts {
         Attempts {
