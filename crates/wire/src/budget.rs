@@ -85,8 +85,9 @@ enum EntryState {
 pub struct Ticket {
     _connection: OwnedSemaphorePermit,
     _held: Held,
-    /// Held until the connection authenticates.
-    pending: Option<Pending>,
+    /// Held until the connection authenticates (boxed: the ticket lives
+    /// in every session, long after this is gone).
+    pending: Option<Box<Pending>>,
 }
 
 #[derive(Debug)]
@@ -214,7 +215,7 @@ impl Budget {
         Ok(Ticket {
             _connection: connection,
             _held: self.held.hold(),
-            pending: Some(pending),
+            pending: Some(Box::new(pending)),
         })
     }
 

@@ -110,57 +110,90 @@ pub async fn serve<D: Door>(door: Arc<D>, listener: TcpListener) {
             accepted = accept(&listener) => accepted,
         };
         let rules = door.entry_rules();
-        if !rules.proxy_protocol_from.contains(peer.ip()) {
-            let span = door.span(peer, None);
-            let entering = let_in(Arc::clone(&door), tcp, peer, None, rules.timeout, span);
-            drain.spawn_client(entering);
-            continue;
-        }
-        let (door, headers) = (Arc::clone(&door), Arc::clone(&headers));
-        drain.spawn_client(async move {
-            let mut tcp = tcp;
-            match headers.client_address(&mut tcp, peer, rules.timeout).await {
-                Ok(client) => {
-                    let span = door.span(client, Some(peer.ip()));
-                    let_in(door, tcp, client, Some(peer.ip()), rules.timeout, span).await;
-                }
-                Err(refusal) => turn_away(door, tcp, peer, refusal.into()).await,
-            }
+        let proxied = rules.proxy_protocol_from.contains(peer.ip());
+        let arrival = Box::new(Arrival {
+            tcp,
+            peer,
+            timeout: rules.timeout,
+            headers: proxied.then(|| Arc::clone(&headers)),
         });
+        drain.spawn_client(enter(Arc::clone(&door), arrival));
     }
 }
 
-/// Takes the connection of `peer` into the budget and the client registry
-/// and serves it, or turns it away when there is no place within
-/// `timeout`.
-async fn let_in<D: Door>(
-    door: Arc<D>,
+/// A connection just accepted: what letting it in takes.
+struct Arrival {
     tcp: TcpStream,
+    /// Its peer: the client, or a trusted balancer.
     peer: SocketAddr,
-    relayed_by: Option<IpAddr>,
+    /// The entry timeout ([`EntryRules::timeout`]).
     timeout: Duration,
-    span: tracing::Span,
-) {
-    let entry = match door.proxy().budget().enter(peer.ip()) {
-        Ok(entry) => entry,
-        Err(full) => return turn_away(door, tcp, peer, full.into()).await,
+    /// Where the PROXY headers of trusted balancers are read, when the
+    /// peer is one.
+    headers: Option<Arc<HeaderReads>>,
+}
+
+/// A connection's task: let in, then served to its end.
+///
+/// Every idle client holds this future for its life, so it holds
+/// nothing of the way in once the client is in: the arrival comes boxed
+/// (an async fn keeps its arguments for its whole life), and the entry's
+/// own state lives in [`admit`]'s future, gone before serving starts.
+async fn enter<D: Door>(door: Arc<D>, arrival: Box<Arrival>) {
+    // Not `if let`: its scrutinee would live, in this future, as long
+    // as the session.
+    let Some(guest) = admit(&door, arrival).await else {
+        return;
     };
-    let client = door.proxy().clients().register(peer, door.transport());
+    door.serve(guest).await;
+}
+
+/// Reads a trusted balancer's PROXY header, then takes the connection
+/// into the budget and the client registry; `None` when it was turned
+/// away (no usable header, or no place within the entry timeout).
+async fn admit<D: Door>(door: &Arc<D>, arrival: Box<Arrival>) -> Option<Guest> {
+    let Arrival {
+        mut tcp,
+        peer,
+        timeout,
+        headers,
+    } = *arrival;
+    let (client, relayed_by) = match headers {
+        None => (peer, None),
+        Some(headers) => match headers.client_address(&mut tcp, peer, timeout).await {
+            Ok(client) => (client, Some(peer.ip())),
+            Err(refusal) => {
+                turn_away(Arc::clone(door), tcp, peer, refusal.into()).await;
+                return None;
+            }
+        },
+    };
+    let span = door.span(client, relayed_by);
+    let entry = match door.proxy().budget().enter(client.ip()) {
+        Ok(entry) => entry,
+        Err(full) => {
+            turn_away(Arc::clone(door), tcp, client, full.into()).await;
+            return None;
+        }
+    };
+    let registered = door.proxy().clients().register(client, door.transport());
     let deadline = Instant::now() + timeout;
     let ticket = match entry.admit(deadline).await {
         Ok(ticket) => ticket,
-        Err(full) => return turn_away(door, tcp, peer, full.into()).await,
+        Err(full) => {
+            turn_away(Arc::clone(door), tcp, client, full.into()).await;
+            return None;
+        }
     };
-    let guest = Guest {
+    Some(Guest {
         tcp,
-        peer,
+        peer: client,
         relayed_by,
         deadline,
         ticket,
-        client,
+        client: registered,
         span,
-    };
-    door.serve(guest).await;
+    })
 }
 
 /// Logs why `peer` was turned away (refusals share one rate limit) and

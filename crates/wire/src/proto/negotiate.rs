@@ -20,7 +20,7 @@ pub const REFUSE_ENCRYPTION: u8 = b'N';
 pub const ACCEPT_SSL: u8 = b'S';
 
 /// What the client asked for in its StartupMessage.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Startup {
     /// The protocol minor version asked for (the major is always 3).
     pub minor_version: u16,

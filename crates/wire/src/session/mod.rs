@@ -81,12 +81,15 @@ impl Proxy {
             client,
             span,
         });
+        let settings = self.settings();
+        crate::transport::tune(&tcp, settings.config.tcp_keepalive);
+        // Made here, boxed: the block below keeps what it captures for
+        // its whole life, and this is one pointer.
+        let negotiation = negotiate::over_tcp(tcp, settings.tls.clone());
+        let negotiation = negotiation.instrument(place.span.clone());
+        let negotiation = Box::pin(timeout_at(place.auth_deadline, negotiation));
         async move {
-            let settings = self.settings();
-            crate::transport::tune(&tcp, settings.config.tcp_keepalive);
-            let negotiation = negotiate::over_tcp(tcp, settings.tls.as_ref());
-            let negotiation = negotiation.instrument(place.span.clone());
-            let opened = Box::pin(timeout_at(place.auth_deadline, negotiation)).await;
+            let opened = negotiation.await;
             let next = self.opened(opened, settings, place);
             self.serve_opened(next).await;
         }
@@ -213,13 +216,7 @@ impl Proxy {
     ) -> impl std::future::Future<Output = ()> + Send + 'a {
         async move {
             let (result, span) = match &mut next {
-                Next::Session(session, startup) => {
-                    let startup = Startup {
-                        minor_version: startup.minor_version,
-                        parameters: std::mem::take(&mut startup.parameters),
-                    };
-                    (session.run(startup).await, session.span())
-                }
+                Next::Session(session, startup) => (session.run(startup).await, session.span()),
                 Next::Cancel {
                     pid,
                     key,
@@ -342,51 +339,71 @@ struct LoggedIn {
     /// The leased connection and the client's cancel entry.
     greeted: Greeted,
     mode: PoolMode,
-    /// Its counters.
-    tally: Tally,
-    /// When the client connected.
-    connected: Instant,
 }
 
 impl<S: ClientIo> Session<'_, S> {
     /// The rest of the session's life, from the StartupMessage on.
-    async fn run(&mut self, startup: Startup) -> Result<(), SessionError> {
+    ///
+    /// `startup` is borrowed, and taken when the login starts: this
+    /// future lives as long as the session, and a value argument would
+    /// stay in it.
+    async fn run(&mut self, startup: &mut Startup) -> Result<(), SessionError> {
         let settings = Arc::clone(&self.settings);
         if let Some(console) = settings.config.console.as_ref().filter(|console| {
             let user = startup.parameters.get("user");
             startup.parameters.get("database").or(user) == Some(&console.database)
         }) {
+            // One box, the refusal in it: a result held here across an
+            // await would take its space in this future for the life of
+            // every session.
             let span = self.span.clone();
-            return match Box::pin(self.console(&startup, console).instrument(span)).await {
-                Ok(()) => Ok(()),
-                Err(error) => Box::pin(self.refused(error)).await,
+            let served = async {
+                match self.console(startup, console).await {
+                    Ok(()) => Ok(()),
+                    Err(error) => self.refused(error).await,
+                }
             };
+            return Box::pin(served.instrument(span)).await;
         }
         drop(settings);
         // Boxed, as are the rare paths after it: token verification and
         // upstream logins are large futures, and an idle session's task
         // should not carry their size. What it goes on with is one box.
         let span = self.span.clone();
+        let startup = std::mem::take(startup);
         let Some(logged) = Box::pin(self.log_in(startup).instrument(span)).await? else {
             return Ok(());
         };
         // Logged in: the span's fields are in the registry's record of the
         // login, and an idle client should not hold them twice.
         self.span = tracing::Span::none();
-        let (tally, connected) = (logged.tally.clone(), logged.connected);
         // Not in the span: it is entered where the session logs.
         let served = match logged.mode {
             PoolMode::Transaction => transactions::serve(self, logged).await,
             PoolMode::Session | PoolMode::None => end::hold(self, logged).await,
+        };
+        // The counters and the start are the session's own (not copies
+        // kept here: this future lives as long as the session).
+        let Some(tally) = self.tally.clone() else {
+            return served;
         };
         let reason = match &served {
             Err(error) => error.label(),
             Ok(()) if !self.ended.is_empty() => self.ended,
             Ok(()) => tally.session().stop().unwrap_or("client_left"),
         };
+        let lasted = self.connected().elapsed();
         self.span()
-            .in_scope(|| session_ended(&tally, connected.elapsed(), reason));
+            .in_scope(|| session_ended(&tally, lasted, reason));
         served
+    }
+
+    /// When the client connected: its authentication deadline less the
+    /// time it was given.
+    fn connected(&self) -> Instant {
+        (self.auth_deadline)
+            .checked_sub(self.settings.config.auth_timeout)
+            .unwrap_or_else(Instant::now)
     }
 
     /// Logs why the session failed, in its span ([`Proxy::report`]), and
@@ -487,19 +504,14 @@ impl<S: ClientIo> Session<'_, S> {
             &admitted.role,
             admitted.identity.as_ref(),
         );
-        self.tally = Some(tally.clone());
+        self.tally = Some(tally);
         self.audit = self
             .proxy
             .audit_session(&self.settings, &self.audit_facts(admitted));
-        let connected = (self.auth_deadline)
-            .checked_sub(self.settings.config.auth_timeout)
-            .unwrap_or_else(Instant::now);
         Ok(Some(Box::new(LoggedIn {
             login,
             greeted,
             mode,
-            tally,
-            connected,
         })))
     }
 

@@ -53,7 +53,7 @@ impl<S> Failed<S> {
 /// SSLRequest when `tls` is configured, or plaintext.
 pub(super) async fn over_tcp(
     tcp: TcpStream,
-    tls: Option<&tokio_rustls::TlsAcceptor>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> Result<Opened<ClientStream>, Failed<ClientStream>> {
     let mut first = [0u8; 1];
     match tcp.peek(&mut first).await {

@@ -36,14 +36,20 @@ pub(super) async fn serve<S: ClientIo>(
 ) -> Result<(), SessionError> {
     let mut between = between(session, logged);
     let served = serve_transactions(session, &mut between).await;
-    let Between {
-        pool,
-        key,
-        client,
-        cancel,
-        ..
-    } = &between;
-    pool.disown(key, client.id);
+    between.pool.disown(&between.key, between.client.id);
+    // The result moved whole into the future that ends the session: kept
+    // here across its await, it would take its own space in this future,
+    // held by every idle client.
+    end_served(session, &between.cancel, served).await
+}
+
+/// Ends a session whose transactions were served: relays a pinned client
+/// to its end, or refuses one whose transaction failed.
+async fn end_served<S: ClientIo>(
+    session: &mut Session<'_, S>,
+    cancel: &CancelGuard,
+    served: Result<Option<Box<Pinned>>, SessionError>,
+) -> Result<(), SessionError> {
     match served {
         Ok(Some(pinned)) => {
             let Pinned {

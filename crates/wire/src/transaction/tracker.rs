@@ -12,7 +12,7 @@
 //! Postgres lists no custom settings (`app.tenant`), so these are the ones
 //! it is asked about.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::proto::framer::TagSet;
 use crate::proto::ledger::{InFlight, Outcome};
@@ -61,7 +61,10 @@ enum Pending {
 /// A client's named statements and session-state commands.
 #[derive(Debug, Default)]
 pub struct Tracker {
-    statements: HashMap<String, Vec<u8>>,
+    /// By name. A B-tree, not a hash map: names are the client's, and a
+    /// tracker lives in every idle transaction-pooled client, where a
+    /// hash map's random state would cost it 24 bytes more.
+    statements: BTreeMap<String, Vec<u8>>,
     statement_bytes: usize,
     /// Parse and Close messages in the order sent; the ledger retires them
     /// in the same order.
