@@ -435,9 +435,20 @@ pub(crate) struct CancelGuard {
 impl CancelGuard {
     /// Points the client's cancel key at `upstream` (or at nothing); waits
     /// for a cancel being forwarded to the old target to finish first.
-    pub(crate) async fn retarget(&self, upstream: Option<UpstreamKey>) {
-        if let Err(upstream) = self.target.try_set(upstream) {
-            self.target.set(upstream).await;
+    ///
+    /// Tried at once, when called: a retarget nothing stands in the way of
+    /// (nearly all) makes no future of its own, and the wait is boxed, so
+    /// that the transaction futures this is awaited in stay small.
+    pub(crate) fn retarget(
+        &self,
+        upstream: Option<UpstreamKey>,
+    ) -> impl std::future::Future<Output = ()> + Send + '_ {
+        let waiting = (self.target.try_set(upstream).err())
+            .map(|upstream| Box::pin(self.target.set(upstream)));
+        async move {
+            if let Some(waiting) = waiting {
+                waiting.await;
+            }
         }
     }
 }

@@ -201,7 +201,7 @@ impl Limiter {
             ),
         ];
         self.counts.take(who, false, limits)?;
-        Ok(Some(Turn(Place::new(&self.counts, who, false))))
+        Ok(Some(Turn(Box::new(Place::new(&self.counts, who, false)))))
     }
 
     /// A transaction for one request of `identity` as `role` (`/sql`):
@@ -271,6 +271,8 @@ impl Drop for Place {
 #[derive(Debug)]
 pub struct Seat(#[allow(dead_code, reason = "held for its Drop")] Place);
 
-/// A transaction counted against its user and tenant.
+/// A transaction counted against its user and tenant (boxed: a turn is
+/// held in every transaction's future, and in sessions that keep their
+/// connection, and most identities have no limit to count against).
 #[derive(Debug)]
-pub struct Turn(#[allow(dead_code, reason = "held for its Drop")] Place);
+pub struct Turn(#[allow(dead_code, reason = "held for its Drop")] Box<Place>);

@@ -393,16 +393,19 @@ impl UpstreamPool {
         fair: Fairness<'_>,
     ) -> Result<Pooled, CheckoutError> {
         let slot = Arc::clone(&key.0);
-        let limits = slot.connections().limits;
+        // The one limit the common path needs: the rest are read where
+        // used, as a copy of them all would live in every transaction's
+        // future.
+        let checkout_timeout = slot.connections().limits.checkout_timeout;
         let (database, role) = (slot.database.as_str(), slot.role.as_str());
         // The waits below are boxed: they are rare, and their futures
         // would make every checkout's (and transaction's) larger.
         if self.gates.is_paused(database) {
             let _waiting = slot.waiting.hold();
-            let deadline = Instant::now() + limits.checkout_timeout;
+            let deadline = Instant::now() + checkout_timeout;
             if !Box::pin(self.gates.wait_open(database, deadline)).await {
                 self.metrics.checkout_timeout(self.name, database, role);
-                return Err(CheckoutError::Timeout(limits.checkout_timeout));
+                return Err(CheckoutError::Timeout(checkout_timeout));
             }
         }
         // A free slot needs no timer: most checkouts take this path.
@@ -415,7 +418,7 @@ impl UpstreamPool {
                 let started = Instant::now();
                 let _waiting = slot.waiting.hold();
                 let acquired = Box::pin(tokio::time::timeout(
-                    limits.checkout_timeout,
+                    checkout_timeout,
                     slot.turnstiles.acquire(fair, Arc::clone(&slot.permits)),
                 ))
                 .await;
@@ -425,7 +428,7 @@ impl UpstreamPool {
                     Ok(Ok(permit)) => permit,
                     _ => {
                         self.metrics.checkout_timeout(self.name, database, role);
-                        return Err(CheckoutError::Timeout(limits.checkout_timeout));
+                        return Err(CheckoutError::Timeout(checkout_timeout));
                     }
                 }
             }
@@ -434,11 +437,12 @@ impl UpstreamPool {
             _permit: permit,
             _busy: slot.busy.hold(),
         };
-        let taken = Self::take_usable_idle(&slot, (client, wanted), &limits).await;
+        let taken = Self::take_usable_idle(&slot, (client, wanted)).await;
         let (conn, created, reused, (at, taken)) = match taken {
             Some((idle, at)) => (idle.conn, idle.created, true, at),
             None => {
                 // Boxed: a login's future is large and rarely needed.
+                let limits = slot.connections().limits;
                 let login = Box::pin(self.log_in(database, role, password(), &[], &limits));
                 let conn = Box::new(login.await?);
                 let created = Instant::now();
@@ -500,16 +504,16 @@ impl UpstreamPool {
     async fn take_usable_idle(
         slot: &Slot,
         (client, wanted): (u64, Option<&SessionShape>),
-        limits: &PoolLimits,
     ) -> Option<(Idle, (usize, Instant))> {
         loop {
             let now = Instant::now();
-            let mut idle = match Self::take_idle(slot, (client, wanted), limits, now) {
+            let mut idle = match Self::take_idle(slot, (client, wanted), now) {
                 Taken::Ready(idle, at) => return Some((idle, (at, now))),
                 Taken::Check(idle) => idle,
                 Taken::None => return None,
             };
-            let deadline = Instant::now() + limits.internal_query_timeout;
+            let timeout = slot.connections().limits.internal_query_timeout;
+            let deadline = Instant::now() + timeout;
             if let Err(error) = Box::pin(idle.conn.ping(deadline)).await {
                 tracing::debug!(%error, "an idle upstream connection failed its health check");
                 continue;
@@ -528,11 +532,11 @@ impl UpstreamPool {
     fn take_idle(
         slot: &Slot,
         (client, wanted): (u64, Option<&SessionShape>),
-        limits: &PoolLimits,
         now: Instant,
     ) -> Taken {
         let mut dropped = Vec::new();
         let mut connections = slot.connections();
+        let limits = connections.limits;
         let taken = loop {
             // Checked out, the caller included.
             let busy = slot.busy.get();
@@ -543,7 +547,7 @@ impl UpstreamPool {
             };
             let mut idle = connections.idle.remove(at);
             let candidate = idle.candidate();
-            if candidate.expired(limits, now.into_std()) {
+            if candidate.expired(&limits, now.into_std()) {
                 dropped.push(idle);
                 continue;
             }
@@ -552,7 +556,7 @@ impl UpstreamPool {
                 dropped.push(idle);
                 continue;
             }
-            if candidate.needs_check(limits, now.into_std()) {
+            if candidate.needs_check(&limits, now.into_std()) {
                 break Taken::Check(idle);
             }
             let at = (connections.active).insert(&idle.conn, (idle.created, now), client);

@@ -119,44 +119,57 @@ async fn own_login(
 /// `client` (its pool id, and whose turn it takes in a busy pool), trying
 /// others while the one it got fails before anything of the client's was
 /// sent on it.
-pub(super) async fn checkout(
-    pool: &Arc<UpstreamPool>,
-    settings: &Settings,
-    key: &PoolKey,
-    (client, fair): (u64, Fairness<'_>),
-    readying: Readying<'_>,
-) -> Result<(Pooled, Vec<(String, String)>), SessionError> {
-    let limits = key.limits();
-    let attempts = UpstreamPool::attempts(&limits, Instant::now());
-    let password = || settings.config.password(key.role());
-    loop {
-        let wanted = match &readying {
-            Readying::Transaction(pooled_client) => pooled_client.shape(),
-            Readying::Login { .. } => None,
-        };
-        let mut pooled = pool
-            .checkout_keyed(key, password, (client, wanted), fair)
-            .await
-            .map_err(|error| match error {
-                CheckoutError::Timeout(waited) => SessionError::PoolExhausted {
-                    database: key.database().to_owned(),
-                    role: key.role().to_owned(),
-                    waited,
-                },
-                CheckoutError::Upstream(error) => SessionError::Upstream(error),
-            })?;
-        let deadline = pooled.taken() + limits.internal_query_timeout;
-        let key = &settings.claims_key;
-        match ready(key, pooled.conn(), client, &readying, deadline).await {
-            Ok(parameters) => return Ok((pooled, parameters)),
-            Err(error) if attempts.another(&error) => {}
-            Err(error) => {
-                // A refused client setting leaves the connection clean:
-                // reset it for the next client all the same.
-                if !pooled.conn().is_broken() && pooled.conn().reset(deadline).await.is_ok() {
-                    pooled.release();
+///
+/// Not an async fn, which would keep its arguments twice: this future is
+/// part of every pooled transaction's.
+pub(super) fn checkout<'a>(
+    pool: &'a Arc<UpstreamPool>,
+    settings: &'a Settings,
+    key: &'a PoolKey,
+    (client, fair): (u64, Fairness<'a>),
+    readying: Readying<'a>,
+) -> impl std::future::Future<Output = Result<(Pooled, Vec<(String, String)>), SessionError>> + Send + 'a
+{
+    let (attempts, query_timeout) = {
+        let limits = key.limits();
+        let attempts = UpstreamPool::attempts(&limits, Instant::now());
+        (attempts, limits.internal_query_timeout)
+    };
+    async move {
+        let password = || settings.config.password(key.role());
+        loop {
+            let wanted = match &readying {
+                Readying::Transaction(pooled_client) => pooled_client.shape(),
+                Readying::Login { .. } => None,
+            };
+            let mut pooled = pool
+                .checkout_keyed(key, password, (client, wanted), fair)
+                .await
+                .map_err(|error| match error {
+                    CheckoutError::Timeout(waited) => SessionError::PoolExhausted {
+                        database: key.database().to_owned(),
+                        role: key.role().to_owned(),
+                        waited,
+                    },
+                    CheckoutError::Upstream(error) => SessionError::Upstream(error),
+                })?;
+            let deadline = pooled.taken() + query_timeout;
+            let key = &settings.claims_key;
+            match ready(key, pooled.conn(), client, &readying, deadline).await {
+                Ok(parameters) => return Ok((pooled, parameters)),
+                Err(error) if attempts.another(&error) => {}
+                Err(error) => {
+                    // A refused client setting leaves the connection clean:
+                    // reset it for the next client all the same.
+                    // Boxed: rare, and a reset's future is larger than the
+                    // rest of a checkout's.
+                    if !pooled.conn().is_broken()
+                        && Box::pin(pooled.conn().reset(deadline)).await.is_ok()
+                    {
+                        pooled.release();
+                    }
+                    return Err(error.into());
                 }
-                return Err(error.into());
             }
         }
     }

@@ -31,16 +31,16 @@ pub(super) struct IdentityHold {
     /// Its client connection, counted until the session ends.
     _seat: Seat,
     /// The upstream connection a session-pooled (or unpooled) session
-    /// holds to its end (boxed: a transaction-pooled client, idle, has
-    /// none).
-    _lease: Option<Box<Turn>>,
+    /// holds to its end (a pointer, as a turn is boxed: a
+    /// transaction-pooled client, idle, has none).
+    _lease: Option<Turn>,
 }
 
 /// What a session that keeps its connection holds against its identity's
 /// limits to its end: no [`Who`], as it asks for nothing more.
 pub(super) struct Counted {
     _seat: Seat,
-    _lease: Option<Box<Turn>>,
+    _lease: Option<Turn>,
 }
 
 impl<S: ClientIo> Session<'_, S> {
@@ -69,7 +69,7 @@ impl<S: ClientIo> Session<'_, S> {
         Ok(Some(IdentityHold {
             who,
             _seat: seat,
-            _lease: lease.map(Box::new),
+            _lease: lease,
         }))
     }
 }

@@ -133,7 +133,7 @@ async fn serve_transactions<S: ClientIo>(
     session: &mut Session<'_, S>,
     between: &mut Between,
 ) -> Result<Option<Box<Pinned>>, SessionError> {
-    let mut first = std::mem::take(&mut session.inbox).to_vec();
+    let mut first = First::Left(std::mem::take(&mut session.inbox).to_vec());
     loop {
         if !next_transaction(session, &mut first).await? {
             return Ok(None);
@@ -153,6 +153,44 @@ async fn serve_transactions<S: ClientIo>(
     }
 }
 
+/// Bytes read from the client between transactions, not yet sent on: the
+/// start of its next transaction.
+enum First {
+    /// What a read of the idle client found (`.1` bytes), held in place:
+    /// a transaction allocates nothing for its first bytes.
+    Read([u8; FIRST_READ], u8),
+    /// What was left over from the login or from a refused transaction.
+    Left(Vec<u8>),
+}
+
+/// Bytes the read of an idle client takes at most: the whole of most
+/// simple queries, the start of a larger request (the relay reads the
+/// rest).
+const FIRST_READ: usize = 64;
+
+impl First {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Read(head, len) => head.get(..usize::from(*len)).unwrap_or_default(),
+            Self::Left(bytes) => bytes,
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = Self::Read([0; FIRST_READ], 0);
+    }
+
+    /// Takes the bytes out as a vector, leaving none.
+    fn take(&mut self) -> Vec<u8> {
+        let bytes = match self {
+            Self::Read(..) => self.bytes().to_vec(),
+            Self::Left(bytes) => std::mem::take(bytes),
+        };
+        self.clear();
+        bytes
+    }
+}
+
 /// The future `make` makes, on the heap: allocated first, so the future
 /// can be written there (`Box::pin` of a made future copies all of it,
 /// its unused states included).
@@ -167,7 +205,7 @@ fn boxed<F: std::future::Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<
 async fn transaction<S: ClientIo>(
     session: &mut Session<'_, S>,
     between: &mut Between,
-    first: &mut Vec<u8>,
+    first: &mut First,
 ) -> Result<Done, SessionError> {
     let Between {
         pool,
@@ -182,7 +220,9 @@ async fn transaction<S: ClientIo>(
         Ok(turn) => turn,
         Err(refusal) => {
             let span = session.span();
-            Box::pin(limited::decline(session, first, &refusal).instrument(span)).await?;
+            let mut request = first.take();
+            Box::pin(limited::decline(session, &mut request, &refusal).instrument(span)).await?;
+            *first = First::Left(request);
             return Ok(Done::Next);
         }
     };
@@ -190,78 +230,92 @@ async fn transaction<S: ClientIo>(
     let settings = &session.settings;
     session.registered.set_state(ClientState::Waiting);
     let whose = (client.id, Fairness::new(fair_key));
-    let (mut pooled, _) = lease::checkout(pool, settings, key, whose, readying).await?;
-    cancel.retarget(Some(pooled.conn().cancel_key())).await;
+    let (pooled, _) = lease::checkout(pool, settings, key, whose, readying).await?;
     // Its own future: the checkout's and the relay's then share their
-    // space in this one (a value live across both would be kept apart).
+    // space in this one (a value live across both would be kept apart;
+    // so would `pooled`, borrowed here before it moves).
     relay_transaction(session, (client, cancel), pooled, turn, first).await
 }
 
 /// Relays a transaction on the connection checked out for it, to the
 /// idle boundary, then settles and releases it (or pins the client).
-async fn relay_transaction<S: ClientIo>(
-    session: &mut Session<'_, S>,
-    (client, cancel): (&mut PooledClient, &CancelGuard),
+///
+/// Not an async fn, which would keep its arguments twice: the block uses
+/// them in place. The relay is boxed on its own: with it, the
+/// transaction's future would be too large for the allocator's per-thread
+/// cache, and each transaction would pay a slower allocation and free.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep its arguments twice"
+)]
+fn relay_transaction<'a, S: ClientIo>(
+    session: &'a mut Session<'_, S>,
+    (client, cancel): (&'a mut PooledClient, &'a CancelGuard),
     mut pooled: Pooled,
     turn: Option<Turn>,
-    first: &mut Vec<u8>,
-) -> Result<Done, SessionError> {
-    let settings = &session.settings;
-    let conn = pooled.conn();
-    let mut relay = Relay::new(Some(std::mem::take(&mut client.tracker)));
-    relay.watch(settings.config.client_limits);
-    relay.observe(session.observed());
-    relay.stop_at_idle(true);
-    relay
-        .deliver(&conn.take_for_client(), &mut session.client)
-        .await?;
-    let stopped = match relay.forward(&std::mem::take(first), conn.stream()).await {
-        Ok(()) => tokio::select! {
-            biased;
-            stopped = relay.run(&mut session.client, conn.stream()) => stopped,
-            () = session.registered.closing() => {
-                let span = session.span();
-                return Box::pin(forced(session, relay, pooled, cancel).instrument(span)).await;
-            }
-        },
-        Err(error) => Err(error),
-    };
-    if let Ok(Stop::Idle) = stopped {
-        if let Some(tracker) = relay.take_tracker() {
-            client.tracker = tracker;
-        }
-        let settled = settle(session, client, &mut pooled, &mut relay).await?;
-        return match settled {
-            Settled::Released => {
-                cancel.retarget(None).await;
-                pooled.release();
-                Ok(Done::Next)
-            }
-            Settled::Pinned(reason) => {
-                session.span().in_scope(|| {
-                    tracing::info!(
-                        reason,
-                        "client keeps its upstream connection until it leaves"
-                    );
-                });
-                relay.stop_at_idle(false);
-                let held = Box::new(Held {
-                    relay,
-                    lease: Lease::Pooled(pooled),
-                    _counted: None,
-                });
-                Ok(Done::Pinned(Box::new(Pinned {
-                    held,
-                    expires: client.expires,
-                    turn,
-                })))
-            }
+    first: &'a mut First,
+) -> impl std::future::Future<Output = Result<Done, SessionError>> + Send + 'a {
+    async move {
+        cancel.retarget(Some(pooled.conn().cancel_key())).await;
+        let settings = &session.settings;
+        let conn = pooled.conn();
+        let mut relay = Box::new(Relay::new(Some(client.lend_tracker())));
+        relay.watch(settings.config.client_limits);
+        relay.observe(session.observed());
+        relay.stop_at_idle(true);
+        relay
+            .deliver(&conn.take_for_client(), &mut session.client)
+            .await?;
+        let forwarded = relay.forward(first.bytes(), conn.stream()).await;
+        first.clear();
+        let stopped = match forwarded {
+            Ok(()) => tokio::select! {
+                biased;
+                stopped = relay.run(&mut session.client, conn.stream()) => stopped,
+                () = session.registered.closing() => {
+                    let span = session.span();
+                    return Box::pin(forced(session, *relay, pooled, cancel).instrument(span)).await;
+                }
+            },
+            Err(error) => Err(error),
         };
+        if let Ok(Stop::Idle) = stopped {
+            if let Some(tracker) = relay.take_tracker() {
+                client.return_tracker(tracker);
+            }
+            let settled = settle(session, client, &mut pooled, &mut relay).await?;
+            return match settled {
+                Settled::Released => {
+                    cancel.retarget(None).await;
+                    pooled.release();
+                    Ok(Done::Next)
+                }
+                Settled::Pinned(reason) => {
+                    session.span().in_scope(|| {
+                        tracing::info!(
+                            reason,
+                            "client keeps its upstream connection until it leaves"
+                        );
+                    });
+                    relay.stop_at_idle(false);
+                    let held = Box::new(Held {
+                        relay: *relay,
+                        lease: Lease::Pooled(pooled),
+                        _counted: None,
+                    });
+                    Ok(Done::Pinned(Box::new(Pinned {
+                        held,
+                        expires: client.expires,
+                        turn,
+                    })))
+                }
+            };
+        }
+        // Boxed, as are the other rare paths.
+        let span = session.span();
+        let finished = finish_transaction(session, *relay, pooled, cancel, stopped);
+        Box::pin(finished.instrument(span)).await
     }
-    // Boxed, as are the other rare paths.
-    let span = session.span();
-    let finished = finish_transaction(session, relay, pooled, cancel, stopped);
-    Box::pin(finished.instrument(span)).await
 }
 
 /// Waits, holding nothing, for the client's next transaction to start
@@ -271,7 +325,7 @@ async fn relay_transaction<S: ClientIo>(
 /// grace).
 async fn next_transaction<S: ClientIo>(
     session: &mut Session<'_, S>,
-    first: &mut Vec<u8>,
+    first: &mut First,
 ) -> Result<bool, SessionError> {
     let registered = &session.registered;
     let spared_until = session.spared_until;
@@ -280,23 +334,26 @@ async fn next_transaction<S: ClientIo>(
     if registered.is_closing() || registered.is_draining() && Instant::now() >= spared_until {
         return Err(SessionError::ShuttingDown);
     }
-    if first.is_empty() {
+    if first.bytes().is_empty() {
         // Idle: no upstream connection, no buffers beyond this one.
-        let mut head = [0u8; 64];
+        first.clear();
+        let First::Read(head, len) = first else {
+            unreachable!("`clear` leaves a read")
+        };
         let drained = end::drain_reaches(registered, spared_until);
         let n = tokio::select! {
             // A kill first; then the client's bytes: a transaction that
             // has started runs before a drain closes the client.
             biased;
             () = registered.closing() => return Err(SessionError::ShuttingDown),
-            read = session.client.read(&mut head) => read.map_err(SessionError::ClientIo)?,
+            read = session.client.read(head) => read.map_err(SessionError::ClientIo)?,
             () = drained => return Err(SessionError::ShuttingDown),
         };
-        *first = head.get(..n).unwrap_or_default().to_vec();
+        *len = u8::try_from(n).unwrap_or(0);
     }
     // Between transactions the client is at a message boundary, so its
     // first byte is a message tag.
-    Ok(first.first().is_some_and(|&tag| tag != b'X'))
+    Ok(first.bytes().first().is_some_and(|&tag| tag != b'X'))
 }
 
 /// What became of the connection after a transaction ended idle.

@@ -48,8 +48,10 @@ pub(crate) struct PooledClient {
     /// Settings to apply on a connection that does not hold its session:
     /// from the startup packet, then as read after SET and friends.
     pub(crate) settings: Vec<(String, String)>,
-    /// Named statements to prepare again on another connection.
-    pub(crate) tracker: Tracker,
+    /// Named statements to prepare again on another connection (and what
+    /// the session's statements touched); lent to each transaction's relay
+    /// ([`PooledClient::lend_tracker`]), `None` only while lent.
+    tracker: Option<Tracker>,
     /// When its token expires, if expiry is enforced.
     pub(crate) expires: Option<SystemTime>,
     /// What its session on a connection consists of, for another client
@@ -70,7 +72,7 @@ impl PooledClient {
         Self {
             id,
             settings,
-            tracker: Tracker::default(),
+            tracker: Some(Tracker::default()),
             expires,
             shape,
         }
@@ -127,7 +129,8 @@ impl PooledClient {
         if !conn.claim_as(self.id, self.shape(), deadline).await? {
             conn.attach(key, self.claims(), &self.settings, deadline)
                 .await?;
-            replay_statements(conn, self.tracker.statements(), deadline).await?;
+            let statements = self.tracker.iter().flat_map(Tracker::statements);
+            replay_statements(conn, statements, deadline).await?;
         }
         Ok(())
     }
@@ -136,16 +139,36 @@ impl PooledClient {
     /// [`PooledClient::settle`] (most do not); if not, forgets the names it
     /// mentioned.
     pub(crate) fn unsettled(&mut self) -> bool {
+        let tracker = self.tracker();
+        let prepared = tracker.statements().next().is_some();
+        let unsettled = tracker.untrackable().is_some() || tracker.touched();
+        if !unsettled {
+            tracker.forget_mentioned();
+        }
         if let Some(shape) = &self.shape
-            && self.tracker.statements().next().is_some()
+            && prepared
         {
             shape.prepared_statements();
         }
-        let unsettled = self.tracker.untrackable().is_some() || self.tracker.touched();
-        if !unsettled {
-            self.tracker.take_mentioned();
-        }
         unsettled
+    }
+
+    /// The tracker, for a transaction's relay to follow the session with;
+    /// given back with [`PooledClient::return_tracker`]. Moved, not
+    /// swapped with a fresh one: making and dropping an empty tracker
+    /// each transaction was a measurable part of its cost.
+    pub(crate) fn lend_tracker(&mut self) -> Tracker {
+        self.tracker.take().unwrap_or_default()
+    }
+
+    /// Takes back the tracker a transaction's relay followed the session
+    /// with.
+    pub(crate) fn return_tracker(&mut self, tracker: Tracker) {
+        self.tracker = Some(tracker);
+    }
+
+    fn tracker(&mut self) -> &mut Tracker {
+        self.tracker.get_or_insert_default()
     }
 
     /// After a transaction ended idle: if it ran a command that can leave
@@ -156,12 +179,12 @@ impl PooledClient {
         conn: &mut Upstream,
         deadline: Instant,
     ) -> Result<Option<&'static str>, UpstreamError> {
-        if let Some(reason) = self.tracker.untrackable() {
+        if let Some(reason) = self.tracker().untrackable() {
             return Ok(Some(reason));
         }
         // The names this transaction's statements mentioned.
-        let mentioned = self.tracker.take_mentioned();
-        if !self.tracker.take_touched() {
+        let mentioned = self.tracker().take_mentioned();
+        if !self.tracker().take_touched() {
             return Ok(None);
         }
         // `role` is not in pg_settings either.
@@ -186,7 +209,7 @@ impl PooledClient {
         if state.pool_only_setting {
             reset_pool_only_settings(conn, deadline).await?;
         }
-        self.tracker.retain_statements(&state.protocol_statements);
+        self.tracker().retain_statements(&state.protocol_statements);
         if state.settings != self.settings {
             self.shape = (self.shape.as_deref()).map(|shape| shape.with_settings(&state.settings));
             conn.share_as(self.shape.clone());

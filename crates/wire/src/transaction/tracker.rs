@@ -194,6 +194,15 @@ impl Tracker {
         std::mem::take(&mut self.mentioned)
     }
 
+    /// Forgets the dotted names statements mentioned (most transactions
+    /// mention none: an empty set is left alone, as even dropping one
+    /// costs a walk).
+    pub fn forget_mentioned(&mut self) {
+        if !self.mentioned.is_empty() {
+            self.mentioned.clear();
+        }
+    }
+
     fn commit(&mut self, name: String, message: Vec<u8>) {
         self.forget(&name);
         self.statement_bytes += message.len() + STATEMENT_OVERHEAD;
