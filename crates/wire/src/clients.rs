@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 use std::time::SystemTime;
@@ -129,6 +129,12 @@ const CLOSE: u8 = 2;
 struct Told {
     raised: AtomicU8,
     waker: AtomicWaker,
+    /// Which waker `waker` was last given (its data and vtable addresses,
+    /// as [`std::task::Waker::will_wake`] compares them). Only a raise
+    /// takes it back, so while nothing is raised, a wait with the same
+    /// waker need not register again: a pooled session waits here twice
+    /// a transaction, and registering costs more than its own checks.
+    registered: (AtomicUsize, AtomicUsize),
 }
 
 impl Told {
@@ -142,10 +148,26 @@ impl Told {
     }
 
     fn poll_raised(&self, flag: u8, cx: &mut Context<'_>) -> Poll<()> {
-        if self.is_raised(flag) {
+        let raised = self.raised.load(Ordering::Acquire);
+        if raised & flag != 0 {
             return Poll::Ready(());
         }
-        self.waker.register(cx.waker());
+        let waker = cx.waker();
+        let id = (
+            waker.data().addr(),
+            std::ptr::from_ref(waker.vtable()).addr(),
+        );
+        // Nothing raised yet, so nothing took the waker this task
+        // registered: a raise from now on wakes it.
+        if raised == 0
+            && self.registered.0.load(Ordering::Relaxed) == id.0
+            && self.registered.1.load(Ordering::Relaxed) == id.1
+        {
+            return Poll::Pending;
+        }
+        self.waker.register(waker);
+        self.registered.0.store(id.0, Ordering::Relaxed);
+        self.registered.1.store(id.1, Ordering::Relaxed);
         // Raised between the check and the registration: its wake may
         // have gone to the waker before this one.
         if self.is_raised(flag) {
@@ -423,6 +445,47 @@ mod tests {
         assert_eq!(json[1]["transport"], "http");
         drop(a);
         assert_eq!(clients.snapshot().len(), 1);
+    }
+
+    /// A waker counting its wakes.
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Counting {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn counting() -> (Arc<Counting>, std::task::Waker) {
+        let count = Arc::new(Counting(std::sync::atomic::AtomicUsize::new(0)));
+        (
+            Arc::clone(&count),
+            std::task::Waker::from(Arc::clone(&count)),
+        )
+    }
+
+    #[test]
+    fn a_wait_polled_again_by_its_waker_is_woken_and_a_new_waker_replaces_it() {
+        let told = Told::default();
+        let (first, first_waker) = counting();
+        let mut cx = Context::from_waker(&first_waker);
+        assert!(told.poll_raised(CLOSE, &mut cx).is_pending());
+        // Polled again with the same waker: not registered again, and
+        // still the one a raise wakes.
+        assert!(told.poll_raised(CLOSE, &mut cx).is_pending());
+        assert!(told.poll_raised(DRAIN, &mut cx).is_pending());
+        let (second, second_waker) = counting();
+        let mut other = Context::from_waker(&second_waker);
+        assert!(told.poll_raised(CLOSE, &mut other).is_pending());
+        told.raise(DRAIN);
+        assert_eq!(first.0.load(Ordering::SeqCst), 0, "replaced");
+        assert_eq!(second.0.load(Ordering::SeqCst), 1, "the last waker");
+        assert!(told.poll_raised(DRAIN, &mut other).is_ready());
+        // The raise took the waker: the same waker registers again.
+        assert!(told.poll_raised(CLOSE, &mut other).is_pending());
+        told.raise(CLOSE);
+        assert_eq!(second.0.load(Ordering::SeqCst), 2, "registered again");
+        assert!(told.poll_raised(CLOSE, &mut other).is_ready());
     }
 
     #[tokio::test]

@@ -36,7 +36,7 @@ use crate::error::UpstreamError;
 use crate::metrics::Metrics;
 use crate::upstream::{self, Owner, SessionShape, Upstream, UpstreamConfig};
 use keeper::Keeper;
-use pick::{Candidate, pick};
+use pick::{Candidate, Verdict, pick};
 
 pub use fair::Fairness;
 pub use gates::Gates;
@@ -546,8 +546,8 @@ impl UpstreamPool {
                 break Taken::None;
             };
             let mut idle = connections.idle.remove(at);
-            let candidate = idle.candidate();
-            if candidate.expired(&limits, now.into_std()) {
+            let verdict = idle.candidate().verdict(&limits, now.into_std());
+            if verdict == Verdict::Close {
                 dropped.push(idle);
                 continue;
             }
@@ -556,7 +556,7 @@ impl UpstreamPool {
                 dropped.push(idle);
                 continue;
             }
-            if candidate.needs_check(&limits, now.into_std()) {
+            if verdict == Verdict::Check {
                 break Taken::Check(idle);
             }
             let at = (connections.active).insert(&idle.conn, (idle.created, now), client);

@@ -21,14 +21,35 @@ pub(crate) struct Candidate {
 impl Candidate {
     /// Whether it must be closed at `now` rather than reused.
     pub(crate) fn expired(&self, limits: &PoolLimits, now: Instant) -> bool {
-        now.duration_since(self.since) >= limits.idle_timeout
-            || now.duration_since(self.created) >= limits.server_lifetime
+        self.verdict(limits, now) == Verdict::Close
     }
 
-    /// Whether it must answer a health check before it is handed out.
-    pub(crate) fn needs_check(&self, limits: &PoolLimits, now: Instant) -> bool {
-        now.duration_since(self.since) >= limits.health_check_after
+    /// Whether it is closed, checked first or handed out as it is, at
+    /// `now`: one subtraction per instant it looks at (each costs a
+    /// normalisation in std).
+    pub(crate) fn verdict(&self, limits: &PoolLimits, now: Instant) -> Verdict {
+        let idle = now.duration_since(self.since);
+        if idle >= limits.idle_timeout || now.duration_since(self.created) >= limits.server_lifetime
+        {
+            Verdict::Close
+        } else if idle >= limits.health_check_after {
+            Verdict::Check
+        } else {
+            Verdict::Use
+        }
     }
+}
+
+/// What becomes of an idle connection a checkout picked
+/// ([`Candidate::verdict`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Past its idle timeout or lifetime: closed.
+    Close,
+    /// Idle long enough to answer a health check first.
+    Check,
+    /// Handed out as it is.
+    Use,
 }
 
 /// What the choice needs of an idle connection: whose session it holds.
@@ -117,8 +138,13 @@ mod tests {
         let idle = at(base, Owner::Nobody, 0);
         let later = |secs| base + Duration::from_secs(secs);
         assert!(!idle.expired(&limits, later(59)) && idle.expired(&limits, later(60)));
-        assert!(!idle.needs_check(&limits, later(29)) && idle.needs_check(&limits, later(30)));
+        assert_eq!(idle.verdict(&limits, later(29)), Verdict::Use);
+        assert_eq!(idle.verdict(&limits, later(30)), Verdict::Check);
+        assert_eq!(idle.verdict(&limits, later(59)), Verdict::Check);
+        assert_eq!(idle.verdict(&limits, later(60)), Verdict::Close);
         let old = at(base, Owner::Nobody, 590);
         assert!(!old.expired(&limits, later(599)) && old.expired(&limits, later(600)));
+        assert_eq!(old.verdict(&limits, later(599)), Verdict::Use);
+        assert_eq!(old.verdict(&limits, later(600)), Verdict::Close);
     }
 }

@@ -259,7 +259,8 @@ fn relay_transaction<'a, S: ClientIo>(
         cancel.retarget(Some(pooled.conn().cancel_key())).await;
         let settings = &session.settings;
         let conn = pooled.conn();
-        let mut relay = Box::new(Relay::new(Some(client.lend_tracker())));
+        // Written in place: `Box::new` would build it beside and copy it.
+        let mut relay = Box::write(Box::new_uninit(), Relay::new(Some(client.lend_tracker())));
         relay.watch(settings.config.client_limits);
         relay.observe(session.observed());
         relay.stop_at_idle(true);
