@@ -153,10 +153,7 @@ impl Told {
             return Poll::Ready(());
         }
         let waker = cx.waker();
-        let id = (
-            waker.data().addr(),
-            std::ptr::from_ref(waker.vtable()).addr(),
-        );
+        let id = crate::waker_id::waker_id(waker);
         // Nothing raised yet, so nothing took the waker this task
         // registered: a raise from now on wakes it.
         if raised == 0

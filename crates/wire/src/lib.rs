@@ -47,6 +47,7 @@ mod transaction;
 mod transport;
 mod upstream;
 mod usage;
+mod waker_id;
 
 pub mod front_door;
 pub mod server;

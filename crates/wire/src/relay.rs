@@ -78,17 +78,9 @@ impl Armed {
         tokio::task::coop::has_budget_remaining()
     }
 
-    /// What identifies `waker`.
-    fn id(waker: &std::task::Waker) -> (usize, usize) {
-        (
-            waker.data().addr(),
-            std::ptr::from_ref(waker.vtable()).addr(),
-        )
-    }
-
     /// Starts a poll with `waker`: what was armed under another is not.
     fn poll_with(&mut self, waker: &std::task::Waker) {
-        let id = Self::id(waker);
+        let id = crate::waker_id::waker_id(waker);
         if self.waker != id {
             *self = Self {
                 waker: id,

@@ -151,12 +151,18 @@ pub enum MaybeTls<P, T> {
 impl<T> crate::relay::ReadHint for MaybeTls<TcpStream, T> {
     fn known_unreadable(&self) -> bool {
         match self {
-            Self::Plain(tcp) => tcp
-                .try_io(tokio::io::Interest::READABLE, || Ok(()))
-                .is_err(),
+            Self::Plain(tcp) => read_readiness_clear(tcp),
             Self::Tls(_) => false,
         }
     }
+}
+
+/// Whether tokio's read readiness of `tcp` is clear: cleared by the read
+/// that found the socket empty, set by the event that brings bytes (or
+/// the peer's close). While clear, nothing has arrived since that read.
+pub(crate) fn read_readiness_clear(tcp: &TcpStream) -> bool {
+    tcp.try_io(tokio::io::Interest::READABLE, || Ok(()))
+        .is_err()
 }
 
 /// A client connection: TCP, or TLS accepted by the proxy.

@@ -201,10 +201,7 @@ impl Upstream {
         // Readiness is cleared by the read that found the socket empty, so
         // while it is clear nothing has arrived since: no peek, no waker.
         let tcp = self.stream.tcp();
-        if tcp
-            .try_io(tokio::io::Interest::READABLE, || Ok(()))
-            .is_err()
-        {
+        if crate::transport::read_readiness_clear(tcp) {
             return false;
         }
         // Set: something arrived, or a read that filled its buffer left it
