@@ -113,7 +113,9 @@ fn relay_throughput(c: &mut Criterion) {
                 let (upstream, mut upstream_peer) = tokio::io::duplex(256 * 1024);
                 let relay = tokio::spawn(async move {
                     let (mut client, mut upstream) = (client, upstream);
-                    Relay::new(None).run(&mut client, &mut upstream).await
+                    Relay::new(None, tokio::time::Instant::now())
+                        .run(&mut client, &mut upstream)
+                        .await
                 });
                 let writer = tokio::spawn(async move {
                     for _ in 0..rounds {

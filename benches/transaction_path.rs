@@ -103,7 +103,9 @@ fn transaction_path(c: &mut Criterion) {
                 let server = tokio::spawn(server(server_side, answer.clone()));
                 let relay = tokio::spawn(async move {
                     let (mut c, mut u) = (proxy_client, proxy_upstream);
-                    Relay::new(None).run(&mut c, &mut u).await
+                    Relay::new(None, tokio::time::Instant::now())
+                        .run(&mut c, &mut u)
+                        .await
                 });
                 let mut buf = vec![0u8; 4096];
                 for _ in 0..ROUNDS {
@@ -130,7 +132,7 @@ fn transaction_path(c: &mut Criterion) {
                     // As session::transactions: the first bytes, then a
                     // relay of its own until the idle boundary.
                     let n = proxy_client.read(&mut first).await.expect("read");
-                    let mut relay = Relay::new(None);
+                    let mut relay = Relay::new(None, tokio::time::Instant::now());
                     relay.stop_at_idle(true);
                     relay
                         .forward(&first[..n], &mut proxy_upstream)

@@ -321,12 +321,12 @@ pub struct Relay {
 
 impl Relay {
     /// A relay for a session sitting idle after a ReadyForQuery, as it is
-    /// after the handshake and between pooled transactions. With a
-    /// `tracker`, what the client's session holds is followed
+    /// after the handshake and between pooled transactions, starting at
+    /// `now` (the caller's clock reading, the time of its first step).
+    /// With a `tracker`, what the client's session holds is followed
     /// (transaction pooling).
-    pub fn new(tracker: Option<Tracker>) -> Self {
+    pub fn new(tracker: Option<Tracker>, now: Instant) -> Self {
         let (client_frames, server_frames) = framers(tracker.is_some(), None);
-        let now = Instant::now();
         Self {
             to_upstream: Pipe::new(CLIENT_BUFFER),
             to_client: Pipe::new(SERVER_BUFFER),
@@ -351,13 +351,14 @@ impl Relay {
             transaction_started: None,
             query_started: None,
             server_ended: false,
-            clock: None,
+            clock: Some(now),
         }
     }
 
     /// The time for what happens in this poll (or this `forward` or
-    /// `deliver` step): read once, when first asked for.
-    fn now(&mut self) -> Instant {
+    /// `deliver` step): read once, when first asked for. After a run that
+    /// stopped at an idle boundary, the time it got there (or later).
+    pub fn now(&mut self) -> Instant {
         now(&mut self.clock)
     }
 
@@ -367,6 +368,12 @@ impl Relay {
     pub fn observe(&mut self, observed: Observed) {
         self.audit_with(observed.audit.as_ref());
         self.observed = Some(observed);
+    }
+
+    /// Takes back what [`Relay::observe`] lent, for the session's next
+    /// relay: the relay reports nothing from then on.
+    pub fn take_observed(&mut self) -> Option<Observed> {
+        self.observed.take()
     }
 
     /// Records a change between idle and in a transaction, timing the
@@ -427,13 +434,14 @@ impl Relay {
             if self.terminated || self.violation.is_some() {
                 break;
             }
-            self.clock = None;
             self.to_upstream.load(chunk);
             self.count(Tally::received, chunk.len());
             self.scan_client();
             poll_fn(|cx| self.to_upstream.poll_drain(cx, upstream))
                 .await
                 .map_err(RelayError::Upstream)?;
+            // The next step's time is its own.
+            self.clock = None;
         }
         Ok(())
     }
@@ -446,13 +454,13 @@ impl Relay {
         C: AsyncWrite + Unpin + ?Sized,
     {
         for chunk in bytes.chunks(SERVER_BUFFER) {
-            self.clock = None;
             self.to_client.load(chunk);
             self.count(Tally::sent, chunk.len());
             self.scan_server();
             poll_fn(|cx| self.to_client.poll_drain(cx, client))
                 .await
                 .map_err(RelayError::Client)?;
+            self.clock = None;
         }
         Ok(())
     }
@@ -557,6 +565,7 @@ impl Relay {
                 }
             }
             // Upstream to client.
+            let mut unscanned = 0;
             if !stopping && !server_waits && self.to_client.is_empty() {
                 match self.to_client.poll_fill(cx, upstream) {
                     Poll::Pending => {
@@ -569,9 +578,7 @@ impl Relay {
                         if read == 0 {
                             return Poll::Ready(Ok(Stop::UpstreamClosed));
                         }
-                        self.watchdog.last_written = self.now();
-                        self.count(Tally::sent, read);
-                        self.scan_server();
+                        unscanned = read;
                         progressed = true;
                     }
                 }
@@ -581,7 +588,15 @@ impl Relay {
                 .to_client
                 .poll_progress(cx, client)
                 .map_err(RelayError::Client)?;
-            if moved && self.to_client.start != before {
+            if unscanned > 0 {
+                // Followed once on their way: the client's answer does
+                // not wait for the bookkeeping (the ledger, the tracker,
+                // the counters), which reads the bytes where they still
+                // are.
+                self.watchdog.last_written = self.now();
+                self.count(Tally::sent, unscanned);
+                self.scan_server();
+            } else if moved && self.to_client.start != before {
                 self.watchdog.last_written = self.now();
             }
             progressed |= moved;
@@ -699,10 +714,12 @@ impl Relay {
         self.note_state();
     }
 
-    /// Follows the server bytes just read.
+    /// Follows the server bytes just read: all of the buffer's, as a read
+    /// or a load fills it from its start (some may have been written on
+    /// already).
     fn scan_server(&mut self) {
         let pipe = &self.to_client;
-        let mut at = pipe.start;
+        let mut at = 0;
         while at < pipe.end {
             let (used, frame) = self
                 .server_frames

@@ -67,7 +67,7 @@ fn audited(
     let handle = clients.register(facts.client, Transport::WebSocket);
     let (mut client, client_peer) = tokio::io::duplex(4096);
     let (mut upstream, upstream_peer) = tokio::io::duplex(4096);
-    let mut relay = Relay::new(None);
+    let mut relay = Relay::new(None, tokio::time::Instant::now());
     relay.observe(Observed {
         tally: metrics.tally(Transport::WebSocket, "app", "anonymous"),
         activity: handle.activity(),

@@ -183,6 +183,8 @@ pub struct Pooled {
     created: Instant,
     /// When it was handed out.
     taken: Instant,
+    /// The pool's internal query timeout then.
+    query_timeout: Duration,
     reused: bool,
     slot: Arc<Slot>,
     /// Its place among the slot's active connections; `None` once released.
@@ -373,7 +375,7 @@ impl UpstreamPool {
         fair: Fairness<'_>,
     ) -> Result<Pooled, CheckoutError> {
         let key = self.key(database, role);
-        self.checkout_keyed(&key, password, (client, wanted), fair)
+        self.checkout_keyed(&key, password, (client, wanted), fair, Instant::now())
             .await
     }
 
@@ -384,25 +386,30 @@ impl UpstreamPool {
         PoolKey(self.slot(database, role).0)
     }
 
-    /// [`UpstreamPool::checkout_as`] for a key of this pool.
+    /// [`UpstreamPool::checkout_as`] for a key of this pool, started at
+    /// `now` (the caller's clock reading: a connection free at once is
+    /// handed out with no reading of its own).
     pub async fn checkout_keyed<'p>(
         self: &Arc<Self>,
         key: &PoolKey,
         password: impl FnOnce() -> Option<&'p str>,
         (client, wanted): (u64, Option<&SessionShape>),
         fair: Fairness<'_>,
+        now: Instant,
     ) -> Result<Pooled, CheckoutError> {
         let slot = Arc::clone(&key.0);
-        // The one limit the common path needs: the rest are read where
-        // used, as a copy of them all would live in every transaction's
-        // future.
-        let checkout_timeout = slot.connections().limits.checkout_timeout;
+        // Limits are read under the slot's lock where used: most
+        // checkouts take that lock once, to take an idle connection.
+        let checkout_timeout = || slot.connections().limits.checkout_timeout;
         let (database, role) = (slot.database.as_str(), slot.role.as_str());
+        let mut waited = false;
         // The waits below are boxed: they are rare, and their futures
         // would make every checkout's (and transaction's) larger.
         if self.gates.is_paused(database) {
             let _waiting = slot.waiting.hold();
-            let deadline = Instant::now() + checkout_timeout;
+            let checkout_timeout = checkout_timeout();
+            let deadline = now + checkout_timeout;
+            waited = true;
             if !Box::pin(self.gates.wait_open(database, deadline)).await {
                 self.metrics.checkout_timeout(self.name, database, role);
                 return Err(CheckoutError::Timeout(checkout_timeout));
@@ -416,6 +423,8 @@ impl UpstreamPool {
             }
             Err(_) => {
                 let started = Instant::now();
+                let checkout_timeout = checkout_timeout();
+                waited = true;
                 let _waiting = slot.waiting.hold();
                 let acquired = Box::pin(tokio::time::timeout(
                     checkout_timeout,
@@ -437,9 +446,10 @@ impl UpstreamPool {
             _permit: permit,
             _busy: slot.busy.hold(),
         };
-        let taken = Self::take_usable_idle(&slot, (client, wanted)).await;
-        let (conn, created, reused, (at, taken)) = match taken {
-            Some((idle, at)) => (idle.conn, idle.created, true, at),
+        let now = if waited { Instant::now() } else { now };
+        let taken = Self::take_usable_idle(&slot, (client, wanted), now).await;
+        let (conn, created, reused, (at, taken), query_timeout) = match taken {
+            Some((idle, at, query_timeout)) => (idle.conn, idle.created, true, at, query_timeout),
             None => {
                 // Boxed: a login's future is large and rarely needed.
                 let limits = slot.connections().limits;
@@ -447,13 +457,20 @@ impl UpstreamPool {
                 let conn = Box::new(login.await?);
                 let created = Instant::now();
                 let at = (slot.connections().active).insert(&conn, (created, created), client);
-                (conn, created, false, (at, created))
+                (
+                    conn,
+                    created,
+                    false,
+                    (at, created),
+                    limits.internal_query_timeout,
+                )
             }
         };
         Ok(Pooled {
             conn: Some(conn),
             created,
             taken,
+            query_timeout,
             reused,
             slot,
             place: Some(at),
@@ -497,30 +514,31 @@ impl UpstreamPool {
         }
     }
 
-    /// The idle connection [`pick`] chooses for `client`, listed as
-    /// active (its place returned), skipping (and closing) those past
-    /// their lifetime, those the server spoke on or closed while they sat
-    /// idle, and those that fail a due health check.
+    /// The idle connection [`pick`] chooses for `client` at `now`,
+    /// listed as active (its place returned, with when it was handed out
+    /// and the pool's internal query timeout then), skipping (and closing)
+    /// those past their lifetime, those the server spoke on or closed
+    /// while they sat idle, and those that fail a due health check.
     async fn take_usable_idle(
         slot: &Slot,
         (client, wanted): (u64, Option<&SessionShape>),
-    ) -> Option<(Idle, (usize, Instant))> {
+        mut now: Instant,
+    ) -> Option<(Idle, (usize, Instant), Duration)> {
         loop {
-            let now = Instant::now();
-            let mut idle = match Self::take_idle(slot, (client, wanted), now) {
-                Taken::Ready(idle, at) => return Some((idle, (at, now))),
-                Taken::Check(idle) => idle,
+            let (mut idle, timeout) = match Self::take_idle(slot, (client, wanted), now) {
+                Taken::Ready(idle, at, timeout) => return Some((idle, (at, now), timeout)),
+                Taken::Check(idle, timeout) => (idle, timeout),
                 Taken::None => return None,
             };
-            let timeout = slot.connections().limits.internal_query_timeout;
             let deadline = Instant::now() + timeout;
-            if let Err(error) = Box::pin(idle.conn.ping(deadline)).await {
+            let pinged = Box::pin(idle.conn.ping(deadline)).await;
+            now = Instant::now();
+            if let Err(error) = pinged {
                 tracing::debug!(%error, "an idle upstream connection failed its health check");
                 continue;
             }
-            let now = Instant::now();
             let at = (slot.connections().active).insert(&idle.conn, (idle.created, now), client);
-            return Some((idle, (at, now)));
+            return Some((idle, (at, now), timeout));
         }
     }
 
@@ -557,10 +575,10 @@ impl UpstreamPool {
                 continue;
             }
             if verdict == Verdict::Check {
-                break Taken::Check(idle);
+                break Taken::Check(idle, limits.internal_query_timeout);
             }
             let at = (connections.active).insert(&idle.conn, (idle.created, now), client);
-            break Taken::Ready(idle, at);
+            break Taken::Ready(idle, at, limits.internal_query_timeout);
         };
         drop(connections);
         drop(dropped);
@@ -683,12 +701,13 @@ impl UpstreamPool {
     }
 }
 
-/// What [`UpstreamPool::take_idle`] found.
+/// What [`UpstreamPool::take_idle`] found, with the pool's internal
+/// query timeout (read under the same lock).
 enum Taken {
     /// A connection to hand out, listed as active at this place.
-    Ready(Idle, usize),
+    Ready(Idle, usize, Duration),
     /// A connection to check before handing it out.
-    Check(Idle),
+    Check(Idle, Duration),
     /// None: log in a new one.
     None,
 }
@@ -709,10 +728,15 @@ impl Pooled {
         self.reused
     }
 
-    /// When it was handed out: deadlines for readying it start here, with
-    /// no clock read of their own.
+    /// When it was handed out.
     pub fn taken(&self) -> Instant {
         self.taken
+    }
+
+    /// The deadline for readying it (the pool's internal query timeout
+    /// from when it was handed out): no clock reading or lock of its own.
+    pub fn ready_by(&self) -> Instant {
+        self.taken + self.query_timeout
     }
 
     /// Ends a connection whose backend may still be working for a client
@@ -728,11 +752,16 @@ impl Pooled {
     /// Returns the connection to the pool; call only when it is idle and
     /// holds no state of the request that used it. A connection that is
     /// broken or past its lifetime is closed instead.
-    pub fn release(mut self) {
+    pub fn release(self) {
+        self.release_at(Instant::now());
+    }
+
+    /// [`Pooled::release`] with the caller's clock reading of when the
+    /// connection became idle (its idle age counts from there).
+    pub fn release_at(mut self, now: Instant) {
         let Some(mut conn) = self.conn.take() else {
             return;
         };
-        let now = Instant::now();
         conn.shrink();
         let mut connections = self.slot.connections();
         if let Some(at) = self.place.take() {

@@ -16,7 +16,7 @@ type Relaying = tokio::task::JoinHandle<(
 fn start(first_request: Option<&[u8]>) -> (DuplexStream, DuplexStream, Relaying) {
     let (mut client, client_peer) = tokio::io::duplex(4096);
     let (mut upstream, upstream_peer) = tokio::io::duplex(4096);
-    let mut relay = Relay::new(None);
+    let mut relay = Relay::new(None, tokio::time::Instant::now());
     let first_request = first_request.map(<[u8]>::to_vec);
     let relay = tokio::spawn(async move {
         if let Some(request) = first_request {
@@ -137,7 +137,7 @@ async fn a_terminate_among_forwarded_bytes_ends_the_relay_there() {
     let query = message(b'Q', b"select 1\0");
     let mut bytes = query.clone();
     bytes.extend(message(b'X', b""));
-    let mut relay = Relay::new(None);
+    let mut relay = Relay::new(None, tokio::time::Instant::now());
     relay.forward(&bytes, &mut upstream).await.expect("forward");
     let stopped = relay.run(&mut client, &mut upstream).await.expect("run");
     assert_eq!(stopped, Stop::ClientTerminated);
@@ -226,7 +226,7 @@ async fn an_observed_relay_counts_queries_transactions_and_its_stop() {
         "127.0.0.1:1".parse().expect("address"),
         crate::transport::Transport::Wire,
     );
-    let mut relay = Relay::new(None);
+    let mut relay = Relay::new(None, tokio::time::Instant::now());
     relay.observe(Observed {
         tally: tally.clone(),
         activity: handle.activity(),
@@ -301,7 +301,7 @@ async fn run_until_waiting(
 async fn a_relay_idle_on_both_sides_holds_no_buffers_and_takes_them_again() {
     let (mut client, mut client_peer) = tokio::io::duplex(4096);
     let (mut upstream, mut upstream_peer) = tokio::io::duplex(4096);
-    let mut relay = Relay::new(None);
+    let mut relay = Relay::new(None, tokio::time::Instant::now());
     let holds =
         |relay: &Relay| !relay.to_upstream.buf.is_empty() || !relay.to_client.buf.is_empty();
     assert!(!holds(&relay), "a new relay takes buffers only when used");

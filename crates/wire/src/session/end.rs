@@ -44,7 +44,7 @@ fn held<S: ClientIo>(
     let expires = session.expiry(&logged.login);
     let LoggedIn { login, greeted, .. } = *logged;
     let Greeted { lease, cancel } = greeted;
-    let mut relay = Relay::new(None);
+    let mut relay = Relay::new(None, Instant::now());
     relay.watch(session.settings.config.client_limits);
     relay.observe(session.observed());
     let held = Box::new(Held {

@@ -89,6 +89,7 @@ pub(super) async fn lease(
         &pool.key(&admitted.database, &admitted.role),
         (login.client_id, Fairness::new(&login.fair_key)),
         readying,
+        Instant::now(),
     )
     .await?;
     Ok((Lease::Pooled(pooled), parameters))
@@ -118,32 +119,34 @@ async fn own_login(
 /// A pooled connection of `pool` for (`database`, `role`) readied for
 /// `client` (its pool id, and whose turn it takes in a busy pool), trying
 /// others while the one it got fails before anything of the client's was
-/// sent on it.
+/// sent on it. `started` is the caller's clock reading: a checkout that
+/// finds a connection free and in place reads none of its own.
 ///
 /// Not an async fn, which would keep its arguments twice: this future is
 /// part of every pooled transaction's.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep its arguments twice"
+)]
 pub(super) fn checkout<'a>(
     pool: &'a Arc<UpstreamPool>,
     settings: &'a Settings,
     key: &'a PoolKey,
     (client, fair): (u64, Fairness<'a>),
     readying: Readying<'a>,
+    started: Instant,
 ) -> impl std::future::Future<Output = Result<(Pooled, Vec<(String, String)>), SessionError>> + Send + 'a
 {
-    let (attempts, query_timeout) = {
-        let limits = key.limits();
-        let attempts = UpstreamPool::attempts(&limits, Instant::now());
-        (attempts, limits.internal_query_timeout)
-    };
     async move {
         let password = || settings.config.password(key.role());
+        let mut now = started;
         loop {
             let wanted = match &readying {
                 Readying::Transaction(pooled_client) => pooled_client.shape(),
                 Readying::Login { .. } => None,
             };
             let mut pooled = pool
-                .checkout_keyed(key, password, (client, wanted), fair)
+                .checkout_keyed(key, password, (client, wanted), fair, now)
                 .await
                 .map_err(|error| match error {
                     CheckoutError::Timeout(waited) => SessionError::PoolExhausted {
@@ -153,11 +156,14 @@ pub(super) fn checkout<'a>(
                     },
                     CheckoutError::Upstream(error) => SessionError::Upstream(error),
                 })?;
-            let deadline = pooled.taken() + query_timeout;
-            let key = &settings.claims_key;
-            match ready(key, pooled.conn(), client, &readying, deadline).await {
+            let deadline = pooled.ready_by();
+            let claims_key = &settings.claims_key;
+            match ready(claims_key, pooled.conn(), client, &readying, deadline).await {
                 Ok(parameters) => return Ok((pooled, parameters)),
-                Err(error) if attempts.another(&error) => {}
+                // Until `checkout_timeout` from the first attempt.
+                Err(error) if UpstreamPool::attempts(&key.limits(), started).another(&error) => {
+                    now = Instant::now();
+                }
                 Err(error) => {
                     // A refused client setting leaves the connection clean:
                     // reset it for the next client all the same.

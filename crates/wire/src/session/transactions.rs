@@ -26,7 +26,7 @@ use crate::clients::ClientState;
 use crate::error::SessionError;
 use crate::limits::Turn;
 use crate::pool::{Fairness, PoolKey, Pooled, UpstreamPool};
-use crate::relay::{self, Relay, RelayError, Stop};
+use crate::relay::{self, Observed, Relay, RelayError, Stop};
 use crate::transaction::PooledClient;
 
 /// Serves a transaction-pooled client from its greeting on.
@@ -79,6 +79,9 @@ struct Between {
     /// Whose turn its checkouts take in a busy pool.
     fair_key: Box<str>,
     cancel: CancelGuard,
+    /// Where its relays report, lent to each transaction's (its counters'
+    /// handles are not cloned for every transaction).
+    observed: Option<Observed>,
 }
 
 /// The client's state between transactions, from its login: the connection
@@ -105,6 +108,7 @@ fn between<S: ClientIo>(session: &Session<'_, S>, logged: Box<LoggedIn>) -> Betw
         hold: login.hold,
         fair_key: login.fair_key,
         cancel,
+        observed: Some(session.observed()),
     }
 }
 
@@ -214,7 +218,12 @@ async fn transaction<S: ClientIo>(
         hold,
         fair_key,
         cancel,
+        observed,
     } = between;
+    // The clock is read once for the transaction's start: the checkout
+    // (a connection free at once), the relay's first step and its timings
+    // take it from here.
+    let started = Instant::now();
     let who = hold.as_mut().map(IdentityHold::who);
     let turn = match limited::begin(session.proxy, session.transport, who) {
         Ok(turn) => turn,
@@ -230,11 +239,11 @@ async fn transaction<S: ClientIo>(
     let settings = &session.settings;
     session.registered.set_state(ClientState::Waiting);
     let whose = (client.id, Fairness::new(fair_key));
-    let (pooled, _) = lease::checkout(pool, settings, key, whose, readying).await?;
+    let (pooled, _) = lease::checkout(pool, settings, key, whose, readying, started).await?;
     // Its own future: the checkout's and the relay's then share their
     // space in this one (a value live across both would be kept apart,
     // and so would `pooled` if it were borrowed here before it moves).
-    relay_transaction(session, (client, cancel), pooled, turn, first).await
+    relay_transaction(session, (client, cancel, observed), pooled, turn, first).await
 }
 
 /// Relays a transaction on the connection checked out for it, to the
@@ -251,7 +260,11 @@ async fn transaction<S: ClientIo>(
 )]
 fn relay_transaction<'a, S: ClientIo>(
     session: &'a mut Session<'_, S>,
-    (client, cancel): (&'a mut PooledClient, &'a CancelGuard),
+    (client, cancel, observed): (
+        &'a mut PooledClient,
+        &'a CancelGuard,
+        &'a mut Option<Observed>,
+    ),
     mut pooled: Pooled,
     turn: Option<Turn>,
     first: &'a mut First,
@@ -259,11 +272,12 @@ fn relay_transaction<'a, S: ClientIo>(
     async move {
         cancel.retarget(Some(pooled.conn().cancel_key())).await;
         let settings = &session.settings;
-        let conn = pooled.conn();
+        let tracker = Some(client.lend_tracker());
         // Written in place: `Box::new` would build it beside and copy it.
-        let mut relay = Box::write(Box::new_uninit(), Relay::new(Some(client.lend_tracker())));
+        let mut relay = Box::write(Box::new_uninit(), Relay::new(tracker, pooled.taken()));
+        let conn = pooled.conn();
         relay.watch(settings.config.client_limits);
-        relay.observe(session.observed());
+        relay.observe(observed.take().unwrap_or_else(|| session.observed()));
         relay.stop_at_idle(true);
         relay
             .deliver(&conn.take_for_client(), &mut session.client)
@@ -289,7 +303,9 @@ fn relay_transaction<'a, S: ClientIo>(
             return match settled {
                 Settled::Released => {
                     cancel.retarget(None).await;
-                    pooled.release();
+                    // Idle since the relay's last step.
+                    pooled.release_at(relay.now());
+                    *observed = relay.take_observed();
                     Ok(Done::Next)
                 }
                 Settled::Pinned(reason) => {
