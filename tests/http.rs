@@ -343,6 +343,26 @@ async fn limits_auth_failures_and_cors() {
         .await
         .expect("post");
     assert_eq!(answer.headers()["access-control-allow-origin"], "*");
+    // Another method on /sql is refused with what it allows; another path
+    // is not found. Both carry the CORS headers too.
+    let other = http
+        .client
+        .get(stack.http_url())
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(other.status().as_u16(), 405);
+    assert_eq!(other.headers()["allow"], "POST,OPTIONS");
+    assert_eq!(other.headers()["access-control-allow-origin"], "*");
+    let missing = http
+        .client
+        .post(stack.http_url().replace("/sql", "/nowhere"))
+        .body("{}")
+        .send()
+        .await
+        .expect("post elsewhere");
+    assert_eq!(missing.status().as_u16(), 404);
+    assert_eq!(missing.headers()["access-control-allow-origin"], "*");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -39,10 +39,10 @@ use authgres_wire::{
 };
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Extension, State};
-use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
+use axum::extract::{Extension, State};
+use axum::http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt as _;
 use tower::ServiceExt as _;
@@ -216,51 +216,72 @@ impl ConnectionTicket {
     }
 }
 
-/// The load balancer whose PROXY header named the connection's client
-/// (`ConnectInfo`), if one did: a request extension.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RelayedBy(pub Option<std::net::IpAddr>);
+/// Who sent a request: the connection's client (as a PROXY header named
+/// it), the load balancer that relayed it if one did, and the
+/// connection's place in the client registry. Put in each request by
+/// `serve`, as one extension.
+#[derive(Clone)]
+pub struct Caller {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The load balancer whose PROXY header named the client.
+    pub relayed_by: Option<std::net::IpAddr>,
+    /// The connection's ticket and registry entry.
+    pub ticket: ConnectionTicket,
+}
 
-/// The routes; they read what `serve` puts in each request (the peer, its
-/// place in the connection budget), so they are served only by `serve`.
+/// The WebSocket routes: they read the [`Caller`] `serve` puts in each
+/// request, so they are served only by `serve` (`/sql` is answered
+/// before them, [`respond`]).
 fn router(state: Arc<HttpState>) -> Router {
     Router::new()
-        .route("/sql", post(sql::handle).options(preflight))
         .route("/v2", get(websocket))
         .route("/", get(websocket))
-        .layer(axum::middleware::map_response(cors))
-        .layer(axum::middleware::from_fn_with_state(
-            Arc::clone(&state),
-            count,
-        ))
         .with_state(state)
 }
 
-/// Counts each response by route and status.
-async fn count(
-    State(state): State<Arc<HttpState>>,
-    request: Request<Body>,
-    next: axum::middleware::Next,
-) -> Response {
+/// Answers one request of a connection: `/sql` directly, as the hot path
+/// it is (no router, no extractors, no middleware futures: they were a
+/// tenth of a request's work), the rest through the router. Every
+/// response gets the CORS headers and is counted by route and status.
+async fn respond(
+    state: Arc<HttpState>,
+    app: Router,
+    caller: Caller,
+    mut request: Request<hyper::body::Incoming>,
+) -> Result<Response, std::convert::Infallible> {
     let route = match request.uri().path() {
         "/sql" => "sql",
         "/v2" | "/" => "websocket",
         _ => "other",
     };
-    let response = next.run(request).await;
+    let mut response = match (route, request.method()) {
+        ("sql", &Method::POST) => sql::handle(&state, &caller, request).await,
+        ("sql", &Method::OPTIONS) => StatusCode::NO_CONTENT.into_response(),
+        ("sql", _) => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            [(header::ALLOW, HeaderValue::from_static("POST,OPTIONS"))],
+        )
+            .into_response(),
+        _ => {
+            request.extensions_mut().insert(caller);
+            match app.oneshot(request).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            }
+        }
+    };
+    cors(response.headers_mut());
     state
         .proxy
         .metrics()
         .http_response(route, response.status().as_u16());
-    response
+    Ok(response)
 }
 
-async fn preflight() -> StatusCode {
-    StatusCode::NO_CONTENT
-}
-
-async fn cors(mut response: Response) -> Response {
-    let headers = response.headers_mut();
+/// The CORS headers every response carries: any origin may call `/sql`
+/// with the Neon driver's headers.
+fn cors(headers: &mut HeaderMap) {
     headers.insert(
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
         HeaderValue::from_static("*"),
@@ -281,7 +302,6 @@ async fn cors(mut response: Response) -> Response {
         header::ACCESS_CONTROL_MAX_AGE,
         HeaderValue::from_static("86400"),
     );
-    response
 }
 
 /// The `Sec-WebSocket-Key` of a well-formed WebSocket upgrade request.
@@ -304,9 +324,11 @@ fn upgrade_key(headers: &HeaderMap) -> Option<&str> {
 
 async fn websocket(
     State(state): State<Arc<HttpState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Extension(RelayedBy(relayed_by)): Extension<RelayedBy>,
-    Extension(ticket): Extension<ConnectionTicket>,
+    Extension(Caller {
+        peer,
+        relayed_by,
+        ticket,
+    }): Extension<Caller>,
     mut request: Request<Body>,
 ) -> Response {
     let Some(accept) = upgrade_key(request.headers()).map(ws::accept_key) else {
@@ -399,16 +421,15 @@ impl Door for HttpDoor {
             ..
         } = guest;
         let _ = tcp.set_nodelay(true);
-        let ticket = ConnectionTicket::new(ticket, client);
-        let app = self.app.clone();
-        let relayed_by = RelayedBy(relayed_by);
-        let service =
-            hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
-                request.extensions_mut().insert(ConnectInfo(peer));
-                request.extensions_mut().insert(relayed_by);
-                request.extensions_mut().insert(ticket.clone());
-                app.clone().oneshot(request)
-            });
+        let caller = Caller {
+            peer,
+            relayed_by,
+            ticket: ConnectionTicket::new(ticket, client),
+        };
+        let (state, app) = (Arc::clone(&self.state), self.app.clone());
+        let service = hyper::service::service_fn(move |request| {
+            respond(Arc::clone(&state), app.clone(), caller.clone(), request)
+        });
         let header_timeout = self.state.config().header_timeout;
         let proxy = &self.state.proxy;
         let result = match self.state.acceptor() {

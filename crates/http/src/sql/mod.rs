@@ -18,7 +18,6 @@ pub(crate) use body::BodyBudget;
 pub use failure::Failure;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use authgres_wire::audit::{Facts, Recorder};
@@ -27,27 +26,35 @@ use authgres_wire::{
     Admitted, ClientState, Fairness, Proxy, SessionShape, Settings, Transport, Turn, UpstreamPool,
 };
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Extension, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use crate::query::{self, BatchOptions, ExecError};
-use crate::{ConnectionTicket, HttpConfig, HttpState};
+use crate::{Caller, ConnectionTicket, HttpConfig, HttpState};
 
-/// Handles one request.
+/// Handles one `POST /sql` request from `caller`.
 pub async fn handle(
-    State(state): State<Arc<HttpState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Extension(crate::RelayedBy(relayed_by)): Extension<crate::RelayedBy>,
-    Extension(ticket): Extension<ConnectionTicket>,
-    headers: HeaderMap,
-    body: Body,
+    state: &HttpState,
+    caller: &Caller,
+    request: axum::http::Request<hyper::body::Incoming>,
 ) -> Response {
     let config = state.config();
     let started = Instant::now();
     let mut done = Done::default();
-    let client = (peer, relayed_by);
-    let ran = run(&state, &config, client, &ticket, &headers, body, &mut done).await;
+    let (parts, body) = request.into_parts();
+    let client = (caller.peer, caller.relayed_by);
+    let ticket = &caller.ticket;
+    let body = Body::new(body);
+    let ran = run(
+        state,
+        &config,
+        client,
+        ticket,
+        &parts.headers,
+        body,
+        &mut done,
+    )
+    .await;
     ticket.set_state(ClientState::Idle);
     if let (Err(failure), Some(audit)) = (&ran, done.audit.as_mut()) {
         audit.error(failure.code().unwrap_or("?????"));
