@@ -345,12 +345,7 @@ async fn limits_auth_failures_and_cors() {
     assert_eq!(answer.headers()["access-control-allow-origin"], "*");
     // Another method on /sql is refused with what it allows; another path
     // is not found. Both carry the CORS headers too.
-    let other = http
-        .client
-        .get(stack.http_url())
-        .send()
-        .await
-        .expect("get");
+    let other = http.client.get(stack.http_url()).send().await.expect("get");
     assert_eq!(other.status().as_u16(), 405);
     assert_eq!(other.headers()["allow"], "POST,OPTIONS");
     assert_eq!(other.headers()["access-control-allow-origin"], "*");
