@@ -118,7 +118,7 @@ impl Entry {
 
     /// The counts over `transport`.
     pub(crate) fn counts(&self, transport: Transport) -> &Counts {
-        &self.by_transport[index(transport)]
+        &self.by_transport[transport_index(transport)]
     }
 }
 
@@ -126,7 +126,8 @@ impl Entry {
 pub(crate) const TRANSPORTS: [Transport; 3] =
     [Transport::Wire, Transport::WebSocket, Transport::Http];
 
-fn index(transport: Transport) -> usize {
+/// Where `transport` is in [`TRANSPORTS`] (and in arrays kept by transport).
+pub(crate) fn transport_index(transport: Transport) -> usize {
     match transport {
         Transport::Wire => 0,
         Transport::WebSocket => 1,

@@ -1,7 +1,7 @@
 //! What a `/sql` request asks for, read from its headers and body: pure
 //! functions, so they are tested and fuzzed without a server.
 
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderName, StatusCode, header};
 
 use super::Failure;
 use crate::query::{BatchOptions, Statement};
@@ -53,11 +53,27 @@ pub struct Target {
     pub raw: bool,
 }
 
-fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// The headers a request is read from, named once: a lookup by a string
+/// parses and checks the name on every request.
+mod names {
+    use axum::http::HeaderName;
+
+    pub(super) const CONNECTION_STRING: HeaderName =
+        HeaderName::from_static("neon-connection-string");
+    pub(super) const ARRAY_MODE: HeaderName = HeaderName::from_static("neon-array-mode");
+    pub(super) const RAW_TEXT_OUTPUT: HeaderName = HeaderName::from_static("neon-raw-text-output");
+    pub(super) const BATCH_ISOLATION_LEVEL: HeaderName =
+        HeaderName::from_static("neon-batch-isolation-level");
+    pub(super) const BATCH_READ_ONLY: HeaderName = HeaderName::from_static("neon-batch-read-only");
+    pub(super) const BATCH_DEFERRABLE: HeaderName =
+        HeaderName::from_static("neon-batch-deferrable");
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-fn flag(headers: &HeaderMap, name: &str) -> Option<bool> {
+fn flag(headers: &HeaderMap, name: &HeaderName) -> Option<bool> {
     header(headers, name).map(|v| v.eq_ignore_ascii_case("true"))
 }
 
@@ -67,7 +83,7 @@ fn bad(message: String) -> Failure {
 
 /// Reads the target of a request from its headers.
 pub fn target(headers: &HeaderMap) -> Result<Target, Failure> {
-    let connection = header(headers, "neon-connection-string")
+    let connection = header(headers, &names::CONNECTION_STRING)
         .ok_or_else(|| bad("missing the Neon-Connection-String header".into()))?;
     let parts = ConnectionString::read(connection)
         .map_err(|why| bad(format!("Neon-Connection-String is not a URL: {why}")))?;
@@ -78,7 +94,7 @@ pub fn target(headers: &HeaderMap) -> Result<Target, Failure> {
             "Neon-Connection-String needs a user and a database".into()
         ));
     }
-    let token = header(headers, "authorization")
+    let token = header(headers, &header::AUTHORIZATION)
         .and_then(|v| {
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
@@ -89,8 +105,8 @@ pub fn target(headers: &HeaderMap) -> Result<Target, Failure> {
         role,
         database,
         token,
-        array_mode: flag(headers, "neon-array-mode").unwrap_or(false),
-        raw: flag(headers, "neon-raw-text-output").unwrap_or(false),
+        array_mode: flag(headers, &names::ARRAY_MODE).unwrap_or(false),
+        raw: flag(headers, &names::RAW_TEXT_OUTPUT).unwrap_or(false),
     })
 }
 
@@ -170,9 +186,9 @@ pub fn statements(
     Ok((
         queries,
         Some(BatchOptions {
-            isolation: header(headers, "neon-batch-isolation-level").map(str::to_owned),
-            read_only: flag(headers, "neon-batch-read-only"),
-            deferrable: flag(headers, "neon-batch-deferrable"),
+            isolation: header(headers, &names::BATCH_ISOLATION_LEVEL).map(str::to_owned),
+            read_only: flag(headers, &names::BATCH_READ_ONLY),
+            deferrable: flag(headers, &names::BATCH_DEFERRABLE),
         }),
     ))
 }
