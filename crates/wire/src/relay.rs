@@ -370,12 +370,6 @@ impl Relay {
         self.observed = Some(observed);
     }
 
-    /// Takes back what [`Relay::observe`] lent, for the session's next
-    /// relay: the relay reports nothing from then on.
-    pub fn take_observed(&mut self) -> Option<Observed> {
-        self.observed.take()
-    }
-
     /// Records a change between idle and in a transaction, timing the
     /// transaction.
     fn note_state(&mut self) {
