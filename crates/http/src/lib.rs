@@ -218,8 +218,9 @@ impl ConnectionTicket {
 
 /// Who sent a request: the connection's client (as a PROXY header named
 /// it), the load balancer that relayed it if one did, and the
-/// connection's place in the client registry. Put in each request by
-/// `serve`, as one extension.
+/// connection's place in the client registry. Made once a connection by
+/// `serve`; [`respond`] hands it to `/sql` by reference and to the
+/// router as one request extension.
 #[derive(Clone)]
 pub struct Caller {
     /// The client's address.
@@ -230,9 +231,9 @@ pub struct Caller {
     pub ticket: ConnectionTicket,
 }
 
-/// The WebSocket routes: they read the [`Caller`] `serve` puts in each
-/// request, so they are served only by `serve` (`/sql` is answered
-/// before them, [`respond`]).
+/// The WebSocket routes: they read the [`Caller`] [`respond`] puts in
+/// each request, so they are served only through it (`/sql` is answered
+/// before them).
 fn router(state: Arc<HttpState>) -> Router {
     Router::new()
         .route("/v2", get(websocket))

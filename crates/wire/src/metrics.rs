@@ -159,19 +159,19 @@ pub struct Metrics {
     /// Audit lines lost (a full queue, a failing output).
     pub(crate) audit_dropped: Counter,
     identity_limits: Family<IdentityLimitLabels, Counter>,
-    /// The series every `/sql` request counts, looked up once.
+    /// The series counted most often, looked up once.
     hot: HotSeries,
 }
 
-/// Series counted so often (each `/sql` request logs in and gets a
-/// response) that a lookup in their family, a lock and a hash of the
-/// labels, was a measurable part of a request: resolved on first use and
-/// kept. They are the family's own series, so `/metrics` shows them as
+/// Series counted so often (every login that succeeds, on every
+/// transport; each `/sql` request logs in and gets a response) that a
+/// lookup in their family, a lock and a hash of the labels, was a
+/// measurable part of a `/sql` request: resolved on first use and kept. They are the family's own series, so `/metrics` shows them as
 /// before.
 #[derive(Debug, Default)]
 struct HotSeries {
     /// Successful logins, by transport.
-    logins_ok: [std::sync::OnceLock<Counter>; 3],
+    logins_ok: [std::sync::OnceLock<Counter>; crate::stats::TRANSPORTS.len()],
     /// `/sql` answered 200.
     sql_ok: std::sync::OnceLock<Counter>,
 }
@@ -385,23 +385,18 @@ impl Metrics {
             outcome,
             reason,
         };
-        if result.is_ok() {
+        let Err(error) = result else {
             let hot = &self.hot.logins_ok[crate::stats::transport_index(transport)];
             hot.get_or_init(|| self.logins.get_or_create(&labels("ok", "none")).clone())
                 .inc();
             return;
-        }
-        let (outcome, reason) = match result {
-            Ok(()) => ("ok", "none"),
-            Err(error) => {
-                let outcome = match error.severity() {
-                    Severity::Client => "refused",
-                    Severity::Service => "failed",
-                    Severity::Routine => "abandoned",
-                };
-                (outcome, error.label())
-            }
         };
+        let outcome = match error.severity() {
+            Severity::Client => "refused",
+            Severity::Service => "failed",
+            Severity::Routine => "abandoned",
+        };
+        let reason = error.label();
         self.logins.get_or_create(&labels(outcome, reason)).inc();
     }
 

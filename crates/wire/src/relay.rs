@@ -313,10 +313,14 @@ pub struct Relay {
     /// backend being terminated (a database restart, `pg_terminate_backend`),
     /// after which the client may close before the server does.
     server_ended: bool,
-    /// The time read once for everything that happens in one poll
-    /// ([`Relay::now`]): reading the clock for each message's timings was
-    /// a dozen reads a pooled transaction.
+    /// The time read once for everything that happens in one poll, or in
+    /// one `forward` or `deliver` step ([`Relay::now`]): reading the clock
+    /// for each message's timings was a dozen reads a pooled transaction.
+    /// Let go at the end of each step, so none is carried across an await
+    /// but the one the relay starts with ([`Relay::new`]).
     clock: Option<Instant>,
+    /// The time the last run read before it stopped, if it read one.
+    stopped_at: Option<Instant>,
 }
 
 impl Relay {
@@ -352,14 +356,21 @@ impl Relay {
             query_started: None,
             server_ended: false,
             clock: Some(now),
+            stopped_at: None,
         }
     }
 
     /// The time for what happens in this poll (or this `forward` or
-    /// `deliver` step): read once, when first asked for. After a run that
-    /// stopped at an idle boundary, the time it got there (or later).
-    pub fn now(&mut self) -> Instant {
+    /// `deliver` step): read once, when first asked for.
+    fn now(&mut self) -> Instant {
         now(&mut self.clock)
+    }
+
+    /// When the last [`Relay::run`] stopped, as read in its last poll
+    /// (`None` if that poll read no time): for a stop at an idle boundary,
+    /// when the server's ReadyForQuery was followed.
+    pub fn stopped_at(&self) -> Option<Instant> {
+        self.stopped_at
     }
 
     /// Reports bytes, queries, transactions and the client's state to
@@ -471,6 +482,7 @@ impl Relay {
         // holds them.
         self.armed = Armed::default();
         let stopped = poll_fn(|cx| self.poll_run(cx, client, upstream)).await;
+        self.stopped_at = self.clock.take();
         if let Some(observed) = &self.observed
             && let Some(label) = stop_label(&stopped, self.server_ended)
         {
@@ -578,19 +590,18 @@ impl Relay {
                 }
             }
             let before = self.to_client.start;
-            let moved = self
-                .to_client
-                .poll_progress(cx, client)
-                .map_err(RelayError::Client)?;
+            let moved = self.to_client.poll_progress(cx, client);
             if unscanned > 0 {
-                // Followed once on their way: the client's answer does
-                // not wait for the bookkeeping (the ledger, the tracker,
-                // the counters), which reads the bytes where they still
-                // are.
+                // Followed once on their way, whether or not the client
+                // took them: its answer does not wait for the bookkeeping
+                // (the ledger, the tracker, the counters), which reads the
+                // bytes where they still are.
                 self.watchdog.last_written = self.now();
                 self.count(Tally::sent, unscanned);
                 self.scan_server();
-            } else if moved && self.to_client.start != before {
+            }
+            let moved = moved.map_err(RelayError::Client)?;
+            if unscanned == 0 && moved && self.to_client.start != before {
                 self.watchdog.last_written = self.now();
             }
             progressed |= moved;

@@ -289,7 +289,9 @@ mod tests {
             }
         }
         assert!(compared > 4000, "{compared}");
-        // Its last `@` ends the user information; a `+` is itself.
+        // Its last `@` ends the user information; a `+` is itself (it was
+        // read as a space, as in a form, before the parts were cut by
+        // hand), and so is an `&`.
         let read = ConnectionString::read("postgres://u+1:p@ss@h/d?x=@").expect("read");
         assert_eq!(
             (read.user, read.password, read.database),
@@ -304,6 +306,23 @@ mod tests {
         ] {
             assert!(ConnectionString::read(refused).is_err(), "{refused}");
         }
+    }
+
+    #[test]
+    fn a_plus_or_an_ampersand_in_a_part_is_itself() {
+        let got = target(&headers(&[(
+            "neon-connection-string",
+            "postgresql://app+reader:a+b&c@db/orders+2024",
+        )]))
+        .expect("target");
+        assert_eq!(
+            (
+                got.role.as_str(),
+                got.database.as_str(),
+                got.token.as_deref()
+            ),
+            ("app+reader", "orders+2024", Some("a+b&c"))
+        );
     }
 
     #[test]

@@ -331,3 +331,54 @@ async fn a_relay_idle_on_both_sides_holds_no_buffers_and_takes_them_again() {
     assert!(!holds(&relay));
     assert!(relay.is_idle());
 }
+
+/// A client that never sends and cannot be written to (its connection
+/// broke while it waited for an answer).
+struct Unwritable;
+
+impl AsyncRead for Unwritable {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        _: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Poll::Pending
+    }
+}
+
+impl AsyncWrite for Unwritable {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, _: &[u8]) -> Poll<io::Result<usize>> {
+        Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl ReadHint for Unwritable {}
+
+#[tokio::test]
+async fn an_answer_the_client_cannot_take_is_still_followed() {
+    // The server's answer is written to the client before the relay
+    // follows it; a write that fails must not leave the ledger behind,
+    // or the backend, idle by then, would be taken for a busy one (and
+    // cancelled rather than closed), and the answer's counts lost.
+    let (mut upstream, mut upstream_peer) = tokio::io::duplex(4096);
+    let mut relay = Relay::new(None, tokio::time::Instant::now());
+    let query = message(b'Q', b"select 1\0");
+    relay.forward(&query, &mut upstream).await.expect("forward");
+    expect_read(&mut upstream_peer, &query).await;
+    assert!(relay.backend_busy());
+    let mut answer = message(b'C', b"SELECT 1\0");
+    answer.extend(message(b'Z', b"I"));
+    upstream_peer.write_all(&answer).await.expect("write");
+    let stopped = relay.run(&mut Unwritable, &mut upstream).await;
+    assert!(matches!(stopped, Err(RelayError::Client(_))), "{stopped:?}");
+    assert!(!relay.backend_busy(), "the ReadyForQuery was not followed");
+    assert!(relay.between_requests());
+}

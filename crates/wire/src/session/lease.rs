@@ -39,6 +39,15 @@ impl Lease {
     }
 }
 
+/// A connection checked out of the pool, readied for its client.
+pub(super) struct Readied {
+    pub(super) pooled: Pooled,
+    /// The ParameterStatus values the client should see.
+    pub(super) parameters: Vec<(String, String)>,
+    /// When it was ready: what the client sends next starts then.
+    pub(super) at: Instant,
+}
+
 /// How a pooled connection is readied for a client.
 pub(super) enum Readying<'a> {
     /// At login: the identity attached and the startup settings applied.
@@ -83,7 +92,9 @@ pub(super) async fn lease(
         settings: &login.settings,
     };
     let pool = proxy.pool_for(admitted.destination.server.as_ref());
-    let (pooled, parameters) = checkout(
+    let Readied {
+        pooled, parameters, ..
+    } = checkout(
         &pool,
         settings,
         &pool.key(&admitted.database, &admitted.role),
@@ -119,8 +130,10 @@ async fn own_login(
 /// A pooled connection of `pool` for (`database`, `role`) readied for
 /// `client` (its pool id, and whose turn it takes in a busy pool), trying
 /// others while the one it got fails before anything of the client's was
-/// sent on it. `started` is the caller's clock reading: a checkout that
-/// finds a connection free and in place reads none of its own.
+/// sent on it; with the ParameterStatus values the client should see and
+/// when it was ready. `started` is the caller's clock reading: a checkout
+/// that finds a connection free and its session in place reads none of
+/// its own.
 ///
 /// Not an async fn, which would keep its arguments twice: this future is
 /// part of every pooled transaction's.
@@ -135,8 +148,7 @@ pub(super) fn checkout<'a>(
     (client, fair): (u64, Fairness<'a>),
     readying: Readying<'a>,
     started: Instant,
-) -> impl std::future::Future<Output = Result<(Pooled, Vec<(String, String)>), SessionError>> + Send + 'a
-{
+) -> impl std::future::Future<Output = Result<Readied, SessionError>> + Send + 'a {
     async move {
         let password = || settings.config.password(key.role());
         let mut now = started;
@@ -159,7 +171,18 @@ pub(super) fn checkout<'a>(
             let deadline = pooled.ready_by();
             let claims_key = &settings.claims_key;
             match ready(claims_key, pooled.conn(), client, &readying, deadline).await {
-                Ok(parameters) => return Ok((pooled, parameters)),
+                Ok((parameters, queried)) => {
+                    let ready_at = if queried {
+                        Instant::now()
+                    } else {
+                        pooled.taken()
+                    };
+                    return Ok(Readied {
+                        pooled,
+                        parameters,
+                        at: ready_at,
+                    });
+                }
                 // Until `checkout_timeout` from the first attempt.
                 Err(error) if UpstreamPool::attempts(&key.limits(), started).another(&error) => {
                     now = Instant::now();
@@ -181,26 +204,29 @@ pub(super) fn checkout<'a>(
     }
 }
 
+/// Readies `conn` for the client: its ParameterStatus values, and
+/// whether queries ran to do it.
 async fn ready(
     claims_key: &ClaimsKey,
     conn: &mut Upstream,
     client: u64,
     readying: &Readying<'_>,
     deadline: Instant,
-) -> Result<Vec<(String, String)>, UpstreamError> {
+) -> Result<(Vec<(String, String)>, bool), UpstreamError> {
     match readying {
         // Boxed: once a session, and a future larger than a
         // transaction's checkout.
         Readying::Login { claims, settings } => {
             Box::pin(async {
                 conn.claim(client, deadline).await?;
-                conn.attach(claims_key, *claims, settings, deadline).await
+                let parameters = conn.attach(claims_key, *claims, settings, deadline).await?;
+                Ok((parameters, true))
             })
             .await
         }
         Readying::Transaction(pooled_client) => pooled_client
             .take(conn, claims_key, deadline)
             .await
-            .map(|()| Vec::new()),
+            .map(|queried| (Vec::new(), queried)),
     }
 }

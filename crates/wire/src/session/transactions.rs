@@ -18,7 +18,7 @@ use tracing::Instrument as _;
 
 use super::end::{self, Held, Parting, relay_to_end};
 use super::greet::Greeted;
-use super::lease::{self, Lease, Readying};
+use super::lease::{self, Lease, Readied, Readying};
 use super::limited::{self, IdentityHold};
 use super::{ClientIo, LoggedIn, Session};
 use crate::cancel::CancelGuard;
@@ -220,9 +220,10 @@ async fn transaction<S: ClientIo>(
         fair_key,
         cancel,
     } = between;
-    // The clock is read once for the transaction's start: the checkout
-    // (a connection free at once), the relay's first step and its timings
-    // take it from here.
+    // The clock is read once for the transaction's start: a checkout that
+    // finds a connection free and its session in place hands it out at
+    // this time, and the relay starts there (one that waits or runs
+    // queries reads its own).
     let started = Instant::now();
     let who = hold.as_mut().map(IdentityHold::who);
     let turn = match limited::begin(session.proxy, session.transport, who) {
@@ -239,11 +240,11 @@ async fn transaction<S: ClientIo>(
     let settings = &session.settings;
     session.registered.set_state(ClientState::Waiting);
     let whose = (client.id, Fairness::new(fair_key));
-    let (pooled, _) = lease::checkout(pool, settings, key, whose, readying, started).await?;
+    let readied = lease::checkout(pool, settings, key, whose, readying, started).await?;
     // Its own future: the checkout's and the relay's then share their
     // space in this one (a value live across both would be kept apart,
     // and so would `pooled` if it were borrowed here before it moves).
-    relay_transaction(session, (client, cancel), pooled, turn, first).await
+    relay_transaction(session, (client, cancel), readied, turn, first).await
 }
 
 /// Relays a transaction on the connection checked out for it, to the
@@ -261,7 +262,11 @@ async fn transaction<S: ClientIo>(
 fn relay_transaction<'a, S: ClientIo>(
     session: &'a mut Session<'_, S>,
     (client, cancel): (&'a mut PooledClient, &'a CancelGuard),
-    mut pooled: Pooled,
+    Readied {
+        mut pooled,
+        at: ready_at,
+        ..
+    }: Readied,
     turn: Option<Turn>,
     first: &'a mut First,
 ) -> impl std::future::Future<Output = Result<Done, SessionError>> + Send + 'a {
@@ -270,7 +275,7 @@ fn relay_transaction<'a, S: ClientIo>(
         let settings = &session.settings;
         let tracker = Some(client.lend_tracker());
         // Written in place: `Box::new` would build it beside and copy it.
-        let mut relay = Box::write(Box::new_uninit(), Relay::new(tracker, pooled.taken()));
+        let mut relay = Box::write(Box::new_uninit(), Relay::new(tracker, ready_at));
         let conn = pooled.conn();
         relay.watch(settings.config.client_limits);
         relay.observe(session.observed());
@@ -297,10 +302,9 @@ fn relay_transaction<'a, S: ClientIo>(
             }
             let settled = settle(session, client, &mut pooled, &mut relay).await?;
             return match settled {
-                Settled::Released => {
+                Settled::Released(idle_since) => {
                     cancel.retarget(None).await;
-                    // Idle since the relay's last step.
-                    pooled.release_at(relay.now());
+                    pooled.release_at(idle_since);
                     Ok(Done::Next)
                 }
                 Settled::Pinned(reason) => {
@@ -371,8 +375,8 @@ async fn next_transaction<S: ClientIo>(
 
 /// What became of the connection after a transaction ended idle.
 enum Settled {
-    /// It can go back to the pool.
-    Released,
+    /// It can go back to the pool, idle since then.
+    Released(Instant),
     /// The client's session cannot move: it keeps the connection.
     Pinned(&'static str),
 }
@@ -384,7 +388,9 @@ async fn settle<S: ClientIo>(
     relay: &mut Relay,
 ) -> Result<Settled, SessionError> {
     if !client.unsettled() {
-        return Ok(Settled::Released);
+        // Idle since the relay stopped (the time it read then).
+        let idle_since = relay.stopped_at().unwrap_or_else(Instant::now);
+        return Ok(Settled::Released(idle_since));
     }
     let deadline = Instant::now() + session.settings.config.pool_limits.internal_query_timeout;
     let conn = pooled.conn();
@@ -396,7 +402,7 @@ async fn settle<S: ClientIo>(
             relay
                 .deliver(&conn.take_for_client(), &mut session.client)
                 .await?;
-            Ok(pinned.map_or(Settled::Released, Settled::Pinned))
+            Ok(pinned.map_or_else(|| Settled::Released(Instant::now()), Settled::Pinned))
         }
         // Its next transaction would run without the settings, prepared
         // statements or identity this one left: end the session instead.

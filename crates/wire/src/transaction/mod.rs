@@ -99,22 +99,24 @@ impl PooledClient {
     /// do if it holds it already, or a session exactly like it; otherwise
     /// (after the reset [`Upstream::claim_as`] does for a connection held
     /// by anyone else) the identity is attached, the settings applied and
-    /// the named statements prepared again.
+    /// the named statements prepared again. Returns whether it ran
+    /// queries to do so.
     pub(crate) async fn take(
         &self,
         conn: &mut Upstream,
         key: &ClaimsKey,
         deadline: Instant,
-    ) -> Result<(), UpstreamError> {
+    ) -> Result<bool, UpstreamError> {
         // Most transactions find the session in place. Boxed: the rest
         // runs queries, a future larger than the whole transaction's.
-        if !conn.claim_held(self.id, self.shape()) {
+        let took_over = !conn.claim_held(self.id, self.shape());
+        if took_over {
             Box::pin(self.take_over(conn, key, deadline)).await?;
         }
         // Its own shape from now on: what it does next (a statement it
         // prepares) decides whether the connection is shared again.
         conn.share_as(self.shape.clone());
-        Ok(())
+        Ok(took_over)
     }
 
     /// Brings a connection that does not hold this client's session to
