@@ -10,7 +10,8 @@
 # target is reached in plaintext (pgbouncer has no TLS here; authgres allows
 # cleartext tokens from loopback), so each does the same work per byte. A run
 # whose transactions fail (pgbouncer before 1.21 cannot run prepared
-# statements in transaction mode) prints "fail".
+# statements in transaction mode) prints "fail". Each pair of proxies
+# runs pgbouncer first in odd rounds and authgres first in even ones.
 #
 #   benches/compare.sh [seconds] [modes] [loads] [rounds]
 #     modes: "session transaction" (default both)
@@ -114,6 +115,10 @@ target() { # mode -> bouncer_db authgres_port authgres_pid
         bouncer_db=app_txn authgres_port=$txn_port authgres_pid=$txn
     fi
 }
+# The two proxies run one after the other, pgbouncer first in odd rounds
+# and authgres first in even ones: which of a pair ran second moved a
+# side-by-side CPU figure by 5% on this machine, in either direction.
+authgres_first() { [ $((round % 2)) -eq 0 ]; }
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem/ {print $2}') GiB; ${seconds}s per run; select 1"
 for round in $(seq 1 "$rounds"); do
 label=""
@@ -128,14 +133,23 @@ for load in "${loads[@]}"; do
     for mode in $modes; do
         target "$mode"
         # shellcheck disable=SC2086
-        run "$bouncer_port" "$bouncer_db" "$role_password" $load
+        if authgres_first; then
+            run "$authgres_port" app "$AUTHGRES_TOKEN_A" $load
+            authgres_tps=$tps authgres_lat=$lat
+            run "$bouncer_port" "$bouncer_db" "$role_password" $load
+        else
+            run "$bouncer_port" "$bouncer_db" "$role_password" $load
+            bouncer_tps=$tps bouncer_lat=$lat
+            run "$authgres_port" app "$AUTHGRES_TOKEN_A" $load
+            authgres_tps=$tps authgres_lat=$lat
+            tps=$bouncer_tps lat=$bouncer_lat
+        fi
         bouncer_tps=$tps
         printf "%-22s %10s %11s %10s %10s %12s\n" "pgbouncer $mode" "$tps" "$lat" \
             "$(added "$lat" "$direct_lat")" "$(ratio "$tps" "$direct_tps")" 1.00
-        # shellcheck disable=SC2086
-        run "$authgres_port" app "$AUTHGRES_TOKEN_A" $load
-        printf "%-22s %10s %11s %10s %10s %12s\n" "authgres $mode" "$tps" "$lat" \
-            "$(added "$lat" "$direct_lat")" "$(ratio "$tps" "$direct_tps")" "$(ratio "$tps" "$bouncer_tps")"
+        printf "%-22s %10s %11s %10s %10s %12s\n" "authgres $mode" "$authgres_tps" "$authgres_lat" \
+            "$(added "$authgres_lat" "$direct_lat")" "$(ratio "$authgres_tps" "$direct_tps")" \
+            "$(ratio "$authgres_tps" "$bouncer_tps")"
     done
 done
 # Enough transactions for a tick (10 ms) to be about 1% of the CPU they
@@ -146,11 +160,19 @@ echo "--- proxy CPU per transaction (utime+stime from /proc), pgbench -c $client
 printf "%-22s %10s %8s\n" target "µs / tx" "ratio"
 for mode in $modes; do
     target "$mode"
-    cpu_per_transaction "$bouncer" "$bouncer_port" "$bouncer_db" "$role_password" "$clients" "$total"
-    bouncer_us=$cpu_us
-    printf "%-22s %10s %8s\n" "pgbouncer $mode" "$cpu_us" 1.00
-    cpu_per_transaction "$authgres_pid" "$authgres_port" app "$AUTHGRES_TOKEN_A" "$clients" "$total"
-    printf "%-22s %10s %8s\n" "authgres $mode" "$cpu_us" "$(ratio "$cpu_us" "$bouncer_us")"
+    if authgres_first; then
+        cpu_per_transaction "$authgres_pid" "$authgres_port" app "$AUTHGRES_TOKEN_A" "$clients" "$total"
+        authgres_us=$cpu_us
+        cpu_per_transaction "$bouncer" "$bouncer_port" "$bouncer_db" "$role_password" "$clients" "$total"
+        bouncer_us=$cpu_us
+    else
+        cpu_per_transaction "$bouncer" "$bouncer_port" "$bouncer_db" "$role_password" "$clients" "$total"
+        bouncer_us=$cpu_us
+        cpu_per_transaction "$authgres_pid" "$authgres_port" app "$AUTHGRES_TOKEN_A" "$clients" "$total"
+        authgres_us=$cpu_us
+    fi
+    printf "%-22s %10s %8s\n" "pgbouncer $mode" "$bouncer_us" 1.00
+    printf "%-22s %10s %8s\n" "authgres $mode" "$authgres_us" "$(ratio "$authgres_us" "$bouncer_us")"
 done
 done
 done
