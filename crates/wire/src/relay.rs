@@ -15,6 +15,7 @@
 use std::future::{Future as _, poll_fn};
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -135,8 +136,11 @@ pub struct ClientLimits {
 
 /// Where a relay reports what it moves: the session's counters (bytes,
 /// and each transaction and query with its time) and its state in the
-/// client registry.
-#[derive(Debug, Clone)]
+/// client registry. Made once a session and shared with each of its relays
+/// ([`Relay::observe`] takes an `Arc`): a transaction-pooled session makes
+/// a relay per transaction, and a copy of these handles was eight atomic
+/// reference counts each time.
+#[derive(Debug)]
 pub struct Observed {
     /// The counters.
     pub tally: Tally,
@@ -145,7 +149,7 @@ pub struct Observed {
     pub activity: Activity,
     /// The session's audit log, when `[audit]` is on: a line at each
     /// transaction's (or statement's) end.
-    pub audit: Option<std::sync::Arc<SessionAudit>>,
+    pub audit: Option<Arc<SessionAudit>>,
 }
 
 /// The timer behind a [`ClientLimits`], armed only while a limit can run out.
@@ -296,7 +300,7 @@ pub struct Relay {
     violation: Option<Violation>,
     stop_at_idle: bool,
     watchdog: Watchdog,
-    observed: Option<Observed>,
+    observed: Option<Arc<Observed>>,
     /// What the open transaction's audit line says so far (audited
     /// sessions only).
     audit: Option<Box<Recorder>>,
@@ -376,7 +380,7 @@ impl Relay {
     /// Reports bytes, queries, transactions and the client's state to
     /// `observed` (and audit lines to its audit, `relay/audited.rs`).
     /// Called before the relay moves anything.
-    pub fn observe(&mut self, observed: Observed) {
+    pub fn observe(&mut self, observed: Arc<Observed>) {
         self.audit_with(observed.audit.as_ref());
         self.observed = Some(observed);
     }

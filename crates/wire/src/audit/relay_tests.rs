@@ -68,11 +68,11 @@ fn audited(
     let (mut client, client_peer) = tokio::io::duplex(4096);
     let (mut upstream, upstream_peer) = tokio::io::duplex(4096);
     let mut relay = Relay::new(None, tokio::time::Instant::now());
-    relay.observe(Observed {
+    relay.observe(std::sync::Arc::new(Observed {
         tally: metrics.tally(Transport::WebSocket, "app", "anonymous"),
         activity: handle.activity(),
         audit: Some(Arc::new(session)),
-    });
+    }));
     let running = tokio::spawn(async move { relay.run(&mut client, &mut upstream).await });
     (client_peer, upstream_peer, running, hub)
 }

@@ -273,13 +273,13 @@ fn encode_stats(proxy: &Proxy, encoder: &mut DescriptorEncoder) -> Result<(), st
         (
             "authgres_transactions",
             "Transactions (and statements outside one) completed, by database, role and transport",
-            Read::Counter(|c| load(&c.transactions)),
+            Read::Counter(Counts::transactions),
         ),
         (
             "authgres_queries",
             "Queries completed (each up to its ReadyForQuery; each statement of a /sql request), \
              by database, role and transport",
-            Read::Counter(|c| load(&c.queries)),
+            Read::Counter(Counts::queries),
         ),
         (
             "authgres_client_received_bytes",
@@ -295,7 +295,7 @@ fn encode_stats(proxy: &Proxy, encoder: &mut DescriptorEncoder) -> Result<(), st
             "authgres_transaction_duration_seconds",
             "Time from a transaction's first message to the ReadyForQuery that ends it",
             Read::Histogram(Histogram {
-                count: |c| load(&c.transactions),
+                count: Counts::transactions,
                 sum_us: |c| load(&c.transaction_us),
                 buckets: |c| c.transaction_buckets.counts(),
             }),
@@ -304,7 +304,7 @@ fn encode_stats(proxy: &Proxy, encoder: &mut DescriptorEncoder) -> Result<(), st
             "authgres_query_duration_seconds",
             "Time from a query's first message to its ReadyForQuery",
             Read::Histogram(Histogram {
-                count: |c| load(&c.queries),
+                count: Counts::queries,
                 sum_us: |c| load(&c.query_us),
                 buckets: |c| c.query_buckets.counts(),
             }),

@@ -227,11 +227,11 @@ async fn an_observed_relay_counts_queries_transactions_and_its_stop() {
         crate::transport::Transport::Wire,
     );
     let mut relay = Relay::new(None, tokio::time::Instant::now());
-    relay.observe(Observed {
+    relay.observe(std::sync::Arc::new(Observed {
         tally: tally.clone(),
         activity: handle.activity(),
         audit: None,
-    });
+    }));
     let relay = tokio::spawn(async move { relay.run(&mut client, &mut upstream).await });
     let (mut client_peer, mut upstream_peer) = (client_peer, upstream_peer);
 

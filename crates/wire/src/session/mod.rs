@@ -176,8 +176,7 @@ impl Proxy {
                     ticket,
                     registered: client,
                     spared_until: Instant::now(),
-                    tally: None,
-                    audit: None,
+                    observed: None,
                     span: span.clone(),
                     ended: "",
                 };
@@ -319,10 +318,9 @@ pub(crate) struct Session<'p, S> {
     registered: ClientHandle,
     /// Until when a drain spares it (set once it is logged in).
     spared_until: Instant,
-    /// Its counters, resolved at login.
-    tally: Option<Tally>,
-    /// Its audit log, when `[audit]` is on (made at login).
-    audit: Option<Arc<crate::audit::SessionAudit>>,
+    /// Its counters, state report and audit log (when `[audit]` is on),
+    /// made at login and shared with each of its relays.
+    observed: Option<Arc<Observed>>,
     /// The span its log lines go in, until it logs in ([`Session::span`]).
     /// Entered where the session logs, and around its login and its rare
     /// paths, not on every poll of its relay: that would cost more than a
@@ -384,9 +382,10 @@ impl<S: ClientIo> Session<'_, S> {
         };
         // The counters and the start are the session's own (not copies
         // kept here: this future lives as long as the session).
-        let Some(tally) = self.tally.clone() else {
+        let Some(observed) = self.observed.clone() else {
             return served;
         };
+        let tally = &observed.tally;
         let reason = match &served {
             Err(error) => error.label(),
             Ok(()) if !self.ended.is_empty() => self.ended,
@@ -394,7 +393,7 @@ impl<S: ClientIo> Session<'_, S> {
         };
         let lasted = self.connected().elapsed();
         self.span()
-            .in_scope(|| session_ended(&tally, lasted, reason));
+            .in_scope(|| session_ended(tally, lasted, reason));
         served
     }
 
@@ -504,10 +503,12 @@ impl<S: ClientIo> Session<'_, S> {
             &admitted.role,
             admitted.identity.as_ref(),
         );
-        self.tally = Some(tally);
-        self.audit = self
-            .proxy
-            .audit_session(&self.settings, &self.audit_facts(admitted));
+        let audit = (self.proxy).audit_session(&self.settings, &self.audit_facts(admitted));
+        self.observed = Some(Arc::new(Observed {
+            tally,
+            activity: self.registered.activity(),
+            audit,
+        }));
         Ok(Some(Box::new(LoggedIn {
             login,
             greeted,
@@ -533,12 +534,16 @@ impl<S: ClientIo> Session<'_, S> {
         self.refused(error).await
     }
 
-    /// The relay counters and state reports of this session.
-    fn observed(&self) -> Observed {
-        Observed {
-            tally: self.tally.clone().unwrap_or_default(),
-            activity: self.registered.activity(),
-            audit: self.audit.clone(),
+    /// The relay counters and state reports of this session (counting
+    /// nowhere visible before its login).
+    fn observed(&self) -> Arc<Observed> {
+        match &self.observed {
+            Some(observed) => Arc::clone(observed),
+            None => Arc::new(Observed {
+                tally: Tally::default(),
+                activity: self.registered.activity(),
+                audit: None,
+            }),
         }
     }
 
