@@ -220,7 +220,7 @@ impl ConnectionTicket {
 /// it), the load balancer that relayed it if one did, and the
 /// connection's place in the client registry. Made once a connection by
 /// `serve`; [`respond`] hands it to `/sql` by reference and to the
-/// router as one request extension.
+/// router (WebSocket upgrades only) as a request extension.
 #[derive(Clone)]
 pub struct Caller {
     /// The client's address.
@@ -246,18 +246,18 @@ fn router(state: Arc<HttpState>) -> Router {
 /// tenth of a request's work), the rest through the router. Every
 /// response gets the CORS headers and is counted by route and status.
 async fn respond(
-    state: Arc<HttpState>,
-    app: Router,
-    caller: Caller,
+    door: Arc<HttpDoor>,
+    caller: Arc<Caller>,
     mut request: Request<hyper::body::Incoming>,
 ) -> Result<Response, std::convert::Infallible> {
+    let state = &door.state;
     let route = match request.uri().path() {
         "/sql" => "sql",
         "/v2" | "/" => "websocket",
         _ => "other",
     };
     let mut response = match (route, request.method()) {
-        ("sql", &Method::POST) => sql::handle(&state, &caller, request).await,
+        ("sql", &Method::POST) => sql::handle(state, &caller, request).await,
         ("sql", &Method::OPTIONS) => StatusCode::NO_CONTENT.into_response(),
         ("sql", _) => (
             StatusCode::METHOD_NOT_ALLOWED,
@@ -265,8 +265,8 @@ async fn respond(
         )
             .into_response(),
         _ => {
-            request.extensions_mut().insert(caller);
-            match app.oneshot(request).await {
+            request.extensions_mut().insert(Caller::clone(&caller));
+            match door.app.clone().oneshot(request).await {
                 Ok(response) => response,
                 Err(never) => match never {},
             }
@@ -422,14 +422,16 @@ impl Door for HttpDoor {
             ..
         } = guest;
         let _ = tcp.set_nodelay(true);
-        let caller = Caller {
+        let caller = Arc::new(Caller {
             peer,
             relayed_by,
             ticket: ConnectionTicket::new(ticket, client),
-        };
-        let (state, app) = (Arc::clone(&self.state), self.app.clone());
+        });
+        // A request's handles are two reference counts: the door (state
+        // and router together) and the caller.
+        let door = Arc::clone(&self);
         let service = hyper::service::service_fn(move |request| {
-            respond(Arc::clone(&state), app.clone(), caller.clone(), request)
+            respond(Arc::clone(&door), Arc::clone(&caller), request)
         });
         let header_timeout = self.state.config().header_timeout;
         let proxy = &self.state.proxy;
