@@ -442,39 +442,49 @@ impl UpstreamPool {
                 }
             }
         };
-        let place = SlotPermit {
+        let held = SlotPermit {
             _permit: permit,
             _busy: slot.busy.hold(),
         };
         let now = if waited { Instant::now() } else { now };
-        let taken = Self::take_usable_idle(&slot, (client, wanted), now).await;
-        let (conn, created, reused, (at, taken), query_timeout) = match taken {
-            Some((idle, at, query_timeout)) => (idle.conn, idle.created, true, at, query_timeout),
+        let (took, reused) = match Self::take_usable_idle(&slot, (client, wanted), now).await {
+            Some(took) => (took, true),
             None => {
                 // Boxed: a login's future is large and rarely needed.
                 let limits = slot.connections().limits;
                 let login = Box::pin(self.log_in(database, role, password(), &[], &limits));
                 let conn = Box::new(login.await?);
                 let created = Instant::now();
-                let at = (slot.connections().active).insert(&conn, (created, created), client);
-                (
+                let place = (slot.connections().active).insert(&conn, (created, created), client);
+                let idle = Idle {
                     conn,
                     created,
-                    false,
-                    (at, created),
-                    limits.internal_query_timeout,
-                )
+                    since: created,
+                };
+                let took = Took {
+                    idle,
+                    place,
+                    at: created,
+                    query_timeout: limits.internal_query_timeout,
+                };
+                (took, false)
             }
         };
+        let Took {
+            idle,
+            place,
+            at,
+            query_timeout,
+        } = took;
         Ok(Pooled {
-            conn: Some(conn),
-            created,
-            taken,
+            conn: Some(idle.conn),
+            created: idle.created,
+            taken: at,
             query_timeout,
             reused,
             slot,
-            place: Some(at),
-            _place: place,
+            place: Some(place),
+            _place: held,
         })
     }
 
@@ -514,31 +524,34 @@ impl UpstreamPool {
         }
     }
 
-    /// The idle connection [`pick`] chooses for `client` at `now`,
-    /// listed as active (its place returned, with when it was handed out
-    /// and the pool's internal query timeout then), skipping (and closing)
-    /// those past their lifetime, those the server spoke on or closed
-    /// while they sat idle, and those that fail a due health check.
+    /// The idle connection [`pick`] chooses for `client` at `now`, listed
+    /// as active, skipping (and closing) those past their lifetime, those
+    /// the server spoke on or closed while they sat idle, and those that
+    /// fail a due health check (its deadline counted from `now`).
     async fn take_usable_idle(
         slot: &Slot,
         (client, wanted): (u64, Option<&SessionShape>),
-        mut now: Instant,
-    ) -> Option<(Idle, (usize, Instant), Duration)> {
+        now: Instant,
+    ) -> Option<Took> {
         loop {
-            let (mut idle, timeout) = match Self::take_idle(slot, (client, wanted), now) {
-                Taken::Ready(idle, at, timeout) => return Some((idle, (at, now), timeout)),
-                Taken::Check(idle, timeout) => (idle, timeout),
+            let (mut idle, query_timeout) = match Self::take_idle(slot, (client, wanted), now) {
+                Taken::Ready(took) => return Some(took),
+                Taken::Check(idle, query_timeout) => (idle, query_timeout),
                 Taken::None => return None,
             };
-            let deadline = Instant::now() + timeout;
-            let pinged = Box::pin(idle.conn.ping(deadline)).await;
-            now = Instant::now();
+            let pinged = Box::pin(idle.conn.ping(now + query_timeout)).await;
             if let Err(error) = pinged {
                 tracing::debug!(%error, "an idle upstream connection failed its health check");
                 continue;
             }
-            let at = (slot.connections().active).insert(&idle.conn, (idle.created, now), client);
-            return Some((idle, (at, now), timeout));
+            let at = Instant::now();
+            let place = (slot.connections().active).insert(&idle.conn, (idle.created, at), client);
+            return Some(Took {
+                idle,
+                place,
+                at,
+                query_timeout,
+            });
         }
     }
 
@@ -577,8 +590,13 @@ impl UpstreamPool {
             if verdict == Verdict::Check {
                 break Taken::Check(idle, limits.internal_query_timeout);
             }
-            let at = (connections.active).insert(&idle.conn, (idle.created, now), client);
-            break Taken::Ready(idle, at, limits.internal_query_timeout);
+            let place = (connections.active).insert(&idle.conn, (idle.created, now), client);
+            break Taken::Ready(Took {
+                idle,
+                place,
+                at: now,
+                query_timeout: limits.internal_query_timeout,
+            });
         };
         drop(connections);
         drop(dropped);
@@ -701,15 +719,27 @@ impl UpstreamPool {
     }
 }
 
-/// What [`UpstreamPool::take_idle`] found, with the pool's internal
-/// query timeout (read under the same lock).
+/// What [`UpstreamPool::take_idle`] found.
 enum Taken {
-    /// A connection to hand out, listed as active at this place.
-    Ready(Idle, usize, Duration),
-    /// A connection to check before handing it out.
+    /// A connection to hand out.
+    Ready(Took),
+    /// A connection to check before handing it out, with the pool's
+    /// internal query timeout (read under the same lock).
     Check(Idle, Duration),
     /// None: log in a new one.
     None,
+}
+
+/// An idle connection taken for a client.
+struct Took {
+    idle: Idle,
+    /// Its place among the slot's active connections.
+    place: usize,
+    /// When it was handed out.
+    at: Instant,
+    /// The pool's internal query timeout then (read under the lock that
+    /// took it).
+    query_timeout: Duration,
 }
 
 impl Pooled {
