@@ -13,11 +13,17 @@
 # statements in transaction mode) prints "fail". Each pair of proxies
 # runs pgbouncer first in odd rounds and authgres first in even ones.
 #
-#   benches/compare.sh [seconds] [modes] [loads] [rounds]
+#   benches/compare.sh [seconds] [modes] [loads] [rounds] [pairs]
 #     modes: "session transaction" (default both)
 #     loads: pgbench options per load, separated by ";" (default: the seven
 #            loads below)
-#     rounds: how many times to run every load (default 1)
+#     rounds: how many times to run every load (default 1); with more than
+#             one, the CPU ratios of all rounds are summed up at the end
+#     pairs: after the rounds, this many pairs of 2-second `pgbench -c 1`
+#            runs per mode, the two proxies alternating which goes first,
+#            and the median of the pairs' latency differences (default 0:
+#            none). A 4-second run's average latency moves by more than the
+#            two proxies differ; a median of paired differences does not.
 #
 # AUTHGRES_THREADS (the proxy's --threads) is passed on to both authgres
 # processes: AUTHGRES_THREADS=1 runs each on one thread.
@@ -30,6 +36,7 @@ seconds=${1:-8}
 modes=${2:-session transaction}
 IFS=';' read -r -a loads <<<"${3:--c 1 -M simple;-c 1 -M prepared;-c 8 -M simple;-c 8 -M prepared;-c 32 -M simple;-c 32 -M prepared;-c 8 -C -M simple}"
 rounds=${4:-1}
+pairs=${5:-0}
 bin=target/release/authgres
 cargo build --release --quiet
 need() { # command package
@@ -74,11 +81,12 @@ pgbench_run() { # port database password args...
 }
 run() { # port database password args...
     local out status=0
-    out=$(pgbench_run "$@" -T "$seconds") || status=$?
+    out=$(pgbench_run "$@" -T "${duration:-$seconds}") || status=$?
     tps=$(echo "$out" | sed -n 's/^tps = \([0-9]*\).*/\1/p' | head -1)
+    exact_tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\) .*/\1/p' | head -1)
     lat=$(echo "$out" | sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' | head -1)
     if [ "$status" != 0 ] || [ -z "$tps" ] || echo "$out" | grep -q "aborted"; then
-        tps=0 lat=fail
+        tps=0 exact_tps=0 lat=fail
     fi
 }
 # utime + stime of a process, in clock ticks.
@@ -173,6 +181,61 @@ for mode in $modes; do
     fi
     printf "%-22s %10s %8s\n" "pgbouncer $mode" "$bouncer_us" 1.00
     printf "%-22s %10s %8s\n" "authgres $mode" "$authgres_us" "$(ratio "$authgres_us" "$bouncer_us")"
+    echo "$mode $clients $(ratio "$authgres_us" "$bouncer_us")" >>"$work/cpu_ratios"
 done
 done
 done
+if [ "$rounds" -gt 1 ] && [ -s "$work/cpu_ratios" ]; then
+    echo "--- proxy CPU per transaction, authgres / pgbouncer over $rounds rounds"
+    python3 - "$work/cpu_ratios" <<'PY'
+import collections, statistics, sys
+ratios = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    mode, clients, ratio = line.split()
+    if ratio != "-":
+        ratios[(mode, int(clients))].append(float(ratio))
+print(f"{'mode':<12} {'clients':>7} {'mean':>6} {'median':>6}  range")
+for (mode, clients), values in sorted(ratios.items()):
+    print(f"{mode:<12} {clients:>7} {statistics.mean(values):6.2f} "
+          f"{statistics.median(values):6.2f}  {min(values):.2f}-{max(values):.2f}")
+PY
+fi
+# Paired latency at -c 1: each pair runs both proxies back to back, the
+# order alternating, so drift in the machine's speed falls on both.
+if [ "$pairs" -gt 0 ]; then
+    echo "--- latency at -c 1, $pairs pairs of 2-second runs per mode (µs, from each run's tps; authgres - pgbouncer per pair)"
+    printf "%-12s %16s %16s %16s  %s\n" mode "pgbouncer median" "authgres median" "diff median" "diff range"
+    duration=2
+    for mode in $modes; do
+        target "$mode"
+        : >"$work/pairs"
+        for pair in $(seq 1 "$pairs"); do
+            if [ $((pair % 2)) -eq 0 ]; then
+                run "$authgres_port" app "$AUTHGRES_TOKEN_A" -c 1 -M simple
+                a=$exact_tps
+                run "$bouncer_port" "$bouncer_db" "$role_password" -c 1 -M simple
+                b=$exact_tps
+            else
+                run "$bouncer_port" "$bouncer_db" "$role_password" -c 1 -M simple
+                b=$exact_tps
+                run "$authgres_port" app "$AUTHGRES_TOKEN_A" -c 1 -M simple
+                a=$exact_tps
+            fi
+            echo "${b:-0} ${a:-0}" >>"$work/pairs"
+        done
+        python3 - "$mode" "$work/pairs" <<'PY'
+import statistics, sys
+# One client: the average latency is the inverse of the rate.
+rows = [tuple(1e6 / float(t) for t in line.split()) for line in open(sys.argv[2])
+        if "0" not in line.split()]
+if not rows:
+    print(f"{sys.argv[1]:<12} fail")
+    sys.exit()
+diffs = [a - b for b, a in rows]
+print(f"{sys.argv[1]:<12} {statistics.median(b for b, _ in rows):16.1f} "
+      f"{statistics.median(a for _, a in rows):16.1f} {statistics.median(diffs):+16.1f}  "
+      f"{min(diffs):+.1f} to {max(diffs):+.1f}")
+PY
+    done
+    unset duration
+fi
