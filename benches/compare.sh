@@ -18,7 +18,7 @@
 #     loads: pgbench options per load, separated by ";" (default: the seven
 #            loads below)
 #     rounds: how many times to run every load (default 1); with more than
-#             one, the CPU ratios of all rounds are summed up at the end
+#             one, the CPU ratios of all rounds are summarised at the end
 #     pairs: after the rounds, this many pairs of 2-second `pgbench -c 1`
 #            runs per mode, the two proxies alternating which goes first,
 #            and the median of the pairs' latency differences (default 0:
@@ -37,6 +37,8 @@ modes=${2:-session transaction}
 IFS=';' read -r -a loads <<<"${3:--c 1 -M simple;-c 1 -M prepared;-c 8 -M simple;-c 8 -M prepared;-c 32 -M simple;-c 32 -M prepared;-c 8 -C -M simple}"
 rounds=${4:-1}
 pairs=${5:-0}
+# Each pgbench run's length (the paired latency runs set their own).
+duration=$seconds
 bin=target/release/authgres
 cargo build --release --quiet
 need() { # command package
@@ -81,7 +83,7 @@ pgbench_run() { # port database password args...
 }
 run() { # port database password args...
     local out status=0
-    out=$(pgbench_run "$@" -T "${duration:-$seconds}") || status=$?
+    out=$(pgbench_run "$@" -T "$duration") || status=$?
     tps=$(echo "$out" | sed -n 's/^tps = \([0-9]*\).*/\1/p' | head -1)
     exact_tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\) .*/\1/p' | head -1)
     lat=$(echo "$out" | sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' | head -1)
@@ -227,7 +229,7 @@ if [ "$pairs" -gt 0 ]; then
 import statistics, sys
 # One client: the average latency is the inverse of the rate.
 rows = [tuple(1e6 / float(t) for t in line.split()) for line in open(sys.argv[2])
-        if "0" not in line.split()]
+        if all(float(t) > 0 for t in line.split())]
 if not rows:
     print(f"{sys.argv[1]:<12} fail")
     sys.exit()
@@ -237,5 +239,5 @@ print(f"{sys.argv[1]:<12} {statistics.median(b for b, _ in rows):16.1f} "
       f"{min(diffs):+.1f} to {max(diffs):+.1f}")
 PY
     done
-    unset duration
+    duration=$seconds
 fi

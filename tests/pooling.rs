@@ -220,3 +220,49 @@ async fn a_role_granted_by_the_operator_and_set_by_a_client_does_not_reach_the_n
         .get(0);
     assert_eq!(role, "authenticated");
 }
+
+/// Sends `signal` (`STOP`, `CONT`) to a backend: a stopped backend holds
+/// its connection open and answers nothing, as a stalled server does.
+fn signal_backend(pid: i32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// A checkout that finds a stalled connection due for a health check
+/// spends its internal query timeout on it, closes it, and checks the next
+/// one with an allowance of its own: the healthy connection is handed out,
+/// not dropped for a deadline the first check used up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_idle_connection_fails_its_health_check_and_the_next_is_checked_afresh() {
+    let stack = Stack::start_with(common::Options {
+        upstream_extra: "health_check_after = \"0s\"\ninternal_query_timeout = \"1s\"",
+        ..Default::default()
+    })
+    .await;
+    let alice = stack.login("user_alice").await;
+    let bob = stack.login("user_bob").await;
+    let (alice_pid, bob_pid) = (backend_pid(&alice).await, backend_pid(&bob).await);
+    drop(alice);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Bob's connection goes back last, so it is the next one taken.
+    drop(bob);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    signal_backend(bob_pid, "STOP");
+    let carol = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stack.login("user_carol"),
+    )
+    .await;
+    signal_backend(bob_pid, "CONT");
+    let carol = carol.expect("carol's login waited past one health check's timeout");
+    assert_eq!(
+        backend_pid(&carol).await,
+        alice_pid,
+        "the healthy idle connection was not handed out: {}",
+        stack.log()
+    );
+    assert_eq!(common::user_id(&carol).await.as_deref(), Some("user_carol"));
+}

@@ -219,8 +219,8 @@ impl ConnectionTicket {
 /// Who sent a request: the connection's client (as a PROXY header named
 /// it), the load balancer that relayed it if one did, and the
 /// connection's place in the client registry. Made once a connection by
-/// `serve`; [`respond`] hands it to `/sql` by reference and to the
-/// router (WebSocket upgrades only) as a request extension.
+/// `serve`; [`respond`] hands it to `/sql` by reference and, as a request
+/// extension, to the router (which serves the WebSocket routes).
 #[derive(Clone)]
 pub struct Caller {
     /// The client's address.

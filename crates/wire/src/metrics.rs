@@ -7,7 +7,8 @@
 //! connections, each provider's keys, the verified-token cache, the drain)
 //! so nothing is counted twice. The relay's counters are resolved once per
 //! session ([`Tally`], kept in [`crate::stats`]): a relayed read costs a
-//! relaxed atomic add, a transaction or query three.
+//! relaxed atomic add, a transaction or query two, and each a load and
+//! store on the session's own counts.
 //!
 //! Label values come from closed sets (transports, outcomes, the failure
 //! classification of [`Classify::label`]) or from the configuration

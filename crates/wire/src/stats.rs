@@ -4,9 +4,10 @@
 //! ([`DatabaseStats`], pgbouncer's columns).
 //!
 //! A session resolves its [`Tally`] once, at login (one lookup under a
-//! lock); from then on every count is a relaxed atomic add on memory only
-//! its (database, role, transport) shares, and a histogram observation is
-//! one more add into a bucket found by arithmetic. Databases and roles
+//! lock); from then on a count is a relaxed atomic add on memory only its
+//! (database, role, transport) shares (a transaction or query is one add
+//! into a histogram bucket found by arithmetic, and one to its time), and
+//! a load and store on the session's own counts ([`SessionCounts`]). Databases and roles
 //! come from sessions that logged in upstream, so they are bounded by the
 //! configuration (`[roles]`) and by the databases the server has; past
 //! [`MAX_KEYS`] pairs, new ones count under [`OTHER`].
@@ -53,8 +54,9 @@ fn micros(took: Duration) -> u64 {
     u64::try_from(took.as_micros()).unwrap_or(u64::MAX)
 }
 
-/// A latency histogram of relaxed atomics; its count and sum are kept by
-/// the owner (they are the transaction or query count and time).
+/// A latency histogram of relaxed atomics: its count is the sum of its
+/// buckets ([`Buckets::total`]); its sum is kept by the owner (the
+/// transaction or query time).
 #[derive(Debug, Default)]
 pub(crate) struct Buckets([AtomicU64; BUCKETS + 1]);
 
@@ -249,8 +251,7 @@ impl Entry {
     }
 }
 
-/// What one session moved, for its end-of-session log line (and the
-/// console's client listing).
+/// What one session moved, for its end-of-session log line.
 ///
 /// Written by one session at a time (its relays run one after another, a
 /// `/sql` request has its own), so a count is a plain load and store
@@ -289,7 +290,9 @@ impl SessionCounts {
 }
 
 /// A session's counters, resolved once at login: its (database, role)
-/// over its transport, and its own totals.
+/// over its transport, and its own totals. Clones share the session's
+/// counts, which take one writer at a time ([`SessionCounts`]): a clone
+/// is for the same session, never for work running beside it.
 #[derive(Debug, Clone)]
 pub struct Tally {
     entry: Arc<Entry>,

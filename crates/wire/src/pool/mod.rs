@@ -527,11 +527,13 @@ impl UpstreamPool {
     /// The idle connection [`pick`] chooses for `client` at `now`, listed
     /// as active, skipping (and closing) those past their lifetime, those
     /// the server spoke on or closed while they sat idle, and those that
-    /// fail a due health check (its deadline counted from `now`).
+    /// fail a due health check. Each check's deadline counts from the time
+    /// it starts: `now` for the first, a new reading after each one (a
+    /// check that timed out used its whole allowance).
     async fn take_usable_idle(
         slot: &Slot,
         (client, wanted): (u64, Option<&SessionShape>),
-        now: Instant,
+        mut now: Instant,
     ) -> Option<Took> {
         loop {
             let (mut idle, query_timeout) = match Self::take_idle(slot, (client, wanted), now) {
@@ -540,16 +542,16 @@ impl UpstreamPool {
                 Taken::None => return None,
             };
             let pinged = Box::pin(idle.conn.ping(now + query_timeout)).await;
+            now = Instant::now();
             if let Err(error) = pinged {
                 tracing::debug!(%error, "an idle upstream connection failed its health check");
                 continue;
             }
-            let at = Instant::now();
-            let place = (slot.connections().active).insert(&idle.conn, (idle.created, at), client);
+            let place = (slot.connections().active).insert(&idle.conn, (idle.created, now), client);
             return Some(Took {
                 idle,
                 place,
-                at,
+                at: now,
                 query_timeout,
             });
         }

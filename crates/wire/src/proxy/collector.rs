@@ -251,10 +251,9 @@ enum Read {
     Histogram(Histogram),
 }
 
-/// A latency histogram of [`Counts`]: its count, its sum in microseconds
-/// and its buckets.
+/// A latency histogram of [`Counts`]: its sum in microseconds and its
+/// buckets (its count is theirs, so the two always agree).
 struct Histogram {
-    count: fn(&Counts) -> u64,
     sum_us: fn(&Counts) -> u64,
     buckets: fn(&Counts) -> [u64; stats::BUCKETS + 1],
 }
@@ -295,7 +294,6 @@ fn encode_stats(proxy: &Proxy, encoder: &mut DescriptorEncoder) -> Result<(), st
             "authgres_transaction_duration_seconds",
             "Time from a transaction's first message to the ReadyForQuery that ends it",
             Read::Histogram(Histogram {
-                count: Counts::transactions,
                 sum_us: |c| load(&c.transaction_us),
                 buckets: |c| c.transaction_buckets.counts(),
             }),
@@ -304,7 +302,6 @@ fn encode_stats(proxy: &Proxy, encoder: &mut DescriptorEncoder) -> Result<(), st
             "authgres_query_duration_seconds",
             "Time from a query's first message to its ReadyForQuery",
             Read::Histogram(Histogram {
-                count: Counts::queries,
                 sum_us: |c| load(&c.query_us),
                 buckets: |c| c.query_buckets.counts(),
             }),
@@ -356,12 +353,13 @@ fn encode_read(
         Read::Counter(value) => series.encode_counter::<NoLabelSet, _, f64>(&value(counts), None),
         Read::Histogram(histogram) => {
             let own = (histogram.buckets)(counts);
+            let count = own.iter().copied().fold(0, u64::wrapping_add);
             let buckets: Vec<(f64, u64)> = stats::bucket_bounds()
                 .chain(std::iter::once(f64::INFINITY))
                 .zip(own)
                 .collect();
             let sum = (histogram.sum_us)(counts) as f64 / 1e6;
-            series.encode_histogram::<NoLabelSet>(sum, (histogram.count)(counts), &buckets, None)
+            series.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
         }
     }
 }

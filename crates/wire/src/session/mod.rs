@@ -382,7 +382,7 @@ impl<S: ClientIo> Session<'_, S> {
         };
         // The counters and the start are the session's own (not copies
         // kept here: this future lives as long as the session).
-        let Some(observed) = self.observed.clone() else {
+        let Some(observed) = &self.observed else {
             return served;
         };
         let tally = &observed.tally;
