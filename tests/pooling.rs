@@ -221,14 +221,11 @@ async fn a_role_granted_by_the_operator_and_set_by_a_client_does_not_reach_the_n
     assert_eq!(role, "authenticated");
 }
 
-/// Sends `signal` (`STOP`, `CONT`) to a backend: a stopped backend holds
-/// its connection open and answers nothing, as a stalled server does.
-fn signal_backend(pid: i32, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .args([format!("-{signal}"), pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -{signal} {pid}");
+/// Sends `signal` to a backend: a stopped backend (SIGSTOP) holds its
+/// connection open and answers nothing, as a stalled server does.
+fn signal_backend(pid: i32, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+        .unwrap_or_else(|error| panic!("{signal} to backend {pid}: {error}"));
 }
 
 /// A checkout that finds a stalled connection due for a health check
@@ -250,13 +247,13 @@ async fn a_stalled_idle_connection_fails_its_health_check_and_the_next_is_checke
     // Bob's connection goes back last, so it is the next one taken.
     drop(bob);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    signal_backend(bob_pid, "STOP");
+    signal_backend(bob_pid, nix::sys::signal::Signal::SIGSTOP);
     let carol = tokio::time::timeout(
         std::time::Duration::from_secs(10),
         stack.login("user_carol"),
     )
     .await;
-    signal_backend(bob_pid, "CONT");
+    signal_backend(bob_pid, nix::sys::signal::Signal::SIGCONT);
     let carol = carol.expect("carol's login waited past one health check's timeout");
     assert_eq!(
         backend_pid(&carol).await,
