@@ -290,10 +290,11 @@ impl SessionCounts {
 }
 
 /// A session's counters, resolved once at login: its (database, role)
-/// over its transport, and its own totals. Clones share the session's
-/// counts, which take one writer at a time ([`SessionCounts`]): a clone
-/// is for the same session, never for work running beside it.
-#[derive(Debug, Clone)]
+/// over its transport, and its own totals. Not `Clone`: the session's
+/// counts take one writer at a time ([`SessionCounts`]), so a session
+/// shares its one tally among its relays (`relay::Observed`), which run
+/// one after another.
+#[derive(Debug)]
 pub struct Tally {
     entry: Arc<Entry>,
     transport: Transport,

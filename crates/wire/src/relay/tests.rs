@@ -227,11 +227,12 @@ async fn an_observed_relay_counts_queries_transactions_and_its_stop() {
         crate::transport::Transport::Wire,
     );
     let mut relay = Relay::new(None, tokio::time::Instant::now());
-    relay.observe(std::sync::Arc::new(Observed {
-        tally: tally.clone(),
+    let observed = std::sync::Arc::new(Observed {
+        tally,
         activity: handle.activity(),
         audit: None,
-    }));
+    });
+    relay.observe(std::sync::Arc::clone(&observed));
     let relay = tokio::spawn(async move { relay.run(&mut client, &mut upstream).await });
     let (mut client_peer, mut upstream_peer) = (client_peer, upstream_peer);
 
@@ -272,7 +273,7 @@ async fn an_observed_relay_counts_queries_transactions_and_its_stop() {
     );
 
     use std::sync::atomic::Ordering::Relaxed;
-    let session = tally.session();
+    let session = observed.tally.session();
     assert_eq!(session.queries.load(Relaxed), 4);
     assert_eq!(session.transactions.load(Relaxed), 2);
     assert_eq!(session.stop(), Some("client_terminated"));
