@@ -7,10 +7,10 @@
 //! lock); from then on a count is a relaxed atomic add on memory only its
 //! (database, role, transport) shares (a transaction or query is one add
 //! into a histogram bucket found by arithmetic, and one to its time), and
-//! a load and store on the session's own counts ([`SessionCounts`]). Databases and roles
-//! come from sessions that logged in upstream, so they are bounded by the
-//! configuration (`[roles]`) and by the databases the server has; past
-//! [`MAX_KEYS`] pairs, new ones count under [`OTHER`].
+//! a load and store on the session's own counts ([`SessionCounts`]).
+//! Databases and roles come from sessions that logged in upstream, so they
+//! are bounded by the configuration (`[roles]`) and by the databases the
+//! server has; past [`MAX_KEYS`] pairs, new ones count under [`OTHER`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,11 +72,14 @@ impl Buckets {
 
     /// Observations in all buckets.
     fn total(&self) -> u64 {
-        self.0
-            .iter()
-            .map(|bucket| bucket.load(Ordering::Relaxed))
-            .fold(0, u64::wrapping_add)
+        total(&self.counts())
     }
+}
+
+/// Observations in all of a histogram's buckets, as [`Buckets::counts`]
+/// read them: the histogram's count.
+pub(crate) fn total(counts: &[u64; BUCKETS + 1]) -> u64 {
+    counts.iter().copied().fold(0, u64::wrapping_add)
 }
 
 /// What one (database, role) moved over one transport. How many
@@ -231,7 +234,6 @@ impl Entry {
                 .map(field)
                 .fold(0, u64::saturating_add)
         };
-
         DatabaseStats {
             database: self.database.clone(),
             role: self.role.clone(),

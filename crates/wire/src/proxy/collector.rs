@@ -353,7 +353,7 @@ fn encode_read(
         Read::Counter(value) => series.encode_counter::<NoLabelSet, _, f64>(&value(counts), None),
         Read::Histogram(histogram) => {
             let own = (histogram.buckets)(counts);
-            let count = own.iter().copied().fold(0, u64::wrapping_add);
+            let count = stats::total(&own);
             let buckets: Vec<(f64, u64)> = stats::bucket_bounds()
                 .chain(std::iter::once(f64::INFINITY))
                 .zip(own)
