@@ -485,3 +485,221 @@ async fn a_session_holding_prepared_statements_is_not_shared_even_with_the_same_
     // The first client's statement follows it back.
     first.query(&statement, &[]).await.expect("query again");
 }
+
+// Connections kept between transactions (`keep_between_transactions`).
+
+/// Transaction pooling with `size` connections, kept for `keep`.
+async fn start_keeping(size: usize, keep: &str) -> Stack {
+    let extra = format!(
+        "pool_mode_by_database = {{ app = \"transaction\" }}\npool_size = {size}\n\
+         keep_between_transactions = \"{keep}\""
+    );
+    Stack::start_with(common::Options {
+        upstream_extra: Box::leak(extra.into_boxed_str()),
+        ..Default::default()
+    })
+    .await
+}
+
+/// The wire pool's (in use, idle) connections of the test database, as
+/// `/pools` shows them.
+async fn in_use_and_idle(stack: &Stack) -> (u64, u64) {
+    let (_, pools) = stack.admin_get("/pools").await;
+    let pools: serde_json::Value = serde_json::from_str(&pools).expect("json");
+    let slots = pools["pools"][0]["slots"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let slot = slots
+        .iter()
+        .find(|slot| slot["database"] == common::DATABASE)
+        .unwrap_or_else(|| panic!("no slot of the test database: {pools}"));
+    let count = |name: &str| slot[name].as_u64().expect("a count");
+    (count("in_use"), count("idle"))
+}
+
+/// Polls `/pools` until it shows (`in_use`, `idle`), for at most 5 s.
+async fn wait_for_pool(stack: &Stack, want: (u64, u64)) {
+    let mut seen = (0, 0);
+    for _ in 0..100 {
+        seen = in_use_and_idle(stack).await;
+        if seen == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the pool shows (in use, idle) = {seen:?}, not {want:?}");
+}
+
+/// Waits for the last transaction's client to settle its session, then
+/// requires its connection kept (in use, none idle).
+async fn settled_and_kept(stack: &Stack) {
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(in_use_and_idle(stack).await, (1, 0), "not kept");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_keeps_its_connection_between_transactions_until_it_is_quiet() {
+    let stack = start_keeping(2, "500ms").await;
+    let alice = stack.login("user_alice").await;
+    let first = backend_pid(&alice).await;
+    for _ in 0..3 {
+        assert_eq!(backend_pid(&alice).await, first, "moved while kept");
+    }
+    // Idle, she still has it: nobody waits.
+    assert_eq!(in_use_and_idle(&stack).await, (1, 0));
+    // Quiet for longer than the keep: it goes back to the pool.
+    wait_for_pool(&stack, (0, 1)).await;
+    assert_eq!(common::user_id(&alice).await.as_deref(), Some("user_alice"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kept_connection_goes_to_the_client_that_waits_for_it() {
+    // One connection, kept for longer than any checkout waits: only the
+    // call back can hand it over.
+    let stack = start_keeping(1, "60s").await;
+    let alice = stack.login("user_alice").await;
+    let bob = stack.login("user_bob").await;
+    alice
+        .batch_execute("set application_name = 'alice-app'")
+        .await
+        .expect("alice sets");
+    for _ in 0..2 {
+        // Alice keeps it, idle: Bob's checkout has to call it back.
+        settled_and_kept(&stack).await;
+        assert_eq!(common::user_id(&bob).await.as_deref(), Some("user_bob"));
+        assert_ne!(setting(&bob, "application_name").await, "alice-app");
+        settled_and_kept(&stack).await;
+        assert_eq!(common::user_id(&alice).await.as_deref(), Some("user_alice"));
+        assert_eq!(setting(&alice, "application_name").await, "alice-app");
+    }
+    // A client inside a transaction gives the connection up at its end.
+    alice.batch_execute("begin").await.expect("begin");
+    let waiting = tokio::spawn(async move { common::user_id(&bob).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished(), "bob ran inside alice's transaction");
+    alice.batch_execute("commit").await.expect("commit");
+    let bob_seen = tokio::time::timeout(Duration::from_secs(3), waiting)
+        .await
+        .expect("bob got the connection at alice's commit")
+        .expect("bob's task");
+    assert_eq!(bob_seen.as_deref(), Some("user_bob"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kept_connection_the_server_closes_is_replaced_without_a_word_to_its_client() {
+    let stack = start_keeping(2, "60s").await;
+    let alice = stack.login("user_alice").await;
+    let kept = backend_pid(&alice).await;
+    let installer = stack.installer().await;
+    installer
+        .query_one("select pg_terminate_backend($1)", &[&kept])
+        .await
+        .expect("terminate alice's kept backend");
+    // Its FATAL waits, unread, in the socket.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        common::user_id(&alice).await.as_deref(),
+        Some("user_alice"),
+        "alice's next transaction failed with her kept connection"
+    );
+    assert_ne!(backend_pid(&alice).await, kept);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pause_and_reconnect_call_kept_connections_back() {
+    let stack = start_keeping(2, "60s").await;
+    let alice = stack.login("user_alice").await;
+    let kept = backend_pid(&alice).await;
+    let ops = stack.console_ops().await;
+    // PAUSE waits for every connection to come back: a kept one does
+    // at once.
+    tokio::time::timeout(Duration::from_secs(5), ops.simple_query("PAUSE"))
+        .await
+        .expect("PAUSE returned while alice kept her connection")
+        .expect("PAUSE");
+    assert_eq!(in_use_and_idle(&stack).await, (0, 1));
+    let paused = tokio::spawn(async move {
+        let pid = backend_pid(&alice).await;
+        (alice, pid)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!paused.is_finished(), "a transaction ran during PAUSE");
+    ops.simple_query("RESUME").await.expect("RESUME");
+    let (alice, pid) = paused.await.expect("alice after RESUME");
+    assert_eq!(pid, kept, "her own connection, kept again");
+    assert_eq!(in_use_and_idle(&stack).await, (1, 0));
+    // RECONNECT: the kept connection is closed, her next transaction
+    // gets a new one.
+    ops.simple_query("RECONNECT").await.expect("RECONNECT");
+    wait_for_pool(&stack, (0, 0)).await;
+    assert_ne!(backend_pid(&alice).await, kept);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_token_ends_the_session_of_a_client_keeping_its_connection() {
+    let stack = Stack::start_with(common::Options {
+        enforce_token_expiry: true,
+        upstream_extra: "pool_mode_by_database = { app = \"transaction\" }\n\
+                         keep_between_transactions = \"60s\"",
+        ..Default::default()
+    })
+    .await;
+    let ttl = Duration::from_secs(3);
+    let spec = |sub| authgres_sandbox::TokenSpec::new(sub).ttl(ttl);
+    // Alice sits idle, keeping her connection, across her token's expiry;
+    // Bob keeps running transactions across his.
+    let alice = stack
+        .connect("authenticated", &stack.issuer.mint(&spec("user_alice")))
+        .await
+        .expect("alice");
+    let bob = stack
+        .connect("authenticated", &stack.issuer.mint(&spec("user_bob")))
+        .await
+        .expect("bob");
+    assert_eq!(common::user_id(&alice).await.as_deref(), Some("user_alice"));
+    let started = tokio::time::Instant::now();
+    let mut refused = None;
+    while started.elapsed() < ttl + Duration::from_secs(3) {
+        if let Err(error) = bob.batch_execute("select 1").await {
+            refused = Some(started.elapsed());
+            assert!(
+                bob.is_closed()
+                    || error.is_closed()
+                    || error.code() == Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD),
+                "{error}"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = refused.expect("bob's transactions ran past his token's expiry");
+    // `exp` is in whole seconds, counted from before the logins.
+    assert!(
+        refused + Duration::from_millis(1500) >= ttl,
+        "refused early, at {refused:?}"
+    );
+    let error = alice
+        .batch_execute("select 1")
+        .await
+        .expect_err("alice's transaction ran after her token expired");
+    assert!(
+        alice.is_closed()
+            || error.is_closed()
+            || error.code() == Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD),
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_keeping_its_connection_can_still_be_pinned_to_it() {
+    let stack = start_keeping(2, "60s").await;
+    let alice = stack.login("user_alice").await;
+    let kept = backend_pid(&alice).await;
+    alice.batch_execute("listen alerts").await.expect("listen");
+    // Pinned now, for good: her transactions go on on the same backend.
+    for _ in 0..3 {
+        assert_eq!(backend_pid(&alice).await, kept);
+        assert_eq!(common::user_id(&alice).await.as_deref(), Some("user_alice"));
+    }
+}

@@ -31,6 +31,8 @@ pub struct UpstreamSection {
     pub health_check_after: Duration,
     #[serde(with = "humantime_serde")]
     pub internal_query_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub keep_between_transactions: Duration,
 }
 
 impl UpstreamSection {
@@ -43,6 +45,7 @@ impl UpstreamSection {
             server_lifetime: self.server_lifetime,
             health_check_after: self.health_check_after,
             internal_query_timeout: self.internal_query_timeout,
+            keep_between_transactions: self.keep_between_transactions,
         }
     }
 }
@@ -64,6 +67,7 @@ impl Default for UpstreamSection {
             server_lifetime: wire::SERVER_LIFETIME,
             health_check_after: wire::HEALTH_CHECK_AFTER,
             internal_query_timeout: wire::INTERNAL_QUERY_TIMEOUT,
+            keep_between_transactions: wire::KEEP_BETWEEN_TRANSACTIONS,
         }
     }
 }

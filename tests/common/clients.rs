@@ -50,6 +50,21 @@ impl Stack {
             .unwrap_or_else(|e| panic!("{sub} logs in: {e}"))
     }
 
+    /// The operators' console as `ops` (an admin user).
+    pub async fn console_ops(&self) -> tokio_postgres::Client {
+        let conninfo = format!(
+            "host=127.0.0.1 port={} dbname={} user=ops password={} sslmode=disable",
+            self.port,
+            super::CONSOLE_DATABASE,
+            super::CONSOLE_OPS_PASSWORD
+        );
+        let (client, connection) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+            .await
+            .expect("ops logs in to the console");
+        tokio::spawn(connection);
+        client
+    }
+
     /// tokio-postgres without TLS to a proxy on `port`.
     pub async fn connect_port(
         &self,

@@ -76,6 +76,9 @@ pub mod defaults {
     pub const SERVER_LIFETIME: Duration = Duration::from_secs(3600);
     /// A pooled connection idle longer than this is checked before reuse.
     pub const HEALTH_CHECK_AFTER: Duration = Duration::from_secs(30);
+    /// How long a transaction-pooled client keeps its connection after a
+    /// transaction while nobody else waits for one.
+    pub const KEEP_BETWEEN_TRANSACTIONS: Duration = Duration::from_secs(1);
     /// How long a drain waits for clients to finish before closing them.
     pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 }
@@ -168,6 +171,11 @@ pub struct PoolLimits {
     pub health_check_after: Duration,
     /// Deadline of the proxy's own exchanges on a connection.
     pub internal_query_timeout: Duration,
+    /// How long a transaction-pooled client keeps its connection after a
+    /// transaction while no other client waits for one of its (database,
+    /// role): its next transaction then needs no checkout. Zero returns
+    /// every connection at its transaction's end.
+    pub keep_between_transactions: Duration,
 }
 
 impl Default for PoolLimits {
@@ -179,6 +187,7 @@ impl Default for PoolLimits {
             server_lifetime: defaults::SERVER_LIFETIME,
             health_check_after: defaults::HEALTH_CHECK_AFTER,
             internal_query_timeout: defaults::INTERNAL_QUERY_TIMEOUT,
+            keep_between_transactions: defaults::KEEP_BETWEEN_TRANSACTIONS,
         }
     }
 }

@@ -104,6 +104,11 @@ pub enum Stop {
     /// stop there ([`Relay::stop_at_idle`]); the client has received all
     /// the server sent.
     Idle,
+    /// A connection kept between transactions ([`Relay::keep`]) spoke or
+    /// closed while the session sat idle, owing the client nothing: what
+    /// it sent was not delivered, and the connection is not to be used
+    /// again (as a pooled connection that speaks while idle is not).
+    KeptSpoke,
     /// The client sent a message that must not reach the server.
     Violation(Violation),
     /// The client sat idle inside a transaction block past
@@ -299,6 +304,12 @@ pub struct Relay {
     terminated: bool,
     violation: Option<Violation>,
     stop_at_idle: bool,
+    /// Kept between transactions ([`Relay::keep`]): stops at the next idle
+    /// boundary.
+    kept: bool,
+    /// Kept, and nothing read from the client since: anything the server
+    /// says now, nobody asked for.
+    kept_waiting: bool,
     watchdog: Watchdog,
     observed: Option<Arc<Observed>>,
     /// What the open transaction's audit line says so far (audited
@@ -346,6 +357,8 @@ impl Relay {
             terminated: false,
             violation: None,
             stop_at_idle: false,
+            kept: false,
+            kept_waiting: false,
             watchdog: Watchdog {
                 watch: ClientLimits::default(),
                 sleep: None,
@@ -393,6 +406,9 @@ impl Relay {
             return;
         }
         self.was_idle = idle;
+        if idle && self.kept {
+            self.stop_at_idle = true;
+        }
         if let Some(observed) = &self.observed {
             if idle {
                 if let Some(started) = self.transaction_started.take() {
@@ -426,9 +442,35 @@ impl Relay {
     }
 
     /// Makes [`Relay::run`] return [`Stop::Idle`] at the next idle
-    /// transaction boundary (or at once if the session is at one).
+    /// transaction boundary (or at once if the session is at one), or
+    /// (`false`) at none. Either way a keep ([`Relay::keep`]) is over.
     pub fn stop_at_idle(&mut self, stop: bool) {
         self.stop_at_idle = stop;
+        self.kept = false;
+        self.kept_waiting = false;
+    }
+
+    /// Relays the session's next transaction on a connection it keeps
+    /// between transactions (transaction pooling): [`Relay::run`] returns
+    /// [`Stop::Idle`] at the first idle boundary after the client's next
+    /// request, and [`Stop::KeptSpoke`] if the server says anything while
+    /// the session waits idle for it.
+    pub fn keep(&mut self) {
+        self.kept = true;
+        self.kept_waiting = true;
+        self.stop_at_idle = false;
+    }
+
+    /// When the client last sent something or took something, whichever
+    /// is later.
+    pub fn last_active(&self) -> Instant {
+        self.watchdog.last_read.max(self.watchdog.last_written)
+    }
+
+    /// Gives the relay the tracker that follows the client's session
+    /// (transaction pooling), as [`Relay::new`] would have.
+    pub fn follow(&mut self, tracker: Tracker) {
+        self.tracker = Some(tracker);
     }
 
     /// Forwards client bytes read before the relay started (pipelined
@@ -443,6 +485,7 @@ impl Relay {
             if self.terminated || self.violation.is_some() {
                 break;
             }
+            self.kept_waiting = false;
             self.to_upstream.load(chunk);
             self.count(Tally::received, chunk.len());
             self.scan_client();
@@ -542,6 +585,22 @@ impl Relay {
             }
             let mut progressed = false;
             let ended = self.terminated || self.violation.is_some();
+            // A kept connection waiting for the client's next request is
+            // read first: what it said while idle (a FATAL before a
+            // restart, mostly) must not pass for the answer to that
+            // request.
+            if self.kept_waiting && !server_waits {
+                match self.to_client.poll_fill(cx, upstream) {
+                    Poll::Pending => {
+                        server_waits = true;
+                        self.armed.server = Armed::pending();
+                    }
+                    Poll::Ready(_) => {
+                        (self.to_client.start, self.to_client.end) = (0, 0);
+                        return Poll::Ready(Ok(Stop::KeptSpoke));
+                    }
+                }
+            }
             // Client to upstream.
             if !stopping && !ended && !client_waits && self.to_upstream.is_empty() {
                 match self.to_upstream.poll_fill(cx, client) {
@@ -551,6 +610,7 @@ impl Relay {
                     }
                     Poll::Ready(read) => {
                         self.armed.client = false;
+                        self.kept_waiting = false;
                         let read = read.map_err(RelayError::Client)?;
                         if read == 0 {
                             return Poll::Ready(Ok(Stop::ClientClosed));
@@ -584,6 +644,13 @@ impl Relay {
                     }
                     Poll::Ready(read) => {
                         self.armed.server = false;
+                        if self.kept_waiting {
+                            // Nobody asked: a kept connection that speaks
+                            // now is dropped, unheard, as an idle one
+                            // would be.
+                            (self.to_client.start, self.to_client.end) = (0, 0);
+                            return Poll::Ready(Ok(Stop::KeptSpoke));
+                        }
                         let read = read.map_err(RelayError::Upstream)?;
                         if read == 0 {
                             return Poll::Ready(Ok(Stop::UpstreamClosed));
@@ -871,7 +938,7 @@ fn stop_label(stopped: &Result<Stop, RelayError>, server_ended: bool) -> Option<
         Ok(Stop::ClientClosed) => "client_closed",
         Ok(Stop::ClientTerminated) => "client_terminated",
         Ok(Stop::UpstreamClosed) => "server_closed",
-        Ok(Stop::Idle) => return None,
+        Ok(Stop::Idle | Stop::KeptSpoke) => return None,
         Ok(Stop::Violation(_)) => "protocol_violation",
         Ok(Stop::IdleInTransaction) => "idle_in_transaction",
         Ok(Stop::ClientStalled) => "client_stalled",

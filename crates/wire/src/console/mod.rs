@@ -109,6 +109,9 @@ pub async fn run(proxy: &Proxy, access: ConsoleAccess, command: &Command) -> Res
             check_database(proxy, database.as_deref())?;
             proxy.gates.pause(database.as_deref());
             for pool in proxy.pools() {
+                pool.recall_kept(database.as_deref());
+            }
+            for pool in proxy.pools() {
                 pool.wait_idle(database.as_deref(), far_future()).await;
             }
             Ok(done)

@@ -17,17 +17,19 @@
 
 mod fair;
 mod gates;
+mod keep;
 mod keeper;
 mod operate;
 mod pick;
 mod servers;
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use rustc_hash::FxHashMap;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::capacity::{self, Count, Held};
@@ -111,6 +113,14 @@ struct Slot {
     /// Where its waiters take turns by identity.
     turnstiles: fair::Turnstiles,
     connections: Mutex<Connections>,
+    /// Wakes clients keeping a connection of this slot between their
+    /// transactions to look again at whether they may ([`keep`]): one
+    /// when a checkout has to wait for a place, all of them on a recall
+    /// and on the reaper's rounds.
+    wanted: Notify,
+    /// How many times its kept connections were called back (`RECONNECT`,
+    /// `PAUSE`, new limits): a keep made before the last recall ends.
+    recalls: AtomicU64,
 }
 
 /// A slot's connections, under its lock.
@@ -311,6 +321,9 @@ impl UpstreamPool {
             capacity::resize(&slot.permits, connections.size, limits.max_per_key);
             connections.size = limits.max_per_key;
             connections.limits = limits;
+            // Kept connections go back, to be kept again (or not) under
+            // the new limits.
+            slot.recall_kept();
         }
     }
 
@@ -426,6 +439,10 @@ impl UpstreamPool {
                 let checkout_timeout = checkout_timeout();
                 waited = true;
                 let _waiting = slot.waiting.hold();
+                // A client keeping a connection between its transactions
+                // gives it back (one in a transaction, at its end: the
+                // wait is counted first).
+                slot.wanted.notify_one();
                 let acquired = Box::pin(tokio::time::timeout(
                     checkout_timeout,
                     slot.turnstiles.acquire(fair, Arc::clone(&slot.permits)),
@@ -503,6 +520,8 @@ impl UpstreamPool {
             busy: Count::default(),
             waiting: Count::default(),
             turnstiles: fair::Turnstiles::default(),
+            wanted: Notify::new(),
+            recalls: AtomicU64::new(0),
             connections: Mutex::new(Connections {
                 idle: Vec::new(),
                 active: operate::ActiveList::default(),
@@ -830,8 +849,9 @@ pub async fn reap(pool: Weak<UpstreamPool>) {
         let period = match pool.upgrade() {
             Some(pool) => {
                 let limits = pool.limits();
-                (limits.idle_timeout.min(limits.server_lifetime) / 2)
-                    .clamp(Duration::from_millis(100), Duration::from_secs(30))
+                let period = (limits.idle_timeout.min(limits.server_lifetime) / 2)
+                    .clamp(Duration::from_millis(100), Duration::from_secs(30));
+                keep::reap_period(&limits).map_or(period, |keep| keep.min(period))
             }
             None => return,
         };
@@ -839,6 +859,7 @@ pub async fn reap(pool: Weak<UpstreamPool>) {
         let Some(pool) = pool.upgrade() else {
             return;
         };
+        pool.look_at_kept();
         let closed = pool.prune(Instant::now());
         if closed > 0 {
             tracing::debug!(closed, "closed expired idle upstream connections");

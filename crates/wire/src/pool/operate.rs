@@ -163,6 +163,8 @@ impl UpstreamPool {
             connections.retire_before = Some(now);
             closed += connections.idle.len();
             connections.idle.clear();
+            drop(connections);
+            slot.recall_kept();
         }
         closed
     }
@@ -189,7 +191,7 @@ impl UpstreamPool {
 
     /// The slots of `database` (`None`: every slot), taken from the map so
     /// that each is then locked on its own.
-    fn slots_of(&self, database: Option<&str>) -> Vec<Arc<Slot>> {
+    pub(super) fn slots_of(&self, database: Option<&str>) -> Vec<Arc<Slot>> {
         let state = self.state();
         state
             .slots()

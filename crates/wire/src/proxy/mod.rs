@@ -144,11 +144,14 @@ impl Proxy {
         new.config.cluster.instance_id = old.config.cluster.instance_id;
         new.config.upstream = old.config.upstream.clone();
         self.budget.set_limits(new.config.connections);
-        self.pools_by_server.set_limits(new.config.pool_limits);
         // Every reload (SIGHUP) opens the audit file again: logrotate.
         self.audit.configure(new.config.audit.as_ref());
         self.metrics.usage.configure(&new.config.usage);
         self.limiter.configure(new.config.identity_limits.clone());
+        // After the limiter: the pools call back the connections clients
+        // keep between transactions, whose next transactions are then
+        // counted under the new limits.
+        self.pools_by_server.set_limits(new.config.pool_limits);
         let replaced = !Arc::ptr_eq(&old.verifier, &new.verifier);
         *self
             .settings

@@ -233,7 +233,9 @@ pub(super) fn ending(
     limits: ClientLimits,
 ) -> Option<SessionError> {
     match stopped {
-        Ok(Stop::UpstreamClosed | Stop::ClientClosed | Stop::ClientTerminated) => None,
+        Ok(
+            Stop::UpstreamClosed | Stop::KeptSpoke | Stop::ClientClosed | Stop::ClientTerminated,
+        ) => None,
         Ok(Stop::Idle) => Some(match boundary {
             Some(Boundary::Draining) => SessionError::ShuttingDown,
             // Only an expired token or a drain stops a session that holds
@@ -282,7 +284,9 @@ impl Parting {
         );
         match stopped {
             _ if clean && relay.between_requests() => Self::Reuse,
-            Some(Ok(Stop::UpstreamClosed) | Err(RelayError::Upstream(_))) => Self::Close,
+            Some(Ok(Stop::UpstreamClosed | Stop::KeptSpoke) | Err(RelayError::Upstream(_))) => {
+                Self::Close
+            }
             _ if relay.backend_busy() => Self::Abandon,
             _ => Self::Close,
         }

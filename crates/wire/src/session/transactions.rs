@@ -244,7 +244,7 @@ async fn transaction<S: ClientIo>(
     // Its own future: the checkout's and the relay's then share their
     // space in this one (a value live across both would be kept apart,
     // and so would `pooled` if it were borrowed here before it moves).
-    relay_transaction(session, (client, cancel), readied, turn, first).await
+    relay_transaction(session, (client, cancel, pool), readied, turn, first).await
 }
 
 /// Relays a transaction on the connection checked out for it, to the
@@ -261,7 +261,7 @@ async fn transaction<S: ClientIo>(
 )]
 fn relay_transaction<'a, S: ClientIo>(
     session: &'a mut Session<'_, S>,
-    (client, cancel): (&'a mut PooledClient, &'a CancelGuard),
+    (client, cancel, pool): (&'a mut PooledClient, &'a CancelGuard, &'a UpstreamPool),
     Readied {
         mut pooled,
         at: ready_at,
@@ -296,17 +296,16 @@ fn relay_transaction<'a, S: ClientIo>(
             },
             Err(error) => Err(error),
         };
-        if let Ok(Stop::Idle) = stopped {
+        let mut stopped = stopped;
+        // A keep that was called off is not taken up again before the
+        // client's next transaction has checked its connection out anew.
+        let mut may_keep = true;
+        while let Ok(Stop::Idle) = stopped {
             if let Some(tracker) = relay.take_tracker() {
                 client.return_tracker(tracker);
             }
-            let settled = settle(session, client, &mut pooled, &mut relay).await?;
-            return match settled {
-                Settled::Released(idle_since) => {
-                    cancel.retarget(None).await;
-                    pooled.release_at(idle_since);
-                    Ok(Done::Next)
-                }
+            let idle_since = match settle(session, client, &mut pooled, &mut relay).await? {
+                Settled::Released(idle_since) => idle_since,
                 Settled::Pinned(reason) => {
                     session.span().in_scope(|| {
                         tracing::info!(
@@ -320,18 +319,155 @@ fn relay_transaction<'a, S: ClientIo>(
                         lease: Lease::Pooled(pooled),
                         _counted: None,
                     });
-                    Ok(Done::Pinned(Box::new(Pinned {
+                    return Ok(Done::Pinned(Box::new(Pinned {
                         held,
                         expires: client.expires,
                         turn,
-                    })))
+                    })));
                 }
             };
+            // A transaction counted against its identity's limit is
+            // counted on its own: its connection goes back.
+            if !may_keep || turn.is_some() {
+                cancel.retarget(None).await;
+                pooled.release_at(idle_since);
+                return Ok(Done::Next);
+            }
+            let kept = kept(session, client, pool, (&mut pooled, &mut relay), idle_since).await;
+            match kept {
+                Kept::Ended {
+                    stopped: ended,
+                    called,
+                } => {
+                    stopped = ended;
+                    may_keep = !called;
+                }
+                Kept::Closing if relay.is_idle() => {
+                    cancel.retarget(None).await;
+                    pooled.release();
+                    return Err(SessionError::ShuttingDown);
+                }
+                Kept::Closing => {
+                    let span = session.span();
+                    return Box::pin(forced(session, *relay, pooled, cancel).instrument(span))
+                        .await;
+                }
+            }
+        }
+        if let Ok(Stop::KeptSpoke) = stopped {
+            // The client's next transaction checks out another.
+            cancel.retarget(None).await;
+            pooled.conn().mark_broken();
+            drop(pooled);
+            return Ok(Done::Next);
         }
         // Boxed, as are the other rare paths.
         let span = session.span();
         let finished = finish_transaction(session, *relay, pooled, cancel, stopped);
         Box::pin(finished.instrument(span)).await
+    }
+}
+
+/// How a stretch of transactions on a kept connection ended.
+enum Kept {
+    /// The relay stopped: at an idle boundary (`Stop::Idle`) where the
+    /// general path takes over (to settle the session, or because the
+    /// keep was `called` off or may not go on), or for good.
+    Ended {
+        stopped: Result<Stop, RelayError>,
+        called: bool,
+    },
+    /// The session is being closed (a forced drain, `KILL_CLIENT`).
+    Closing,
+}
+
+/// Relays the client's transactions on the connection it keeps between
+/// them (`crate::pool::Keep`), from an idle boundary reached at
+/// `idle_since`: each needs no checkout, no new relay and no cancel-key
+/// change, as in session pooling. It ends at a boundary where the session
+/// must be settled or the keep may not go on; the keep is called off, and
+/// the connection comes back at the next idle boundary (at once if the
+/// client is idle), when a checkout of its slot waits, on a recall, once
+/// the client has been quiet for the keep's length, when its token
+/// expires, or when a drain reaches it.
+async fn kept<S: ClientIo>(
+    session: &mut Session<'_, S>,
+    client: &mut PooledClient,
+    pool: &UpstreamPool,
+    (pooled, relay): (&mut Pooled, &mut Relay),
+    idle_since: Instant,
+) -> Kept {
+    let not_kept = Kept::Ended {
+        stopped: Ok(Stop::Idle),
+        called: true,
+    };
+    let Some(keep) = pool.keep(pooled, idle_since) else {
+        return not_kept;
+    };
+    let called = keep.called();
+    tokio::pin!(called);
+    called.as_mut().enable();
+    // Listening now: a wait or a recall since the pool's answer is seen
+    // here, any later one is heard.
+    if !keep.goes_on(idle_since) {
+        return not_kept;
+    }
+    // The token's expiry, when enforced: the one timer a keep may need.
+    let mut expiry = client.expires.map(|at| {
+        let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+        Box::pin(tokio::time::sleep(left))
+    });
+    let expired = std::future::poll_fn(|cx| match expiry.as_mut() {
+        Some(sleep) => sleep.as_mut().poll(cx),
+        None => std::task::Poll::Pending,
+    });
+    tokio::pin!(expired);
+    let registered = &session.registered;
+    let closing = registered.closing();
+    tokio::pin!(closing);
+    let drained = end::drain_reaches(registered, session.spared_until);
+    tokio::pin!(drained);
+    let io = &mut session.client;
+    let mut ending = false;
+    loop {
+        relay.follow(client.lend_tracker());
+        relay.keep();
+        let stopped = loop {
+            tokio::select! {
+                biased;
+                stopped = relay.run(io, pooled.conn().stream()) => break stopped,
+                () = &mut closing => return Kept::Closing,
+                () = called.as_mut(), if !ending => {
+                    called.set(keep.called());
+                    called.as_mut().enable();
+                    let now = Instant::now();
+                    let quiet = relay.is_idle() && relay.last_active() + keep.quiet() <= now;
+                    if quiet || !keep.goes_on(now) {
+                        ending = true;
+                        relay.stop_at_idle(true);
+                    }
+                }
+                () = &mut expired, if !ending => {
+                    ending = true;
+                    relay.stop_at_idle(true);
+                }
+                () = &mut drained, if !ending => {
+                    ending = true;
+                    relay.stop_at_idle(true);
+                }
+            }
+        };
+        if let Some(tracker) = relay.take_tracker() {
+            client.return_tracker(tracker);
+        }
+        let at_boundary = matches!(stopped, Ok(Stop::Idle)) && !ending;
+        let idle_since = relay.stopped_at().unwrap_or_else(Instant::now);
+        if !at_boundary || client.unsettled() || !keep.goes_on(idle_since) {
+            return Kept::Ended {
+                stopped,
+                called: ending,
+            };
+        }
     }
 }
 

@@ -1,0 +1,129 @@
+//! Connections kept between transactions: a transaction-pooled client
+//! keeps its connection after a transaction while no one else waits for
+//! one of its (database, role), so that its next transaction needs no
+//! checkout, as in session pooling ([`PoolLimits::keep_between_transactions`]).
+//!
+//! A kept connection stays checked out: it counts against the pool's
+//! size, and `SHOW SERVERS` lists it as active, linked to its client. It
+//! comes back at the client's next idle boundary (at once if the client
+//! is idle) when a checkout of its slot has to wait, on `RECONNECT`,
+//! `PAUSE` or new limits (a recall), past its lifetime, and once the
+//! client has been quiet for the keep's length: the reaper wakes every
+//! kept connection's client to look ([`UpstreamPool::look_at_kept`]).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::futures::Notified;
+use tokio::time::Instant;
+
+use super::{Pooled, Slot, UpstreamPool};
+use crate::config::PoolLimits;
+
+/// A connection a client keeps between its transactions, and what ends
+/// the keep.
+pub struct Keep {
+    slot: Arc<Slot>,
+    /// The slot's recalls when the keep began.
+    recalls: u64,
+    /// The connection's lifetime ends then.
+    until: Instant,
+    /// How long the client may stay quiet.
+    quiet: Duration,
+}
+
+impl UpstreamPool {
+    /// A keep of `pooled` by its client, at an idle transaction boundary
+    /// at `now`; `None` when it goes back now instead: keeping is off, a
+    /// checkout waits for a place in its slot, the slot is over its size,
+    /// its database is paused, or the connection is broken, past its
+    /// lifetime or retired by `RECONNECT`.
+    ///
+    /// A call made after this answer and before [`Keep::called`] is
+    /// listened to is not heard; [`Keep::goes_on`], asked once it is,
+    /// sees every one that matters (a wait, a recall).
+    pub fn keep(&self, pooled: &Pooled, now: Instant) -> Option<Keep> {
+        let slot = &pooled.slot;
+        let recalls = slot.recalls.load(Ordering::SeqCst);
+        if slot.waiting.get() > 0 || self.gates.is_paused(&slot.database) {
+            return None;
+        }
+        let conn = pooled.conn.as_deref()?;
+        let connections = slot.connections();
+        let limits = connections.limits;
+        let until = pooled.created + limits.server_lifetime;
+        let kept = !limits.keep_between_transactions.is_zero()
+            && slot.busy.get() <= connections.size
+            && !conn.is_broken()
+            && now < until
+            && !Slot::retired(&connections, pooled.created);
+        kept.then(|| Keep {
+            slot: Arc::clone(slot),
+            recalls,
+            until,
+            quiet: limits.keep_between_transactions,
+        })
+    }
+
+    /// Wakes the clients keeping connections of this pool to look at
+    /// whether they still may (the reaper's rounds: a quiet client gives
+    /// its connection back).
+    pub(super) fn look_at_kept(&self) {
+        if self.limits().keep_between_transactions.is_zero() {
+            return;
+        }
+        for slot in self.slots_of(None) {
+            slot.wanted.notify_waiters();
+        }
+    }
+
+    /// Calls back the connections of `database` (`None`: of all) that
+    /// clients keep between their transactions: each comes back at its
+    /// client's next idle boundary (at once for a client that is idle).
+    /// For `PAUSE`, after its gate is shut.
+    pub fn recall_kept(&self, database: Option<&str>) {
+        for slot in self.slots_of(database) {
+            slot.recall_kept();
+        }
+    }
+}
+
+impl Slot {
+    /// Ends every keep of this slot's connections made before now.
+    pub(super) fn recall_kept(&self) {
+        self.recalls.fetch_add(1, Ordering::SeqCst);
+        self.wanted.notify_waiters();
+    }
+}
+
+impl Keep {
+    /// Completes when the client should look again at whether it may go
+    /// on ([`Keep::goes_on`], and its quiet time): a checkout waits, a
+    /// recall, the reaper's round.
+    pub fn called(&self) -> Notified<'_> {
+        self.slot.wanted.notified()
+    }
+
+    /// Whether the keep may go on past an idle boundary at `now`: nobody
+    /// waits for a place in the slot, no recall came, the lifetime is not
+    /// over. Two atomic loads: asked at every boundary.
+    pub fn goes_on(&self, now: Instant) -> bool {
+        self.slot.waiting.get() == 0
+            && self.slot.recalls.load(Ordering::SeqCst) == self.recalls
+            && now < self.until
+    }
+
+    /// How long the client may stay quiet before the connection goes back.
+    pub fn quiet(&self) -> Duration {
+        self.quiet
+    }
+}
+
+/// How often the reaper must look at kept connections under `limits`, if
+/// any are kept: a quiet client's connection comes back within half a
+/// keep of its quiet time.
+pub(super) fn reap_period(limits: &PoolLimits) -> Option<Duration> {
+    let keep = limits.keep_between_transactions;
+    (!keep.is_zero()).then(|| (keep / 2).max(Duration::from_millis(50)))
+}
