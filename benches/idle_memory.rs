@@ -60,7 +60,10 @@ fn main() {
             client.simple_query("select 1").await.expect("query");
             clients.push(client);
         }
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        // Past `keep_between_transactions` (1s) and the reaper's round
+        // after it: a transaction-pooled client that kept its connection
+        // has given it back, and holds what any idle client holds.
+        tokio::time::sleep(std::time::Duration::from_millis(2000)).await;
         let after = rss_kib(stack.proxy_pid());
         let growth = after.saturating_sub(before);
         let mode = if transaction {

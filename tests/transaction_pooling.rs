@@ -703,3 +703,84 @@ async fn a_client_keeping_its_connection_can_still_be_pinned_to_it() {
         assert_eq!(common::user_id(&alice).await.as_deref(), Some("user_alice"));
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_drops_its_identity_settings_gets_them_back_while_it_keeps_its_connection() {
+    let stack = start_keeping(2, "60s").await;
+    let alice = stack.login("user_alice").await;
+    assert_eq!(common::user_id(&alice).await.as_deref(), Some("user_alice"));
+    for reset in ["discard all", "reset all"] {
+        alice.batch_execute(reset).await.expect(reset);
+        assert_eq!(
+            common::user_id(&alice).await.as_deref(),
+            Some("user_alice"),
+            "after {reset}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_waiting_client_gets_an_idle_kept_connection_while_another_keeper_is_busy() {
+    let stack = start_keeping(2, "60s").await;
+    let carol = stack.login("user_carol").await;
+    let alice = stack.login("user_alice").await;
+    let bob = stack.login("user_bob").await;
+    // Both connections kept: Carol's first, then Alice's, idle.
+    carol.batch_execute("select 1").await.expect("carol");
+    let sleeping = tokio::spawn(async move { carol.batch_execute("select pg_sleep(3)").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    alice.batch_execute("select 1").await.expect("alice");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(in_use_and_idle(&stack).await, (2, 0));
+    let started = tokio::time::Instant::now();
+    assert_eq!(common::user_id(&bob).await.as_deref(), Some("user_bob"));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "bob waited {:?} for carol's transaction, alice's idle connection kept",
+        started.elapsed()
+    );
+    sleeping
+        .await
+        .expect("carol's task")
+        .expect("carol's sleep");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_client_closes_a_client_keeping_its_connection_and_no_other() {
+    let stack = start_keeping(2, "60s").await;
+    let alice = stack.login("user_alice").await;
+    let bob = stack.login("user_bob").await;
+    alice.batch_execute("select 1").await.expect("alice");
+    bob.batch_execute("select 1").await.expect("bob");
+    let ops = stack.console_ops().await;
+    let alice_id = ops
+        .simple_query("SHOW CLIENTS")
+        .await
+        .expect("SHOW CLIENTS")
+        .into_iter()
+        .find_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row)
+                if row.get("sub") == Some("user_alice") =>
+            {
+                row.get("id").map(str::to_owned)
+            }
+            _ => None,
+        })
+        .expect("alice's id");
+    ops.simple_query(&format!("KILL_CLIENT {alice_id}"))
+        .await
+        .expect("KILL_CLIENT");
+    let killed = alice
+        .simple_query("select 1")
+        .await
+        .expect_err("alice is closed");
+    assert!(
+        killed
+            .as_db_error()
+            .is_none_or(|e| e.code().code() == "57P01"),
+        "{killed}"
+    );
+    assert_eq!(common::user_id(&bob).await.as_deref(), Some("user_bob"));
+    // Alice's kept connection went with her; Bob keeps his.
+    wait_for_pool(&stack, (1, 0)).await;
+}

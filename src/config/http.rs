@@ -71,10 +71,15 @@ impl Loaded {
             max_request_bytes: h.max_request_bytes,
             max_request_bytes_total: h.max_request_bytes_total,
             max_response_bytes: h.max_response_bytes,
-            pool: self
-                .file
-                .upstream
-                .pool_limits(h.pool_size, h.checkout_timeout),
+            pool: authgres_wire::PoolLimits {
+                // Each `/sql` request is a transaction of its own client:
+                // nothing to keep between them.
+                keep_between_transactions: std::time::Duration::ZERO,
+                ..self
+                    .file
+                    .upstream
+                    .pool_limits(h.pool_size, h.checkout_timeout)
+            },
             header_timeout: h.header_timeout,
             body_timeout: h.body_timeout,
             statement_timeout: h.statement_timeout,

@@ -467,8 +467,9 @@ impl Relay {
         self.watchdog.last_read.max(self.watchdog.last_written)
     }
 
-    /// Gives the relay the tracker that follows the client's session
-    /// (transaction pooling), as [`Relay::new`] would have.
+    /// Gives back the tracker that follows the client's session
+    /// (transaction pooling) to a relay made with one: [`Relay::new`]
+    /// with a tracker made the framers that keep what it reads.
     pub fn follow(&mut self, tracker: Tracker) {
         self.tracker = Some(tracker);
     }

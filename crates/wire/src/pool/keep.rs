@@ -6,10 +6,14 @@
 //! A kept connection stays checked out: it counts against the pool's
 //! size, and `SHOW SERVERS` lists it as active, linked to its client. It
 //! comes back at the client's next idle boundary (at once if the client
-//! is idle) when a checkout of its slot has to wait, on `RECONNECT`,
-//! `PAUSE` or new limits (a recall), past its lifetime, and once the
-//! client has been quiet for the keep's length: the reaper wakes every
-//! kept connection's client to look ([`UpstreamPool::look_at_kept`]).
+//! is idle) when a checkout of its slot has to wait for a place, on
+//! `RECONNECT`, `PAUSE` or new limits (a recall), past its lifetime, and
+//! once the client has been quiet for the keep's length: the reaper wakes
+//! every kept connection's client to look ([`UpstreamPool::look_at_kept`]).
+//!
+//! The pool grows as it did without keeping: a checkout that finds no
+//! connection idle logs in a new one while the slot has room, rather than
+//! take over another client's session (`pick.rs`), kept or not.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -19,7 +23,9 @@ use tokio::sync::futures::Notified;
 use tokio::time::Instant;
 
 use super::{Pooled, Slot, UpstreamPool};
+use crate::capacity::Held;
 use crate::config::PoolLimits;
+use crate::upstream::Owner;
 
 /// A connection a client keeps between its transactions, and what ends
 /// the keep.
@@ -31,19 +37,23 @@ pub struct Keep {
     until: Instant,
     /// How long the client may stay quiet.
     quiet: Duration,
+    /// Counted in the slot's kept connections while it lasts.
+    _kept: Held,
 }
 
 impl UpstreamPool {
-    /// A keep of `pooled` by its client, at an idle transaction boundary
-    /// at `now`; `None` when it goes back now instead: keeping is off, a
-    /// checkout waits for a place in its slot, the slot is over its size,
-    /// its database is paused, or the connection is broken, past its
-    /// lifetime or retired by `RECONNECT`.
+    /// A keep of `pooled` by `client`, at an idle transaction boundary at
+    /// `now`; `None` when it goes back now instead: keeping is off, a
+    /// checkout waits in its slot, the slot is over its size, its database
+    /// is paused, the connection does not hold the client's own session
+    /// (its identity settings changed: the next transaction attaches it
+    /// afresh), or it is broken, past its lifetime or retired by
+    /// `RECONNECT`.
     ///
     /// A call made after this answer and before [`Keep::called`] is
     /// listened to is not heard; [`Keep::goes_on`], asked once it is,
     /// sees every one that matters (a wait, a recall).
-    pub fn keep(&self, pooled: &Pooled, now: Instant) -> Option<Keep> {
+    pub fn keep(&self, pooled: &Pooled, client: u64, now: Instant) -> Option<Keep> {
         let slot = &pooled.slot;
         let recalls = slot.recalls.load(Ordering::SeqCst);
         if slot.waiting.get() > 0 || self.gates.is_paused(&slot.database) {
@@ -55,6 +65,7 @@ impl UpstreamPool {
         let until = pooled.created + limits.server_lifetime;
         let kept = !limits.keep_between_transactions.is_zero()
             && slot.busy.get() <= connections.size
+            && conn.owner() == Owner::Client(client)
             && !conn.is_broken()
             && now < until
             && !Slot::retired(&connections, pooled.created);
@@ -63,6 +74,7 @@ impl UpstreamPool {
             recalls,
             until,
             quiet: limits.keep_between_transactions,
+            _kept: slot.kept.hold(),
         })
     }
 
@@ -74,7 +86,9 @@ impl UpstreamPool {
             return;
         }
         for slot in self.slots_of(None) {
-            slot.wanted.notify_waiters();
+            if slot.kept.get() > 0 {
+                slot.call_keepers.notify_waiters();
+            }
         }
     }
 
@@ -93,7 +107,7 @@ impl Slot {
     /// Ends every keep of this slot's connections made before now.
     pub(super) fn recall_kept(&self) {
         self.recalls.fetch_add(1, Ordering::SeqCst);
-        self.wanted.notify_waiters();
+        self.call_keepers.notify_waiters();
     }
 }
 
@@ -102,7 +116,7 @@ impl Keep {
     /// on ([`Keep::goes_on`], and its quiet time): a checkout waits, a
     /// recall, the reaper's round.
     pub fn called(&self) -> Notified<'_> {
-        self.slot.wanted.notified()
+        self.slot.call_keepers.notified()
     }
 
     /// Whether the keep may go on past an idle boundary at `now`: nobody
@@ -123,7 +137,7 @@ impl Keep {
 /// How often the reaper must look at kept connections under `limits`, if
 /// any are kept: a quiet client's connection comes back within half a
 /// keep of its quiet time.
-pub(super) fn reap_period(limits: &PoolLimits) -> Option<Duration> {
+pub(super) fn look_period(limits: &PoolLimits) -> Option<Duration> {
     let keep = limits.keep_between_transactions;
     (!keep.is_zero()).then(|| (keep / 2).max(Duration::from_millis(50)))
 }

@@ -113,11 +113,12 @@ struct Slot {
     /// Where its waiters take turns by identity.
     turnstiles: fair::Turnstiles,
     connections: Mutex<Connections>,
-    /// Wakes clients keeping a connection of this slot between their
-    /// transactions to look again at whether they may ([`keep`]): one
-    /// when a checkout has to wait for a place, all of them on a recall
-    /// and on the reaper's rounds.
-    wanted: Notify,
+    /// Wakes the clients keeping a connection of this slot between their
+    /// transactions ([`keep`]) to look again at whether they may: when a
+    /// checkout waits, on a recall, and on the reaper's rounds.
+    call_keepers: Notify,
+    /// Connections kept by their clients now.
+    kept: Count,
     /// How many times its kept connections were called back (`RECONNECT`,
     /// `PAUSE`, new limits): a keep made before the last recall ends.
     recalls: AtomicU64,
@@ -439,10 +440,10 @@ impl UpstreamPool {
                 let checkout_timeout = checkout_timeout();
                 waited = true;
                 let _waiting = slot.waiting.hold();
-                // A client keeping a connection between its transactions
-                // gives it back (one in a transaction, at its end: the
+                // Clients keeping connections between their transactions
+                // give them back (those in a transaction, at its end: the
                 // wait is counted first).
-                slot.wanted.notify_one();
+                slot.call_keepers.notify_waiters();
                 let acquired = Box::pin(tokio::time::timeout(
                     checkout_timeout,
                     slot.turnstiles.acquire(fair, Arc::clone(&slot.permits)),
@@ -520,7 +521,8 @@ impl UpstreamPool {
             busy: Count::default(),
             waiting: Count::default(),
             turnstiles: fair::Turnstiles::default(),
-            wanted: Notify::new(),
+            call_keepers: Notify::new(),
+            kept: Count::default(),
             recalls: AtomicU64::new(0),
             connections: Mutex::new(Connections {
                 idle: Vec::new(),
@@ -845,24 +847,33 @@ impl Drop for Pooled {
 
 /// Closes expired idle connections now and then, until the pool is gone.
 pub async fn reap(pool: Weak<UpstreamPool>) {
+    let mut next_prune = Instant::now();
     loop {
-        let period = match pool.upgrade() {
+        let (prune_every, look_every) = match pool.upgrade() {
             Some(pool) => {
                 let limits = pool.limits();
-                let period = (limits.idle_timeout.min(limits.server_lifetime) / 2)
+                let prune_every = (limits.idle_timeout.min(limits.server_lifetime) / 2)
                     .clamp(Duration::from_millis(100), Duration::from_secs(30));
-                keep::reap_period(&limits).map_or(period, |keep| keep.min(period))
+                (prune_every, keep::look_period(&limits))
             }
             None => return,
         };
-        tokio::time::sleep(period).await;
+        if next_prune <= Instant::now() {
+            next_prune = Instant::now() + prune_every;
+        }
+        // Kept connections are looked at more often than the pool is
+        // pruned, without taking the pool's lock more often.
+        let wake = look_every.map_or(next_prune, |every| next_prune.min(Instant::now() + every));
+        tokio::time::sleep_until(wake).await;
         let Some(pool) = pool.upgrade() else {
             return;
         };
         pool.look_at_kept();
-        let closed = pool.prune(Instant::now());
-        if closed > 0 {
-            tracing::debug!(closed, "closed expired idle upstream connections");
+        if Instant::now() >= next_prune {
+            let closed = pool.prune(Instant::now());
+            if closed > 0 {
+                tracing::debug!(closed, "closed expired idle upstream connections");
+            }
         }
     }
 }

@@ -181,12 +181,7 @@ async fn relay_until_stop<C: ClientIo>(
     tokio::pin!(closing);
     // The timers are boxed, made only when they can fire: every idle
     // session holds this future.
-    let mut expiry = expires.map(|at| {
-        let left = at
-            .duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO);
-        Box::pin(tokio::time::sleep(left))
-    });
+    let mut expiry = expiry_timer(expires);
     let expired = async {
         match expiry.as_mut() {
             Some(expiry) => expiry.await,
@@ -214,6 +209,19 @@ async fn relay_until_stop<C: ClientIo>(
             }
         }
     }
+}
+
+/// A timer for a token's enforced expiry at `expires`, if enforced: boxed,
+/// and made only then (an idle session holds the future that holds it).
+pub(super) fn expiry_timer(
+    expires: Option<SystemTime>,
+) -> Option<std::pin::Pin<Box<tokio::time::Sleep>>> {
+    expires.map(|at| {
+        let left = at
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        Box::pin(tokio::time::sleep(left))
+    })
 }
 
 /// Completes when a drain has begun and the session's grace after its

@@ -335,18 +335,21 @@ fn relay_transaction<'a, S: ClientIo>(
             }
             let kept = kept(session, client, pool, (&mut pooled, &mut relay), idle_since).await;
             match kept {
+                Kept::Refused => {
+                    cancel.retarget(None).await;
+                    pooled.release_at(idle_since);
+                    return Ok(Done::Next);
+                }
                 Kept::Ended {
                     stopped: ended,
-                    called,
+                    called_off,
                 } => {
                     stopped = ended;
-                    may_keep = !called;
+                    may_keep = !called_off;
                 }
-                Kept::Closing if relay.is_idle() => {
-                    cancel.retarget(None).await;
-                    pooled.release();
-                    return Err(SessionError::ShuttingDown);
-                }
+                // What the relay has not delivered (a slow reader's
+                // answer) is flushed where it can be; the backend is
+                // closed, as for any client closed mid-session.
                 Kept::Closing => {
                     let span = session.span();
                     return Box::pin(forced(session, *relay, pooled, cancel).instrument(span))
@@ -361,6 +364,19 @@ fn relay_transaction<'a, S: ClientIo>(
             drop(pooled);
             return Ok(Done::Next);
         }
+        if matches!(stopped, Ok(Stop::ClientClosed | Stop::ClientTerminated))
+            && relay.between_requests()
+            && !client.unsettled()
+        {
+            // A client that left while it kept its connection: the
+            // connection goes back holding its settled session, as it
+            // would have at its last transaction's end (the session's end
+            // disowns it: the next client resets it).
+            cancel.retarget(None).await;
+            pooled.release();
+            relay::close_client(&mut session.client).await;
+            return Ok(Done::Left);
+        }
         // Boxed, as are the other rare paths.
         let span = session.span();
         let finished = finish_transaction(session, *relay, pooled, cancel, stopped);
@@ -370,12 +386,14 @@ fn relay_transaction<'a, S: ClientIo>(
 
 /// How a stretch of transactions on a kept connection ended.
 enum Kept {
+    /// The pool did not let the connection be kept: it goes back now.
+    Refused,
     /// The relay stopped: at an idle boundary (`Stop::Idle`) where the
     /// general path takes over (to settle the session, or because the
-    /// keep was `called` off or may not go on), or for good.
+    /// keep was `called_off` or may not go on), or for good.
     Ended {
         stopped: Result<Stop, RelayError>,
-        called: bool,
+        called_off: bool,
     },
     /// The session is being closed (a forced drain, `KILL_CLIENT`).
     Closing,
@@ -389,7 +407,7 @@ enum Kept {
 /// the connection comes back at the next idle boundary (at once if the
 /// client is idle), when a checkout of its slot waits, on a recall, once
 /// the client has been quiet for the keep's length, when its token
-/// expires, or when a drain reaches it.
+/// expires, when a drain reaches it, or when it is being closed.
 async fn kept<S: ClientIo>(
     session: &mut Session<'_, S>,
     client: &mut PooledClient,
@@ -397,12 +415,8 @@ async fn kept<S: ClientIo>(
     (pooled, relay): (&mut Pooled, &mut Relay),
     idle_since: Instant,
 ) -> Kept {
-    let not_kept = Kept::Ended {
-        stopped: Ok(Stop::Idle),
-        called: true,
-    };
-    let Some(keep) = pool.keep(pooled, idle_since) else {
-        return not_kept;
+    let Some(keep) = pool.keep(pooled, client.id, idle_since) else {
+        return Kept::Refused;
     };
     let called = keep.called();
     tokio::pin!(called);
@@ -410,22 +424,19 @@ async fn kept<S: ClientIo>(
     // Listening now: a wait or a recall since the pool's answer is seen
     // here, any later one is heard.
     if !keep.goes_on(idle_since) {
-        return not_kept;
+        return Kept::Refused;
     }
-    // The token's expiry, when enforced: the one timer a keep may need.
-    let mut expiry = client.expires.map(|at| {
-        let left = at.duration_since(SystemTime::now()).unwrap_or_default();
-        Box::pin(tokio::time::sleep(left))
-    });
+    let mut expiry = end::expiry_timer(client.expires);
     let expired = std::future::poll_fn(|cx| match expiry.as_mut() {
         Some(sleep) => sleep.as_mut().poll(cx),
         None => std::task::Poll::Pending,
     });
     tokio::pin!(expired);
     let registered = &session.registered;
+    let spared_until = session.spared_until;
     let closing = registered.closing();
     tokio::pin!(closing);
-    let drained = end::drain_reaches(registered, session.spared_until);
+    let drained = end::drain_reaches(registered, spared_until);
     tokio::pin!(drained);
     let io = &mut session.client;
     let mut ending = false;
@@ -434,19 +445,10 @@ async fn kept<S: ClientIo>(
         relay.keep();
         let stopped = loop {
             tokio::select! {
+                // The stops first: each only asks the relay to stop at
+                // its next idle boundary, before it reads on.
                 biased;
-                stopped = relay.run(io, pooled.conn().stream()) => break stopped,
                 () = &mut closing => return Kept::Closing,
-                () = called.as_mut(), if !ending => {
-                    called.set(keep.called());
-                    called.as_mut().enable();
-                    let now = Instant::now();
-                    let quiet = relay.is_idle() && relay.last_active() + keep.quiet() <= now;
-                    if quiet || !keep.goes_on(now) {
-                        ending = true;
-                        relay.stop_at_idle(true);
-                    }
-                }
                 () = &mut expired, if !ending => {
                     ending = true;
                     relay.stop_at_idle(true);
@@ -455,17 +457,34 @@ async fn kept<S: ClientIo>(
                     ending = true;
                     relay.stop_at_idle(true);
                 }
+                () = called.as_mut(), if !ending => {
+                    let now = Instant::now();
+                    let quiet = relay.is_idle() && relay.last_active() + keep.quiet() <= now;
+                    if quiet || !keep.goes_on(now) {
+                        ending = true;
+                        relay.stop_at_idle(true);
+                    } else {
+                        called.set(keep.called());
+                        called.as_mut().enable();
+                    }
+                }
+                stopped = relay.run(io, pooled.conn().stream()) => break stopped,
             }
         };
         if let Some(tracker) = relay.take_tracker() {
             client.return_tracker(tracker);
         }
-        let at_boundary = matches!(stopped, Ok(Stop::Idle)) && !ending;
-        let idle_since = relay.stopped_at().unwrap_or_else(Instant::now);
-        if !at_boundary || client.unsettled() || !keep.goes_on(idle_since) {
+        let now = relay.stopped_at().unwrap_or_else(Instant::now);
+        // What the stops above would say had they been polled at this
+        // very boundary.
+        let stop_now = registered.is_closing()
+            || client.expires.is_some_and(|at| SystemTime::now() >= at)
+            || registered.is_draining() && now >= spared_until;
+        let at_boundary = matches!(stopped, Ok(Stop::Idle)) && !ending && !stop_now;
+        if !at_boundary || client.unsettled() || !keep.goes_on(now) {
             return Kept::Ended {
                 stopped,
-                called: ending,
+                called_off: ending || stop_now,
             };
         }
     }
