@@ -15,10 +15,14 @@
 //! connection idle logs in a new one while the slot has room, rather than
 //! take over another client's session (`pick.rs`), kept or not.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::sync::futures::Notified;
 use tokio::time::Instant;
 
@@ -87,7 +91,7 @@ impl UpstreamPool {
         }
         for slot in self.slots_of(None) {
             if slot.kept.get() > 0 {
-                slot.call_keepers.notify_waiters();
+                slot.call_keepers.call();
             }
         }
     }
@@ -107,16 +111,23 @@ impl Slot {
     /// Ends every keep of this slot's connections made before now.
     pub(super) fn recall_kept(&self) {
         self.recalls.fetch_add(1, Ordering::SeqCst);
-        self.call_keepers.notify_waiters();
+        self.call_keepers.call();
     }
 }
 
 impl Keep {
     /// Completes when the client should look again at whether it may go
     /// on ([`Keep::goes_on`], and its quiet time): a checkout waits, a
-    /// recall, the reaper's round.
-    pub fn called(&self) -> Notified<'_> {
-        self.slot.call_keepers.notified()
+    /// recall, the reaper's round. Listening from now on.
+    pub fn called(&self) -> Call<'_> {
+        let calls = &self.slot.call_keepers;
+        let mut notified = Box::pin(calls.notify.notified());
+        notified.as_mut().enable();
+        Call {
+            calls,
+            notified,
+            seen: None,
+        }
     }
 
     /// Whether the keep may go on past an idle boundary at `now`: nobody
@@ -131,6 +142,48 @@ impl Keep {
     /// How long the client may stay quiet before the connection goes back.
     pub fn quiet(&self) -> Duration {
         self.quiet
+    }
+}
+
+/// The calls to a slot's keepers: each wakes every keeper listening, and
+/// is counted, so that a keeper's poll looks at the `Notify` (a lock) only
+/// when a call was made since its last: a kept client's task is polled
+/// twice a transaction, and calls are rare.
+#[derive(Default)]
+pub(super) struct Calls {
+    notify: Notify,
+    made: AtomicU64,
+}
+
+impl Calls {
+    /// Calls every keeper listening now.
+    pub(super) fn call(&self) {
+        self.made.fetch_add(1, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+}
+
+/// A keeper listening for a call ([`Keep::called`]).
+pub struct Call<'a> {
+    calls: &'a Calls,
+    notified: Pin<Box<Notified<'a>>>,
+    /// The calls made as of the last poll that looked at the `Notify`
+    /// (read before it looked: one made after is seen as new).
+    seen: Option<u64>,
+}
+
+impl Future for Call<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let made = self.calls.made.load(Ordering::SeqCst);
+        // The first poll registers the task's waker (which a task keeps
+        // for its life); after it, only a call since can complete this.
+        if self.seen == Some(made) {
+            return Poll::Pending;
+        }
+        self.seen = Some(made);
+        self.notified.as_mut().poll(cx)
     }
 }
 

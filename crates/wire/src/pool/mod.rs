@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use rustc_hash::FxHashMap;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::capacity::{self, Count, Held};
@@ -116,7 +116,7 @@ struct Slot {
     /// Wakes the clients keeping a connection of this slot between their
     /// transactions ([`keep`]) to look again at whether they may: when a
     /// checkout waits, on a recall, and on the reaper's rounds.
-    call_keepers: Notify,
+    call_keepers: keep::Calls,
     /// Connections kept by their clients now.
     kept: Count,
     /// How many times its kept connections were called back (`RECONNECT`,
@@ -443,7 +443,7 @@ impl UpstreamPool {
                 // Clients keeping connections between their transactions
                 // give them back (those in a transaction, at its end: the
                 // wait is counted first).
-                slot.call_keepers.notify_waiters();
+                slot.call_keepers.call();
                 let acquired = Box::pin(tokio::time::timeout(
                     checkout_timeout,
                     slot.turnstiles.acquire(fair, Arc::clone(&slot.permits)),
@@ -521,7 +521,7 @@ impl UpstreamPool {
             busy: Count::default(),
             waiting: Count::default(),
             turnstiles: fair::Turnstiles::default(),
-            call_keepers: Notify::new(),
+            call_keepers: keep::Calls::default(),
             kept: Count::default(),
             recalls: AtomicU64::new(0),
             connections: Mutex::new(Connections {

@@ -418,9 +418,7 @@ async fn kept<S: ClientIo>(
     let Some(keep) = pool.keep(pooled, client.id, idle_since) else {
         return Kept::Refused;
     };
-    let called = keep.called();
-    tokio::pin!(called);
-    called.as_mut().enable();
+    let mut called = keep.called();
     // Listening now: a wait or a recall since the pool's answer is seen
     // here, any later one is heard.
     if !keep.goes_on(idle_since) {
@@ -457,15 +455,14 @@ async fn kept<S: ClientIo>(
                     ending = true;
                     relay.stop_at_idle(true);
                 }
-                () = called.as_mut(), if !ending => {
+                () = &mut called, if !ending => {
                     let now = Instant::now();
                     let quiet = relay.is_idle() && relay.last_active() + keep.quiet() <= now;
                     if quiet || !keep.goes_on(now) {
                         ending = true;
                         relay.stop_at_idle(true);
                     } else {
-                        called.set(keep.called());
-                        called.as_mut().enable();
+                        called = keep.called();
                     }
                 }
                 stopped = relay.run(io, pooled.conn().stream()) => break stopped,
