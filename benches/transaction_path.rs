@@ -1,12 +1,15 @@
 //! The proxy's own work per `select 1` round trip, without a database:
 //! a client's Query in, the server's RowDescription, DataRow,
 //! CommandComplete and ReadyForQuery back, through the relay over
-//! in-memory pipes. Session pooling keeps one relay for every round;
-//! transaction pooling builds one per transaction, as
-//! `session::transactions` does (a fresh relay stopping at the idle
-//! boundary, the transaction's first bytes forwarded, then run). A
-//! regression in per-message or per-transaction work shows here without
-//! Postgres, pgbench or a second core's noise.
+//! in-memory pipes. Session pooling keeps one relay for every round.
+//! Transaction pooling as `session::transactions` runs it: a client that
+//! keeps its connection between transactions runs one relay that stops at
+//! each idle boundary and is started again (`kept`); one whose connection
+//! goes back after each transaction (`released`: someone waits, or
+//! `keep_between_transactions = "0s"`) gets a fresh relay each time, its
+//! first bytes read apart and forwarded. A regression in per-message or
+//! per-transaction work shows here without Postgres, pgbench or a second
+//! core's noise.
 
 #![allow(
     clippy::expect_used,
@@ -118,7 +121,35 @@ fn transaction_path(c: &mut Criterion) {
             }
         })
     });
-    group.bench_function("transaction_select_1", |b| {
+    group.bench_function("transaction_kept_select_1", |b| {
+        b.to_async(&runtime).iter(|| {
+            let (query, answer) = (query.clone(), answer.clone());
+            async move {
+                let (mut client, proxy_client) = tokio::io::duplex(64 * 1024);
+                let (proxy_upstream, server_side) = tokio::io::duplex(64 * 1024);
+                let server = tokio::spawn(server(server_side, answer.clone()));
+                let relay = tokio::spawn(async move {
+                    let (mut c, mut u) = (proxy_client, proxy_upstream);
+                    let mut relay = Relay::new(None, tokio::time::Instant::now());
+                    loop {
+                        relay.keep();
+                        if !matches!(relay.run(&mut c, &mut u).await, Ok(Stop::Idle)) {
+                            return;
+                        }
+                    }
+                });
+                let mut buf = vec![0u8; 4096];
+                for _ in 0..ROUNDS {
+                    client.write_all(&query).await.expect("write");
+                    read_answer(&mut client, &mut buf, answer.len()).await;
+                }
+                drop(client);
+                let _ = relay.await;
+                let _ = server.await;
+            }
+        })
+    });
+    group.bench_function("transaction_released_select_1", |b| {
         b.to_async(&runtime).iter(|| {
             let (query, answer) = (query.clone(), answer.clone());
             async move {

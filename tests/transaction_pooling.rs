@@ -540,7 +540,7 @@ async fn settled_and_kept(stack: &Stack) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_keeps_its_connection_between_transactions_until_it_is_quiet() {
-    let stack = start_keeping(2, "500ms").await;
+    let stack = start_keeping(2, "2s").await;
     let alice = stack.login("user_alice").await;
     let first = backend_pid(&alice).await;
     for _ in 0..3 {
@@ -783,4 +783,59 @@ async fn kill_client_closes_a_client_keeping_its_connection_and_no_other() {
     assert_eq!(common::user_id(&bob).await.as_deref(), Some("user_bob"));
     // Alice's kept connection went with her; Bob keeps his.
     wait_for_pool(&stack, (1, 0)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_leaving_inside_a_transaction_block_has_it_rolled_back() {
+    let stack = start_keeping(2, "60s").await;
+    let installer = stack.installer().await;
+    let query = |sql: &str| common::message(b'Q', format!("{sql}\0").as_bytes());
+    for terminate in [true, false] {
+        let token = stack.issuer.token("user_alice");
+        let mut alice = common::RawClient::login(stack.port, "authenticated", Some(&token)).await;
+        // Kept first, then a transaction block left open.
+        alice.send(&query("select 1")).await;
+        alice.read_until(b'Z').await;
+        alice
+            .send(&query("begin; lock table todos in access exclusive mode"))
+            .await;
+        alice.read_until(b'Z').await;
+        if terminate {
+            alice.send(&common::message(b'X', &[])).await;
+        }
+        // Or gone without a word: the socket closes under it.
+        drop(alice);
+        let mut free = false;
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if installer
+                .batch_execute("begin; lock table todos nowait; rollback")
+                .await
+                .is_ok()
+            {
+                free = true;
+                break;
+            }
+            let _ = installer.batch_execute("rollback").await;
+        }
+        assert!(
+            free,
+            "the transaction left open still holds its lock (terminate: {terminate})"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_during_a_transaction_ends_the_keep_it_would_have_begun() {
+    let stack = start_keeping(2, "60s").await;
+    let alice = stack.login("user_alice").await;
+    alice.batch_execute("begin").await.expect("begin");
+    let (status, body) = stack.admin_post("/reload").await;
+    assert_eq!(status, 200, "{body}");
+    alice.batch_execute("commit").await.expect("commit");
+    // Checked out before the reload: back at its end, not kept, so the
+    // next transaction is checked out (and counted) under the new config.
+    wait_for_pool(&stack, (0, 1)).await;
+    alice.batch_execute("select 1").await.expect("after");
+    settled_and_kept(&stack).await;
 }

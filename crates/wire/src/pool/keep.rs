@@ -35,7 +35,7 @@ use crate::upstream::Owner;
 /// the keep.
 pub struct Keep {
     slot: Arc<Slot>,
-    /// The slot's recalls when the keep began.
+    /// The slot's recalls when the connection was checked out.
     recalls: u64,
     /// The connection's lifetime ends then.
     until: Instant,
@@ -59,8 +59,14 @@ impl UpstreamPool {
     /// sees every one that matters (a wait, a recall).
     pub fn keep(&self, pooled: &Pooled, client: u64, now: Instant) -> Option<Keep> {
         let slot = &pooled.slot;
-        let recalls = slot.recalls.load(Ordering::SeqCst);
-        if slot.waiting.get() > 0 || self.gates.is_paused(&slot.database) {
+        // A recall since the connection was checked out (a reload while
+        // its transaction ran) ends the keep before it begins: the next
+        // transaction is checked out, and counted, under what is in force.
+        let recalls = pooled.recalls;
+        if slot.waiting.get() > 0
+            || slot.recalls.load(Ordering::SeqCst) != recalls
+            || self.gates.is_paused(&slot.database)
+        {
             return None;
         }
         let conn = pooled.conn.as_deref()?;
@@ -118,15 +124,18 @@ impl Slot {
 impl Keep {
     /// Completes when the client should look again at whether it may go
     /// on ([`Keep::goes_on`], and its quiet time): a checkout waits, a
-    /// recall, the reaper's round. Listening from now on.
+    /// recall, the reaper's round. Listening from now on: a call made
+    /// before is not heard (look at [`Keep::goes_on`] after this).
     pub fn called(&self) -> Call<'_> {
         let calls = &self.slot.call_keepers;
+        let seen = calls.made.load(Ordering::SeqCst);
         let mut notified = Box::pin(calls.notify.notified());
         notified.as_mut().enable();
         Call {
             calls,
             notified,
-            seen: None,
+            seen,
+            polled: false,
         }
     }
 
@@ -167,22 +176,22 @@ impl Calls {
 pub struct Call<'a> {
     calls: &'a Calls,
     notified: Pin<Box<Notified<'a>>>,
-    /// The calls made as of the last poll that looked at the `Notify`
-    /// (read before it looked: one made after is seen as new).
-    seen: Option<u64>,
+    /// The calls made before it listened: while the count is still this,
+    /// no call can have reached it.
+    seen: u64,
+    /// Whether it was polled (and so registered the task's waker, which a
+    /// task keeps for its life).
+    polled: bool,
 }
 
 impl Future for Call<'_> {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let made = self.calls.made.load(Ordering::SeqCst);
-        // The first poll registers the task's waker (which a task keeps
-        // for its life); after it, only a call since can complete this.
-        if self.seen == Some(made) {
+        if self.polled && self.calls.made.load(Ordering::SeqCst) == self.seen {
             return Poll::Pending;
         }
-        self.seen = Some(made);
+        self.polled = true;
         self.notified.as_mut().poll(cx)
     }
 }

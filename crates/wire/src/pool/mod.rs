@@ -200,6 +200,9 @@ pub struct Pooled {
     slot: Arc<Slot>,
     /// Its place among the slot's active connections; `None` once released.
     place: Option<usize>,
+    /// The slot's recalls of kept connections when it was checked out
+    /// (`keep.rs`).
+    recalls: u64,
     _place: SlotPermit,
 }
 
@@ -464,6 +467,7 @@ impl UpstreamPool {
             _permit: permit,
             _busy: slot.busy.hold(),
         };
+        let recalls = slot.recalls.load(std::sync::atomic::Ordering::SeqCst);
         let now = if waited { Instant::now() } else { now };
         let (took, reused) = match Self::take_usable_idle(&slot, (client, wanted), now).await {
             Some(took) => (took, true),
@@ -502,6 +506,7 @@ impl UpstreamPool {
             reused,
             slot,
             place: Some(place),
+            recalls,
             _place: held,
         })
     }
@@ -861,8 +866,8 @@ pub async fn reap(pool: Weak<UpstreamPool>) {
         if next_prune <= Instant::now() {
             next_prune = Instant::now() + prune_every;
         }
-        // Kept connections are looked at more often than the pool is
-        // pruned, without taking the pool's lock more often.
+        // Kept connections are looked at every half keep, the pool pruned
+        // on its own period.
         let wake = look_every.map_or(next_prune, |every| next_prune.min(Instant::now() + every));
         tokio::time::sleep_until(wake).await;
         let Some(pool) = pool.upgrade() else {

@@ -250,7 +250,10 @@ impl Proxy {
     }
 
     /// Background work the proxy needs while it runs: closing idle
-    /// upstream connections on time. Completes when the proxy is gone.
+    /// upstream connections on time, and waking the clients that keep
+    /// connections between transactions to give back those they no
+    /// longer use (without it, only a waiting checkout or a recall does).
+    /// Completes when the proxy is gone.
     /// (Pools of `[databases]` servers start their own when made.)
     pub fn maintenance(self: &Arc<Self>) -> impl std::future::Future<Output = ()> + Send + 'static {
         crate::pool::reap(Arc::downgrade(self.pool()))

@@ -359,19 +359,26 @@ fn relay_transaction<'a, S: ClientIo>(
         }
         if let Ok(Stop::KeptSpoke) = stopped {
             // The client's next transaction checks out another.
+            tracing::debug!("a kept upstream connection spoke while its client was idle: closed");
             cancel.retarget(None).await;
             pooled.conn().mark_broken();
             drop(pooled);
             return Ok(Done::Next);
         }
-        if matches!(stopped, Ok(Stop::ClientClosed | Stop::ClientTerminated))
-            && relay.between_requests()
-            && !client.unsettled()
-        {
-            // A client that left while it kept its connection: the
-            // connection goes back holding its settled session, as it
-            // would have at its last transaction's end (the session's end
-            // disowns it: the next client resets it).
+        if let Some(tracker) = relay.take_tracker() {
+            client.return_tracker(tracker);
+        }
+        let left = matches!(
+            stopped,
+            Ok(Stop::ClientClosed | Stop::ClientTerminated) | Err(RelayError::Client(_))
+        );
+        if left && relay.is_idle() && !client.unsettled() {
+            // A client that left at an idle boundary, its session settled
+            // (it kept its connection, idle): the connection goes back
+            // holding that session, as it would have at its last
+            // transaction's end (the session's end disowns it: the next
+            // client resets it). Inside a transaction block, or anywhere
+            // else, the general path resets it (a ROLLBACK first).
             cancel.retarget(None).await;
             pooled.release();
             relay::close_client(&mut session.client).await;
@@ -456,13 +463,14 @@ async fn kept<S: ClientIo>(
                     relay.stop_at_idle(true);
                 }
                 () = &mut called, if !ending => {
+                    // Listening again before looking: a call made while it
+                    // looks is heard.
+                    called = keep.called();
                     let now = Instant::now();
                     let quiet = relay.is_idle() && relay.last_active() + keep.quiet() <= now;
                     if quiet || !keep.goes_on(now) {
                         ending = true;
                         relay.stop_at_idle(true);
-                    } else {
-                        called = keep.called();
                     }
                 }
                 stopped = relay.run(io, pooled.conn().stream()) => break stopped,
@@ -478,10 +486,11 @@ async fn kept<S: ClientIo>(
             || client.expires.is_some_and(|at| SystemTime::now() >= at)
             || registered.is_draining() && now >= spared_until;
         let at_boundary = matches!(stopped, Ok(Stop::Idle)) && !ending && !stop_now;
-        if !at_boundary || client.unsettled() || !keep.goes_on(now) {
+        let goes_on = keep.goes_on(now);
+        if !at_boundary || !goes_on || client.unsettled() {
             return Kept::Ended {
                 stopped,
-                called_off: ending || stop_now,
+                called_off: ending || stop_now || !goes_on,
             };
         }
     }
