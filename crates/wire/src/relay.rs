@@ -310,6 +310,10 @@ pub struct Relay {
     /// Kept, and nothing read from the client since: anything the server
     /// says now, nobody asked for.
     kept_waiting: bool,
+    /// The next run follows this relay's own last run with nothing else
+    /// reading the streams between ([`Relay::keep_again`]): what it knew of
+    /// the sides' reads still holds.
+    streams_untouched: bool,
     watchdog: Watchdog,
     observed: Option<Arc<Observed>>,
     /// What the open transaction's audit line says so far (audited
@@ -359,6 +363,7 @@ impl Relay {
             stop_at_idle: false,
             kept: false,
             kept_waiting: false,
+            streams_untouched: false,
             watchdog: Watchdog {
                 watch: ClientLimits::default(),
                 sleep: None,
@@ -461,6 +466,14 @@ impl Relay {
         self.stop_at_idle = false;
     }
 
+    /// [`Relay::keep`] for the next transaction of a session whose last
+    /// run stopped at an idle boundary with nothing read from either
+    /// stream since: the reads that run left waiting are not made again.
+    pub fn keep_again(&mut self) {
+        self.keep();
+        self.streams_untouched = true;
+    }
+
     /// When the client last sent something or took something, whichever
     /// is later.
     pub fn last_active(&self) -> Instant {
@@ -526,9 +539,11 @@ impl Relay {
     {
         // Between runs others may read the streams (a transaction's
         // settling reads the server's replies) and leave no waker behind:
-        // each run reads both sides first. During a run the relay alone
-        // holds them.
-        self.armed = Armed::default();
+        // each run reads both sides first, unless its caller vouches that
+        // nothing did. During a run the relay alone holds them.
+        if !std::mem::take(&mut self.streams_untouched) {
+            self.armed = Armed::default();
+        }
         let stopped = poll_fn(|cx| self.poll_run(cx, client, upstream)).await;
         self.stopped_at = self.clock.take();
         if let Some(observed) = &self.observed

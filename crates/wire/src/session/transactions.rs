@@ -445,9 +445,17 @@ async fn kept<S: ClientIo>(
     tokio::pin!(drained);
     let io = &mut session.client;
     let mut ending = false;
+    let mut again = false;
     loop {
         relay.follow(client.lend_tracker());
-        relay.keep();
+        if again {
+            // Its last run stopped at this boundary; nothing read the
+            // streams since.
+            relay.keep_again();
+        } else {
+            relay.keep();
+        }
+        again = true;
         let stopped = loop {
             tokio::select! {
                 // The stops first: each only asks the relay to stop at
