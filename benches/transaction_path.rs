@@ -91,6 +91,28 @@ async fn read_answer(client: &mut DuplexStream, buf: &mut [u8], length: usize) {
     }
 }
 
+/// [`ROUNDS`] round trips from a client through `relay`, run in a task of
+/// its own on the proxy's sides of two pipes, to a server answering
+/// `answer`.
+async fn rounds_through_a_task<R, F>(query: BytesMut, answer: BytesMut, relay: R)
+where
+    R: FnOnce(DuplexStream, DuplexStream) -> F,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (mut client, proxy_client) = tokio::io::duplex(64 * 1024);
+    let (proxy_upstream, server_side) = tokio::io::duplex(64 * 1024);
+    let server = tokio::spawn(server(server_side, answer.clone()));
+    let relay = tokio::spawn(relay(proxy_client, proxy_upstream));
+    let mut buf = vec![0u8; 4096];
+    for _ in 0..ROUNDS {
+        client.write_all(&query).await.expect("write");
+        read_answer(&mut client, &mut buf, answer.len()).await;
+    }
+    drop(client);
+    let _ = relay.await;
+    let _ = server.await;
+}
+
 fn transaction_path(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -101,54 +123,24 @@ fn transaction_path(c: &mut Criterion) {
     group.throughput(Throughput::Elements(ROUNDS));
     group.bench_function("session_select_1", |b| {
         b.to_async(&runtime).iter(|| {
-            let (query, answer) = (query.clone(), answer.clone());
-            async move {
-                let (mut client, proxy_client) = tokio::io::duplex(64 * 1024);
-                let (proxy_upstream, server_side) = tokio::io::duplex(64 * 1024);
-                let server = tokio::spawn(server(server_side, answer.clone()));
-                let relay = tokio::spawn(async move {
-                    let (mut c, mut u) = (proxy_client, proxy_upstream);
-                    Relay::new(None, tokio::time::Instant::now())
-                        .run(&mut c, &mut u)
-                        .await
-                });
-                let mut buf = vec![0u8; 4096];
-                for _ in 0..ROUNDS {
-                    client.write_all(&query).await.expect("write");
-                    read_answer(&mut client, &mut buf, answer.len()).await;
-                }
-                drop(client);
-                let _ = relay.await;
-                let _ = server.await;
-            }
+            rounds_through_a_task(query.clone(), answer.clone(), |mut c, mut u| async move {
+                let _ = Relay::new(None, tokio::time::Instant::now())
+                    .run(&mut c, &mut u)
+                    .await;
+            })
         })
     });
     group.bench_function("transaction_kept_select_1", |b| {
         b.to_async(&runtime).iter(|| {
-            let (query, answer) = (query.clone(), answer.clone());
-            async move {
-                let (mut client, proxy_client) = tokio::io::duplex(64 * 1024);
-                let (proxy_upstream, server_side) = tokio::io::duplex(64 * 1024);
-                let server = tokio::spawn(server(server_side, answer.clone()));
-                let relay = tokio::spawn(async move {
-                    let (mut c, mut u) = (proxy_client, proxy_upstream);
-                    let mut relay = Relay::new(None, tokio::time::Instant::now());
-                    relay.keep();
-                    while let Ok(Stop::Idle) = relay.run(&mut c, &mut u).await {
-                        // As `session::transactions`: nothing else read
-                        // the streams since the last run.
-                        relay.keep_again();
-                    }
-                });
-                let mut buf = vec![0u8; 4096];
-                for _ in 0..ROUNDS {
-                    client.write_all(&query).await.expect("write");
-                    read_answer(&mut client, &mut buf, answer.len()).await;
+            rounds_through_a_task(query.clone(), answer.clone(), |mut c, mut u| async move {
+                let mut relay = Relay::new(None, tokio::time::Instant::now());
+                relay.keep();
+                while let Ok(Stop::Idle) = relay.run(&mut c, &mut u).await {
+                    // As `session::transactions`: nothing else read the
+                    // streams since the last run.
+                    relay.keep_again();
                 }
-                drop(client);
-                let _ = relay.await;
-                let _ = server.await;
-            }
+            })
         })
     });
     group.bench_function("transaction_released_select_1", |b| {

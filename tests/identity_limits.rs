@@ -165,16 +165,7 @@ async fn a_client_pipelining_without_pause_past_its_limit_is_still_killed() {
     held.batch_execute("begin; select 1")
         .await
         .expect("held open");
-    let conninfo = format!(
-        "host=127.0.0.1 port={} dbname={} user=ops password={} sslmode=disable",
-        stack.port,
-        common::CONSOLE_DATABASE,
-        common::CONSOLE_OPS_PASSWORD
-    );
-    let (ops, connection) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
-        .await
-        .expect("the console");
-    tokio::spawn(connection);
+    let ops = stack.console_ops().await;
     // The flooder is user_1's later client.
     let flooder_id = ops
         .simple_query("SHOW CLIENTS")
