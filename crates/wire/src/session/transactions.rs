@@ -6,8 +6,10 @@
 //! buffer. A transaction checks a connection out for the client (its own
 //! if free), points the client's cancel key at it, relays until the ledger
 //! proves the backend idle, settles what the transaction left in the
-//! session, and releases the connection. A client whose session cannot
-//! move (LISTEN, SET ROLE, ...) keeps its connection to the end.
+//! session, and releases the connection, or keeps it for the client's next
+//! transactions while nobody waits for one (`kept`, `pool/keep.rs`). A
+//! client whose session cannot move (LISTEN, SET ROLE, ...) keeps its
+//! connection to the end.
 
 use std::sync::Arc;
 use std::time::SystemTime;

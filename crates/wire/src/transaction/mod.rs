@@ -1,6 +1,7 @@
-//! Transaction pooling: a client holds an upstream connection only while a
+//! Transaction pooling: a client holds an upstream connection while a
 //! transaction is open, from its first message after an idle
-//! ReadyForQuery to the next idle ReadyForQuery.
+//! ReadyForQuery to the next idle ReadyForQuery (and keeps it past that
+//! while nobody waits for one: `pool/keep.rs`).
 //!
 //! What a client's session holds follows it from one connection to the
 //! next, and never reaches anyone else:
