@@ -271,23 +271,11 @@ async fn kill_client_closes_exactly_the_client_named() {
     let alice = stack.login("user_alice").await;
     let bob = stack.login("user_bob").await;
     let ops = ops(&stack).await;
-    let clients = show(&ops, "SHOW CLIENTS").await;
-    let alice_id = clients
-        .iter()
-        .find(|c| c["sub"].as_deref() == Some("user_alice"))
-        .and_then(|c| c["id"].clone())
-        .expect("alice's id");
-    show(&ops, &format!("KILL_CLIENT {alice_id}")).await;
-    let killed = alice
-        .simple_query("select 1")
+    let alice_id = *common::console_client_ids(&ops, "user_alice")
         .await
-        .expect_err("alice is closed");
-    assert!(
-        killed
-            .as_db_error()
-            .is_none_or(|e| e.code().code() == "57P01"),
-        "{killed}"
-    );
+        .first()
+        .expect("alice's id");
+    common::kill_client(&ops, alice_id, &alice).await;
     bob.simple_query("select 1").await.expect("bob goes on");
     let again = ops
         .simple_query(&format!("KILL_CLIENT {alice_id}"))

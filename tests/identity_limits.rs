@@ -167,19 +167,9 @@ async fn a_client_pipelining_without_pause_past_its_limit_is_still_killed() {
         .expect("held open");
     let ops = stack.console_ops().await;
     // The flooder is user_1's later client.
-    let flooder_id = ops
-        .simple_query("SHOW CLIENTS")
+    let flooder_id = *common::console_client_ids(&ops, "user_1")
         .await
-        .expect("SHOW CLIENTS")
-        .into_iter()
-        .filter_map(|message| match message {
-            tokio_postgres::SimpleQueryMessage::Row(row) => {
-                (row.get("sub") == Some("user_1")).then(|| row.get("id").map(str::to_owned))
-            }
-            _ => None,
-        })
-        .flatten()
-        .max_by_key(|id| id.parse::<u64>().unwrap_or(0))
+        .last()
         .expect("the flooder's id");
     // Requests always in flight: every one refused with 53400, and many
     // more already sent when the proxy finishes one.

@@ -753,33 +753,9 @@ async fn kill_client_closes_a_client_keeping_its_connection_and_no_other() {
     alice.batch_execute("select 1").await.expect("alice");
     bob.batch_execute("select 1").await.expect("bob");
     let ops = stack.console_ops().await;
-    let alice_id = ops
-        .simple_query("SHOW CLIENTS")
-        .await
-        .expect("SHOW CLIENTS")
-        .into_iter()
-        .find_map(|message| match message {
-            tokio_postgres::SimpleQueryMessage::Row(row)
-                if row.get("sub") == Some("user_alice") =>
-            {
-                row.get("id").map(str::to_owned)
-            }
-            _ => None,
-        })
-        .expect("alice's id");
-    ops.simple_query(&format!("KILL_CLIENT {alice_id}"))
-        .await
-        .expect("KILL_CLIENT");
-    let killed = alice
-        .simple_query("select 1")
-        .await
-        .expect_err("alice is closed");
-    assert!(
-        killed
-            .as_db_error()
-            .is_none_or(|e| e.code().code() == "57P01"),
-        "{killed}"
-    );
+    let alice_id = common::console_client_ids(&ops, "user_alice").await;
+    let alice_id = *alice_id.first().expect("alice's id");
+    common::kill_client(&ops, alice_id, &alice).await;
     assert_eq!(common::user_id(&bob).await.as_deref(), Some("user_bob"));
     // Alice's kept connection went with her; Bob keeps his.
     wait_for_pool(&stack, (1, 0)).await;

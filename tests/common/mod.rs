@@ -34,8 +34,8 @@ pub use self::{
     fleet::{HAPROXY_SOURCE, Haproxy, Instance, SecondProxy},
     installer::{IdentityRequest, Installer, connect_admin, identity_path},
     queries::{
-        active_statements, backend_pid, grant_role_to_authenticated, listening_client, pgbench_rls,
-        spawn_pgbench, todos_of, user_id,
+        active_statements, backend_pid, console_client_ids, grant_role_to_authenticated,
+        kill_client, listening_client, pgbench_rls, spawn_pgbench, todos_of, user_id,
     },
     raw::{RawClient, error_fields, message},
     stack::{Options, Stack},

@@ -22,6 +22,43 @@ pub async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
         .get(0)
 }
 
+/// The console ids of `sub`'s clients in `SHOW CLIENTS` (on `ops`, a
+/// console session), oldest first.
+pub async fn console_client_ids(ops: &tokio_postgres::Client, sub: &str) -> Vec<u64> {
+    let mut ids: Vec<u64> = ops
+        .simple_query("SHOW CLIENTS")
+        .await
+        .expect("SHOW CLIENTS")
+        .into_iter()
+        .filter_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) if row.get("sub") == Some(sub) => {
+                row.get("id").and_then(|id| id.parse().ok())
+            }
+            _ => None,
+        })
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// Runs `KILL_CLIENT id` on `ops` and requires `client` (that client)
+/// closed: its next query fails, with 57P01 if it is told why.
+pub async fn kill_client(ops: &tokio_postgres::Client, id: u64, client: &tokio_postgres::Client) {
+    ops.simple_query(&format!("KILL_CLIENT {id}"))
+        .await
+        .expect("KILL_CLIENT");
+    let killed = client
+        .simple_query("select 1")
+        .await
+        .expect_err("the client is closed");
+    assert!(
+        killed
+            .as_db_error()
+            .is_none_or(|e| e.code().code() == "57P01"),
+        "{killed}"
+    );
+}
+
 /// A client logged in with `token` whose notifications arrive, payloads
 /// only, on the returned channel.
 pub async fn listening_client(
