@@ -204,6 +204,75 @@ async fn a_tokens_requests_share_its_session_until_one_may_have_changed_it() {
     assert_ne!(alices[0], before[0]);
 }
 
+/// One keep-alive connection whose requests change tokens: each request
+/// is who its own token says. The proxy remembers a connection's last
+/// token to skip hashing it again; a forged or different token on the
+/// same connection must not be taken for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_request_on_one_connection_is_who_its_own_token_says() {
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+    let stack = Stack::start().await;
+    let alice = stack.issuer.token("user_alice");
+    let bob = stack.issuer.token("user_bob");
+    let (signed, signature) = alice.rsplit_once('.').expect("three parts");
+    let flipped = if signature.starts_with('A') { "B" } else { "A" };
+    let forged = format!("{signed}.{flipped}{}", &signature[1..]);
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", stack.http_port))
+        .await
+        .expect("connect");
+    let mut tcp = tokio::io::BufReader::new(tcp);
+    let mut ask = async |token: &str| -> (u16, String) {
+        let body = r#"{"query": "select auth.user_id()"}"#;
+        let request = format!(
+            "POST /sql HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {token}\r\n\
+             neon-connection-string: postgresql://authenticated@127.0.0.1/{}\r\n\
+             neon-array-mode: true\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\n\r\n{body}",
+            common::DATABASE,
+            body.len()
+        );
+        let answer = async {
+            tcp.get_mut().write_all(request.as_bytes()).await?;
+            let (mut status, mut length) = (0, 0);
+            loop {
+                let mut line = String::new();
+                if tcp.read_line(&mut line).await? == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                let line = line.trim_end().to_ascii_lowercase();
+                if let Some(rest) = line.strip_prefix("http/1.1 ") {
+                    status = rest[..3].parse().unwrap_or(0);
+                } else if let Some(rest) = line.strip_prefix("content-length: ") {
+                    length = rest.parse().unwrap_or(0);
+                } else if line.is_empty() {
+                    break;
+                }
+            }
+            let mut body = vec![0; length];
+            tcp.read_exact(&mut body).await?;
+            Ok::<_, std::io::Error>((status, String::from_utf8_lossy(&body).into_owned()))
+        };
+        (tokio::time::timeout(Duration::from_secs(20), answer))
+            .await
+            .expect("an answer within 20 s")
+            .expect("the same connection answers")
+    };
+    let user = |answer: (u16, String)| -> String {
+        assert_eq!(answer.0, 200, "{}", answer.1);
+        let body: Value = serde_json::from_str(&answer.1).expect("json");
+        body["rows"][0][0].as_str().expect("a user id").to_owned()
+    };
+    assert_eq!(user(ask(&alice).await), "user_alice");
+    assert_eq!(user(ask(&alice).await), "user_alice");
+    assert_eq!(user(ask(&bob).await), "user_bob");
+    let (status, body) = ask(&forged).await;
+    assert!(status == 400 && body.contains("28P01"), "{status} {body}");
+    assert_eq!(user(ask(&alice).await), "user_alice");
+    let (status, body) = ask(&forged).await;
+    assert!(status == 400 && body.contains("28P01"), "{status} {body}");
+    assert_eq!(user(ask(&bob).await), "user_bob");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_open_or_failed_transaction_is_rolled_back_before_reuse() {
     let stack = Stack::start().await;

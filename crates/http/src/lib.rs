@@ -221,7 +221,6 @@ impl ConnectionTicket {
 /// connection's place in the client registry. Made once a connection by
 /// `serve`; [`respond`] hands it to `/sql` by reference and, as a request
 /// extension, to the router (which serves the WebSocket routes).
-#[derive(Clone)]
 pub struct Caller {
     /// The client's address.
     pub peer: SocketAddr,
@@ -229,6 +228,30 @@ pub struct Caller {
     pub relayed_by: Option<std::net::IpAddr>,
     /// The connection's ticket and registry entry.
     pub ticket: ConnectionTicket,
+    /// The token the connection's last `/sql` request presented, for the
+    /// next request's verification ([`authgres_jwt::LastToken`]).
+    last_token: Mutex<authgres_jwt::LastToken>,
+}
+
+impl Caller {
+    /// Takes the connection's last token for a request, leaving none for
+    /// another request in flight meanwhile (HTTP/1 sends none).
+    fn take_last_token(&self) -> authgres_jwt::LastToken {
+        std::mem::take(
+            &mut *self
+                .last_token
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    /// Hands the last token back after a request.
+    fn put_last_token(&self, last: authgres_jwt::LastToken) {
+        *self
+            .last_token
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = last;
+    }
 }
 
 /// The WebSocket routes: they read the [`Caller`] [`respond`] puts in
@@ -265,7 +288,7 @@ async fn respond(
         )
             .into_response(),
         _ => {
-            request.extensions_mut().insert(Caller::clone(&caller));
+            request.extensions_mut().insert(Arc::clone(&caller));
             match door.app.clone().oneshot(request).await {
                 Ok(response) => response,
                 Err(never) => match never {},
@@ -325,13 +348,10 @@ fn upgrade_key(headers: &HeaderMap) -> Option<&str> {
 
 async fn websocket(
     State(state): State<Arc<HttpState>>,
-    Extension(Caller {
-        peer,
-        relayed_by,
-        ticket,
-    }): Extension<Caller>,
+    Extension(caller): Extension<Arc<Caller>>,
     mut request: Request<Body>,
 ) -> Response {
+    let (peer, relayed_by, ticket) = (caller.peer, caller.relayed_by, &caller.ticket);
     let Some(accept) = upgrade_key(request.headers()).map(ws::accept_key) else {
         return (StatusCode::BAD_REQUEST, "expected a WebSocket upgrade").into_response();
     };
@@ -426,6 +446,7 @@ impl Door for HttpDoor {
             peer,
             relayed_by,
             ticket: ConnectionTicket::new(ticket, client),
+            last_token: Mutex::default(),
         });
         // A request's handles are two reference counts: the door (state
         // and router together) and the caller.

@@ -33,6 +33,6 @@ pub use keystore::KeyStatus;
 pub use provider::{
     ConfigError, DEFAULT_LEEWAY, FetchSettings, KeySource, ProviderConfig, RoleClaim,
 };
-pub use token_cache::DEFAULT_CAPACITY as DEFAULT_TOKEN_CACHE_CAPACITY;
+pub use token_cache::{DEFAULT_CAPACITY as DEFAULT_TOKEN_CACHE_CAPACITY, LastToken};
 pub use user_id::{MAX_USER_ID_PREFIX_LEN, UserIdConflict, UserIds, check_user_ids};
 pub use verify::{Identity, MAX_TENANT_LEN, MAX_TOKEN_LEN, TokenCacheStats, Verifier};

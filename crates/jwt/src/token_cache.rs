@@ -4,9 +4,11 @@
 //! Keyed by a cryptographic hash (BLAKE3) of the whole token: a key
 //! derived from any part (the signature alone, say) would let a changed
 //! payload hit a valid entry, and a weaker hash would let a crafted token
-//! collide with a valid one. Every `/sql` request computes one, so the
-//! hash is BLAKE3 rather than SHA-256: on a CPU without SHA instructions,
-//! SHA-256 of a typical 800-byte token was a fifth of a request's work.
+//! collide with a valid one. A login computes one, so the hash is BLAKE3
+//! rather than SHA-256: on a CPU without SHA instructions, SHA-256 of a
+//! typical 800-byte token was a fifth of a `/sql` request's work. A `/sql`
+//! request whose connection presented the same token before skips even
+//! that: it is compared with the connection's [`LastToken`].
 //! Entries are bounded in number and leave at the token's `exp`; only tokens
 //! that passed every check enter. Time-dependent checks (`exp`, `nbf`,
 //! token age) and the role check still run on every hit.
@@ -107,9 +109,9 @@ impl TokenCache {
         self.cache.as_ref()?.get(key)
     }
 
-    pub fn insert(&self, key: Key, verified: Verified) {
+    pub fn insert(&self, key: Key, verified: Arc<Verified>) {
         if let Some(cache) = self.cache.as_ref().filter(|_| self.enabled()) {
-            cache.insert(key, Arc::new(verified));
+            cache.insert(key, verified);
         }
     }
 
@@ -124,5 +126,57 @@ impl TokenCache {
         if let Some(cache) = &self.cache {
             cache.invalidate(key);
         }
+    }
+}
+
+/// The last token one connection presented and what it verified to, for
+/// [`crate::Verifier::verify_remembering`]: an HTTP client sends its token
+/// with every request, and comparing it byte for byte with the one before
+/// costs less than hashing it for the shared cache (a tenth of a `/sql`
+/// request's work). It answers only for the verifier that filled it, and
+/// only while that verifier's cache is in use; a hit passes the same
+/// checks as a hit in the shared cache.
+#[derive(Default)]
+pub struct LastToken(Option<Remembered>);
+
+struct Remembered {
+    /// The verifier that verified it ([`crate::Verifier`]'s id).
+    verifier: u64,
+    token: Box<str>,
+    verified: Arc<Verified>,
+}
+
+impl LastToken {
+    /// What `token` verified to, if it is the token remembered and
+    /// `verifier` remembered it.
+    pub(crate) fn get(&self, verifier: u64, token: &str) -> Option<&Arc<Verified>> {
+        self.0
+            .as_ref()
+            .filter(|last| last.verifier == verifier && *last.token == *token)
+            .map(|last| &last.verified)
+    }
+
+    /// Remembers `token` as verified by `verifier`, in place of the last.
+    pub(crate) fn remember(&mut self, verifier: u64, token: &str, verified: Arc<Verified>) {
+        match &mut self.0 {
+            // The same token seen again through the shared cache (after a
+            // reload): its text is already here.
+            Some(last) if *last.token == *token => {
+                last.verifier = verifier;
+                last.verified = verified;
+            }
+            last => {
+                *last = Some(Remembered {
+                    verifier,
+                    token: token.into(),
+                    verified,
+                });
+            }
+        }
+    }
+
+    /// Forgets the token remembered.
+    pub(crate) fn forget(&mut self) {
+        self.0 = None;
     }
 }

@@ -13,11 +13,14 @@ use serde_json::{Map, Value};
 use crate::error::VerifyError;
 use crate::keystore::{Fetched, KeyStatus, KeyStore};
 use crate::provider::{ConfigError, KeySource, ProviderConfig, RoleClaim, SYMMETRIC};
-use crate::token_cache::{self, TokenCache, Verified};
+use crate::token_cache::{self, LastToken, TokenCache, Verified};
 use crate::user_id::{Namespaces, UserIdConflict, check_user_ids};
 
 /// Largest token accepted, in bytes; matches the wire's password limit.
 pub const MAX_TOKEN_LEN: usize = 64 * 1024;
+
+/// The next [`Verifier`]'s id.
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 /// A verified token: who the client is and what it may log in as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +65,9 @@ pub struct Verifier {
     verified: TokenCache,
     /// Kept across [`Verifier::reconfigured`], so counters only grow.
     stats: Arc<Stats>,
+    /// Unique to this verifier: a [`LastToken`] it filled answers only
+    /// to it, not to the one a reload puts in its place.
+    id: u64,
 }
 
 /// Counters of the verified-token cache.
@@ -151,6 +157,7 @@ impl Verifier {
             keys,
             verified: TokenCache::new(capacity),
             stats: previous.map_or_else(Arc::default, |p| Arc::clone(&p.stats)),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -219,11 +226,32 @@ impl Verifier {
         role: &str,
         now: SystemTime,
     ) -> Result<Identity, VerifyError> {
+        (self.verify_remembering(token, role, now, &mut LastToken::default())).await
+    }
+
+    /// Verifies `token` as [`Verifier::verify`] does, first against `last`,
+    /// the token the same connection presented before (see [`LastToken`]),
+    /// and leaves `token` remembered there once it verified.
+    pub async fn verify_remembering(
+        &self,
+        token: &str,
+        role: &str,
+        now: SystemTime,
+        last: &mut LastToken,
+    ) -> Result<Identity, VerifyError> {
         let now = unix(now);
         if token.len() > MAX_TOKEN_LEN {
             return Err(VerifyError::Malformed("token too long"));
         }
-        let cache_key = if self.verified.enabled() {
+        let cached = self.verified.enabled();
+        if cached && let Some(hit) = last.get(self.id, token) {
+            if self.still_trusted(hit).await {
+                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                return self.identity_of(hit, role, now);
+            }
+            last.forget();
+        }
+        let cache_key = if cached {
             TokenCache::key(token)
         } else {
             [0; 32]
@@ -231,23 +259,34 @@ impl Verifier {
         if let Some(hit) = self.verified.get(&cache_key) {
             if self.still_trusted(&hit).await {
                 self.stats.hits.fetch_add(1, Ordering::Relaxed);
-                let provider = &self.providers[hit.provider];
-                check_claims(&hit.claims, provider, now)?;
-                let mut identity = hit.identity.clone();
-                identity.role = resolve_role(provider, &hit.claims, role)?;
-                return Ok(identity);
+                let identity = self.identity_of(&hit, role, now);
+                last.remember(self.id, token, hit);
+                return identity;
             }
             self.verified.remove(&cache_key);
         }
-        if self.verified.enabled() {
+        if cached {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
         }
-        let verified = self.verify_uncached(token, now).await?;
+        let verified = Arc::new(self.verify_uncached(token, now).await?);
         let provider = &self.providers[verified.provider];
         let role = resolve_role(provider, &verified.claims, role);
         let mut identity = verified.identity.clone();
-        self.verified.insert(cache_key, verified);
+        if cached {
+            self.verified.insert(cache_key, Arc::clone(&verified));
+            last.remember(self.id, token, verified);
+        }
         identity.role = role?;
+        Ok(identity)
+    }
+
+    /// The identity of a token verified before, for a login as `role` at
+    /// `now`: its time-dependent claims and the role are checked again.
+    fn identity_of(&self, hit: &Verified, role: &str, now: u64) -> Result<Identity, VerifyError> {
+        let provider = &self.providers[hit.provider];
+        check_claims(&hit.claims, provider, now)?;
+        let mut identity = hit.identity.clone();
+        identity.role = resolve_role(provider, &hit.claims, role)?;
         Ok(identity)
     }
 

@@ -13,7 +13,9 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use authgres_jwt::{ClaimPath, KeySource, ProviderConfig, RoleClaim, Verifier, VerifyError};
+use authgres_jwt::{
+    ClaimPath, KeySource, LastToken, ProviderConfig, RoleClaim, Verifier, VerifyError,
+};
 use authgres_sandbox::tls::TestCerts;
 use authgres_sandbox::{Behavior, Issuer, KeyKind, TokenSpec};
 use serde_json::json;
@@ -302,6 +304,94 @@ async fn verified_tokens_are_remembered_but_checked_for_time_and_role() {
         );
     }
     assert_eq!(verifier.verified_tokens(), 1);
+}
+
+/// A connection's last token (what `/sql` compares each request's token
+/// with, instead of hashing it for the shared cache) answers only for the
+/// same token, byte for byte, on the verifier that remembered it, and
+/// passes every check a hit in the shared cache passes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connections_last_token_answers_only_for_the_same_token_and_verifier() {
+    let (issuer, certs) = https_issuer().await;
+    let verifier = Verifier::new(vec![provider(&issuer, &certs)]).expect("verifier");
+    let t0 = SystemTime::now();
+    let token = issuer.mint(&TokenSpec::new("u").issued_at(t0).ttl(secs(60)));
+    let mut last = LastToken::default();
+    let hits = |v: &Verifier| v.token_cache_stats().hits;
+    let verified = verifier.verify_remembering(&token, ROLE, t0, &mut last);
+    assert_eq!(verified.await.expect("first").subject, "u");
+    let remembered = verifier.verify_remembering(&token, ROLE, t0 + secs(10), &mut last);
+    assert_eq!(remembered.await.expect("remembered").subject, "u");
+    assert_eq!(hits(&verifier), 1);
+
+    // Another signature over the same header and claims is not the token
+    // remembered.
+    let (signed, signature) = token.rsplit_once('.').expect("three parts");
+    let mut forged = signature.as_bytes().to_vec();
+    forged[0] = if forged[0] == b'A' { b'B' } else { b'A' };
+    let forged = format!("{signed}.{}", String::from_utf8(forged).expect("ascii"));
+    assert_eq!(
+        verifier
+            .verify_remembering(&forged, ROLE, t0, &mut last)
+            .await,
+        Err(VerifyError::BadSignature)
+    );
+    // Time and role are checked again; the token stays remembered.
+    assert!(matches!(
+        verifier
+            .verify_remembering(&token, "postgres", t0, &mut last)
+            .await,
+        Err(VerifyError::RoleNotAllowed { .. })
+    ));
+    assert_eq!(
+        verifier
+            .verify_remembering(&token, ROLE, t0 + secs(91), &mut last)
+            .await,
+        Err(VerifyError::Expired)
+    );
+
+    // A reload's verifier does not take the last one's word for it: the
+    // identity follows the configuration it was verified under.
+    let mut changed = provider(&issuer, &certs);
+    changed.user_ids.prefix = Some("test:".into());
+    let reloaded = verifier
+        .reconfigured(vec![changed], 1000)
+        .expect("reloaded");
+    let identity = reloaded.verify_remembering(&token, ROLE, t0, &mut last);
+    assert_eq!(identity.await.expect("reloaded").user_id, "test:u");
+
+    // Its key left the JWKS: refused, as a hit in the shared cache is.
+    let mut last = LastToken::default();
+    verifier
+        .verify_remembering(&token, ROLE, t0, &mut last)
+        .await
+        .expect("remembered again");
+    issuer.signer().rotate_rsa(false).expect("rotate");
+    let new = issuer.mint(&TokenSpec::new("v").issued_at(t0).ttl(secs(60)));
+    verifier
+        .verify(&new, ROLE, t0)
+        .await
+        .expect("new key after a refetch");
+    assert_eq!(
+        verifier
+            .verify_remembering(&token, ROLE, t0, &mut last)
+            .await,
+        Err(VerifyError::UnknownKey {
+            kid: Some("rsa-1".into())
+        })
+    );
+
+    // Without a token cache nothing is remembered: every request is
+    // verified in full.
+    let uncached =
+        Verifier::with_token_cache(vec![provider(&issuer, &certs)], 0).expect("verifier");
+    let mut last = LastToken::default();
+    for _ in 0..2 {
+        (uncached.verify_remembering(&new, ROLE, t0, &mut last))
+            .await
+            .expect("verified");
+    }
+    assert_eq!(hits(&uncached), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -13,7 +13,7 @@
 use std::net::IpAddr;
 use std::time::SystemTime;
 
-use authgres_jwt::{FailureClass, Identity, Verifier, VerifyError};
+use authgres_jwt::{FailureClass, Identity, LastToken, Verifier, VerifyError};
 
 use crate::classify::{Classify, ClientView, Severity, SqlState};
 use crate::config::{CleartextTokens, Policy};
@@ -143,13 +143,15 @@ pub fn check(policy: &Policy, request: &LoginRequest<'_>) -> Result<Need, Refusa
 }
 
 /// Admits `request` with `token` (ignored for anonymous roles), verified
-/// at `now`; the verification's time goes to `metrics`.
+/// at `now` (first against `last`, the token the same connection presented
+/// before: see [`LastToken`]); the verification's time goes to `metrics`.
 pub async fn admit(
     policy: &Policy,
     verifier: &Verifier,
     metrics: &Metrics,
     request: &LoginRequest<'_>,
     token: Option<&str>,
+    last: &mut LastToken,
     now: SystemTime,
 ) -> Result<Admitted, Refusal> {
     let admitted = |role: &str, identity: Option<Identity>| {
@@ -169,7 +171,7 @@ pub async fn admit(
         .filter(|token| !token.is_empty())
         .ok_or_else(|| Refusal::MissingToken(request.role.to_owned(), request.transport))?;
     let started = std::time::Instant::now();
-    let verified = verifier.verify(token, request.role, now).await;
+    let verified = (verifier.verify_remembering(token, request.role, now, last)).await;
     metrics.verification(started.elapsed(), verified.is_ok());
     match &verified {
         Ok(identity) => metrics.token(Some(&identity.provider), Ok(())),

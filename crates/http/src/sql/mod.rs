@@ -30,7 +30,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use crate::query::{self, BatchOptions, ExecError};
-use crate::{Caller, ConnectionTicket, HttpConfig, HttpState};
+use crate::{Caller, HttpConfig, HttpState};
 
 /// Handles one `POST /sql` request from `caller`.
 pub async fn handle(
@@ -42,20 +42,20 @@ pub async fn handle(
     let started = Instant::now();
     let mut done = Done::default();
     let (parts, body) = request.into_parts();
-    let client = (caller.peer, caller.relayed_by);
-    let ticket = &caller.ticket;
     let body = Body::new(body);
+    let mut last_token = caller.take_last_token();
     let ran = run(
         state,
         &config,
-        client,
-        ticket,
+        caller,
+        &mut last_token,
         &parts.headers,
         body,
         &mut done,
     )
     .await;
-    ticket.set_state(ClientState::Idle);
+    caller.put_last_token(last_token);
+    caller.ticket.set_state(ClientState::Idle);
     if let (Err(failure), Some(audit)) = (&ran, done.audit.as_mut()) {
         audit.error(failure.code().unwrap_or("?????"));
     }
@@ -154,12 +154,13 @@ fn respond(config: &HttpConfig, ran: Result<Vec<u8>, Failure>) -> Response {
 async fn run(
     state: &HttpState,
     config: &HttpConfig,
-    (peer, relayed_by): (SocketAddr, Option<std::net::IpAddr>),
-    ticket: &ConnectionTicket,
+    caller: &Caller,
+    last_token: &mut authgres_jwt::LastToken,
     headers: &HeaderMap,
     body: Body,
     done: &mut Done,
 ) -> Result<Vec<u8>, Failure> {
+    let (peer, relayed_by, ticket) = (caller.peer, caller.relayed_by, &caller.ticket);
     let target = request::target(headers)?;
     // Over the limit is over the limit, before anyone is admitted.
     body::check_declared(config, &body)?;
@@ -179,6 +180,7 @@ async fn run(
         proxy.metrics(),
         &asked,
         target.token.as_deref(),
+        last_token,
         SystemTime::now(),
     )
     .await;

@@ -99,6 +99,8 @@ impl<S: ClientIo> Session<'_, S> {
             &self.proxy.metrics,
             &request,
             token.as_deref(),
+            // One login a connection: nothing to remember for the next.
+            &mut authgres_jwt::LastToken::default(),
             SystemTime::now(),
         )
         .await;
