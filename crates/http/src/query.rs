@@ -227,19 +227,16 @@ pub fn encode(statements: &[Statement]) -> Result<Encoded, ExecError> {
 /// `temp`/`temporary` (`SELECT ... INTO TEMP` and `CREATE TEMP TABLE ...
 /// AS` complete as `SELECT`). False alarms cost a reset.
 fn may_touch_session(text: &str) -> bool {
-    let text = text.as_bytes();
-    let contains = |needle: &[u8]| {
-        (text.windows(needle.len())).any(|window| window.eq_ignore_ascii_case(needle))
-    };
-    let is_word = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'$';
-    let word =
-        |wanted: &[u8]| (text.split(|b| !is_word(b))).any(|word| word.eq_ignore_ascii_case(wanted));
-    Tracker::calls_set_config(text)
-        || contains(b"advisory_lock")
-        || contains(b"setseed")
-        || contains(b"begin_session")
-        || word(b"temp")
-        || word(b"temporary")
+    Tracker::text_mentions(
+        text.as_bytes(),
+        &[
+            b"set_config",
+            b"advisory_lock",
+            b"setseed",
+            b"begin_session",
+        ],
+        &[b"temp", b"temporary"],
+    )
 }
 
 /// Whether a statement's command tag shows it may have left session state:
@@ -557,7 +554,7 @@ impl Collect<'_> {
                 }
                 let buffer = row.buffer();
                 let mut ranges = row.ranges();
-                let mut values = Vec::new();
+                let mut values = Vec::with_capacity(self.current.fields.len());
                 while let Some(range) = ranges.next().map_err(malformed)? {
                     values.push(range.and_then(|r| buffer.get(r)).map(|bytes| {
                         self.size += bytes.len() + 4;

@@ -168,6 +168,22 @@ impl Tracker {
         words(text).any(|(word, _)| names_set_config(word))
     }
 
+    /// Whether `text` holds one of `parts` inside a name, or one of
+    /// `names` as a whole name (or a whole part of a dotted one), in any
+    /// case. One pass over the text's words: the parts are made of word
+    /// bytes only, so none spans two words. `/sql` asks it of each
+    /// statement.
+    pub fn text_mentions(text: &[u8], parts: &[&[u8]], names: &[&[u8]]) -> bool {
+        words(text).any(|(word, dotted)| {
+            parts.iter().any(|part| holds(word, part))
+                || match dotted {
+                    false => names.iter().any(|name| word.eq_ignore_ascii_case(name)),
+                    true => (word.split(|b| *b == b'.'))
+                        .any(|part| names.iter().any(|name| part.eq_ignore_ascii_case(name))),
+                }
+        })
+    }
+
     /// Notes what a statement's text says about session state: a call of
     /// `set_config`, and the dotted names that may be custom settings. One
     /// pass over the text, which every transaction-pooled statement pays.
@@ -300,11 +316,15 @@ fn words(text: &[u8]) -> impl Iterator<Item = (&[u8], bool)> {
 
 /// Whether `word` holds `set_config`, in any case.
 fn names_set_config(word: &[u8]) -> bool {
-    const NAME: &[u8] = b"set_config";
-    word.len() >= NAME.len()
+    holds(word, b"set_config")
+}
+
+/// Whether `word` holds `part`, in any case.
+fn holds(word: &[u8], part: &[u8]) -> bool {
+    word.len() >= part.len()
         && word
-            .windows(NAME.len())
-            .any(|w| w.eq_ignore_ascii_case(NAME))
+            .windows(part.len())
+            .any(|w| w.eq_ignore_ascii_case(part))
 }
 
 #[cfg(test)]
