@@ -282,56 +282,54 @@ impl Upstream {
     {
         let mut error = None;
         loop {
-            let message = self.next_message(deadline, max_message).await?;
-            match message {
-                Message::ReadyForQuery(body) => {
-                    return Ok(Reply {
-                        status: body.status(),
-                        error,
-                    });
-                }
-                Message::ErrorResponse(body) => {
-                    if error.is_none() {
-                        error = Some(error_of(&body));
+            // The messages already read are handled without a wait (most
+            // replies arrive whole), then more is read.
+            while let Some(message) = self.next_buffered(max_message)? {
+                match message {
+                    Message::ReadyForQuery(body) => {
+                        return Ok(Reply {
+                            status: body.status(),
+                            error,
+                        });
                     }
-                }
-                message => {
-                    if let Err(failure) = visit(message) {
-                        self.broken = true;
-                        return Err(failure);
+                    Message::ErrorResponse(body) => {
+                        if error.is_none() {
+                            error = Some(error_of(&body));
+                        }
+                    }
+                    message => {
+                        if let Err(failure) = visit(message) {
+                            self.broken = true;
+                            return Err(failure);
+                        }
                     }
                 }
             }
+            self.read_more(deadline).await?;
         }
     }
 
-    /// The next message from the server, waiting at most until `deadline`.
-    /// A notification is not the reply of anything the proxy runs: it is
-    /// kept for the client ([`Upstream::take_for_client`]).
-    async fn next_message(
-        &mut self,
-        deadline: Instant,
-        max_message: usize,
-    ) -> Result<Message, UpstreamError> {
-        loop {
-            match self.take_message(max_message) {
-                Ok(Some(message)) => return Ok(message),
-                Ok(None) => {}
-                Err(error) => {
-                    self.broken = true;
-                    return Err(error);
-                }
-            }
-            let read = timeout_at(deadline, self.stream.read_buf(&mut self.inbox)).await;
-            let failure = match read {
-                Ok(Ok(0)) => UpstreamError::Closed,
-                Ok(Ok(_)) => continue,
-                Ok(Err(error)) => UpstreamError::Io(error),
-                Err(_) => UpstreamError::Deadline,
-            };
-            self.broken = true;
-            return Err(failure);
-        }
+    /// The next message already read from the server, if a whole one is;
+    /// a notification is not the reply of anything the proxy runs: it is
+    /// kept for the client ([`Upstream::take_for_client`]). A malformed
+    /// message breaks the connection.
+    fn next_buffered(&mut self, max_message: usize) -> Result<Option<Message>, UpstreamError> {
+        self.take_message(max_message)
+            .inspect_err(|_| self.broken = true)
+    }
+
+    /// Reads more of what the server sent, waiting at most until
+    /// `deadline`; a connection the server closed, that failed or that
+    /// stayed silent past it is broken.
+    async fn read_more(&mut self, deadline: Instant) -> Result<(), UpstreamError> {
+        let failure = match timeout_at(deadline, self.stream.read_buf(&mut self.inbox)).await {
+            Ok(Ok(0)) => UpstreamError::Closed,
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(error)) => UpstreamError::Io(error),
+            Err(_) => UpstreamError::Deadline,
+        };
+        self.broken = true;
+        Err(failure)
     }
 
     fn take_message(&mut self, max_message: usize) -> Result<Option<Message>, UpstreamError> {
