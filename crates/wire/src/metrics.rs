@@ -175,7 +175,16 @@ struct HotSeries {
     logins_ok: [std::sync::OnceLock<Counter>; crate::stats::TRANSPORTS.len()],
     /// `/sql` answered 200.
     sql_ok: std::sync::OnceLock<Counter>,
+    /// Tokens verified, by provider: few, so found by a walk.
+    tokens_ok: std::sync::RwLock<Vec<(Box<str>, Counter)>>,
+    /// Times of verifications that passed.
+    verification_ok: std::sync::OnceLock<Histogram>,
 }
+
+/// At most this many providers' series are held in [`HotSeries`]
+/// (renamed providers accumulate across reloads); the rest are found in
+/// their family.
+const HOT_PROVIDERS: usize = 16;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -414,21 +423,52 @@ impl Metrics {
                 (outcome, error.reason())
             }
         };
-        self.tokens
-            .get_or_create(&TokenLabels {
-                provider: provider.unwrap_or("unknown").to_owned(),
+        let provider = provider.unwrap_or("unknown");
+        let series = || {
+            self.tokens.get_or_create(&TokenLabels {
+                provider: provider.to_owned(),
                 outcome,
                 reason,
             })
-            .inc();
+        };
+        if result.is_err() {
+            series().inc();
+            return;
+        }
+        let hot = &self.hot.tokens_ok;
+        let held = |held: &[(Box<str>, Counter)]| {
+            (held.iter())
+                .find(|(name, _)| **name == *provider)
+                .map(|(_, counter)| counter.inc())
+                .is_some()
+        };
+        if held(
+            &hot.read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        ) {
+            return;
+        }
+        let counter = series().clone();
+        counter.inc();
+        let mut hot = hot
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if hot.len() < HOT_PROVIDERS && !hot.iter().any(|(name, _)| **name == *provider) {
+            hot.push((provider.into(), counter));
+        }
     }
 
     /// Records one token verification's time.
     pub fn verification(&self, took: Duration, verified: bool) {
         let outcome = if verified { "ok" } else { "refused" };
-        self.verification
-            .get_or_create(&OutcomeLabels { outcome })
-            .observe(took.as_secs_f64());
+        let series = || self.verification.get_or_create(&OutcomeLabels { outcome });
+        let took = took.as_secs_f64();
+        match verified {
+            true => (self.hot.verification_ok)
+                .get_or_init(|| series().clone())
+                .observe(took),
+            false => series().observe(took),
+        }
     }
 
     /// Records one upstream login to `database` as `role`: its time, or
@@ -597,6 +637,11 @@ mod tests {
         }
         metrics.http_response("sql", 400);
         metrics.login(Transport::Wire, Ok(()));
+        for provider in ["clerk", "auth0", "clerk"] {
+            metrics.token(Some(provider), Ok(()));
+            metrics.verification(Duration::from_millis(1), true);
+        }
+        metrics.verification(Duration::from_millis(1), false);
         let text = exposition(&registry);
         let line = |prefix: &str| {
             text.lines()
@@ -627,6 +672,22 @@ mod tests {
             logins
                 .iter()
                 .any(|l| l.contains("\"tcp\"") && l.ends_with(" 1")),
+            "{text}"
+        );
+        let tokens = line("authgres_token_verifications_total{");
+        assert_eq!(tokens.len(), 2, "{text}");
+        assert!(
+            tokens
+                .iter()
+                .any(|l| l.contains("\"clerk\"") && l.ends_with(" 2")),
+            "{text}"
+        );
+        let verified = line("authgres_token_verification_seconds_count{");
+        assert_eq!(verified.len(), 2, "{text}");
+        assert!(
+            verified
+                .iter()
+                .any(|l| l.contains("\"ok\"") && l.ends_with(" 3")),
             "{text}"
         );
     }
