@@ -394,6 +394,11 @@ async fn limits_auth_failures_and_cors() {
         .await
         .expect("preflight");
     assert_eq!(preflight.status().as_u16(), 204);
+    assert_eq!(preflight.headers()["access-control-allow-origin"], "*");
+    assert_eq!(
+        preflight.headers()["access-control-allow-methods"],
+        "POST, OPTIONS"
+    );
     let allowed = preflight.headers()["access-control-allow-headers"]
         .to_str()
         .expect("ascii");

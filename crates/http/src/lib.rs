@@ -274,6 +274,7 @@ async fn respond(
     mut request: Request<hyper::body::Incoming>,
 ) -> Result<Response, std::convert::Infallible> {
     let state = &door.state;
+    let preflight = request.method() == Method::OPTIONS;
     let route = match request.uri().path() {
         "/sql" => "sql",
         "/v2" | "/" => "websocket",
@@ -295,7 +296,7 @@ async fn respond(
             }
         }
     };
-    cors(response.headers_mut());
+    cors(response.headers_mut(), preflight);
     state
         .proxy
         .metrics()
@@ -303,13 +304,18 @@ async fn respond(
     Ok(response)
 }
 
-/// The CORS headers every response carries: any origin may call `/sql`
-/// with the Neon driver's headers.
-fn cors(headers: &mut HeaderMap) {
+/// The CORS headers: every response says any origin may read it, and the
+/// answer to a preflight (`OPTIONS`) that `/sql` may be posted to with the
+/// Neon driver's headers. Browsers read the rest only from a preflight's
+/// answer, so other responses are spared them.
+fn cors(headers: &mut HeaderMap, preflight: bool) {
     headers.insert(
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
         HeaderValue::from_static("*"),
     );
+    if !preflight {
+        return;
+    }
     headers.insert(
         header::ACCESS_CONTROL_ALLOW_METHODS,
         HeaderValue::from_static("POST, OPTIONS"),
