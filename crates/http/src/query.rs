@@ -114,11 +114,79 @@ pub struct StatementResult {
     /// Columns (empty for statements without rows).
     pub fields: Vec<Field>,
     /// Rows as text values.
-    pub rows: Vec<Vec<Option<String>>>,
+    pub rows: Rows,
     /// Command tag, first word (`SELECT`, `INSERT`, ...).
     pub command: String,
     /// Rows affected or returned, when the tag says.
     pub row_count: Option<u64>,
+}
+
+/// A result's rows: every value's text in one buffer, each value a range
+/// of it (`None`: NULL), row after row, each row as wide as the result's
+/// fields. Two allocations a result rather than one a value.
+#[derive(Debug, Default)]
+pub struct Rows {
+    text: String,
+    values: Vec<Option<std::ops::Range<usize>>>,
+    count: usize,
+}
+
+impl Rows {
+    /// How many rows there are.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Appends a value to the row being read (bytes that are not UTF-8
+    /// become U+FFFD); [`Rows::end_row`] ends the row.
+    pub fn push_value(&mut self, value: Option<&[u8]>) {
+        self.values.push(value.map(|bytes| {
+            let start = self.text.len();
+            self.text.push_str(&String::from_utf8_lossy(bytes));
+            start..self.text.len()
+        }));
+    }
+
+    /// Ends the row [`Rows::push_value`] appended to.
+    pub fn end_row(&mut self) {
+        self.count += 1;
+    }
+
+    /// Forgets every row.
+    pub fn clear(&mut self) {
+        self.text.clear();
+        self.values.clear();
+        self.count = 0;
+    }
+
+    /// The rows, `width` values each.
+    pub fn iter(&self, width: usize) -> impl Iterator<Item = Row<'_>> {
+        (self.values.chunks(width.max(1)))
+            .take(self.count)
+            .map(|values| Row {
+                text: &self.text,
+                values,
+            })
+    }
+}
+
+/// One row of [`Rows`].
+pub struct Row<'a> {
+    text: &'a str,
+    values: &'a [Option<std::ops::Range<usize>>],
+}
+
+impl<'a> Row<'a> {
+    /// Its values' text, in column order (`None`: NULL).
+    pub fn values(&self) -> impl Iterator<Item = Option<&'a str>> + use<'a> {
+        let text = self.text;
+        (self.values.iter()).map(move |range| range.clone().and_then(|range| text.get(range)))
+    }
 }
 
 /// Why a request did not produce results.
@@ -554,18 +622,23 @@ impl Collect<'_> {
                 }
                 let buffer = row.buffer();
                 let mut ranges = row.ranges();
-                let mut values = Vec::with_capacity(self.current.fields.len());
+                let mut width = 0;
                 while let Some(range) = ranges.next().map_err(malformed)? {
-                    values.push(range.and_then(|r| buffer.get(r)).map(|bytes| {
-                        self.size += bytes.len() + 4;
-                        String::from_utf8_lossy(bytes).into_owned()
-                    }));
+                    let value = range.and_then(|r| buffer.get(r));
+                    self.size += value.map_or(0, <[u8]>::len) + 4;
+                    self.current.rows.push_value(value);
+                    width += 1;
+                }
+                if width != self.current.fields.len() {
+                    return Err(UpstreamError::Protocol(
+                        "a data row as wide as no row description",
+                    ));
                 }
                 if self.size > self.max_bytes {
                     self.too_large = true;
                     self.current.rows.clear();
                 } else {
-                    self.current.rows.push(values);
+                    self.current.rows.end_row();
                 }
             }
             Message::CommandComplete(body) => {
@@ -628,25 +701,25 @@ pub fn write_result(out: &mut Vec<u8>, result: &StatementResult, array_mode: boo
         None => out.extend_from_slice(b"null"),
     }
     out.extend_from_slice(b",\"rows\":[");
-    for (i, row) in result.rows.iter().enumerate() {
+    for (i, row) in result.rows.iter(result.fields.len()).enumerate() {
         if i > 0 {
             out.push(b',');
         }
         if array_mode {
             out.push(b'[');
-            for (j, (value, field)) in row.iter().zip(&result.fields).enumerate() {
+            for (j, (value, field)) in row.values().zip(&result.fields).enumerate() {
                 if j > 0 {
                     out.push(b',');
                 }
-                write_value(out, value.as_deref(), field.type_oid, raw);
+                write_value(out, value, field.type_oid, raw);
             }
             out.push(b']');
         } else {
             // Keys sorted, a name twice keeping its last value: what a
             // JSON object built by name gives.
             let mut object = Map::new();
-            for (value, field) in row.iter().zip(&result.fields) {
-                let value = crate::render::render(value.as_deref(), field.type_oid, raw);
+            for (value, field) in row.values().zip(&result.fields) {
+                let value = crate::render::render(value, field.type_oid, raw);
                 object.insert(field.name.clone(), value);
             }
             write_json(out, &object);
@@ -705,11 +778,12 @@ mod tests {
             .collect();
         let rows: Vec<Value> = result
             .rows
-            .iter()
+            .iter(result.fields.len())
             .map(|row| {
-                let values = row.iter().zip(&result.fields).map(|(value, field)| {
-                    crate::render::render(value.as_deref(), field.type_oid, raw)
-                });
+                let values = row
+                    .values()
+                    .zip(&result.fields)
+                    .map(|(value, field)| crate::render::render(value, field.type_oid, raw));
                 if array_mode {
                     Value::Array(values.collect())
                 } else {
@@ -777,6 +851,17 @@ mod tests {
         }
     }
 
+    fn rows(values: &[&[Option<&str>]]) -> Rows {
+        let mut rows = Rows::default();
+        for row in values {
+            for value in *row {
+                rows.push_value(value.map(str::as_bytes));
+            }
+            rows.end_row();
+        }
+        rows
+    }
+
     #[test]
     fn results_are_written_as_the_value_tree_serialized_them() {
         let result = StatementResult {
@@ -788,17 +873,17 @@ mod tests {
                 field("ints", 1007),
                 field("id", 23),
             ],
-            rows: vec![
-                vec![
-                    Some("1".into()),
-                    Some("tab\there \u{1}é".into()),
-                    Some("t".into()),
-                    Some(r#"{"b": [1, 2], "a": null}"#.into()),
-                    Some("{1,NULL,3}".into()),
-                    Some("7".into()),
+            rows: rows(&[
+                &[
+                    Some("1"),
+                    Some("tab\there \u{1}é"),
+                    Some("t"),
+                    Some(r#"{"b": [1, 2], "a": null}"#),
+                    Some("{1,NULL,3}"),
+                    Some("7"),
                 ],
-                vec![None, None, None, None, None, None],
-            ],
+                &[None, None, None, None, None, None],
+            ]),
             command: "SELECT".into(),
             row_count: Some(2),
         };
