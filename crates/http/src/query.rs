@@ -123,15 +123,26 @@ pub struct StatementResult {
 
 /// A result's rows: every value's text in one buffer, each value a range
 /// of it (`None`: NULL), row after row, each row as wide as the result's
-/// fields. Two allocations a result rather than one a value.
+/// fields (none, for `SELECT FROM t`). Two allocations a result rather
+/// than one a value.
 #[derive(Debug, Default)]
 pub struct Rows {
     text: String,
     values: Vec<Option<std::ops::Range<usize>>>,
+    /// Values a row.
+    width: usize,
     count: usize,
 }
 
 impl Rows {
+    /// No rows yet, each to be `width` values.
+    pub fn new(width: usize) -> Self {
+        Self {
+            width,
+            ..Self::default()
+        }
+    }
+
     /// How many rows there are.
     pub fn len(&self) -> usize {
         self.count
@@ -152,9 +163,14 @@ impl Rows {
         }));
     }
 
-    /// Ends the row [`Rows::push_value`] appended to.
-    pub fn end_row(&mut self) {
-        self.count += 1;
+    /// Ends the row [`Rows::push_value`] appended to; false, and the row
+    /// is not counted, when it is not as wide as the rows are.
+    pub fn end_row(&mut self) -> bool {
+        let whole = self.values.len() == (self.count + 1) * self.width;
+        if whole {
+            self.count += 1;
+        }
+        whole
     }
 
     /// Forgets every row.
@@ -164,14 +180,14 @@ impl Rows {
         self.count = 0;
     }
 
-    /// The rows, `width` values each.
-    pub fn iter(&self, width: usize) -> impl Iterator<Item = Row<'_>> {
-        (self.values.chunks(width.max(1)))
-            .take(self.count)
-            .map(|values| Row {
-                text: &self.text,
-                values,
-            })
+    /// The rows, in order.
+    pub fn iter(&self) -> impl Iterator<Item = Row<'_>> {
+        (0..self.count).map(|row| Row {
+            text: &self.text,
+            values: (self.values)
+                .get(row * self.width..(row + 1) * self.width)
+                .unwrap_or_default(),
+        })
     }
 }
 
@@ -292,8 +308,9 @@ pub fn encode(statements: &[Statement]) -> Result<Encoded, ExecError> {
 /// [`Tracker`] finds it), a session advisory lock (not the `xact` ones), a
 /// random seed, a new identity generation (`auth.begin_session()`, after
 /// which the attached claims no longer verify), or the word
-/// `temp`/`temporary` (`SELECT ... INTO TEMP` and `CREATE TEMP TABLE ...
-/// AS` complete as `SELECT`). False alarms cost a reset.
+/// `temp`/`temporary` or a name in `pg_temp` (`SELECT ... INTO TEMP`,
+/// `CREATE TEMP TABLE ... AS` and `CREATE TABLE pg_temp.t AS` complete as
+/// `SELECT`). False alarms cost a reset.
 fn may_touch_session(text: &str) -> bool {
     Tracker::text_mentions(
         text.as_bytes(),
@@ -302,6 +319,7 @@ fn may_touch_session(text: &str) -> bool {
             b"advisory_lock",
             b"setseed",
             b"begin_session",
+            b"pg_temp",
         ],
         &[b"temp", b"temporary"],
     )
@@ -615,6 +633,7 @@ impl Collect<'_> {
                         type_modifier: field.type_modifier(),
                     });
                 }
+                self.current.rows = Rows::new(self.current.fields.len());
             }
             Message::DataRow(row) => {
                 if self.steps.get(self.step) != Some(&Step::User) || self.too_large {
@@ -622,14 +641,12 @@ impl Collect<'_> {
                 }
                 let buffer = row.buffer();
                 let mut ranges = row.ranges();
-                let mut width = 0;
                 while let Some(range) = ranges.next().map_err(malformed)? {
                     let value = range.and_then(|r| buffer.get(r));
                     self.size += value.map_or(0, <[u8]>::len) + 4;
                     self.current.rows.push_value(value);
-                    width += 1;
                 }
-                if width != self.current.fields.len() {
+                if !self.current.rows.end_row() {
                     return Err(UpstreamError::Protocol(
                         "a data row as wide as no row description",
                     ));
@@ -637,8 +654,6 @@ impl Collect<'_> {
                 if self.size > self.max_bytes {
                     self.too_large = true;
                     self.current.rows.clear();
-                } else {
-                    self.current.rows.end_row();
                 }
             }
             Message::CommandComplete(body) => {
@@ -701,7 +716,7 @@ pub fn write_result(out: &mut Vec<u8>, result: &StatementResult, array_mode: boo
         None => out.extend_from_slice(b"null"),
     }
     out.extend_from_slice(b",\"rows\":[");
-    for (i, row) in result.rows.iter(result.fields.len()).enumerate() {
+    for (i, row) in result.rows.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
@@ -778,7 +793,7 @@ mod tests {
             .collect();
         let rows: Vec<Value> = result
             .rows
-            .iter(result.fields.len())
+            .iter()
             .map(|row| {
                 let values = row
                     .values()
@@ -826,13 +841,16 @@ mod tests {
             "select auth.begin_session()",
             "select 1 into TEMP t",
             "create temporary table t as select 1",
+            "select 1 into pg_temp.t",
+            "create table PG_TEMP.t as select 1",
+            "select * from pg_temp_3.t",
         ] {
             assert!(may_touch_session(text), "{text}");
         }
         for text in [
             "select * from todos where user_id = auth.user_id()",
             "select pg_advisory_xact_lock(1)",
-            "select temperature, pg_temp.f() from temps",
+            "select temperature, temp_c from temps",
         ] {
             assert!(!may_touch_session(text), "{text}");
         }
@@ -851,13 +869,13 @@ mod tests {
         }
     }
 
-    fn rows(values: &[&[Option<&str>]]) -> Rows {
-        let mut rows = Rows::default();
+    fn rows(width: usize, values: &[&[Option<&str>]]) -> Rows {
+        let mut rows = Rows::new(width);
         for row in values {
             for value in *row {
                 rows.push_value(value.map(str::as_bytes));
             }
-            rows.end_row();
+            assert!(rows.end_row(), "{width} values a row");
         }
         rows
     }
@@ -873,25 +891,36 @@ mod tests {
                 field("ints", 1007),
                 field("id", 23),
             ],
-            rows: rows(&[
+            rows: rows(
+                6,
                 &[
-                    Some("1"),
-                    Some("tab\there \u{1}é"),
-                    Some("t"),
-                    Some(r#"{"b": [1, 2], "a": null}"#),
-                    Some("{1,NULL,3}"),
-                    Some("7"),
+                    &[
+                        Some("1"),
+                        Some("tab\there \u{1}é"),
+                        Some("t"),
+                        Some(r#"{"b": [1, 2], "a": null}"#),
+                        Some("{1,NULL,3}"),
+                        Some("7"),
+                    ],
+                    &[None, None, None, None, None, None],
                 ],
-                &[None, None, None, None, None, None],
-            ]),
+            ),
             command: "SELECT".into(),
             row_count: Some(2),
+        };
+        // `SELECT FROM generate_series(1, 3)`: rows without columns.
+        let no_columns = StatementResult {
+            rows: rows(0, &[&[], &[], &[]]),
+            command: "SELECT".into(),
+            row_count: Some(3),
+            ..StatementResult::default()
         };
         let empty = StatementResult {
             command: "INSERT".into(),
             ..StatementResult::default()
         };
-        for result in [&result, &empty] {
+        assert_eq!(no_columns.rows.iter().count(), 3);
+        for result in [&result, &empty, &no_columns] {
             for (array_mode, raw) in [(true, true), (true, false), (false, true), (false, false)] {
                 let mut out = Vec::new();
                 write_result(&mut out, result, array_mode, raw);
