@@ -267,7 +267,8 @@ fn router(state: Arc<HttpState>) -> Router {
 /// Answers one request of a connection: `/sql` directly, as the hot path
 /// it is (no router, no extractors, no middleware futures: they were a
 /// tenth of a request's work), the rest through the router. Every
-/// response gets the CORS headers and is counted by route and status.
+/// response gets its CORS headers ([`cors`]) and is counted by route and
+/// status.
 async fn respond(
     door: Arc<HttpDoor>,
     caller: Arc<Caller>,

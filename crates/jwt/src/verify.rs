@@ -226,25 +226,28 @@ impl Verifier {
         role: &str,
         now: SystemTime,
     ) -> Result<Identity, VerifyError> {
-        (self.verify_remembering(token, role, now, &mut LastToken::default())).await
+        self.verify_remembering(token, role, now, None).await
     }
 
-    /// Verifies `token` as [`Verifier::verify`] does, first against `last`,
-    /// the token the same connection presented before (see [`LastToken`]),
-    /// and leaves `token` remembered there once it verified.
+    /// Verifies `token` as [`Verifier::verify`] does, first against `last`
+    /// when given: the token the same connection presented before (see
+    /// [`LastToken`]), where `token` is left remembered once it verified.
     pub async fn verify_remembering(
         &self,
         token: &str,
         role: &str,
         now: SystemTime,
-        last: &mut LastToken,
+        mut last: Option<&mut LastToken>,
     ) -> Result<Identity, VerifyError> {
         let now = unix(now);
         if token.len() > MAX_TOKEN_LEN {
             return Err(VerifyError::Malformed("token too long"));
         }
         let cached = self.verified.enabled();
-        if cached && let Some(hit) = last.get(self.id, token) {
+        if cached
+            && let Some(last) = last.as_deref_mut()
+            && let Some(hit) = last.get(self.id, token)
+        {
             if self.still_trusted(hit).await {
                 self.stats.hits.fetch_add(1, Ordering::Relaxed);
                 return self.identity_of(hit, role, now);
@@ -260,7 +263,9 @@ impl Verifier {
             if self.still_trusted(&hit).await {
                 self.stats.hits.fetch_add(1, Ordering::Relaxed);
                 let identity = self.identity_of(&hit, role, now);
-                last.remember(self.id, token, hit);
+                if let Some(last) = last {
+                    last.remember(self.id, token, hit);
+                }
                 return identity;
             }
             self.verified.remove(&cache_key);
@@ -274,7 +279,9 @@ impl Verifier {
         let mut identity = verified.identity.clone();
         if cached {
             self.verified.insert(cache_key, Arc::clone(&verified));
-            last.remember(self.id, token, verified);
+            if let Some(last) = last {
+                last.remember(self.id, token, verified);
+            }
         }
         identity.role = role?;
         Ok(identity)

@@ -318,9 +318,9 @@ async fn a_connections_last_token_answers_only_for_the_same_token_and_verifier()
     let token = issuer.mint(&TokenSpec::new("u").issued_at(t0).ttl(secs(60)));
     let mut last = LastToken::default();
     let hits = |v: &Verifier| v.token_cache_stats().hits;
-    let verified = verifier.verify_remembering(&token, ROLE, t0, &mut last);
+    let verified = verifier.verify_remembering(&token, ROLE, t0, Some(&mut last));
     assert_eq!(verified.await.expect("first").subject, "u");
-    let remembered = verifier.verify_remembering(&token, ROLE, t0 + secs(10), &mut last);
+    let remembered = verifier.verify_remembering(&token, ROLE, t0 + secs(10), Some(&mut last));
     assert_eq!(remembered.await.expect("remembered").subject, "u");
     assert_eq!(hits(&verifier), 1);
 
@@ -332,20 +332,20 @@ async fn a_connections_last_token_answers_only_for_the_same_token_and_verifier()
     let forged = format!("{signed}.{}", String::from_utf8(forged).expect("ascii"));
     assert_eq!(
         verifier
-            .verify_remembering(&forged, ROLE, t0, &mut last)
+            .verify_remembering(&forged, ROLE, t0, Some(&mut last))
             .await,
         Err(VerifyError::BadSignature)
     );
     // Time and role are checked again; the token stays remembered.
     assert!(matches!(
         verifier
-            .verify_remembering(&token, "postgres", t0, &mut last)
+            .verify_remembering(&token, "postgres", t0, Some(&mut last))
             .await,
         Err(VerifyError::RoleNotAllowed { .. })
     ));
     assert_eq!(
         verifier
-            .verify_remembering(&token, ROLE, t0 + secs(91), &mut last)
+            .verify_remembering(&token, ROLE, t0 + secs(91), Some(&mut last))
             .await,
         Err(VerifyError::Expired)
     );
@@ -357,13 +357,13 @@ async fn a_connections_last_token_answers_only_for_the_same_token_and_verifier()
     let reloaded = verifier
         .reconfigured(vec![changed], 1000)
         .expect("reloaded");
-    let identity = reloaded.verify_remembering(&token, ROLE, t0, &mut last);
+    let identity = reloaded.verify_remembering(&token, ROLE, t0, Some(&mut last));
     assert_eq!(identity.await.expect("reloaded").user_id, "test:u");
 
     // Its key left the JWKS: refused, as a hit in the shared cache is.
     let mut last = LastToken::default();
     verifier
-        .verify_remembering(&token, ROLE, t0, &mut last)
+        .verify_remembering(&token, ROLE, t0, Some(&mut last))
         .await
         .expect("remembered again");
     issuer.signer().rotate_rsa(false).expect("rotate");
@@ -374,7 +374,7 @@ async fn a_connections_last_token_answers_only_for_the_same_token_and_verifier()
         .expect("new key after a refetch");
     assert_eq!(
         verifier
-            .verify_remembering(&token, ROLE, t0, &mut last)
+            .verify_remembering(&token, ROLE, t0, Some(&mut last))
             .await,
         Err(VerifyError::UnknownKey {
             kid: Some("rsa-1".into())
@@ -387,7 +387,7 @@ async fn a_connections_last_token_answers_only_for_the_same_token_and_verifier()
         Verifier::with_token_cache(vec![provider(&issuer, &certs)], 0).expect("verifier");
     let mut last = LastToken::default();
     for _ in 0..2 {
-        (uncached.verify_remembering(&new, ROLE, t0, &mut last))
+        (uncached.verify_remembering(&new, ROLE, t0, Some(&mut last)))
             .await
             .expect("verified");
     }

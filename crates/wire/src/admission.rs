@@ -143,15 +143,16 @@ pub fn check(policy: &Policy, request: &LoginRequest<'_>) -> Result<Need, Refusa
 }
 
 /// Admits `request` with `token` (ignored for anonymous roles), verified
-/// at `now` (first against `last`, the token the same connection presented
-/// before: see [`LastToken`]); the verification's time goes to `metrics`.
+/// at `now` (first against `last`, when given, the token the same
+/// connection presented before: see [`LastToken`]); the verification's time
+/// goes to `metrics`.
 pub async fn admit(
     policy: &Policy,
     verifier: &Verifier,
     metrics: &Metrics,
     request: &LoginRequest<'_>,
     token: Option<&str>,
-    last: &mut LastToken,
+    last: Option<&mut LastToken>,
     now: SystemTime,
 ) -> Result<Admitted, Refusal> {
     let admitted = |role: &str, identity: Option<Identity>| {

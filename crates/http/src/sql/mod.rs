@@ -180,7 +180,7 @@ async fn run(
         proxy.metrics(),
         &asked,
         target.token.as_deref(),
-        last_token,
+        Some(last_token),
         SystemTime::now(),
     )
     .await;

@@ -143,7 +143,7 @@ async fn tokens_are_verified_and_checked_against_the_clock() {
         &Metrics::default(),
         &asked,
         Some(&token),
-        &mut LastToken::default(),
+        None,
         now,
     )
     .await
@@ -165,7 +165,7 @@ async fn tokens_are_verified_and_checked_against_the_clock() {
                 &Metrics::default(),
                 &asked,
                 missing,
-                &mut LastToken::default(),
+                None,
                 now
             )
             .await
@@ -185,7 +185,7 @@ async fn tokens_are_verified_and_checked_against_the_clock() {
             &Metrics::default(),
             &asked,
             Some(&expired),
-            &mut LastToken::default(),
+            None,
             now
         )
         .await,
@@ -210,7 +210,7 @@ async fn a_role_claim_picks_the_role_anonymous_ignores_tokens_and_refusals_come_
         &Metrics::default(),
         &asked,
         Some(&reporting),
-        &mut LastToken::default(),
+        None,
         now,
     )
     .await
@@ -224,7 +224,7 @@ async fn a_role_claim_picks_the_role_anonymous_ignores_tokens_and_refusals_come_
         &Metrics::default(),
         &anonymous,
         Some("not a token"),
-        &mut LastToken::default(),
+        None,
         now,
     )
     .await
@@ -242,7 +242,7 @@ async fn a_role_claim_picks_the_role_anonymous_ignores_tokens_and_refusals_come_
             &Metrics::default(),
             &asked,
             Some(&token),
-            &mut LastToken::default(),
+            None,
             now
         )
         .await
@@ -266,7 +266,7 @@ async fn a_claimed_role_the_proxy_does_not_serve_is_refused() {
             &Metrics::default(),
             &asked,
             Some(&token),
-            &mut LastToken::default(),
+            None,
             SystemTime::now()
         )
         .await

@@ -100,7 +100,7 @@ impl<S: ClientIo> Session<'_, S> {
             &request,
             token.as_deref(),
             // One login a connection: nothing to remember for the next.
-            &mut authgres_jwt::LastToken::default(),
+            None,
             SystemTime::now(),
         )
         .await;
