@@ -649,46 +649,30 @@ mod tests {
                 .map(str::to_owned)
                 .collect::<Vec<_>>()
         };
-        let responses = line("authgres_http_requests_total{route=\"sql\"");
-        assert_eq!(responses.len(), 2, "{text}");
-        assert!(
-            responses.iter().any(|l| l.ends_with("status=\"200\"} 3")),
-            "{text}"
-        );
-        assert!(
-            responses.iter().any(|l| l.ends_with("status=\"400\"} 1")),
-            "{text}"
-        );
+        // The series of `family` that name `label`: exactly `series` of
+        // them, one of which reads `count`.
+        let counts = |family: &str, series: usize, label: &str, count: &str| {
+            let lines = line(family);
+            assert_eq!(lines.len(), series, "{family}: {text}");
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.contains(label) && l.ends_with(count)),
+                "{family} {label} {count}: {text}"
+            );
+        };
+        let sql = "authgres_http_requests_total{route=\"sql\"";
+        counts(sql, 2, "status=\"200\"", " 3");
+        counts(sql, 2, "status=\"400\"", " 1");
         // One series per transport (made at registration), each once.
-        let logins = line("authgres_logins_total{");
-        assert_eq!(logins.len(), 3, "{text}");
-        assert!(
-            logins
-                .iter()
-                .any(|l| l.contains("\"http\"") && l.ends_with(" 3")),
-            "{text}"
-        );
-        assert!(
-            logins
-                .iter()
-                .any(|l| l.contains("\"tcp\"") && l.ends_with(" 1")),
-            "{text}"
-        );
-        let tokens = line("authgres_token_verifications_total{");
-        assert_eq!(tokens.len(), 2, "{text}");
-        assert!(
-            tokens
-                .iter()
-                .any(|l| l.contains("\"clerk\"") && l.ends_with(" 2")),
-            "{text}"
-        );
-        let verified = line("authgres_token_verification_seconds_count{");
-        assert_eq!(verified.len(), 2, "{text}");
-        assert!(
-            verified
-                .iter()
-                .any(|l| l.contains("\"ok\"") && l.ends_with(" 3")),
-            "{text}"
+        counts("authgres_logins_total{", 3, "\"http\"", " 3");
+        counts("authgres_logins_total{", 3, "\"tcp\"", " 1");
+        counts("authgres_token_verifications_total{", 2, "\"clerk\"", " 2");
+        counts(
+            "authgres_token_verification_seconds_count{",
+            2,
+            "\"ok\"",
+            " 3",
         );
     }
 }
