@@ -345,6 +345,10 @@ fn param_size(value: &Value) -> usize {
 /// more than this carries more values than the response may hold.
 const MESSAGE_OVERHEAD: usize = 64 * 1024;
 
+/// What a row adds to the answer besides its values (`[]`/`{}` and a
+/// comma), counted toward the response limit as its values are.
+const ROW_OVERHEAD: usize = 4;
+
 /// Above this, a request's statements are written on their own rather
 /// than copied between the proxy's own messages.
 const COPY_LIMIT: usize = 64 * 1024;
@@ -639,6 +643,9 @@ impl Collect<'_> {
                 if self.steps.get(self.step) != Some(&Step::User) || self.too_large {
                     return Ok(());
                 }
+                // A row costs its brackets and comma in the answer even
+                // without values (`SELECT FROM t`).
+                self.size += ROW_OVERHEAD;
                 let buffer = row.buffer();
                 let mut ranges = row.ranges();
                 while let Some(range) = ranges.next().map_err(malformed)? {
@@ -878,6 +885,40 @@ mod tests {
             assert!(rows.end_row(), "{width} values a row");
         }
         rows
+    }
+
+    /// A server message from its type and body.
+    fn message(tag: u8, body: &[u8]) -> Message {
+        let mut bytes = BytesMut::new();
+        bytes.extend_from_slice(&[tag]);
+        let len = i32::try_from(body.len() + 4).expect("small");
+        bytes.extend_from_slice(&len.to_be_bytes());
+        bytes.extend_from_slice(body);
+        Message::parse(&mut bytes).expect("parses").expect("whole")
+    }
+
+    #[test]
+    fn rows_without_columns_count_toward_the_response_limit() {
+        let steps = [Step::User];
+        let mut collect = Collect {
+            steps: &steps,
+            step: 0,
+            current: StatementResult::default(),
+            results: Vec::new(),
+            size: 0,
+            max_bytes: 1000,
+            too_large: false,
+            touched: false,
+        };
+        // `SELECT FROM generate_series(1, 1000)`: no fields, rows of none.
+        let no_fields = message(b'T', &0i16.to_be_bytes());
+        collect.message(no_fields).expect("row description");
+        for _ in 0..1000 {
+            let row = message(b'D', &0i16.to_be_bytes());
+            collect.message(row).expect("row");
+        }
+        assert!(collect.too_large, "1,000 rows answered within 1,000 bytes");
+        assert!(collect.current.rows.is_empty());
     }
 
     #[test]

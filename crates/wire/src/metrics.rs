@@ -649,8 +649,8 @@ mod tests {
                 .map(str::to_owned)
                 .collect::<Vec<_>>()
         };
-        // The series of `family` that name `label`: exactly `series` of
-        // them, one of which reads `count`.
+        // `family` has exactly `series` series, and the one naming `label`
+        // reads `count`.
         let counts = |family: &str, series: usize, label: &str, count: &str| {
             let lines = line(family);
             assert_eq!(lines.len(), series, "{family}: {text}");
