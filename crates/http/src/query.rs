@@ -922,6 +922,60 @@ mod tests {
     }
 
     #[test]
+    fn a_data_row_wider_or_narrower_than_its_description_is_refused() {
+        let steps = [Step::User];
+        let collect = || Collect {
+            steps: &steps,
+            step: 0,
+            current: StatementResult::default(),
+            results: Vec::new(),
+            size: 0,
+            max_bytes: 1000,
+            too_large: false,
+            touched: false,
+        };
+        // One text column named "a".
+        let mut description = 1i16.to_be_bytes().to_vec();
+        description.extend_from_slice(b"a\0");
+        description.extend_from_slice(&0u32.to_be_bytes());
+        description.extend_from_slice(&0i16.to_be_bytes());
+        description.extend_from_slice(&25u32.to_be_bytes());
+        description.extend_from_slice(&(-1i16).to_be_bytes());
+        description.extend_from_slice(&(-1i32).to_be_bytes());
+        description.extend_from_slice(&0i16.to_be_bytes());
+        let row = |values: &[&[u8]]| {
+            let mut body = i16::try_from(values.len())
+                .expect("few")
+                .to_be_bytes()
+                .to_vec();
+            for value in values {
+                body.extend_from_slice(&i32::try_from(value.len()).expect("short").to_be_bytes());
+                body.extend_from_slice(value);
+            }
+            message(b'D', &body)
+        };
+        let mut fits = collect();
+        fits.message(message(b'T', &description))
+            .expect("row description");
+        fits.message(row(&[b"x"])).expect("as wide as described");
+        assert_eq!(fits.current.rows.len(), 1);
+        for values in [&[][..], &[&b"x"[..], &b"y"[..]][..]] {
+            let mut collect = collect();
+            collect
+                .message(message(b'T', &description))
+                .expect("row description");
+            assert!(
+                matches!(
+                    collect.message(row(values)),
+                    Err(UpstreamError::Protocol(_))
+                ),
+                "{} values for one column",
+                values.len()
+            );
+        }
+    }
+
+    #[test]
     fn results_are_written_as_the_value_tree_serialized_them() {
         let result = StatementResult {
             fields: vec![
