@@ -464,16 +464,7 @@ pub async fn finish(
         running,
         deadline,
     } = request;
-    let mut collect = Collect {
-        steps: &steps,
-        step: 0,
-        current: StatementResult::default(),
-        results: Vec::new(),
-        size: 0,
-        max_bytes: limits.max_bytes,
-        too_large: false,
-        touched: touches,
-    };
+    let mut collect = Collect::new(&steps, limits.max_bytes, touches);
     // The outer deadline comes first: the inner one only bounds the read.
     let read_by = deadline + limits.internal_timeout;
     // A message larger than the whole response can never be answered:
@@ -620,7 +611,23 @@ struct Collect<'a> {
     touched: bool,
 }
 
-impl Collect<'_> {
+impl<'a> Collect<'a> {
+    /// Ready to collect the replies to `steps`, within `max_bytes`;
+    /// `touched` when the statements' text already shows they may leave
+    /// session state.
+    fn new(steps: &'a [Step], max_bytes: usize, touched: bool) -> Self {
+        Self {
+            steps,
+            step: 0,
+            current: StatementResult::default(),
+            results: Vec::new(),
+            size: 0,
+            max_bytes,
+            too_large: false,
+            touched,
+        }
+    }
+
     fn message(&mut self, message: Message) -> Result<(), UpstreamError> {
         let malformed = |_| UpstreamError::Protocol("a malformed result message");
         match message {
@@ -900,16 +907,7 @@ mod tests {
     #[test]
     fn rows_without_columns_count_toward_the_response_limit() {
         let steps = [Step::User];
-        let mut collect = Collect {
-            steps: &steps,
-            step: 0,
-            current: StatementResult::default(),
-            results: Vec::new(),
-            size: 0,
-            max_bytes: 1000,
-            too_large: false,
-            touched: false,
-        };
+        let mut collect = Collect::new(&steps, 1000, false);
         // `SELECT FROM generate_series(1, 1000)`: no fields, rows of none.
         let no_fields = message(b'T', &0i16.to_be_bytes());
         collect.message(no_fields).expect("row description");
@@ -924,16 +922,7 @@ mod tests {
     #[test]
     fn a_data_row_wider_or_narrower_than_its_description_is_refused() {
         let steps = [Step::User];
-        let collect = || Collect {
-            steps: &steps,
-            step: 0,
-            current: StatementResult::default(),
-            results: Vec::new(),
-            size: 0,
-            max_bytes: 1000,
-            too_large: false,
-            touched: false,
-        };
+        let collect = || Collect::new(&steps, 1000, false);
         // One text column named "a".
         let mut description = 1i16.to_be_bytes().to_vec();
         description.extend_from_slice(b"a\0");
