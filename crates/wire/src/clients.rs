@@ -115,7 +115,18 @@ struct Registration {
     state: AtomicU8,
     login: OnceLock<ClientLogin>,
     /// What it has been told from outside its task.
-    told: Told,
+    told: Flags,
+}
+
+/// What a connection has been told ([`ClientHandle::poll_told`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Told(u8);
+
+impl Told {
+    /// Close now: a forced drain or the console's `KILL_CLIENT`.
+    pub(crate) fn close(self) -> bool {
+        self.0 & CLOSE != 0
+    }
 }
 
 /// A drain began: close at the next transaction boundary.
@@ -126,7 +137,7 @@ const CLOSE: u8 = 2;
 /// Flags raised for a connection's task, and the waker of the one task
 /// that waits for them (a connection's own).
 #[derive(Debug, Default)]
-struct Told {
+struct Flags {
     raised: AtomicU8,
     waker: AtomicWaker,
     /// Which waker `waker` was last given (its data and vtable addresses,
@@ -137,7 +148,7 @@ struct Told {
     registered: (AtomicUsize, AtomicUsize),
 }
 
-impl Told {
+impl Flags {
     fn raise(&self, flags: u8) {
         self.raised.fetch_or(flags, Ordering::AcqRel);
         self.waker.wake();
@@ -147,10 +158,12 @@ impl Told {
         self.raised.load(Ordering::Acquire) & flag != 0
     }
 
-    fn poll_raised(&self, flag: u8, cx: &mut Context<'_>) -> Poll<()> {
+    /// `Ready` with the flags of `flags` raised, if any; otherwise the
+    /// task's waker is registered for the next raise.
+    fn poll_raised(&self, flags: u8, cx: &mut Context<'_>) -> Poll<u8> {
         let raised = self.raised.load(Ordering::Acquire);
-        if raised & flag != 0 {
-            return Poll::Ready(());
+        if raised & flags != 0 {
+            return Poll::Ready(raised & flags);
         }
         let waker = cx.waker();
         let id = crate::waker_id::waker_id(waker);
@@ -167,10 +180,9 @@ impl Told {
         self.registered.1.store(id.1, Ordering::Relaxed);
         // Raised between the check and the registration: its wake may
         // have gone to the waker before this one.
-        if self.is_raised(flag) {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
+        match self.raised.load(Ordering::Acquire) & flags {
+            0 => Poll::Pending,
+            raised => Poll::Ready(raised),
         }
     }
 }
@@ -255,7 +267,7 @@ impl Clients {
             connected: SystemTime::now(),
             state: AtomicU8::new(ClientState::Authenticating.as_u8()),
             login: OnceLock::new(),
-            told: Told::default(),
+            told: Flags::default(),
         });
         let mut entries = self.entries();
         // Read under the lock `tell_all` raises under: a connection
@@ -381,14 +393,24 @@ impl ClientHandle {
     /// waker, the last one to wait.
     pub(crate) fn closing(&self) -> impl Future<Output = ()> + Send + '_ {
         let told = &self.activity.0.told;
-        std::future::poll_fn(move |cx| told.poll_raised(CLOSE, cx))
+        std::future::poll_fn(move |cx| told.poll_raised(CLOSE, cx).map(drop))
     }
 
     /// Completes when a drain has begun (at once if it has): the
     /// connection should close at its next transaction boundary.
     pub(crate) fn draining(&self) -> impl Future<Output = ()> + Send + '_ {
         let told = &self.activity.0.told;
-        std::future::poll_fn(move |cx| told.poll_raised(DRAIN, cx))
+        std::future::poll_fn(move |cx| told.poll_raised(DRAIN, cx).map(drop))
+    }
+
+    /// What the connection has been told, polled by its own task without
+    /// a future per order: `Ready` once it must close now, or (with
+    /// `drain`) once a drain has begun; otherwise the task is woken by the
+    /// next order it listens for. A relay's stops look here on every wake
+    /// (`session/stops.rs`).
+    pub(crate) fn poll_told(&self, drain: bool, cx: &mut Context<'_>) -> Poll<Told> {
+        let flags = if drain { CLOSE | DRAIN } else { CLOSE };
+        self.activity.0.told.poll_raised(flags, cx).map(Told)
     }
 
     /// Whether a drain has begun.
@@ -463,7 +485,7 @@ mod tests {
 
     #[test]
     fn a_wait_polled_again_by_its_waker_is_woken_and_a_new_waker_replaces_it() {
-        let told = Told::default();
+        let told = Flags::default();
         let (first, first_waker) = counting();
         let mut cx = Context::from_waker(&first_waker);
         assert!(told.poll_raised(CLOSE, &mut cx).is_pending());

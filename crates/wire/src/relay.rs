@@ -118,6 +118,15 @@ pub enum Stop {
     ClientStalled,
 }
 
+/// What the world outside a relay says to it ([`Relay::run_heeding`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heed {
+    /// Stop at the next idle transaction boundary.
+    AtIdle,
+    /// Stop now, wherever the session is.
+    Now,
+}
+
 /// An I/O failure in the relay, by the side that failed: a lost backend
 /// is the operator's concern, a client that vanished is routine.
 #[derive(Debug, thiserror::Error)]
@@ -531,8 +540,35 @@ impl Relay {
         Ok(())
     }
 
-    /// Relays until a side ends or the session stops at an idle boundary.
+    /// Relays until a side ends or the session stops at an idle boundary,
+    /// heeding nothing outside ([`Relay::run_heeding`] with nothing to
+    /// say): for tests and benches.
+    #[cfg(any(test, feature = "internals"))]
     pub async fn run<C, U>(&mut self, client: &mut C, upstream: &mut U) -> Result<Stop, RelayError>
+    where
+        C: AsyncRead + AsyncWrite + ReadHint + Unpin + ?Sized,
+        U: AsyncRead + AsyncWrite + ReadHint + Unpin + ?Sized,
+    {
+        let heeded = self
+            .run_heeding(client, upstream, |_, _| Poll::Pending)
+            .await;
+        heeded.unwrap_or_else(|| unreachable!("nothing outside says to stop now"))
+    }
+
+    /// [`Relay::run`], heeding what `outside` says before each poll of the
+    /// relay (in the same poll, with no future of its own; it may look at
+    /// the relay): `Heed::AtIdle` asks the relay to stop at its next idle
+    /// boundary, as [`Relay::stop_at_idle`] does; `Heed::Now` stops it
+    /// where it is, and the run returns `None`. `outside` is asked again
+    /// until it answers `Pending`, so it answers `AtIdle` once, and then
+    /// registers the task's waker for what it still watches, as a future
+    /// would.
+    pub async fn run_heeding<C, U>(
+        &mut self,
+        client: &mut C,
+        upstream: &mut U,
+        mut outside: impl FnMut(&Self, &mut Context<'_>) -> Poll<Heed>,
+    ) -> Option<Result<Stop, RelayError>>
     where
         C: AsyncRead + AsyncWrite + ReadHint + Unpin + ?Sized,
         U: AsyncRead + AsyncWrite + ReadHint + Unpin + ?Sized,
@@ -544,10 +580,20 @@ impl Relay {
         if !std::mem::take(&mut self.streams_untouched) {
             self.armed = Armed::default();
         }
-        let stopped = poll_fn(|cx| self.poll_run(cx, client, upstream)).await;
+        let stopped = poll_fn(|cx| {
+            while let Poll::Ready(heed) = outside(self, cx) {
+                match heed {
+                    Heed::Now => return Poll::Ready(None),
+                    Heed::AtIdle => self.stop_at_idle(true),
+                }
+            }
+            self.poll_run(cx, client, upstream).map(Some)
+        })
+        .await;
         self.stopped_at = self.clock.take();
-        if let Some(observed) = &self.observed
-            && let Some(label) = stop_label(&stopped, self.server_ended)
+        if let Some(stopped) = &stopped
+            && let Some(observed) = &self.observed
+            && let Some(label) = stop_label(stopped, self.server_ended)
         {
             observed.tally.stopped(label);
             self.audit_unfinished(label);

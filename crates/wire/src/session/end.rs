@@ -9,7 +9,7 @@
 //! transaction boundary after its token's `exp`; during a drain, at its
 //! next idle boundary, with 57P01 as Postgres says it on shutdown.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use tokio::time::Instant;
 use tracing::Instrument as _;
@@ -18,9 +18,9 @@ use super::greet::Greeted;
 use super::handshake::SessionLogin;
 use super::lease::Lease;
 use super::limited::{Counted, IdentityHold};
+use super::stops::{Boundary, Stops};
 use super::{ClientIo, LoggedIn, Session, refuse};
 use crate::cancel::CancelGuard;
-use crate::clients::ClientHandle;
 use crate::config::ClientLimits;
 use crate::error::{ProtocolViolation, SessionError};
 use crate::proxy::Settings;
@@ -76,25 +76,6 @@ impl<S: ClientIo> Session<'_, S> {
     }
 }
 
-/// Why a relay stopped at an idle boundary on the proxy's request.
-#[derive(Clone, Copy)]
-pub(super) enum Boundary {
-    /// The token expired (`enforce_token_expiry`).
-    TokenExpired,
-    /// The proxy drains for shutdown.
-    Draining,
-}
-
-/// What stops a relay besides its own end.
-struct Stops<'a> {
-    /// The token's expiry, when enforced.
-    expires: Option<SystemTime>,
-    /// Until when a drain spares the session.
-    spared_until: Instant,
-    /// Whose closing is a forced drain or `KILL_CLIENT`.
-    registered: &'a crate::clients::ClientHandle,
-}
-
 /// Relays until the session ends, then resets and returns the connection
 /// to the pool if it can be reused. `relay` may have followed part of the
 /// session already (a transaction-pooled client pinned to its connection).
@@ -110,11 +91,7 @@ pub(super) async fn relay_to_end<S: ClientIo>(
     let pipelined = std::mem::take(&mut session.inbox);
     let span = session.span();
     let limits = session.settings.config.client_limits;
-    let stops = Stops {
-        expires,
-        spared_until: session.spared_until,
-        registered: &session.registered,
-    };
+    let stops = Stops::new(&session.registered, session.spared_until, expires);
     let client = &mut session.client;
     let Held { relay, lease, .. } = &mut *held;
     let conn = lease.conn();
@@ -170,67 +147,12 @@ async fn relay_until_stop<C: ClientIo>(
     client: &mut C,
     conn: &mut crate::upstream::Upstream,
     relay: &mut Relay,
-    stops: Stops<'_>,
+    mut stops: Stops<'_>,
 ) -> (Option<Result<Stop, RelayError>>, Option<Boundary>) {
-    let Stops {
-        expires,
-        spared_until,
-        registered,
-    } = stops;
-    let closing = registered.closing();
-    tokio::pin!(closing);
-    // The timers are boxed, made only when they can fire: every idle
-    // session holds this future.
-    let mut expiry = expiry_timer(expires);
-    let expired = async {
-        match expiry.as_mut() {
-            Some(expiry) => expiry.await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(expired);
-    let drained = drain_reaches(registered, spared_until);
-    tokio::pin!(drained);
-    let mut boundary = None;
-    loop {
-        tokio::select! {
-            // The relay first: what is in flight is relayed before a
-            // stop is asked for; the stops are checked on the same poll.
-            biased;
-            stopped = relay.run(client, conn.stream()) => return (Some(stopped), boundary),
-            () = &mut closing => return (None, boundary),
-            () = &mut expired, if boundary.is_none() => {
-                boundary = Some(Boundary::TokenExpired);
-                relay.stop_at_idle(true);
-            }
-            () = &mut drained, if boundary.is_none() => {
-                boundary = Some(Boundary::Draining);
-                relay.stop_at_idle(true);
-            }
-        }
-    }
-}
-
-/// A timer for a token's enforced expiry at `expires`, if enforced: boxed,
-/// and made only then (an idle session holds the future that holds it).
-pub(super) fn expiry_timer(
-    expires: Option<SystemTime>,
-) -> Option<std::pin::Pin<Box<tokio::time::Sleep>>> {
-    expires.map(|at| {
-        let left = at
-            .duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO);
-        Box::pin(tokio::time::sleep(left))
-    })
-}
-
-/// Completes when a drain has begun and the session's grace after its
-/// login (`spared_until`) is over: where a drain closes it, at its next
-/// idle boundary. The timer is boxed, made only once a drain begins: every
-/// idle session holds this future.
-pub(super) async fn drain_reaches(registered: &ClientHandle, spared_until: Instant) {
-    registered.draining().await;
-    Box::pin(tokio::time::sleep_until(spared_until)).await;
+    let stopped = relay
+        .run_heeding(client, conn.stream(), |_, cx| stops.poll(cx))
+        .await;
+    (stopped, stops.asked())
 }
 
 /// The error a relay's stop ends the session with, if any: `boundary` says

@@ -21,6 +21,7 @@ mod handshake;
 mod lease;
 mod limited;
 mod negotiate;
+mod stops;
 mod transactions;
 
 use std::net::{IpAddr, SocketAddr};

@@ -11,7 +11,10 @@
 //! client whose session cannot move (LISTEN, SET ROLE, ...) keeps its
 //! connection to the end.
 
+use std::future::Future as _;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use tokio::io::AsyncReadExt as _;
@@ -22,13 +25,14 @@ use super::end::{self, Held, Parting, relay_to_end};
 use super::greet::Greeted;
 use super::lease::{self, Lease, Readied, Readying};
 use super::limited::{self, IdentityHold};
+use super::stops::{self, Stops};
 use super::{ClientIo, LoggedIn, Session};
 use crate::cancel::CancelGuard;
 use crate::clients::ClientState;
 use crate::error::SessionError;
 use crate::limits::Turn;
 use crate::pool::{Fairness, PoolKey, Pooled, UpstreamPool};
-use crate::relay::{self, Relay, RelayError, Stop};
+use crate::relay::{self, Heed, Relay, RelayError, Stop};
 use crate::transaction::PooledClient;
 
 /// Serves a transaction-pooled client from its greeting on.
@@ -288,14 +292,23 @@ fn relay_transaction<'a, S: ClientIo>(
         let forwarded = relay.forward(first.bytes(), conn.stream()).await;
         first.clear();
         let stopped = match forwarded {
-            Ok(()) => tokio::select! {
-                biased;
-                stopped = relay.run(&mut session.client, conn.stream()) => stopped,
-                () = session.registered.closing() => {
-                    let span = session.span();
-                    return Box::pin(forced(session, *relay, pooled, cancel).instrument(span)).await;
+            Ok(()) => {
+                let registered = &session.registered;
+                let killed = |_: &Relay, cx: &mut Context<'_>| {
+                    registered.poll_told(false, cx).map(|_| Heed::Now)
+                };
+                match relay
+                    .run_heeding(&mut session.client, conn.stream(), killed)
+                    .await
+                {
+                    Some(stopped) => stopped,
+                    None => {
+                        let span = session.span();
+                        return Box::pin(forced(session, *relay, pooled, cancel).instrument(span))
+                            .await;
+                    }
                 }
-            },
+            }
             Err(error) => Err(error),
         };
         let mut stopped = stopped;
@@ -433,18 +446,8 @@ async fn kept<S: ClientIo>(
     if !keep.goes_on(idle_since) {
         return Kept::Refused;
     }
-    let mut expiry = end::expiry_timer(client.expires);
-    let expired = std::future::poll_fn(|cx| match expiry.as_mut() {
-        Some(sleep) => sleep.as_mut().poll(cx),
-        None => std::task::Poll::Pending,
-    });
-    tokio::pin!(expired);
     let registered = &session.registered;
-    let spared_until = session.spared_until;
-    let closing = registered.closing();
-    tokio::pin!(closing);
-    let drained = end::drain_reaches(registered, spared_until);
-    tokio::pin!(drained);
+    let mut stops = Stops::new(registered, session.spared_until, client.expires);
     let io = &mut session.client;
     let mut ending = false;
     let mut again = false;
@@ -458,33 +461,28 @@ async fn kept<S: ClientIo>(
             relay.keep();
         }
         again = true;
-        let stopped = loop {
-            tokio::select! {
-                // The stops first: each only asks the relay to stop at
-                // its next idle boundary, before it reads on.
-                biased;
-                () = &mut closing => return Kept::Closing,
-                () = &mut expired, if !ending => {
-                    ending = true;
-                    relay.stop_at_idle(true);
-                }
-                () = &mut drained, if !ending => {
-                    ending = true;
-                    relay.stop_at_idle(true);
-                }
-                () = &mut called, if !ending => {
-                    // Listening again before looking: a call made while it
-                    // looks is heard.
-                    called = keep.called();
-                    let now = Instant::now();
-                    let quiet = relay.is_idle() && relay.last_active() + keep.quiet() <= now;
-                    if quiet || !keep.goes_on(now) {
-                        ending = true;
-                        relay.stop_at_idle(true);
-                    }
-                }
-                stopped = relay.run(io, pooled.conn().stream()) => break stopped,
+        // The stops are heard before the relay reads on: each only asks
+        // it to stop at its next idle boundary.
+        let heeded = relay.run_heeding(io, pooled.conn().stream(), |relay, cx| {
+            if let Poll::Ready(heed) = stops.poll(cx) {
+                ending = true;
+                return Poll::Ready(heed);
             }
+            while !ending && Pin::new(&mut called).poll(cx).is_ready() {
+                // Listening again (polled on the next pass) before
+                // looking: a call made while it looks is heard.
+                called = keep.called();
+                let now = Instant::now();
+                let quiet = relay.is_idle() && relay.last_active() + keep.quiet() <= now;
+                if quiet || !keep.goes_on(now) {
+                    ending = true;
+                    return Poll::Ready(Heed::AtIdle);
+                }
+            }
+            Poll::Pending
+        });
+        let Some(stopped) = heeded.await else {
+            return Kept::Closing;
         };
         if let Some(tracker) = relay.take_tracker() {
             client.return_tracker(tracker);
@@ -494,7 +492,7 @@ async fn kept<S: ClientIo>(
         // very boundary.
         let stop_now = registered.is_closing()
             || client.expires.is_some_and(|at| SystemTime::now() >= at)
-            || registered.is_draining() && now >= spared_until;
+            || stops.drain_reached(now);
         let at_boundary = matches!(stopped, Ok(Stop::Idle)) && !ending && !stop_now;
         let goes_on = keep.goes_on(now);
         if !at_boundary || !goes_on || client.unsettled() {
@@ -528,7 +526,7 @@ async fn next_transaction<S: ClientIo>(
         let First::Read(head, len) = first else {
             unreachable!("`clear` leaves a read")
         };
-        let drained = end::drain_reaches(registered, spared_until);
+        let drained = stops::drain_reaches(registered, spared_until);
         let n = tokio::select! {
             // A kill first; then the client's bytes: a transaction that
             // has started runs before a drain closes the client.

@@ -1,0 +1,132 @@
+//! What stops a session's relay from outside it, looked at beside the
+//! relay on every wake: one load of the client's told flags while nothing
+//! is told, not a future per stop (a session's task is woken twice a
+//! transaction, and three futures polled each time were a tenth of the
+//! relay's cost).
+//!
+//! A kill (`KILL_CLIENT`, a forced drain) stops the relay now. A drain,
+//! once a freshly logged-in session's grace is over, and an enforced token
+//! expiry stop it at its next idle transaction boundary.
+
+use std::future::Future as _;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::{Instant, Sleep};
+
+use crate::clients::ClientHandle;
+use crate::relay::Heed;
+
+/// Why a relay was asked to stop at an idle boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Boundary {
+    /// The token expired (`enforce_token_expiry`).
+    TokenExpired,
+    /// The proxy drains for shutdown.
+    Draining,
+}
+
+/// The stops of one relayed stretch of a session.
+pub(super) struct Stops<'a> {
+    registered: &'a ClientHandle,
+    /// Until when a drain spares the session (a fresh login's grace).
+    spared_until: Instant,
+    /// The token's enforced expiry. Boxed, and made only when enforced:
+    /// every idle session holds this.
+    expiry: Option<Pin<Box<Sleep>>>,
+    /// The rest of the grace, made once a drain begins within it.
+    grace: Option<Pin<Box<Sleep>>>,
+    /// The idle-boundary stop asked for, once one is.
+    asked: Option<Boundary>,
+}
+
+impl<'a> Stops<'a> {
+    /// The stops of a session registered as `registered`, spared by a
+    /// drain until `spared_until`, whose token's expiry is enforced at
+    /// `expires`.
+    pub(super) fn new(
+        registered: &'a ClientHandle,
+        spared_until: Instant,
+        expires: Option<SystemTime>,
+    ) -> Self {
+        Self {
+            registered,
+            spared_until,
+            expiry: expiry_timer(expires),
+            grace: None,
+            asked: None,
+        }
+    }
+
+    /// The idle-boundary stop asked for so far, if any.
+    pub(super) fn asked(&self) -> Option<Boundary> {
+        self.asked
+    }
+
+    /// Whether a drain has begun and the session's grace is over, as of
+    /// `now`: where a drain closes it at its next idle boundary.
+    pub(super) fn drain_reached(&self, now: Instant) -> bool {
+        self.registered.is_draining() && now >= self.spared_until
+    }
+
+    /// `Ready(Heed::Now)` once the session must stop now;
+    /// `Ready(Heed::AtIdle)` once (and only once) it must stop at its next
+    /// idle boundary; otherwise the task is woken when either may have
+    /// changed.
+    pub(super) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Heed> {
+        let listening_for_drain = self.asked.is_none();
+        let mut told = self.registered.poll_told(listening_for_drain, cx);
+        let draining = matches!(told, Poll::Ready(told) if !told.close());
+        if draining {
+            // Listen for a kill from here on: a `Ready` registered nothing.
+            told = self.registered.poll_told(false, cx);
+        }
+        if let Poll::Ready(told) = told
+            && told.close()
+        {
+            return Poll::Ready(Heed::Now);
+        }
+        if draining {
+            let spared_until = self.spared_until;
+            let grace = self
+                .grace
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(spared_until)));
+            if grace.as_mut().poll(cx).is_ready() {
+                return self.ask(Boundary::Draining);
+            }
+        }
+        if listening_for_drain
+            && let Some(expiry) = self.expiry.as_mut()
+            && expiry.as_mut().poll(cx).is_ready()
+        {
+            return self.ask(Boundary::TokenExpired);
+        }
+        Poll::Pending
+    }
+
+    fn ask(&mut self, boundary: Boundary) -> Poll<Heed> {
+        self.asked = Some(boundary);
+        Poll::Ready(Heed::AtIdle)
+    }
+}
+
+/// A timer for a token's enforced expiry at `expires`, if enforced: boxed,
+/// and made only then (an idle session holds the future that holds it).
+pub(super) fn expiry_timer(expires: Option<SystemTime>) -> Option<Pin<Box<Sleep>>> {
+    expires.map(|at| {
+        let left = at
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        Box::pin(tokio::time::sleep(left))
+    })
+}
+
+/// Completes when a drain has begun and the session's grace after its
+/// login (`spared_until`) is over: where a drain closes it, at its next
+/// idle boundary. The timer is boxed, made only once a drain begins: every
+/// idle session holds this future.
+pub(super) async fn drain_reaches(registered: &ClientHandle, spared_until: Instant) {
+    registered.draining().await;
+    Box::pin(tokio::time::sleep_until(spared_until)).await;
+}
