@@ -11,7 +11,8 @@
 # cleartext tokens from loopback), so each does the same work per byte. A run
 # whose transactions fail (pgbouncer before 1.21 cannot run prepared
 # statements in transaction mode) prints "fail". Each pair of proxies
-# runs pgbouncer first in odd rounds and authgres first in even ones.
+# runs pgbouncer first in odd rounds and authgres first in even ones; the
+# CPU measurement runs each proxy twice a round, in the order A B B A.
 #
 #   benches/compare.sh [seconds] [modes] [loads] [rounds] [pairs]
 #     modes: "session transaction" (default both)
@@ -96,19 +97,26 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 ticks_per_second=$(getconf CLK_TCK)
 # The proxy's own CPU per transaction over a fixed transaction count: on
 # two shared cores throughput mostly measures pgbench and Postgres, while
-# this is the proxy's cost alone.
-cpu_per_transaction() { # pid port database password clients transactions
+# this is the proxy's cost alone. `cpu_run` adds one run's ticks and
+# transactions to `ticks` and `counted` (or sets `ticks=fail`).
+cpu_run() { # pid port database password clients transactions
     local pid=$1 port=$2 db=$3 password=$4 clients=$5 total=$6 before after out per_client
     per_client=$((total / clients))
     before=$(cpu_ticks "$pid")
     out=$(pgbench_run "$port" "$db" "$password" -c "$clients" -M simple -t "$per_client") || true
     after=$(cpu_ticks "$pid")
     if ! echo "$out" | grep -q "actually processed: $((clients * per_client))/"; then
-        cpu_us=fail
+        ticks=fail
         return
     fi
-    cpu_us=$(python3 -c "import sys; t, hz, n = map(float, sys.argv[1:]); print(f'{t / hz / n * 1e6:.1f}')" \
-        "$((after - before))" "$ticks_per_second" "$((clients * per_client))")
+    [ "$ticks" = fail ] || ticks=$((ticks + after - before))
+    counted=$((counted + clients * per_client))
+}
+# Microseconds of CPU per transaction from `ticks` over `counted`.
+cpu_us() {
+    if [ "$ticks" = fail ]; then echo fail; return; fi
+    python3 -c "import sys; t, hz, n = map(float, sys.argv[1:]); print(f'{t / hz / n * 1e6:.1f}')" \
+        "$ticks" "$ticks_per_second" "$counted"
 }
 ratio() { python3 -c "
 import sys
@@ -170,17 +178,25 @@ echo "--- proxy CPU per transaction (utime+stime from /proc), pgbench -c $client
 printf "%-22s %10s %8s\n" target "µs / tx" "ratio"
 for mode in $modes; do
     target "$mode"
-    if authgres_first; then
-        cpu_per_transaction "$authgres_pid" "$authgres_port" app "$AUTHGRES_TOKEN_A" "$clients" "$total"
-        authgres_us=$cpu_us
-        cpu_per_transaction "$bouncer" "$bouncer_port" "$bouncer_db" "$role_password" "$clients" "$total"
-        bouncer_us=$cpu_us
-    else
-        cpu_per_transaction "$bouncer" "$bouncer_port" "$bouncer_db" "$role_password" "$clients" "$total"
-        bouncer_us=$cpu_us
-        cpu_per_transaction "$authgres_pid" "$authgres_port" app "$AUTHGRES_TOKEN_A" "$clients" "$total"
-        authgres_us=$cpu_us
-    fi
+    # Each proxy runs twice, half the transactions each time, in the order
+    # A B B A (A is pgbouncer in odd rounds): a drift across the four
+    # runs, or a cost to running second, falls on both alike.
+    authgres_ticks=0 authgres_counted=0 bouncer_ticks=0 bouncer_counted=0
+    order="pgbouncer authgres authgres pgbouncer"
+    authgres_first && order="authgres pgbouncer pgbouncer authgres"
+    for who in $order; do
+        if [ "$who" = pgbouncer ]; then
+            ticks=$bouncer_ticks counted=$bouncer_counted
+            cpu_run "$bouncer" "$bouncer_port" "$bouncer_db" "$role_password" "$clients" $((total / 2))
+            bouncer_ticks=$ticks bouncer_counted=$counted
+        else
+            ticks=$authgres_ticks counted=$authgres_counted
+            cpu_run "$authgres_pid" "$authgres_port" app "$AUTHGRES_TOKEN_A" "$clients" $((total / 2))
+            authgres_ticks=$ticks authgres_counted=$counted
+        fi
+    done
+    ticks=$bouncer_ticks counted=$bouncer_counted bouncer_us=$(cpu_us)
+    ticks=$authgres_ticks counted=$authgres_counted authgres_us=$(cpu_us)
     printf "%-22s %10s %8s\n" "pgbouncer $mode" "$bouncer_us" 1.00
     printf "%-22s %10s %8s\n" "authgres $mode" "$authgres_us" "$(ratio "$authgres_us" "$bouncer_us")"
     echo "$mode $clients $(ratio "$authgres_us" "$bouncer_us")" >>"$work/cpu_ratios"
