@@ -182,6 +182,9 @@ async fn a_tokens_requests_share_its_session_until_one_may_have_changed_it() {
         ("select 1 as one into temp t", 200),
         ("create temp table t (x int)", 200),
         ("create table pg_temp.t as select 1 as x", 200),
+        // Names spelled with Unicode escapes: `set_config`, `pg_temp`.
+        (r#"select U&"set\005Fconfig"('app.x', '2', false)"#, 200),
+        (r#"create table U&"pg\005Ftemp".u as select 1 as x"#, 200),
         ("select 1/0", 400),
         ("begin", 200),
     ] {

@@ -310,7 +310,8 @@ pub fn encode(statements: &[Statement]) -> Result<Encoded, ExecError> {
 /// which the attached claims no longer verify), or the word
 /// `temp`/`temporary` or a name in `pg_temp` (`SELECT ... INTO TEMP`,
 /// `CREATE TEMP TABLE ... AS` and `CREATE TABLE pg_temp.t AS` complete as
-/// `SELECT`). False alarms cost a reset.
+/// `SELECT`); a name or string spelled with Unicode escapes (`U&"..."`)
+/// may be any of these. False alarms cost a reset.
 fn may_touch_session(text: &str) -> bool {
     Tracker::text_mentions(
         text.as_bytes(),
@@ -858,6 +859,8 @@ mod tests {
             "select 1 into pg_temp.t",
             "create table PG_TEMP.t as select 1",
             "select * from pg_temp_3.t",
+            r#"select U&"set\005Fconfig"('a.b', '1', false)"#,
+            r#"create table U&"pg\005Ftemp".t as select 1"#,
         ] {
             assert!(may_touch_session(text), "{text}");
         }

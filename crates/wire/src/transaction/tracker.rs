@@ -163,23 +163,26 @@ impl Tracker {
 
     /// Whether a statement's text calls `set_config`, whose effect can
     /// outlive the transaction with no command tag to show it. Read
-    /// conservatively: the name anywhere in the text, in any case.
+    /// conservatively: the name anywhere in the text, in any case, or a
+    /// name spelled with Unicode escapes (`U&"..."`), which may spell it.
     pub fn calls_set_config(text: &[u8]) -> bool {
-        words(text).any(|(word, _)| names_set_config(word))
+        words(text).any(|(word, shape)| shape == Shape::Escapes || names_set_config(word))
     }
 
     /// Whether `text` holds one of `parts` inside a name, or one of
     /// `names` as a whole name (or a whole part of a dotted one), in any
-    /// case. One pass over the text's words: the parts are made of word
-    /// bytes only, so none spans two words. `/sql` asks it of each
-    /// statement.
+    /// case; or a name or string spelled with Unicode escapes (`U&"..."`,
+    /// `U&'...'`), which may spell any of them. One pass over the text's
+    /// words: the parts are made of word bytes only, so none spans two
+    /// words. `/sql` asks it of each statement.
     pub fn text_mentions(text: &[u8], parts: &[&[u8]], names: &[&[u8]]) -> bool {
-        words(text).any(|(word, dotted)| {
+        words(text).any(|(word, shape)| {
             parts.iter().any(|part| holds(word, part))
-                || match dotted {
-                    false => names.iter().any(|name| word.eq_ignore_ascii_case(name)),
-                    true => (word.split(|b| *b == b'.'))
+                || match shape {
+                    Shape::Plain => names.iter().any(|name| word.eq_ignore_ascii_case(name)),
+                    Shape::Dotted => (word.split(|b| *b == b'.'))
                         .any(|part| names.iter().any(|name| part.eq_ignore_ascii_case(name))),
+                    Shape::Escapes => true,
                 }
         })
     }
@@ -188,11 +191,14 @@ impl Tracker {
     /// `set_config`, and the dotted names that may be custom settings. One
     /// pass over the text, which every transaction-pooled statement pays.
     fn read_statement(&mut self, text: &[u8]) {
-        for (word, dotted) in words(text) {
-            if !self.touched && names_set_config(word) {
+        for (word, shape) in words(text) {
+            if !self.touched && (shape == Shape::Escapes || names_set_config(word)) {
                 self.touched = true;
             }
-            if !dotted || self.mentioned.len() >= MAX_MENTIONED || word.len() > MAX_NAME {
+            if shape != Shape::Dotted
+                || self.mentioned.len() >= MAX_MENTIONED
+                || word.len() > MAX_NAME
+            {
                 continue;
             }
             let is_name = word.split(|b| *b == b'.').all(|part| {
@@ -291,10 +297,23 @@ const WORD_BYTES: [bool; 256] = {
     }
 };
 
-/// The runs of [`WORD_BYTES`] in `text`, each with whether it holds a dot.
-/// Every letter of `set_config` is a word byte, so the name never spans
-/// two words.
-fn words(text: &[u8]) -> impl Iterator<Item = (&[u8], bool)> {
+/// How a run of word bytes found by [`words`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// A name or part of one, without a dot.
+    Plain,
+    /// A name with a dot in it (`schema.name`, a custom setting).
+    Dotted,
+    /// The `U` of `U&"..."` or `U&'...'`: a quoted name or string whose
+    /// Unicode escapes can spell any name without its letters
+    /// (`U&"set\005Fconfig"`), read as naming anything.
+    Escapes,
+}
+
+/// The runs of [`WORD_BYTES`] in `text`, each with its [`Shape`]. Every
+/// letter of `set_config` is a word byte, so the name never spans two
+/// words; a name spelled with escapes is seen by its `U&` prefix.
+fn words(text: &[u8]) -> impl Iterator<Item = (&[u8], Shape)> {
     let mut at = 0;
     std::iter::from_fn(move || {
         let rest = text.get(at..)?;
@@ -310,7 +329,19 @@ fn words(text: &[u8]) -> impl Iterator<Item = (&[u8], bool)> {
             })
             .count();
         at = start + len;
-        Some((text.get(start..at).unwrap_or_default(), dotted))
+        let word = text.get(start..at).unwrap_or_default();
+        let last = word.rsplit(|b| *b == b'.').next().unwrap_or_default();
+        let shape = if last.eq_ignore_ascii_case(b"u")
+            && matches!(text.get(at..at + 2), Some([b'&', b'"' | b'\'']))
+        {
+            // `U&"..."`, also as the last part of a dotted name.
+            Shape::Escapes
+        } else if dotted {
+            Shape::Dotted
+        } else {
+            Shape::Plain
+        };
+        Some((word, shape))
     })
 }
 
@@ -442,6 +473,37 @@ mod tests {
             b"\xffset_config\xff",
         ] {
             assert_eq!(Tracker::calls_set_config(text), naive(text), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn a_name_or_string_spelled_with_unicode_escapes_may_be_anything() {
+        for text in [
+            &br#"select U&"set\005Fconfig"('a.b', '1', false)"#[..],
+            br#"SELECT pg_catalog.u&"\0073et_config"('a.b','1',false)"#,
+            br"select set_config(U&'app\002Etenant', '1', false)",
+            br#"select (u&"s!0065t_config" uescape '!')('a.b', '1', false)"#,
+        ] {
+            assert!(Tracker::calls_set_config(text), "{text:?}");
+            assert!(Tracker::text_mentions(text, &[b"nothing"], &[]), "{text:?}");
+            let mut tracker = Tracker::default();
+            let mut body = text.to_vec();
+            body.push(0);
+            tracker.client_message(b'Q', Some(&body));
+            assert!(tracker.take_touched(), "{text:?}");
+        }
+        // Not the prefix of a quoted name or string: read as before.
+        for text in [
+            &b"select u & 1 from t"[..],
+            b"select u&1",
+            b"select menu&'x'",
+            br#"select u"x""#,
+        ] {
+            assert!(!Tracker::calls_set_config(text), "{text:?}");
+            assert!(
+                !Tracker::text_mentions(text, &[b"nothing"], &[]),
+                "{text:?}"
+            );
         }
     }
 
