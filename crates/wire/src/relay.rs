@@ -127,6 +127,18 @@ pub enum Heed {
     Now,
 }
 
+/// When [`Relay::run_heeding`] asks what the world outside says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heard {
+    /// After each poll of the relay: what is in flight, and what the
+    /// client already sent, is relayed before a stop is asked for, and a
+    /// relay that stops in the same poll stops for its own reason.
+    AfterRelay,
+    /// Before each poll of the relay: a stop at the next idle boundary is
+    /// asked for before the relay reads on.
+    BeforeRelay,
+}
+
 /// An I/O failure in the relay, by the side that failed: a lost backend
 /// is the operator's concern, a client that vanished is routine.
 #[derive(Debug, thiserror::Error)]
@@ -550,23 +562,24 @@ impl Relay {
         U: AsyncRead + AsyncWrite + ReadHint + Unpin + ?Sized,
     {
         let heeded = self
-            .run_heeding(client, upstream, |_, _| Poll::Pending)
+            .run_heeding(client, upstream, Heard::AfterRelay, |_, _| Poll::Pending)
             .await;
         heeded.unwrap_or_else(|| unreachable!("nothing outside says to stop now"))
     }
 
-    /// [`Relay::run`], heeding what `outside` says before each poll of the
-    /// relay (in the same poll, with no future of its own; it may look at
-    /// the relay): `Heed::AtIdle` asks the relay to stop at its next idle
-    /// boundary, as [`Relay::stop_at_idle`] does; `Heed::Now` stops it
-    /// where it is, and the run returns `None`. `outside` is asked again
-    /// until it answers `Pending`, so it answers `AtIdle` once, and then
-    /// registers the task's waker for what it still watches, as a future
-    /// would.
+    /// [`Relay::run`], heeding what `outside` says on each poll of the
+    /// relay, before or after it as `heard` says (in the same poll, with no
+    /// future of its own; it may look at the relay): `Heed::AtIdle` asks
+    /// the relay to stop at its next idle boundary, as
+    /// [`Relay::stop_at_idle`] does; `Heed::Now` stops it where it is, and
+    /// the run returns `None`. `outside` is asked again until it answers
+    /// `Pending`, so it answers `AtIdle` once, and then registers the
+    /// task's waker for what it still watches, as a future would.
     pub async fn run_heeding<C, U>(
         &mut self,
         client: &mut C,
         upstream: &mut U,
+        heard: Heard,
         mut outside: impl FnMut(&Self, &mut Context<'_>) -> Poll<Heed>,
     ) -> Option<Result<Stop, RelayError>>
     where
@@ -581,13 +594,20 @@ impl Relay {
             self.armed = Armed::default();
         }
         let stopped = poll_fn(|cx| {
-            while let Poll::Ready(heed) = outside(self, cx) {
-                match heed {
-                    Heed::Now => return Poll::Ready(None),
-                    Heed::AtIdle => self.stop_at_idle(true),
+            loop {
+                if heard == Heard::AfterRelay
+                    && let Poll::Ready(stopped) = self.poll_run(cx, client, upstream)
+                {
+                    return Poll::Ready(Some(stopped));
+                }
+                match outside(self, cx) {
+                    Poll::Ready(Heed::Now) => return Poll::Ready(None),
+                    // Polled again: it may stop at once.
+                    Poll::Ready(Heed::AtIdle) => self.stop_at_idle(true),
+                    Poll::Pending if heard == Heard::AfterRelay => return Poll::Pending,
+                    Poll::Pending => return self.poll_run(cx, client, upstream).map(Some),
                 }
             }
-            self.poll_run(cx, client, upstream).map(Some)
         })
         .await;
         self.stopped_at = self.clock.take();

@@ -392,3 +392,53 @@ fn a_relay_fits_the_allocators_small_sizes() {
     let size = std::mem::size_of::<Relay>();
     assert!(size <= 1024, "a relay is {size} bytes");
 }
+
+/// A stop at the next idle boundary asked for on the poll that finds the
+/// client's next request already sent: heard after the relay, the request
+/// is relayed and answered first; heard before it, nothing is read.
+#[tokio::test]
+async fn a_stop_heard_after_the_relay_lets_what_was_sent_through_and_before_it_does_not() {
+    for heard in [Heard::AfterRelay, Heard::BeforeRelay] {
+        let (mut client, mut client_peer) = tokio::io::duplex(4096);
+        let (mut upstream, mut upstream_peer) = tokio::io::duplex(4096);
+        let query = message(b'Q', b"select 1\0");
+        client_peer.write_all(&query).await.expect("write");
+        let server = tokio::spawn(async move {
+            let mut got = vec![0u8; query.len()];
+            upstream_peer.read_exact(&mut got).await.expect("read");
+            assert_eq!(got, query);
+            send(&mut upstream_peer, b'Z', b"I").await;
+            upstream_peer
+        });
+        let mut relay = Relay::new(None, tokio::time::Instant::now());
+        let mut asked = false;
+        let outside = |_: &Relay, _: &mut Context<'_>| match std::mem::replace(&mut asked, true) {
+            false => Poll::Ready(Heed::AtIdle),
+            true => Poll::Pending,
+        };
+        let stopped = tokio::time::timeout(
+            Duration::from_secs(5),
+            relay.run_heeding(&mut client, &mut upstream, heard, outside),
+        )
+        .await
+        .expect("the relay stops");
+        assert_eq!(
+            stopped.map(|s| s.expect("relay")),
+            Some(Stop::Idle),
+            "{heard:?}"
+        );
+        match heard {
+            Heard::AfterRelay => {
+                let server = tokio::time::timeout(Duration::from_secs(5), server).await;
+                server
+                    .expect("the request reached the server")
+                    .expect("server");
+                expect_read(&mut client_peer, &message(b'Z', b"I")).await;
+            }
+            Heard::BeforeRelay => {
+                assert!(!server.is_finished(), "nothing was read");
+                server.abort();
+            }
+        }
+    }
+}

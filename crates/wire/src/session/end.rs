@@ -24,7 +24,7 @@ use crate::cancel::CancelGuard;
 use crate::config::ClientLimits;
 use crate::error::{ProtocolViolation, SessionError};
 use crate::proxy::Settings;
-use crate::relay::{self, Relay, RelayError, Stop};
+use crate::relay::{self, Heard, Relay, RelayError, Stop};
 
 /// Serves a session that keeps its connection, from its greeting on.
 pub(super) async fn hold<S: ClientIo>(
@@ -150,7 +150,9 @@ async fn relay_until_stop<C: ClientIo>(
     mut stops: Stops<'_>,
 ) -> (Option<Result<Stop, RelayError>>, Option<Boundary>) {
     let stopped = relay
-        .run_heeding(client, conn.stream(), |_, cx| stops.poll(cx))
+        .run_heeding(client, conn.stream(), Heard::AfterRelay, |_, cx| {
+            stops.poll(cx)
+        })
         .await;
     (stopped, stops.asked())
 }

@@ -87,6 +87,13 @@ impl<'a> Stops<'a> {
         {
             return Poll::Ready(Heed::Now);
         }
+        // An expired token is named before a drain when both are due.
+        if listening_for_drain
+            && let Some(expiry) = self.expiry.as_mut()
+            && expiry.as_mut().poll(cx).is_ready()
+        {
+            return self.ask(Boundary::TokenExpired);
+        }
         if draining {
             let spared_until = self.spared_until;
             let grace = self
@@ -95,12 +102,6 @@ impl<'a> Stops<'a> {
             if grace.as_mut().poll(cx).is_ready() {
                 return self.ask(Boundary::Draining);
             }
-        }
-        if listening_for_drain
-            && let Some(expiry) = self.expiry.as_mut()
-            && expiry.as_mut().poll(cx).is_ready()
-        {
-            return self.ask(Boundary::TokenExpired);
         }
         Poll::Pending
     }
@@ -129,4 +130,67 @@ pub(super) fn expiry_timer(expires: Option<SystemTime>) -> Option<Pin<Box<Sleep>
 pub(super) async fn drain_reaches(registered: &ClientHandle, spared_until: Instant) {
     registered.draining().await;
     Box::pin(tokio::time::sleep_until(spared_until)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::clients::Clients;
+    use crate::transport::Transport;
+
+    /// What the stops say when the task is woken, within `within`.
+    async fn next(stops: &mut Stops<'_>, within: Duration) -> Option<Heed> {
+        tokio::time::timeout(within, poll_fn(|cx| stops.poll(cx)))
+            .await
+            .ok()
+    }
+
+    #[tokio::test]
+    async fn a_drain_waits_out_the_grace_and_is_asked_once_and_a_kill_is_heard_after_it() {
+        let clients = Arc::new(Clients::default());
+        let handle = clients.register("127.0.0.1:5000".parse().expect("addr"), Transport::Wire);
+        let grace = Duration::from_millis(200);
+        let mut stops = Stops::new(&handle, Instant::now() + grace, None);
+        let short = Duration::from_millis(20);
+        assert_eq!(next(&mut stops, short).await, None, "nothing told");
+        clients.drain_all();
+        assert_eq!(next(&mut stops, short).await, None, "within the grace");
+        assert_eq!(next(&mut stops, grace).await, Some(Heed::AtIdle));
+        assert_eq!(stops.asked(), Some(Boundary::Draining));
+        assert!(stops.drain_reached(Instant::now()));
+        assert_eq!(next(&mut stops, short).await, None, "asked once");
+        // A task waiting on its stops is woken by the kill.
+        let waiting = tokio::time::timeout(Duration::from_secs(5), poll_fn(|cx| stops.poll(cx)));
+        let (heard, ()) = tokio::join!(waiting, async {
+            tokio::time::sleep(short).await;
+            assert!(clients.kill(handle.id()));
+        });
+        assert_eq!(heard.ok(), Some(Heed::Now));
+    }
+
+    #[tokio::test]
+    async fn an_expired_token_is_asked_for_and_named_before_a_drain_due_at_once() {
+        let clients = Arc::new(Clients::default());
+        let handle = clients.register("127.0.0.1:5000".parse().expect("addr"), Transport::Wire);
+        let expires = SystemTime::now() + Duration::from_millis(100);
+        let mut stops = Stops::new(&handle, Instant::now(), Some(expires));
+        assert_eq!(next(&mut stops, Duration::from_millis(20)).await, None);
+        assert_eq!(
+            next(&mut stops, Duration::from_secs(5)).await,
+            Some(Heed::AtIdle)
+        );
+        assert_eq!(stops.asked(), Some(Boundary::TokenExpired));
+
+        let expired = SystemTime::now() - Duration::from_secs(1);
+        let mut both = Stops::new(&handle, Instant::now(), Some(expired));
+        clients.drain_all();
+        assert_eq!(
+            next(&mut both, Duration::from_secs(5)).await,
+            Some(Heed::AtIdle)
+        );
+        assert_eq!(both.asked(), Some(Boundary::TokenExpired));
+    }
 }

@@ -32,7 +32,7 @@ use crate::clients::ClientState;
 use crate::error::SessionError;
 use crate::limits::Turn;
 use crate::pool::{Fairness, PoolKey, Pooled, UpstreamPool};
-use crate::relay::{self, Heed, Relay, RelayError, Stop};
+use crate::relay::{self, Heard, Heed, Relay, RelayError, Stop};
 use crate::transaction::PooledClient;
 
 /// Serves a transaction-pooled client from its greeting on.
@@ -297,10 +297,9 @@ fn relay_transaction<'a, S: ClientIo>(
                 let killed = |_: &Relay, cx: &mut Context<'_>| {
                     registered.poll_told(false, cx).map(|_| Heed::Now)
                 };
-                match relay
-                    .run_heeding(&mut session.client, conn.stream(), killed)
-                    .await
-                {
+                let client = &mut session.client;
+                let heeded = relay.run_heeding(client, conn.stream(), Heard::AfterRelay, killed);
+                match heeded.await {
                     Some(stopped) => stopped,
                     None => {
                         let span = session.span();
@@ -463,7 +462,8 @@ async fn kept<S: ClientIo>(
         again = true;
         // The stops are heard before the relay reads on: each only asks
         // it to stop at its next idle boundary.
-        let heeded = relay.run_heeding(io, pooled.conn().stream(), |relay, cx| {
+        let stream = pooled.conn().stream();
+        let heeded = relay.run_heeding(io, stream, Heard::BeforeRelay, |relay, cx| {
             if let Poll::Ready(heed) = stops.poll(cx) {
                 ending = true;
                 return Poll::Ready(heed);
