@@ -170,9 +170,10 @@ for load in "${loads[@]}"; do
             "$(ratio "$authgres_tps" "$bouncer_tps")"
     done
 done
-# Enough transactions for a tick (10 ms) to be about 1% of the CPU they
-# take on a fast host (~11 µs each): 32,000 were only ~35 ticks.
-total=$(( seconds * 25000 ))
+# Enough transactions for a tick (10 ms) to be about 1% of the CPU one
+# half-run takes on a fast host (~11 µs each): each proxy runs `total`
+# twice over, half at a time (A B B A, below); 32,000 were only ~35 ticks.
+total=$(( seconds * 50000 ))
 for clients in 8 32; do
 echo "--- proxy CPU per transaction (utime+stime from /proc), pgbench -c $clients -M simple, $total transactions$label"
 printf "%-22s %10s %8s\n" target "µs / tx" "ratio"
