@@ -442,3 +442,26 @@ async fn a_stop_heard_after_the_relay_lets_what_was_sent_through_and_before_it_d
         }
     }
 }
+
+/// A relay idle on both sides, asked to stop at its next idle boundary:
+/// it is at one, and stops on that same poll, whichever comes first (no
+/// byte from either side would wake it again).
+#[tokio::test]
+async fn a_stop_asked_of_an_idle_relay_stops_it_on_the_same_poll() {
+    for heard in [Heard::AfterRelay, Heard::BeforeRelay] {
+        let (mut client, _client_peer) = tokio::io::duplex(4096);
+        let (mut upstream, _upstream_peer) = tokio::io::duplex(4096);
+        let mut relay = Relay::new(None, tokio::time::Instant::now());
+        let mut asked = false;
+        let outside = |_: &Relay, _: &mut Context<'_>| match std::mem::replace(&mut asked, true) {
+            false => Poll::Ready(Heed::AtIdle),
+            true => Poll::Pending,
+        };
+        let mut run = std::pin::pin!(relay.run_heeding(&mut client, &mut upstream, heard, outside));
+        let first = poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
+        assert!(
+            matches!(first, Poll::Ready(Some(Ok(Stop::Idle)))),
+            "{heard:?}: {first:?}"
+        );
+    }
+}
