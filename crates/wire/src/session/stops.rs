@@ -70,6 +70,15 @@ impl<'a> Stops<'a> {
         self.registered.is_draining() && now >= self.spared_until
     }
 
+    /// Whether any stop is due as of `now`, with the token's enforced
+    /// expiry at `expires` (the stops keep only its timer): what
+    /// [`Stops::poll`] would say, were it polled at this very moment.
+    pub(super) fn due(&self, now: Instant, expires: Option<SystemTime>) -> bool {
+        self.registered.is_closing()
+            || expires.is_some_and(|at| SystemTime::now() >= at)
+            || self.drain_reached(now)
+    }
+
     /// `Ready(Heed::Now)` once the session must stop now;
     /// `Ready(Heed::AtIdle)` once (and only once) it must stop at its next
     /// idle boundary; otherwise the task is woken when either may have
@@ -158,11 +167,16 @@ mod tests {
         let mut stops = Stops::new(&handle, Instant::now() + grace, None);
         let short = Duration::from_millis(20);
         assert_eq!(next(&mut stops, short).await, None, "nothing told");
+        assert!(!stops.due(Instant::now(), None));
+        let expired = SystemTime::now() - Duration::from_secs(1);
+        assert!(stops.due(Instant::now(), Some(expired)), "an expired token");
         clients.drain_all();
+        assert!(!stops.due(Instant::now(), None), "within the grace");
         assert_eq!(next(&mut stops, short).await, None, "within the grace");
         assert_eq!(next(&mut stops, grace).await, Some(Heed::AtIdle));
         assert_eq!(stops.asked(), Some(Boundary::Draining));
         assert!(stops.drain_reached(Instant::now()));
+        assert!(stops.due(Instant::now(), None));
         assert_eq!(next(&mut stops, short).await, None, "asked once");
         // A task waiting on its stops is woken by the kill.
         let waiting = tokio::time::timeout(Duration::from_secs(5), poll_fn(|cx| stops.poll(cx)));

@@ -488,11 +488,9 @@ async fn kept<S: ClientIo>(
             client.return_tracker(tracker);
         }
         let now = relay.stopped_at().unwrap_or_else(Instant::now);
-        // What the stops above would say had they been polled at this
-        // very boundary.
-        let stop_now = registered.is_closing()
-            || client.expires.is_some_and(|at| SystemTime::now() >= at)
-            || stops.drain_reached(now);
+        // What the stops would say had they been polled at this very
+        // boundary.
+        let stop_now = stops.due(now, client.expires);
         let at_boundary = matches!(stopped, Ok(Stop::Idle)) && !ending && !stop_now;
         let goes_on = keep.goes_on(now);
         if !at_boundary || !goes_on || client.unsettled() {
