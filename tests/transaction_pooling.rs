@@ -98,6 +98,11 @@ async fn settings_follow_their_client_and_never_reach_another() {
         )
         .await
         .expect("alice sets custom settings");
+    // Custom settings named in quotes and with Unicode escapes.
+    alice
+        .batch_execute(r#"set "App"."Quoted" = 'q'; set U&"app\002Eescaped" = 'e'"#)
+        .await
+        .expect("alice sets quoted custom settings");
     // Alice's SET inside a committed transaction lasts too, SET LOCAL not.
     alice
         .batch_execute("begin; set work_mem = '3MB'; set local lock_timeout = '9s'; commit")
@@ -107,7 +112,7 @@ async fn settings_follow_their_client_and_never_reach_another() {
     assert_eq!(setting(&bob, "statement_timeout").await, "0");
     assert_ne!(setting(&bob, "application_name").await, "alice-app");
     assert_ne!(setting(&bob, "work_mem").await, "3MB");
-    for custom in ["app.tenant", "app.region"] {
+    for custom in ["app.tenant", "app.region", "app.quoted", "app.escaped"] {
         let seen: Option<String> = bob
             .query_one("select nullif(current_setting($1, true), '')", &[&custom])
             .await
@@ -130,6 +135,8 @@ async fn settings_follow_their_client_and_never_reach_another() {
     assert_eq!(setting(&alice, "lock_timeout").await, "0");
     assert_eq!(setting(&alice, "app.tenant").await, "alice-tenant");
     assert_eq!(setting(&alice, "app.region").await, "eu");
+    assert_eq!(setting(&alice, "app.quoted").await, "q");
+    assert_eq!(setting(&alice, "app.escaped").await, "e");
     assert_eq!(common::user_id(&alice).await.as_deref(), Some("user_alice"));
     assert_eq!(setting(&bob, "statement_timeout").await, "11s");
     alice

@@ -201,12 +201,17 @@ impl Tracker {
             {
                 continue;
             }
-            let is_name = word.split(|b| *b == b'.').all(|part| {
-                part.first()
-                    .is_some_and(|b| b.is_ascii_alphabetic() || *b == b'_')
-            });
-            if is_name && let Ok(name) = std::str::from_utf8(word) {
-                self.mentioned.insert(name.to_ascii_lowercase());
+            if let Some(name) = setting_name(word) {
+                self.mentioned.insert(name);
+            }
+        }
+        // A name with a quoted part is not one word: `"app"."tenant"`.
+        if text.contains(&b'"') {
+            for name in quoted_names(text) {
+                if self.mentioned.len() >= MAX_MENTIONED {
+                    break;
+                }
+                self.mentioned.insert(name);
             }
         }
     }
@@ -345,6 +350,147 @@ fn words(text: &[u8]) -> impl Iterator<Item = (&[u8], Shape)> {
     })
 }
 
+/// `word` as a custom setting's name, if it can be one: dotted parts,
+/// each of word bytes and starting with a letter or `_`, in lower case
+/// (setting names are case-insensitive).
+fn setting_name(word: &[u8]) -> Option<String> {
+    let is_name = word.len() <= MAX_NAME
+        && word.contains(&b'.')
+        && word.split(|b| *b == b'.').all(|part| {
+            part.first()
+                .is_some_and(|b| b.is_ascii_alphabetic() || *b == b'_')
+                && part.iter().all(|&b| WORD_BYTES[usize::from(b)])
+        });
+    let name = std::str::from_utf8(word).ok().filter(|_| is_name)?;
+    Some(name.to_ascii_lowercase())
+}
+
+/// The dotted names in `text` with a part in double quotes (`"app"."x"`,
+/// `app."x"`, `"app.x"`) or spelled with Unicode escapes
+/// (`U&"app\002Ex"`), unquoted and decoded, that can be a custom
+/// setting's name ([`setting_name`]). A part that cannot be decoded ends
+/// its name unread.
+fn quoted_names(text: &[u8]) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut name = Vec::new();
+    let mut quoted = false;
+    let mut at = 0;
+    // A name is parts joined by dots: after a part, a dot or its end.
+    let mut after_part = false;
+    while at < text.len() {
+        if after_part {
+            after_part = false;
+            if text.get(at) == Some(&b'.') {
+                name.push(b'.');
+                at += 1;
+                continue;
+            }
+            if quoted && let Some(found) = setting_name(&name) {
+                names.push(found);
+            }
+            (name, quoted) = (Vec::new(), false);
+            continue;
+        }
+        match name_part(text, at) {
+            Some((part, was_quoted, end)) => {
+                name.extend_from_slice(&part);
+                quoted |= was_quoted;
+                at = end;
+                after_part = true;
+            }
+            None => {
+                (name, quoted) = (Vec::new(), false);
+                at += 1;
+            }
+        }
+    }
+    if quoted && let Some(found) = setting_name(&name) {
+        names.push(found);
+    }
+    names
+}
+
+/// The part of a name at `at`: a run of word bytes, a `"quoted"` name or
+/// a `U&"escaped"` one (with its `UESCAPE`, if any), as the server reads
+/// it, whether it was quoted, and where it ends.
+fn name_part(text: &[u8], at: usize) -> Option<(Vec<u8>, bool, usize)> {
+    let rest = text.get(at..)?;
+    let escaped = matches!(rest, [b'u' | b'U', b'&', b'"', ..]);
+    let open = if escaped { 2 } else { 0 };
+    if rest.get(open) != Some(&b'"') {
+        let len = rest
+            .iter()
+            .take_while(|&&b| b != b'.' && WORD_BYTES[usize::from(b)])
+            .count();
+        return (len > 0).then(|| (rest[..len].to_vec(), false, at + len));
+    }
+    // Up to the closing quote; `""` is a quote inside the name.
+    let mut part = Vec::new();
+    let mut i = open + 1;
+    loop {
+        match (rest.get(i)?, rest.get(i + 1)) {
+            (b'"', Some(b'"')) => {
+                part.push(b'"');
+                i += 2;
+            }
+            (b'"', _) => break,
+            (&b, _) => {
+                part.push(b);
+                i += 1;
+            }
+        }
+    }
+    let mut end = i + 1;
+    if escaped {
+        let mut escape = b'\\';
+        // `UESCAPE 'c'` after the name chooses another escape character.
+        let after = rest.get(end..).unwrap_or_default();
+        let spaces = after.iter().take_while(|b| b.is_ascii_whitespace()).count();
+        if let Some(clause) = after.get(spaces..spaces + 7)
+            && clause.eq_ignore_ascii_case(b"uescape")
+        {
+            let tail = after.get(spaces + 7..).unwrap_or_default();
+            let gap = tail.iter().take_while(|b| b.is_ascii_whitespace()).count();
+            let [b'\'', chosen, b'\'', ..] = tail.get(gap..)? else {
+                return None;
+            };
+            escape = *chosen;
+            end += spaces + 7 + gap + 3;
+        }
+        part = unescape(&part, escape)?;
+    }
+    Some((part, true, at + end))
+}
+
+/// A `U&` name's text with its escapes (`\XXXX`, `\+XXXXXX`, `\\`, with
+/// `escape` for the backslash) replaced by the characters they name.
+fn unescape(text: &[u8], escape: u8) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut i = 0;
+    while let Some(&b) = text.get(i) {
+        if b != escape {
+            out.push(b);
+            i += 1;
+            continue;
+        }
+        if text.get(i + 1) == Some(&escape) {
+            out.push(escape);
+            i += 2;
+            continue;
+        }
+        let (digits, from) = match text.get(i + 1) {
+            Some(b'+') => (6, i + 2),
+            _ => (4, i + 1),
+        };
+        let hex = std::str::from_utf8(text.get(from..from + digits)?).ok()?;
+        let code = u32::from_str_radix(hex, 16).ok()?;
+        let mut utf8 = [0; 4];
+        out.extend_from_slice(char::from_u32(code)?.encode_utf8(&mut utf8).as_bytes());
+        i = from + digits;
+    }
+    Some(out)
+}
+
 /// Whether `word` holds `set_config`, in any case.
 fn names_set_config(word: &[u8]) -> bool {
     holds(word, b"set_config")
@@ -473,6 +619,43 @@ mod tests {
             b"\xffset_config\xff",
         ] {
             assert_eq!(Tracker::calls_set_config(text), naive(text), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn setting_names_with_quoted_or_escaped_parts_are_read_as_the_server_reads_them() {
+        let mentioned = |text: &[u8]| {
+            let mut tracker = Tracker::default();
+            let mut body = text.to_vec();
+            body.push(0);
+            tracker.client_message(b'Q', Some(&body));
+            Vec::from_iter(tracker.take_mentioned())
+        };
+        assert_eq!(
+            mentioned(br#"set "App"."Tenant" = 'a'; set app."Region" = 'b'"#),
+            ["app.region", "app.tenant"]
+        );
+        assert_eq!(mentioned(br#"set "app.zone" = 'c'"#), ["app.zone"]);
+        assert_eq!(
+            mentioned(br#"set U&"app\002Eescaped" = 'd'; set U&"my!002Ex" uescape '!' = 'e'"#),
+            ["app.escaped", "my.x"]
+        );
+        assert_eq!(mentioned(br#"set u&"app".U&"\+00006Bey" = 1"#), ["app.key"]);
+        // Not a setting's name: no dot, other bytes, a bad escape, a quote
+        // never closed. (Dotted words inside quotes are read as before.)
+        for text in [
+            &br#"select "Todos".id from "Todos""#[..],
+            br#"select * from "my-app"."x""#,
+            br#"set U&"app\zz.x" = 1"#,
+            br#"set "app"."x = 1"#,
+            br#"select '"' || x.y"#,
+        ] {
+            let got = mentioned(text);
+            assert!(
+                got.iter()
+                    .all(|name| ["x.y", "todos.id", "zz.x"].contains(&name.as_str())),
+                "{text:?}: {got:?}"
+            );
         }
     }
 
