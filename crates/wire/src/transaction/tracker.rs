@@ -368,8 +368,8 @@ fn setting_name(word: &[u8]) -> Option<String> {
 /// The dotted names in `text` with a part in double quotes (`"app"."x"`,
 /// `app."x"`, `"app.x"`) or spelled with Unicode escapes
 /// (`U&"app\002Ex"`), unquoted and decoded, that can be a custom
-/// setting's name ([`setting_name`]). A part that cannot be decoded ends
-/// its name unread.
+/// setting's name ([`setting_name`]), at most [`MAX_MENTIONED`] of them. A
+/// part that cannot be decoded ends its name unread.
 fn quoted_names(text: &[u8]) -> Vec<String> {
     let mut names = Vec::new();
     let mut name = Vec::new();
@@ -377,7 +377,7 @@ fn quoted_names(text: &[u8]) -> Vec<String> {
     let mut at = 0;
     // A name is parts joined by dots: after a part, a dot or its end.
     let mut after_part = false;
-    while at < text.len() {
+    while at < text.len() && names.len() < MAX_MENTIONED {
         if after_part {
             after_part = false;
             if text.get(at) == Some(&b'.') {
